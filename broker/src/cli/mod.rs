@@ -1,0 +1,90 @@
+//! The command line: raw arguments (clap, validation only) and dispatch to one module per
+//! command group. Each module turns its arguments into settings and calls the library.
+//!
+//! Exit codes (documented in `broker --help` and the README):
+//! 0 success; 1 error; 2 usage error (clap); for `broker run`, the command's own status
+//! (128+N when it was killed by signal N).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub mod credentials;
+pub mod demo;
+pub mod providers;
+pub mod serve;
+
+/// Keeps API keys out of AI agents: the agent holds placeholders, the broker swaps in the
+/// real credential on requests to that credential's own hosts.
+#[derive(Debug, Parser)]
+#[command(name = "broker", version, about, long_about = None, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+const EXIT_CODES: &str = "Exit codes: 0 success, 1 error, 2 usage error; \
+`broker run` returns the command's status (128+N if killed by signal N).\n\
+All state lives in $BROKER_HOME (default ~/.local/share/broker).";
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Store a credential for a provider (the secret is read from stdin or a no-echo prompt).
+    Add(credentials::AddArgs),
+    /// List stored credentials (never their values).
+    List(credentials::ListArgs),
+    /// Show one stored credential, masked.
+    Show(credentials::ShowArgs),
+    /// Remove a stored credential.
+    Remove(credentials::RemoveArgs),
+    /// List the providers broker knows, or show one.
+    Providers(providers::ProvidersArgs),
+    /// Run the broker as a long-lived daemon for this user.
+    Serve(serve::ServeArgs),
+    /// Show the whole flow offline: a local origin, a stored key, a real client, the swap.
+    Demo(demo::DemoArgs),
+    /// Print shell completions for bash, zsh, fish, elvish or powershell.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Entry point of the `broker` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Add(args) => credentials::add(args),
+        Command::List(args) => credentials::list(args),
+        Command::Show(args) => credentials::show(args),
+        Command::Remove(args) => credentials::remove(args),
+        Command::Providers(args) => providers::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "broker", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("broker: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr; `BROKER_LOG` sets the filter (default `info` for broker, `warn` else).
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("BROKER_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("warn,broker=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

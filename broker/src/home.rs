@@ -1,0 +1,104 @@
+//! `BROKER_HOME`: the one directory that holds all of a user's broker state.
+//!
+//! Layout (created 0700 on first use):
+//! - `vault.db`          the encrypted credential vault (SQLite, WAL)
+//! - `master.key`        the master key, when the key file is the key source (0600)
+//! - `audit.jsonl`       the hash-chained audit log
+//! - `providers/*.toml`  custom provider definitions
+//! - `config.toml`       user settings (OAuth client ids, ...)
+//! - `run/`              runtime files of `broker serve` and of each `broker run`
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use broker_contract::ENV_HOME;
+
+/// The resolved `BROKER_HOME`.
+#[derive(Debug, Clone)]
+pub struct Home {
+    root: PathBuf,
+}
+
+impl Home {
+    /// `$BROKER_HOME`, else `$XDG_DATA_HOME/broker`, else `~/.local/share/broker`.
+    pub fn from_env() -> io::Result<Home> {
+        if let Some(dir) = std::env::var_os(ENV_HOME).filter(|v| !v.is_empty()) {
+            return Ok(Home::at(PathBuf::from(dir)));
+        }
+        if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+            return Ok(Home::at(PathBuf::from(dir).join("broker")));
+        }
+        let home = std::env::var_os("HOME").filter(|v| !v.is_empty()).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "neither BROKER_HOME nor HOME is set")
+        })?;
+        Ok(Home::at(PathBuf::from(home).join(".local/share/broker")))
+    }
+
+    pub fn at(root: PathBuf) -> Home {
+        Home { root }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Create the home directory (0700) if needed, and return it.
+    pub fn ensure(&self) -> io::Result<&Path> {
+        ensure_private_dir(&self.root)?;
+        Ok(&self.root)
+    }
+
+    pub fn vault_path(&self) -> PathBuf {
+        self.root.join("vault.db")
+    }
+    pub fn key_file_path(&self) -> PathBuf {
+        self.root.join("master.key")
+    }
+    pub fn audit_path(&self) -> PathBuf {
+        self.root.join("audit.jsonl")
+    }
+    pub fn providers_dir(&self) -> PathBuf {
+        self.root.join("providers")
+    }
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join("config.toml")
+    }
+    /// Runtime files of `broker serve` (its shim config, control socket, CA certificate).
+    pub fn daemon_dir(&self) -> PathBuf {
+        self.root.join("run")
+    }
+}
+
+/// Create `dir` and its parents with mode 0700; tighten an existing directory we own to 0700.
+pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let meta = fs::metadata(dir)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Write `contents` to `path` with mode 0600, atomically (temp file + rename), so a crash
+/// never leaves a half-written file behind.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}

@@ -1,0 +1,10 @@
+//! broker: a credential broker for AI agents.
+//!
+//! The request pipeline, in order (see `proxy`): accept -> classify -> look up credential ->
+//! swap -> forward -> respond -> audit.
+
+pub mod ca;
+pub mod cli;
+pub mod home;
+pub mod providers;
+pub mod proxy;

@@ -1,0 +1,161 @@
+//! Errors the broker itself makes, as responses the agent (and the person reading its logs)
+//! can act on: a fixed status per kind, an `x-broker-error` header naming the source, and a
+//! one-line body that says what to do. Never a secret in any of them.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use super::ProxyBody;
+
+/// Where the failure came from (pingora's `ErrorSource`): the agent's request, the upstream,
+/// or the broker's own state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Agent,
+    Upstream,
+    Broker,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Agent => "agent",
+            Source::Upstream => "upstream",
+            Source::Broker => "broker",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerError {
+    /// SNI and Host/:authority name different hosts.
+    Misdirected { sni: String, host: String },
+    /// The request has no Host or :authority.
+    NoHost,
+    /// The run was started without this provider in `--allow`.
+    NotAllowed { provider: String },
+    /// No credential stored for the provider/profile.
+    NoCredential { provider: String, profile: String },
+    /// Looking the credential up failed (vault locked, key missing, ...).
+    Vault { message: String },
+    /// A login expired and could not be refreshed.
+    LoginExpired { provider: String },
+    /// Could not connect to the upstream.
+    UpstreamUnreachable { host: String, reason: String },
+    /// The upstream's certificate failed verification.
+    UpstreamCertificate { host: String, reason: String },
+    /// The upstream connection broke mid-request.
+    UpstreamFailed { host: String, reason: String },
+    /// The agent sent something the broker cannot forward.
+    BadRequest { reason: String },
+}
+
+impl BrokerError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            BrokerError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
+            BrokerError::NoHost | BrokerError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            BrokerError::NotAllowed { .. } => StatusCode::FORBIDDEN,
+            BrokerError::NoCredential { .. } | BrokerError::LoginExpired { .. } => {
+                StatusCode::UNAUTHORIZED
+            }
+            BrokerError::Vault { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            BrokerError::UpstreamUnreachable { .. }
+            | BrokerError::UpstreamCertificate { .. }
+            | BrokerError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    pub fn source(&self) -> Source {
+        match self {
+            BrokerError::Misdirected { .. }
+            | BrokerError::NoHost
+            | BrokerError::BadRequest { .. }
+            | BrokerError::NotAllowed { .. } => Source::Agent,
+            BrokerError::UpstreamUnreachable { .. }
+            | BrokerError::UpstreamCertificate { .. }
+            | BrokerError::UpstreamFailed { .. } => Source::Upstream,
+            BrokerError::NoCredential { .. }
+            | BrokerError::Vault { .. }
+            | BrokerError::LoginExpired { .. } => Source::Broker,
+        }
+    }
+
+    /// The one line that tells the user what happened and what to do.
+    pub fn message(&self) -> String {
+        match self {
+            BrokerError::Misdirected { sni, host } => format!(
+                "TLS server name '{sni}' does not match Host '{host}': the request was refused"
+            ),
+            BrokerError::NoHost => "request has no Host or :authority".to_string(),
+            BrokerError::NotAllowed { provider } => format!(
+                "provider '{provider}' is not allowed in this run: add it with --allow {provider}"
+            ),
+            BrokerError::NoCredential { provider, profile } if profile == "default" => {
+                format!("no credential for {provider}: run 'broker add {provider}'")
+            }
+            BrokerError::NoCredential { provider, profile } => format!(
+                "no credential for {provider} (profile {profile}): run 'broker add {provider} --profile {profile}'"
+            ),
+            BrokerError::Vault { message } => {
+                format!("cannot read the vault: {message}; run 'broker doctor'")
+            }
+            BrokerError::LoginExpired { provider } => {
+                format!("login expired: run 'broker login {provider}'")
+            }
+            BrokerError::UpstreamUnreachable { host, reason } => {
+                format!("cannot reach upstream {host}: {reason}")
+            }
+            BrokerError::UpstreamCertificate { host, reason } => format!(
+                "upstream {host} presented a certificate that failed verification ({reason}); the request was not sent"
+            ),
+            BrokerError::UpstreamFailed { host, reason } => {
+                format!("upstream {host} failed: {reason}")
+            }
+            BrokerError::BadRequest { reason } => format!("bad request: {reason}"),
+        }
+    }
+
+    /// The response sent to the agent.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let message = self.message();
+        let body = Full::new(Bytes::from(format!("broker: {message}\n")))
+            .map_err(|never| match never {})
+            .boxed();
+        let mut response = Response::new(body);
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            "x-broker-error",
+            HeaderValue::from_str(&message)
+                .unwrap_or_else(|_| HeaderValue::from_static("broker error")),
+        );
+        headers.insert("x-broker-error-source", HeaderValue::from_static(self.source().as_str()));
+        headers.insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
+        response
+    }
+}
+
+impl std::fmt::Display for BrokerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_carry_header_status_and_advice() {
+        let r = BrokerError::NoCredential { provider: "openai".into(), profile: "default".into() }
+            .into_response();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let h = r.headers()["x-broker-error"].to_str().expect("ascii");
+        assert_eq!(h, "no credential for openai: run 'broker add openai'");
+        assert_eq!(r.headers()["x-broker-error-source"], "broker");
+        let r = BrokerError::LoginExpired { provider: "github".into() }.into_response();
+        assert_eq!(r.headers()["x-broker-error"], "login expired: run 'broker login github'");
+    }
+}

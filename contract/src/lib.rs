@@ -1,0 +1,224 @@
+//! The contract between `libbroker.so` (the shim, preloaded into the agent) and the broker.
+//!
+//! One source for everything both sides must agree on, like proxychains-ng's `common.h`:
+//! the environment variable names, how a managed hostname is encoded in a fake loopback
+//! address, the host-pattern grammar, and the small text file the broker writes for the shim.
+//!
+//! This crate has no dependencies so the shim stays small and its constructor cheap.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+/// Path of the shim config file for this run. Set by `broker run` and the launchers; inherited
+/// by every child so the whole process tree shares one run.
+pub const ENV_SHIM_CONFIG: &str = "BROKER_SHIM_CONFIG";
+/// Where all broker state lives (vault, config, audit, custom providers, daemon runtime files).
+pub const ENV_HOME: &str = "BROKER_HOME";
+/// Set to `1` by the shim in a process where it is active, so launchers can tell it is loaded.
+pub const ENV_SHIM_ACTIVE: &str = "BROKER_SHIM_ACTIVE";
+/// File name, inside the daemon's runtime directory, of the shim config that a bare
+/// `LD_PRELOAD=libbroker.so cmd` picks up when `BROKER_SHIM_CONFIG` is not set.
+pub const DAEMON_SHIM_CONFIG_FILE: &str = "shim.conf";
+/// File name of the control socket of `broker serve`, inside its runtime directory.
+pub const DAEMON_CONTROL_SOCKET: &str = "control.sock";
+/// First line of every shim config file; the number is the format version.
+pub const CONFIG_MAGIC: &str = "broker-shim-config 1";
+
+/// The first two octets of every fake address: `127.77.<run slot>.<host index>`.
+///
+/// 127.0.0.0/8 is loopback on Linux, so the broker can listen on these addresses without
+/// privileges, and nothing outside the machine can ever be reached through them.
+pub const FAKE_NET: [u8; 2] = [127, 77];
+
+/// The fake address the shim hands the agent for host number `host_index` (1-based) of run `slot`.
+pub fn fake_ipv4(slot: u8, host_index: u8) -> Ipv4Addr {
+    Ipv4Addr::new(FAKE_NET[0], FAKE_NET[1], slot, host_index)
+}
+
+/// Inverse of [`fake_ipv4`]: `Some((slot, host_index))` for an address in the fake range.
+pub fn decode_fake_ipv4(ip: Ipv4Addr) -> Option<(u8, u8)> {
+    let [a, b, slot, host] = ip.octets();
+    ([a, b] == FAKE_NET && slot != 0 && host != 0).then_some((slot, host))
+}
+
+/// The highest host index one run can use (the last octet; 255 is kept free as broadcast-like).
+pub const MAX_HOSTS: usize = 254;
+
+/// Does `host` match `pattern`? Patterns are an exact hostname or `*.` followed by a domain,
+/// which matches exactly one more label (`*.example.com` matches `a.example.com`, not
+/// `example.com` nor `a.b.example.com`). ASCII case-insensitive; a trailing dot is ignored.
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    match pattern.strip_prefix("*.") {
+        Some(domain) => match host.split_once('.') {
+            Some((label, rest)) => {
+                !label.is_empty() && label != "*" && rest.eq_ignore_ascii_case(domain)
+            }
+            None => false,
+        },
+        None => pattern.eq_ignore_ascii_case(host),
+    }
+}
+
+/// What the broker tells the shim about one run. Written by the broker as a small text file
+/// (0600) whose path is in [`ENV_SHIM_CONFIG`]; read once by the shim's constructor.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ShimConfig {
+    /// The run slot: the third octet of every fake address of this run.
+    pub slot: u8,
+    /// Port the broker listens on, on every fake address of this run.
+    pub port: u16,
+    /// Port of the broker's `[::1]` listener, for IPv6-only sockets (classified by SNI/Host).
+    pub port6: u16,
+    /// PEM file with the run's CA certificate, which the shim adds to the agent's trust stores.
+    pub ca_file: PathBuf,
+    /// Refuse every outbound TCP connection that is not to a managed host or loopback.
+    pub deny_unlisted: bool,
+    /// Managed host patterns; the host index of `hosts[i]` is `i + 1`.
+    pub hosts: Vec<String>,
+    /// Environment variables the agent reads, with the placeholder to put there.
+    pub env: Vec<(String, String)>,
+    /// Address of the broker's CONNECT proxy, for children the shim cannot preload.
+    pub connect_proxy: Option<String>,
+}
+
+impl ShimConfig {
+    /// The host index (1-based) of the first pattern matching `host`.
+    pub fn host_index(&self, host: &str) -> Option<u8> {
+        self.hosts
+            .iter()
+            .position(|p| host_matches(p, host))
+            .and_then(|i| u8::try_from(i + 1).ok())
+    }
+
+    /// Render the config file. Values never contain newlines (checked by the broker).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "{CONFIG_MAGIC}");
+        let _ = writeln!(out, "slot {}", self.slot);
+        let _ = writeln!(out, "port {}", self.port);
+        let _ = writeln!(out, "port6 {}", self.port6);
+        let _ = writeln!(out, "ca {}", self.ca_file.display());
+        let _ = writeln!(out, "deny-unlisted {}", u8::from(self.deny_unlisted));
+        if let Some(proxy) = &self.connect_proxy {
+            let _ = writeln!(out, "connect-proxy {proxy}");
+        }
+        for host in &self.hosts {
+            let _ = writeln!(out, "host {host}");
+        }
+        for (var, placeholder) in &self.env {
+            let _ = writeln!(out, "env {var} {placeholder}");
+        }
+        out
+    }
+
+    /// Parse a config file. Unknown keys are ignored so an older shim can read a newer broker's
+    /// file; a wrong magic line or a malformed known key is an error naming the line.
+    pub fn parse(text: &str) -> Result<ShimConfig, ConfigError> {
+        let mut lines = text.lines().enumerate();
+        match lines.next() {
+            Some((_, first)) if first.trim_end() == CONFIG_MAGIC => {}
+            _ => return Err(ConfigError { line: 1, what: "missing 'broker-shim-config 1' header" }),
+        }
+        let mut cfg = ShimConfig::default();
+        for (i, raw) in lines {
+            let line = raw.trim_end();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let err = |what| ConfigError { line: i + 1, what };
+            let (key, value) = line.split_once(' ').unwrap_or((line, ""));
+            match key {
+                "slot" => cfg.slot = value.parse().map_err(|_| err("bad slot"))?,
+                "port" => cfg.port = value.parse().map_err(|_| err("bad port"))?,
+                "port6" => cfg.port6 = value.parse().map_err(|_| err("bad port6"))?,
+                "ca" => cfg.ca_file = PathBuf::from(value),
+                "deny-unlisted" => cfg.deny_unlisted = value == "1",
+                "connect-proxy" => cfg.connect_proxy = Some(value.to_string()),
+                "host" if !value.is_empty() => cfg.hosts.push(value.to_string()),
+                "env" => {
+                    let (var, placeholder) = value.split_once(' ').ok_or(err("bad env line"))?;
+                    cfg.env.push((var.to_string(), placeholder.to_string()));
+                }
+                _ => {}
+            }
+        }
+        if cfg.slot == 0 || cfg.port == 0 {
+            return Err(ConfigError { line: 1, what: "slot and port are required" });
+        }
+        if cfg.hosts.len() > MAX_HOSTS {
+            return Err(ConfigError { line: 1, what: "too many hosts" });
+        }
+        Ok(cfg)
+    }
+}
+
+/// A malformed shim config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub line: usize,
+    pub what: &'static str,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "shim config line {}: {}", self.line, self.what)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fake_address_round_trips_and_rejects_others() {
+        let ip = fake_ipv4(3, 17);
+        assert_eq!(ip, Ipv4Addr::new(127, 77, 3, 17));
+        assert_eq!(decode_fake_ipv4(ip), Some((3, 17)));
+        assert_eq!(decode_fake_ipv4(Ipv4Addr::new(127, 0, 0, 1)), None);
+        assert_eq!(decode_fake_ipv4(Ipv4Addr::new(127, 77, 0, 5)), None);
+        assert_eq!(decode_fake_ipv4(Ipv4Addr::new(10, 77, 3, 17)), None);
+    }
+
+    #[test]
+    fn host_patterns() {
+        assert!(host_matches("api.openai.com", "API.OpenAI.com"));
+        assert!(host_matches("api.openai.com", "api.openai.com."));
+        assert!(!host_matches("api.openai.com", "api.openai.com.evil.com"));
+        assert!(!host_matches("api.openai.com", "xapi.openai.com"));
+        assert!(host_matches("*.openai.azure.com", "res1.openai.azure.com"));
+        assert!(!host_matches("*.openai.azure.com", "openai.azure.com"));
+        assert!(!host_matches("*.openai.azure.com", "a.b.openai.azure.com"));
+        assert!(!host_matches("*.openai.azure.com", ".openai.azure.com"));
+    }
+
+    #[test]
+    fn config_round_trips() {
+        let cfg = ShimConfig {
+            slot: 9,
+            port: 40123,
+            port6: 40124,
+            ca_file: PathBuf::from("/tmp/run/ca.pem"),
+            deny_unlisted: true,
+            hosts: vec!["api.openai.com".into(), "*.example.org".into()],
+            env: vec![("OPENAI_API_KEY".into(), "sk-broker-placeholder".into())],
+            connect_proxy: Some("127.0.0.1:40125".into()),
+        };
+        let parsed = ShimConfig::parse(&cfg.render()).expect("parses");
+        assert_eq!(parsed, cfg);
+        assert_eq!(parsed.host_index("x.example.org"), Some(2));
+        assert_eq!(parsed.host_index("example.org"), None);
+    }
+
+    #[test]
+    fn config_errors_name_the_line() {
+        assert_eq!(ShimConfig::parse("nope").unwrap_err().line, 1);
+        let bad = format!("{CONFIG_MAGIC}\nslot 1\nport x\n");
+        assert_eq!(ShimConfig::parse(&bad).unwrap_err(), ConfigError { line: 3, what: "bad port" });
+        let unknown = format!("{CONFIG_MAGIC}\nslot 1\nport 2\nfuture-key 1\n");
+        assert!(ShimConfig::parse(&unknown).is_ok());
+    }
+}

@@ -1,0 +1,1 @@
+//! libbroker.so (placeholder until the shim lands).
