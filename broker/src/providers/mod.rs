@@ -1,1 +1,631 @@
-//! Providers.
+//! The provider catalog: which hosts belong to which credential, and where the credential goes.
+//!
+//! A provider is data, one TOML file each. The built-in ones live in `builtin/*.toml` and are
+//! compiled into the binary; custom ones are read from `$BROKER_HOME/providers/*.toml`. Both go
+//! through the same parser ([`Provider::from_toml`]), so a built-in is also the best example of a
+//! custom file (`broker providers show openai` prints one).
+//!
+//! ```toml
+//! name = "openai"
+//! display_name = "OpenAI"
+//! env = ["OPENAI_API_KEY"]                      # what the official SDK/CLI reads
+//! placeholder = "sk-broker-placeholder-..."     # what the agent holds instead of the key
+//! key_pattern = '^sk-[A-Za-z0-9_-]{20,}$'       # real keys (and the placeholder) match it
+//! auth = "api_key"                              # or "oauth2" (then an [oauth] table is needed)
+//! docs_url = "https://platform.openai.com/api-keys"
+//!
+//! [[routes]]
+//! hosts = ["api.openai.com"]                    # exact or "*.domain"; ":port" and "/path" optional
+//! credential = [{ header = "authorization", scheme = "bearer" }]
+//! inject = "if_placeholder"                     # default; "always" adds the key to every request
+//! ```
+//!
+//! Rules the parser enforces, and why:
+//! - Unknown fields are errors, so a typo (`heder`) does not silently disable a swap.
+//! - The placeholder must match `key_pattern`: SDKs that check the key format before sending
+//!   must accept it, and `broker add` checks real keys with the same pattern.
+//! - Placeholders use only URL-unreserved characters (`A-Za-z0-9-._~`): they travel in query
+//!   strings and Basic credentials, where any other character would be encoded and missed.
+//! - A host pattern belongs to one provider only: a request is classified by its host, and a
+//!   credential must never be sent to a host its provider did not name.
+//!
+//! Errors name the file, the line and the field (`acme.toml:7:1: unknown field ...`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use regex_lite::Regex;
+use serde::{Deserialize, Serialize};
+
+use crate::home::Home;
+
+mod parse;
+
+/// The built-in definitions, compiled in. One line per provider; the file name is the origin
+/// shown in error messages and by `broker providers show`.
+macro_rules! builtin_files {
+    ($($name:literal),* $(,)?) => {
+        &[$(($name, include_str!(concat!("builtin/", $name, ".toml")))),*]
+    };
+}
+const BUILTIN: &[(&str, &str)] = builtin_files![
+    "openai",
+    "anthropic",
+    "github",
+    "gitlab",
+    "stripe",
+    "slack",
+    "linear",
+    "gemini",
+    "mistral",
+    "groq",
+    "openrouter",
+    "huggingface",
+    "cohere",
+    "deepseek",
+    "xai",
+    "perplexity",
+    "together",
+    "fireworks",
+    "notion",
+    "sentry",
+    "replicate",
+    "cerebras",
+];
+
+/// All providers broker knows, validated as a whole (unique names, hosts, placeholders).
+#[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
+pub struct Catalog {
+    providers: Vec<Provider>,
+}
+
+impl Catalog {
+    /// The compiled-in definitions. Never panics: a broken built-in (which the tests rule out) is
+    /// logged and left out instead.
+    pub fn builtin() -> Catalog {
+        static BUILTIN_CATALOG: OnceLock<Catalog> = OnceLock::new();
+        BUILTIN_CATALOG
+            .get_or_init(|| {
+                let mut providers = Vec::with_capacity(BUILTIN.len());
+                for (name, text) in BUILTIN {
+                    match Provider::from_toml(text, Origin::Builtin(name)) {
+                        Ok(p) => providers.push(p),
+                        Err(err) => tracing::error!("built-in provider skipped: {err}"),
+                    }
+                }
+                match Catalog::from_parts(providers.clone()) {
+                    Ok(catalog) => catalog,
+                    Err(err) => {
+                        tracing::error!("built-in provider catalog is inconsistent: {err}");
+                        Catalog { providers }
+                    }
+                }
+            })
+            .clone()
+    }
+
+    /// The built-ins plus every `*.toml` in `home.providers_dir()` (read in file-name order).
+    /// A custom provider with a built-in's name replaces that built-in. A missing directory
+    /// is not an error; a malformed file is, naming the file, line and field.
+    pub fn load(home: &Home) -> Result<Catalog, ProviderError> {
+        let mut providers = Catalog::builtin().providers;
+        for custom in read_custom_dir(&home.providers_dir())? {
+            if let Some(dup) = providers
+                .iter()
+                .find(|p| p.name == custom.name && !p.origin.is_builtin())
+            {
+                return Err(ProviderError::conflict(
+                    &custom,
+                    "name",
+                    format!(
+                        "provider '{}' is also defined in {}",
+                        custom.name, dup.origin
+                    ),
+                ));
+            }
+            match providers.iter_mut().find(|p| p.name == custom.name) {
+                Some(slot) => {
+                    tracing::info!(
+                        "provider {} from {} replaces the built-in definition",
+                        custom.name,
+                        custom.origin
+                    );
+                    *slot = custom;
+                }
+                None => {
+                    tracing::debug!("custom provider {} from {}", custom.name, custom.origin);
+                    providers.push(custom);
+                }
+            }
+        }
+        Catalog::from_parts(providers)
+    }
+
+    /// Build a catalog from parsed providers, checking what only the whole set can show: names,
+    /// placeholders, env vars and host patterns must each belong to one provider.
+    pub fn from_parts(providers: Vec<Provider>) -> Result<Catalog, ProviderError> {
+        for (i, p) in providers.iter().enumerate() {
+            for earlier in &providers[..i] {
+                if earlier.name == p.name {
+                    return Err(ProviderError::conflict(
+                        p,
+                        "name",
+                        format!(
+                            "provider '{}' is also defined in {}",
+                            p.name, earlier.origin
+                        ),
+                    ));
+                }
+                if earlier.placeholder == p.placeholder {
+                    return Err(ProviderError::conflict(
+                        p,
+                        "placeholder",
+                        format!(
+                            "providers '{}' ({}) and '{}' have the same placeholder",
+                            earlier.name, earlier.origin, p.name
+                        ),
+                    ));
+                }
+                if let Some(var) = p.env.iter().find(|v| earlier.env.contains(v)) {
+                    return Err(ProviderError::conflict_at(
+                        p,
+                        "env",
+                        var,
+                        format!(
+                            "env var {var} is claimed by both '{}' ({}) and '{}'",
+                            earlier.name, earlier.origin, p.name
+                        ),
+                    ));
+                }
+                for pattern in p.host_patterns() {
+                    if earlier
+                        .host_patterns()
+                        .any(|h| h.eq_ignore_ascii_case(pattern))
+                    {
+                        return Err(ProviderError::conflict_at(
+                            p,
+                            "hosts",
+                            pattern,
+                            format!(
+                                "host '{pattern}' is claimed by both '{}' ({}) and '{}'",
+                                earlier.name, earlier.origin, p.name
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(Catalog { providers })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Provider> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+
+    pub fn providers(&self) -> &[Provider] {
+        &self.providers
+    }
+
+    /// The provider and route serving `host` (no port; a trailing dot is ignored). An exact
+    /// pattern wins over a `*.` pattern, whatever the order of definition.
+    pub fn route_for_host(&self, host: &str) -> Option<(&Provider, &Route)> {
+        let mut wildcard = None;
+        for p in &self.providers {
+            for route in &p.routes {
+                for spec in &route.hosts {
+                    if broker_contract::host_matches(&spec.pattern, host) {
+                        if !spec.is_wildcard() {
+                            return Some((p, route));
+                        }
+                        wildcard.get_or_insert((p, route));
+                    }
+                }
+            }
+        }
+        wildcard
+    }
+
+    /// Every route host pattern, deduplicated, in definition order.
+    pub fn host_patterns(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for pattern in self.providers.iter().flat_map(Provider::host_patterns) {
+            if !out.iter().any(|h| h == pattern) {
+                out.push(pattern.to_string());
+            }
+        }
+        out
+    }
+}
+
+/// Read every `*.toml` file of the custom providers directory, in file-name order.
+fn read_custom_dir(dir: &Path) -> Result<Vec<Provider>, ProviderError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(ProviderError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let mut paths = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| ProviderError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = entry.path();
+        let is_toml = path.extension().is_some_and(|e| e == "toml");
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        if is_toml && !hidden {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).map_err(|source| ProviderError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            Provider::from_toml(&text, Origin::File(path))
+        })
+        .collect()
+}
+
+/// One provider: the credential, the env vars that carry its placeholder, and its hosts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Provider {
+    /// Lowercase id: `openai`.
+    pub name: String,
+    pub display_name: String,
+    /// Env vars the official SDK/CLI reads the key from.
+    pub env: Vec<String>,
+    /// What the agent holds instead of the key.
+    pub placeholder: String,
+    /// Regex the real key (and the placeholder) must match, whole.
+    pub key_pattern: String,
+    pub auth: AuthKind,
+    pub routes: Vec<Route>,
+    pub oauth: Option<OAuthConfig>,
+    /// Where the user gets a key.
+    pub docs_url: Option<String>,
+    /// `key_pattern`, anchored at both ends and compiled.
+    #[serde(skip)]
+    key_regex: Regex,
+    /// Where the definition came from.
+    #[serde(rename = "source")]
+    origin: Origin,
+    /// The TOML text it was parsed from, for `broker providers show`.
+    #[serde(skip)]
+    text: Arc<str>,
+}
+
+impl PartialEq for Provider {
+    fn eq(&self, other: &Provider) -> bool {
+        // `key_regex` is compiled from `key_pattern`; where it came from does not matter.
+        self.name == other.name
+            && self.display_name == other.display_name
+            && self.env == other.env
+            && self.placeholder == other.placeholder
+            && self.key_pattern == other.key_pattern
+            && self.auth == other.auth
+            && self.routes == other.routes
+            && self.oauth == other.oauth
+            && self.docs_url == other.docs_url
+    }
+}
+
+impl Provider {
+    /// Parse and validate one provider definition. `origin` is what errors name as the file
+    /// (a path for custom files).
+    pub fn from_toml(text: &str, origin: impl Into<Origin>) -> Result<Provider, ProviderError> {
+        parse::parse_provider(text, origin.into())
+    }
+
+    /// Does `secret` look like a key of this provider (the whole string matches `key_pattern`)?
+    pub fn key_matches(&self, secret: &str) -> bool {
+        self.key_regex.is_match(secret)
+    }
+
+    /// Is `value` exactly this provider's placeholder?
+    pub fn is_placeholder(&self, value: &str) -> bool {
+        value == self.placeholder
+    }
+
+    /// Every host pattern of every route, in order (may repeat across routes with other ports).
+    pub fn host_patterns(&self) -> impl Iterator<Item = &str> {
+        self.routes
+            .iter()
+            .flat_map(|r| r.hosts.iter().map(|h| h.pattern.as_str()))
+    }
+
+    /// Where the definition came from: built in, or a custom file.
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    /// The TOML text the definition was parsed from.
+    pub fn source_text(&self) -> &str {
+        &self.text
+    }
+}
+
+/// Where a provider definition came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Compiled in from `broker/src/providers/builtin/<name>.toml`.
+    Builtin(&'static str),
+    /// A custom file (or any other named source, e.g. in tests).
+    File(PathBuf),
+}
+
+impl Origin {
+    pub fn is_builtin(&self) -> bool {
+        matches!(self, Origin::Builtin(_))
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Builtin(name) => write!(f, "<built-in>/{name}.toml"),
+            Origin::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+impl From<PathBuf> for Origin {
+    fn from(path: PathBuf) -> Origin {
+        Origin::File(path)
+    }
+}
+
+impl From<&Path> for Origin {
+    fn from(path: &Path) -> Origin {
+        Origin::File(path.to_path_buf())
+    }
+}
+
+impl From<&str> for Origin {
+    fn from(path: &str) -> Origin {
+        Origin::File(PathBuf::from(path))
+    }
+}
+
+impl Serialize for Origin {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Origin::Builtin(_) => s.serialize_str("builtin"),
+            Origin::File(path) => s.serialize_str(&path.to_string_lossy()),
+        }
+    }
+}
+
+/// How the user obtains the credential. `oauth2` providers need an `[oauth]` table; `api_key`
+/// providers may have one too (an OAuth token from `broker login` is then stored like a key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum AuthKind {
+    #[default]
+    #[serde(rename = "api_key")]
+    ApiKey,
+    #[serde(rename = "oauth2")]
+    OAuth2,
+}
+
+impl fmt::Display for AuthKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AuthKind::ApiKey => "api_key",
+            AuthKind::OAuth2 => "oauth2",
+        })
+    }
+}
+
+/// A set of hosts and how the credential is carried on requests to them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Route {
+    pub hosts: Vec<HostSpec>,
+    /// Every place the credential may appear. A placeholder is swapped wherever one of these
+    /// finds it; with `inject = "always"`, the first entry is how the key is added to a request
+    /// that carries none.
+    pub credential: Vec<Injection>,
+    pub inject: InjectMode,
+}
+
+/// When the broker puts the credential on a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InjectMode {
+    /// Only where the request carries the placeholder (the default).
+    #[default]
+    IfPlaceholder,
+    /// Also on requests that carry no credential at all (git smart-HTTP sends none until
+    /// challenged). A request carrying some other credential is left alone.
+    Always,
+}
+
+/// A host pattern with its port and optional path prefix. TOML string form:
+/// `api.example.com`, `*.example.com`, `api.example.com:8443`, `example.com/api`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostSpec {
+    /// Exact hostname or `*.` + domain (one label), lowercase; see
+    /// [`broker_contract::host_matches`].
+    pub pattern: String,
+    /// 443 unless given.
+    pub port: u16,
+    /// When set (starting with `/`), only requests whose path starts with it get the credential.
+    pub path_prefix: Option<String>,
+}
+
+impl HostSpec {
+    pub const DEFAULT_PORT: u16 = 443;
+
+    /// Parse the TOML string form. The error says what is wrong, without the input.
+    pub fn parse(s: &str) -> Result<HostSpec, String> {
+        parse::parse_host_spec(s)
+    }
+
+    pub fn is_wildcard(&self) -> bool {
+        self.pattern.starts_with("*.")
+    }
+}
+
+impl fmt::Display for HostSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.pattern)?;
+        if self.port != HostSpec::DEFAULT_PORT {
+            write!(f, ":{}", self.port)?;
+        }
+        if let Some(prefix) = &self.path_prefix {
+            f.write_str(prefix)?;
+        }
+        Ok(())
+    }
+}
+
+/// One place the credential goes. TOML: `{ header = "authorization", scheme = "bearer" }`,
+/// `{ header = "x-api-key" }`, `{ query = "key" }`,
+/// `{ header = "authorization", scheme = "basic", basic_username = "x-access-token" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Injection {
+    /// A request header; `name` is lowercase. Without a scheme, the header value is the key.
+    Header {
+        name: String,
+        scheme: Option<Scheme>,
+    },
+    /// A query parameter whose value is the key.
+    Query { param: String },
+}
+
+/// The `Authorization` scheme in front of the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Scheme {
+    /// `Bearer <key>`.
+    Bearer,
+    /// `token <key>` (GitHub's older form).
+    Token,
+    /// `Basic base64(user:password)`. A placeholder is swapped in either half. To inject,
+    /// `username` (e.g. `x-access-token`) goes first and the key is the password; without a
+    /// username the key is the user name and the password is empty (as with `curl -u key:`).
+    Basic { username: Option<String> },
+}
+
+/// OAuth endpoints and settings for `broker login`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OAuthConfig {
+    pub authorize_url: Option<String>,
+    pub token_url: Option<String>,
+    pub device_url: Option<String>,
+    pub revoke_url: Option<String>,
+    pub scopes: Vec<String>,
+    /// Usually from the user's `config.toml`; a built-in never ships one.
+    pub client_id: Option<String>,
+    pub client_auth: ClientAuth,
+    /// The provider supports the device authorization grant (RFC 8628) at `device_url`.
+    pub device_flow: bool,
+    pub grant: Grant,
+}
+
+/// How the client authenticates at the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// A public client: `client_id` only (PKCE, device flow).
+    None,
+    /// HTTP Basic with client id and secret.
+    Basic,
+    /// `client_id` and `client_secret` in the form body.
+    #[default]
+    Post,
+}
+
+/// The OAuth grant `broker login` uses (besides the device flow when `device_flow` is set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grant {
+    #[default]
+    AuthorizationCode,
+    ClientCredentials,
+}
+
+/// A provider definition that cannot be used. Display names the file, and the line, column and
+/// field when known: `acme.toml:7:1: unknown field 'heder', expected ...`.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("cannot read {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", format_invalid(file, *line, *col, field.as_deref(), message))]
+    Invalid {
+        /// The file (or `<built-in>/name.toml`).
+        file: String,
+        /// 1-based line and column, when known.
+        line: Option<usize>,
+        col: Option<usize>,
+        /// The field at fault (`routes.credential.header`), when known.
+        field: Option<String>,
+        message: String,
+    },
+}
+
+fn format_invalid(
+    file: &str,
+    line: Option<usize>,
+    col: Option<usize>,
+    field: Option<&str>,
+    message: &str,
+) -> String {
+    let mut out = file.to_string();
+    if let Some(line) = line {
+        out.push_str(&format!(":{line}"));
+        if let Some(col) = col {
+            out.push_str(&format!(":{col}"));
+        }
+    }
+    out.push_str(": ");
+    if let Some(field) = field {
+        out.push_str(&format!("field '{field}': "));
+    }
+    out.push_str(message);
+    out
+}
+
+impl ProviderError {
+    /// A conflict found in `p`, located at its first line defining `field`.
+    fn conflict(p: &Provider, field: &str, message: String) -> ProviderError {
+        let line = parse::line_of_key(&p.text, field);
+        ProviderError::Invalid {
+            file: p.origin.to_string(),
+            line,
+            col: None,
+            field: Some(field.to_string()),
+            message,
+        }
+    }
+
+    /// A conflict found in `p`, located at the line where `value` (quoted) appears.
+    fn conflict_at(p: &Provider, field: &str, value: &str, message: String) -> ProviderError {
+        let line =
+            parse::line_of_value(&p.text, value).or_else(|| parse::line_of_key(&p.text, field));
+        ProviderError::Invalid {
+            file: p.origin.to_string(),
+            line,
+            col: None,
+            field: Some(field.to_string()),
+            message,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
