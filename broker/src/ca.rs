@@ -59,7 +59,9 @@ pub struct LocalCa {
 
 impl std::fmt::Debug for LocalCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalCa").field("hosts", &self.host_patterns).finish_non_exhaustive()
+        f.debug_struct("LocalCa")
+            .field("hosts", &self.host_patterns)
+            .finish_non_exhaustive()
     }
 }
 
@@ -118,7 +120,10 @@ impl LocalCa {
         if !self.manages(&host) {
             return Err(CaError::NotManaged(host));
         }
-        let mut leaves = self.leaves.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut leaves = self
+            .leaves
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some((minted, leaf)) = leaves.get(&host) {
             if minted.elapsed() < LEAF_REFRESH {
                 return Ok(leaf.clone());
@@ -146,7 +151,10 @@ impl LocalCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         let leaf = params.signed_by(&self.leaf_key, &self.cert, &self.key)?;
-        Ok(CertifiedKey::new(vec![leaf.der().clone()], self.leaf_signing_key.clone()))
+        Ok(CertifiedKey::new(
+            vec![leaf.der().clone()],
+            self.leaf_signing_key.clone(),
+        ))
     }
 }
 
@@ -155,7 +163,10 @@ impl LocalCa {
 fn name_constraints(host_patterns: &[String]) -> NameConstraints {
     let mut permitted: Vec<GeneralSubtree> = Vec::new();
     for pattern in host_patterns {
-        let name = pattern.strip_prefix("*.").unwrap_or(pattern).to_ascii_lowercase();
+        let name = pattern
+            .strip_prefix("*.")
+            .unwrap_or(pattern)
+            .to_ascii_lowercase();
         let subtree = GeneralSubtree::DnsName(name);
         if !permitted.contains(&subtree) {
             permitted.push(subtree);
@@ -195,30 +206,47 @@ mod tests {
         let b = ca.leaf_for("API.OPENAI.COM.").expect("leaf");
         assert!(Arc::ptr_eq(&a, &b), "leaf is cached per host");
         assert!(ca.leaf_for("x.example.org").is_ok());
-        assert!(matches!(ca.leaf_for("evil.com"), Err(CaError::NotManaged(_))));
-        assert!(matches!(ca.leaf_for("example.org"), Err(CaError::NotManaged(_))));
+        assert!(matches!(
+            ca.leaf_for("evil.com"),
+            Err(CaError::NotManaged(_))
+        ));
+        assert!(matches!(
+            ca.leaf_for("example.org"),
+            Err(CaError::NotManaged(_))
+        ));
     }
 
     #[test]
     fn leaf_verifies_against_the_ca_and_constraints_hold() {
+        use rustls::client::danger::ServerCertVerifier as _;
         let ca = ca();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.cert_der()).expect("add root");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            provider,
-        )
-        .build()
-        .expect("verifier");
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .expect("verifier");
         let leaf = ca.leaf_for("api.openai.com").expect("leaf");
         let name = rustls_pki_types::ServerName::try_from("api.openai.com").expect("name");
         verifier
-            .verify_server_cert(&leaf.cert[0], &[], &name, &[], rustls_pki_types::UnixTime::now())
+            .verify_server_cert(
+                &leaf.cert[0],
+                &[],
+                &name,
+                &[],
+                rustls_pki_types::UnixTime::now(),
+            )
             .expect("leaf verifies for its own name");
         let other = rustls_pki_types::ServerName::try_from("api.anthropic.com").expect("name");
         assert!(verifier
-            .verify_server_cert(&leaf.cert[0], &[], &other, &[], rustls_pki_types::UnixTime::now())
+            .verify_server_cert(
+                &leaf.cert[0],
+                &[],
+                &other,
+                &[],
+                rustls_pki_types::UnixTime::now()
+            )
             .is_err());
     }
 

@@ -3,8 +3,12 @@
 //! The request pipeline, in order (see `proxy`): accept -> classify -> look up credential ->
 //! swap -> forward -> respond -> audit.
 
+pub mod audit;
+pub mod audit_queue;
 pub mod ca;
 pub mod cli;
 pub mod home;
+pub mod instance;
 pub mod providers;
 pub mod proxy;
+pub mod vault;

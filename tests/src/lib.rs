@@ -1,1 +1,492 @@
-//! Test harness.
+//! The integration harness: local TLS origins with their own test CA, the real `broker`
+//! binary with a temporary `BROKER_HOME`, and a client that connects the way the shim makes
+//! agents connect (to the run's fake address, with the real hostname as SNI).
+//!
+//! Everything listens on port 0; upstream hostnames are the real ones (`api.openai.com`),
+//! pinned for the broker with `--resolve` and trusted with `--upstream-ca`.
+
+pub mod origin;
+
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use broker_contract::{fake_ipv4, ShimConfig};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+
+pub use origin::{Origin, OriginRequest, Reply};
+
+/// The CA variables this machine exports to every process; scrubbed from every child the
+/// harness starts unless a test sets them on purpose.
+pub const CA_VARS: &[&str] = &[
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "NODE_EXTRA_CA_CERTS",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "GIT_SSL_CAINFO",
+    "AWS_CA_BUNDLE",
+    "PIP_CERT",
+    "HTTPLIB2_CA_CERTS",
+    "NIX_SSL_CERT_FILE",
+    "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE",
+    "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+];
+
+/// `target/debug` (or whichever profile the tests were built with).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/<test-binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// The `broker` binary, built by `cargo build --workspace` (the README's test command).
+pub fn broker_bin() -> PathBuf {
+    let path = target_dir().join("broker");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` before the tests",
+        path.display()
+    );
+    path
+}
+
+/// `libbroker.so`, built by `cargo build --workspace`.
+pub fn shim_lib() -> PathBuf {
+    let path = target_dir().join("libbroker.so");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` before the tests",
+        path.display()
+    );
+    path
+}
+
+/// A CA for test origins, standing in for the public CAs real providers use.
+pub struct TestCa {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    pub pem_path: PathBuf,
+    _dir: Arc<tempfile::TempDir>,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "broker test upstream CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key).expect("ca");
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let pem_path = dir.path().join("upstream-ca.pem");
+        std::fs::write(&pem_path, cert.pem()).expect("write ca");
+        TestCa {
+            cert,
+            key,
+            pem_path,
+            _dir: dir,
+        }
+    }
+
+    /// A server certificate chain and key for `names`.
+    pub fn leaf(
+        &self,
+        names: &[&str],
+    ) -> (
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    ) {
+        let key = KeyPair::generate().expect("key");
+        let params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        let cert = params.signed_by(&key, &self.cert, &self.key).expect("leaf");
+        let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        (vec![cert.der().clone()], key_der)
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        TestCa::new()
+    }
+}
+
+/// A temporary `BROKER_HOME` with a key file as the vault's key source.
+pub struct Home {
+    pub dir: tempfile::TempDir,
+}
+
+impl Home {
+    pub fn new() -> Home {
+        Home {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A `broker` command with this home and a scrubbed environment.
+    pub fn broker(&self) -> Command {
+        let mut cmd = Command::new(broker_bin());
+        scrub(&mut cmd);
+        cmd.env("BROKER_HOME", self.path())
+            .env("BROKER_KEY_SOURCE", "file")
+            .env("BROKER_LOG", "info");
+        cmd
+    }
+
+    /// `broker add <provider>` with the secret on stdin.
+    pub fn add(&self, provider: &str, secret: &str) {
+        let out = self.run_with_stdin(&["add", provider], secret);
+        assert!(
+            out.status.success(),
+            "broker add {provider} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn run_with_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        let mut child = self
+            .broker()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn broker");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write stdin");
+        child.wait_with_output().expect("wait")
+    }
+
+    /// Everything under the home directory, for leak checks.
+    pub fn all_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        collect_bytes(self.path(), &mut out);
+        out
+    }
+}
+
+impl Default for Home {
+    fn default() -> Self {
+        Home::new()
+    }
+}
+
+fn collect_bytes(dir: &Path, out: &mut Vec<u8>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_bytes(&path, out);
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            out.extend_from_slice(&bytes);
+        }
+    }
+}
+
+/// Remove the machine's CA variables (and any broker state variables) from a child's env.
+pub fn scrub(cmd: &mut Command) {
+    for var in CA_VARS {
+        cmd.env_remove(var);
+    }
+    for var in [
+        "BROKER_SHIM_CONFIG",
+        "LD_PRELOAD",
+        "BROKER_RESOLVE",
+        "BROKER_UPSTREAM_CA",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "NO_PROXY",
+    ] {
+        cmd.env_remove(var);
+    }
+}
+
+/// A running `broker serve`, killed on drop.
+pub struct Serve {
+    child: Child,
+    pub config: ShimConfig,
+    pub config_path: PathBuf,
+    stderr_path: PathBuf,
+}
+
+impl Serve {
+    /// Start `broker serve` for `home`, trusting `ca` upstream and resolving each
+    /// `(host, origin address)` to a local origin.
+    pub fn start(home: &Home, ca: &TestCa, resolve: &[(&str, SocketAddr)]) -> Serve {
+        let mut cmd = home.broker();
+        cmd.arg("serve").arg("--upstream-ca").arg(&ca.pem_path);
+        for (host, addr) in resolve {
+            cmd.arg("--resolve").arg(format!("{host}:443:{addr}"));
+        }
+        Serve::spawn(home, cmd)
+    }
+
+    pub fn spawn(home: &Home, mut cmd: Command) -> Serve {
+        let stderr_path = home.path().join("serve.stderr");
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let config_path = home
+            .path()
+            .join("run")
+            .join(broker_contract::DAEMON_SHIM_CONFIG_FILE);
+        let _ = std::fs::remove_file(&config_path);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn broker serve");
+        let mut serve = Serve {
+            child,
+            config: ShimConfig::default(),
+            config_path: config_path.clone(),
+            stderr_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&config_path) {
+                if let Ok(config) = ShimConfig::parse(&text) {
+                    serve.config = config;
+                    return serve;
+                }
+            }
+            if let Ok(Some(status)) = serve.child.try_wait() {
+                panic!("broker serve exited ({status}): {}", serve.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker serve did not start: {}",
+                serve.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The address the shim would give the agent for `host`, with the broker's port.
+    pub fn addr_for(&self, host: &str) -> SocketAddr {
+        let index = self
+            .config
+            .host_index(host)
+            .unwrap_or_else(|| panic!("{host} is not managed"));
+        SocketAddr::new(
+            IpAddr::V4(fake_ipv4(self.config.slot, index)),
+            self.config.port,
+        )
+    }
+
+    /// The run CA (what the shim makes the agent trust).
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(&self.config.ca_file).expect("run ca")
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TLS client config trusting only `ca_pem`, with the given ALPN.
+pub fn client_tls(ca_pem: &[u8], alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.expect("pem")).expect("root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// Run a command with a timeout; panics if it does not finish.
+pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "command timed out after {timeout:?}: {cmd:?}\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Does `haystack` contain `needle`?
+pub fn contains(haystack: &[u8], needle: &str) -> bool {
+    !needle.is_empty()
+        && haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+}
+
+/// A response as a client saw it.
+#[derive(Debug)]
+pub struct ClientResponse {
+    pub status: u16,
+    pub version: http::Version,
+    pub headers: http::HeaderMap,
+    pub body: Vec<u8>,
+    /// When each body chunk arrived, relative to the response head.
+    pub chunk_times: Vec<(Duration, usize)>,
+}
+
+impl ClientResponse {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Send one request the way a shimmed agent would: TCP to `addr` (the fake address), TLS
+/// with SNI `sni` trusting `ca_pem`, HTTP/2 if `h2` else HTTP/1.1.
+pub fn send(
+    addr: SocketAddr,
+    sni: &str,
+    ca_pem: &[u8],
+    h2: bool,
+    request: http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> Result<ClientResponse, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            send_async(addr, sni, ca_pem, h2, request),
+        )
+        .await
+        .map_err(|_| "timed out".to_string())?
+    })
+}
+
+async fn send_async(
+    addr: SocketAddr,
+    sni: &str,
+    ca_pem: &[u8],
+    h2: bool,
+    request: http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> Result<ClientResponse, String> {
+    use http_body_util::BodyExt as _;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let name =
+        rustls_pki_types::ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(client_tls(ca_pem, alpn))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    let io = TokioIo::new(tls);
+    let response = if h2 {
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(|e| format!("h2: {e}"))?;
+        tokio::spawn(conn);
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("request: {e}"))?
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| format!("h1: {e}"))?;
+        tokio::spawn(conn);
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("request: {e}"))?
+    };
+    let head_at = Instant::now();
+    let status = response.status().as_u16();
+    let version = response.version();
+    let headers = response.headers().clone();
+    let mut body = response.into_body();
+    let mut bytes = Vec::new();
+    let mut chunk_times = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("body: {e}"))?;
+        if let Some(data) = frame.data_ref() {
+            chunk_times.push((head_at.elapsed(), data.len()));
+            bytes.extend_from_slice(data);
+        }
+    }
+    Ok(ClientResponse {
+        status,
+        version,
+        headers,
+        body: bytes,
+        chunk_times,
+    })
+}
+
+/// A GET request for `https://{host}{path}` with extra headers.
+pub fn get(
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut builder = http::Request::builder()
+        .method("GET")
+        .uri(format!("https://{host}{path}"));
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    builder
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request")
+}

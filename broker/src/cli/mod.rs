@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod audit;
 pub mod credentials;
 pub mod demo;
 pub mod providers;
@@ -37,6 +38,8 @@ pub enum Command {
     Show(credentials::ShowArgs),
     /// Remove a stored credential.
     Remove(credentials::RemoveArgs),
+    /// Show the audit log (`--json`, `--since`, `--follow`), or `verify` its hash chain.
+    Audit(audit::AuditArgs),
     /// List the providers broker knows, or show one.
     Providers(providers::ProvidersArgs),
     /// Run the broker as a long-lived daemon for this user.
@@ -59,6 +62,7 @@ pub fn main() -> ExitCode {
         Command::List(args) => credentials::list(args),
         Command::Show(args) => credentials::show(args),
         Command::Remove(args) => credentials::remove(args),
+        Command::Audit(args) => audit::run(args),
         Command::Providers(args) => providers::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Demo(args) => demo::run(args),
@@ -74,6 +78,53 @@ pub fn main() -> ExitCode {
             eprintln!("broker: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Test-only upstream overrides, shared by every command that starts a broker.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct UpstreamArgs {
+    /// TEST ONLY: also trust this CA for upstream TLS (logged when on).
+    #[arg(long, env = "BROKER_UPSTREAM_CA", value_name = "FILE")]
+    pub upstream_ca: Option<std::path::PathBuf>,
+    /// TEST ONLY: reach HOST:PORT at ADDR (or ADDR:PORT) instead of resolving it (logged when on).
+    #[arg(
+        long,
+        env = "BROKER_RESOLVE",
+        value_delimiter = ',',
+        value_name = "HOST:PORT:ADDR"
+    )]
+    pub resolve: Vec<crate::proxy::ResolveOverride>,
+}
+
+impl UpstreamArgs {
+    pub fn into_settings(self) -> crate::proxy::UpstreamSettings {
+        crate::proxy::UpstreamSettings {
+            extra_ca: self.upstream_ca,
+            resolve: self.resolve,
+        }
+    }
+}
+
+/// The async runtime of commands that serve: two workers fit the 2-core machines agents
+/// share, and more only add context switches for a proxy that is mostly waiting.
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().min(4)))
+        .enable_all()
+        .build()?)
+}
+
+/// Resolve on SIGINT or SIGTERM.
+pub(crate) async fn wait_for_shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }
 

@@ -1,12 +1,64 @@
-//! `broker serve`.
+//! `broker serve`: the long-running broker for this user. Agents started with a bare
+//! `LD_PRELOAD=libbroker.so cmd` find it through `$BROKER_HOME/run/shim.conf`.
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Args;
 
-#[derive(Debug, Args)]
-pub struct ServeArgs {}
+use super::UpstreamArgs;
+use crate::home::{ensure_private_dir, Home};
+use crate::instance::{self, InstanceSettings, RunSpec};
 
-pub fn run(_args: ServeArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not built yet")
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let home = Home::from_env()?;
+    home.ensure()
+        .with_context(|| format!("cannot create {}", home.root().display()))?;
+    let dir = home.daemon_dir();
+    ensure_private_dir(&dir)?;
+
+    // One daemon per BROKER_HOME: the lock is released by the kernel when we die, so a crash
+    // never leaves a stale lock behind.
+    let lock_path = dir.join("serve.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        anyhow::bail!(
+            "another 'broker serve' is already running for {} (stop it first, or set BROKER_HOME)",
+            home.root().display()
+        );
+    }
+
+    let runtime = super::runtime()?;
+    runtime.block_on(async {
+        let started = instance::start(InstanceSettings {
+            home: home.clone(),
+            upstream: args.upstream.into_settings(),
+            label: "serve".into(),
+            runtime_dir: dir.clone(),
+            run: RunSpec { id: "serve".into(), command: "broker serve".into(), ..RunSpec::default() },
+        })
+        .await?;
+        eprintln!(
+            "broker serve: ready (port {}, {} managed hosts); agents: LD_PRELOAD=libbroker.so CMD, or broker run -- CMD",
+            started.shim.port,
+            started.shim.hosts.len()
+        );
+        super::wait_for_shutdown().await;
+        instance::remove_quietly(&started.shim_config_path);
+        eprintln!("broker serve: stopped");
+        anyhow::Ok(())
+    })?;
+    drop(lock);
+    Ok(ExitCode::SUCCESS)
 }

@@ -131,8 +131,14 @@ impl BrokerError {
             HeaderValue::from_str(&message)
                 .unwrap_or_else(|_| HeaderValue::from_static("broker error")),
         );
-        headers.insert("x-broker-error-source", HeaderValue::from_static(self.source().as_str()));
-        headers.insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
+        headers.insert(
+            "x-broker-error-source",
+            HeaderValue::from_static(self.source().as_str()),
+        );
+        headers.insert(
+            "content-type",
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         response
     }
 }
@@ -149,13 +155,22 @@ mod tests {
 
     #[test]
     fn responses_carry_header_status_and_advice() {
-        let r = BrokerError::NoCredential { provider: "openai".into(), profile: "default".into() }
-            .into_response();
+        let r = BrokerError::NoCredential {
+            provider: "openai".into(),
+            profile: "default".into(),
+        }
+        .into_response();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         let h = r.headers()["x-broker-error"].to_str().expect("ascii");
         assert_eq!(h, "no credential for openai: run 'broker add openai'");
         assert_eq!(r.headers()["x-broker-error-source"], "broker");
-        let r = BrokerError::LoginExpired { provider: "github".into() }.into_response();
-        assert_eq!(r.headers()["x-broker-error"], "login expired: run 'broker login github'");
+        let r = BrokerError::LoginExpired {
+            provider: "github".into(),
+        }
+        .into_response();
+        assert_eq!(
+            r.headers()["x-broker-error"],
+            "login expired: run 'broker login github'"
+        );
     }
 }

@@ -1,1 +1,170 @@
-//! Proxy.
+//! The request path. Phases, in order, each in its own place:
+//!
+//! 1. **accept** (`listen`): a connection arrives on a fake address `127.77.<slot>.<host>`
+//!    (rerouted there by the shim) or on the run's `[::1]` listener; plain HTTP is refused,
+//!    TLS is terminated with a leaf minted for the SNI, only if the SNI is a managed host and
+//!    matches the host the address encodes.
+//! 2. **classify** (`handler`): SNI must equal `Host`/`:authority`; the host picks the
+//!    provider and route; the run must allow that provider.
+//! 3. **look up credential** (`handler`, via [`Credentials`]): only when the route's
+//!    placeholder is present (or the route injects always).
+//! 4. **swap** (`swap`): placeholder -> credential at the route's injection points only.
+//! 5. **forward** (`upstream`): to the provider's real host, resolved by the broker, verified TLS,
+//!    pooled; WebSocket upgrades are bridged.
+//! 6. **respond** (`handler`): the response streams back frame by frame.
+//! 7. **audit** ([`AuditSink`]): one event per credential use, denial, or anomaly.
+
+pub mod error;
+mod handler;
+mod listen;
+pub mod swap;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use zeroize::Zeroizing;
+
+use crate::audit::AuditEvent;
+use crate::ca::LocalCa;
+use crate::providers::Catalog;
+
+pub use listen::RunListeners;
+pub use upstream::{ResolveOverride, UpstreamSettings};
+
+/// Errors in bodies crossing the proxy (either side may break mid-stream).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type of everything the proxy sends and forwards.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Where the proxy gets real credentials. Called off the async runtime (it may touch SQLite or
+/// a keyring), so implementations may block.
+pub trait Credentials: Send + Sync + 'static {
+    /// The secret for `provider`/`profile`; `Ok(None)` when none is stored. The error is a
+    /// message for the user, never containing a secret.
+    fn lookup(&self, provider: &str, profile: &str) -> Result<Option<Zeroizing<String>>, String>;
+}
+
+/// Where the proxy reports what happened. Must not block: implementations queue.
+pub trait AuditSink: Send + Sync + 'static {
+    fn record(&self, event: AuditEvent);
+}
+
+/// One agent run as the proxy sees it: which hosts it reaches through which fake addresses,
+/// which providers it may use, and under which profile.
+#[derive(Debug, Clone)]
+pub struct RunContext {
+    pub id: String,
+    /// Third octet of the run's fake addresses.
+    pub slot: u8,
+    /// Managed host patterns; host index `i + 1` is `hosts[i]`.
+    pub hosts: Vec<String>,
+    /// `None`: every provider with a stored credential; `Some`: only these.
+    pub allow: Option<Vec<String>>,
+    /// Profile per provider; providers not listed use `default_profile`.
+    pub profiles: HashMap<String, String>,
+    pub default_profile: String,
+    /// The agent's pid and command line, for the audit.
+    pub pid: Option<u32>,
+    pub command: String,
+}
+
+impl RunContext {
+    pub fn allows(&self, provider: &str) -> bool {
+        self.allow
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|p| p == provider))
+    }
+
+    pub fn profile_for(&self, provider: &str) -> &str {
+        self.profiles
+            .get(provider)
+            .map(String::as_str)
+            .unwrap_or(&self.default_profile)
+    }
+
+    /// The host pattern encoded by host index `index` (1-based).
+    pub fn host_pattern(&self, index: u8) -> Option<&str> {
+        self.hosts
+            .get(usize::from(index).checked_sub(1)?)
+            .map(String::as_str)
+    }
+}
+
+/// Everything the proxy needs, built by the CLI from flags, env and the home directory.
+pub struct ProxySettings {
+    pub catalog: Arc<Catalog>,
+    pub upstream: UpstreamSettings,
+    pub credentials: Arc<dyn Credentials>,
+    pub audit: Arc<dyn AuditSink>,
+    /// Label in the CA's name (run id or "serve").
+    pub label: String,
+}
+
+/// The shared state of one broker instance: its CA, the catalog, the upstream pool.
+pub struct Proxy {
+    ca: Arc<LocalCa>,
+    catalog: Arc<Catalog>,
+    tls_server: Arc<rustls::ServerConfig>,
+    client: Client<upstream::UpstreamConnector, ProxyBody>,
+    upgrade_connector: upstream::UpstreamConnector,
+    credentials: Arc<dyn Credentials>,
+    audit: Arc<dyn AuditSink>,
+}
+
+impl Proxy {
+    pub fn new(settings: ProxySettings) -> anyhow::Result<Arc<Proxy>> {
+        if settings.upstream.extra_ca.is_some() || !settings.upstream.resolve.is_empty() {
+            tracing::warn!(
+                extra_ca = ?settings.upstream.extra_ca,
+                resolve = ?settings.upstream.resolve,
+                "test-only upstream overrides are ON (--upstream-ca / --resolve)"
+            );
+        }
+        let hosts = settings.catalog.host_patterns();
+        let ca = Arc::new(LocalCa::new(&hosts, &settings.label)?);
+        let tls_server = listen::server_config(ca.clone())?;
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .pool_max_idle_per_host(64)
+            .build(upstream::UpstreamConnector::pooled(
+                settings.upstream.clone(),
+            ));
+        Ok(Arc::new(Proxy {
+            ca,
+            catalog: settings.catalog,
+            tls_server,
+            client,
+            upgrade_connector: upstream::UpstreamConnector::http1_only(settings.upstream),
+            credentials: settings.credentials,
+            audit: settings.audit,
+        }))
+    }
+
+    pub fn ca(&self) -> &LocalCa {
+        &self.ca
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// Open the listeners of one run and serve them until the returned handle is dropped.
+    pub async fn open_run(self: &Arc<Self>, run: RunContext) -> std::io::Result<RunListeners> {
+        listen::open_run(self.clone(), Arc::new(run)).await
+    }
+}
+
+/// Per-connection facts the handler needs.
+#[derive(Debug)]
+struct ConnInfo {
+    run: Arc<RunContext>,
+    sni: String,
+    #[allow(dead_code)]
+    peer: SocketAddr,
+}

@@ -1,0 +1,163 @@
+//! A running broker instance: the proxy, one run's listeners, and the runtime files the shim
+//! reads (the run CA and the shim config). Shared by `broker serve`, `broker run` and
+//! `broker demo`, so all three serve requests the same way.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use broker_contract::ShimConfig;
+use zeroize::Zeroizing;
+
+use crate::home::{ensure_private_dir, write_private_file, Home};
+use crate::providers::Catalog;
+use crate::proxy::{Credentials, Proxy, ProxySettings, RunContext, RunListeners, UpstreamSettings};
+use crate::vault::Vault;
+
+/// What one run may do.
+#[derive(Debug, Clone, Default)]
+pub struct RunSpec {
+    pub id: String,
+    /// `None`: all providers.
+    pub allow: Option<Vec<String>>,
+    pub profiles: HashMap<String, String>,
+    pub default_profile: String,
+    pub deny_unlisted: bool,
+    pub pid: Option<u32>,
+    pub command: String,
+}
+
+/// Everything needed to start an instance.
+pub struct InstanceSettings {
+    pub home: Home,
+    pub upstream: UpstreamSettings,
+    pub label: String,
+    /// Directory for this instance's runtime files (created 0700).
+    pub runtime_dir: PathBuf,
+    pub run: RunSpec,
+}
+
+/// A started instance. Dropping it stops its listeners.
+pub struct Instance {
+    pub proxy: Arc<Proxy>,
+    pub listeners: RunListeners,
+    pub shim: ShimConfig,
+    pub shim_config_path: PathBuf,
+}
+
+/// Run slot of the first run of every instance. Each instance listens on its own port, so
+/// instances never collide on the address; the slot matters only within one instance.
+const FIRST_SLOT: u8 = 1;
+
+pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
+    let home = settings.home;
+    home.ensure()
+        .with_context(|| format!("cannot create BROKER_HOME {}", home.root().display()))?;
+    let catalog = Arc::new(Catalog::load(&home)?);
+    let proxy = Proxy::new(ProxySettings {
+        catalog: catalog.clone(),
+        upstream: settings.upstream,
+        credentials: Arc::new(VaultCredentials::new(home.clone())),
+        audit: Arc::new(crate::audit_queue::AuditQueue::start(home.clone())),
+        label: settings.label,
+    })?;
+
+    let spec = settings.run;
+    let hosts = catalog.host_patterns();
+    let run = RunContext {
+        id: spec.id.clone(),
+        slot: FIRST_SLOT,
+        hosts: hosts.clone(),
+        allow: spec.allow.clone(),
+        profiles: spec.profiles.clone(),
+        default_profile: if spec.default_profile.is_empty() {
+            "default".into()
+        } else {
+            spec.default_profile.clone()
+        },
+        pid: spec.pid,
+        command: spec.command.clone(),
+    };
+    let listeners = proxy
+        .open_run(run)
+        .await
+        .context("cannot open the broker's loopback listeners")?;
+
+    ensure_private_dir(&settings.runtime_dir)?;
+    let ca_file = settings.runtime_dir.join("ca.pem");
+    write_private_file(&ca_file, proxy.ca().cert_pem().as_bytes())?;
+    let env = catalog
+        .providers()
+        .iter()
+        .filter(|p| spec.allow.as_ref().is_none_or(|a| a.contains(&p.name)))
+        .flat_map(|p| {
+            p.env
+                .iter()
+                .map(move |var| (var.clone(), p.placeholder.clone()))
+        })
+        .collect();
+    let shim = ShimConfig {
+        slot: FIRST_SLOT,
+        port: listeners.port,
+        port6: listeners.port6,
+        ca_file,
+        deny_unlisted: spec.deny_unlisted,
+        hosts,
+        env,
+        connect_proxy: None,
+    };
+    let shim_config_path = settings
+        .runtime_dir
+        .join(broker_contract::DAEMON_SHIM_CONFIG_FILE);
+    write_private_file(&shim_config_path, shim.render().as_bytes())?;
+    Ok(Instance {
+        proxy,
+        listeners,
+        shim,
+        shim_config_path,
+    })
+}
+
+/// Credentials from the vault in `BROKER_HOME`, opened on first use and kept open.
+pub struct VaultCredentials {
+    home: Home,
+    vault: Mutex<Option<Arc<Vault>>>,
+}
+
+impl VaultCredentials {
+    pub fn new(home: Home) -> VaultCredentials {
+        VaultCredentials {
+            home,
+            vault: Mutex::new(None),
+        }
+    }
+
+    fn vault(&self) -> Result<Option<Arc<Vault>>, String> {
+        let mut slot = self.vault.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(vault) = slot.as_ref() {
+            return Ok(Some(vault.clone()));
+        }
+        if !Vault::exists(&self.home) {
+            return Ok(None);
+        }
+        let vault = Arc::new(Vault::open(&self.home).map_err(|e| e.to_string())?);
+        *slot = Some(vault.clone());
+        Ok(Some(vault))
+    }
+}
+
+impl Credentials for VaultCredentials {
+    fn lookup(&self, provider: &str, profile: &str) -> Result<Option<Zeroizing<String>>, String> {
+        let Some(vault) = self.vault()? else {
+            return Ok(None);
+        };
+        let secret = vault.get(provider, profile).map_err(|e| e.to_string())?;
+        Ok(secret.map(|s| Zeroizing::new(s.expose().to_string())))
+    }
+}
+
+/// Remove a runtime file, ignoring a file that is already gone.
+pub fn remove_quietly(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}

@@ -1,0 +1,600 @@
+//! One request through the pipeline: classify -> look up credential -> swap -> forward ->
+//! respond -> audit. See the module docs of `proxy` for the order and the reasons.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use broker_contract::host_matches;
+
+use super::error::BrokerError;
+use super::swap;
+use super::upstream::ConnectError;
+use super::{BoxError, ConnInfo, Proxy, ProxyBody};
+use crate::audit::{AuditEvent, EventKind};
+use crate::providers::Provider;
+
+/// What the audit needs to know about a request once its response is done.
+struct Pending {
+    kind: EventKind,
+    provider: String,
+    profile: String,
+    method: String,
+    path: String,
+    started: Instant,
+}
+
+pub(super) async fn handle(
+    proxy: Arc<Proxy>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    match forward(&proxy, &conn, req, started).await {
+        Ok(response) => response,
+        Err((error, provider)) => {
+            if let Some(kind) = audit_kind(&error) {
+                proxy.audit.record(event(
+                    &conn,
+                    kind,
+                    provider,
+                    None,
+                    &method,
+                    &path,
+                    error.status().as_u16(),
+                    0,
+                    started,
+                    Some(error.message()),
+                ));
+            }
+            error.into_response()
+        }
+    }
+}
+
+/// Which refusals are audited (denials and anomalies, not upstream outages).
+fn audit_kind(error: &BrokerError) -> Option<EventKind> {
+    match error {
+        BrokerError::Misdirected { .. } => Some(EventKind::SniHostMismatch),
+        BrokerError::NotAllowed { .. } | BrokerError::NoCredential { .. } => {
+            Some(EventKind::Denial)
+        }
+        _ => None,
+    }
+}
+
+type Failure = (BrokerError, Option<String>);
+
+async fn forward(
+    proxy: &Arc<Proxy>,
+    conn: &Arc<ConnInfo>,
+    req: Request<Incoming>,
+    started: Instant,
+) -> Result<Response<ProxyBody>, Failure> {
+    // Classify.
+    let host = request_host(&req).ok_or((BrokerError::NoHost, None))?;
+    if !host.eq_ignore_ascii_case(&conn.sni) {
+        return Err((
+            BrokerError::Misdirected {
+                sni: conn.sni.clone(),
+                host,
+            },
+            None,
+        ));
+    }
+    let (provider, route) = proxy.catalog.route_for_host(&conn.sni).ok_or_else(|| {
+        (
+            BrokerError::BadRequest {
+                reason: format!("{} is not managed", conn.sni),
+            },
+            None,
+        )
+    })?;
+    let provider_name = Some(provider.name.clone());
+    if !conn.run.allows(&provider.name) {
+        return Err((
+            BrokerError::NotAllowed {
+                provider: provider.name.clone(),
+            },
+            provider_name,
+        ));
+    }
+    let port = route
+        .hosts
+        .iter()
+        .find(|h| host_matches(&h.pattern, &conn.sni))
+        .map(|h| h.port)
+        .unwrap_or(443);
+
+    let (mut parts, body) = req.into_parts();
+    let method = parts.method.to_string();
+    let path = parts.uri.path().to_string();
+    let findings = swap::inspect(&proxy.catalog, provider, route, &parts.headers, &parts.uri);
+    for foreign in &findings.foreign {
+        proxy.audit.record(event(
+            conn,
+            EventKind::PlaceholderToForeignHost,
+            Some(foreign.clone()),
+            None,
+            &method,
+            &path,
+            0,
+            0,
+            started,
+            Some(format!(
+                "{foreign} placeholder sent to {}; not swapped",
+                conn.sni
+            )),
+        ));
+    }
+
+    // Look up and swap.
+    let profile = conn.run.profile_for(&provider.name).to_string();
+    let mut pending = None;
+    if findings.needs_credential(route, &parts.headers) {
+        let secret = lookup(proxy, provider, &profile)
+            .await
+            .map_err(|e| (e, provider_name.clone()))?;
+        let swapped = swap::apply(provider, route, &mut parts.headers, &mut parts.uri, &secret)
+            .map_err(|e| {
+                (
+                    BrokerError::BadRequest {
+                        reason: e.to_string(),
+                    },
+                    provider_name.clone(),
+                )
+            })?;
+        if swapped {
+            pending = Some(Pending {
+                kind: EventKind::CredentialUse,
+                provider: provider.name.clone(),
+                profile: profile.clone(),
+                method: method.clone(),
+                path: path.clone(),
+                started,
+            });
+        }
+    }
+
+    // Forward.
+    let upstream_uri = upstream_uri(&conn.sni, port, &parts.uri)
+        .map_err(|reason| (BrokerError::BadRequest { reason }, provider_name.clone()))?;
+    let upgrade = is_upgrade(&parts.headers);
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.headers.remove(header::HOST);
+    parts.uri = upstream_uri;
+    if upgrade {
+        let req = Request::from_parts(parts, body);
+        return bridge_upgrade(proxy, &conn.sni, port, req, pending, conn.clone())
+            .await
+            .map_err(|e| (e, provider_name));
+    }
+    // hyper picks HTTP/1.1 or h2 for the upstream from ALPN; the agent's version is its own.
+    parts.version = http::Version::HTTP_11;
+    let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
+    let response = proxy
+        .client
+        .request(req)
+        .await
+        .map_err(|e| (upstream_error(&conn.sni, &e), provider_name.clone()))?;
+
+    // Respond.
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    let status = parts.status.as_u16();
+    let body = body.map_err(BoxError::from).boxed();
+    let body = match pending {
+        Some(p) => AuditedBody::wrap(body, proxy.clone(), conn.clone(), p, status),
+        None => body,
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+async fn lookup(
+    proxy: &Arc<Proxy>,
+    provider: &Provider,
+    profile: &str,
+) -> Result<zeroize::Zeroizing<String>, BrokerError> {
+    let credentials = proxy.credentials.clone();
+    let (name, prof) = (provider.name.clone(), profile.to_string());
+    let found = tokio::task::spawn_blocking(move || credentials.lookup(&name, &prof))
+        .await
+        .map_err(|_| BrokerError::Vault {
+            message: "credential lookup crashed".into(),
+        })?
+        .map_err(|message| BrokerError::Vault { message })?;
+    found.ok_or_else(|| BrokerError::NoCredential {
+        provider: provider.name.clone(),
+        profile: profile.to_string(),
+    })
+}
+
+/// The host the request names: `:authority` (h2, absolute-form) or `Host`, without port.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let raw = match req.uri().authority() {
+        Some(authority) => authority.host().to_string(),
+        None => {
+            let value = req.headers().get(header::HOST)?.to_str().ok()?;
+            let authority: http::uri::Authority = value.parse().ok()?;
+            authority.host().to_string()
+        }
+    };
+    Some(raw.trim_end_matches('.').to_ascii_lowercase())
+}
+
+fn upstream_uri(host: &str, port: u16, uri: &Uri) -> Result<Uri, String> {
+    let path = uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
+    let authority = if port == 443 {
+        host.to_string()
+    } else {
+        format!("{host}:{port}")
+    };
+    format!("https://{authority}{path}")
+        .parse()
+        .map_err(|_| "cannot build the upstream URI".to_string())
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Remove hop-by-hop headers (RFC 9110 7.6.1), and any header named in `Connection`.
+/// For an upgrade, `Connection: upgrade` and `Upgrade` are kept.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "transfer-encoding",
+        "trailer",
+    ] {
+        headers.remove(name);
+    }
+    if let Some(te) = headers.get(header::TE) {
+        if !te
+            .to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("trailers"))
+        {
+            headers.remove(header::TE);
+        }
+    }
+    if keep_upgrade {
+        headers.insert(
+            header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn upstream_error(host: &str, err: &hyper_util::client::legacy::Error) -> BrokerError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(e) = source {
+        if let Some(connect) = e.downcast_ref::<ConnectError>() {
+            return connect_error(host, connect);
+        }
+        source = e.source();
+    }
+    let reason = if err.is_connect() {
+        "connection failed".to_string()
+    } else {
+        // Keep hyper's own words: "connection closed before message completed", ...
+        let mut text = err.to_string();
+        let mut source = std::error::Error::source(err);
+        while let Some(e) = source {
+            text = e.to_string();
+            source = e.source();
+        }
+        text
+    };
+    BrokerError::UpstreamFailed {
+        host: host.to_string(),
+        reason,
+    }
+}
+
+fn connect_error(host: &str, err: &ConnectError) -> BrokerError {
+    match err {
+        ConnectError::Certificate(reason) => BrokerError::UpstreamCertificate {
+            host: host.to_string(),
+            reason: reason.clone(),
+        },
+        other => BrokerError::UpstreamUnreachable {
+            host: host.to_string(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// WebSocket (or any HTTP/1.1 upgrade): send the swapped upgrade request on a fresh
+/// http/1.1 connection, and when the upstream agrees (101), splice the two upgraded streams.
+async fn bridge_upgrade(
+    proxy: &Arc<Proxy>,
+    host: &str,
+    port: u16,
+    mut req: Request<Incoming>,
+    pending: Option<Pending>,
+    conn: Arc<ConnInfo>,
+) -> Result<Response<ProxyBody>, BrokerError> {
+    let io = proxy
+        .upgrade_connector
+        .connect(host, port)
+        .await
+        .map_err(|e| connect_error(host, &e))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| BrokerError::UpstreamFailed {
+                host: host.to_string(),
+                reason: e.to_string(),
+            })?;
+    tokio::spawn(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    let agent_upgrade = hyper::upgrade::on(&mut req);
+    let (mut parts, body) = req.into_parts();
+    // HTTP/1.1 to the upstream wants an origin-form target and a Host header.
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| host.to_string());
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/")
+        .parse()
+        .map_err(|_| BrokerError::BadRequest {
+            reason: "bad upgrade target".into(),
+        })?;
+    if let Ok(value) = authority.parse() {
+        parts.headers.insert(header::HOST, value);
+    }
+    parts.version = http::Version::HTTP_11;
+    let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
+    let mut response = sender
+        .send_request(req)
+        .await
+        .map_err(|e| BrokerError::UpstreamFailed {
+            host: host.to_string(),
+            reason: e.to_string(),
+        })?;
+    let status = response.status().as_u16();
+    if let Some(p) = pending {
+        proxy.audit.record(event(
+            &conn,
+            p.kind,
+            Some(p.provider),
+            Some(p.profile),
+            &p.method,
+            &p.path,
+            status,
+            0,
+            p.started,
+            Some("upgrade".into()),
+        ));
+    }
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            if let (Ok(agent), Ok(upstream)) = (agent_upgrade.await, upstream_upgrade.await) {
+                let mut agent = TokioIo::new(agent);
+                let mut upstream = TokioIo::new(upstream);
+                let _ = tokio::io::copy_bidirectional(&mut agent, &mut upstream).await;
+            }
+        });
+    }
+    let (parts, body) = response.into_parts();
+    Ok(Response::from_parts(
+        parts,
+        body.map_err(BoxError::from).boxed(),
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn event(
+    conn: &ConnInfo,
+    kind: EventKind,
+    provider: Option<String>,
+    profile: Option<String>,
+    method: &str,
+    path: &str,
+    status: u16,
+    bytes: u64,
+    started: Instant,
+    reason: Option<String>,
+) -> AuditEvent {
+    AuditEvent {
+        run_id: Some(conn.run.id.clone()),
+        pid: conn.run.pid,
+        command: Some(conn.run.command.clone()),
+        provider,
+        profile,
+        host: Some(conn.sni.clone()),
+        sni: Some(conn.sni.clone()),
+        method: Some(method.to_string()),
+        path: Some(path.to_string()),
+        status: (status != 0).then_some(status),
+        bytes: Some(bytes),
+        latency_ms: Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
+        reason,
+        ..AuditEvent::new(kind)
+    }
+}
+
+/// A response body that counts bytes as they stream and writes the audit line when the
+/// body ends (or is dropped: an agent that hangs up still leaves a record).
+struct AuditedBody {
+    inner: ProxyBody,
+    bytes: u64,
+    record: Option<(Arc<Proxy>, Arc<ConnInfo>, Pending, u16)>,
+}
+
+impl AuditedBody {
+    fn wrap(
+        inner: ProxyBody,
+        proxy: Arc<Proxy>,
+        conn: Arc<ConnInfo>,
+        pending: Pending,
+        status: u16,
+    ) -> ProxyBody {
+        AuditedBody {
+            inner,
+            bytes: 0,
+            record: Some((proxy, conn, pending, status)),
+        }
+        .boxed()
+    }
+
+    fn finish(&mut self) {
+        if let Some((proxy, conn, p, status)) = self.record.take() {
+            proxy.audit.record(event(
+                &conn,
+                p.kind,
+                Some(p.provider),
+                Some(p.profile),
+                &p.method,
+                &p.path,
+                status,
+                self.bytes,
+                p.started,
+                None,
+            ));
+        }
+    }
+}
+
+impl Body for AuditedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for AuditedBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret-hop".parse().expect("v"));
+        h.insert("x-secret-hop", "1".parse().expect("v"));
+        h.insert("keep-alive", "timeout=5".parse().expect("v"));
+        h.insert("te", "gzip".parse().expect("v"));
+        h.insert("authorization", "Bearer x".parse().expect("v"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("x-secret-hop").is_none());
+        assert!(h.get("connection").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get("te").is_none());
+        assert!(h.get("authorization").is_some());
+    }
+
+    #[test]
+    fn upgrade_headers_survive_for_websockets() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "Upgrade".parse().expect("v"));
+        h.insert("upgrade", "websocket".parse().expect("v"));
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn host_comes_from_authority_or_host_header() {
+        let req = Request::builder()
+            .uri("https://API.openai.com:443/v1")
+            .body(())
+            .expect("req");
+        assert_eq!(request_host(&req).as_deref(), Some("api.openai.com"));
+        let req = Request::builder()
+            .uri("/v1")
+            .header("host", "api.openai.com.")
+            .body(())
+            .expect("req");
+        assert_eq!(request_host(&req).as_deref(), Some("api.openai.com"));
+        let req = Request::builder().uri("/v1").body(()).expect("req");
+        assert_eq!(request_host(&req), None);
+    }
+
+    #[test]
+    fn upstream_uri_keeps_path_and_query() {
+        let uri: Uri = "/v1/models?key=x".parse().expect("uri");
+        assert_eq!(
+            upstream_uri("api.x.com", 443, &uri)
+                .expect("uri")
+                .to_string(),
+            "https://api.x.com/v1/models?key=x"
+        );
+        assert_eq!(
+            upstream_uri("api.x.com", 8443, &uri)
+                .expect("uri")
+                .to_string(),
+            "https://api.x.com:8443/v1/models?key=x"
+        );
+    }
+}

@@ -1,0 +1,258 @@
+//! Accept: the run's listeners, TLS termination for managed hosts only, and HTTP serving.
+//!
+//! A run listens on `127.77.<slot>.<i>:<port>` for each of its host patterns (one port for
+//! all, so the shim only rewrites the port), and on `[::1]:<port6>` for IPv6-only sockets.
+//! The address a connection arrived on tells which host the agent asked for; the SNI must
+//! agree, so an agent cannot steer a connection for one host to another provider's leaf.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::LazyConfigAcceptor;
+
+use broker_contract::{decode_fake_ipv4, fake_ipv4, host_matches};
+
+use super::error::BrokerError;
+use super::{ConnInfo, Proxy, RunContext};
+use crate::audit::{AuditEvent, EventKind};
+use crate::ca::LocalCa;
+
+/// How long a client may take to send its first bytes / ClientHello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Tries at finding one free port on every fake address of a run.
+const BIND_ATTEMPTS: usize = 16;
+
+/// The open listeners of a run. Dropping it stops accepting (open connections finish).
+pub struct RunListeners {
+    pub port: u16,
+    /// 0 when the machine has no IPv6 loopback.
+    pub port6: u16,
+    tasks: JoinSet<()>,
+}
+
+impl RunListeners {
+    /// Stop accepting new connections.
+    pub fn close(mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+/// TLS server config: leaves minted by the CA per SNI, ALPN h2 and http/1.1.
+pub(super) fn server_config(ca: Arc<LocalCa>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(LeafResolver(ca)));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+#[derive(Debug)]
+struct LeafResolver(Arc<LocalCa>);
+
+impl rustls::server::ResolvesServerCert for LeafResolver {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        // No SNI or an unmanaged name: no certificate, so the handshake fails. Unmanaged
+        // hosts are never decrypted.
+        let name = hello.server_name()?;
+        match self.0.leaf_for(name) {
+            Ok(leaf) => Some(leaf),
+            Err(err) => {
+                tracing::debug!(%err, "no certificate for this name");
+                None
+            }
+        }
+    }
+}
+
+pub(super) async fn open_run(proxy: Arc<Proxy>, run: Arc<RunContext>) -> io::Result<RunListeners> {
+    let (listeners, port) = bind_fake_addresses(&run)?;
+    let mut tasks = JoinSet::new();
+    for listener in listeners {
+        tasks.spawn(accept_loop(proxy.clone(), run.clone(), listener));
+    }
+    // IPv6-only sockets cannot reach 127.77.x.x; they get [::1], classified by SNI alone.
+    let port6 = match bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0)) {
+        Ok(listener) => {
+            let port6 = listener.local_addr()?.port();
+            tasks.spawn(accept_loop(proxy.clone(), run.clone(), listener));
+            port6
+        }
+        Err(err) => {
+            tracing::debug!(%err, "no IPv6 loopback listener");
+            0
+        }
+    };
+    Ok(RunListeners { port, port6, tasks })
+}
+
+/// Bind every fake address of the run on one common port.
+fn bind_fake_addresses(run: &RunContext) -> io::Result<(Vec<TcpListener>, u16)> {
+    let count = run.hosts.len().clamp(1, broker_contract::MAX_HOSTS);
+    let mut last_err = None;
+    'attempt: for _ in 0..BIND_ATTEMPTS {
+        let first = bind(SocketAddr::new(IpAddr::V4(fake_ipv4(run.slot, 1)), 0))?;
+        let port = first.local_addr()?.port();
+        let mut listeners = vec![first];
+        for index in 2..=count {
+            let index = u8::try_from(index).map_err(io::Error::other)?;
+            match bind(SocketAddr::new(
+                IpAddr::V4(fake_ipv4(run.slot, index)),
+                port,
+            )) {
+                Ok(l) => listeners.push(l),
+                Err(e) => {
+                    last_err = Some(e);
+                    continue 'attempt;
+                }
+            }
+        }
+        return Ok((listeners, port));
+    }
+    Err(last_err.unwrap_or_else(|| io::Error::other("cannot bind the run's addresses")))
+}
+
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+async fn accept_loop(proxy: Arc<Proxy>, run: Arc<RunContext>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(serve_connection(proxy.clone(), run.clone(), stream, peer));
+            }
+            Err(err) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Which host pattern the local address encodes (`None` for the `[::1]` listener).
+fn encoded_host<'a>(run: &'a RunContext, local: SocketAddr) -> Option<&'a str> {
+    let ip = match local.ip() {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(ip) => ip.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
+    };
+    let (slot, index) = decode_fake_ipv4(ip)?;
+    (slot == run.slot)
+        .then(|| run.host_pattern(index))
+        .flatten()
+}
+
+async fn serve_connection(
+    proxy: Arc<Proxy>,
+    run: Arc<RunContext>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = stream.set_nodelay(true);
+    let local = match stream.local_addr() {
+        Ok(local) => local,
+        Err(_) => return,
+    };
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        _ => return,
+    }
+    if first[0] != 0x16 {
+        // Not a TLS handshake: plain http:// to a managed host. The placeholder would have
+        // crossed in cleartext and the answer would be cleartext too: refuse, clearly.
+        let host = encoded_host(&run, local)
+            .unwrap_or("a managed host")
+            .to_string();
+        serve_refusal(
+            stream,
+            BrokerError::BadRequest {
+                reason: format!("plain http:// to {host} is refused by broker; use https://"),
+            },
+        )
+        .await;
+        return;
+    }
+
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+    let Ok(Ok(start)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await else {
+        return;
+    };
+    let sni = start
+        .client_hello()
+        .server_name()
+        .map(|s| s.to_ascii_lowercase());
+    let Some(sni) = sni else {
+        tracing::debug!(%peer, "TLS without SNI refused");
+        return;
+    };
+    if let Some(pattern) = encoded_host(&run, local) {
+        if !host_matches(pattern, &sni) {
+            proxy.audit.record(AuditEvent {
+                run_id: Some(run.id.clone()),
+                pid: run.pid,
+                command: Some(run.command.clone()),
+                host: Some(pattern.to_string()),
+                sni: Some(sni.clone()),
+                reason: Some(
+                    "TLS server name does not match the host the connection was made for".into(),
+                ),
+                ..AuditEvent::new(EventKind::SniHostMismatch)
+            });
+            return;
+        }
+    }
+    let Ok(Ok(tls)) = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        start.into_stream(proxy.tls_server.clone()),
+    )
+    .await
+    else {
+        return;
+    };
+
+    let conn = Arc::new(ConnInfo { run, sni, peer });
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        let conn = conn.clone();
+        async move { Ok::<_, std::convert::Infallible>(super::handler::handle(proxy, conn, req).await) }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    if let Err(err) = builder
+        .serve_connection_with_upgrades(TokioIo::new(tls), service)
+        .await
+    {
+        tracing::debug!(%err, "client connection ended with an error");
+    }
+}
+
+/// Answer every request on a plain connection with `error`, then close.
+async fn serve_refusal(stream: TcpStream, error: BrokerError) {
+    let service = service_fn(move |_req| {
+        let error = error.clone();
+        async move { Ok::<_, std::convert::Infallible>(error.into_response()) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}

@@ -1,0 +1,580 @@
+//! The swap: find the provider's placeholder at the places its route names (an
+//! `Authorization` scheme, a provider header, a query parameter) and put the real credential
+//! there. Pure functions over request parts, so they are tested without any I/O.
+//!
+//! Rules that keep the promise:
+//! - only the injection points of the route the request is classified to are ever touched;
+//! - a value that is not exactly the placeholder is left alone (a real key the agent somehow
+//!   holds passes through unchanged: the broker never overwrites a credential it did not place);
+//! - `inject = "always"` adds the credential only where the request carries none.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use http::header::HeaderName;
+use http::{HeaderMap, HeaderValue, Uri};
+use zeroize::Zeroizing;
+
+use crate::providers::{Catalog, InjectMode, Injection, Provider, Route, Scheme};
+
+/// What a request carries, before any credential is looked up.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Findings {
+    /// The route's own placeholder is present at one of its injection points.
+    pub own_placeholder: bool,
+    /// Names of other providers whose placeholder appears anywhere in the request head.
+    pub foreign: Vec<String>,
+}
+
+impl Findings {
+    /// Does this request need the real credential?
+    pub fn needs_credential(&self, route: &Route, headers: &HeaderMap) -> bool {
+        self.own_placeholder
+            || (route.inject == InjectMode::Always && first_point_is_empty(route, headers))
+    }
+}
+
+/// Inspect the request head for placeholders.
+pub fn inspect(
+    catalog: &Catalog,
+    provider: &Provider,
+    route: &Route,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Findings {
+    let mut findings = Findings {
+        own_placeholder: route
+            .credential
+            .iter()
+            .any(|point| point_holds_placeholder(point, &provider.placeholder, headers, uri)),
+        foreign: Vec::new(),
+    };
+    let query = uri.query().unwrap_or("");
+    for other in catalog.providers() {
+        if other.name == provider.name || other.placeholder.is_empty() {
+            continue;
+        }
+        let in_headers = headers.values().any(|v| {
+            contains(v.as_bytes(), other.placeholder.as_bytes())
+                || basic_holds(v, &other.placeholder)
+        });
+        if in_headers || query.contains(other.placeholder.as_str()) {
+            findings.foreign.push(other.name.clone());
+        }
+    }
+    findings
+}
+
+/// Put `secret` where the placeholder is (or, for `inject = "always"`, at the first injection
+/// point when the request carries no credential there). Returns whether anything changed.
+pub fn apply(
+    provider: &Provider,
+    route: &Route,
+    headers: &mut HeaderMap,
+    uri: &mut Uri,
+    secret: &str,
+) -> Result<bool, SwapError> {
+    let mut swapped = false;
+    for point in &route.credential {
+        swapped |= swap_point(point, &provider.placeholder, headers, uri, secret)?;
+    }
+    if !swapped && route.inject == InjectMode::Always && first_point_is_empty(route, headers) {
+        if let Some(point) = route.credential.first() {
+            inject_point(point, headers, uri, secret)?;
+            swapped = true;
+        }
+    }
+    Ok(swapped)
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SwapError {
+    /// The stored credential cannot be put in a header (a newline, a non-visible byte).
+    #[error("the stored credential contains characters that cannot be sent in an HTTP header; re-add it")]
+    BadCredential,
+    #[error("the request URI cannot be rebuilt after the swap")]
+    BadUri,
+}
+
+fn point_holds_placeholder(
+    point: &Injection,
+    placeholder: &str,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> bool {
+    match point {
+        Injection::Header { name, scheme } => headers
+            .get_all(name.as_str())
+            .iter()
+            .any(|v| header_credential(v, scheme.as_ref()).is_some_and(|c| c.holds(placeholder))),
+        Injection::Query { param } => query_values(uri, param).any(|v| v == placeholder),
+    }
+}
+
+/// Whether the route's first injection point is absent from the request (for `always`).
+fn first_point_is_empty(route: &Route, headers: &HeaderMap) -> bool {
+    match route.credential.first() {
+        Some(Injection::Header { name, .. }) => !headers.contains_key(name.as_str()),
+        // Query injection for `always` is only done when the parameter is absent; that is
+        // checked in `inject_point`.
+        Some(Injection::Query { .. }) => true,
+        None => false,
+    }
+}
+
+fn swap_point(
+    point: &Injection,
+    placeholder: &str,
+    headers: &mut HeaderMap,
+    uri: &mut Uri,
+    secret: &str,
+) -> Result<bool, SwapError> {
+    match point {
+        Injection::Header { name, scheme } => {
+            let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
+                return Ok(false);
+            };
+            let mut changed = false;
+            let values: Vec<HeaderValue> = headers.get_all(&header).iter().cloned().collect();
+            let mut rebuilt = Vec::with_capacity(values.len());
+            for value in values {
+                match header_credential(&value, scheme.as_ref()) {
+                    Some(cred) if cred.holds(placeholder) => {
+                        rebuilt.push(cred.with_secret(placeholder, secret)?);
+                        changed = true;
+                    }
+                    _ => rebuilt.push(value),
+                }
+            }
+            if changed {
+                headers.remove(&header);
+                for value in rebuilt {
+                    headers.append(header.clone(), value);
+                }
+            }
+            Ok(changed)
+        }
+        Injection::Query { param } => {
+            let Some(query) = uri.query() else {
+                return Ok(false);
+            };
+            let mut changed = false;
+            let rebuilt: Vec<String> = query
+                .split('&')
+                .map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    if k == param && percent_decode(v).as_deref() == Some(placeholder) {
+                        changed = true;
+                        format!("{k}={}", percent_encode(secret))
+                    } else {
+                        pair.to_string()
+                    }
+                })
+                .collect();
+            if changed {
+                *uri = with_query(uri, &rebuilt.join("&"))?;
+            }
+            Ok(changed)
+        }
+    }
+}
+
+fn inject_point(
+    point: &Injection,
+    headers: &mut HeaderMap,
+    uri: &mut Uri,
+    secret: &str,
+) -> Result<(), SwapError> {
+    match point {
+        Injection::Header { name, scheme } => {
+            let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| SwapError::BadUri)?;
+            let value = match scheme {
+                None => Zeroizing::new(secret.to_string()),
+                Some(Scheme::Bearer) => Zeroizing::new(format!("Bearer {secret}")),
+                Some(Scheme::Token) => Zeroizing::new(format!("token {secret}")),
+                Some(Scheme::Basic { username }) => {
+                    let user = username.as_deref().unwrap_or("");
+                    let pair = Zeroizing::new(format!("{user}:{secret}"));
+                    Zeroizing::new(format!("Basic {}", BASE64.encode(pair.as_bytes())))
+                }
+            };
+            headers.insert(header, sensitive_value(&value)?);
+            Ok(())
+        }
+        Injection::Query { param } => {
+            if query_values(uri, param).next().is_some() {
+                return Ok(());
+            }
+            let pair = format!("{param}={}", percent_encode(secret));
+            let query = match uri.query() {
+                Some(q) if !q.is_empty() => format!("{q}&{pair}"),
+                _ => pair,
+            };
+            *uri = with_query(uri, &query)?;
+            Ok(())
+        }
+    }
+}
+
+/// A credential as found in one header value, per the route's scheme.
+enum HeaderCredential {
+    /// The whole value (`x-api-key: <v>`), or the token after a scheme word.
+    Plain { prefix: String, token: String },
+    /// `Basic base64(user:pass)`.
+    Basic { user: String, pass: String },
+}
+
+impl HeaderCredential {
+    fn holds(&self, placeholder: &str) -> bool {
+        match self {
+            HeaderCredential::Plain { token, .. } => token == placeholder,
+            HeaderCredential::Basic { user, pass } => pass == placeholder || user == placeholder,
+        }
+    }
+
+    fn with_secret(&self, placeholder: &str, secret: &str) -> Result<HeaderValue, SwapError> {
+        match self {
+            HeaderCredential::Plain { prefix, .. } => {
+                sensitive_value(&Zeroizing::new(format!("{prefix}{secret}")))
+            }
+            HeaderCredential::Basic { user, pass } => {
+                let user = if user == placeholder {
+                    secret
+                } else {
+                    user.as_str()
+                };
+                let pass = if pass == placeholder {
+                    secret
+                } else {
+                    pass.as_str()
+                };
+                let pair = Zeroizing::new(format!("{user}:{pass}"));
+                sensitive_value(&Zeroizing::new(format!(
+                    "Basic {}",
+                    BASE64.encode(pair.as_bytes())
+                )))
+            }
+        }
+    }
+}
+
+fn header_credential(value: &HeaderValue, scheme: Option<&Scheme>) -> Option<HeaderCredential> {
+    let text = value.to_str().ok()?;
+    match scheme {
+        None => Some(HeaderCredential::Plain {
+            prefix: String::new(),
+            token: text.trim().to_string(),
+        }),
+        Some(Scheme::Bearer) => scheme_token(text, "bearer"),
+        Some(Scheme::Token) => scheme_token(text, "token"),
+        Some(Scheme::Basic { .. }) => {
+            let (word, rest) = text.trim().split_once(' ')?;
+            if !word.eq_ignore_ascii_case("basic") {
+                return None;
+            }
+            let decoded = BASE64.decode(rest.trim()).ok()?;
+            let decoded = String::from_utf8(decoded).ok()?;
+            let (user, pass) = decoded.split_once(':')?;
+            Some(HeaderCredential::Basic {
+                user: user.to_string(),
+                pass: pass.to_string(),
+            })
+        }
+    }
+}
+
+/// `<Scheme> <token>` with the scheme word matched case-insensitively; the prefix keeps the
+/// agent's own spelling of the scheme.
+fn scheme_token(text: &str, scheme: &str) -> Option<HeaderCredential> {
+    let trimmed = text.trim();
+    let (word, rest) = trimmed.split_once(' ')?;
+    if !word.eq_ignore_ascii_case(scheme) {
+        return None;
+    }
+    Some(HeaderCredential::Plain {
+        prefix: format!("{word} "),
+        token: rest.trim().to_string(),
+    })
+}
+
+fn basic_holds(value: &HeaderValue, placeholder: &str) -> bool {
+    header_credential(value, Some(&Scheme::Basic { username: None }))
+        .is_some_and(|c| c.holds(placeholder))
+}
+
+/// A header value holding a secret: validated and marked sensitive so hyper's HPACK encoder
+/// never indexes it and debug output hides it.
+fn sensitive_value(text: &str) -> Result<HeaderValue, SwapError> {
+    let mut value = HeaderValue::from_str(text).map_err(|_| SwapError::BadCredential)?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn query_values<'a>(uri: &'a Uri, param: &'a str) -> impl Iterator<Item = String> + 'a {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(move |pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == param).then(|| percent_decode(v)).flatten()
+        })
+}
+
+fn with_query(uri: &Uri, query: &str) -> Result<Uri, SwapError> {
+    let mut parts = uri.clone().into_parts();
+    let path = parts
+        .path_and_query
+        .as_ref()
+        .map(|pq| pq.path())
+        .unwrap_or("/");
+    parts.path_and_query = Some(
+        format!("{path}?{query}")
+            .parse()
+            .map_err(|_| SwapError::BadUri)?,
+    );
+    Uri::from_parts(parts).map_err(|_| SwapError::BadUri)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::{HostSpec, InjectMode};
+
+    const PH: &str = "ph-broker-placeholder-test";
+    const SECRET: &str = "real-secret-value-123";
+
+    fn provider(route: Route) -> Provider {
+        let mut p = Catalog::builtin().get("openai").expect("openai").clone();
+        p.name = "testprov".into();
+        p.placeholder = PH.into();
+        p.routes = vec![route];
+        p
+    }
+
+    fn route(credential: Vec<Injection>, inject: InjectMode) -> Route {
+        Route {
+            hosts: vec![HostSpec {
+                pattern: "api.test".into(),
+                port: 443,
+                path_prefix: None,
+            }],
+            credential,
+            inject,
+        }
+    }
+
+    fn header(name: &str, scheme: Option<Scheme>) -> Injection {
+        Injection::Header {
+            name: name.into(),
+            scheme,
+        }
+    }
+
+    fn swap(route: Route, headers: &[(&str, &str)], uri: &str) -> (bool, HeaderMap, Uri) {
+        let p = provider(route.clone());
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                v.parse().expect("value"),
+            );
+        }
+        let mut uri: Uri = uri.parse().expect("uri");
+        let changed = apply(&p, &route, &mut map, &mut uri, SECRET).expect("apply");
+        (changed, map, uri)
+    }
+
+    #[test]
+    fn bearer_is_swapped_case_insensitively() {
+        let r = route(
+            vec![header("authorization", Some(Scheme::Bearer))],
+            InjectMode::IfPlaceholder,
+        );
+        let (changed, h, _) = swap(r, &[("authorization", &format!("bearer {PH}"))], "/v1");
+        assert!(changed);
+        assert_eq!(h["authorization"], format!("bearer {SECRET}").as_str());
+        assert!(h["authorization"].is_sensitive());
+    }
+
+    #[test]
+    fn token_scheme_and_raw_header() {
+        let r = route(
+            vec![
+                header("authorization", Some(Scheme::Token)),
+                header("x-api-key", None),
+            ],
+            InjectMode::IfPlaceholder,
+        );
+        let (changed, h, _) = swap(
+            r,
+            &[("authorization", &format!("token {PH}")), ("x-api-key", PH)],
+            "/",
+        );
+        assert!(changed);
+        assert_eq!(h["authorization"], format!("token {SECRET}").as_str());
+        assert_eq!(h["x-api-key"], SECRET);
+    }
+
+    #[test]
+    fn basic_password_and_username_positions() {
+        let r = route(
+            vec![header(
+                "authorization",
+                Some(Scheme::Basic {
+                    username: Some("x-access-token".into()),
+                }),
+            )],
+            InjectMode::IfPlaceholder,
+        );
+        let value = format!("Basic {}", BASE64.encode(format!("x-access-token:{PH}")));
+        let (changed, h, _) = swap(r.clone(), &[("authorization", &value)], "/");
+        assert!(changed);
+        let expected = format!(
+            "Basic {}",
+            BASE64.encode(format!("x-access-token:{SECRET}"))
+        );
+        assert_eq!(h["authorization"], expected.as_str());
+
+        let value = format!("Basic {}", BASE64.encode(format!("{PH}:")));
+        let (changed, h, _) = swap(r, &[("authorization", &value)], "/");
+        assert!(changed);
+        assert_eq!(
+            h["authorization"],
+            format!("Basic {}", BASE64.encode(format!("{SECRET}:"))).as_str()
+        );
+    }
+
+    #[test]
+    fn query_parameter_is_swapped_and_others_kept() {
+        let r = route(
+            vec![Injection::Query {
+                param: "key".into(),
+            }],
+            InjectMode::IfPlaceholder,
+        );
+        let (changed, _, uri) = swap(r, &[], &format!("/v1/models?alt=sse&key={PH}&x=1"));
+        assert!(changed);
+        assert_eq!(
+            uri.to_string(),
+            format!("/v1/models?alt=sse&key={SECRET}&x=1")
+        );
+    }
+
+    #[test]
+    fn non_placeholder_values_are_never_touched() {
+        let r = route(
+            vec![header("authorization", Some(Scheme::Bearer))],
+            InjectMode::IfPlaceholder,
+        );
+        let (changed, h, _) = swap(
+            r.clone(),
+            &[("authorization", "Bearer someone-elses-key")],
+            "/",
+        );
+        assert!(!changed);
+        assert_eq!(h["authorization"], "Bearer someone-elses-key");
+        let (changed, h, _) = swap(r, &[("authorization", &format!("Bearer {PH}x"))], "/");
+        assert!(!changed, "a placeholder prefix is not the placeholder");
+        assert_eq!(h["authorization"], format!("Bearer {PH}x").as_str());
+    }
+
+    #[test]
+    fn always_injects_only_where_nothing_is_sent() {
+        let r = route(
+            vec![header(
+                "authorization",
+                Some(Scheme::Basic {
+                    username: Some("x-access-token".into()),
+                }),
+            )],
+            InjectMode::Always,
+        );
+        let (changed, h, _) = swap(
+            r.clone(),
+            &[],
+            "/org/repo.git/info/refs?service=git-upload-pack",
+        );
+        assert!(changed);
+        let expected = format!(
+            "Basic {}",
+            BASE64.encode(format!("x-access-token:{SECRET}"))
+        );
+        assert_eq!(h["authorization"], expected.as_str());
+        let (changed, h, _) = swap(r, &[("authorization", "Basic dXNlcjpwYXNz")], "/");
+        assert!(!changed, "the agent's own credential wins");
+        assert_eq!(h["authorization"], "Basic dXNlcjpwYXNz");
+    }
+
+    #[test]
+    fn a_secret_that_cannot_be_a_header_is_an_error_not_a_panic() {
+        let r = route(vec![header("x-api-key", None)], InjectMode::IfPlaceholder);
+        let p = provider(r.clone());
+        let mut map = HeaderMap::new();
+        map.insert("x-api-key", PH.parse().expect("value"));
+        let mut uri: Uri = "/".parse().expect("uri");
+        assert_eq!(
+            apply(&p, &r, &mut map, &mut uri, "bad\nsecret"),
+            Err(SwapError::BadCredential)
+        );
+    }
+
+    #[test]
+    fn foreign_placeholders_are_found() {
+        let catalog = Catalog::builtin();
+        let openai = catalog.get("openai").expect("openai");
+        let anthropic = catalog.get("anthropic").expect("anthropic");
+        let route = &anthropic.routes[0];
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", openai.placeholder.parse().expect("value"));
+        let uri: Uri = "/v1/messages".parse().expect("uri");
+        let f = inspect(&catalog, anthropic, route, &headers, &uri);
+        assert!(!f.own_placeholder);
+        assert_eq!(f.foreign, vec!["openai".to_string()]);
+    }
+
+    #[test]
+    fn percent_coding_round_trips() {
+        assert_eq!(percent_decode("a%2Fb+c").as_deref(), Some("a/b c"));
+        assert_eq!(percent_encode("a/b c"), "a%2Fb%20c");
+        assert_eq!(percent_decode("%zz"), None);
+    }
+}

@@ -1,0 +1,343 @@
+//! The forward leg: connections to the provider's real host, resolved by the broker (never an
+//! address the agent chose), over TLS verified against the system roots, pooled by hyper.
+//!
+//! Two test-only overrides exist, both off by default and logged loudly when on:
+//! `--upstream-ca FILE` adds a CA to the roots, `--resolve HOST:PORT:ADDR[:PORT2]` pins where a
+//! host is reached. Neither disables verification.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// How long connecting (TCP + TLS) to an upstream may take before the agent gets a 502.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where and how the broker reaches upstreams.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamSettings {
+    /// Test only: one more CA to trust for upstreams (`--upstream-ca`, `BROKER_UPSTREAM_CA`).
+    pub extra_ca: Option<PathBuf>,
+    /// Test only: fixed addresses for hosts (`--resolve`, `BROKER_RESOLVE`).
+    pub resolve: Vec<ResolveOverride>,
+}
+
+/// `HOST:PORT:ADDR` (like curl's `--resolve`) or `HOST:PORT:ADDR:PORT2` (connect elsewhere).
+/// IPv6 addresses go in brackets: `api.openai.com:443:[::1]:8443`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolveOverride {
+    pub host: String,
+    pub port: u16,
+    pub addr: SocketAddr,
+}
+
+impl FromStr for ResolveOverride {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("bad --resolve '{s}': expected HOST:PORT:ADDR or HOST:PORT:ADDR:PORT");
+        let (host, rest) = s.split_once(':').ok_or_else(bad)?;
+        let (port, target) = rest.split_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let addr = if let Ok(addr) = target.parse::<SocketAddr>() {
+            addr
+        } else if let Ok(ip) = target.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+            SocketAddr::new(ip, port)
+        } else if let Some((ip, port2)) = target.rsplit_once(':') {
+            let ip: std::net::IpAddr = ip.parse().map_err(|_| bad())?;
+            SocketAddr::new(ip, port2.parse().map_err(|_| bad())?)
+        } else {
+            return Err(bad());
+        };
+        if host.is_empty() {
+            return Err(bad());
+        }
+        Ok(ResolveOverride {
+            host: host.to_ascii_lowercase(),
+            port,
+            addr,
+        })
+    }
+}
+
+/// Why an upstream connection failed; turned into a clear `x-broker-error` by the handler.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("{0}")]
+    Connect(io::Error),
+    #[error("timed out after {}s", CONNECT_TIMEOUT.as_secs())]
+    Timeout,
+    #[error("{0}")]
+    Certificate(String),
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
+    #[error("cannot load trust roots: {0}")]
+    Roots(String),
+    #[error("bad upstream URI")]
+    BadUri,
+}
+
+/// The hyper connector for upstreams. Cheap to clone.
+#[derive(Clone)]
+pub struct UpstreamConnector {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: UpstreamSettings,
+    alpn: Vec<Vec<u8>>,
+    /// Built on first use: loading the system roots costs milliseconds that `broker run`
+    /// should not pay at start.
+    tls: OnceLock<Result<Arc<ClientConfig>, String>>,
+}
+
+impl UpstreamConnector {
+    /// A connector offering h2 and http/1.1 (for the pooled client).
+    pub fn pooled(settings: UpstreamSettings) -> UpstreamConnector {
+        Self::with_alpn(settings, vec![b"h2".to_vec(), b"http/1.1".to_vec()])
+    }
+
+    /// A connector offering only http/1.1 (for WebSocket upgrades).
+    pub fn http1_only(settings: UpstreamSettings) -> UpstreamConnector {
+        Self::with_alpn(settings, vec![b"http/1.1".to_vec()])
+    }
+
+    fn with_alpn(settings: UpstreamSettings, alpn: Vec<Vec<u8>>) -> UpstreamConnector {
+        UpstreamConnector {
+            inner: Arc::new(Inner {
+                settings,
+                alpn,
+                tls: OnceLock::new(),
+            }),
+        }
+    }
+
+    fn tls_config(&self) -> Result<Arc<ClientConfig>, ConnectError> {
+        self.inner
+            .tls
+            .get_or_init(|| build_client_config(&self.inner.settings, &self.inner.alpn))
+            .clone()
+            .map_err(ConnectError::Roots)
+    }
+
+    /// Where to connect for `host:port`: an override, else the system resolver.
+    async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
+        if let Some(o) = self
+            .inner
+            .settings
+            .resolve
+            .iter()
+            .find(|o| o.port == port && o.host.eq_ignore_ascii_case(host))
+        {
+            return Ok(vec![o.addr]);
+        }
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|_| ConnectError::Resolve(host.to_string()))?
+            .collect();
+        if addrs.is_empty() {
+            return Err(ConnectError::Resolve(host.to_string()));
+        }
+        Ok(addrs)
+    }
+
+    /// Connect and handshake to `host:port`.
+    pub async fn connect(&self, host: &str, port: u16) -> Result<UpstreamIo, ConnectError> {
+        let tls = self.tls_config()?;
+        let work = async {
+            let addrs = self.resolve(host, port).await?;
+            let mut last = None;
+            let mut tcp = None;
+            for addr in addrs {
+                match TcpStream::connect(addr).await {
+                    Ok(s) => {
+                        tcp = Some(s);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            let tcp = match tcp {
+                Some(tcp) => tcp,
+                None => {
+                    return Err(ConnectError::Connect(last.unwrap_or_else(|| {
+                        io::Error::new(io::ErrorKind::NotFound, "no address")
+                    })))
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let name = ServerName::try_from(host.to_string()).map_err(|_| ConnectError::BadUri)?;
+            let stream = TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await
+                .map_err(classify_tls)?;
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            Ok(UpstreamIo {
+                io: TokioIo::new(stream),
+                h2,
+            })
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, work)
+            .await
+            .map_err(|_| ConnectError::Timeout)?
+    }
+}
+
+fn classify_tls(err: io::Error) -> ConnectError {
+    let cert_problem = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .and_then(|e| match e {
+            rustls::Error::InvalidCertificate(reason) => Some(format!("{reason:?}")),
+            _ => None,
+        });
+    match cert_problem {
+        Some(reason) => ConnectError::Certificate(reason),
+        None => ConnectError::Tls(err),
+    }
+}
+
+fn build_client_config(
+    settings: &UpstreamSettings,
+    alpn: &[Vec<u8>],
+) -> Result<Arc<ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = &settings.extra_ca {
+        use rustls_pki_types::pem::PemObject;
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?;
+        }
+    }
+    if roots.is_empty() {
+        return Err("no trusted root certificates found (install ca-certificates)".to_string());
+    }
+    let mut config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = alpn.to_vec();
+    Ok(Arc::new(config))
+}
+
+impl tower_service::Service<Uri> for UpstreamConnector {
+    type Response = UpstreamIo;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = uri.host().ok_or(ConnectError::BadUri)?.to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            this.connect(&host, port).await
+        })
+    }
+}
+
+/// A verified TLS connection to an upstream.
+pub struct UpstreamIo {
+    io: TokioIo<TlsStream<TcpStream>>,
+    h2: bool,
+}
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        let connected = Connected::new();
+        if self.h2 {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
+    }
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_override_forms() {
+        let o: ResolveOverride = "api.openai.com:443:127.0.0.1".parse().expect("parse");
+        assert_eq!(o.addr, "127.0.0.1:443".parse().expect("addr"));
+        let o: ResolveOverride = "API.openai.com:443:127.0.0.1:8443".parse().expect("parse");
+        assert_eq!((o.host.as_str(), o.port), ("api.openai.com", 443));
+        assert_eq!(o.addr, "127.0.0.1:8443".parse().expect("addr"));
+        let o: ResolveOverride = "h:443:[::1]:9".parse().expect("parse");
+        assert_eq!(o.addr, "[::1]:9".parse().expect("addr"));
+        let o: ResolveOverride = "h:443:[::1]".parse().expect("parse");
+        assert_eq!(o.addr, "[::1]:443".parse().expect("addr"));
+        assert!("h:x:1.2.3.4".parse::<ResolveOverride>().is_err());
+        assert!("h:443".parse::<ResolveOverride>().is_err());
+    }
+}

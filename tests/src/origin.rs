@@ -1,0 +1,230 @@
+//! In-process TLS origins standing in for providers' APIs: h1 and h2, every request
+//! recorded, replies chosen by the test.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::TestCa;
+
+/// One request as the origin received it.
+#[derive(Debug, Clone)]
+pub struct OriginRequest {
+    pub method: String,
+    /// Path and query, exactly as received.
+    pub target: String,
+    pub version: http::Version,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl OriginRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What the origin answers.
+pub enum Reply {
+    /// A status and a body.
+    Text(u16, String),
+    /// `count` server-sent events, `gap` apart.
+    Sse { count: usize, gap: Duration },
+    /// Accept a WebSocket upgrade and echo every message.
+    WebSocketEcho,
+    /// Drop the connection without answering.
+    Reset,
+}
+
+type Handler = Arc<dyn Fn(&OriginRequest) -> Reply + Send + Sync>;
+
+/// A local TLS origin on 127.0.0.1 (port 0), serving until dropped.
+pub struct Origin {
+    pub addr: SocketAddr,
+    requests: Arc<Mutex<Vec<OriginRequest>>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Origin {
+    /// An origin with a certificate for `names` from `ca`.
+    pub fn start(
+        ca: &TestCa,
+        names: &[&str],
+        handler: impl Fn(&OriginRequest) -> Reply + Send + Sync + 'static,
+    ) -> Origin {
+        let (chain, key) = ca.leaf(names);
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("cert");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Origin::start_with(Arc::new(config), Arc::new(handler))
+    }
+
+    fn start_with(config: Arc<rustls::ServerConfig>, handler: Handler) -> Origin {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = runtime
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let recorded = requests.clone();
+        runtime.spawn(async move {
+            let acceptor = TlsAcceptor::from(config);
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let handler = handler.clone();
+                let recorded = recorded.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service =
+                        service_fn(move |req| serve(req, handler.clone(), recorded.clone()));
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Origin {
+            addr,
+            requests,
+            _runtime: runtime,
+        }
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> Vec<OriginRequest> {
+        self.requests.lock().expect("lock").clone()
+    }
+}
+
+type OriginBody = BoxBody<Bytes, Infallible>;
+
+async fn serve(
+    mut req: Request<Incoming>,
+    handler: Handler,
+    recorded: Arc<Mutex<Vec<OriginRequest>>>,
+) -> Result<Response<OriginBody>, std::io::Error> {
+    let upgrade = hyper::upgrade::on(&mut req);
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes().to_vec())
+        .unwrap_or_default();
+    let request = OriginRequest {
+        method: parts.method.to_string(),
+        target: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        version: parts.version,
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body,
+    };
+    let reply = handler(&request);
+    recorded.lock().expect("lock").push(request.clone());
+    match reply {
+        Reply::Text(status, text) => Ok(Response::builder()
+            .status(status)
+            .header("content-type", "text/plain")
+            .body(Full::new(Bytes::from(text)).boxed())
+            .expect("response")),
+        Reply::Sse { count, gap } => {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+            tokio::spawn(async move {
+                for i in 0..count {
+                    if i > 0 {
+                        tokio::time::sleep(gap).await;
+                    }
+                    let frame = Frame::data(Bytes::from(format!("data: event {i}\n\n")));
+                    if tx.send(Ok(frame)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let stream = tokio_stream_from(rx);
+            Ok(Response::builder()
+                .header("content-type", "text/event-stream")
+                .header("cache-control", "no-cache")
+                .body(StreamBody::new(stream).boxed())
+                .expect("response"))
+        }
+        Reply::WebSocketEcho => {
+            let key = request
+                .header("sec-websocket-key")
+                .unwrap_or_default()
+                .to_string();
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            tokio::spawn(async move {
+                let Ok(upgraded) = upgrade.await else { return };
+                let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    tokio_tungstenite::tungstenite::protocol::Role::Server,
+                    None,
+                )
+                .await;
+                let (mut sink, mut stream) = ws.split();
+                while let Some(Ok(msg)) = stream.next().await {
+                    if msg.is_text() || msg.is_binary() {
+                        if sink.send(msg).await.is_err() {
+                            break;
+                        }
+                    } else if msg.is_close() {
+                        break;
+                    }
+                }
+            });
+            Ok(Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-accept", accept)
+                .body(Full::new(Bytes::new()).boxed())
+                .expect("response"))
+        }
+        Reply::Reset => Err(std::io::Error::other("origin resets this request")),
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
