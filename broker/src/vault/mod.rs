@@ -1,0 +1,787 @@
+//! The credential vault: an SQLite file (`$BROKER_HOME/vault.db`, WAL) whose secrets are sealed.
+//!
+//! Key hierarchy:
+//! - each secret is sealed with AES-256-GCM under one random 256-bit **data key**, with the
+//!   row's provider and profile as AAD, so a blob moved to another row does not open;
+//! - the data key is stored wrapped (sealed) by a **master key** from one [`KeySource`]:
+//!   `BROKER_PASSPHRASE` (Argon2id, salt and cost stored in the vault), the OS keyring, or a
+//!   0600 key file. `BROKER_KEY_SOURCE=passphrase|keyring|file` picks the source of a new vault
+//!   (tests and CI use `file`); unset, the first that works in that order is used.
+//! - The vault records which source holds its key and opens only with that one. A missing key
+//!   is an error that says how to recover; a new key is never made over an existing vault.
+//!
+//! Several processes may use one vault at once: every write is one `BEGIN IMMEDIATE`
+//! transaction, readers never block writers (WAL), and first-time initialisation happens inside
+//! an immediate transaction that re-checks, so two racing processes cannot make two data keys.
+//!
+//! The API is synchronous; async callers use `spawn_blocking`. A [`Vault`] is `Send + Sync`
+//! (one connection behind a mutex), so one instance can be shared in an `Arc`.
+
+mod crypto;
+mod keysource;
+mod schema;
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
+use zeroize::Zeroizing;
+
+use crate::home::Home;
+use crypto::{credential_aad, Field, KdfParams, SealingKey, DATA_KEY_AAD, KEY_LEN};
+use keysource::KeyringLookup;
+pub use keysource::{KeyConfig, KeySource, ENV_KEY_SOURCE, ENV_PASSPHRASE, KEYRING_TIMEOUT};
+
+/// How long a write waits for another process's transaction before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest provider or profile name accepted.
+const MAX_NAME_LEN: usize = 64;
+/// Longest secret accepted (OAuth access tokens can be a few KiB of JWT).
+pub const MAX_SECRET_LEN: usize = 16 * 1024;
+
+/// Errors of the vault. Each message says what to do; none contains a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("vault database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("the vault was written by a newer broker (schema {found}, this one knows up to {supported}): upgrade broker")]
+    TooNew { found: i64, supported: i64 },
+    #[error("BROKER_KEY_SOURCE={0:?} is not one of: passphrase, keyring, file")]
+    BadKeySourceEnv(String),
+    #[error("the vault at {vault} keeps its key in the {recorded}, but BROKER_KEY_SOURCE asks for the {requested}: unset BROKER_KEY_SOURCE (changing the key source of a vault is not supported yet)")]
+    SourceMismatch {
+        vault: PathBuf,
+        recorded: KeySource,
+        requested: KeySource,
+    },
+    #[error(
+        "the vault at {vault} is protected by a passphrase: set BROKER_PASSPHRASE to unlock it"
+    )]
+    PassphraseRequired { vault: PathBuf },
+    #[error("BROKER_KEY_SOURCE=passphrase needs BROKER_PASSPHRASE to be set to create the vault")]
+    PassphraseMissingForNewVault,
+    #[error("wrong passphrase for the vault at {vault} (BROKER_PASSPHRASE): nothing was changed")]
+    WrongPassphrase { vault: PathBuf },
+    #[error(
+        "the vault at {vault} is encrypted with the key file {key_file}, which is missing. \
+             Restore master.key from a backup to {key_file}. Without it the stored credentials \
+             cannot be decrypted; to start over, move {vault} away (its credentials are lost) and \
+             add them again. broker never makes a new key over an existing vault"
+    )]
+    KeyFileMissing { vault: PathBuf, key_file: PathBuf },
+    #[error("the key file {path} is readable by group or others (mode {mode:o}): run `chmod 600 {path}`, \
+             and consider the stored credentials exposed")]
+    KeyFileInsecure { path: PathBuf, mode: u32 },
+    #[error("the key file {path} is not usable: {reason}")]
+    KeyFileInvalid { path: PathBuf, reason: String },
+    #[error(
+        "the vault at {vault} keeps its key in the OS keyring, which is not reachable ({reason}): \
+             unlock the keyring or run in your desktop session"
+    )]
+    KeyringUnavailable { vault: PathBuf, reason: String },
+    #[error(
+        "BROKER_KEY_SOURCE=keyring, but the OS keyring is not usable ({reason}): \
+             use BROKER_KEY_SOURCE=file or set BROKER_PASSPHRASE"
+    )]
+    KeyringUnusable { reason: String },
+    #[error("the vault at {vault} keeps its key in the OS keyring, but the keyring has no entry for it. \
+             Restore the keyring entry (service \"broker\") from a backup; without it the stored \
+             credentials cannot be decrypted. To start over, move {vault} away and add them again")]
+    KeyringKeyMissing { vault: PathBuf },
+    #[error("the key from the {source_name} does not open the vault at {vault} (it belongs to another vault?): nothing was changed")]
+    WrongKey {
+        vault: PathBuf,
+        source_name: KeySource,
+    },
+    #[error("the vault at {vault} is damaged: {what}")]
+    Corrupt { vault: PathBuf, what: String },
+    #[error("invalid {what} name {name:?}: use 1-64 letters, digits, '.', '_' or '-'")]
+    InvalidName { what: &'static str, name: String },
+    #[error("invalid secret: {0}")]
+    InvalidSecret(&'static str),
+    #[error("the system random generator or cipher failed")]
+    Crypto,
+}
+
+impl VaultError {
+    fn io(path: &Path, source: io::Error) -> VaultError {
+        VaultError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// What a credential is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum CredentialKind {
+    #[serde(rename = "api_key")]
+    ApiKey,
+    #[serde(rename = "oauth2")]
+    OAuth2,
+}
+
+impl CredentialKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::ApiKey => "api_key",
+            CredentialKind::OAuth2 => "oauth2",
+        }
+    }
+    fn parse(s: &str) -> Option<CredentialKind> {
+        match s {
+            "api_key" => Some(CredentialKind::ApiKey),
+            "oauth2" => Some(CredentialKind::OAuth2),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for CredentialKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A decrypted secret. Its memory is wiped on drop; `Debug` prints `***`; there is no
+/// `Display`, so it cannot end up in a log line by accident: call [`Secret::expose`].
+pub struct Secret(Zeroizing<String>);
+
+impl Secret {
+    pub fn new(value: String) -> Secret {
+        Secret(Zeroizing::new(value))
+    }
+    /// The secret itself, for the one place that needs it (the header swap).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// Length in characters.
+    pub fn char_len(&self) -> usize {
+        self.0.chars().count()
+    }
+    /// A masked form for people: at most the key's conventional prefix (up to 4 characters
+    /// ending in `-` or `_`, like `sk-` or `ghp_`) and the length, e.g. `sk-…(51 chars)`.
+    pub fn masked(&self) -> String {
+        let len = self.char_len();
+        let prefix: String = if len >= 16 {
+            let head: String = self.0.chars().take(4).collect();
+            match head.find(['-', '_']) {
+                Some(i) => head[..=i].to_string(),
+                None => String::new(),
+            }
+        } else {
+            String::new()
+        };
+        format!("{prefix}…({len} chars)")
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A stored credential without its secret.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CredentialInfo {
+    pub provider: String,
+    pub profile: String,
+    pub kind: CredentialKind,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    /// RFC 3339 UTC.
+    pub updated_at: String,
+    /// RFC 3339 UTC; OAuth access tokens only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+/// Whether [`Vault::put`] added a credential or replaced one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Added,
+    Replaced,
+}
+
+/// Result of [`Vault::verify`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VerifyReport {
+    /// Rows checked.
+    pub credentials: usize,
+    /// `provider/profile` of the rows that do not decrypt.
+    pub unreadable: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.unreadable.is_empty()
+    }
+}
+
+/// An open, unlocked vault.
+pub struct Vault {
+    conn: Mutex<Connection>,
+    data_key: SealingKey,
+    key_source: KeySource,
+    path: PathBuf,
+}
+
+impl fmt::Debug for Vault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vault")
+            .field("path", &self.path)
+            .field("key_source", &self.key_source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The vault's metadata row.
+struct Meta {
+    key_source: KeySource,
+    wrapped_data_key: Vec<u8>,
+    kdf_salt: Option<Vec<u8>>,
+    kdf_params: Option<KdfParams>,
+}
+
+impl Vault {
+    /// Does `home` hold a vault file? Lets read-only commands avoid creating one (and a key).
+    pub fn exists(home: &Home) -> bool {
+        home.vault_path().exists()
+    }
+
+    /// Open the vault of `home`, creating it (and its master key) on first use. The key source
+    /// comes from `BROKER_KEY_SOURCE` / `BROKER_PASSPHRASE` (see [`KeyConfig::from_env`]).
+    pub fn open(home: &Home) -> Result<Vault, VaultError> {
+        Vault::open_with(home, &KeyConfig::from_env()?)
+    }
+
+    /// [`Vault::open`] with explicit key settings.
+    pub fn open_with(home: &Home, keys: &KeyConfig) -> Result<Vault, VaultError> {
+        home.ensure().map_err(|e| VaultError::io(home.root(), e))?;
+        let path = home.vault_path();
+        prepare_db_file(&path)?;
+        let mut conn = Connection::open(&path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        enable_wal(&conn)?;
+        schema::migrate(&mut conn)?;
+
+        let (key_source, data_key) = match read_meta(&conn, &path)? {
+            Some(meta) => (meta.key_source, unlock(home, &path, &meta, keys)?),
+            None => initialize(home, &path, &mut conn, keys)?,
+        };
+        Ok(Vault {
+            conn: Mutex::new(conn),
+            data_key,
+            key_source,
+            path,
+        })
+    }
+
+    /// Which source holds this vault's master key.
+    pub fn key_source(&self) -> KeySource {
+        self.key_source
+    }
+
+    /// Path of the vault file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Store (or replace) the secret of `provider`/`profile`. A replaced OAuth refresh token
+    /// and expiry are cleared: they belonged to the old secret.
+    pub fn put(
+        &self,
+        provider: &str,
+        profile: &str,
+        secret: &str,
+        kind: CredentialKind,
+    ) -> Result<PutOutcome, VaultError> {
+        check_name("provider", provider)?;
+        check_name("profile", profile)?;
+        check_secret(secret)?;
+        let blob = self
+            .data_key
+            .seal(
+                secret.as_bytes(),
+                &credential_aad(provider, profile, Field::Secret),
+            )
+            .map_err(|_| VaultError::Crypto)?;
+        let now = crate::audit::now_rfc3339();
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existed: bool = tx
+            .query_row(
+                "SELECT 1 FROM credentials WHERE provider = ?1 AND profile = ?2",
+                params![provider, profile],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        tx.execute(
+            "INSERT INTO credentials (provider, profile, kind, secret, refresh_secret, expires_at,
+                                      metadata, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, NULL, NULL, '{}', ?5, ?5)
+             ON CONFLICT (provider, profile) DO UPDATE SET
+                 kind = excluded.kind, secret = excluded.secret, refresh_secret = NULL,
+                 expires_at = NULL, updated_at = excluded.updated_at",
+            params![provider, profile, kind.as_str(), blob, now],
+        )?;
+        tx.commit()?;
+        Ok(if existed {
+            PutOutcome::Replaced
+        } else {
+            PutOutcome::Added
+        })
+    }
+
+    /// The secret of `provider`/`profile`, if stored.
+    pub fn get(&self, provider: &str, profile: &str) -> Result<Option<Secret>, VaultError> {
+        let blob: Option<Vec<u8>> = self
+            .lock()
+            .query_row(
+                "SELECT secret FROM credentials WHERE provider = ?1 AND profile = ?2",
+                params![provider, profile],
+                |row| row.get(0),
+            )
+            .optional()?;
+        blob.map(|blob| self.open_blob(provider, profile, Field::Secret, &blob))
+            .transpose()
+    }
+
+    /// Metadata of one credential (no secret).
+    pub fn info(
+        &self,
+        provider: &str,
+        profile: &str,
+    ) -> Result<Option<CredentialInfo>, VaultError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT provider, profile, kind, created_at, updated_at, expires_at
+             FROM credentials WHERE provider = ?1 AND profile = ?2",
+        )?;
+        let mut rows = stmt.query_map(params![provider, profile], |row| info_from_row(row))?;
+        rows.next()
+            .transpose()?
+            .map(|r| r.map_err(|what| self.corrupt(what)))
+            .transpose()
+    }
+
+    /// Every stored credential, sorted by provider then profile. No secret is decrypted.
+    pub fn list(&self) -> Result<Vec<CredentialInfo>, VaultError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT provider, profile, kind, created_at, updated_at, expires_at
+             FROM credentials ORDER BY provider, profile",
+        )?;
+        let rows = stmt.query_map([], |row| info_from_row(row))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row?.map_err(|what| self.corrupt(what))?);
+        }
+        Ok(out)
+    }
+
+    /// Remove a credential. `true` if there was one.
+    pub fn remove(&self, provider: &str, profile: &str) -> Result<bool, VaultError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "DELETE FROM credentials WHERE provider = ?1 AND profile = ?2",
+            params![provider, profile],
+        )?;
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
+    /// Integrity check for `broker doctor`: SQLite's own check, then every sealed blob opens.
+    pub fn verify(&self) -> Result<VerifyReport, VaultError> {
+        let rows: Vec<(String, String, Vec<u8>, Option<Vec<u8>>)> = {
+            let conn = self.lock();
+            let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+            if check != "ok" {
+                return Err(self.corrupt(format!("SQLite integrity check: {check}")));
+            }
+            let mut stmt =
+                conn.prepare("SELECT provider, profile, secret, refresh_secret FROM credentials")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut report = VerifyReport {
+            credentials: rows.len(),
+            unreadable: Vec::new(),
+        };
+        for (provider, profile, secret, refresh) in rows {
+            let ok = self
+                .open_blob(&provider, &profile, Field::Secret, &secret)
+                .is_ok()
+                && refresh.is_none_or(|r| {
+                    self.open_blob(&provider, &profile, Field::Refresh, &r)
+                        .is_ok()
+                });
+            if !ok {
+                report.unreadable.push(format!("{provider}/{profile}"));
+            }
+        }
+        Ok(report)
+    }
+
+    fn open_blob(
+        &self,
+        provider: &str,
+        profile: &str,
+        field: Field,
+        blob: &[u8],
+    ) -> Result<Secret, VaultError> {
+        let plain = self
+            .data_key
+            .open(blob, &credential_aad(provider, profile, field))
+            .map_err(|_| {
+                self.corrupt(format!(
+                    "the secret of {provider}/{profile} does not decrypt"
+                ))
+            })?;
+        let text = std::str::from_utf8(&plain)
+            .map_err(|_| self.corrupt(format!("the secret of {provider}/{profile} is not text")))?;
+        Ok(Secret::new(text.to_owned()))
+    }
+
+    fn corrupt(&self, what: impl Into<String>) -> VaultError {
+        VaultError::Corrupt {
+            vault: self.path.clone(),
+            what: what.into(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-done write: every write is a
+        // transaction that rolls back on drop.
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn info_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<CredentialInfo, String>> {
+    let kind: String = row.get(2)?;
+    let Some(kind) = CredentialKind::parse(&kind) else {
+        return Ok(Err(format!("unknown credential kind {kind:?}")));
+    };
+    Ok(Ok(CredentialInfo {
+        provider: row.get(0)?,
+        profile: row.get(1)?,
+        kind,
+        created_at: row.get(3)?,
+        updated_at: row.get(4)?,
+        expires_at: row.get(5)?,
+    }))
+}
+
+/// Provider and profile names: short, printable, no separators that could confuse a path,
+/// a table or the AAD.
+pub fn check_name(what: &'static str, name: &str) -> Result<(), VaultError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(VaultError::InvalidName {
+            what,
+            name: name.chars().take(MAX_NAME_LEN).collect(),
+        })
+    }
+}
+
+fn check_secret(secret: &str) -> Result<(), VaultError> {
+    if secret.is_empty() {
+        return Err(VaultError::InvalidSecret("it is empty"));
+    }
+    if secret.len() > MAX_SECRET_LEN {
+        return Err(VaultError::InvalidSecret("it is longer than 16 KiB"));
+    }
+    if secret.chars().any(char::is_control) {
+        return Err(VaultError::InvalidSecret(
+            "it contains a line break or control character (only one trailing newline is removed)",
+        ));
+    }
+    Ok(())
+}
+
+/// Create the vault file 0600 before SQLite does (SQLite would use the umask); its `-wal` and
+/// `-shm` files inherit the database file's mode.
+fn prepare_db_file(path: &Path) -> Result<(), VaultError> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| VaultError::io(path, e))?;
+    let mode = fs::metadata(path)
+        .map_err(|e| VaultError::io(path, e))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+            .map_err(|e| VaultError::io(path, e))?;
+    }
+    Ok(())
+}
+
+/// Switch to WAL (persistent in the file). Switching needs a moment of exclusive access, which
+/// a concurrent first open can hold: retry briefly on "busy".
+fn enable_wal(conn: &Connection) -> Result<(), VaultError> {
+    let mut attempts = 0;
+    loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)) {
+            Ok(mode) if mode.eq_ignore_ascii_case("wal") => return Ok(()),
+            Ok(mode) => {
+                return Err(VaultError::Corrupt {
+                    vault: conn.path().map(PathBuf::from).unwrap_or_default(),
+                    what: format!("cannot enable WAL (journal mode stays {mode})"),
+                })
+            }
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && attempts < 200 =>
+            {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn read_meta(conn: &Connection, vault: &Path) -> Result<Option<Meta>, VaultError> {
+    let row = conn
+        .query_row(
+            "SELECT key_source, wrapped_data_key, kdf_salt, kdf_params FROM vault_meta WHERE id = 1",
+            [],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Option<Vec<u8>>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((source, wrapped_data_key, kdf_salt, kdf_params)) = row else {
+        return Ok(None);
+    };
+    let corrupt = |what: String| VaultError::Corrupt {
+        vault: vault.to_owned(),
+        what,
+    };
+    let key_source = KeySource::parse(&source)
+        .ok_or_else(|| corrupt(format!("unknown key source {source:?}")))?;
+    let kdf_params = kdf_params
+        .map(|p| serde_json::from_str::<KdfParams>(&p))
+        .transpose()
+        .map_err(|e| corrupt(format!("bad KDF parameters: {e}")))?;
+    Ok(Some(Meta {
+        key_source,
+        wrapped_data_key,
+        kdf_salt,
+        kdf_params,
+    }))
+}
+
+/// Get the master key from the source the vault recorded (and only there), then unwrap the
+/// data key. Changes nothing on failure.
+fn unlock(
+    home: &Home,
+    vault: &Path,
+    meta: &Meta,
+    keys: &KeyConfig,
+) -> Result<SealingKey, VaultError> {
+    if let Some(requested) = keys.source.filter(|r| *r != meta.key_source) {
+        return Err(VaultError::SourceMismatch {
+            vault: vault.to_owned(),
+            recorded: meta.key_source,
+            requested,
+        });
+    }
+    let master = match meta.key_source {
+        KeySource::Passphrase => {
+            let pass = keys
+                .passphrase
+                .as_ref()
+                .ok_or_else(|| VaultError::PassphraseRequired {
+                    vault: vault.to_owned(),
+                })?;
+            let (Some(salt), Some(params)) = (&meta.kdf_salt, meta.kdf_params) else {
+                return Err(VaultError::Corrupt {
+                    vault: vault.to_owned(),
+                    what: "passphrase vault without KDF salt or parameters".into(),
+                });
+            };
+            crypto::derive_from_passphrase(pass.as_bytes(), salt, params).map_err(|what| {
+                VaultError::Corrupt {
+                    vault: vault.to_owned(),
+                    what,
+                }
+            })?
+        }
+        KeySource::Keyring => match keysource::keyring_get(home.root()) {
+            KeyringLookup::Found(key) => key,
+            KeyringLookup::Missing => {
+                return Err(VaultError::KeyringKeyMissing {
+                    vault: vault.to_owned(),
+                })
+            }
+            KeyringLookup::Unavailable(reason) => {
+                return Err(VaultError::KeyringUnavailable {
+                    vault: vault.to_owned(),
+                    reason,
+                })
+            }
+        },
+        KeySource::File => {
+            let key_file = home.key_file_path();
+            keysource::read_key_file(&key_file)?.ok_or_else(|| VaultError::KeyFileMissing {
+                vault: vault.to_owned(),
+                key_file,
+            })?
+        }
+    };
+    unwrap_data_key(&master, &meta.wrapped_data_key).ok_or_else(|| match meta.key_source {
+        KeySource::Passphrase => VaultError::WrongPassphrase {
+            vault: vault.to_owned(),
+        },
+        source => VaultError::WrongKey {
+            vault: vault.to_owned(),
+            source_name: source,
+        },
+    })
+}
+
+fn unwrap_data_key(master: &[u8; KEY_LEN], wrapped: &[u8]) -> Option<SealingKey> {
+    let raw = SealingKey::new(master).open(wrapped, DATA_KEY_AAD).ok()?;
+    let bytes: &[u8; KEY_LEN] = raw.as_slice().try_into().ok()?;
+    Some(SealingKey::new(bytes))
+}
+
+/// First use: choose a key source, make a data key, store it wrapped. Runs inside an immediate
+/// transaction and re-checks, so of two processes racing here exactly one creates the key and
+/// the other unlocks what the first made.
+fn initialize(
+    home: &Home,
+    vault: &Path,
+    conn: &mut Connection,
+    keys: &KeyConfig,
+) -> Result<(KeySource, SealingKey), VaultError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    if let Some(meta) = read_meta(&tx, vault)? {
+        drop(tx);
+        let key = unlock(home, vault, &meta, keys)?;
+        return Ok((meta.key_source, key));
+    }
+
+    let (source, master, salt, params) = new_master_key(home, keys)?;
+    let data_key = crypto::random_key().map_err(|_| VaultError::Crypto)?;
+    let wrapped = SealingKey::new(&master)
+        .seal(data_key.as_ref(), DATA_KEY_AAD)
+        .map_err(|_| VaultError::Crypto)?;
+    let params_json = params
+        .map(|p| serde_json::to_string(&p))
+        .transpose()
+        .map_err(|e| VaultError::Corrupt {
+            vault: vault.to_owned(),
+            what: e.to_string(),
+        })?;
+    tx.execute(
+        "INSERT INTO vault_meta (id, key_source, wrapped_data_key, kdf, kdf_salt, kdf_params, created_at)
+         VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            source.as_str(),
+            wrapped,
+            params.map(|_| "argon2id"),
+            salt.as_ref().map(|s| s.as_slice()),
+            params_json,
+            crate::audit::now_rfc3339(),
+        ],
+    )?;
+    tx.commit()?;
+    tracing::info!(vault = %vault.display(), key_source = source.as_str(), "created a new vault");
+    Ok((source, SealingKey::new(&data_key)))
+}
+
+type NewMaster = (
+    KeySource,
+    Zeroizing<[u8; KEY_LEN]>,
+    Option<[u8; 16]>,
+    Option<KdfParams>,
+);
+
+/// The master key for a new vault, from the requested source or the first that works:
+/// passphrase, keyring, key file. An existing key in the keyring or key file of this home is
+/// reused rather than overwritten (a vault file may have been moved away and back).
+fn new_master_key(home: &Home, keys: &KeyConfig) -> Result<NewMaster, VaultError> {
+    let pass = keys.passphrase.as_ref();
+    let source = match keys.source {
+        Some(s) => s,
+        None if pass.is_some() => KeySource::Passphrase,
+        None => {
+            match keyring_master(home) {
+                Ok(key) => return Ok((KeySource::Keyring, key, None, None)),
+                Err(reason) => {
+                    tracing::info!("OS keyring not usable ({reason}); using the key file");
+                }
+            }
+            KeySource::File
+        }
+    };
+    match source {
+        KeySource::Passphrase => {
+            let pass = pass.ok_or(VaultError::PassphraseMissingForNewVault)?;
+            let salt = crypto::random_bytes::<16>().map_err(|_| VaultError::Crypto)?;
+            let params = KdfParams::DEFAULT;
+            let key = crypto::derive_from_passphrase(pass.as_bytes(), &salt, params)
+                .map_err(|_| VaultError::Crypto)?;
+            Ok((KeySource::Passphrase, key, Some(salt), Some(params)))
+        }
+        KeySource::Keyring => keyring_master(home)
+            .map(|key| (KeySource::Keyring, key, None, None))
+            .map_err(|reason| VaultError::KeyringUnusable { reason }),
+        KeySource::File => {
+            let path = home.key_file_path();
+            let key = match keysource::read_key_file(&path)? {
+                Some(key) => key,
+                None => {
+                    let key = crypto::random_key().map_err(|_| VaultError::Crypto)?;
+                    keysource::create_key_file(&path, &key)?;
+                    key
+                }
+            };
+            Ok((KeySource::File, key, None, None))
+        }
+    }
+}
+
+fn keyring_master(home: &Home) -> Result<Zeroizing<[u8; KEY_LEN]>, String> {
+    match keysource::keyring_get(home.root()) {
+        KeyringLookup::Found(key) => Ok(key),
+        KeyringLookup::Unavailable(reason) => Err(reason),
+        KeyringLookup::Missing => {
+            let key = crypto::random_key().map_err(|_| "random generator failed".to_string())?;
+            keysource::keyring_store(home.root(), &key)?;
+            Ok(key)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
