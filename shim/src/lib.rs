@@ -1,1 +1,108 @@
-//! libbroker.so (placeholder until the shim lands).
+//! `libbroker.so`: preloaded into the agent (`LD_PRELOAD`), it reroutes connections for
+//! managed API hosts to the local broker and makes the agent's TLS stacks trust the broker's
+//! run CA, so the agent needs no proxy settings and never holds a real credential.
+//!
+//! # What it does
+//!
+//! - **Resolution** (`getaddrinfo`, `gethostbyname*`): a managed hostname resolves to a fake
+//!   loopback address `127.77.<run slot>.<host index>` ([`broker_contract::fake_ipv4`]).
+//! - **Connect** (`connect`, `__connect`): a TCP connect to a fake address of this run goes to
+//!   the broker's listener on that same address (so the broker learns the host from the local
+//!   address it was reached on); with `deny_unlisted`, TCP to anywhere but loopback is refused.
+//!   Everything else passes through untouched. See [`decide`].
+//! - **TLS trust**: OpenSSL's `SSL_CTX_new`/`SSL_CTX_new_ex`/`SSL_CTX_set_cert_store` and
+//!   GnuTLS's `gnutls_certificate_allocate_credentials` add the run CA to each new store; Node,
+//!   which links OpenSSL statically, gets `NODE_EXTRA_CA_CERTS` (see [`env`]).
+//! - **Environment** (constructor): placeholders for the managed credential variables; a real
+//!   key found there is replaced by its placeholder and scrubbed from `/proc/<pid>/environ`.
+//!
+//! # Why this crate needs `unsafe`
+//!
+//! The workspace forbids `unsafe` everywhere else. An `LD_PRELOAD` library cannot avoid it: it
+//! exports C functions under libc's and OpenSSL's names, receives raw pointers from the agent,
+//! finds the real functions with `dlsym`/`dladdr` and calls them through transmuted pointers,
+//! and edits the process environment. Every `unsafe` block says why it is sound; the decisions
+//! themselves ([`decide`], [`config`], [`env`]'s planning) are safe Rust, tested without
+//! preloading anything.
+//!
+//! # Rules every hook follows
+//!
+//! - A bug in the shim must not take the agent down: hook logic runs inside
+//!   [`ffi::contain`] (`catch_unwind`) and falls back to the real call.
+//! - A thread-local guard ([`ffi::Guard`]) sends re-entrant calls straight to the real function.
+//! - Never block: `connect` calls the real `connect` on the same fd with the new address and
+//!   returns its result (`EINPROGRESS` for non-blocking sockets).
+//! - Nothing that `fork` can strand: no threads, no mutexes; caches are atomics, state is
+//!   set once by the constructor before `main`.
+//!
+//! # Children and what a preload cannot reach
+//!
+//! `LD_PRELOAD` and `BROKER_SHIM_CONFIG` are inherited, so every exec'd child of the agent is
+//! covered too. Static binaries, Go programs (raw syscalls), io_uring, setuid programs and
+//! children started with a scrubbed environment are not: the broker's CONNECT proxy with
+//! `HTTPS_PROXY` is the launcher's fallback for those. A glibc-built `libbroker.so` in
+//! `LD_PRELOAD` makes *dynamic musl* programs fail to start; the shim does not yet hook
+//! `execve` to drop it for such children, so launchers must not start musl programs under it.
+
+#![cfg_attr(test, allow(dead_code))]
+
+use std::sync::OnceLock;
+
+use broker_contract::{ShimConfig, ENV_SHIM_ACTIVE};
+
+pub mod config;
+pub mod decide;
+pub mod env;
+mod ffi;
+mod hooks;
+mod log;
+
+static CONFIG: OnceLock<ShimConfig> = OnceLock::new();
+
+/// This run's config, once the constructor has loaded one. Never blocks (the only `set` is
+/// in the constructor).
+pub fn config() -> Option<&'static ShimConfig> {
+    CONFIG.get()
+}
+
+/// Runs when the library is loaded, before the program's `main`, with a single thread.
+extern "C" fn constructor() {
+    let _ = ffi::contain(init);
+}
+
+#[used]
+#[cfg_attr(not(test), link_section = ".init_array")]
+static CONSTRUCTOR: extern "C" fn() = constructor;
+
+fn init() {
+    hooks::net::resolve_all();
+    let get = |k: &str| std::env::var_os(k);
+    let location = config::locate(&get);
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    match config::load(&location, uid) {
+        Ok(cfg) => {
+            // SAFETY: the constructor runs before `main`, with the process's only thread.
+            unsafe {
+                env::apply(&cfg);
+                env::set(ENV_SHIM_ACTIVE, b"1");
+            }
+            let _ = CONFIG.set(cfg);
+        }
+        Err(why) => {
+            // One line per process tree, and only when someone preloaded us on purpose (not a
+            // system-wide /etc/ld.so.preload).
+            let preloaded = get("LD_PRELOAD")
+                .is_some_and(|p| p.as_encoded_bytes().windows(9).any(|w| w == b"libbroker"));
+            let warned = get(ENV_SHIM_ACTIVE).is_some_and(|v| v == "0");
+            if preloaded && !warned {
+                log::line(&format!(
+                    "no broker running ({why}); nothing is rerouted and managed hosts get only \
+                     placeholders"
+                ));
+            }
+            // SAFETY: as above.
+            unsafe { env::set(ENV_SHIM_ACTIVE, b"0") };
+        }
+    }
+}

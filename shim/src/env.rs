@@ -1,0 +1,333 @@
+//! Environment rewriting done once by the constructor, before the program's `main` runs.
+//!
+//! Planning is pure ([`plan_placeholders`], [`plan_node_ca`], [`merge_bundle`]); carrying the
+//! plan out ([`apply`]) touches the process environment and is only called from the
+//! constructor, while the process has a single thread.
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::{Path, PathBuf};
+
+use broker_contract::ShimConfig;
+
+/// The variable Node (and Bun) read extra trusted CAs from. Node links OpenSSL statically, so
+/// the `SSL_CTX_new` hook never fires there: this variable is the only way in.
+pub const NODE_EXTRA_CA_CERTS: &str = "NODE_EXTRA_CA_CERTS";
+/// Prefix of the merged Node bundles written next to the run CA.
+pub const NODE_BUNDLE_PREFIX: &str = "node-ca-";
+
+/// What to do with one managed credential variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placeholder {
+    /// Unset: set it to the placeholder so the SDK finds a key to send.
+    Set { var: String, placeholder: String },
+    /// Holds a real key (from a `.env` or the shell): replace it with the placeholder and scrub
+    /// the original bytes. The key itself is not carried in the plan.
+    Hide { var: String, placeholder: String },
+}
+
+/// Plan the placeholder variables. A variable already holding its placeholder, or empty
+/// (deliberately cleared), is left alone.
+pub fn plan_placeholders(
+    env: &[(String, String)],
+    get: &dyn Fn(&str) -> Option<OsString>,
+) -> Vec<Placeholder> {
+    env.iter()
+        .filter_map(|(var, placeholder)| {
+            let (var, placeholder) = (var.clone(), placeholder.clone());
+            match get(&var) {
+                None => Some(Placeholder::Set { var, placeholder }),
+                Some(v) if v.is_empty() || v == OsStr::new(&placeholder) => None,
+                Some(_) => Some(Placeholder::Hide { var, placeholder }),
+            }
+        })
+        .collect()
+}
+
+/// What to do with `NODE_EXTRA_CA_CERTS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeCa {
+    /// Already the run CA, or a bundle a parent process of this run merged: nothing to do.
+    Keep,
+    /// Unset: point it at the run CA.
+    SetToCa,
+    /// Set to another file: write `old + run CA` next to the run CA and point at that.
+    Merge { old: PathBuf },
+}
+
+/// Plan `NODE_EXTRA_CA_CERTS` for a run CA at `ca_file`.
+pub fn plan_node_ca(current: Option<&OsStr>, ca_file: &Path) -> NodeCa {
+    let Some(current) = current.filter(|c| !c.is_empty()) else {
+        return NodeCa::SetToCa;
+    };
+    let current = Path::new(current);
+    let merged_here = current.parent() == ca_file.parent()
+        && current
+            .file_name()
+            .is_some_and(|n| n.as_bytes().starts_with(NODE_BUNDLE_PREFIX.as_bytes()));
+    if current == ca_file || merged_here {
+        NodeCa::Keep
+    } else {
+        NodeCa::Merge {
+            old: current.to_owned(),
+        }
+    }
+}
+
+/// `old` then `ca`, each ending in a newline, so PEM blocks never run together.
+pub fn merge_bundle(old: &[u8], ca: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(old.len() + ca.len() + 2);
+    for part in [old, ca] {
+        out.extend_from_slice(part);
+        if !part.is_empty() && !part.ends_with(b"\n") {
+            out.push(b'\n');
+        }
+    }
+    out
+}
+
+/// FNV-1a, 64 bits: a stable name for the merged bundle of one old bundle path.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The merged Node bundle for `old`, next to the run CA: written once per run (its name
+/// derives from `old`'s path), atomically (temp file + rename), 0600. Every process of the run
+/// that sees the same `old` reuses it.
+fn write_node_bundle(old: &Path, ca_file: &Path) -> std::io::Result<PathBuf> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = ca_file.parent().unwrap_or(Path::new("."));
+    let name = format!(
+        "{NODE_BUNDLE_PREFIX}{:016x}.pem",
+        fnv1a(old.as_os_str().as_bytes())
+    );
+    let path = dir.join(name);
+    if path.exists() {
+        return Ok(path);
+    }
+    let merged = merge_bundle(&std::fs::read(old)?, &std::fs::read(ca_file)?);
+    let tmp = dir.join(format!(".{NODE_BUNDLE_PREFIX}{}.tmp", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&merged)?;
+    drop(f);
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+/// Carry out the environment plan for `cfg`.
+///
+/// # Safety
+/// Must run while the process has exactly one thread (the constructor, before `main`): it calls
+/// `setenv` and writes into the original environment strings, which no other thread may be
+/// reading.
+pub unsafe fn apply(cfg: &ShimConfig) {
+    let get = |k: &str| std::env::var_os(k);
+    for action in plan_placeholders(&cfg.env, &get) {
+        match action {
+            Placeholder::Set { var, placeholder } => {
+                // SAFETY: single-threaded, per this function's contract.
+                unsafe { set(&var, placeholder.as_bytes()) };
+            }
+            Placeholder::Hide { var, placeholder } => {
+                // SAFETY: single-threaded, per this function's contract.
+                let scrubbed = unsafe { hide(&var, placeholder.as_bytes()) };
+                crate::log::line(&format!(
+                    "{var} held a real key: replaced with the placeholder{} but not handed to \
+                     the broker, so requests will fail with 'no credential' until `broker add`",
+                    if scrubbed {
+                        " and scrubbed from /proc/self/environ"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
+    }
+    if cfg.ca_file.as_os_str().is_empty() {
+        return;
+    }
+    match plan_node_ca(get(NODE_EXTRA_CA_CERTS).as_deref(), &cfg.ca_file) {
+        NodeCa::Keep => {}
+        // SAFETY: single-threaded, per this function's contract.
+        NodeCa::SetToCa => unsafe { set(NODE_EXTRA_CA_CERTS, cfg.ca_file.as_os_str().as_bytes()) },
+        NodeCa::Merge { old } => match write_node_bundle(&old, &cfg.ca_file) {
+            // SAFETY: single-threaded, per this function's contract.
+            Ok(merged) => unsafe { set(NODE_EXTRA_CA_CERTS, merged.as_os_str().as_bytes()) },
+            Err(e) => crate::log::line(&format!(
+                "cannot merge {NODE_EXTRA_CA_CERTS} ({}) with the run CA: {e}; Node will not \
+                 trust the broker",
+                old.display()
+            )),
+        },
+    }
+}
+
+/// `setenv(var, value, 1)`; values with a NUL byte are skipped (they cannot be expressed).
+///
+/// # Safety
+/// No other thread may be reading or writing the environment.
+pub unsafe fn set(var: &str, value: &[u8]) {
+    let (Ok(var), Ok(value)) = (CString::new(var), CString::new(value)) else {
+        return;
+    };
+    // SAFETY: both are valid NUL-terminated strings; exclusivity is the caller's contract.
+    unsafe { libc::setenv(var.as_ptr(), value.as_ptr(), 1) };
+}
+
+extern "C" {
+    static mut environ: *mut *mut libc::c_char;
+}
+
+/// Replace `var` with `placeholder` and zero the bytes of the old value where the kernel shows
+/// them (`/proc/<pid>/environ` reads the original block on the stack, which `setenv` leaves
+/// alone). Returns whether the original bytes were found in that block and scrubbed.
+///
+/// # Safety
+/// No other thread may be reading or writing the environment.
+unsafe fn hide(var: &str, placeholder: &[u8]) -> bool {
+    let mut old: Option<(*mut u8, usize)> = None;
+    // SAFETY: `environ` is the NULL-terminated array of NUL-terminated strings maintained by
+    // libc; nobody else touches it now (caller's contract).
+    unsafe {
+        let mut p = environ;
+        while !p.is_null() && !(*p).is_null() {
+            let entry = CStr::from_ptr(*p).to_bytes();
+            if entry.len() > var.len()
+                && entry.starts_with(var.as_bytes())
+                && entry[var.len()] == b'='
+            {
+                let value = (*p).cast::<u8>().add(var.len() + 1);
+                old = Some((value, entry.len() - var.len() - 1));
+                break;
+            }
+            p = p.add(1);
+        }
+    }
+    // SAFETY: caller's contract.
+    unsafe { set(var, placeholder) };
+    let Some((value, len)) = old else {
+        return false;
+    };
+    let in_block = original_env_block()
+        .is_some_and(|(start, end)| value as usize >= start && value as usize + len <= end);
+    if in_block {
+        // SAFETY: the range lies inside the kernel-provided environment block on the initial
+        // stack (writable, owned by this process); `setenv` replaced the `environ` entry, so no
+        // live pointer reads these bytes as a variable any more.
+        unsafe { std::ptr::write_bytes(value, 0, len) };
+    }
+    in_block
+}
+
+/// `env_start` and `env_end` of this process (fields 50 and 51 of `/proc/self/stat`).
+fn original_env_block() -> Option<(usize, usize)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may contain spaces; fields after it start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ').skip(50 - 3);
+    let start = fields.next()?.parse().ok()?;
+    let end = fields.next()?.trim_end().parse().ok()?;
+    Some((start, end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_set_when_unset_hidden_when_real() {
+        let env = vec![
+            ("A_KEY".to_string(), "ph-a".to_string()),
+            ("B_KEY".to_string(), "ph-b".to_string()),
+            ("C_KEY".to_string(), "ph-c".to_string()),
+            ("D_KEY".to_string(), "ph-d".to_string()),
+        ];
+        let get = |k: &str| match k {
+            "B_KEY" => Some(OsString::from("ph-b")),
+            "C_KEY" => Some(OsString::from("")),
+            "D_KEY" => Some(OsString::from("sk-real")),
+            _ => None,
+        };
+        assert_eq!(
+            plan_placeholders(&env, &get),
+            vec![
+                Placeholder::Set {
+                    var: "A_KEY".into(),
+                    placeholder: "ph-a".into()
+                },
+                Placeholder::Hide {
+                    var: "D_KEY".into(),
+                    placeholder: "ph-d".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn node_ca_set_kept_or_merged() {
+        let ca = Path::new("/run/broker/r1/ca.pem");
+        assert_eq!(plan_node_ca(None, ca), NodeCa::SetToCa);
+        assert_eq!(plan_node_ca(Some(OsStr::new("")), ca), NodeCa::SetToCa);
+        assert_eq!(plan_node_ca(Some(ca.as_os_str()), ca), NodeCa::Keep);
+        assert_eq!(
+            plan_node_ca(Some(OsStr::new("/run/broker/r1/node-ca-12.pem")), ca),
+            NodeCa::Keep
+        );
+        assert_eq!(
+            plan_node_ca(Some(OsStr::new("/etc/ssl/certs/ca-certificates.crt")), ca),
+            NodeCa::Merge {
+                old: "/etc/ssl/certs/ca-certificates.crt".into()
+            }
+        );
+        // a bundle merged for another run is merged again, not trusted as ours
+        assert_eq!(
+            plan_node_ca(Some(OsStr::new("/run/broker/r0/node-ca-12.pem")), ca),
+            NodeCa::Merge {
+                old: "/run/broker/r0/node-ca-12.pem".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bundles_merge_with_newlines_between() {
+        assert_eq!(merge_bundle(b"A\n", b"B\n"), b"A\nB\n");
+        assert_eq!(merge_bundle(b"A", b"B"), b"A\nB\n");
+        assert_eq!(merge_bundle(b"", b"B\n"), b"B\n");
+    }
+
+    #[test]
+    fn node_bundle_written_0600_next_to_ca() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("broker-shim-env-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let (old, ca) = (dir.join("system.pem"), dir.join("ca.pem"));
+        std::fs::write(&old, "OLD").expect("write");
+        std::fs::write(&ca, "CA\n").expect("write");
+        let merged = write_node_bundle(&old, &ca).expect("merged");
+        assert_eq!(merged.parent(), Some(dir.as_path()));
+        assert_eq!(std::fs::read(&merged).expect("read"), b"OLD\nCA\n");
+        let mode = std::fs::metadata(&merged)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(plan_node_ca(Some(merged.as_os_str()), &ca), NodeCa::Keep);
+        // written once per run: a second process reuses the same file
+        assert_eq!(write_node_bundle(&old, &ca).expect("again"), merged);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn env_block_bounds_are_readable() {
+        let (start, end) = original_env_block().expect("env block");
+        assert!(start < end);
+    }
+}

@@ -1,0 +1,428 @@
+//! libc hooks: `connect`/`__connect` and the resolver entry points.
+//!
+//! Each hook converts its pointers, asks [`crate::decide`], and makes exactly one real call as
+//! its last step, so `errno` and the return value are the real function's (a non-blocking
+//! socket gets its `EINPROGRESS`; the shim never waits).
+
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::mem::size_of;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+use libc::{addrinfo, hostent, sockaddr, sockaddr_in, sockaddr_in6, sockaddr_storage, socklen_t};
+
+use crate::decide::{self, Connect, Family, SocketFacts};
+use crate::ffi::{contain, Guard, RealFn};
+
+pub static REAL_CONNECT: RealFn = RealFn::new(c"connect");
+pub static REAL_CONNECT_INTERNAL: RealFn = RealFn::new(c"__connect");
+pub static REAL_GETADDRINFO: RealFn = RealFn::new(c"getaddrinfo");
+pub static REAL_GETHOSTBYNAME: RealFn = RealFn::new(c"gethostbyname");
+pub static REAL_GETHOSTBYNAME2: RealFn = RealFn::new(c"gethostbyname2");
+pub static REAL_GETHOSTBYNAME_R: RealFn = RealFn::new(c"gethostbyname_r");
+pub static REAL_GETHOSTBYNAME2_R: RealFn = RealFn::new(c"gethostbyname2_r");
+
+/// Resolve every libc function hooked here, from the constructor, so no hook calls `dlsym`
+/// (which takes the loader's lock) while the program runs threads that may `fork`.
+pub fn resolve_all() {
+    for f in [
+        &REAL_CONNECT,
+        &REAL_CONNECT_INTERNAL,
+        &REAL_GETADDRINFO,
+        &REAL_GETHOSTBYNAME,
+        &REAL_GETHOSTBYNAME2,
+        &REAL_GETHOSTBYNAME_R,
+        &REAL_GETHOSTBYNAME2_R,
+    ] {
+        let _ = f.addr();
+    }
+}
+
+type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
+type GetaddrinfoFn = unsafe extern "C" fn(
+    *const c_char,
+    *const c_char,
+    *const addrinfo,
+    *mut *mut addrinfo,
+) -> c_int;
+type GethostbynameFn = unsafe extern "C" fn(*const c_char) -> *mut hostent;
+type Gethostbyname2Fn = unsafe extern "C" fn(*const c_char, c_int) -> *mut hostent;
+type GethostbynameRFn = unsafe extern "C" fn(
+    *const c_char,
+    *mut hostent,
+    *mut c_char,
+    libc::size_t,
+    *mut *mut hostent,
+    *mut c_int,
+) -> c_int;
+type Gethostbyname2RFn = unsafe extern "C" fn(
+    *const c_char,
+    c_int,
+    *mut hostent,
+    *mut c_char,
+    libc::size_t,
+    *mut *mut hostent,
+    *mut c_int,
+) -> c_int;
+
+fn set_errno(e: c_int) {
+    // SAFETY: __errno_location returns this thread's errno slot, always valid.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// Read an IPv4/IPv6 destination out of a `sockaddr`.
+///
+/// # Safety
+/// `addr` must be null or point at `len` readable bytes.
+pub unsafe fn read_sockaddr(addr: *const sockaddr, len: socklen_t) -> Option<SocketAddr> {
+    if addr.is_null() || (len as usize) < size_of::<libc::sa_family_t>() {
+        return None;
+    }
+    // SAFETY: at least the family field is readable (checked above); the family-specific
+    // reads below are done only when `len` covers the whole struct. Unaligned reads, since
+    // callers may pass any buffer.
+    unsafe {
+        match c_int::from((*addr).sa_family) {
+            libc::AF_INET if len as usize >= size_of::<sockaddr_in>() => {
+                let sin = addr.cast::<sockaddr_in>().read_unaligned();
+                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                Some(SocketAddrV4::new(ip, u16::from_be(sin.sin_port)).into())
+            }
+            libc::AF_INET6 if len as usize >= size_of::<sockaddr_in6>() => {
+                let sin6 = addr.cast::<sockaddr_in6>().read_unaligned();
+                let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                let port = u16::from_be(sin6.sin6_port);
+                Some(SocketAddrV6::new(ip, port, sin6.sin6_flowinfo, sin6.sin6_scope_id).into())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Encode `addr` as a `sockaddr` of its own family.
+pub fn write_sockaddr(addr: SocketAddr) -> (sockaddr_storage, socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut storage: sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: as above, for sockaddr_in.
+            let mut sin: sockaddr_in = unsafe { std::mem::zeroed() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+            // SAFETY: sockaddr_storage is larger than and aligned for every sockaddr type.
+            unsafe {
+                std::ptr::addr_of_mut!(storage)
+                    .cast::<sockaddr_in>()
+                    .write(sin)
+            };
+            size_of::<sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let mut sin6: sockaddr_in6 = unsafe { std::mem::zeroed() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_scope_id = a.scope_id();
+            // SAFETY: as above.
+            unsafe {
+                std::ptr::addr_of_mut!(storage)
+                    .cast::<sockaddr_in6>()
+                    .write(sin6)
+            };
+            size_of::<sockaddr_in6>()
+        }
+    };
+    (storage, len as socklen_t)
+}
+
+fn sockopt_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
+    let mut v: c_int = 0;
+    let mut len = size_of::<c_int>() as socklen_t;
+    // SAFETY: `v` and `len` are valid for writes of the sizes given; a bad fd just fails.
+    let r =
+        unsafe { libc::getsockopt(fd, level, name, std::ptr::addr_of_mut!(v).cast(), &mut len) };
+    (r == 0).then_some(v)
+}
+
+fn socket_facts(fd: c_int, dest: Option<SocketAddr>) -> SocketFacts {
+    let stream = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM);
+    let v6only = matches!(dest, Some(SocketAddr::V6(_)))
+        && sockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY).is_some_and(|v| v != 0);
+    SocketFacts { stream, v6only }
+}
+
+/// The shared body of `connect` and `__connect`.
+///
+/// # Safety
+/// The arguments of `connect(2)`.
+unsafe fn connect_via(real: &RealFn, fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    let Some(real) = real.addr() else {
+        set_errno(libc::ENOSYS);
+        return -1;
+    };
+    // SAFETY: the address came from dlsym for a function with this exact signature.
+    let real: ConnectFn = unsafe { std::mem::transmute::<usize, ConnectFn>(real) };
+    let decision = Guard::enter().and_then(|_guard| {
+        let cfg = crate::config()?;
+        contain(|| {
+            // SAFETY: the agent passed `len` readable bytes at `addr` (connect's contract).
+            let dest = unsafe { read_sockaddr(addr, len) };
+            decide::decide_connect(cfg, dest, || socket_facts(fd, dest))
+        })
+    });
+    match decision {
+        Some(Connect::Redirect(to)) => {
+            let (storage, slen) = write_sockaddr(to);
+            // SAFETY: a complete sockaddr of `slen` bytes that outlives the call.
+            unsafe { real(fd, std::ptr::addr_of!(storage).cast(), slen) }
+        }
+        Some(Connect::Refuse(_)) => {
+            set_errno(libc::ECONNREFUSED);
+            -1
+        }
+        // SAFETY: the agent's own arguments, unchanged.
+        Some(Connect::Bypass(_)) | None => unsafe { real(fd, addr, len) },
+    }
+}
+
+/// `connect(2)`: managed fake addresses go to the broker; see [`decide::decide_connect`].
+///
+/// # Safety
+/// Called by the agent with `connect(2)`'s arguments.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: forwarded unchanged from the agent.
+    unsafe { connect_via(&REAL_CONNECT, fd, addr, len) }
+}
+
+/// glibc's internal alias of `connect`, called directly by some libraries.
+///
+/// # Safety
+/// As [`connect`].
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn __connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: forwarded unchanged from the agent.
+    unsafe { connect_via(&REAL_CONNECT_INTERNAL, fd, addr, len) }
+}
+
+fn family_of(af: c_int) -> Family {
+    match af {
+        libc::AF_UNSPEC => Family::Any,
+        libc::AF_INET => Family::V4,
+        libc::AF_INET6 => Family::V6,
+        _ => Family::Other,
+    }
+}
+
+/// The fake address for a hostname, if it is managed, as a numeric literal.
+///
+/// # Safety
+/// `name` must be null or a NUL-terminated string.
+unsafe fn fake_answer(name: *const c_char, family: Family) -> Option<(IpAddr, CString)> {
+    let cfg = crate::config()?;
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: non-null and NUL-terminated per the resolver's contract.
+    let name = unsafe { CStr::from_ptr(name) }.to_str().ok()?;
+    let ip = decide::decide_resolve(cfg, name, family)?;
+    Some((ip, CString::new(ip.to_string()).ok()?))
+}
+
+/// `getaddrinfo(3)`: a managed hostname is answered by the real `getaddrinfo` for the fake
+/// numeric address (`AI_NUMERICHOST`), so glibc allocates the list and `freeaddrinfo` needs
+/// no hook. The guard is held across the real call, so the resolver's own sockets pass
+/// through untouched.
+///
+/// # Safety
+/// Called by the agent with `getaddrinfo(3)`'s arguments.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn getaddrinfo(
+    node: *const c_char,
+    service: *const c_char,
+    hints: *const addrinfo,
+    res: *mut *mut addrinfo,
+) -> c_int {
+    let Some(real) = REAL_GETADDRINFO.addr() else {
+        return libc::EAI_FAIL;
+    };
+    // SAFETY: the address came from dlsym for a function with this exact signature.
+    let real: GetaddrinfoFn = unsafe { std::mem::transmute::<usize, GetaddrinfoFn>(real) };
+    let Some(_guard) = Guard::enter() else {
+        // SAFETY: the agent's own arguments, unchanged.
+        return unsafe { real(node, service, hints, res) };
+    };
+    let answer = contain(|| {
+        // SAFETY: `hints` is null or a valid addrinfo (getaddrinfo's contract).
+        let af = unsafe { hints.as_ref() }.map_or(libc::AF_UNSPEC, |h| h.ai_family);
+        // SAFETY: `node` is null or NUL-terminated (getaddrinfo's contract).
+        unsafe { fake_answer(node, family_of(af)) }
+    })
+    .flatten();
+    let Some((ip, literal)) = answer else {
+        // SAFETY: the agent's own arguments, unchanged.
+        return unsafe { real(node, service, hints, res) };
+    };
+    // SAFETY: addrinfo is plain old data; the copy keeps the caller's socktype/protocol/flags.
+    let mut h: addrinfo = match unsafe { hints.as_ref() } {
+        Some(h) => *h,
+        // SAFETY: all-zero is a valid addrinfo (AF_UNSPEC, any socktype).
+        None => unsafe { std::mem::zeroed() },
+    };
+    h.ai_family = if ip.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // AI_ADDRCONFIG would drop a loopback-only answer on a host without other addresses.
+    h.ai_flags = (h.ai_flags | libc::AI_NUMERICHOST) & !libc::AI_ADDRCONFIG;
+    // SAFETY: `literal` and `h` outlive the call; `service` and `res` are the agent's.
+    unsafe { real(literal.as_ptr(), service, &h, res) }
+}
+
+/// Shared body of the `gethostbyname*` hooks: the name to pass to the real function.
+fn hostent_name(name: *const c_char, af: c_int) -> Option<CString> {
+    let _guard = Guard::enter()?;
+    // SAFETY: `name` is null or NUL-terminated (the resolver's contract).
+    contain(|| unsafe { fake_answer(name, family_of(af)) })
+        .flatten()
+        .map(|(_, lit)| lit)
+}
+
+/// `gethostbyname(3)`: managed names answered with the fake IPv4 address.
+///
+/// # Safety
+/// Called by the agent with `gethostbyname(3)`'s arguments.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn gethostbyname(name: *const c_char) -> *mut hostent {
+    let Some(real) = REAL_GETHOSTBYNAME.addr() else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: dlsym address of a function with this signature.
+    let real: GethostbynameFn = unsafe { std::mem::transmute::<usize, GethostbynameFn>(real) };
+    let lit = hostent_name(name, libc::AF_INET);
+    // SAFETY: a NUL-terminated name that outlives the call.
+    unsafe { real(lit.as_ref().map_or(name, |l| l.as_ptr())) }
+}
+
+/// `gethostbyname2(3)`.
+///
+/// # Safety
+/// Called by the agent with `gethostbyname2(3)`'s arguments.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn gethostbyname2(name: *const c_char, af: c_int) -> *mut hostent {
+    let Some(real) = REAL_GETHOSTBYNAME2.addr() else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: dlsym address of a function with this signature.
+    let real: Gethostbyname2Fn = unsafe { std::mem::transmute::<usize, Gethostbyname2Fn>(real) };
+    let lit = hostent_name(name, af);
+    // SAFETY: a NUL-terminated name that outlives the call.
+    unsafe { real(lit.as_ref().map_or(name, |l| l.as_ptr()), af) }
+}
+
+/// `gethostbyname_r(3)`.
+///
+/// # Safety
+/// Called by the agent with `gethostbyname_r(3)`'s arguments.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn gethostbyname_r(
+    name: *const c_char,
+    ret: *mut hostent,
+    buf: *mut c_char,
+    buflen: libc::size_t,
+    result: *mut *mut hostent,
+    h_errnop: *mut c_int,
+) -> c_int {
+    let Some(real) = REAL_GETHOSTBYNAME_R.addr() else {
+        return libc::ENOSYS;
+    };
+    // SAFETY: dlsym address of a function with this signature.
+    let real: GethostbynameRFn = unsafe { std::mem::transmute::<usize, GethostbynameRFn>(real) };
+    let lit = hostent_name(name, libc::AF_INET);
+    // SAFETY: the agent's buffers, and a NUL-terminated name that outlives the call.
+    unsafe {
+        real(
+            lit.as_ref().map_or(name, |l| l.as_ptr()),
+            ret,
+            buf,
+            buflen,
+            result,
+            h_errnop,
+        )
+    }
+}
+
+/// `gethostbyname2_r(3)`.
+///
+/// # Safety
+/// Called by the agent with `gethostbyname2_r(3)`'s arguments.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn gethostbyname2_r(
+    name: *const c_char,
+    af: c_int,
+    ret: *mut hostent,
+    buf: *mut c_char,
+    buflen: libc::size_t,
+    result: *mut *mut hostent,
+    h_errnop: *mut c_int,
+) -> c_int {
+    let Some(real) = REAL_GETHOSTBYNAME2_R.addr() else {
+        return libc::ENOSYS;
+    };
+    // SAFETY: dlsym address of a function with this signature.
+    let real: Gethostbyname2RFn = unsafe { std::mem::transmute::<usize, Gethostbyname2RFn>(real) };
+    let lit = hostent_name(name, af);
+    // SAFETY: the agent's buffers, and a NUL-terminated name that outlives the call.
+    unsafe {
+        real(
+            lit.as_ref().map_or(name, |l| l.as_ptr()),
+            af,
+            ret,
+            buf,
+            buflen,
+            result,
+            h_errnop,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockaddr_round_trips() {
+        for s in [
+            "127.77.3.1:443",
+            "[::ffff:127.77.3.1]:443",
+            "[fe80::1%2]:80",
+        ] {
+            let a: SocketAddr = s.parse().expect("addr");
+            let (storage, len) = write_sockaddr(a);
+            // SAFETY: a complete sockaddr of `len` bytes.
+            let back = unsafe { read_sockaddr(std::ptr::addr_of!(storage).cast(), len) };
+            assert_eq!(back, Some(a));
+        }
+    }
+
+    #[test]
+    fn short_or_foreign_sockaddrs_are_not_ip() {
+        let (storage, _) = write_sockaddr("127.0.0.1:1".parse().expect("addr"));
+        let p = std::ptr::addr_of!(storage).cast();
+        // SAFETY: `storage` has at least as many bytes as asked for.
+        unsafe {
+            assert_eq!(read_sockaddr(p, 4), None);
+            assert_eq!(read_sockaddr(std::ptr::null(), 16), None);
+        }
+        // SAFETY: zeroed sockaddr_un-sized storage: family AF_UNSPEC.
+        let zero: sockaddr_storage = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { read_sockaddr(std::ptr::addr_of!(zero).cast(), 128) },
+            None
+        );
+    }
+}
