@@ -72,6 +72,7 @@ const BUILTIN: &[(&str, &str)] = builtin_files![
     "sentry",
     "replicate",
     "cerebras",
+    "azure-openai",
 ];
 
 /// All providers broker knows, validated as a whole (unique names, hosts, placeholders).

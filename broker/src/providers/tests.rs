@@ -44,9 +44,26 @@ fn every_builtin_parses_and_the_catalog_is_consistent() {
     let catalog = Catalog::builtin();
     assert_eq!(catalog.providers().len(), BUILTIN.len());
     for name in [
-        "openai", "anthropic", "github", "gitlab", "stripe", "slack", "linear", "gemini", "mistral",
-        "groq", "openrouter", "huggingface", "cohere", "deepseek", "xai", "perplexity", "together",
-        "fireworks", "notion", "sentry",
+        "openai",
+        "anthropic",
+        "github",
+        "gitlab",
+        "stripe",
+        "slack",
+        "linear",
+        "gemini",
+        "mistral",
+        "groq",
+        "openrouter",
+        "huggingface",
+        "cohere",
+        "deepseek",
+        "xai",
+        "perplexity",
+        "together",
+        "fireworks",
+        "notion",
+        "sentry",
     ] {
         assert!(catalog.get(name).is_some(), "missing built-in {name}");
     }
@@ -56,9 +73,17 @@ fn every_builtin_parses_and_the_catalog_is_consistent() {
 fn builtin_placeholders_match_their_pattern_and_not_the_leak_scanner() {
     let leak = regex_lite::Regex::new(LEAK_SCANNER).expect("regex");
     for p in Catalog::builtin().providers() {
-        assert!(p.key_matches(&p.placeholder), "{}: placeholder fails key_pattern", p.name);
+        assert!(
+            p.key_matches(&p.placeholder),
+            "{}: placeholder fails key_pattern",
+            p.name
+        );
         assert!(p.is_placeholder(&p.placeholder));
-        assert!(!leak.is_match(&p.placeholder), "{}: placeholder looks like a leaked key", p.name);
+        assert!(
+            !leak.is_match(&p.placeholder),
+            "{}: placeholder looks like a leaked key",
+            p.name
+        );
         if !PLACEHOLDER_WITHOUT_WORD.contains(&p.name.as_str()) {
             assert!(
                 p.placeholder.contains("broker") && p.placeholder.contains("placeholder"),
@@ -71,7 +96,10 @@ fn builtin_placeholders_match_their_pattern_and_not_the_leak_scanner() {
     }
     // The whole tree of built-in definitions (comments included) stays clean too.
     for (file, text) in BUILTIN {
-        assert!(!leak.is_match(text), "{file}.toml contains something that looks like a key");
+        assert!(
+            !leak.is_match(text),
+            "{file}.toml contains something that looks like a key"
+        );
     }
 }
 
@@ -84,7 +112,11 @@ fn builtin_names_placeholders_env_vars_and_hosts_are_unique() {
     let mut hosts = HashSet::new();
     for p in catalog.providers() {
         assert!(names.insert(p.name.clone()), "name {}", p.name);
-        assert!(placeholders.insert(p.placeholder.clone()), "placeholder of {}", p.name);
+        assert!(
+            placeholders.insert(p.placeholder.clone()),
+            "placeholder of {}",
+            p.name
+        );
         for v in &p.env {
             assert!(env.insert(v.clone()), "env {v}");
         }
@@ -101,17 +133,33 @@ fn route_for_host_finds_every_builtin_host_and_nothing_else() {
     for p in catalog.providers() {
         for (i, route) in p.routes.iter().enumerate() {
             for spec in &route.hosts {
-                let (found, found_route) =
-                    catalog.route_for_host(&spec.pattern).expect("host is routed");
+                // A wildcard is exercised with one concrete label in its place.
+                let host = match spec.pattern.strip_prefix("*.") {
+                    Some(domain) => format!("res1.{domain}"),
+                    None => spec.pattern.clone(),
+                };
+                let (found, found_route) = catalog.route_for_host(&host).expect("host is routed");
                 assert_eq!(found.name, p.name, "{}", spec.pattern);
                 assert_eq!(found_route, &p.routes[i]);
                 // Case and a trailing dot do not matter.
-                let upper = format!("{}.", spec.pattern.to_ascii_uppercase());
-                assert_eq!(catalog.route_for_host(&upper).map(|(p, _)| &p.name), Some(&p.name));
+                let upper = format!("{}.", host.to_ascii_uppercase());
+                assert_eq!(
+                    catalog.route_for_host(&upper).map(|(p, _)| &p.name),
+                    Some(&p.name)
+                );
             }
         }
     }
-    for foreign in ["api.openai.com.evil.test", "evil.test", "openai.com", "x.api.openai.com", ""] {
+    for foreign in [
+        "api.openai.com.evil.test",
+        "evil.test",
+        "openai.com",
+        "x.api.openai.com",
+        "openai.azure.com",
+        "a.b.openai.azure.com",
+        "*.openai.azure.com",
+        "",
+    ] {
         assert!(catalog.route_for_host(foreign).is_none(), "{foreign}");
     }
     let (gh, route) = catalog.route_for_host("github.com").expect("github.com");
@@ -121,16 +169,25 @@ fn route_for_host_finds_every_builtin_host_and_nothing_else() {
         route.credential,
         vec![Injection::Header {
             name: "authorization".into(),
-            scheme: Some(Scheme::Basic { username: Some("x-access-token".into()) }),
+            scheme: Some(Scheme::Basic {
+                username: Some("x-access-token".into())
+            }),
         }]
     );
-    let (_, api) = catalog.route_for_host("api.github.com").expect("api.github.com");
+    let (_, api) = catalog
+        .route_for_host("api.github.com")
+        .expect("api.github.com");
     assert_eq!(api.inject, InjectMode::IfPlaceholder);
-    let (_, gemini) = catalog.route_for_host("generativelanguage.googleapis.com").expect("gemini");
-    assert!(gemini.credential.contains(&Injection::Query { param: "key".into() }));
-    assert!(gemini
-        .credential
-        .contains(&Injection::Header { name: "x-goog-api-key".into(), scheme: None }));
+    let (_, gemini) = catalog
+        .route_for_host("generativelanguage.googleapis.com")
+        .expect("gemini");
+    assert!(gemini.credential.contains(&Injection::Query {
+        param: "key".into()
+    }));
+    assert!(gemini.credential.contains(&Injection::Header {
+        name: "x-goog-api-key".into(),
+        scheme: None
+    }));
 }
 
 /// Keys in each provider's real format (built at run time so that no key-like text is in the
@@ -176,10 +233,16 @@ fn builtin_key_patterns_accept_real_formats() {
         ("sentry", format!("sntrys_eyJ{}=_{}", a(100), a(43))),
         ("replicate", format!("r8_{}", a(37))),
         ("cerebras", format!("csk-{}", a(48))),
+        ("azure-openai", hex(32)),
+        ("azure-openai", a(84)),
     ];
     for (name, key) in &ok {
         let p = catalog.get(name).expect("provider");
-        assert!(p.key_matches(key), "{name} rejects a key of a real format ({} chars)", key.len());
+        assert!(
+            p.key_matches(key),
+            "{name} rejects a key of a real format ({} chars)",
+            key.len()
+        );
     }
     let bad: Vec<(&str, String)> = vec![
         ("openai", "sk-short".into()),
@@ -192,7 +255,10 @@ fn builtin_key_patterns_accept_real_formats() {
         ("slack", format!("xoxb {}", a(20))),
     ];
     for (name, key) in &bad {
-        assert!(!catalog.get(name).expect("provider").key_matches(key), "{name} accepts {key:?}");
+        assert!(
+            !catalog.get(name).expect("provider").key_matches(key),
+            "{name} accepts {key:?}"
+        );
     }
 }
 
@@ -204,20 +270,40 @@ fn custom_file_parses_with_defaults() {
     assert_eq!(
         p.routes[0].hosts,
         vec![
-            HostSpec { pattern: "api.acme.test".into(), port: 443, path_prefix: None },
-            HostSpec { pattern: "*.acme.example".into(), port: 443, path_prefix: None },
-            HostSpec { pattern: "upload.acme.test".into(), port: 8443, path_prefix: Some("/v1".into()) },
+            HostSpec {
+                pattern: "api.acme.test".into(),
+                port: 443,
+                path_prefix: None
+            },
+            HostSpec {
+                pattern: "*.acme.example".into(),
+                port: 443,
+                path_prefix: None
+            },
+            HostSpec {
+                pattern: "upload.acme.test".into(),
+                port: 8443,
+                path_prefix: Some("/v1".into())
+            },
         ]
     );
     assert_eq!(
         p.routes[0].credential,
         vec![
-            Injection::Header { name: "x-acme-key".into(), scheme: None },
-            Injection::Query { param: "api_key".into() },
+            Injection::Header {
+                name: "x-acme-key".into(),
+                scheme: None
+            },
+            Injection::Query {
+                param: "api_key".into()
+            },
         ]
     );
     assert!(p.oauth.is_none());
-    assert_eq!(p.origin().to_string(), "/home/u/.local/share/broker/providers/acme.toml");
+    assert_eq!(
+        p.origin().to_string(),
+        "/home/u/.local/share/broker/providers/acme.toml"
+    );
 }
 
 #[test]
@@ -229,26 +315,55 @@ fn typo_in_a_field_names_file_line_and_field() {
         "{msg}"
     );
     let msg = err(&ACME.replace("display_name", "displayname"));
-    assert!(msg.starts_with("/home/u/.local/share/broker/providers/acme.toml:2:1: unknown field 'displayname'"), "{msg}");
+    assert!(
+        msg.starts_with(
+            "/home/u/.local/share/broker/providers/acme.toml:2:1: unknown field 'displayname'"
+        ),
+        "{msg}"
+    );
     // An unknown value of a known field names the field.
     let msg = err(&format!("{ACME}inject = \"sometimes\"\n"));
-    assert!(msg.contains("acme.toml:10:10: field 'inject': unknown variant 'sometimes'"), "{msg}");
-    let msg = err(&ACME.replace("{ header = \"x-acme-key\" }", "{ header = \"x-acme-key\", scheme = \"berer\" }"));
-    assert!(msg.contains("acme.toml:9:") && msg.contains("field 'scheme': unknown variant 'berer'"), "{msg}");
+    assert!(
+        msg.contains("acme.toml:10:10: field 'inject': unknown variant 'sometimes'"),
+        "{msg}"
+    );
+    let msg = err(&ACME.replace(
+        "{ header = \"x-acme-key\" }",
+        "{ header = \"x-acme-key\", scheme = \"berer\" }",
+    ));
+    assert!(
+        msg.contains("acme.toml:9:") && msg.contains("field 'scheme': unknown variant 'berer'"),
+        "{msg}"
+    );
     // A value of the wrong type.
     let msg = err(&ACME.replace("env = [\"ACME_API_KEY\"]", "env = \"ACME_API_KEY\""));
-    assert!(msg.contains("acme.toml:3:7: field 'env': invalid type"), "{msg}");
+    assert!(
+        msg.contains("acme.toml:3:7: field 'env': invalid type"),
+        "{msg}"
+    );
     // A missing required field.
     let msg = err(&ACME.replace("key_pattern = '^acme_[a-z0-9_]{20,}$'\n", ""));
-    assert!(msg.contains("acme.toml") && msg.contains("missing field 'key_pattern'"), "{msg}");
+    assert!(
+        msg.contains("acme.toml") && msg.contains("missing field 'key_pattern'"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn bad_toml_syntax_names_file_and_line() {
-    let msg = err(&ACME.replace("placeholder = \"acme_broker_placeholder_0000\"", "placeholder = \"acme_broker"));
-    assert!(msg.starts_with("/home/u/.local/share/broker/providers/acme.toml:4:"), "{msg}");
+    let msg = err(&ACME.replace(
+        "placeholder = \"acme_broker_placeholder_0000\"",
+        "placeholder = \"acme_broker",
+    ));
+    assert!(
+        msg.starts_with("/home/u/.local/share/broker/providers/acme.toml:4:"),
+        "{msg}"
+    );
     let msg = err(&ACME.replace("[[routes]]", "[[routes]"));
-    assert!(msg.starts_with("/home/u/.local/share/broker/providers/acme.toml:7:"), "{msg}");
+    assert!(
+        msg.starts_with("/home/u/.local/share/broker/providers/acme.toml:7:"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -259,23 +374,39 @@ fn bad_regex_names_the_field_and_line() {
         "{msg}"
     );
     let msg = err(&ACME.replace("'^acme_[a-z0-9_]{20,}$'", "''"));
-    assert!(msg.contains(":5:15: field 'key_pattern': must not be empty"), "{msg}");
+    assert!(
+        msg.contains(":5:15: field 'key_pattern': must not be empty"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn placeholder_must_match_the_key_pattern() {
-    let msg = err(&ACME.replace("acme_broker_placeholder_0000", "acme-broker-placeholder-0000"));
+    let msg = err(&ACME.replace(
+        "acme_broker_placeholder_0000",
+        "acme-broker-placeholder-0000",
+    ));
     assert!(
         msg.starts_with("/home/u/.local/share/broker/providers/acme.toml:4:15: field 'placeholder': 'acme-broker-placeholder-0000' does not match key_pattern"),
         "{msg}"
     );
     let msg = err(&ACME.replace("acme_broker_placeholder_0000", "acme_short"));
-    assert!(msg.contains(":4:15: field 'placeholder': must be at least 16 characters"), "{msg}");
+    assert!(
+        msg.contains(":4:15: field 'placeholder': must be at least 16 characters"),
+        "{msg}"
+    );
     // Characters that a URL or a Basic credential would mangle.
     let text = ACME
-        .replace("acme_broker_placeholder_0000", "acme_broker_placeholder:0000")
+        .replace(
+            "acme_broker_placeholder_0000",
+            "acme_broker_placeholder:0000",
+        )
         .replace("[a-z0-9_]", "[a-z0-9_:]");
-    assert!(err(&text).contains("field 'placeholder': may only contain"), "{}", err(&text));
+    assert!(
+        err(&text).contains("field 'placeholder': may only contain"),
+        "{}",
+        err(&text)
+    );
 }
 
 #[test]
@@ -292,26 +423,49 @@ fn bad_hosts_ports_and_routes_are_refused_with_their_line() {
         ("api.acme.test/", "a path prefix is"),
     ] {
         let msg = bad_host(host);
-        assert!(msg.contains(":8:10: field 'routes.hosts': "), "{host}: {msg}");
+        assert!(
+            msg.contains(":8:10: field 'routes.hosts': "),
+            "{host}: {msg}"
+        );
         assert!(msg.contains(why), "{host}: {msg}");
     }
     let msg = err(&ACME.replace("\"upload.acme.test:8443/v1\"", "\"API.acme.test\""));
-    assert!(msg.contains("field 'routes.hosts': 'api.acme.test' is listed twice"), "{msg}");
+    assert!(
+        msg.contains("field 'routes.hosts': 'api.acme.test' is listed twice"),
+        "{msg}"
+    );
 
     let no_routes = ACME.split("[[routes]]").next().expect("head").to_string() + "routes = []\n";
     let msg = err(&no_routes);
-    assert!(msg.contains(":7:10: field 'routes': at least one route is needed"), "{msg}");
-    let msg = err(&ACME.replace("credential = [{ header = \"x-acme-key\" }, { query = \"api_key\" }]", "credential = []"));
-    assert!(msg.contains(":9:14: field 'routes.credential': at least one place"), "{msg}");
+    assert!(
+        msg.contains(":7:10: field 'routes': at least one route is needed"),
+        "{msg}"
+    );
+    let msg = err(&ACME.replace(
+        "credential = [{ header = \"x-acme-key\" }, { query = \"api_key\" }]",
+        "credential = []",
+    ));
+    assert!(
+        msg.contains(":9:14: field 'routes.credential': at least one place"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn bad_injections_are_refused() {
     let with = |c: &str| err(&ACME.replace("{ header = \"x-acme-key\" }", c));
     let msg = with("{ header = \"authorization\", scheme = \"basic\", basic_username = \"a:b\" }");
-    assert!(msg.contains(":9:15: field 'routes.credential.basic_username': 'a:b' cannot be a Basic user name"), "{msg}");
+    assert!(
+        msg.contains(
+            ":9:15: field 'routes.credential.basic_username': 'a:b' cannot be a Basic user name"
+        ),
+        "{msg}"
+    );
     let msg = with("{ header = \"authorization\", basic_username = \"x\" }");
-    assert!(msg.contains("field 'routes.credential.basic_username': only with scheme = \"basic\""), "{msg}");
+    assert!(
+        msg.contains("field 'routes.credential.basic_username': only with scheme = \"basic\""),
+        "{msg}"
+    );
     let msg = with("{ header = \"host\" }");
     assert!(msg.contains("'host' cannot carry a credential"), "{msg}");
     let msg = with("{ header = \"x api\" }");
@@ -324,13 +478,22 @@ fn bad_injections_are_refused() {
     assert!(msg.contains("give 'header'"), "{msg}");
     // Header names are stored lowercase.
     let p = parse(&ACME.replace("x-acme-key", "X-Acme-Key")).expect("parses");
-    assert_eq!(p.routes[0].credential[0], Injection::Header { name: "x-acme-key".into(), scheme: None });
+    assert_eq!(
+        p.routes[0].credential[0],
+        Injection::Header {
+            name: "x-acme-key".into(),
+            scheme: None
+        }
+    );
 }
 
 #[test]
 fn oauth_tables_are_checked() {
     let msg = err(&ACME.replace("key_pattern", "auth = \"oauth2\"\nkey_pattern"));
-    assert!(msg.contains(":5:8: field 'auth': auth = \"oauth2\" needs an [oauth] table"), "{msg}");
+    assert!(
+        msg.contains(":5:8: field 'auth': auth = \"oauth2\" needs an [oauth] table"),
+        "{msg}"
+    );
     let with_oauth = |o: &str| format!("{ACME}\n[oauth]\n{o}\n");
     let p = parse(&with_oauth(
         "authorize_url = \"https://acme.test/authorize\"\ntoken_url = \"https://acme.test/token\"\nscopes = [\"read\"]",
@@ -343,22 +506,40 @@ fn oauth_tables_are_checked() {
     let p = parse(&with_oauth("token_url = \"https://acme.test/token\"\ngrant = \"client_credentials\"\nclient_auth = \"basic\""))
         .expect("client credentials need no authorize_url");
     assert_eq!(p.oauth.expect("oauth").grant, Grant::ClientCredentials);
-    let msg = err(&with_oauth("token_url = \"https://acme.test/token\"\ndevice_flow = true"));
-    assert!(msg.contains("field 'oauth.device_flow': device_flow = true needs a device_url"), "{msg}");
-    let msg = err(&with_oauth("token_url = \"http://acme.test/token\"\nauthorize_url = \"https://acme.test/a\""));
-    assert!(msg.contains("field 'oauth.token_url': 'http://acme.test/token' must use https"), "{msg}");
+    let msg = err(&with_oauth(
+        "token_url = \"https://acme.test/token\"\ndevice_flow = true",
+    ));
+    assert!(
+        msg.contains("field 'oauth.device_flow': device_flow = true needs a device_url"),
+        "{msg}"
+    );
+    let msg = err(&with_oauth(
+        "token_url = \"http://acme.test/token\"\nauthorize_url = \"https://acme.test/a\"",
+    ));
+    assert!(
+        msg.contains("field 'oauth.token_url': 'http://acme.test/token' must use https"),
+        "{msg}"
+    );
     let msg = err(&with_oauth("authorize_url = \"https://acme.test/a\""));
     assert!(msg.contains("field 'oauth.token_url': missing"), "{msg}");
-    let msg = err(&with_oauth("token_url = \"https://acme.test/token\"\nauthorise_url = \"https://acme.test/a\""));
+    let msg = err(&with_oauth(
+        "token_url = \"https://acme.test/token\"\nauthorise_url = \"https://acme.test/a\"",
+    ));
     assert!(msg.contains("unknown field 'authorise_url'"), "{msg}");
 }
 
 #[test]
 fn names_and_env_vars_are_checked() {
     let msg = err(&ACME.replace("name = \"acme\"", "name = \"Acme Corp\""));
-    assert!(msg.contains(":1:8: field 'name': 'Acme Corp' is not a valid provider name"), "{msg}");
+    assert!(
+        msg.contains(":1:8: field 'name': 'Acme Corp' is not a valid provider name"),
+        "{msg}"
+    );
     let msg = err(&ACME.replace("[\"ACME_API_KEY\"]", "[\"ACME_API_KEY\", \"ACME-KEY\"]"));
-    assert!(msg.contains(":3:24: field 'env': 'ACME-KEY' is not a valid environment variable name"), "{msg}");
+    assert!(
+        msg.contains(":3:24: field 'env': 'ACME-KEY' is not a valid environment variable name"),
+        "{msg}"
+    );
     let msg = err(&ACME.replace("[\"ACME_API_KEY\"]", "[\"ACME_API_KEY\", \"ACME_API_KEY\"]"));
     assert!(msg.contains("'ACME_API_KEY' is listed twice"), "{msg}");
 }
@@ -369,10 +550,15 @@ fn two_providers_claiming_one_host_is_an_error_naming_both() {
     let other_text = ACME
         .replace("name = \"acme\"", "name = \"acme2\"")
         .replace("ACME_API_KEY", "ACME2_API_KEY")
-        .replace("acme_broker_placeholder_0000", "acme_broker_placeholder_0002")
+        .replace(
+            "acme_broker_placeholder_0000",
+            "acme_broker_placeholder_0002",
+        )
         .replace("\"api.acme.test\", ", "");
     let other = Provider::from_toml(&other_text, "/p/acme2.toml").expect("parses");
-    let e = Catalog::from_parts(vec![acme.clone(), other]).expect_err("conflict").to_string();
+    let e = Catalog::from_parts(vec![acme.clone(), other])
+        .expect_err("conflict")
+        .to_string();
     assert_eq!(
         e,
         "/p/acme2.toml:8: field 'hosts': host '*.acme.example' is claimed by both 'acme' \
@@ -380,14 +566,28 @@ fn two_providers_claiming_one_host_is_an_error_naming_both() {
     );
     // Same placeholder, same env var, same name.
     let same_ph = Provider::from_toml(
-        &ACME.replace("name = \"acme\"", "name = \"acme3\"").replace("ACME_API_KEY", "ACME3").replace("acme.", "acme3."),
+        &ACME
+            .replace("name = \"acme\"", "name = \"acme3\"")
+            .replace("ACME_API_KEY", "ACME3")
+            .replace("acme.", "acme3."),
         "/p/acme3.toml",
     )
     .expect("parses");
-    let e = Catalog::from_parts(vec![acme.clone(), same_ph]).expect_err("conflict").to_string();
-    assert!(e.contains("/p/acme3.toml:4: field 'placeholder': providers 'acme'") && e.contains("'acme3' have the same placeholder"), "{e}");
-    let e = Catalog::from_parts(vec![acme.clone(), acme]).expect_err("conflict").to_string();
-    assert!(e.contains("field 'name': provider 'acme' is also defined in"), "{e}");
+    let e = Catalog::from_parts(vec![acme.clone(), same_ph])
+        .expect_err("conflict")
+        .to_string();
+    assert!(
+        e.contains("/p/acme3.toml:4: field 'placeholder': providers 'acme'")
+            && e.contains("'acme3' have the same placeholder"),
+        "{e}"
+    );
+    let e = Catalog::from_parts(vec![acme.clone(), acme])
+        .expect_err("conflict")
+        .to_string();
+    assert!(
+        e.contains("field 'name': provider 'acme' is also defined in"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -404,16 +604,40 @@ credential = [{ header = "authorization", scheme = "token" }]
         "/p/special.toml",
     )
     .expect("parses");
-    let catalog = Catalog::from_parts(vec![wild, exact]).expect("an exact host may sit under another's wildcard");
-    assert_eq!(catalog.route_for_host("eu.acme.example").map(|(p, _)| p.name.as_str()), Some("special"));
-    assert_eq!(catalog.route_for_host("us.acme.example").map(|(p, _)| p.name.as_str()), Some("acme"));
+    let catalog = Catalog::from_parts(vec![wild, exact])
+        .expect("an exact host may sit under another's wildcard");
+    assert_eq!(
+        catalog
+            .route_for_host("eu.acme.example")
+            .map(|(p, _)| p.name.as_str()),
+        Some("special")
+    );
+    assert_eq!(
+        catalog
+            .route_for_host("us.acme.example")
+            .map(|(p, _)| p.name.as_str()),
+        Some("acme")
+    );
     assert_eq!(catalog.route_for_host("acme.example"), None);
-    assert_eq!(catalog.route_for_host("upload.acme.test").map(|(p, _)| p.name.as_str()), Some("acme"));
+    assert_eq!(
+        catalog
+            .route_for_host("upload.acme.test")
+            .map(|(p, _)| p.name.as_str()),
+        Some("acme")
+    );
     assert_eq!(
         catalog.host_patterns(),
-        vec!["api.acme.test", "*.acme.example", "upload.acme.test", "eu.acme.example"]
+        vec![
+            "api.acme.test",
+            "*.acme.example",
+            "upload.acme.test",
+            "eu.acme.example"
+        ]
     );
-    assert_eq!(catalog.get("special").map(|p| p.display_name.as_str()), Some("special"));
+    assert_eq!(
+        catalog.get("special").map(|p| p.display_name.as_str()),
+        Some("special")
+    );
 }
 
 fn home_with(files: &[(&str, &str)]) -> (tempfile::TempDir, Home) {
@@ -436,37 +660,61 @@ fn load_without_a_providers_dir_is_the_builtin_catalog() {
 
 #[test]
 fn custom_file_overrides_a_builtin() {
-    let openai = Catalog::builtin().get("openai").expect("openai").source_text().to_string();
+    let openai = Catalog::builtin()
+        .get("openai")
+        .expect("openai")
+        .source_text()
+        .to_string();
     let custom = openai
-        .replace("hosts = [\"api.openai.com\"]", "hosts = [\"api.openai.com\", \"*.openai.azure.com\"]")
+        .replace("hosts = [\"api.openai.com\"]", "hosts = [\"api.openai.com\", \"*.oai-gateway.example\"]")
         .replace("display_name = \"OpenAI\"", "display_name = \"OpenAI (mine)\"")
         .replace(
             "credential = [{ header = \"authorization\", scheme = \"bearer\" }]",
             "credential = [{ header = \"authorization\", scheme = \"bearer\" }, { header = \"api-key\" }]",
         );
-    let (_dir, home) = home_with(&[("openai.toml", &custom), ("notes.txt", "not a provider"), (".openai.toml.swp", "x")]);
+    let (_dir, home) = home_with(&[
+        ("openai.toml", &custom),
+        ("notes.txt", "not a provider"),
+        (".openai.toml.swp", "x"),
+    ]);
     let catalog = Catalog::load(&home).expect("loads");
-    assert_eq!(catalog.providers().len(), Catalog::builtin().providers().len());
+    assert_eq!(
+        catalog.providers().len(),
+        Catalog::builtin().providers().len()
+    );
     let p = catalog.get("openai").expect("openai");
     assert_eq!(p.display_name, "OpenAI (mine)");
     assert!(!p.origin().is_builtin());
-    assert_eq!(p.origin(), &Origin::File(home.providers_dir().join("openai.toml")));
+    assert_eq!(
+        p.origin(),
+        &Origin::File(home.providers_dir().join("openai.toml"))
+    );
     // Same position as the built-in it replaces.
     assert_eq!(catalog.providers()[0].name, "openai");
-    let (found, route) = catalog.route_for_host("myres.openai.azure.com").expect("routed");
+    let (found, route) = catalog
+        .route_for_host("eu.oai-gateway.example")
+        .expect("routed");
     assert_eq!(found.name, "openai");
-    assert!(route.credential.contains(&Injection::Header { name: "api-key".into(), scheme: None }));
+    assert!(route.credential.contains(&Injection::Header {
+        name: "api-key".into(),
+        scheme: None
+    }));
 }
 
 #[test]
 fn custom_provider_for_a_new_host() {
     let (_dir, home) = home_with(&[("acme.toml", ACME)]);
     let catalog = Catalog::load(&home).expect("loads");
-    assert_eq!(catalog.providers().len(), Catalog::builtin().providers().len() + 1);
+    assert_eq!(
+        catalog.providers().len(),
+        Catalog::builtin().providers().len() + 1
+    );
     let (p, route) = catalog.route_for_host("api.acme.test").expect("routed");
     assert_eq!(p.name, "acme");
     assert_eq!(route.hosts[0].pattern, "api.acme.test");
-    assert!(catalog.host_patterns().contains(&"api.acme.test".to_string()));
+    assert!(catalog
+        .host_patterns()
+        .contains(&"api.acme.test".to_string()));
     assert!(catalog.route_for_host("api.openai.com").is_some());
 }
 
@@ -476,7 +724,10 @@ fn load_reports_a_malformed_custom_file_by_path() {
     let (_dir, home) = home_with(&[("acme.toml", &bad)]);
     let msg = Catalog::load(&home).expect_err("malformed").to_string();
     let path = home.providers_dir().join("acme.toml");
-    assert!(msg.starts_with(&format!("{}:9:17: unknown field 'heder'", path.display())), "{msg}");
+    assert!(
+        msg.starts_with(&format!("{}:9:17: unknown field 'heder'", path.display())),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -494,21 +745,40 @@ fn load_refuses_a_custom_provider_taking_a_builtin_host_or_a_duplicate_name() {
     );
     let (_dir, home) = home_with(&[("a.toml", ACME), ("b.toml", ACME)]);
     let msg = Catalog::load(&home).expect_err("duplicate").to_string();
-    assert!(msg.contains("b.toml:1: field 'name': provider 'acme' is also defined in") && msg.contains("a.toml"), "{msg}");
+    assert!(
+        msg.contains("b.toml:1: field 'name': provider 'acme' is also defined in")
+            && msg.contains("a.toml"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn host_spec_string_forms() {
     assert_eq!(
         HostSpec::parse("api.example.com").expect("ok"),
-        HostSpec { pattern: "api.example.com".into(), port: 443, path_prefix: None }
+        HostSpec {
+            pattern: "api.example.com".into(),
+            port: 443,
+            path_prefix: None
+        }
     );
-    assert_eq!(HostSpec::parse("*.Example.com.").expect("ok").pattern, "*.example.com");
-    assert_eq!(HostSpec::parse("api.example.com:8443").expect("ok").port, 8443);
+    assert_eq!(
+        HostSpec::parse("*.Example.com.").expect("ok").pattern,
+        "*.example.com"
+    );
+    assert_eq!(
+        HostSpec::parse("api.example.com:8443").expect("ok").port,
+        8443
+    );
     let spec = HostSpec::parse("example.com/api").expect("ok");
     assert_eq!(spec.path_prefix.as_deref(), Some("/api"));
     assert_eq!(spec.to_string(), "example.com/api");
-    assert_eq!(HostSpec::parse("localhost:8080/v1/").expect("ok").to_string(), "localhost:8080/v1/");
+    assert_eq!(
+        HostSpec::parse("localhost:8080/v1/")
+            .expect("ok")
+            .to_string(),
+        "localhost:8080/v1/"
+    );
     assert!(HostSpec::parse("*").is_err());
     assert!(HostSpec::parse(":443").is_err());
     assert!(HostSpec::parse("exa mple.com").is_err());
@@ -522,6 +792,10 @@ fn builtin_sources_are_the_compiled_files() {
         let p = catalog.get(file).expect("provider");
         assert_eq!(p.source_text(), *text);
         assert_eq!(p.origin(), &Origin::Builtin(file));
-        assert!(Path::new(&format!("{}/src/providers/builtin/{file}.toml", env!("CARGO_MANIFEST_DIR"))).exists());
+        assert!(Path::new(&format!(
+            "{}/src/providers/builtin/{file}.toml",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .exists());
     }
 }
