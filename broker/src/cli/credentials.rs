@@ -86,7 +86,7 @@ pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
     }
     if !args.force && !provider.key_matches(&secret) {
         bail!(
-            "this does not look like a {} key (expected the pattern {}); nothing was stored. \
+            "this does not look like a key for {} (expected the pattern {}); nothing was stored. \
              Check for a copy-paste slip, or pass --force to store it anyway",
             provider.display_name,
             provider.key_pattern
@@ -139,13 +139,13 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:<16} {:<12} {:<8} {:<20} {:<20}",
+        "{:<16} {:<12} {:<8} {:<20} {}",
         "PROVIDER", "PROFILE", "KIND", "CREATED", "UPDATED"
     )?;
     for i in &infos {
         writeln!(
             out,
-            "{:<16} {:<12} {:<8} {:<20} {:<20}",
+            "{:<16} {:<12} {:<8} {:<20} {}",
             i.provider,
             i.profile,
             i.kind,

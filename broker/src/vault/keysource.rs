@@ -76,7 +76,7 @@ impl KeySource {
 
 impl fmt::Display for KeySource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             KeySource::Passphrase => "passphrase (BROKER_PASSPHRASE)",
             KeySource::Keyring => "OS keyring",
             KeySource::File => "key file",
