@@ -460,7 +460,7 @@ async fn send_async(
     let mut chunk_times = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| format!("body: {e}"))?;
-        if let Some(data) = frame.data_ref() {
+        if let Some(data) = frame.data_ref().filter(|d| !d.is_empty()) {
             chunk_times.push((head_at.elapsed(), data.len()));
             bytes.extend_from_slice(data);
         }

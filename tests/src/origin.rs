@@ -182,7 +182,7 @@ async fn serve(
             Ok(Response::builder()
                 .header("content-type", "text/event-stream")
                 .header("cache-control", "no-cache")
-                .body(StreamBody::new(stream).boxed())
+                .body(BodyExt::boxed(StreamBody::new(stream)))
                 .expect("response"))
         }
         Reply::WebSocketEcho => {

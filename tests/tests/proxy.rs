@@ -1,0 +1,611 @@
+//! The broker's request path, end to end: the real `broker serve` binary, real TLS, local
+//! origins on port 0 with their own CA, a client connecting the way a shimmed agent does.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use base64::Engine as _;
+use broker_integration::{contains, get, send, Home, Origin, Reply, Serve, TestCa};
+use bytes::Bytes;
+use http_body_util::Full;
+
+// Test secrets: valid for their providers' key patterns, obviously fake.
+const OPENAI_KEY: &str = "sk-test-real-openai-key-0123456789-abcdef";
+const ANTHROPIC_KEY: &str = "sk-ant-test-real-anthropic-key-0123456789";
+const GEMINI_KEY: &str = "AIza-test-real-gemini-key-0123456789abcdef";
+const GITHUB_KEY: &str = "ghp_test_real_github_key_0123456789abcdefghij";
+const STRIPE_KEY: &str = "sk_test_real_stripe_key_0123456789";
+
+const OPENAI_PH: &str = "sk-broker-placeholder-openai-0000000000000000";
+const ANTHROPIC_PH: &str = "sk-ant-api03-broker-placeholder-anthropic-00000000";
+
+/// An origin for `host` that answers 200 "ok" when it sees `expect` in the request head, else 401.
+fn demanding_origin(ca: &TestCa, host: &str, expect: &'static str) -> Origin {
+    Origin::start(ca, &[host], move |req| {
+        let head = format!("{} {:?}", req.target, req.headers);
+        if head.contains(expect) {
+            Reply::Text(200, "ok: key accepted".into())
+        } else {
+            Reply::Text(401, "no valid key".into())
+        }
+    })
+}
+
+struct Setup {
+    home: Home,
+    serve: Serve,
+    ca_pem: Vec<u8>,
+}
+
+fn setup(ca: &TestCa, origins: &[(&str, SocketAddr)], keys: &[(&str, &str)]) -> Setup {
+    let home = Home::new();
+    for (provider, key) in keys {
+        home.add(provider, key);
+    }
+    let serve = Serve::start(&home, ca, origins);
+    let ca_pem = serve.ca_pem();
+    Setup {
+        home,
+        serve,
+        ca_pem,
+    }
+}
+
+impl Setup {
+    fn get(
+        &self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        h2: bool,
+    ) -> broker_integration::ClientResponse {
+        send(
+            self.serve.addr_for(host),
+            host,
+            &self.ca_pem,
+            h2,
+            get(host, path, headers),
+        )
+        .expect("request through the broker")
+    }
+
+    /// The secret must not be in the broker's stderr or anywhere in BROKER_HOME but the
+    /// (encrypted) vault.
+    fn assert_no_leak(&self, secret: &str) {
+        assert!(
+            !self.serve.stderr().contains(secret),
+            "secret in broker stderr"
+        );
+        let audit = std::fs::read(self.home.path().join("audit.jsonl")).unwrap_or_default();
+        assert!(!contains(&audit, secret), "secret in the audit log");
+        assert!(
+            !contains(&self.home.all_bytes(), secret),
+            "secret in plaintext under BROKER_HOME"
+        );
+    }
+}
+
+#[test]
+fn bearer_swap_over_h1_and_h2() {
+    let ca = TestCa::new();
+    let origin = demanding_origin(&ca, "api.openai.com", OPENAI_KEY);
+    let s = setup(
+        &ca,
+        &[("api.openai.com", origin.addr)],
+        &[("openai", OPENAI_KEY)],
+    );
+    let auth = format!("Bearer {OPENAI_PH}");
+    for h2 in [false, true] {
+        let r = s.get(
+            "api.openai.com",
+            "/v1/models",
+            &[("authorization", &auth)],
+            h2,
+        );
+        assert_eq!(r.status, 200, "h2={h2}: {}", r.text());
+        assert_eq!(
+            r.version,
+            if h2 {
+                http::Version::HTTP_2
+            } else {
+                http::Version::HTTP_11
+            }
+        );
+        assert!(!contains(&r.body, OPENAI_KEY));
+        assert!(r
+            .headers
+            .iter()
+            .all(|(_, v)| !contains(v.as_bytes(), OPENAI_KEY)));
+    }
+    let got = origin.requests();
+    assert_eq!(got.len(), 2);
+    for req in &got {
+        assert_eq!(
+            req.header("authorization"),
+            Some(format!("Bearer {OPENAI_KEY}").as_str())
+        );
+        assert_eq!(req.target, "/v1/models");
+    }
+    // Audit: one credential_use line per request, no secret.
+    let audit = wait_for_audit(&s.home, 2);
+    assert!(audit
+        .iter()
+        .all(|l| l.contains("\"credential_use\"") && l.contains("api.openai.com")));
+    s.assert_no_leak(OPENAI_KEY);
+}
+
+#[test]
+fn every_injection_style() {
+    let ca = TestCa::new();
+    let anthropic = demanding_origin(&ca, "api.anthropic.com", ANTHROPIC_KEY);
+    let gemini = demanding_origin(&ca, "generativelanguage.googleapis.com", GEMINI_KEY);
+    let github_api = demanding_origin(&ca, "api.github.com", GITHUB_KEY);
+    let github_git = Origin::start(&ca, &["github.com"], |req| {
+        Reply::Text(
+            if req.header("authorization").is_some() {
+                200
+            } else {
+                401
+            },
+            "refs".into(),
+        )
+    });
+    let stripe = demanding_origin(&ca, "api.stripe.com", "Basic ");
+    let s = setup(
+        &ca,
+        &[
+            ("api.anthropic.com", anthropic.addr),
+            ("generativelanguage.googleapis.com", gemini.addr),
+            ("api.github.com", github_api.addr),
+            ("github.com", github_git.addr),
+            ("api.stripe.com", stripe.addr),
+        ],
+        &[
+            ("anthropic", ANTHROPIC_KEY),
+            ("gemini", GEMINI_KEY),
+            ("github", GITHUB_KEY),
+            ("stripe", STRIPE_KEY),
+        ],
+    );
+    let catalog_ph = |name: &str| placeholder_of(&s.home, name);
+
+    // A provider header (x-api-key).
+    let r = s.get(
+        "api.anthropic.com",
+        "/v1/messages",
+        &[("x-api-key", ANTHROPIC_PH)],
+        true,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        anthropic.requests()[0].header("x-api-key"),
+        Some(ANTHROPIC_KEY)
+    );
+
+    // A query parameter, and the x-goog-api-key header.
+    let gem_ph = catalog_ph("gemini");
+    let r = s.get(
+        "generativelanguage.googleapis.com",
+        &format!("/v1beta/models?key={gem_ph}&alt=json"),
+        &[],
+        false,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        gemini.requests()[0].target,
+        format!("/v1beta/models?key={GEMINI_KEY}&alt=json")
+    );
+    let r = s.get(
+        "generativelanguage.googleapis.com",
+        "/v1beta/models",
+        &[("x-goog-api-key", &gem_ph)],
+        false,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        gemini.requests()[1].header("x-goog-api-key"),
+        Some(GEMINI_KEY)
+    );
+
+    // The `token` scheme.
+    let gh_ph = catalog_ph("github");
+    let r = s.get(
+        "api.github.com",
+        "/user",
+        &[("authorization", &format!("token {gh_ph}"))],
+        false,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        github_api.requests()[0].header("authorization"),
+        Some(format!("token {GITHUB_KEY}").as_str())
+    );
+
+    // inject = "always": git smart-HTTP sends no credential; Basic x-access-token is added.
+    let r = s.get(
+        "github.com",
+        "/org/repo.git/info/refs?service=git-upload-pack",
+        &[],
+        false,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let expected = format!(
+        "Basic {}",
+        b64.encode(format!("x-access-token:{GITHUB_KEY}"))
+    );
+    assert_eq!(
+        github_git.requests()[0].header("authorization"),
+        Some(expected.as_str())
+    );
+
+    // Basic with the key as the username (curl -u sk_...:).
+    let st_ph = catalog_ph("stripe");
+    let basic = format!("Basic {}", b64.encode(format!("{st_ph}:")));
+    let r = s.get(
+        "api.stripe.com",
+        "/v1/charges",
+        &[("authorization", &basic)],
+        false,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let expected = format!("Basic {}", b64.encode(format!("{STRIPE_KEY}:")));
+    assert_eq!(
+        stripe.requests()[0].header("authorization"),
+        Some(expected.as_str())
+    );
+
+    for key in [ANTHROPIC_KEY, GEMINI_KEY, GITHUB_KEY, STRIPE_KEY] {
+        s.assert_no_leak(key);
+    }
+}
+
+#[test]
+fn placeholder_to_another_providers_host_is_never_swapped() {
+    let ca = TestCa::new();
+    let anthropic = Origin::start(&ca, &["api.anthropic.com"], |_| {
+        Reply::Text(401, "bad key".into())
+    });
+    let s = setup(
+        &ca,
+        &[("api.anthropic.com", anthropic.addr)],
+        &[("openai", OPENAI_KEY), ("anthropic", ANTHROPIC_KEY)],
+    );
+    let auth = format!("Bearer {OPENAI_PH}");
+    let r = s.get(
+        "api.anthropic.com",
+        "/v1/messages",
+        &[("authorization", &auth), ("x-api-key", OPENAI_PH)],
+        false,
+    );
+    assert_eq!(r.status, 401);
+    let req = &anthropic.requests()[0];
+    assert_eq!(
+        req.header("authorization"),
+        Some(auth.as_str()),
+        "byte for byte"
+    );
+    assert_eq!(req.header("x-api-key"), Some(OPENAI_PH));
+    let audit = wait_for_audit(&s.home, 1);
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.contains("placeholder_to_foreign_host")),
+        "{audit:?}"
+    );
+    s.assert_no_leak(OPENAI_KEY);
+}
+
+#[test]
+fn sni_host_mismatch_is_refused() {
+    let ca = TestCa::new();
+    let origin = demanding_origin(&ca, "api.openai.com", OPENAI_KEY);
+    let s = setup(
+        &ca,
+        &[("api.openai.com", origin.addr)],
+        &[("openai", OPENAI_KEY)],
+    );
+    let auth = format!("Bearer {OPENAI_PH}");
+    // TLS for api.openai.com, but the request names another host.
+    let req = http::Request::builder()
+        .uri("/v1/models")
+        .header("host", "api.anthropic.com")
+        .header("authorization", &auth)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let r = send(
+        s.serve.addr_for("api.openai.com"),
+        "api.openai.com",
+        &s.ca_pem,
+        false,
+        req,
+    )
+    .expect("response");
+    assert_eq!(r.status, 421);
+    assert!(r
+        .header("x-broker-error")
+        .is_some_and(|h| h.contains("does not match")));
+    // SNI for another managed host on the address of api.openai.com: no handshake at all.
+    let err = send(
+        s.serve.addr_for("api.openai.com"),
+        "api.anthropic.com",
+        &s.ca_pem,
+        false,
+        get("api.anthropic.com", "/", &[]),
+    );
+    assert!(
+        err.is_err(),
+        "SNI that does not match the address must fail the handshake"
+    );
+    // An unmanaged name is never decrypted.
+    let err = send(
+        s.serve.addr_for("api.openai.com"),
+        "example.com",
+        &s.ca_pem,
+        false,
+        get("example.com", "/", &[]),
+    );
+    assert!(err.is_err());
+    assert!(origin.requests().is_empty());
+    let audit = wait_for_audit(&s.home, 2);
+    assert!(
+        audit
+            .iter()
+            .filter(|l| l.contains("sni_host_mismatch"))
+            .count()
+            >= 2,
+        "{audit:?}"
+    );
+}
+
+#[test]
+fn server_sent_events_stream_event_by_event() {
+    let ca = TestCa::new();
+    let origin = Origin::start(&ca, &["api.openai.com"], |_| Reply::Sse {
+        count: 5,
+        gap: Duration::from_millis(100),
+    });
+    let s = setup(
+        &ca,
+        &[("api.openai.com", origin.addr)],
+        &[("openai", OPENAI_KEY)],
+    );
+    let auth = format!("Bearer {OPENAI_PH}");
+    for h2 in [false, true] {
+        let r = s.get(
+            "api.openai.com",
+            "/v1/chat/completions",
+            &[("authorization", &auth)],
+            h2,
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text().matches("data: event").count(), 5);
+        // Each event arrives on its own, about 100 ms after the previous one. (The first
+        // event can trail the response head by a delayed ACK, with or without the broker, so
+        // the first gap gets a looser bound.)
+        assert_eq!(
+            r.chunk_times.len(),
+            5,
+            "h2={h2}: events were merged: {:?}",
+            r.chunk_times
+        );
+        for (i, pair) in r.chunk_times.windows(2).enumerate() {
+            let gap = pair[1].0 - pair[0].0;
+            let min = if i == 0 { 40 } else { 70 };
+            assert!(
+                gap >= Duration::from_millis(min),
+                "h2={h2}: events bunched: {:?}",
+                r.chunk_times
+            );
+        }
+    }
+}
+
+#[test]
+fn websocket_upgrade_is_bridged_with_the_swap() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let ca = TestCa::new();
+    let origin = Origin::start(&ca, &["api.openai.com"], |_| Reply::WebSocketEcho);
+    let s = setup(
+        &ca,
+        &[("api.openai.com", origin.addr)],
+        &[("openai", OPENAI_KEY)],
+    );
+    let addr = s.serve.addr_for("api.openai.com");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let tls = tokio_rustls::TlsConnector::from(broker_integration::client_tls(
+            &s.ca_pem,
+            &[b"http/1.1"],
+        ))
+        .connect(
+            rustls_pki_types::ServerName::try_from("api.openai.com").expect("name"),
+            tcp,
+        )
+        .await
+        .expect("tls");
+        let request = http::Request::builder()
+            .uri("wss://api.openai.com/v1/realtime")
+            .header("host", "api.openai.com")
+            .header("authorization", format!("Bearer {OPENAI_PH}"))
+            .header(
+                "sec-websocket-key",
+                tokio_tungstenite::tungstenite::handshake::client::generate_key(),
+            )
+            .header("sec-websocket-version", "13")
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .expect("request");
+        let (mut ws, response) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::client_async(request, tls),
+        )
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+        assert_eq!(response.status(), 101);
+        ws.send(Message::text("hello through the broker"))
+            .await
+            .expect("send");
+        let echoed = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("echo in time")
+            .expect("a message")
+            .expect("ok");
+        assert_eq!(
+            echoed.into_text().expect("text").as_str(),
+            "hello through the broker"
+        );
+    });
+    assert_eq!(
+        origin.requests()[0].header("authorization"),
+        Some(format!("Bearer {OPENAI_KEY}").as_str())
+    );
+}
+
+#[test]
+fn upstream_failures_are_clear_and_the_broker_keeps_serving() {
+    let ca = TestCa::new();
+    // Down: a port nobody listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_addr = dead.local_addr().expect("addr");
+    drop(dead);
+    // Bad certificate: signed by a CA the broker does not trust.
+    let other_ca = TestCa::new();
+    let untrusted = Origin::start(&other_ca, &["api.anthropic.com"], |_| {
+        Reply::Text(200, "should never be reached".into())
+    });
+    // Reset: the origin drops the connection mid-request.
+    let reset = Origin::start(&ca, &["api.mistral.ai"], |_| Reply::Reset);
+    let healthy = demanding_origin(&ca, "api.openai.com", OPENAI_KEY);
+    let s = setup(
+        &ca,
+        &[
+            ("api.groq.com", dead_addr),
+            ("api.anthropic.com", untrusted.addr),
+            ("api.mistral.ai", reset.addr),
+            ("api.openai.com", healthy.addr),
+        ],
+        &[("openai", OPENAI_KEY), ("anthropic", ANTHROPIC_KEY)],
+    );
+
+    let r = s.get("api.groq.com", "/openai/v1/models", &[], false);
+    assert_eq!(r.status, 502);
+    let e = r.header("x-broker-error").expect("x-broker-error");
+    assert!(e.contains("cannot reach upstream api.groq.com"), "{e}");
+
+    let r = s.get(
+        "api.anthropic.com",
+        "/v1/messages",
+        &[("x-api-key", ANTHROPIC_PH)],
+        false,
+    );
+    assert_eq!(r.status, 502);
+    let e = r.header("x-broker-error").expect("x-broker-error");
+    assert!(e.contains("certificate"), "{e}");
+    assert!(
+        untrusted.requests().is_empty(),
+        "no request may reach an unverified upstream"
+    );
+
+    let r = s.get("api.mistral.ai", "/v1/models", &[], true);
+    assert_eq!(r.status, 502);
+    assert!(r
+        .header("x-broker-error")
+        .is_some_and(|e| e.contains("api.mistral.ai")));
+    assert!(
+        r.text().starts_with("broker: "),
+        "one-line body: {}",
+        r.text()
+    );
+
+    // Still serving.
+    let r = s.get(
+        "api.openai.com",
+        "/v1/models",
+        &[("authorization", &format!("Bearer {OPENAI_PH}"))],
+        false,
+    );
+    assert_eq!(r.status, 200);
+    s.assert_no_leak(ANTHROPIC_KEY);
+}
+
+#[test]
+fn missing_credential_and_plain_http_get_advice() {
+    let ca = TestCa::new();
+    let origin = demanding_origin(&ca, "api.openai.com", OPENAI_KEY);
+    let mut s = setup(&ca, &[("api.openai.com", origin.addr)], &[]);
+    let r = s.get(
+        "api.openai.com",
+        "/v1/models",
+        &[("authorization", &format!("Bearer {OPENAI_PH}"))],
+        false,
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.header("x-broker-error"),
+        Some("no credential for openai: run 'broker add openai'")
+    );
+    assert!(
+        origin.requests().is_empty(),
+        "nothing is forwarded without the credential"
+    );
+    // Without a placeholder, requests pass through unchanged.
+    let r = s.get("api.openai.com", "/v1/models", &[], false);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.text(), "no valid key");
+
+    // Plain http:// to a managed host.
+    use std::io::{Read, Write};
+    let mut tcp =
+        std::net::TcpStream::connect(s.serve.addr_for("api.openai.com")).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    tcp.write_all(b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\n\r\n")
+        .expect("write");
+    let mut answer = String::new();
+    let _ = tcp.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("use https://"), "{answer}");
+    assert!(s.serve.is_running());
+}
+
+/// The placeholder of a built-in provider, as `broker providers --json` prints it.
+fn placeholder_of(home: &Home, provider: &str) -> String {
+    let out = home
+        .broker()
+        .args(["providers", "show", provider, "--json"])
+        .output()
+        .expect("providers");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    v["placeholder"].as_str().expect("placeholder").to_string()
+}
+
+/// Wait until the audit log has at least `n` lines (the writer is asynchronous).
+fn wait_for_audit(home: &Home, n: usize) -> Vec<String> {
+    let path = home.path().join("audit.jsonl");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let lines: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.contains("credential_added"))
+            .map(str::to_string)
+            .collect();
+        if lines.len() >= n || std::time::Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
