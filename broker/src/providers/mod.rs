@@ -128,7 +128,7 @@ impl Catalog {
             }
             match providers.iter_mut().find(|p| p.name == custom.name) {
                 Some(slot) => {
-                    tracing::info!(
+                    tracing::debug!(
                         "provider {} from {} replaces the built-in definition",
                         custom.name,
                         custom.origin
@@ -512,9 +512,10 @@ pub enum Scheme {
     Bearer,
     /// `token <key>` (GitHub's older form).
     Token,
-    /// `Basic base64(user:password)`. A placeholder is swapped in either half. To inject,
-    /// `username` (e.g. `x-access-token`) goes first and the key is the password; without a
-    /// username the key is the user name and the password is empty (as with `curl -u key:`).
+    /// `Basic base64(user:password)`. A placeholder is swapped in either half (`curl -u key:`
+    /// sends a Stripe key as the user name; git sends a token as the password). To inject
+    /// (`inject = "always"`), `username` (e.g. `x-access-token`) is sent with the key as the
+    /// password; the parser requires a username on such a route.
     Basic { username: Option<String> },
 }
 

@@ -290,6 +290,20 @@ fn parse_route(cx: &Ctx<'_>, raw: &Spanned<RawRoute>) -> Result<Route, ProviderE
         }
         credential.push(inj);
     }
+    // Injecting needs to know who the key is sent as; swapping a placeholder does not.
+    if r.inject == InjectMode::Always {
+        if let Some(Injection::Header {
+            scheme: Some(Scheme::Basic { username: None }),
+            ..
+        }) = credential.first()
+        {
+            return Err(cx.err(
+                Some(r.credential.span()),
+                "routes.credential.basic_username",
+                "inject = \"always\" with a Basic credential first needs basic_username (the user name sent with the key)",
+            ));
+        }
+    }
     Ok(Route {
         hosts,
         credential,

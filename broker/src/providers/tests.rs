@@ -476,6 +476,23 @@ fn bad_injections_are_refused() {
     assert!(msg.contains("not both"), "{msg}");
     let msg = with("{ }");
     assert!(msg.contains("give 'header'"), "{msg}");
+    let always = ACME.replace(
+        "credential = [{ header = \"x-acme-key\" }, { query = \"api_key\" }]",
+        "credential = [{ header = \"authorization\", scheme = \"basic\" }]\ninject = \"always\"",
+    );
+    let msg = err(&always);
+    assert!(
+        msg.contains(":9:14: field 'routes.credential.basic_username': inject = \"always\""),
+        "{msg}"
+    );
+    let named = always.replace(
+        "scheme = \"basic\"",
+        "scheme = \"basic\", basic_username = \"x\"",
+    );
+    assert_eq!(
+        parse(&named).expect("parses").routes[0].inject,
+        InjectMode::Always
+    );
     // Header names are stored lowercase.
     let p = parse(&ACME.replace("x-acme-key", "X-Acme-Key")).expect("parses");
     assert_eq!(
