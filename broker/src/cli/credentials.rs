@@ -20,7 +20,9 @@ use crate::vault::{CredentialInfo, CredentialKind, PutOutcome, Vault, MAX_SECRET
 #[command(
     after_help = "The secret is read from stdin when stdin is not a terminal \
 (`pass show openai | broker add openai`), otherwise from a prompt that does not echo.\n\
-Never pass it as an argument: other processes can read a command line."
+Never pass it as an argument: other processes can read a command line.\n\n\
+The vault's master key comes from BROKER_PASSPHRASE if set, else the OS keyring, else \
+$BROKER_HOME/master.key; BROKER_KEY_SOURCE=passphrase|keyring|file forces one for a new vault."
 )]
 pub struct AddArgs {
     /// Provider name (see `broker providers`).
@@ -139,8 +141,8 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:<16} {:<12} {:<8} {:<20} {}",
-        "PROVIDER", "PROFILE", "KIND", "CREATED", "UPDATED"
+        "{:<16} {:<12} {:<8} {:<20} UPDATED",
+        "PROVIDER", "PROFILE", "KIND", "CREATED"
     )?;
     for i in &infos {
         writeln!(

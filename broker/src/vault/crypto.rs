@@ -169,6 +169,7 @@ pub fn derive_from_passphrase(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

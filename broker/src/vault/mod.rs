@@ -367,7 +367,7 @@ impl Vault {
             "SELECT provider, profile, kind, created_at, updated_at, expires_at
              FROM credentials WHERE provider = ?1 AND profile = ?2",
         )?;
-        let mut rows = stmt.query_map(params![provider, profile], |row| info_from_row(row))?;
+        let mut rows = stmt.query_map(params![provider, profile], info_from_row)?;
         rows.next()
             .transpose()?
             .map(|r| r.map_err(|what| self.corrupt(what)))
@@ -381,7 +381,7 @@ impl Vault {
             "SELECT provider, profile, kind, created_at, updated_at, expires_at
              FROM credentials ORDER BY provider, profile",
         )?;
-        let rows = stmt.query_map([], |row| info_from_row(row))?;
+        let rows = stmt.query_map([], info_from_row)?;
         let mut out = Vec::new();
         for row in rows {
             out.push(row?.map_err(|what| self.corrupt(what))?);
@@ -403,7 +403,9 @@ impl Vault {
 
     /// Integrity check for `broker doctor`: SQLite's own check, then every sealed blob opens.
     pub fn verify(&self) -> Result<VerifyReport, VaultError> {
-        let rows: Vec<(String, String, Vec<u8>, Option<Vec<u8>>)> = {
+        // (provider, profile, sealed secret, sealed refresh token)
+        type Row = (String, String, Vec<u8>, Option<Vec<u8>>);
+        let rows: Vec<Row> = {
             let conn = self.lock();
             let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
             if check != "ok" {

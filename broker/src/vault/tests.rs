@@ -335,3 +335,10 @@ fn newer_schema_is_refused() {
         Err(VaultError::TooNew { found: 99, .. })
     ));
 }
+
+#[test]
+fn vault_and_audit_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Vault>();
+    assert_send_sync::<crate::audit::Audit>();
+}
