@@ -822,3 +822,116 @@ fn real_key_in_env_is_replaced_and_scrubbed_from_proc_environ() {
     );
     assert!(!out.stderr.contains(fake_real) && !out.stdout.contains(fake_real));
 }
+
+// ---------------------------------------------------------------------------------------
+// Two OpenSSL copies in one process
+
+/// psycopg2-binary vendors its own libssl/libcrypto, loaded next to Python's `_ssl` (system
+/// OpenSSL). Both must keep working, and the vendored copy must trust the run CA: libpq with
+/// `sslmode=verify-full sslrootcert=system` verifies a fake PostgreSQL server that presents
+/// the `api.openai.com` leaf, then reports the server's FATAL message.
+#[test]
+fn psycopg2_binary_vendored_openssl_next_to_system_ssl() {
+    require!("python3");
+    let probe = World::new("pg-probe");
+    let out = run(
+        probe
+            .client(CaEnv::Scrubbed, "python3")
+            .args(["-c", "import psycopg2"]),
+        &probe.dir,
+    );
+    if out.code != Some(0) {
+        eprintln!("SKIP: psycopg2-binary is not installed (pip install psycopg2-binary)");
+        return;
+    }
+    drop(probe);
+    let pki = pki();
+    let python = if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    let mut pg = Command::new(python);
+    pg.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake_pg.py"))
+        .arg(pki.join("leaf.pem"))
+        .arg(pki.join("leaf.key"))
+        .arg(format!("127.77.{}.1", slot()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    for v in OTHER_VARS {
+        pg.env_remove(v);
+    }
+    let mut pg = pg.spawn().expect("spawn fake_pg.py");
+    let mut line = String::new();
+    {
+        use std::io::BufRead as _;
+        let stdout = pg.stdout.take().expect("fake_pg stdout");
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("fake_pg port");
+    }
+    let pg_port: u16 = line.trim().parse().expect("port");
+    let w = World::with("pg", |c| c.port = pg_port);
+    let script = "import ssl, urllib.request, psycopg2\n\
+                  ssl.create_default_context()\n\
+                  try:\n\
+                  \x20   psycopg2.connect(host='api.openai.com', port=5432, user='u', dbname='d',\n\
+                  \x20       sslmode='verify-full', sslrootcert='system', gssencmode='disable', connect_timeout=20)\n\
+                  except psycopg2.OperationalError as e:\n\
+                  \x20   print('pg:', str(e).strip())\n\
+                  ssl.create_default_context()\n\
+                  print('system ssl still fine')\n";
+    for ca in BOTH {
+        let out = run_ok_out(w.client(ca, "python3").args(["-c", script]), &w.dir);
+        assert!(
+            out.stdout.contains("broker-shim-pg-ok api.openai.com"),
+            "{}\n{}",
+            out.stdout,
+            out.stderr
+        );
+        assert!(
+            out.stdout.contains("system ssl still fine"),
+            "{}",
+            out.stdout
+        );
+    }
+    drop(pg.stdin.take());
+    let _ = pg.kill();
+    let _ = pg.wait();
+}
+
+/// Control: with a run CA that did not sign the origin's leaf, verification must fail, so the
+/// tests above prove that the shim's trust injection is what makes TLS work.
+#[test]
+fn control_wrong_run_ca_fails_verification() {
+    require!("curl");
+    require!("python3");
+    let w = World::new("control");
+    std::fs::copy(SYSTEM_BUNDLE, &w.ca).expect("replace run CA");
+    let out = run(
+        w.client(CaEnv::Scrubbed, "curl").args([
+            "-sS",
+            "--max-time",
+            "20",
+            "https://api.openai.com/v1/control",
+        ]),
+        &w.dir,
+    );
+    assert_eq!(
+        out.code,
+        Some(60),
+        "curl must fail verification: {}",
+        out.stderr
+    );
+    let script = "import urllib.request, ssl\n\
+                  try:\n\
+                  \x20   urllib.request.urlopen('https://api.openai.com/v1/control', timeout=20)\n\
+                  except Exception as e:\n\
+                  \x20   print('failed', 'CERTIFICATE_VERIFY_FAILED' in str(e))\n";
+    let out = run_ok_out(
+        w.client(CaEnv::Scrubbed, "python3").args(["-c", script]),
+        &w.dir,
+    );
+    assert!(out.stdout.contains("failed True"), "{}", out.stdout);
+    assert!(w.requests("/v1/control").is_empty());
+}
