@@ -30,9 +30,14 @@ impl Home {
         if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
             return Ok(Home::at(PathBuf::from(dir).join("broker")));
         }
-        let home = std::env::var_os("HOME").filter(|v| !v.is_empty()).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, "neither BROKER_HOME nor HOME is set")
-        })?;
+        let home = std::env::var_os("HOME")
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "neither BROKER_HOME nor HOME is set",
+                )
+            })?;
         Ok(Home::at(PathBuf::from(home).join(".local/share/broker")))
     }
 
@@ -73,7 +78,10 @@ impl Home {
 
 /// Create `dir` and its parents with mode 0700; tighten an existing directory we own to 0700.
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     let meta = fs::metadata(dir)?;
     if meta.permissions().mode() & 0o077 != 0 {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;

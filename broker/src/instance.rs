@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 use crate::home::{ensure_private_dir, write_private_file, Home};
 use crate::providers::Catalog;
 use crate::proxy::{Credentials, Proxy, ProxySettings, RunContext, RunListeners, UpstreamSettings};
-use crate::vault::Vault;
+use crate::vault::{KeyConfig, Vault};
 
 /// What one run may do.
 #[derive(Debug, Clone, Default)]
@@ -33,6 +33,8 @@ pub struct InstanceSettings {
     pub home: Home,
     pub upstream: UpstreamSettings,
     pub label: String,
+    /// How to unlock the vault (from the environment, or fixed by `broker demo`).
+    pub keys: KeyConfig,
     /// Directory for this instance's runtime files (created 0700).
     pub runtime_dir: PathBuf,
     pub run: RunSpec,
@@ -58,7 +60,7 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
     let proxy = Proxy::new(ProxySettings {
         catalog: catalog.clone(),
         upstream: settings.upstream,
-        credentials: Arc::new(VaultCredentials::new(home.clone())),
+        credentials: Arc::new(VaultCredentials::new(home.clone(), settings.keys)),
         audit: Arc::new(crate::audit_queue::AuditQueue::start(home.clone())),
         label: settings.label,
     })?;
@@ -122,13 +124,15 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
 /// Credentials from the vault in `BROKER_HOME`, opened on first use and kept open.
 pub struct VaultCredentials {
     home: Home,
+    keys: KeyConfig,
     vault: Mutex<Option<Arc<Vault>>>,
 }
 
 impl VaultCredentials {
-    pub fn new(home: Home) -> VaultCredentials {
+    pub fn new(home: Home, keys: KeyConfig) -> VaultCredentials {
         VaultCredentials {
             home,
+            keys,
             vault: Mutex::new(None),
         }
     }
@@ -141,7 +145,7 @@ impl VaultCredentials {
         if !Vault::exists(&self.home) {
             return Ok(None);
         }
-        let vault = Arc::new(Vault::open(&self.home).map_err(|e| e.to_string())?);
+        let vault = Arc::new(Vault::open_with(&self.home, &self.keys).map_err(|e| e.to_string())?);
         *slot = Some(vault.clone());
         Ok(Some(vault))
     }

@@ -9,6 +9,7 @@ pub mod ca;
 pub mod cli;
 pub mod home;
 pub mod instance;
+pub mod launch;
 pub mod providers;
 pub mod proxy;
 pub mod vault;

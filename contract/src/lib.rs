@@ -119,7 +119,12 @@ impl ShimConfig {
         let mut lines = text.lines().enumerate();
         match lines.next() {
             Some((_, first)) if first.trim_end() == CONFIG_MAGIC => {}
-            _ => return Err(ConfigError { line: 1, what: "missing 'broker-shim-config 1' header" }),
+            _ => {
+                return Err(ConfigError {
+                    line: 1,
+                    what: "missing 'broker-shim-config 1' header",
+                })
+            }
         }
         let mut cfg = ShimConfig::default();
         for (i, raw) in lines {
@@ -145,10 +150,16 @@ impl ShimConfig {
             }
         }
         if cfg.slot == 0 || cfg.port == 0 {
-            return Err(ConfigError { line: 1, what: "slot and port are required" });
+            return Err(ConfigError {
+                line: 1,
+                what: "slot and port are required",
+            });
         }
         if cfg.hosts.len() > MAX_HOSTS {
-            return Err(ConfigError { line: 1, what: "too many hosts" });
+            return Err(ConfigError {
+                line: 1,
+                what: "too many hosts",
+            });
         }
         Ok(cfg)
     }
@@ -217,7 +228,13 @@ mod tests {
     fn config_errors_name_the_line() {
         assert_eq!(ShimConfig::parse("nope").unwrap_err().line, 1);
         let bad = format!("{CONFIG_MAGIC}\nslot 1\nport x\n");
-        assert_eq!(ShimConfig::parse(&bad).unwrap_err(), ConfigError { line: 3, what: "bad port" });
+        assert_eq!(
+            ShimConfig::parse(&bad).unwrap_err(),
+            ConfigError {
+                line: 3,
+                what: "bad port"
+            }
+        );
         let unknown = format!("{CONFIG_MAGIC}\nslot 1\nport 2\nfuture-key 1\n");
         assert!(ShimConfig::parse(&unknown).is_ok());
     }

@@ -609,3 +609,33 @@ fn wait_for_audit(home: &Home, n: usize) -> Vec<String> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn demo_swaps_with_ca_variables_scrubbed_and_preset() {
+    for preset in [false, true] {
+        let home = Home::new();
+        let mut cmd = home.broker();
+        cmd.arg("demo");
+        if preset {
+            for var in broker_integration::CA_VARS {
+                cmd.env(var, "/etc/ssl/certs/ca-certificates.crt");
+            }
+            cmd.env("SSL_CERT_DIR", "/etc/ssl/certs");
+        }
+        let out = broker_integration::run_bounded(&mut cmd, Duration::from_secs(60));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "preset={preset}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("LD_PRELOAD=libbroker.so"),
+            "the demo must use the shim: {stdout}"
+        );
+        assert!(
+            stdout.contains("ok: the origin got the real key"),
+            "{stdout}"
+        );
+    }
+}

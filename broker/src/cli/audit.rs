@@ -65,6 +65,14 @@ pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
 
     let since = args.since.as_deref().map(parse_since).transpose()?;
     let (lines, mut offset) = read_lines(&path)?;
+    let total = offset_lines(&path);
+    if total > lines.len() {
+        eprintln!(
+            "broker: {} line(s) of {} could not be read; run `broker audit verify`",
+            total - lines.len(),
+            path.display()
+        );
+    }
     let mut selected: Vec<&Line> = lines
         .iter()
         .filter(|l| {
@@ -111,6 +119,13 @@ fn read_lines(path: &Path) -> anyhow::Result<(Vec<Line>, u64)> {
     };
     let end = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
     Ok((parse_lines(&bytes[..end]), end as u64))
+}
+
+/// Number of non-empty lines in the log (0 if unreadable).
+fn offset_lines(path: &Path) -> usize {
+    std::fs::read(path)
+        .map(|b| b.split(|c| *c == b'\n').filter(|l| !l.is_empty()).count())
+        .unwrap_or(0)
 }
 
 fn parse_lines(bytes: &[u8]) -> Vec<Line> {

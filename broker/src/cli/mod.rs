@@ -56,7 +56,12 @@ pub enum Command {
 /// Entry point of the `broker` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The demo's own output tells the story; its (expected) warnings would only distract.
+    init_logging(if matches!(cli.command, Command::Demo(_)) {
+        "error"
+    } else {
+        "warn,broker=info"
+    });
     let result = match cli.command {
         Command::Add(args) => credentials::add(args),
         Command::List(args) => credentials::list(args),
@@ -129,12 +134,14 @@ pub(crate) async fn wait_for_shutdown() {
 }
 
 /// Logs go to stderr; `BROKER_LOG` sets the filter (default `info` for broker, `warn` else).
-fn init_logging() {
+fn init_logging(default_filter: &str) {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("BROKER_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("warn,broker=info"));
+    let filter =
+        EnvFilter::try_from_env("BROKER_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();

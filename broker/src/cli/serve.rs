@@ -45,6 +45,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             home: home.clone(),
             upstream: args.upstream.into_settings(),
             label: "serve".into(),
+            keys: crate::vault::KeyConfig::from_env()?,
             runtime_dir: dir.clone(),
             run: RunSpec { id: "serve".into(), command: "broker serve".into(), ..RunSpec::default() },
         })
