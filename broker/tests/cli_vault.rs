@@ -467,6 +467,18 @@ fn audit_verify_detects_an_edited_line() {
         b.run_ok(&["audit", "--since", "2999-01-01T00:00:00Z", "--json"]),
         ""
     );
+
+    // A line that is not a record is skipped with a pointer to `verify`.
+    let mut log = std::fs::read_to_string(&path).unwrap();
+    log.push_str("garbage\n");
+    std::fs::write(&path, log).unwrap();
+    let out = b.run(&["audit"]);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stderr).contains("1 line(s)"),
+        "{}",
+        text(&out.stderr)
+    );
     b.assert_no_plaintext(&[OPENAI_SECRET, "sk-test-cli-vault-0006-second-key"]);
 }
 
