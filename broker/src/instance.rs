@@ -26,6 +26,19 @@ pub struct RunSpec {
     pub deny_unlisted: bool,
     pub pid: Option<u32>,
     pub command: String,
+    /// Keys handed to this run only (a real key found in the launcher's environment), used
+    /// before the vault and never stored.
+    pub run_keys: RunKeys,
+}
+
+/// Per-run keys, by provider. `Debug` never prints them.
+#[derive(Clone, Default)]
+pub struct RunKeys(pub HashMap<String, Zeroizing<String>>);
+
+impl std::fmt::Debug for RunKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 /// Everything needed to start an instance.
@@ -60,7 +73,11 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
     let proxy = Proxy::new(ProxySettings {
         catalog: catalog.clone(),
         upstream: settings.upstream,
-        credentials: Arc::new(VaultCredentials::new(home.clone(), settings.keys)),
+        credentials: Arc::new(VaultCredentials::new(
+            home.clone(),
+            settings.keys,
+            settings.run.run_keys.clone(),
+        )),
         audit: Arc::new(crate::audit_queue::AuditQueue::start(home.clone())),
         label: settings.label,
     })?;
@@ -125,14 +142,16 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
 pub struct VaultCredentials {
     home: Home,
     keys: KeyConfig,
+    run_keys: RunKeys,
     vault: Mutex<Option<Arc<Vault>>>,
 }
 
 impl VaultCredentials {
-    pub fn new(home: Home, keys: KeyConfig) -> VaultCredentials {
+    pub fn new(home: Home, keys: KeyConfig, run_keys: RunKeys) -> VaultCredentials {
         VaultCredentials {
             home,
             keys,
+            run_keys,
             vault: Mutex::new(None),
         }
     }
@@ -153,6 +172,9 @@ impl VaultCredentials {
 
 impl Credentials for VaultCredentials {
     fn lookup(&self, provider: &str, profile: &str) -> Result<Option<Zeroizing<String>>, String> {
+        if let Some(key) = self.run_keys.0.get(provider) {
+            return Ok(Some(key.clone()));
+        }
         let Some(vault) = self.vault()? else {
             return Ok(None);
         };

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod credentials;
 pub mod demo;
 pub mod providers;
+pub mod run;
 pub mod serve;
 
 /// Keeps API keys out of AI agents: the agent holds placeholders, the broker swaps in the
@@ -42,6 +43,8 @@ pub enum Command {
     Audit(audit::AuditArgs),
     /// List the providers broker knows, or show one.
     Providers(providers::ProvidersArgs),
+    /// Run an agent with placeholders and libbroker.so, the broker embedded in this process.
+    Run(run::RunArgs),
     /// Run the broker as a long-lived daemon for this user.
     Serve(serve::ServeArgs),
     /// Show the whole flow offline: a local origin, a stored key, a real client, the swap.
@@ -69,6 +72,7 @@ pub fn main() -> ExitCode {
         Command::Remove(args) => credentials::remove(args),
         Command::Audit(args) => audit::run(args),
         Command::Providers(args) => providers::run(args),
+        Command::Run(args) => run::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Completions { shell } => {

@@ -1,0 +1,231 @@
+//! `broker run [--allow P,..] [--profile NAME] -- CMD ARGS...`: run an agent with the broker
+//! embedded in this process. The agent gets placeholders and `libbroker.so`; `broker run`
+//! forwards signals to it, returns its exit status (128+N for signal N) and removes the run's
+//! files when it ends.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use zeroize::Zeroizing;
+
+use super::UpstreamArgs;
+use crate::home::{ensure_private_dir, Home};
+use crate::instance::{self, InstanceSettings, RunKeys, RunSpec};
+use crate::launch::{self, Target};
+use crate::providers::Catalog;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Only these providers (comma-separated); default: every provider.
+    #[arg(long, value_delimiter = ',', value_name = "PROVIDER")]
+    pub allow: Vec<String>,
+    /// Use this profile's credentials (default: "default").
+    #[arg(long, default_value = "default")]
+    pub profile: String,
+    /// Refuse the agent's connections to anything but its providers and loopback.
+    #[arg(long)]
+    pub deny_unlisted: bool,
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+    /// The agent's command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let home = Home::from_env()?;
+    home.ensure()
+        .with_context(|| format!("cannot create {}", home.root().display()))?;
+    let catalog = Catalog::load(&home)?;
+    for name in &args.allow {
+        if catalog.get(name).is_none() {
+            bail!("--allow {name}: unknown provider (see 'broker providers')");
+        }
+    }
+    let allow = (!args.allow.is_empty()).then(|| args.allow.clone());
+    let allowed = |name: &str| allow.as_ref().is_none_or(|a| a.iter().any(|p| p == name));
+
+    // A real key in our own environment (a shell that sourced a .env) must not reach the
+    // agent: for an allowed provider it becomes this run's credential, otherwise it is dropped.
+    let mut run_keys = HashMap::new();
+    let mut drop_vars = Vec::new();
+    for provider in catalog.providers() {
+        for var in &provider.env {
+            let Ok(value) = std::env::var(var) else {
+                continue;
+            };
+            if value == provider.placeholder || !provider.key_matches(&value) {
+                continue;
+            }
+            let name = &provider.name;
+            if allowed(name) {
+                eprintln!("broker: {var} held a real {name} key: this run uses it through the broker and the agent gets a placeholder (store it with 'broker add {name}')");
+                run_keys
+                    .entry(name.clone())
+                    .or_insert_with(|| Zeroizing::new(value));
+            } else {
+                eprintln!("broker: {var} held a real {name} key and {name} is not in --allow: removed from the agent's environment");
+                drop_vars.push(var.clone());
+            }
+        }
+    }
+
+    let program = args.command[0].clone();
+    let target = launch::inspect_target(std::path::Path::new(&program));
+    let shim = launch::find_shim();
+    let command_line = args
+        .command
+        .iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+
+    let runtime_base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_dir())
+        .map(|p| p.join("broker"))
+        .unwrap_or_else(|| home.daemon_dir());
+    ensure_private_dir(&runtime_base)?;
+    let run_dir = tempfile::Builder::new()
+        .prefix("run-")
+        .tempdir_in(&runtime_base)?;
+    let run_id = run_dir
+        .path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into());
+
+    let runtime = super::runtime()?;
+    let started = runtime.block_on(instance::start(InstanceSettings {
+        home: home.clone(),
+        upstream: args.upstream.into_settings(),
+        label: run_id.clone(),
+        keys: crate::vault::KeyConfig::from_env()?,
+        runtime_dir: run_dir.path().to_path_buf(),
+        run: RunSpec {
+            id: run_id,
+            allow: allow.clone(),
+            profiles: HashMap::new(),
+            default_profile: args.profile.clone(),
+            deny_unlisted: args.deny_unlisted,
+            pid: None,
+            command: command_line,
+            run_keys: RunKeys(run_keys),
+        },
+    }))?;
+
+    let mut command = Command::new(&program);
+    command.args(&args.command[1..]);
+    for var in &drop_vars {
+        command.env_remove(var);
+    }
+    for (var, placeholder) in &started.shim.env {
+        command.env(var, placeholder);
+    }
+    match (&target, &shim) {
+        (Target::Glibc, Some(lib)) => launch::preload(&mut command, lib, &started.shim_config_path),
+        (Target::Glibc, None) => bail!(
+            "libbroker.so not found next to the broker binary (or in $BROKER_SHIM_LIB): build the workspace ('cargo build --workspace') or set BROKER_SHIM_LIB"
+        ),
+        (Target::NotPreloadable(why), _) => {
+            // The glibc shim would crash a musl program and do nothing for a static one. The
+            // CONNECT fallback for these is not built yet: say so instead of pretending.
+            eprintln!(
+                "broker: {why}: libbroker.so cannot be preloaded into it; its managed-host traffic will carry the placeholder unswapped"
+            );
+            command.env_remove("LD_PRELOAD");
+        }
+    }
+
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            // The shells' convention: 127 not found, 126 found but not executable.
+            eprintln!("broker: cannot start {}: {err}", program.to_string_lossy());
+            let code = if err.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            return Ok(ExitCode::from(code));
+        }
+    };
+    let pid = child.id();
+    let forwarder = runtime.spawn(forward_signals(pid));
+    let status =
+        runtime.block_on(async { tokio::task::spawn_blocking(move || child.wait()).await })??;
+    forwarder.abort();
+    drop(started);
+    drop(runtime);
+    drop(run_dir);
+    Ok(exit_code(status))
+}
+
+/// Forward the signals a supervisor may send to the agent. SIGINT and SIGQUIT from a terminal
+/// reach the whole foreground process group, the agent included, so they are forwarded only
+/// when stdin is not a terminal (someone sent them to `broker run` alone).
+async fn forward_signals(pid: u32) {
+    use std::io::IsTerminal as _;
+    use tokio::signal::unix::{signal, SignalKind};
+    let interactive = std::io::stdin().is_terminal();
+    let mut kinds = vec![
+        (SignalKind::terminate(), rustix::process::Signal::TERM),
+        (SignalKind::hangup(), rustix::process::Signal::HUP),
+        (SignalKind::user_defined1(), rustix::process::Signal::USR1),
+        (SignalKind::user_defined2(), rustix::process::Signal::USR2),
+        (SignalKind::window_change(), rustix::process::Signal::WINCH),
+    ];
+    // Catch SIGINT/SIGQUIT either way, so they do not kill the broker before the agent.
+    let mut terminal_kinds = vec![
+        (SignalKind::interrupt(), rustix::process::Signal::INT),
+        (SignalKind::quit(), rustix::process::Signal::QUIT),
+    ];
+    if !interactive {
+        kinds.append(&mut terminal_kinds);
+    }
+    let Some(target) = rustix::process::Pid::from_raw(pid as i32) else {
+        return;
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for (kind, sig) in kinds {
+        let Ok(mut stream) = signal(kind) else {
+            continue;
+        };
+        tasks.spawn(async move {
+            while stream.recv().await.is_some() {
+                let _ = rustix::process::kill_process(target, sig);
+            }
+        });
+    }
+    for (kind, _) in terminal_kinds {
+        let Ok(mut stream) = signal(kind) else {
+            continue;
+        };
+        tasks.spawn(async move { while stream.recv().await.is_some() {} });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// The agent's status as ours: its code, or 128+N when signal N ended it.
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt as _;
+    let code = match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => 1,
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn no_command_is_a_usage_error() {
+        use clap::Parser as _;
+        assert!(crate::cli::Cli::try_parse_from(["broker", "run"]).is_err());
+        assert!(crate::cli::Cli::try_parse_from(["broker", "run", "--", "true"]).is_ok());
+    }
+}

@@ -1,0 +1,181 @@
+//! `broker run`: the embedded broker with a real agent under libbroker.so.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use broker_integration::{contains, run_bounded, shim_lib, Home, Origin, Reply, TestCa, CA_VARS};
+
+const OPENAI_KEY: &str = "sk-test-real-openai-key-for-run-0123456789";
+const DOTENV_KEY: &str = "sk-test-dotenv-openai-key-0123456789-xyz";
+
+/// `broker run` for `home`, resolving api.openai.com to `origin`.
+fn broker_run(home: &Home, ca: &TestCa, origin: &Origin, args: &[&str]) -> Command {
+    let mut cmd = home.broker();
+    cmd.arg("run")
+        .arg("--upstream-ca")
+        .arg(&ca.pem_path)
+        .arg("--resolve")
+        .arg(format!("api.openai.com:443:{}", origin.addr))
+        .args(args);
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+fn openai_origin(ca: &TestCa, key: &'static str) -> Origin {
+    Origin::start(ca, &["api.openai.com"], move |req| {
+        if req.header("authorization") == Some(format!("Bearer {key}").as_str()) {
+            Reply::Text(200, "{\"data\":[]}".into())
+        } else {
+            Reply::Text(401, "no valid key".into())
+        }
+    })
+}
+
+#[test]
+fn exit_codes_pass_through() {
+    let home = Home::new();
+    let status = |args: &[&str]| {
+        let out = run_bounded(
+            home.broker()
+                .arg("run")
+                .arg("--")
+                .args(args)
+                .stdin(Stdio::null()),
+            Duration::from_secs(30),
+        );
+        out.status.code()
+    };
+    assert_eq!(status(&["true"]), Some(0));
+    assert_eq!(status(&["sh", "-c", "exit 7"]), Some(7));
+    assert_eq!(status(&["sh", "-c", "kill -TERM $$"]), Some(143));
+    assert_eq!(status(&["/nonexistent/agent"]), Some(127));
+}
+
+#[test]
+fn signals_are_forwarded_to_the_agent() {
+    let home = Home::new();
+    let marker = home.path().join("started");
+    let mut child = home
+        .broker()
+        .arg("run")
+        .arg("--")
+        .args([
+            "sh",
+            "-c",
+            &format!("touch {}; exec sleep 30", marker.display()),
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "agent did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert_eq!(status.code(), Some(143), "broker run returns 128+SIGTERM");
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGTERM was not forwarded");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn curl_and_python_agents_use_the_key_without_holding_it() {
+    let _ = shim_lib();
+    let ca = TestCa::new();
+    let origin = openai_origin(&ca, OPENAI_KEY);
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let python = "import os,urllib.request as u\n\
+        r=u.Request('https://api.openai.com/v1/models',headers={'Authorization':'Bearer '+os.environ['OPENAI_API_KEY']})\n\
+        print(u.urlopen(r).status)\n\
+        print(open('/proc/self/environ','rb').read().decode(errors='replace'))";
+    for preset in [false, true] {
+        let mut curl = broker_run(&home, &ca, &origin, &["--", "sh", "-c", "curl -sS --fail-with-body https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\""]);
+        let mut py = broker_run(&home, &ca, &origin, &["--", "python3", "-c", python]);
+        for cmd in [&mut curl, &mut py] {
+            if preset {
+                for var in CA_VARS {
+                    cmd.env(var, "/etc/ssl/certs/ca-certificates.crt");
+                }
+                cmd.env("SSL_CERT_DIR", "/etc/ssl/certs");
+            }
+            let out = run_bounded(cmd, Duration::from_secs(60));
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "preset={preset} {cmd:?}: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                !contains(&out.stdout, OPENAI_KEY) && !contains(&out.stderr, OPENAI_KEY),
+                "the agent saw the key"
+            );
+            assert!(
+                stdout.contains("data") || stdout.starts_with("200"),
+                "{stdout}"
+            );
+        }
+    }
+    assert_eq!(origin.requests().len(), 4);
+    assert!(
+        !contains(&home.all_bytes(), OPENAI_KEY),
+        "key in plaintext under BROKER_HOME"
+    );
+}
+
+#[test]
+fn a_real_key_in_the_environment_is_handed_to_the_broker_and_hidden() {
+    let ca = TestCa::new();
+    let origin = openai_origin(&ca, DOTENV_KEY);
+    let home = Home::new();
+    let mut cmd = broker_run(
+        &home,
+        &ca,
+        &origin,
+        &["--allow", "openai", "--", "sh", "-c", "curl -sS --fail-with-body https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\" && echo && cat /proc/$$/environ | tr '\\0' '\\n'"],
+    );
+    cmd.env("OPENAI_API_KEY", DOTENV_KEY).env(
+        "ANTHROPIC_API_KEY",
+        "sk-ant-test-real-anthropic-in-env-12345",
+    );
+    let out = run_bounded(&mut cmd, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("OPENAI_API_KEY=sk-broker-placeholder-openai"),
+        "{stdout}"
+    );
+    assert!(
+        !contains(&out.stdout, DOTENV_KEY),
+        "the agent's environ holds the real key"
+    );
+    assert!(
+        !stdout.contains("sk-ant-test-real-anthropic"),
+        "a provider outside --allow kept its real key"
+    );
+    assert!(
+        !stdout.contains("ANTHROPIC_API_KEY="),
+        "no placeholder for providers outside --allow"
+    );
+    assert!(!contains(&out.stderr, DOTENV_KEY));
+    assert_eq!(
+        origin.requests()[0].header("authorization"),
+        Some(format!("Bearer {DOTENV_KEY}").as_str())
+    );
+    assert!(
+        !contains(&home.all_bytes(), DOTENV_KEY),
+        "a run key is never stored"
+    );
+}
