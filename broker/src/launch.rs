@@ -44,6 +44,16 @@ fn is_executable(path: &Path) -> bool {
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// Variables of the broker's own that an agent must never inherit.
+pub const BROKER_ONLY_VARS: &[&str] = &["BROKER_PASSPHRASE"];
+
+/// Remove the broker's own secrets from an agent's environment.
+pub fn scrub_broker_secrets(command: &mut Command) {
+    for var in BROKER_ONLY_VARS {
+        command.env_remove(var);
+    }
+}
+
 /// Make `command` load the shim with the run's config. An existing `LD_PRELOAD` is kept,
 /// after ours.
 pub fn preload(command: &mut Command, lib: &Path, shim_config: &Path) {

@@ -170,6 +170,10 @@ fn a_real_key_in_the_environment_is_handed_to_the_broker_and_hidden() {
         "no placeholder for providers outside --allow"
     );
     assert!(!contains(&out.stderr, DOTENV_KEY));
+    assert!(
+        !stdout.contains("test-vault-passphrase"),
+        "the agent inherited BROKER_PASSPHRASE"
+    );
     assert_eq!(
         origin.requests()[0].header("authorization"),
         Some(format!("Bearer {DOTENV_KEY}").as_str())

@@ -227,6 +227,7 @@ impl AgentCommand {
             _ => bail!("broker demo needs curl or python3 to play the agent; install one (apt-get install curl)"),
         };
         command.env("OPENAI_API_KEY", &placeholder);
+        launch::scrub_broker_secrets(&mut command);
         if let Some(lib) = &lib {
             launch::preload(&mut command, lib, shim_config);
         }

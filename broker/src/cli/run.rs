@@ -122,6 +122,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     for var in &drop_vars {
         command.env_remove(var);
     }
+    launch::scrub_broker_secrets(&mut command);
     for (var, placeholder) in &started.shim.env {
         command.env(var, placeholder);
     }
