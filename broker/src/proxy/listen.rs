@@ -172,6 +172,9 @@ async fn serve_connection(
         Ok(local) => local,
         Err(_) => return,
     };
+    if !peer_is_our_user(&proxy, &run, local, peer) {
+        return;
+    }
     let mut first = [0u8; 1];
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
         Ok(Ok(1)) => {}
@@ -243,6 +246,30 @@ async fn serve_connection(
     {
         tracing::debug!(%err, "client connection ended with an error");
     }
+}
+
+/// Refuse (and audit) a connection from another user's process. A peer we cannot map to a
+/// uid is refused too: failing closed is the point.
+fn peer_is_our_user(proxy: &Proxy, run: &RunContext, local: SocketAddr, peer: SocketAddr) -> bool {
+    let ours = rustix::process::geteuid().as_raw();
+    let uid = super::peer::peer_uid(local, peer);
+    if matches!(uid, Ok(Some(uid)) if uid == ours) {
+        return true;
+    }
+    let reason = match uid {
+        Ok(Some(uid)) => {
+            format!("connection from uid {uid} refused: the broker serves only uid {ours}")
+        }
+        Ok(None) => "connection refused: its owner could not be found in /proc/net/tcp".to_string(),
+        Err(err) => format!("connection refused: cannot read /proc/net/tcp: {err}"),
+    };
+    tracing::warn!(%peer, "{reason}");
+    proxy.audit.record(AuditEvent {
+        run_id: Some(run.id.clone()),
+        reason: Some(reason),
+        ..AuditEvent::new(EventKind::Denial)
+    });
+    false
 }
 
 /// Answer every request on a plain connection with `error`, then close.

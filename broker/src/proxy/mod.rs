@@ -17,6 +17,7 @@
 pub mod error;
 mod handler;
 mod listen;
+mod peer;
 pub mod swap;
 pub mod upstream;
 

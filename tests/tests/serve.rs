@@ -1,0 +1,148 @@
+//! `broker serve`: the long-running broker, who may use it, and agents that join it.
+
+use std::process::Command;
+use std::time::Duration;
+
+use broker_integration::{get, run_bounded, send, Home, Origin, Reply, Serve, TestCa};
+
+const OPENAI_KEY: &str = "sk-test-real-openai-key-for-serve-0123456789";
+const OPENAI_PH: &str = "sk-broker-placeholder-openai-0000000000000000";
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A system user for the other-uid test (CI runs as root and may create it).
+fn other_user() -> Option<&'static str> {
+    const NAME: &str = "broker-peer-test";
+    if !is_root() {
+        eprintln!("SKIP: creating another user needs root");
+        return None;
+    }
+    let exists = Command::new("id")
+        .arg(NAME)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !exists {
+        let made = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                NAME,
+            ])
+            .status();
+        if !made.is_ok_and(|s| s.success()) {
+            eprintln!("SKIP: useradd failed");
+            return None;
+        }
+    }
+    Some(NAME)
+}
+
+#[test]
+fn another_uid_cannot_use_the_broker() {
+    let Some(user) = other_user() else { return };
+    let ca = TestCa::new();
+    let origin = Origin::start(&ca, &["api.openai.com"], |_| Reply::Text(200, "ok".into()));
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
+    let addr = serve.addr_for("api.openai.com");
+    let connect_to = format!("api.openai.com:443:{}:{}", addr.ip(), addr.port());
+    let curl = |as_user: Option<&str>| {
+        let mut cmd = match as_user {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", u, "--", "curl"]);
+                c
+            }
+            None => Command::new("curl"),
+        };
+        // -k: the other user cannot read the run CA under BROKER_HOME; what is tested here is
+        // that the broker refuses the connection itself.
+        cmd.args([
+            "-sS",
+            "-k",
+            "--max-time",
+            "10",
+            "--connect-to",
+            &connect_to,
+            "https://api.openai.com/v1/models",
+            "-H",
+        ])
+        .arg(format!("Authorization: Bearer {OPENAI_PH}"));
+        run_bounded(&mut cmd, Duration::from_secs(30))
+    };
+    let ours = curl(None);
+    assert!(
+        ours.status.success(),
+        "our own uid is served: {}",
+        String::from_utf8_lossy(&ours.stderr)
+    );
+    let theirs = curl(Some(user));
+    assert!(
+        !theirs.status.success(),
+        "another uid was served: {}",
+        String::from_utf8_lossy(&theirs.stdout)
+    );
+    assert_eq!(
+        origin.requests().len(),
+        1,
+        "only our request reached the origin"
+    );
+    let audit = std::fs::read_to_string(home.path().join("audit.jsonl")).unwrap_or_default();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"denial\"") && l.contains("refused")),
+        "{audit}"
+    );
+}
+
+#[test]
+fn a_second_serve_for_the_same_home_is_refused() {
+    let ca = TestCa::new();
+    let home = Home::new();
+    let _serve = Serve::start(&home, &ca, &[]);
+    let out = run_bounded(
+        home.broker()
+            .arg("serve")
+            .stdin(std::process::Stdio::null()),
+        Duration::from_secs(20),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
+}
+
+#[test]
+fn serve_answers_through_the_fake_address() {
+    let ca = TestCa::new();
+    let origin = Origin::start(&ca, &["api.openai.com"], |req| {
+        Reply::Text(
+            if req.header("authorization") == Some(&format!("Bearer {OPENAI_KEY}")) {
+                200
+            } else {
+                401
+            },
+            "x".into(),
+        )
+    });
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
+    let r = send(
+        serve.addr_for("api.openai.com"),
+        "api.openai.com",
+        &serve.ca_pem(),
+        true,
+        get(
+            "api.openai.com",
+            "/v1/models",
+            &[("authorization", &format!("Bearer {OPENAI_PH}"))],
+        ),
+    )
+    .expect("response");
+    assert_eq!(r.status, 200);
+}
