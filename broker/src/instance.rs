@@ -12,7 +12,9 @@ use zeroize::Zeroizing;
 
 use crate::home::{ensure_private_dir, write_private_file, Home};
 use crate::providers::Catalog;
-use crate::proxy::{Credentials, Proxy, ProxySettings, RunContext, RunListeners, UpstreamSettings};
+use crate::proxy::{
+    Credentials, Proxy, ProxySettings, RunContext, RunKeys, RunListeners, UpstreamSettings,
+};
 use crate::vault::{KeyConfig, Vault};
 
 /// What one run may do.
@@ -31,13 +33,22 @@ pub struct RunSpec {
     pub run_keys: RunKeys,
 }
 
-/// Per-run keys, by provider. `Debug` never prints them.
-#[derive(Clone, Default)]
-pub struct RunKeys(pub HashMap<String, Zeroizing<String>>);
-
-impl std::fmt::Debug for RunKeys {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_set().entries(self.0.keys()).finish()
+impl RunSpec {
+    /// The request `broker run` sends to a running `broker serve` for this run.
+    pub fn to_request(&self) -> crate::control::OpenRun {
+        crate::control::OpenRun {
+            allow: self.allow.clone(),
+            profile: self.default_profile.clone(),
+            deny_unlisted: self.deny_unlisted,
+            pid: self.pid,
+            command: self.command.clone(),
+            run_keys: self
+                .run_keys
+                .0
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_string()))
+                .collect(),
+        }
     }
 }
 
@@ -63,7 +74,7 @@ pub struct Instance {
 
 /// Run slot of the first run of every instance. Each instance listens on its own port, so
 /// instances never collide on the address; the slot matters only within one instance.
-const FIRST_SLOT: u8 = 1;
+pub const FIRST_SLOT: u8 = 1;
 
 pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
     let home = settings.home;
@@ -71,41 +82,37 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
         .with_context(|| format!("cannot create BROKER_HOME {}", home.root().display()))?;
     let catalog = Arc::new(Catalog::load(&home)?);
     let proxy = Proxy::new(ProxySettings {
-        catalog: catalog.clone(),
+        catalog,
         upstream: settings.upstream,
-        credentials: Arc::new(VaultCredentials::new(
-            home.clone(),
-            settings.keys,
-            settings.run.run_keys.clone(),
-        )),
+        credentials: Arc::new(VaultCredentials::new(home.clone(), settings.keys)),
         audit: Arc::new(crate::audit_queue::AuditQueue::start(home.clone())),
         label: settings.label,
     })?;
+    let run = open_run(&proxy, settings.run, FIRST_SLOT, &settings.runtime_dir).await?;
+    Ok(Instance {
+        proxy,
+        listeners: run.listeners,
+        shim: run.shim,
+        shim_config_path: run.shim_config_path,
+    })
+}
 
-    let spec = settings.run;
+/// One open run: its listeners and the shim config written for it.
+pub struct OpenRun {
+    pub listeners: RunListeners,
+    pub shim: ShimConfig,
+    pub shim_config_path: PathBuf,
+}
+
+/// Open a run on `proxy` in `slot`, writing its CA and shim config into `runtime_dir`.
+pub async fn open_run(
+    proxy: &Arc<Proxy>,
+    spec: RunSpec,
+    slot: u8,
+    runtime_dir: &Path,
+) -> anyhow::Result<OpenRun> {
+    let catalog = proxy.catalog();
     let hosts = catalog.host_patterns();
-    let run = RunContext {
-        id: spec.id.clone(),
-        slot: FIRST_SLOT,
-        hosts: hosts.clone(),
-        allow: spec.allow.clone(),
-        profiles: spec.profiles.clone(),
-        default_profile: if spec.default_profile.is_empty() {
-            "default".into()
-        } else {
-            spec.default_profile.clone()
-        },
-        pid: spec.pid,
-        command: spec.command.clone(),
-    };
-    let listeners = proxy
-        .open_run(run)
-        .await
-        .context("cannot open the broker's loopback listeners")?;
-
-    ensure_private_dir(&settings.runtime_dir)?;
-    let ca_file = settings.runtime_dir.join("ca.pem");
-    write_private_file(&ca_file, proxy.ca().cert_pem().as_bytes())?;
     let env = catalog
         .providers()
         .iter()
@@ -116,8 +123,31 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
                 .map(move |var| (var.clone(), p.placeholder.clone()))
         })
         .collect();
+    let run = RunContext {
+        id: spec.id,
+        slot,
+        hosts: hosts.clone(),
+        allow: spec.allow,
+        profiles: spec.profiles,
+        default_profile: if spec.default_profile.is_empty() {
+            "default".into()
+        } else {
+            spec.default_profile
+        },
+        pid: spec.pid,
+        command: spec.command,
+        run_keys: spec.run_keys,
+    };
+    let listeners = proxy
+        .open_run(run)
+        .await
+        .context("cannot open the broker's loopback listeners")?;
+
+    ensure_private_dir(runtime_dir)?;
+    let ca_file = runtime_dir.join("ca.pem");
+    write_private_file(&ca_file, proxy.ca().cert_pem().as_bytes())?;
     let shim = ShimConfig {
-        slot: FIRST_SLOT,
+        slot,
         port: listeners.port,
         port6: listeners.port6,
         ca_file,
@@ -126,12 +156,9 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
         env,
         connect_proxy: None,
     };
-    let shim_config_path = settings
-        .runtime_dir
-        .join(broker_contract::DAEMON_SHIM_CONFIG_FILE);
+    let shim_config_path = runtime_dir.join(broker_contract::DAEMON_SHIM_CONFIG_FILE);
     write_private_file(&shim_config_path, shim.render().as_bytes())?;
-    Ok(Instance {
-        proxy,
+    Ok(OpenRun {
         listeners,
         shim,
         shim_config_path,
@@ -142,16 +169,14 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
 pub struct VaultCredentials {
     home: Home,
     keys: KeyConfig,
-    run_keys: RunKeys,
     vault: Mutex<Option<Arc<Vault>>>,
 }
 
 impl VaultCredentials {
-    pub fn new(home: Home, keys: KeyConfig, run_keys: RunKeys) -> VaultCredentials {
+    pub fn new(home: Home, keys: KeyConfig) -> VaultCredentials {
         VaultCredentials {
             home,
             keys,
-            run_keys,
             vault: Mutex::new(None),
         }
     }
@@ -172,9 +197,6 @@ impl VaultCredentials {
 
 impl Credentials for VaultCredentials {
     fn lookup(&self, provider: &str, profile: &str) -> Result<Option<Zeroizing<String>>, String> {
-        if let Some(key) = self.run_keys.0.get(provider) {
-            return Ok(Some(key.clone()));
-        }
         let Some(vault) = self.vault()? else {
             return Ok(None);
         };

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod audit_queue;
 pub mod ca;
 pub mod cli;
+pub mod control;
 pub mod home;
 pub mod instance;
 pub mod launch;

@@ -146,3 +146,63 @@ fn serve_answers_through_the_fake_address() {
     .expect("response");
     assert_eq!(r.status, 200);
 }
+
+#[test]
+fn broker_run_joins_a_running_serve_with_its_own_policy() {
+    let ca = TestCa::new();
+    let origin = Origin::start(&ca, &["api.openai.com"], |req| {
+        Reply::Text(
+            if req.header("authorization") == Some(&format!("Bearer {OPENAI_KEY}")) {
+                200
+            } else {
+                401
+            },
+            "x".into(),
+        )
+    });
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
+    let curl = "curl -sS -o /dev/null -w '%{http_code} ' -D - https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"; echo; echo config=$BROKER_SHIM_CONFIG";
+    let run = |allow: &str| {
+        let mut cmd = home.broker();
+        cmd.args(["run", "--allow", allow, "--", "sh", "-c", curl])
+            .stdin(std::process::Stdio::null());
+        run_bounded(&mut cmd, Duration::from_secs(60))
+    };
+    let out = run("openai");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("200 "), "{stdout}");
+    // The run's files lived in the daemon's directory and are gone once the run ended.
+    let config = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("config="))
+        .expect("config path")
+        .to_string();
+    assert!(
+        config.starts_with(home.path().join("run").to_str().expect("utf8")),
+        "{config}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&config).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run's files outlived it"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Another run with another allow list: openai is refused by the broker.
+    let out = run("anthropic");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("403 ") && stdout.contains("not allowed in this run"),
+        "{stdout}"
+    );
+    assert_eq!(origin.requests().len(), 1);
+    drop(serve);
+}

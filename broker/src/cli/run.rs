@@ -12,10 +12,14 @@ use clap::Args;
 use zeroize::Zeroizing;
 
 use super::UpstreamArgs;
+use crate::control;
 use crate::home::{ensure_private_dir, Home};
-use crate::instance::{self, InstanceSettings, RunKeys, RunSpec};
+use crate::instance::{self, Instance, InstanceSettings, RunSpec};
 use crate::launch::{self, Target};
 use crate::providers::Catalog;
+use crate::proxy::RunKeys;
+use broker_contract::ShimConfig;
+use std::path::PathBuf;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -28,6 +32,9 @@ pub struct RunArgs {
     /// Refuse the agent's connections to anything but its providers and loopback.
     #[arg(long)]
     pub deny_unlisted: bool,
+    /// Always start a broker in this process, even when `broker serve` is running.
+    #[arg(long)]
+    pub embedded: bool,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
     /// The agent's command and its arguments.
@@ -83,39 +90,30 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .collect::<Vec<_>>()
         .join(" ");
 
-    let runtime_base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(std::path::PathBuf::from)
-        .filter(|p| p.is_dir())
-        .map(|p| p.join("broker"))
-        .unwrap_or_else(|| home.daemon_dir());
-    ensure_private_dir(&runtime_base)?;
-    let run_dir = tempfile::Builder::new()
-        .prefix("run-")
-        .tempdir_in(&runtime_base)?;
-    let run_id = run_dir
-        .path()
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "run".into());
-
     let runtime = super::runtime()?;
-    let started = runtime.block_on(instance::start(InstanceSettings {
-        home: home.clone(),
-        upstream: args.upstream.into_settings(),
-        label: run_id.clone(),
-        keys: crate::vault::KeyConfig::from_env()?,
-        runtime_dir: run_dir.path().to_path_buf(),
-        run: RunSpec {
-            id: run_id,
-            allow: allow.clone(),
-            profiles: HashMap::new(),
-            default_profile: args.profile.clone(),
-            deny_unlisted: args.deny_unlisted,
-            pid: None,
-            command: command_line,
-            run_keys: RunKeys(run_keys),
-        },
-    }))?;
+    let spec = RunSpec {
+        id: String::new(),
+        allow: allow.clone(),
+        profiles: HashMap::new(),
+        default_profile: args.profile.clone(),
+        deny_unlisted: args.deny_unlisted,
+        pid: Some(std::process::id()),
+        command: command_line,
+        run_keys: RunKeys(run_keys),
+    };
+    let upstream_overrides =
+        args.upstream.upstream_ca.is_some() || !args.upstream.resolve.is_empty();
+    let broker = if args.embedded || upstream_overrides {
+        start_embedded(&runtime, &home, args.upstream, spec)?
+    } else {
+        match control::join(&home, &spec.to_request())? {
+            Some(joined) => RunBroker::Joined(joined),
+            None => start_embedded(&runtime, &home, UpstreamArgs::default(), spec)?,
+        }
+    };
+    let shim_config_path = broker.shim_config_path();
+    let shim_config = ShimConfig::parse(&std::fs::read_to_string(&shim_config_path)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", shim_config_path.display()))?;
 
     let mut command = Command::new(&program);
     command.args(&args.command[1..]);
@@ -123,11 +121,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         command.env_remove(var);
     }
     launch::scrub_broker_secrets(&mut command);
-    for (var, placeholder) in &started.shim.env {
+    for (var, placeholder) in &shim_config.env {
         command.env(var, placeholder);
     }
     match (&target, &shim) {
-        (Target::Glibc, Some(lib)) => launch::preload(&mut command, lib, &started.shim_config_path),
+        (Target::Glibc, Some(lib)) => launch::preload(&mut command, lib, &shim_config_path),
         (Target::Glibc, None) => bail!(
             "libbroker.so not found next to the broker binary (or in $BROKER_SHIM_LIB): build the workspace ('cargo build --workspace') or set BROKER_SHIM_LIB"
         ),
@@ -159,10 +157,61 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let status =
         runtime.block_on(async { tokio::task::spawn_blocking(move || child.wait()).await })??;
     forwarder.abort();
-    drop(started);
+    drop(broker);
     drop(runtime);
-    drop(run_dir);
     Ok(exit_code(status))
+}
+
+/// The broker serving this run: a running `broker serve` it joined, or its own.
+enum RunBroker {
+    Joined(control::JoinedRun),
+    Embedded {
+        instance: Instance,
+        _dir: tempfile::TempDir,
+    },
+}
+
+impl RunBroker {
+    fn shim_config_path(&self) -> PathBuf {
+        match self {
+            RunBroker::Joined(joined) => joined.shim_config.clone(),
+            RunBroker::Embedded { instance, .. } => instance.shim_config_path.clone(),
+        }
+    }
+}
+
+/// Start a broker in this process, with its files in a private temporary directory (under
+/// `$XDG_RUNTIME_DIR/broker` when there is one, else `$BROKER_HOME/run`).
+fn start_embedded(
+    runtime: &tokio::runtime::Runtime,
+    home: &Home,
+    upstream: UpstreamArgs,
+    mut spec: RunSpec,
+) -> anyhow::Result<RunBroker> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .map(|p| p.join("broker"))
+        .unwrap_or_else(|| home.daemon_dir());
+    ensure_private_dir(&base)?;
+    let dir = tempfile::Builder::new().prefix("run-").tempdir_in(&base)?;
+    spec.id = dir
+        .path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let instance = runtime.block_on(instance::start(InstanceSettings {
+        home: home.clone(),
+        upstream: upstream.into_settings(),
+        label: spec.id.clone(),
+        keys: crate::vault::KeyConfig::from_env()?,
+        runtime_dir: dir.path().to_path_buf(),
+        run: spec,
+    }))?;
+    Ok(RunBroker::Embedded {
+        instance,
+        _dir: dir,
+    })
 }
 
 /// Forward the signals a supervisor may send to the agent. SIGINT and SIGQUIT from a terminal

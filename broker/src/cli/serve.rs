@@ -50,12 +50,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             run: RunSpec { id: "serve".into(), command: "broker serve".into(), ..RunSpec::default() },
         })
         .await?;
+        let control = crate::control::bind(&home)?;
+        let control_task = tokio::spawn(crate::control::serve(control, started.proxy.clone(), dir.clone()));
         eprintln!(
             "broker serve: ready (port {}, {} managed hosts); agents: LD_PRELOAD=libbroker.so CMD, or broker run -- CMD",
             started.shim.port,
             started.shim.hosts.len()
         );
         super::wait_for_shutdown().await;
+        control_task.abort();
+        instance::remove_quietly(&crate::control::socket_path(&home));
         instance::remove_quietly(&started.shim_config_path);
         eprintln!("broker serve: stopped");
         anyhow::Ok(())

@@ -143,9 +143,13 @@ async fn forward(
     let profile = conn.run.profile_for(&provider.name).to_string();
     let mut pending = None;
     if findings.needs_credential(route, &parts.headers) {
-        let secret = lookup(proxy, provider, &profile)
-            .await
-            .map_err(|e| (e, provider_name.clone()))?;
+        // A key handed to this run wins over the vault.
+        let secret = match conn.run.run_keys.0.get(&provider.name) {
+            Some(key) => key.clone(),
+            None => lookup(proxy, provider, &profile)
+                .await
+                .map_err(|e| (e, provider_name.clone()))?,
+        };
         let swapped = swap::apply(provider, route, &mut parts.headers, &mut parts.uri, &secret)
             .map_err(|e| {
                 (

@@ -73,6 +73,19 @@ pub struct RunContext {
     /// The agent's pid and command line, for the audit.
     pub pid: Option<u32>,
     pub command: String,
+    /// Keys handed to this run only, used before the credential store.
+    pub run_keys: RunKeys,
+}
+
+/// Keys handed to one run (a real key found in the launcher's environment): used before the
+/// vault and never stored. `Debug` prints only the provider names.
+#[derive(Clone, Default)]
+pub struct RunKeys(pub HashMap<String, Zeroizing<String>>);
+
+impl std::fmt::Debug for RunKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 impl RunContext {

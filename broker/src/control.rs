@@ -1,0 +1,229 @@
+//! The control socket of `broker serve` (`$BROKER_HOME/run/control.sock`, 0600, in a 0700
+//! directory; the peer's uid is checked with `SO_PEERCRED`).
+//!
+//! One request per connection: `broker run` asks for a run (its allow list, profile, policy,
+//! and any key handed over from its environment) and gets the path of the run's shim config.
+//! The run lives exactly as long as that connection: when `broker run` exits, or is killed, the
+//! daemon closes the run's listeners and removes its files. Nothing to leak, nothing to sweep.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{UnixListener, UnixStream};
+use zeroize::Zeroizing;
+
+use crate::home::Home;
+use crate::instance::{self, RunSpec, FIRST_SLOT};
+use crate::proxy::{Proxy, RunKeys};
+
+/// Largest request line accepted (a few keys and a command line).
+const MAX_REQUEST: u64 = 256 * 1024;
+
+/// What `broker run` asks of the daemon.
+#[derive(Serialize, Deserialize)]
+pub struct OpenRun {
+    pub allow: Option<Vec<String>>,
+    pub profile: String,
+    pub deny_unlisted: bool,
+    pub pid: Option<u32>,
+    pub command: String,
+    /// Keys from the launcher's environment, for this run only (never stored).
+    #[serde(default)]
+    pub run_keys: HashMap<String, String>,
+}
+
+impl Drop for OpenRun {
+    fn drop(&mut self) {
+        use zeroize::Zeroize as _;
+        for key in self.run_keys.values_mut() {
+            key.zeroize();
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+enum Reply {
+    Ok {
+        run_id: String,
+        shim_config: PathBuf,
+    },
+    Error {
+        error: String,
+    },
+}
+
+/// A run opened in the daemon; dropping it ends the run.
+pub struct JoinedRun {
+    _connection: std::os::unix::net::UnixStream,
+    pub run_id: String,
+    pub shim_config: PathBuf,
+}
+
+/// Path of the control socket for `home`.
+pub fn socket_path(home: &Home) -> PathBuf {
+    home.daemon_dir()
+        .join(broker_contract::DAEMON_CONTROL_SOCKET)
+}
+
+/// Ask a running daemon for a run. `Ok(None)` when no daemon is running for `home`.
+pub fn join(home: &Home, request: &OpenRun) -> anyhow::Result<Option<JoinedRun>> {
+    let path = socket_path(home);
+    let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(stream) => stream,
+        // No socket, or a stale one from a daemon that died: no daemon.
+        Err(_) => return Ok(None),
+    };
+    let mut line = Zeroizing::new(serde_json::to_vec(request)?);
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply)?;
+    match serde_json::from_str::<Reply>(&reply) {
+        Ok(Reply::Ok {
+            run_id,
+            shim_config,
+        }) => Ok(Some(JoinedRun {
+            _connection: stream,
+            run_id,
+            shim_config,
+        })),
+        Ok(Reply::Error { error }) => anyhow::bail!("broker serve refused the run: {error}"),
+        Err(_) => anyhow::bail!(
+            "broker serve answered something unreadable on {}",
+            path.display()
+        ),
+    }
+}
+
+/// Bind the control socket (removing a stale one: the caller holds the daemon lock).
+pub fn bind(home: &Home) -> anyhow::Result<UnixListener> {
+    let path = socket_path(home);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serve the control socket until the task is dropped.
+pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, runs_dir: PathBuf) {
+    let slots = Arc::new(Mutex::new(BTreeSet::from([FIRST_SLOT])));
+    let ours = rustix::process::geteuid().as_raw();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == ours => {}
+            other => {
+                tracing::warn!(peer = ?other.map(|c| c.uid()), "control connection from another uid refused");
+                continue;
+            }
+        }
+        tokio::spawn(handle(
+            stream,
+            proxy.clone(),
+            runs_dir.clone(),
+            slots.clone(),
+        ));
+    }
+}
+
+async fn handle(
+    stream: UnixStream,
+    proxy: Arc<Proxy>,
+    runs_dir: PathBuf,
+    slots: Arc<Mutex<BTreeSet<u8>>>,
+) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST));
+    let mut line = Zeroizing::new(String::new());
+    if reader.read_line(&mut line).await.is_err() {
+        return;
+    }
+    let reply = match serde_json::from_str::<OpenRun>(&line) {
+        Ok(request) => open(&proxy, &runs_dir, &slots, request).await,
+        Err(_) => Err("malformed request".to_string()),
+    };
+    drop(line);
+    let (reply, opened) = match reply {
+        Ok((reply, opened)) => (reply, Some(opened)),
+        Err(error) => (Reply::Error { error }, None),
+    };
+    let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+    out.push(b'\n');
+    if write.write_all(&out).await.is_err() {
+        return;
+    }
+    let Some((run, slot, dir)) = opened else {
+        return;
+    };
+    // The run lasts until the client hangs up.
+    let mut rest = reader.into_inner().into_inner();
+    let mut sink = [0u8; 64];
+    while matches!(rest.read(&mut sink).await, Ok(n) if n > 0) {}
+    run.listeners.close();
+    let _ = std::fs::remove_dir_all(&dir);
+    slots
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&slot);
+}
+
+async fn open(
+    proxy: &Arc<Proxy>,
+    runs_dir: &Path,
+    slots: &Mutex<BTreeSet<u8>>,
+    mut request: OpenRun,
+) -> Result<(Reply, (instance::OpenRun, u8, PathBuf)), String> {
+    if let Some(allow) = &request.allow {
+        if let Some(unknown) = allow.iter().find(|p| proxy.catalog().get(p).is_none()) {
+            return Err(format!("unknown provider '{unknown}'"));
+        }
+    }
+    let slot = {
+        let mut used = slots.lock().unwrap_or_else(|p| p.into_inner());
+        let free = (FIRST_SLOT + 1..=250)
+            .find(|s| !used.contains(s))
+            .ok_or("too many runs")?;
+        used.insert(free);
+        free
+    };
+    let run_id = format!("serve-run-{slot}-{}", request.pid.unwrap_or(0));
+    let dir = runs_dir.join(&run_id);
+    let keys = std::mem::take(&mut request.run_keys)
+        .into_iter()
+        .map(|(k, v)| (k, Zeroizing::new(v)))
+        .collect();
+    let spec = RunSpec {
+        id: run_id.clone(),
+        allow: request.allow.take(),
+        profiles: HashMap::new(),
+        default_profile: std::mem::take(&mut request.profile),
+        deny_unlisted: request.deny_unlisted,
+        pid: request.pid,
+        command: std::mem::take(&mut request.command),
+        run_keys: RunKeys(keys),
+    };
+    match instance::open_run(proxy, spec, slot, &dir).await {
+        Ok(run) => {
+            let reply = Reply::Ok {
+                run_id,
+                shim_config: run.shim_config_path.clone(),
+            };
+            Ok((reply, (run, slot, dir)))
+        }
+        Err(err) => {
+            slots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&slot);
+            Err(format!("{err:#}"))
+        }
+    }
+}
