@@ -137,6 +137,22 @@ pub fn write_sockaddr(addr: SocketAddr) -> (sockaddr_storage, socklen_t) {
     (storage, len as socklen_t)
 }
 
+/// Could this be a fake address (`127.77.x.x`, or v4-mapped)? A cheap pre-filter.
+///
+/// # Safety
+/// `addr` must be null or point at `len` readable bytes.
+unsafe fn maybe_fake(addr: *const sockaddr, len: socklen_t) -> bool {
+    // SAFETY: caller's contract; `read_sockaddr` checks `len` against each family's size.
+    match unsafe { read_sockaddr(addr, len) } {
+        Some(SocketAddr::V4(a)) => a.ip().octets()[..2] == broker_contract::FAKE_NET,
+        Some(SocketAddr::V6(a)) => a
+            .ip()
+            .to_ipv4_mapped()
+            .is_some_and(|v4| v4.octets()[..2] == broker_contract::FAKE_NET),
+        None => false,
+    }
+}
+
 fn sockopt_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
     let mut v: c_int = 0;
     let mut len = size_of::<c_int>() as socklen_t;
@@ -164,8 +180,16 @@ unsafe fn connect_via(real: &RealFn, fd: c_int, addr: *const sockaddr, len: sock
     };
     // SAFETY: the address came from dlsym for a function with this exact signature.
     let real: ConnectFn = unsafe { std::mem::transmute::<usize, ConnectFn>(real) };
+    // Fast path, taken by every connect the broker does not manage: no config, or egress not
+    // restricted and a destination outside 127.77.0.0/16. Checked on the raw bytes, before the
+    // guard and the unwind frame; [`decide::decide_connect`] stays the source of truth.
+    let cfg = match crate::config() {
+        // SAFETY: the agent passed `len` readable bytes at `addr` (connect's contract).
+        Some(cfg) if cfg.deny_unlisted || unsafe { maybe_fake(addr, len) } => cfg,
+        // SAFETY: the agent's own arguments, unchanged.
+        _ => return unsafe { real(fd, addr, len) },
+    };
     let decision = Guard::enter().and_then(|_guard| {
-        let cfg = crate::config()?;
         contain(|| {
             // SAFETY: the agent passed `len` readable bytes at `addr` (connect's contract).
             let dest = unsafe { read_sockaddr(addr, len) };
