@@ -671,6 +671,25 @@ fn broker_down_managed_refused_unmanaged_works() {
         "{}",
         out.stderr
     );
+    // A blocking connect also gets one line saying why (non-blocking ones learn it later,
+    // from SO_ERROR, which the shim does not watch).
+    let script = "import socket\n\
+                  for _ in range(2):\n\
+                  \x20   try:\n\
+                  \x20       socket.socket().connect(('api.openai.com', 443))\n\
+                  \x20   except ConnectionRefusedError:\n\
+                  \x20       print('refused')\n";
+    let out = run_ok_out(
+        w.client(CaEnv::Scrubbed, "python3").args(["-c", script]),
+        &w.dir,
+    );
+    assert_eq!(out.stdout.matches("refused").count(), 2, "{}", out.stdout);
+    assert_eq!(
+        out.stderr.matches("the broker is not listening").count(),
+        1,
+        "{}",
+        out.stderr
+    );
     let (port, h) = hello_listener();
     let out = run_ok_out(
         w.client(CaEnv::Scrubbed, "python3")

@@ -64,6 +64,13 @@ type Gethostbyname2RFn = unsafe extern "C" fn(
     *mut c_int,
 ) -> c_int;
 
+static BROKER_DOWN_SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn errno() -> c_int {
+    // SAFETY: __errno_location returns this thread's errno slot, always valid.
+    unsafe { *libc::__errno_location() }
+}
+
 fn set_errno(e: c_int) {
     // SAFETY: __errno_location returns this thread's errno slot, always valid.
     unsafe { *libc::__errno_location() = e };
@@ -200,7 +207,20 @@ unsafe fn connect_via(real: &RealFn, fd: c_int, addr: *const sockaddr, len: sock
         Some(Connect::Redirect(to)) => {
             let (storage, slen) = write_sockaddr(to);
             // SAFETY: a complete sockaddr of `slen` bytes that outlives the call.
-            unsafe { real(fd, std::ptr::addr_of!(storage).cast(), slen) }
+            let r = unsafe { real(fd, std::ptr::addr_of!(storage).cast(), slen) };
+            if r == -1 && errno() == libc::ECONNREFUSED {
+                // Fail closed, but say why once: a config exists and its broker is gone.
+                if !BROKER_DOWN_SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    let _ = contain(|| {
+                        crate::log::line(&format!(
+                            "the broker is not listening at {to} (connection refused): requests \
+                             to managed hosts fail until it runs again"
+                        ))
+                    });
+                }
+                set_errno(libc::ECONNREFUSED);
+            }
+            r
         }
         Some(Connect::Refuse(_)) => {
             set_errno(libc::ECONNREFUSED);
@@ -280,7 +300,11 @@ pub unsafe extern "C" fn getaddrinfo(
     };
     let answer = contain(|| {
         // SAFETY: `hints` is null or a valid addrinfo (getaddrinfo's contract).
-        let af = unsafe { hints.as_ref() }.map_or(libc::AF_UNSPEC, |h| h.ai_family);
+        let hints = unsafe { hints.as_ref() };
+        if hints.is_some_and(|h| h.ai_flags & libc::AI_NUMERICHOST != 0) {
+            return None; // the caller wants no name lookup at all
+        }
+        let af = hints.map_or(libc::AF_UNSPEC, |h| h.ai_family);
         // SAFETY: `node` is null or NUL-terminated (getaddrinfo's contract).
         unsafe { fake_answer(node, family_of(af)) }
     })
