@@ -137,6 +137,7 @@ pub async fn open_run(
         pid: spec.pid,
         command: spec.command,
         run_keys: spec.run_keys,
+        deny_unlisted: spec.deny_unlisted,
     };
     let listeners = proxy
         .open_run(run)
@@ -154,7 +155,7 @@ pub async fn open_run(
         deny_unlisted: spec.deny_unlisted,
         hosts,
         env,
-        connect_proxy: None,
+        connect_proxy: Some(listeners.connect_addr.to_string()),
     };
     let shim_config_path = runtime_dir.join(broker_contract::DAEMON_SHIM_CONFIG_FILE);
     write_private_file(&shim_config_path, shim.render().as_bytes())?;

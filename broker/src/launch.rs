@@ -97,6 +97,53 @@ mod tests {
     }
 }
 
+/// Variables that name a CA bundle, set for a program routed through the CONNECT listener.
+pub const CA_BUNDLE_VARS: &[&str] = &[
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "GIT_SSL_CAINFO",
+    "NODE_EXTRA_CA_CERTS",
+    "AWS_CA_BUNDLE",
+];
+
+/// The system bundle the merged bundle starts from: `$SSL_CERT_FILE` when set, else Debian's.
+fn system_bundle() -> Option<Vec<u8>> {
+    let configured = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+    configured
+        .into_iter()
+        .chain([
+            PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+            PathBuf::from("/etc/pki/tls/certs/ca-bundle.crt"),
+        ])
+        .find_map(|p| std::fs::read(p).ok())
+}
+
+/// For a program the shim cannot reach: send its https through the run's CONNECT listener and
+/// make it trust the run CA through a bundle that also keeps the system roots (so unmanaged
+/// hosts, tunnelled untouched, still verify).
+pub fn via_connect_proxy(
+    command: &mut Command,
+    proxy_addr: &str,
+    run_ca: &Path,
+    dir: &Path,
+) -> std::io::Result<()> {
+    let mut bundle = system_bundle().unwrap_or_default();
+    if !bundle.ends_with(b"\n") && !bundle.is_empty() {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(&std::fs::read(run_ca)?);
+    let path = dir.join("ca-bundle.pem");
+    crate::home::write_private_file(&path, &bundle)?;
+    for var in CA_BUNDLE_VARS {
+        command.env(var, &path);
+    }
+    let url = format!("http://{proxy_addr}");
+    command.env("HTTPS_PROXY", &url).env("https_proxy", &url);
+    command.env_remove("LD_PRELOAD").env_remove(ENV_SHIM_CONFIG);
+    Ok(())
+}
+
 /// Whether a program can take `libbroker.so` (a glibc build) in `LD_PRELOAD`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {

@@ -490,3 +490,11 @@ pub fn get(
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .expect("request")
 }
+
+/// The first `name` on `PATH`.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}

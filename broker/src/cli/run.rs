@@ -130,12 +130,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             "libbroker.so not found next to the broker binary (or in $BROKER_SHIM_LIB): build the workspace ('cargo build --workspace') or set BROKER_SHIM_LIB"
         ),
         (Target::NotPreloadable(why), _) => {
-            // The glibc shim would crash a musl program and do nothing for a static one. The
-            // CONNECT fallback for these is not built yet: say so instead of pretending.
-            eprintln!(
-                "broker: {why}: libbroker.so cannot be preloaded into it; its managed-host traffic will carry the placeholder unswapped"
-            );
-            command.env_remove("LD_PRELOAD");
+            // The glibc shim would crash a musl program and do nothing for a static one: such
+            // a program goes through the CONNECT listener instead.
+            let proxy = shim_config.connect_proxy.as_deref().context("the broker offers no CONNECT listener")?;
+            let dir = shim_config_path.parent().unwrap_or(std::path::Path::new("."));
+            launch::via_connect_proxy(&mut command, proxy, &shim_config.ca_file, dir)?;
+            eprintln!("broker: {why}: it cannot take libbroker.so, so it gets HTTPS_PROXY={proxy} and a CA bundle instead");
         }
     }
 

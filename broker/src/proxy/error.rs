@@ -35,6 +35,8 @@ pub enum BrokerError {
     NoHost,
     /// The run was started without this provider in `--allow`.
     NotAllowed { provider: String },
+    /// `--deny-unlisted`: the destination is not one of the run's providers.
+    Unlisted { host: String },
     /// No credential stored for the provider/profile.
     NoCredential { provider: String, profile: String },
     /// Looking the credential up failed (vault locked, key missing, ...).
@@ -56,7 +58,7 @@ impl BrokerError {
         match self {
             BrokerError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             BrokerError::NoHost | BrokerError::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            BrokerError::NotAllowed { .. } => StatusCode::FORBIDDEN,
+            BrokerError::NotAllowed { .. } | BrokerError::Unlisted { .. } => StatusCode::FORBIDDEN,
             BrokerError::NoCredential { .. } | BrokerError::LoginExpired { .. } => {
                 StatusCode::UNAUTHORIZED
             }
@@ -72,7 +74,8 @@ impl BrokerError {
             BrokerError::Misdirected { .. }
             | BrokerError::NoHost
             | BrokerError::BadRequest { .. }
-            | BrokerError::NotAllowed { .. } => Source::Agent,
+            | BrokerError::NotAllowed { .. }
+            | BrokerError::Unlisted { .. } => Source::Agent,
             BrokerError::UpstreamUnreachable { .. }
             | BrokerError::UpstreamCertificate { .. }
             | BrokerError::UpstreamFailed { .. } => Source::Upstream,
@@ -91,6 +94,9 @@ impl BrokerError {
             BrokerError::NoHost => "request has no Host or :authority".to_string(),
             BrokerError::NotAllowed { provider } => format!(
                 "provider '{provider}' is not allowed in this run: add it with --allow {provider}"
+            ),
+            BrokerError::Unlisted { host } => format!(
+                "connections to {host} are refused: this run only reaches its providers (--deny-unlisted)"
             ),
             BrokerError::NoCredential { provider, profile } if profile == "default" => {
                 format!("no credential for {provider}: run 'broker add {provider}'")

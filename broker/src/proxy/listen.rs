@@ -34,6 +34,8 @@ pub struct RunListeners {
     pub port: u16,
     /// 0 when the machine has no IPv6 loopback.
     pub port6: u16,
+    /// The CONNECT listener on 127.0.0.1, for programs the shim cannot reach.
+    pub connect_addr: SocketAddr,
     tasks: JoinSet<()>,
 }
 
@@ -95,7 +97,19 @@ pub(super) async fn open_run(proxy: Arc<Proxy>, run: Arc<RunContext>) -> io::Res
             0
         }
     };
-    Ok(RunListeners { port, port6, tasks })
+    let connect = bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0))?;
+    let connect_addr = connect.local_addr()?;
+    tasks.spawn(super::connect::accept_loop(
+        proxy.clone(),
+        run.clone(),
+        connect,
+    ));
+    Ok(RunListeners {
+        port,
+        port6,
+        connect_addr,
+        tasks,
+    })
 }
 
 /// Bind every fake address of the run on one common port.
@@ -196,6 +210,21 @@ async fn serve_connection(
         return;
     }
 
+    let expected = encoded_host(&run, local).map(str::to_string);
+    terminate_tls(proxy, run, stream, expected, peer).await;
+}
+
+/// TLS for a managed host, then HTTP. `expected` is the host pattern the connection was
+/// made for (from the fake address or the CONNECT target); the SNI must match it.
+pub(super) async fn terminate_tls<IO>(
+    proxy: Arc<Proxy>,
+    run: Arc<RunContext>,
+    stream: IO,
+    expected: Option<String>,
+    peer: SocketAddr,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
     let Ok(Ok(start)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await else {
         return;
@@ -208,7 +237,7 @@ async fn serve_connection(
         tracing::debug!(%peer, "TLS without SNI refused");
         return;
     };
-    if let Some(pattern) = encoded_host(&run, local) {
+    if let Some(pattern) = expected.as_deref() {
         if !host_matches(pattern, &sni) {
             proxy.audit.record(AuditEvent {
                 run_id: Some(run.id.clone()),
@@ -250,7 +279,12 @@ async fn serve_connection(
 
 /// Refuse (and audit) a connection from another user's process. A peer we cannot map to a
 /// uid is refused too: failing closed is the point.
-fn peer_is_our_user(proxy: &Proxy, run: &RunContext, local: SocketAddr, peer: SocketAddr) -> bool {
+pub(super) fn peer_is_our_user(
+    proxy: &Proxy,
+    run: &RunContext,
+    local: SocketAddr,
+    peer: SocketAddr,
+) -> bool {
     let ours = rustix::process::geteuid().as_raw();
     let uid = super::peer::peer_uid(local, peer);
     if matches!(uid, Ok(Some(uid)) if uid == ours) {

@@ -14,6 +14,7 @@
 //! 6. **respond** (`handler`): the response streams back frame by frame.
 //! 7. **audit** ([`AuditSink`]): one event per credential use, denial, or anomaly.
 
+mod connect;
 pub mod error;
 mod handler;
 mod listen;
@@ -75,6 +76,8 @@ pub struct RunContext {
     pub command: String,
     /// Keys handed to this run only, used before the credential store.
     pub run_keys: RunKeys,
+    /// Refuse CONNECT to anything but managed hosts.
+    pub deny_unlisted: bool,
 }
 
 /// Keys handed to one run (a real key found in the launcher's environment): used before the

@@ -1,0 +1,113 @@
+//! The CONNECT listener: the fallback for programs the shim cannot reach (static binaries,
+//! Go, musl). `broker run` gives them `HTTPS_PROXY=http://127.0.0.1:<port>` and a CA bundle
+//! that includes the run CA.
+//!
+//! `CONNECT host:port` to a managed host: the broker answers 200 and terminates TLS itself,
+//! exactly as on the fake addresses (the SNI must match the CONNECT host). To any other host:
+//! a byte-for-byte tunnel, never decrypted, or a refusal when the run denies unlisted hosts.
+//! Anything but CONNECT is refused: plain `http://` through the broker would expose requests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::error::BrokerError;
+use super::listen::{peer_is_our_user, terminate_tls};
+use super::{Proxy, ProxyBody, RunContext};
+use crate::audit::{AuditEvent, EventKind};
+
+pub(super) async fn accept_loop(proxy: Arc<Proxy>, run: Arc<RunContext>, listener: TcpListener) {
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let (proxy, run) = (proxy.clone(), run.clone());
+        tokio::spawn(async move {
+            let Ok(local) = stream.local_addr() else {
+                return;
+            };
+            if !peer_is_our_user(&proxy, &run, local, peer) {
+                return;
+            }
+            let _ = stream.set_nodelay(true);
+            let service = service_fn(move |req| {
+                let (proxy, run) = (proxy.clone(), run.clone());
+                async move { Ok::<_, std::convert::Infallible>(handle(proxy, run, req, peer)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        });
+    }
+}
+
+fn handle(
+    proxy: Arc<Proxy>,
+    run: Arc<RunContext>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    if req.method() != Method::CONNECT {
+        return BrokerError::BadRequest {
+            reason:
+                "the broker's proxy only accepts CONNECT (https://); plain http:// is not proxied"
+                    .into(),
+        }
+        .into_response();
+    }
+    let Some(authority) = req.uri().authority().cloned() else {
+        return BrokerError::BadRequest {
+            reason: "CONNECT needs host:port".into(),
+        }
+        .into_response();
+    };
+    let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
+    let port = authority.port_u16().unwrap_or(443);
+    let managed = proxy.ca.manages(&host);
+    if !managed && run.deny_unlisted {
+        proxy.audit.record(AuditEvent {
+            run_id: Some(run.id.clone()),
+            pid: run.pid,
+            command: Some(run.command.clone()),
+            host: Some(host.clone()),
+            reason: Some("destination not in the run's providers (--deny-unlisted)".into()),
+            ..AuditEvent::new(EventKind::Denial)
+        });
+        return BrokerError::Unlisted { host }.into_response();
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let io = TokioIo::new(upgraded);
+        if managed {
+            terminate_tls(proxy, run, io, Some(host), peer).await;
+        } else {
+            tunnel(io, &host, port).await;
+        }
+    });
+    let mut ok = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *ok.status_mut() = StatusCode::OK;
+    ok
+}
+
+/// Unmanaged destinations are never decrypted: bytes in, bytes out.
+async fn tunnel(mut client: TokioIo<hyper::upgrade::Upgraded>, host: &str, port: u16) {
+    let Ok(mut upstream) = TcpStream::connect((host, port)).await else {
+        return;
+    };
+    let _ = upstream.set_nodelay(true);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+}

@@ -1,0 +1,234 @@
+//! The CONNECT fallback, for programs libbroker.so cannot reach (static, Go, musl).
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use broker_integration::{contains, run_bounded, Home, Origin, Reply, Serve, TestCa};
+
+const OPENAI_KEY: &str = "sk-test-real-openai-key-for-connect-0123456";
+const OPENAI_PH: &str = "sk-broker-placeholder-openai-0000000000000000";
+
+fn openai_origin(ca: &TestCa) -> Origin {
+    Origin::start(ca, &["api.openai.com"], |req| {
+        Reply::Text(
+            if req.header("authorization") == Some(&format!("Bearer {OPENAI_KEY}")) {
+                200
+            } else {
+                401
+            },
+            "models".into(),
+        )
+    })
+}
+
+fn curl(args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new("curl");
+    broker_integration::scrub(&mut cmd);
+    cmd.args(["-sS", "--max-time", "20"]).args(args);
+    run_bounded(&mut cmd, Duration::from_secs(30))
+}
+
+#[test]
+fn connect_to_a_managed_host_is_swapped_and_others_are_tunnelled_untouched() {
+    let ca = TestCa::new();
+    let origin = openai_origin(&ca);
+    // An unmanaged origin: reached through the tunnel, its own certificate, never decrypted.
+    let other = Origin::start(&ca, &["localhost"], |req| {
+        Reply::Text(200, format!("saw {:?}", req.header("authorization")))
+    });
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
+    let proxy = serve
+        .config
+        .connect_proxy
+        .clone()
+        .expect("connect proxy address");
+    let run_ca = serve.config.ca_file.to_str().expect("utf8").to_string();
+
+    let out = curl(&[
+        "-x",
+        &format!("http://{proxy}"),
+        "--cacert",
+        &run_ca,
+        "https://api.openai.com/v1/models",
+        "-H",
+        &format!("Authorization: Bearer {OPENAI_PH}"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "models");
+    assert!(!contains(&out.stdout, OPENAI_KEY));
+
+    let test_ca = ca.pem_path.to_str().expect("utf8").to_string();
+    let url = format!("https://localhost:{}/x", other.addr.port());
+    let out = curl(&[
+        "-x",
+        &format!("http://{proxy}"),
+        "--cacert",
+        &test_ca,
+        &url,
+        "-H",
+        &format!("Authorization: Bearer {OPENAI_PH}"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(OPENAI_PH),
+        "the placeholder reaches a foreign host unswapped"
+    );
+    assert_eq!(
+        other.requests()[0].header("authorization"),
+        Some(format!("Bearer {OPENAI_PH}").as_str())
+    );
+
+    // Plain http through the broker's proxy is refused, with advice.
+    let out = curl(&[
+        "-x",
+        &format!("http://{proxy}"),
+        "-i",
+        "http://api.openai.com/v1/models",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("only accepts CONNECT"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn deny_unlisted_refuses_other_destinations_through_connect() {
+    let ca = TestCa::new();
+    let origin = openai_origin(&ca);
+    let other = Origin::start(&ca, &["localhost"], |_| {
+        Reply::Text(200, "should not be reached".into())
+    });
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    // The agent reads the CONNECT address from its shim config, as a static child would get it.
+    let script = format!(
+        "p=$(sed -n 's/^connect-proxy //p' \"$BROKER_SHIM_CONFIG\"); \
+         curl -sS -o /dev/null -w '%{{http_code}}\\n' -x http://$p --cacert \"$(sed -n 's/^ca //p' \"$BROKER_SHIM_CONFIG\")\" https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"; \
+         curl -sS -o /dev/null -w '%{{http_code}}\\n' -x http://$p https://localhost:{}/ 2>&1",
+        other.addr.port()
+    );
+    let mut cmd = home.broker();
+    cmd.args(["run", "--deny-unlisted", "--upstream-ca"])
+        .arg(&ca.pem_path)
+        .args([
+            "--resolve",
+            &format!("api.openai.com:443:{}", origin.addr),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdin(Stdio::null());
+    let out = run_bounded(&mut cmd, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("200\n"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("403") || stdout.contains("CONNECT tunnel failed"),
+        "{stdout}"
+    );
+    assert!(other.requests().is_empty());
+    let audit = std::fs::read_to_string(home.path().join("audit.jsonl")).unwrap_or_default();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"denial\"") && l.contains("deny-unlisted")),
+        "{audit}"
+    );
+}
+
+const GO_AGENT: &str = r#"package main
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+)
+
+func main() {
+	req, _ := http.NewRequest("GET", "https://api.openai.com/v1/models", nil)
+	req.Header.Set("Authorization", "Bearer "+os.Getenv("OPENAI_API_KEY"))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		fmt.Println("error:", err)
+		os.Exit(3)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	fmt.Println(resp.StatusCode, string(body), "held:", os.Getenv("OPENAI_API_KEY"))
+	if resp.StatusCode != 200 {
+		os.Exit(4)
+	}
+}
+"#;
+
+#[test]
+fn a_static_go_binary_goes_through_the_connect_fallback() {
+    let Some(go) = broker_integration::which("go") else {
+        eprintln!("SKIP: no Go toolchain (apt-get install golang-go); the static-binary case is not tested here");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("main.go"), GO_AGENT).expect("write");
+    let cache = broker_integration::target_dir().join("go-cache");
+    let bin = dir.path().join("static-agent");
+    let mut build = Command::new(go);
+    build
+        .current_dir(dir.path())
+        .env("CGO_ENABLED", "0")
+        .env("GOCACHE", &cache)
+        .env("GOPATH", cache.join("gopath"))
+        .env("GO111MODULE", "off")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg("main.go");
+    let out = run_bounded(&mut build, Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "go build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let ca = TestCa::new();
+    let origin = openai_origin(&ca);
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let mut cmd = home.broker();
+    cmd.args(["run", "--upstream-ca"])
+        .arg(&ca.pem_path)
+        .args([
+            "--resolve",
+            &format!("api.openai.com:443:{}", origin.addr),
+            "--",
+        ])
+        .arg(&bin)
+        .stdin(Stdio::null());
+    let out = run_bounded(&mut cmd, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.starts_with("200 models held: sk-broker-placeholder-openai"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("statically linked"), "{stderr}");
+    assert!(!contains(&out.stdout, OPENAI_KEY));
+    assert_eq!(
+        origin.requests()[0].header("authorization"),
+        Some(format!("Bearer {OPENAI_KEY}").as_str())
+    );
+}
