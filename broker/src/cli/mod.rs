@@ -10,8 +10,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod audit;
+pub mod ca;
 pub mod credentials;
 pub mod demo;
+pub mod doctor;
+pub mod login;
 pub mod providers;
 pub mod run;
 pub mod serve;
@@ -39,6 +42,10 @@ pub enum Command {
     Show(credentials::ShowArgs),
     /// Remove a stored credential.
     Remove(credentials::RemoveArgs),
+    /// Log in to a provider with OAuth (browser with PKCE, or --device); tokens go to the vault.
+    Login(login::LoginArgs),
+    /// Revoke a provider's OAuth tokens (where it can) and remove them from the vault.
+    Logout(login::LogoutArgs),
     /// Show the audit log (`--json`, `--since`, `--follow`), or `verify` its hash chain.
     Audit(audit::AuditArgs),
     /// List the providers broker knows, or show one.
@@ -47,6 +54,10 @@ pub enum Command {
     Run(run::RunArgs),
     /// Run the broker as a long-lived daemon for this user.
     Serve(serve::ServeArgs),
+    /// Check the vault, audit log, providers, CA and shim, and self-test each client runtime.
+    Doctor(doctor::DoctorArgs),
+    /// The CA of the running `broker serve`.
+    Ca(ca::CaArgs),
     /// Show the whole flow offline: a local origin, a stored key, a real client, the swap.
     Demo(demo::DemoArgs),
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
@@ -60,21 +71,27 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo's own output tells the story; its (expected) warnings would only distract.
-    init_logging(if matches!(cli.command, Command::Demo(_)) {
-        "error"
-    } else {
-        "warn,broker=info"
-    });
+    init_logging(
+        if matches!(cli.command, Command::Demo(_) | Command::Doctor(_)) {
+            "error"
+        } else {
+            "warn,broker=info"
+        },
+    );
     let result = match cli.command {
         Command::Add(args) => credentials::add(args),
         Command::List(args) => credentials::list(args),
         Command::Show(args) => credentials::show(args),
         Command::Remove(args) => credentials::remove(args),
+        Command::Login(args) => login::login(args),
+        Command::Logout(args) => login::logout(args),
         Command::Audit(args) => audit::run(args),
         Command::Providers(args) => providers::run(args),
         Command::Run(args) => run::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Doctor(args) => doctor::run(args),
+        Command::Ca(args) => ca::run(args),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "broker", &mut std::io::stdout());

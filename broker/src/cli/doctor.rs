@@ -1,0 +1,243 @@
+//! `broker doctor`: is everything in place, and does the swap work on this machine?
+//!
+//! Checks the home directory, the vault and its key source, the audit chain, the provider
+//! files, the CA, the shim and the daemon, then runs an offline self-test of each client
+//! runtime found (curl, python3, node, wget) through a throwaway broker. Exit 1 if anything
+//! failed.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::process::ExitCode;
+
+use clap::Args;
+use serde::Serialize;
+
+use crate::ca::LocalCa;
+use crate::home::Home;
+use crate::providers::Catalog;
+use crate::selftest::SelfTest;
+use crate::vault::Vault;
+use crate::{audit, control, launch};
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Skip the client self-tests (only check files and settings).
+    #[arg(long)]
+    pub no_self_test: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Status {
+    Ok,
+    Warn,
+    Fail,
+    Skip,
+}
+
+#[derive(Debug, Serialize)]
+struct Check {
+    check: String,
+    status: Status,
+    detail: String,
+}
+
+fn check(name: impl Into<String>, status: Status, detail: impl Into<String>) -> Check {
+    Check {
+        check: name.into(),
+        status,
+        detail: detail.into(),
+    }
+}
+
+pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
+    let home = Home::from_env()?;
+    let mut checks = vec![home_check(&home)];
+    checks.push(vault_check(&home));
+    checks.push(audit_check(&home));
+    let catalog = Catalog::load(&home);
+    checks.push(match &catalog {
+        Ok(c) => {
+            let custom = c
+                .providers()
+                .iter()
+                .filter(|p| !p.origin().is_builtin())
+                .count();
+            check(
+                "providers",
+                Status::Ok,
+                format!("{} providers ({custom} custom)", c.providers().len()),
+            )
+        }
+        Err(err) => check("providers", Status::Fail, err.to_string()),
+    });
+    if let Ok(c) = &catalog {
+        let patterns = c.host_patterns();
+        checks.push(match LocalCa::new(&patterns, "doctor") {
+            Ok(_) => check(
+                "local CA",
+                Status::Ok,
+                format!(
+                    "name-constrained to {} host patterns; its key never leaves memory",
+                    patterns.len()
+                ),
+            ),
+            Err(err) => check("local CA", Status::Fail, err.to_string()),
+        });
+    }
+    checks.push(match launch::find_shim() {
+        Some(path) => check("libbroker.so", Status::Ok, path.display().to_string()),
+        None => check(
+            "libbroker.so",
+            Status::Fail,
+            "not found next to the broker binary: build the workspace or set BROKER_SHIM_LIB",
+        ),
+    });
+    checks.push(
+        match std::os::unix::net::UnixStream::connect(control::socket_path(&home)) {
+            Ok(_) => check("broker serve", Status::Ok, "running; `broker run` joins it"),
+            Err(_) => check(
+                "broker serve",
+                Status::Skip,
+                "not running; `broker run` embeds its own broker",
+            ),
+        },
+    );
+    if !args.no_self_test {
+        checks.extend(self_tests());
+    }
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        let width = checks.iter().map(|c| c.check.len()).max().unwrap_or(10);
+        for c in &checks {
+            let status = match c.status {
+                Status::Ok => "ok",
+                Status::Warn => "WARN",
+                Status::Fail => "FAIL",
+                Status::Skip => "-",
+            };
+            println!("{:<width$}  {:<4}  {}", c.check, status, c.detail);
+        }
+    }
+    let failed = checks.iter().any(|c| c.status == Status::Fail);
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn home_check(home: &Home) -> Check {
+    let root = home.root();
+    match std::fs::metadata(root) {
+        Ok(meta) if meta.permissions().mode() & 0o077 == 0 => check(
+            "BROKER_HOME",
+            Status::Ok,
+            format!("{} (0700)", root.display()),
+        ),
+        Ok(meta) => check(
+            "BROKER_HOME",
+            Status::Warn,
+            format!(
+                "{} is mode {:o}: other users may list it; run chmod 700",
+                root.display(),
+                meta.permissions().mode() & 0o777
+            ),
+        ),
+        Err(_) => check(
+            "BROKER_HOME",
+            Status::Skip,
+            format!("{} does not exist yet", root.display()),
+        ),
+    }
+}
+
+fn vault_check(home: &Home) -> Check {
+    if !Vault::exists(home) {
+        return check(
+            "vault",
+            Status::Skip,
+            "no vault yet ('broker add' creates it)",
+        );
+    }
+    let vault = match Vault::open(home) {
+        Ok(vault) => vault,
+        Err(err) => return check("vault", Status::Fail, err.to_string()),
+    };
+    match vault.verify() {
+        Ok(report) if report.is_ok() => check(
+            "vault",
+            Status::Ok,
+            format!(
+                "{} credentials, all readable; master key in the {}",
+                report.credentials,
+                vault.key_source()
+            ),
+        ),
+        Ok(report) => check(
+            "vault",
+            Status::Fail,
+            format!(
+                "unreadable: {} (remove and add them again)",
+                report.unreadable.join(", ")
+            ),
+        ),
+        Err(err) => check("vault", Status::Fail, err.to_string()),
+    }
+}
+
+fn audit_check(home: &Home) -> Check {
+    match audit::verify(&home.audit_path()) {
+        Ok(0) => check("audit log", Status::Skip, "empty"),
+        Ok(lines) => check(
+            "audit log",
+            Status::Ok,
+            format!("{lines} lines, hash chain intact"),
+        ),
+        Err(broken) => check(
+            "audit log",
+            Status::Fail,
+            format!("broken at line {}: {}", broken.line, broken.reason),
+        ),
+    }
+}
+
+/// The offline self-test of every client runtime found on this machine.
+fn self_tests() -> Vec<Check> {
+    let run = || -> anyhow::Result<Vec<Check>> {
+        let dir = tempfile::Builder::new()
+            .prefix("broker-doctor-")
+            .tempdir()?;
+        let runtime = super::runtime()?;
+        let test = std::sync::Arc::new(runtime.block_on(SelfTest::start(dir.path(), "doctor"))?);
+        let mut checks = Vec::new();
+        let found: Vec<&str> = test.probes().iter().map(|p| p.name).collect();
+        for probe in test.probes() {
+            let name = format!("self-test: {}", probe.name);
+            let result = test.check(probe);
+            checks.push(check(
+                name,
+                if result.ok { Status::Ok } else { Status::Fail },
+                result.detail,
+            ));
+        }
+        for missing in ["curl", "python3", "node", "wget"]
+            .iter()
+            .filter(|n| !found.contains(n))
+        {
+            checks.push(check(
+                format!("self-test: {missing}"),
+                Status::Skip,
+                "not installed",
+            ));
+        }
+        drop(test);
+        drop(runtime);
+        Ok(checks)
+    };
+    run().unwrap_or_else(|err| vec![check("self-test", Status::Fail, format!("{err:#}"))])
+}
