@@ -11,7 +11,6 @@ pub mod control;
 pub mod home;
 pub mod instance;
 pub mod launch;
-pub mod oauth;
 pub mod providers;
 pub mod proxy;
 pub mod selftest;
