@@ -182,10 +182,6 @@ pub unsafe fn set(var: &str, value: &[u8]) {
     unsafe { libc::setenv(var.as_ptr(), value.as_ptr(), 1) };
 }
 
-extern "C" {
-    static mut environ: *mut *mut libc::c_char;
-}
-
 /// Replace `var` with `placeholder` and zero the bytes of the old value where the kernel shows
 /// them (`/proc/<pid>/environ` reads the original block on the stack, which `setenv` leaves
 /// alone). Returns whether the original bytes were found in that block and scrubbed.
@@ -197,14 +193,14 @@ unsafe fn hide(var: &str, placeholder: &[u8]) -> bool {
     // SAFETY: `environ` is the NULL-terminated array of NUL-terminated strings maintained by
     // libc; nobody else touches it now (caller's contract).
     unsafe {
-        let mut p = environ;
+        let mut p = crate::ffi::environ();
         while !p.is_null() && !(*p).is_null() {
             let entry = CStr::from_ptr(*p).to_bytes();
             if entry.len() > var.len()
                 && entry.starts_with(var.as_bytes())
                 && entry[var.len()] == b'='
             {
-                let value = (*p).cast::<u8>().add(var.len() + 1);
+                let value = (*p).cast::<u8>().cast_mut().add(var.len() + 1);
                 old = Some((value, entry.len() - var.len() - 1));
                 break;
             }

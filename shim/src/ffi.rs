@@ -162,6 +162,18 @@ pub fn resolve_for_caller(name: &CStr, caller: usize, sonames: &[&CStr]) -> Opti
     })
 }
 
+extern "C" {
+    /// libc's environment array (`environ(7)`).
+    #[link_name = "environ"]
+    pub static mut ENVIRON: *mut *mut std::ffi::c_char;
+}
+
+/// The current `environ` pointer (a NULL-terminated array of `NAME=value` strings).
+pub fn environ() -> *const *const std::ffi::c_char {
+    // SAFETY: reads the pointer value only (no reference to the static is formed).
+    unsafe { ENVIRON }.cast()
+}
+
 /// Export a hook that needs its caller's return address: a naked entry point reads it (on
 /// x86_64 from the top of the stack, on aarch64 from the link register) into the next free
 /// argument register and tail-jumps to `$imp`, which takes the same arguments plus

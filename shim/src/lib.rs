@@ -15,6 +15,8 @@
 //!   which links OpenSSL statically, gets `NODE_EXTRA_CA_CERTS` (see [`env`]).
 //! - **Environment** (constructor): placeholders for the managed credential variables; a real
 //!   key found there is replaced by its placeholder and scrubbed from `/proc/<pid>/environ`.
+//! - **exec** (`execve`, `execv`, `execvp`, `execvpe`, `posix_spawn`, `posix_spawnp`): a
+//!   program that cannot load this library (musl) is started without it.
 //!
 //! # Why this crate needs `unsafe`
 //!
@@ -38,11 +40,12 @@
 //! # Children and what a preload cannot reach
 //!
 //! `LD_PRELOAD` and `BROKER_SHIM_CONFIG` are inherited, so every exec'd child of the agent is
-//! covered too. Static binaries, Go programs (raw syscalls), io_uring, setuid programs and
-//! children started with a scrubbed environment are not: the broker's CONNECT proxy with
-//! `HTTPS_PROXY` is the launcher's fallback for those. A glibc-built `libbroker.so` in
-//! `LD_PRELOAD` makes *dynamic musl* programs fail to start; the shim does not yet hook
-//! `execve` to drop it for such children, so launchers must not start musl programs under it.
+//! covered too. A glibc-built `libbroker.so` in `LD_PRELOAD` makes *dynamic musl* programs
+//! fail to start (exit 127), so the exec hooks ([`exec`]) start any program whose ELF
+//! interpreter is not glibc's without our `LD_PRELOAD` entry (it then runs unmanaged).
+//! Static binaries, Go programs (raw syscalls), io_uring, setuid programs and children started
+//! with a scrubbed environment are not reached by a preload: the broker's CONNECT proxy with
+//! `HTTPS_PROXY` is the launcher's fallback for those.
 
 #![cfg_attr(test, allow(dead_code))]
 
@@ -53,6 +56,7 @@ use broker_contract::{ShimConfig, ENV_SHIM_ACTIVE};
 pub mod config;
 pub mod decide;
 pub mod env;
+pub mod exec;
 mod ffi;
 mod hooks;
 mod log;
@@ -76,6 +80,7 @@ static CONSTRUCTOR: extern "C" fn() = constructor;
 
 fn init() {
     hooks::net::resolve_all();
+    hooks::exec::resolve_all();
     let get = |k: &str| std::env::var_os(k);
     let location = config::locate(&get);
     // SAFETY: getuid has no preconditions and cannot fail.

@@ -954,3 +954,89 @@ fn control_wrong_run_ca_fails_verification() {
     assert!(out.stdout.contains("failed True"), "{}", out.stdout);
     assert!(w.requests("/v1/control").is_empty());
 }
+
+// ---------------------------------------------------------------------------------------
+// exec of programs that cannot load a glibc libbroker.so
+
+/// A dynamic musl program started under the shim must run (not exit 127 on "Error relocating
+/// libbroker.so"), without our entry in its LD_PRELOAD, whichever way it is started; a glibc
+/// child keeps the preload.
+#[test]
+fn musl_children_start_without_the_shim_glibc_children_keep_it() {
+    require!("musl-gcc");
+    require!("python3");
+    let w = World::new("musl");
+    let bin = w.dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    std::fs::write(
+        w.dir.join("mh.c"),
+        "#include <stdio.h>\n#include <stdlib.h>\nint main(void) {\n\
+         const char *p = getenv(\"LD_PRELOAD\");\n\
+         printf(\"musl-child LD_PRELOAD=%s\\n\", p ? p : \"(unset)\");\n return 0; }\n",
+    )
+    .expect("mh.c");
+    run_ok(
+        Command::new("musl-gcc")
+            .args(["-o", "bin/musl-child", "mh.c"])
+            .current_dir(&w.dir),
+    );
+    let head = std::fs::read(bin.join("musl-child")).expect("musl binary");
+    if !head.windows(7).any(|x| x == b"ld-musl") {
+        eprintln!("SKIP: musl-gcc made a static binary; a dynamic musl program is needed");
+        return;
+    }
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let expect_unset = |out: &Output, n: usize| {
+        assert_eq!(
+            out.stdout.matches("musl-child LD_PRELOAD=(unset)").count(),
+            n,
+            "{}\n{}",
+            out.stdout,
+            out.stderr
+        );
+        assert!(!out.stderr.contains("Error relocating"), "{}", out.stderr);
+    };
+    // sh: execve with a path, and execvp-style PATH search; a glibc child keeps the preload
+    let out = run_ok_out(
+        w.client(CaEnv::Scrubbed, "sh").env("PATH", &path).args([
+            "-c",
+            "./bin/musl-child; musl-child; sh -c 'echo glibc-child LD_PRELOAD=$LD_PRELOAD'",
+        ]),
+        &w.dir,
+    );
+    expect_unset(&out, 2);
+    assert!(
+        out.stdout.contains("glibc-child LD_PRELOAD=") && out.stdout.contains("libbroker.so"),
+        "{}",
+        out.stdout
+    );
+    // CPython's subprocess (vfork + execve), with and without PATH search, and posix_spawn
+    let script = "import os, subprocess\n\
+                  subprocess.run(['./bin/musl-child'], check=True)\n\
+                  subprocess.run(['musl-child'], check=True)\n\
+                  os.waitpid(os.posix_spawnp('musl-child', ['musl-child'], os.environ), 0)\n\
+                  os.waitpid(os.posix_spawn('./bin/musl-child', ['musl-child'], os.environ), 0)\n";
+    let out = run_ok_out(
+        w.client(CaEnv::Scrubbed, "python3")
+            .env("PATH", &path)
+            .args(["-c", script]),
+        &w.dir,
+    );
+    expect_unset(&out, 4);
+    if which("node").is_some() {
+        let script = "const cp = require('child_process');\
+                      process.stdout.write(cp.execFileSync('./bin/musl-child'));\
+                      process.stdout.write(cp.execFileSync('musl-child'))";
+        let out = run_ok_out(
+            w.client(CaEnv::Scrubbed, "node")
+                .env("PATH", &path)
+                .args(["-e", script]),
+            &w.dir,
+        );
+        expect_unset(&out, 2);
+    }
+}

@@ -1,4 +1,5 @@
 //! The exported hooks: thin FFI shells over [`crate::decide`].
 
+pub mod exec;
 pub mod net;
 pub mod tls;

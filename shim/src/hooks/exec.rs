@@ -1,0 +1,399 @@
+//! exec hooks: a child that cannot load a glibc `libbroker.so` (a dynamic musl program) gets
+//! the environment without our `LD_PRELOAD` entry; see [`crate::exec`].
+//!
+//! Hooked: `execve`, `execv`, `execvpe`, `execvp`, `posix_spawn`, `posix_spawnp`. Not
+//! hooked: the variadic `execl*` (glibc builds an argv and calls its internal `execve`, which
+//! no preload sees) and glibc's internal spawns (`system`, `popen`): those start `/bin/sh`,
+//! a glibc program whose own `execve` is hooked.
+//!
+//! These run in `vfork` children, so nothing here allocates or takes a lock: the work is
+//! done in fixed buffers on the stack, with raw `open`/`read`/`access` calls. The real
+//! functions are resolved by the constructor ([`resolve_all`]), never here.
+
+use std::ffi::{c_char, c_int, CStr};
+
+use crate::exec::{self, Target};
+use crate::ffi::{contain, environ, Guard, RealFn};
+
+pub static REAL_EXECVE: RealFn = RealFn::new(c"execve");
+pub static REAL_EXECV: RealFn = RealFn::new(c"execv");
+pub static REAL_EXECVPE: RealFn = RealFn::new(c"execvpe");
+pub static REAL_EXECVP: RealFn = RealFn::new(c"execvp");
+pub static REAL_POSIX_SPAWN: RealFn = RealFn::new(c"posix_spawn");
+pub static REAL_POSIX_SPAWNP: RealFn = RealFn::new(c"posix_spawnp");
+
+/// Resolve the real exec functions from the constructor (a `vfork` child must not `dlsym`).
+pub fn resolve_all() {
+    for f in [
+        &REAL_EXECVE,
+        &REAL_EXECV,
+        &REAL_EXECVPE,
+        &REAL_EXECVP,
+        &REAL_POSIX_SPAWN,
+        &REAL_POSIX_SPAWNP,
+    ] {
+        let _ = f.addr();
+    }
+}
+
+type Argv = *const *const c_char;
+type ExecveFn = unsafe extern "C" fn(*const c_char, Argv, Argv) -> c_int;
+type ExecvFn = unsafe extern "C" fn(*const c_char, Argv) -> c_int;
+type SpawnFn = unsafe extern "C" fn(
+    *mut libc::pid_t,
+    *const c_char,
+    *const libc::posix_spawn_file_actions_t,
+    *const libc::posix_spawnattr_t,
+    Argv,
+    Argv,
+) -> c_int;
+
+/// Environments with more entries than this are passed on unchanged.
+const MAX_ENV: usize = 1024;
+/// Bytes read from the start of an exec'd file.
+const HEAD: usize = 1024;
+const PATH_MAX: usize = 4096;
+
+/// Stack space for one decision; lives in the hook's frame until the real call returns.
+struct Scratch {
+    envp: [*const c_char; MAX_ENV + 1],
+    preload: [u8; PATH_MAX],
+    head: [u8; HEAD],
+    script: [u8; PATH_MAX],
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        Scratch {
+            envp: [std::ptr::null(); MAX_ENV + 1],
+            preload: [0; PATH_MAX],
+            head: [0; HEAD],
+            script: [0; PATH_MAX],
+        }
+    }
+}
+
+/// The `LD_PRELOAD=...` entry of `envp` and its index.
+///
+/// # Safety
+/// `envp` is null or a NULL-terminated array of NUL-terminated strings.
+unsafe fn find_preload(envp: Argv) -> Option<(usize, &'static [u8])> {
+    if envp.is_null() {
+        return None;
+    }
+    let mut i = 0;
+    loop {
+        // SAFETY: NULL-terminated array (caller's contract); `i` never passes the NULL.
+        let entry = unsafe { *envp.add(i) };
+        if entry.is_null() {
+            return None;
+        }
+        // SAFETY: each entry is NUL-terminated (caller's contract); it outlives the exec call.
+        let bytes = unsafe { CStr::from_ptr(entry) }.to_bytes();
+        if let Some(value) = bytes.strip_prefix(b"LD_PRELOAD=") {
+            return Some((i, value));
+        }
+        i += 1;
+    }
+}
+
+/// Read the first bytes of the file at the NUL-terminated `path` into `buf`.
+fn read_head<'a>(path: &[u8], buf: &'a mut [u8]) -> &'a [u8] {
+    debug_assert_eq!(path.last(), Some(&0));
+    // SAFETY: `path` is NUL-terminated; open/read/close are async-signal-safe syscalls and
+    // `buf` is valid for `buf.len()` bytes.
+    unsafe {
+        let fd = libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return &[];
+        }
+        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fd);
+        &buf[..usize::try_from(n).unwrap_or(0)]
+    }
+}
+
+/// Copy `parts` and a NUL into `out`; the written bytes including the NUL.
+fn join_into<'a>(parts: &[&[u8]], out: &'a mut [u8]) -> Option<&'a [u8]> {
+    let mut len = 0;
+    for p in parts {
+        out.get_mut(len..len + p.len())?.copy_from_slice(p);
+        len += p.len();
+    }
+    *out.get_mut(len)? = 0;
+    Some(&out[..=len])
+}
+
+/// `PATH` from the current environment, as `execvp` uses it.
+fn current_path() -> &'static [u8] {
+    // SAFETY: `environ` is libc's NULL-terminated environment array.
+    match unsafe { find_var(environ(), b"PATH=") } {
+        Some(v) => v,
+        None => b"/bin:/usr/bin", // glibc's default for execvp
+    }
+}
+
+/// # Safety
+/// As [`find_preload`].
+unsafe fn find_var(envp: Argv, prefix: &[u8]) -> Option<&'static [u8]> {
+    if envp.is_null() {
+        return None;
+    }
+    let mut i = 0;
+    loop {
+        // SAFETY: caller's contract.
+        let entry = unsafe { *envp.add(i) };
+        if entry.is_null() {
+            return None;
+        }
+        // SAFETY: caller's contract.
+        let bytes = unsafe { CStr::from_ptr(entry) }.to_bytes();
+        if let Some(v) = bytes.strip_prefix(prefix) {
+            return Some(v);
+        }
+        i += 1;
+    }
+}
+
+/// Where `execvp` would find `file`: itself if it has a `/`, else the first executable
+/// `dir/file` on `PATH`. Written NUL-terminated into `out`.
+fn search_path<'a>(file: &[u8], out: &'a mut [u8]) -> Option<&'a [u8]> {
+    if file.contains(&b'/') {
+        return join_into(&[file], out);
+    }
+    let mut found = None;
+    for dir in current_path().split(|&c| c == b':') {
+        let dir: &[u8] = if dir.is_empty() { b"." } else { dir };
+        let Some(candidate) = join_into(&[dir, b"/", file], out) else {
+            continue;
+        };
+        // SAFETY: NUL-terminated path; access is an async-signal-safe syscall.
+        if unsafe { libc::access(candidate.as_ptr().cast(), libc::X_OK) } == 0 {
+            found = Some(candidate.len());
+            break;
+        }
+    }
+    found.map(|n| &out[..n])
+}
+
+/// Must this program start without our `LD_PRELOAD` entry? Follows one `#!` (and
+/// `/usr/bin/env NAME`).
+fn must_drop(path: &[u8], s: &mut Scratch) -> bool {
+    let Scratch { head, script, .. } = s;
+    let target = exec::inspect(read_head(path, head));
+    let interp_path = match target {
+        Target::Dynamic { interp } => return !exec::is_glibc_loader(interp),
+        Target::Static | Target::Unknown => return false,
+        Target::Script { interp, arg } => match (interp.ends_with(b"/env"), arg) {
+            (true, Some(name)) if !name.starts_with(b"-") => search_path(name, script),
+            (true, _) => None,
+            (false, _) => join_into(&[interp], script),
+        },
+    };
+    let Some(interp_path) = interp_path else {
+        return false;
+    };
+    match exec::inspect(read_head(interp_path, head)) {
+        Target::Dynamic { interp } => !exec::is_glibc_loader(interp),
+        _ => false,
+    }
+}
+
+/// The environment to exec `path` (NUL-terminated) with: `envp` itself, or a copy in `s`
+/// without our `LD_PRELOAD` entry.
+///
+/// # Safety
+/// `envp` as in [`find_preload`]; the result borrows from `envp` and `s`.
+unsafe fn env_for(path: &[u8], envp: Argv, s: &mut Scratch) -> Argv {
+    // SAFETY: caller's contract.
+    let Some((index, value)) = (unsafe { find_preload(envp) }) else {
+        return envp;
+    };
+    if !exec::preload_names_shim(value) || !must_drop(path, s) {
+        return envp;
+    }
+    const NAME: &[u8] = b"LD_PRELOAD=";
+    s.preload[..NAME.len()].copy_from_slice(NAME);
+    let Some(n) = exec::strip_preload(value, &mut s.preload[NAME.len()..PATH_MAX - 1]) else {
+        return envp;
+    };
+    s.preload[NAME.len() + n] = 0;
+    let mut out = 0;
+    let mut i = 0;
+    loop {
+        // SAFETY: caller's contract (NULL-terminated array).
+        let entry = unsafe { *envp.add(i) };
+        if entry.is_null() {
+            break;
+        }
+        if out == MAX_ENV {
+            return envp;
+        }
+        if i != index {
+            s.envp[out] = entry;
+            out += 1;
+        } else if n > 0 {
+            s.envp[out] = s.preload.as_ptr().cast();
+            out += 1;
+        }
+        i += 1;
+    }
+    s.envp[out] = std::ptr::null();
+    s.envp.as_ptr()
+}
+
+/// The environment for exec'ing the program `file` (searched on `PATH` if `search`).
+///
+/// # Safety
+/// `file` is a NUL-terminated string; `envp` as in [`find_preload`].
+unsafe fn decide(file: *const c_char, search: bool, envp: Argv, s: &mut Scratch) -> Argv {
+    let Some(_guard) = Guard::enter() else {
+        return envp;
+    };
+    if file.is_null() {
+        return envp;
+    }
+    // SAFETY: NUL-terminated (exec's contract).
+    let file = unsafe { CStr::from_ptr(file) }.to_bytes_with_nul();
+    let mut path = [0u8; PATH_MAX];
+    let path: &[u8] = if search {
+        match search_path(&file[..file.len() - 1], &mut path) {
+            Some(p) => p,
+            None => return envp,
+        }
+    } else {
+        file
+    };
+    // SAFETY: caller's contract.
+    contain(|| unsafe { env_for(path, envp, s) }).unwrap_or(envp)
+}
+
+macro_rules! real {
+    ($f:expr, $ty:ty) => {
+        match $f.addr() {
+            // SAFETY: resolved by dlsym for a function of exactly this signature.
+            Some(a) => unsafe { std::mem::transmute::<usize, $ty>(a) },
+            None => {
+                // SAFETY: this thread's errno slot.
+                unsafe { *libc::__errno_location() = libc::ENOSYS };
+                return -1;
+            }
+        }
+    };
+}
+
+/// `execve(2)`.
+///
+/// # Safety
+/// Called by the agent with `execve(2)`'s arguments.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn execve(path: *const c_char, argv: Argv, envp: Argv) -> c_int {
+    let real = real!(REAL_EXECVE, ExecveFn);
+    let mut s = Scratch::new();
+    // SAFETY: the agent's arguments per execve's contract.
+    let env = unsafe { decide(path, false, envp, &mut s) };
+    // SAFETY: as above; `env` lives in `s` or is `envp`.
+    unsafe { real(path, argv, env) }
+}
+
+/// `execv(3)`: `execve` with the current environment.
+///
+/// # Safety
+/// Called by the agent with `execv(3)`'s arguments.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn execv(path: *const c_char, argv: Argv) -> c_int {
+    let mut s = Scratch::new();
+    // SAFETY: `environ` is libc's environment; the agent's path per execv's contract.
+    let env = unsafe { decide(path, false, environ(), &mut s) };
+    if env == environ() {
+        let real = real!(REAL_EXECV, ExecvFn);
+        // SAFETY: the agent's own arguments.
+        return unsafe { real(path, argv) };
+    }
+    let real = real!(REAL_EXECVE, ExecveFn);
+    // SAFETY: the agent's arguments with our environment copy.
+    unsafe { real(path, argv, env) }
+}
+
+/// `execvpe(3)`.
+///
+/// # Safety
+/// Called by the agent with `execvpe(3)`'s arguments.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn execvpe(file: *const c_char, argv: Argv, envp: Argv) -> c_int {
+    let real = real!(REAL_EXECVPE, ExecveFn);
+    let mut s = Scratch::new();
+    // SAFETY: the agent's arguments per execvpe's contract.
+    let env = unsafe { decide(file, true, envp, &mut s) };
+    // SAFETY: as above.
+    unsafe { real(file, argv, env) }
+}
+
+/// `execvp(3)`: `execvpe` with the current environment.
+///
+/// # Safety
+/// Called by the agent with `execvp(3)`'s arguments.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn execvp(file: *const c_char, argv: Argv) -> c_int {
+    let mut s = Scratch::new();
+    // SAFETY: `environ` is libc's environment; the agent's file per execvp's contract.
+    let env = unsafe { decide(file, true, environ(), &mut s) };
+    if env == environ() {
+        let real = real!(REAL_EXECVP, ExecvFn);
+        // SAFETY: the agent's own arguments.
+        return unsafe { real(file, argv) };
+    }
+    let real = real!(REAL_EXECVPE, ExecveFn);
+    // SAFETY: the agent's arguments with our environment copy.
+    unsafe { real(file, argv, env) }
+}
+
+/// `posix_spawn(3)`.
+///
+/// # Safety
+/// Called by the agent with `posix_spawn(3)`'s arguments.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn posix_spawn(
+    pid: *mut libc::pid_t,
+    path: *const c_char,
+    actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: Argv,
+    envp: Argv,
+) -> c_int {
+    let real = match REAL_POSIX_SPAWN.addr() {
+        // SAFETY: dlsym address of a function with this signature.
+        Some(a) => unsafe { std::mem::transmute::<usize, SpawnFn>(a) },
+        None => return libc::ENOSYS,
+    };
+    let mut s = Scratch::new();
+    // SAFETY: the agent's arguments per posix_spawn's contract.
+    let env = unsafe { decide(path, false, envp, &mut s) };
+    // SAFETY: as above; posix_spawn copies what it needs before returning.
+    unsafe { real(pid, path, actions, attr, argv, env) }
+}
+
+/// `posix_spawnp(3)`.
+///
+/// # Safety
+/// Called by the agent with `posix_spawnp(3)`'s arguments.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn posix_spawnp(
+    pid: *mut libc::pid_t,
+    file: *const c_char,
+    actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: Argv,
+    envp: Argv,
+) -> c_int {
+    let real = match REAL_POSIX_SPAWNP.addr() {
+        // SAFETY: dlsym address of a function with this signature.
+        Some(a) => unsafe { std::mem::transmute::<usize, SpawnFn>(a) },
+        None => return libc::ENOSYS,
+    };
+    let mut s = Scratch::new();
+    // SAFETY: the agent's arguments per posix_spawnp's contract.
+    let env = unsafe { decide(file, true, envp, &mut s) };
+    // SAFETY: as above.
+    unsafe { real(pid, file, actions, attr, argv, env) }
+}
