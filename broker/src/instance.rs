@@ -11,9 +11,11 @@ use broker_contract::ShimConfig;
 use zeroize::Zeroizing;
 
 use crate::home::{ensure_private_dir, write_private_file, Home};
+use crate::oauth::refresh::FreshError;
 use crate::providers::Catalog;
 use crate::proxy::{
-    Credentials, Proxy, ProxySettings, RunContext, RunKeys, RunListeners, UpstreamSettings,
+    Credentials, LookupError, Proxy, ProxySettings, RunContext, RunKeys, RunListeners,
+    UpstreamSettings,
 };
 use crate::vault::{KeyConfig, Vault};
 
@@ -83,8 +85,11 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
     let catalog = Arc::new(Catalog::load(&home)?);
     let proxy = Proxy::new(ProxySettings {
         catalog,
-        upstream: settings.upstream,
-        credentials: Arc::new(VaultCredentials::new(home.clone(), settings.keys)),
+        upstream: settings.upstream.clone(),
+        credentials: Arc::new(
+            VaultCredentials::new(home.clone(), settings.keys)
+                .with_token_endpoints(settings.upstream.clone()),
+        ),
         audit: Arc::new(crate::audit_queue::AuditQueue::start(home.clone())),
         label: settings.label,
     })?;
@@ -171,6 +176,8 @@ pub struct VaultCredentials {
     home: Home,
     keys: KeyConfig,
     vault: Mutex<Option<Arc<Vault>>>,
+    /// How OAuth token endpoints are reached for refreshes (the test-only overrides apply).
+    token_endpoints: UpstreamSettings,
 }
 
 impl VaultCredentials {
@@ -179,7 +186,14 @@ impl VaultCredentials {
             home,
             keys,
             vault: Mutex::new(None),
+            token_endpoints: UpstreamSettings::default(),
         }
+    }
+
+    /// Reach OAuth token endpoints (refreshes) with these settings.
+    pub fn with_token_endpoints(mut self, upstream: UpstreamSettings) -> VaultCredentials {
+        self.token_endpoints = upstream;
+        self
     }
 
     fn vault(&self) -> Result<Option<Arc<Vault>>, String> {
@@ -197,12 +211,27 @@ impl VaultCredentials {
 }
 
 impl Credentials for VaultCredentials {
-    fn lookup(&self, provider: &str, profile: &str) -> Result<Option<Zeroizing<String>>, String> {
+    fn lookup(
+        &self,
+        provider: &str,
+        profile: &str,
+    ) -> Result<Option<Zeroizing<String>>, LookupError> {
         let Some(vault) = self.vault()? else {
             return Ok(None);
         };
-        let secret = vault.get(provider, profile).map_err(|e| e.to_string())?;
-        Ok(secret.map(|s| Zeroizing::new(s.expose().to_string())))
+        // API keys as stored; OAuth access tokens refreshed (single flight across processes)
+        // when they are about to expire. See `crate::oauth::refresh`.
+        crate::oauth::refresh::current_secret(
+            &vault,
+            &self.home,
+            &self.token_endpoints,
+            provider,
+            profile,
+        )
+        .map_err(|e| match e {
+            FreshError::LoginExpired => LookupError::LoginExpired,
+            FreshError::Unavailable(message) => LookupError::Unavailable(message),
+        })
     }
 }
 

@@ -11,6 +11,7 @@ pub mod control;
 pub mod home;
 pub mod instance;
 pub mod launch;
+pub mod oauth;
 pub mod providers;
 pub mod proxy;
 pub mod selftest;

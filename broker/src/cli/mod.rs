@@ -14,6 +14,7 @@ pub mod ca;
 pub mod credentials;
 pub mod demo;
 pub mod doctor;
+pub mod login;
 pub mod providers;
 pub mod run;
 pub mod serve;
@@ -41,6 +42,10 @@ pub enum Command {
     Show(credentials::ShowArgs),
     /// Remove a stored credential.
     Remove(credentials::RemoveArgs),
+    /// Log in to a provider with OAuth (browser with PKCE, or --device); tokens go to the vault.
+    Login(login::LoginArgs),
+    /// Revoke a provider's OAuth tokens (where it can) and remove them from the vault.
+    Logout(login::LogoutArgs),
     /// Show the audit log (`--json`, `--since`, `--follow`), or `verify` its hash chain.
     Audit(audit::AuditArgs),
     /// List the providers broker knows, or show one.
@@ -78,6 +83,8 @@ pub fn main() -> ExitCode {
         Command::List(args) => credentials::list(args),
         Command::Show(args) => credentials::show(args),
         Command::Remove(args) => credentials::remove(args),
+        Command::Login(args) => login::login(args),
+        Command::Logout(args) => login::logout(args),
         Command::Audit(args) => audit::run(args),
         Command::Providers(args) => providers::run(args),
         Command::Run(args) => run::run(args),

@@ -217,7 +217,12 @@ async fn lookup(
         .map_err(|_| BrokerError::Vault {
             message: "credential lookup crashed".into(),
         })?
-        .map_err(|message| BrokerError::Vault { message })?;
+        .map_err(|e| match e {
+            super::LookupError::Unavailable(message) => BrokerError::Vault { message },
+            super::LookupError::LoginExpired => BrokerError::LoginExpired {
+                provider: provider.name.clone(),
+            },
+        })?;
     found.ok_or_else(|| BrokerError::NoCredential {
         provider: provider.name.clone(),
         profile: profile.to_string(),

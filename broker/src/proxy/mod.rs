@@ -47,9 +47,27 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 /// Where the proxy gets real credentials. Called off the async runtime (it may touch SQLite or
 /// a keyring), so implementations may block.
 pub trait Credentials: Send + Sync + 'static {
-    /// The secret for `provider`/`profile`; `Ok(None)` when none is stored. The error is a
-    /// message for the user, never containing a secret.
-    fn lookup(&self, provider: &str, profile: &str) -> Result<Option<Zeroizing<String>>, String>;
+    /// The secret for `provider`/`profile`; `Ok(None)` when none is stored.
+    fn lookup(
+        &self,
+        provider: &str,
+        profile: &str,
+    ) -> Result<Option<Zeroizing<String>>, LookupError>;
+}
+
+/// Why [`Credentials::lookup`] produced no secret. Messages never contain one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LookupError {
+    /// The vault (or a token endpoint) failed: a message for the user.
+    Unavailable(String),
+    /// An OAuth login expired and could not be refreshed: the user must log in again.
+    LoginExpired,
+}
+
+impl From<String> for LookupError {
+    fn from(message: String) -> LookupError {
+        LookupError::Unavailable(message)
+    }
 }
 
 /// Where the proxy reports what happened. Must not block: implementations queue.

@@ -27,6 +27,8 @@ pub enum Field {
     Secret,
     /// The OAuth refresh token (sealed separately, so it can be rotated on its own).
     Refresh,
+    /// A confidential OAuth client's secret (`broker login` with client_auth basic/post).
+    ClientSecret,
 }
 
 /// AAD binding a blob to `(provider, profile, field)`. Length-prefixed, so no two different
@@ -35,6 +37,7 @@ pub fn credential_aad(provider: &str, profile: &str, field: Field) -> Vec<u8> {
     let field = match field {
         Field::Secret => "secret",
         Field::Refresh => "refresh",
+        Field::ClientSecret => "client_secret",
     };
     let mut aad = b"broker-vault-v1\0credential".to_vec();
     for part in [provider, profile, field] {

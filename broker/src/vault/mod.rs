@@ -19,6 +19,7 @@
 
 mod crypto;
 mod keysource;
+mod oauth;
 mod schema;
 
 use std::fmt;
@@ -36,6 +37,7 @@ use crate::home::Home;
 use crypto::{credential_aad, Field, KdfParams, SealingKey, DATA_KEY_AAD, KEY_LEN};
 use keysource::KeyringLookup;
 pub use keysource::{KeyConfig, KeySource, ENV_KEY_SOURCE, ENV_PASSPHRASE, KEYRING_TIMEOUT};
+pub use oauth::{LockedCredential, StoredCredential, TokenUpdate};
 
 /// How long a write waits for another process's transaction before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(15);

@@ -30,6 +30,10 @@ const MIGRATIONS: &[&str] = &[
          updated_at     TEXT NOT NULL,
          PRIMARY KEY (provider, profile)
      ) WITHOUT ROWID;",
+    // 1 -> 2: a confidential OAuth client's secret, sealed like the tokens (`broker login`).
+    // OAuth state that is not secret (endpoints, client id, a failed refresh) stays in
+    // `metadata`.
+    "ALTER TABLE credentials ADD COLUMN client_secret BLOB;",
 ];
 
 /// The schema version this build writes.

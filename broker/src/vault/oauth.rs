@@ -1,0 +1,359 @@
+//! OAuth credentials in the vault: an access token (the row's `secret`), a refresh token
+//! (`refresh_secret`), the access token's expiry, a confidential client's secret
+//! (`client_secret`, schema 2), and non-secret OAuth state in `metadata` (JSON: endpoints,
+//! client id, whether the login expired). Each secret is sealed under its own AAD field.
+//!
+//! [`Vault::with_credential_lock`] is the single-flight primitive of token refresh: it holds
+//! SQLite's write lock (`BEGIN IMMEDIATE`) across read -> refresh -> store, so of several
+//! processes (two `broker run`s, a `broker serve`) that find a token expiring at once, one
+//! refreshes and the others, blocked on the lock, re-read and find the new token.
+
+use rusqlite::{params, OptionalExtension as _, Transaction, TransactionBehavior};
+
+use super::crypto::{credential_aad, Field};
+use super::{check_name, check_secret, CredentialKind, PutOutcome, Secret, Vault, VaultError};
+
+/// Everything stored for one credential, secrets opened.
+#[derive(Debug)]
+pub struct StoredCredential {
+    pub kind: CredentialKind,
+    /// The API key or OAuth access token.
+    pub secret: Secret,
+    pub refresh: Option<Secret>,
+    pub client_secret: Option<Secret>,
+    /// RFC 3339 UTC.
+    pub expires_at: Option<String>,
+    /// JSON object, no secrets.
+    pub metadata: String,
+    /// RFC 3339 UTC: when the secret was last written (the access token's issue time).
+    pub updated_at: String,
+}
+
+/// New tokens from a login or a refresh.
+#[derive(Debug)]
+pub struct TokenUpdate<'a> {
+    pub access: &'a str,
+    /// `None` keeps the stored refresh token (a refresh that did not rotate it).
+    pub refresh: Option<&'a str>,
+    /// RFC 3339 UTC, `None` when the server did not say.
+    pub expires_at: Option<String>,
+    /// JSON object, no secrets.
+    pub metadata: &'a str,
+}
+
+/// One credential under the vault's write lock; see [`Vault::with_credential_lock`].
+pub struct LockedCredential<'a> {
+    vault: &'a Vault,
+    tx: &'a Transaction<'a>,
+    provider: &'a str,
+    profile: &'a str,
+}
+
+impl Vault {
+    /// Store an OAuth login: access token, refresh token, expiry, metadata, and (for a
+    /// confidential client) the client secret. Replaces whatever `provider`/`profile` held.
+    pub fn put_oauth(
+        &self,
+        provider: &str,
+        profile: &str,
+        tokens: &TokenUpdate<'_>,
+        client_secret: Option<&str>,
+    ) -> Result<PutOutcome, VaultError> {
+        check_name("provider", provider)?;
+        check_name("profile", profile)?;
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existed: bool = tx
+            .query_row(
+                "SELECT 1 FROM credentials WHERE provider = ?1 AND profile = ?2",
+                params![provider, profile],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        let now = crate::audit::now_rfc3339();
+        // A placeholder row, then the same path a refresh takes.
+        tx.execute(
+            "INSERT INTO credentials (provider, profile, kind, secret, refresh_secret, expires_at,
+                                      metadata, created_at, updated_at, client_secret)
+             VALUES (?1, ?2, 'oauth2', x'', NULL, NULL, '{}', ?3, ?3, NULL)
+             ON CONFLICT (provider, profile) DO UPDATE SET
+                 kind = 'oauth2', refresh_secret = NULL, expires_at = NULL, client_secret = NULL,
+                 created_at = excluded.created_at",
+            params![provider, profile, now],
+        )?;
+        let locked = LockedCredential {
+            vault: self,
+            tx: &tx,
+            provider,
+            profile,
+        };
+        locked.store_tokens(tokens)?;
+        if let Some(secret) = client_secret {
+            check_secret(secret)?;
+            let blob = self.seal(provider, profile, Field::ClientSecret, secret)?;
+            tx.execute(
+                "UPDATE credentials SET client_secret = ?3 WHERE provider = ?1 AND profile = ?2",
+                params![provider, profile, blob],
+            )?;
+        }
+        tx.commit()?;
+        Ok(if existed {
+            PutOutcome::Replaced
+        } else {
+            PutOutcome::Added
+        })
+    }
+
+    /// Everything stored for `provider`/`profile`, secrets opened. No lock is taken.
+    pub fn get_full(
+        &self,
+        provider: &str,
+        profile: &str,
+    ) -> Result<Option<StoredCredential>, VaultError> {
+        let conn = self.lock();
+        read_full(self, &conn, provider, profile)
+    }
+
+    /// Run `f` on `provider`/`profile` while holding the vault's write lock (an immediate
+    /// transaction): no other process or thread can write the vault until `f` returns, and
+    /// writes made through the [`LockedCredential`] are committed when it returns, whatever
+    /// it returns (a failed refresh still records that it failed). A panic rolls back.
+    ///
+    /// `f` may block on the network (a token refresh): writers elsewhere wait up to the busy
+    /// timeout (15 s), so `f` must give up well before that.
+    pub fn with_credential_lock<T, E: From<VaultError>>(
+        &self,
+        provider: &str,
+        profile: &str,
+        f: impl FnOnce(&LockedCredential<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(VaultError::from)?;
+        let result = {
+            let locked = LockedCredential {
+                vault: self,
+                tx: &tx,
+                provider,
+                profile,
+            };
+            f(&locked)
+        };
+        tx.commit().map_err(VaultError::from)?;
+        result
+    }
+
+    fn seal(
+        &self,
+        provider: &str,
+        profile: &str,
+        field: Field,
+        value: &str,
+    ) -> Result<Vec<u8>, VaultError> {
+        self.data_key
+            .seal(value.as_bytes(), &credential_aad(provider, profile, field))
+            .map_err(|_| VaultError::Crypto)
+    }
+}
+
+impl LockedCredential<'_> {
+    /// The credential as it is now (re-read under the lock).
+    pub fn read(&self) -> Result<Option<StoredCredential>, VaultError> {
+        read_full(self.vault, self.tx, self.provider, self.profile)
+    }
+
+    /// Store new tokens. A new refresh token is written in the same statement as the access
+    /// token, so a rotated refresh token is never lost once the new access token exists.
+    pub fn store_tokens(&self, tokens: &TokenUpdate<'_>) -> Result<(), VaultError> {
+        check_secret(tokens.access)?;
+        let access = self
+            .vault
+            .seal(self.provider, self.profile, Field::Secret, tokens.access)?;
+        let refresh = match tokens.refresh {
+            Some(r) => {
+                check_secret(r)?;
+                Some(
+                    self.vault
+                        .seal(self.provider, self.profile, Field::Refresh, r)?,
+                )
+            }
+            None => None,
+        };
+        let now = crate::audit::now_rfc3339();
+        self.tx.execute(
+            "UPDATE credentials SET kind = 'oauth2', secret = ?3,
+                 refresh_secret = COALESCE(?4, refresh_secret), expires_at = ?5, metadata = ?6,
+                 updated_at = ?7
+             WHERE provider = ?1 AND profile = ?2",
+            params![
+                self.provider,
+                self.profile,
+                access,
+                refresh,
+                tokens.expires_at,
+                tokens.metadata,
+                now
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Replace the metadata only (e.g. to mark a login expired).
+    pub fn set_metadata(&self, metadata: &str) -> Result<(), VaultError> {
+        self.tx.execute(
+            "UPDATE credentials SET metadata = ?3 WHERE provider = ?1 AND profile = ?2",
+            params![self.provider, self.profile, metadata],
+        )?;
+        Ok(())
+    }
+}
+
+fn read_full(
+    vault: &Vault,
+    conn: &rusqlite::Connection,
+    provider: &str,
+    profile: &str,
+) -> Result<Option<StoredCredential>, VaultError> {
+    type Row = (
+        String,
+        Vec<u8>,
+        Option<Vec<u8>>,
+        Option<Vec<u8>>,
+        Option<String>,
+        String,
+        String,
+    );
+    let row: Option<Row> = conn
+        .query_row(
+            "SELECT kind, secret, refresh_secret, client_secret, expires_at, metadata, updated_at
+             FROM credentials WHERE provider = ?1 AND profile = ?2",
+            params![provider, profile],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((kind, secret, refresh, client_secret, expires_at, metadata, updated_at)) = row else {
+        return Ok(None);
+    };
+    let kind = CredentialKind::parse(&kind)
+        .ok_or_else(|| vault.corrupt(format!("unknown credential kind {kind:?}")))?;
+    let open = |field, blob: Option<Vec<u8>>| {
+        blob.map(|b| vault.open_blob(provider, profile, field, &b))
+            .transpose()
+    };
+    Ok(Some(StoredCredential {
+        kind,
+        secret: vault.open_blob(provider, profile, Field::Secret, &secret)?,
+        refresh: open(Field::Refresh, refresh)?,
+        client_secret: open(Field::ClientSecret, client_secret)?,
+        expires_at,
+        metadata,
+        updated_at,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::home::Home;
+    use crate::vault::{KeyConfig, KeySource};
+
+    fn vault() -> (tempfile::TempDir, Vault) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::at(dir.path().to_path_buf());
+        let keys = KeyConfig {
+            source: Some(KeySource::File),
+            passphrase: None,
+        };
+        let vault = Vault::open_with(&home, &keys).expect("open");
+        (dir, vault)
+    }
+
+    #[test]
+    fn oauth_round_trip_and_rotation_under_the_lock() {
+        let (_dir, vault) = vault();
+        let tokens = TokenUpdate {
+            access: "at-1",
+            refresh: Some("rt-1"),
+            expires_at: Some("2000-01-01T00:00:00Z".into()),
+            metadata: r#"{"token_url":"https://idp.example/token"}"#,
+        };
+        vault
+            .put_oauth("acme", "default", &tokens, Some("client-secret"))
+            .expect("put");
+        let got = vault
+            .get_full("acme", "default")
+            .expect("get")
+            .expect("row");
+        assert_eq!(got.kind, CredentialKind::OAuth2);
+        assert_eq!(got.secret.expose(), "at-1");
+        assert_eq!(got.refresh.as_ref().map(Secret::expose), Some("rt-1"));
+        assert_eq!(
+            got.client_secret.as_ref().map(Secret::expose),
+            Some("client-secret")
+        );
+        // `get` (what the proxy used before OAuth) sees the access token.
+        assert_eq!(
+            vault
+                .get("acme", "default")
+                .expect("get")
+                .expect("some")
+                .expose(),
+            "at-1"
+        );
+
+        vault
+            .with_credential_lock::<_, VaultError>("acme", "default", |c| {
+                assert_eq!(c.read()?.expect("row").secret.expose(), "at-1");
+                c.store_tokens(&TokenUpdate {
+                    access: "at-2",
+                    refresh: Some("rt-2"),
+                    expires_at: None,
+                    metadata: "{}",
+                })
+            })
+            .expect("locked");
+        let got = vault
+            .get_full("acme", "default")
+            .expect("get")
+            .expect("row");
+        assert_eq!(got.secret.expose(), "at-2");
+        assert_eq!(got.refresh.as_ref().map(Secret::expose), Some("rt-2"));
+        assert_eq!(
+            got.client_secret.as_ref().map(Secret::expose),
+            Some("client-secret")
+        );
+
+        // A refresh that does not rotate keeps the refresh token; an error still commits
+        // what was written.
+        let r: Result<(), VaultError> = vault.with_credential_lock("acme", "default", |c| {
+            c.store_tokens(&TokenUpdate {
+                access: "at-3",
+                refresh: None,
+                expires_at: None,
+                metadata: r#"{"login_expired":true}"#,
+            })?;
+            Err(VaultError::Crypto)
+        });
+        assert!(r.is_err());
+        let got = vault
+            .get_full("acme", "default")
+            .expect("get")
+            .expect("row");
+        assert_eq!(got.secret.expose(), "at-3");
+        assert_eq!(got.refresh.as_ref().map(Secret::expose), Some("rt-2"));
+        assert!(got.metadata.contains("login_expired"));
+        assert!(vault.verify().expect("verify").is_ok());
+    }
+}
