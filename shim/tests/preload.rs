@@ -1040,3 +1040,34 @@ fn musl_children_start_without_the_shim_glibc_children_keep_it() {
         expect_unset(&out, 2);
     }
 }
+
+/// `gethostbyname` (Perl calls libc's directly; Python goes through `getaddrinfo`).
+#[test]
+fn gethostbyname_answers_managed_hosts() {
+    require!("perl");
+    let w = World::new("ghbn");
+    let script = "use Socket; for my $n (@ARGV) { my $h = gethostbyname($n); \
+                  print \"$n \", ($h ? inet_ntoa($h) : 'none'), \"\\n\" }";
+    let out = run_ok_out(
+        w.client(CaEnv::Scrubbed, "perl").args([
+            "-e",
+            script,
+            "api.openai.com",
+            "x.example.org",
+            "localhost",
+        ]),
+        &w.dir,
+    );
+    let s = slot();
+    for line in [
+        format!("api.openai.com 127.77.{s}.1"),
+        format!("x.example.org 127.77.{s}.2"),
+        "localhost 127.0.0.1".into(),
+    ] {
+        assert!(
+            out.stdout.lines().any(|l| l == line),
+            "missing {line:?} in:\n{}",
+            out.stdout
+        );
+    }
+}
