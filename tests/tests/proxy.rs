@@ -639,3 +639,57 @@ fn demo_swaps_with_ca_variables_scrubbed_and_preset() {
         );
     }
 }
+
+#[test]
+fn a_custom_provider_with_a_path_prefix_gets_its_key_only_under_that_path() {
+    let ca = TestCa::new();
+    let origin = Origin::start(&ca, &["api.acme.test"], |req| {
+        Reply::Text(200, format!("{:?}", req.header("authorization")))
+    });
+    let home = Home::new();
+    std::fs::create_dir_all(home.path().join("providers")).expect("dir");
+    std::fs::write(
+        home.path().join("providers/acme.toml"),
+        r#"name = "acme"
+display_name = "ACME"
+env = ["ACME_API_KEY"]
+placeholder = "acme-broker-placeholder-000000"
+key_pattern = '^acme-[A-Za-z0-9-]{8,}$'
+auth = "api_key"
+[[routes]]
+hosts = ["api.acme.test/v1"]
+credential = [{ header = "authorization", scheme = "bearer" }]
+"#,
+    )
+    .expect("write provider");
+    home.add("acme", "acme-test-real-key-0123456789");
+    let serve = Serve::start(&home, &ca, &[("api.acme.test", origin.addr)]);
+    let s = Setup {
+        ca_pem: serve.ca_pem(),
+        home,
+        serve,
+    };
+    let auth = "Bearer acme-broker-placeholder-000000";
+    let r = s.get(
+        "api.acme.test",
+        "/v1/things",
+        &[("authorization", auth)],
+        false,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        origin.requests()[0].header("authorization"),
+        Some("Bearer acme-test-real-key-0123456789")
+    );
+    for path in ["/admin", "/v1/../admin", "/v1x"] {
+        let r = s.get("api.acme.test", path, &[("authorization", auth)], false);
+        assert_eq!(r.status, 200);
+        let last = origin.requests().last().cloned().expect("request");
+        assert_eq!(
+            last.header("authorization"),
+            Some(auth),
+            "{path}: outside the prefix the placeholder stays"
+        );
+    }
+    s.assert_no_leak("acme-test-real-key-0123456789");
+}

@@ -110,17 +110,23 @@ async fn forward(
             provider_name,
         ));
     }
-    let port = route
+    let spec = route
         .hosts
         .iter()
-        .find(|h| host_matches(&h.pattern, &conn.sni))
-        .map(|h| h.port)
-        .unwrap_or(443);
+        .find(|h| host_matches(&h.pattern, &conn.sni));
+    let port = spec.map(|h| h.port).unwrap_or(443);
 
     let (mut parts, body) = req.into_parts();
     let method = parts.method.to_string();
     let path = parts.uri.path().to_string();
-    let findings = swap::inspect(&proxy.catalog, provider, route, &parts.headers, &parts.uri);
+    let mut findings = swap::inspect(&proxy.catalog, provider, route, &parts.headers, &parts.uri);
+    // A host spec with a path prefix (`example.com/api`) limits the credential to that path.
+    if let Some(prefix) = spec.and_then(|h| h.path_prefix.as_deref()) {
+        if !path_in_prefix(&path, prefix) && findings.own_placeholder {
+            findings.own_placeholder = false;
+            findings.foreign.push(provider.name.clone());
+        }
+    }
     for foreign in &findings.foreign {
         proxy.audit.record(event(
             conn,
@@ -227,6 +233,20 @@ async fn lookup(
         provider: provider.name.clone(),
         profile: profile.to_string(),
     })
+}
+
+/// Is `path` inside `prefix` (`/api` holds `/api` and `/api/x`, not `/apix`)? A path with dot
+/// segments or encoded dots is never inside: the upstream might resolve it elsewhere.
+fn path_in_prefix(path: &str, prefix: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    if path.split('/').any(|seg| seg == ".." || seg == ".") || lower.contains("%2e") {
+        return false;
+    }
+    let prefix = prefix.trim_end_matches('/');
+    path == prefix
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// The host the request names: `:authority` (h2, absolute-form) or `Host`, without port.
@@ -545,6 +565,16 @@ impl Drop for AuditedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn path_prefixes_hold_only_their_own_paths() {
+        assert!(path_in_prefix("/api", "/api"));
+        assert!(path_in_prefix("/api/v1/x", "/api/"));
+        assert!(!path_in_prefix("/apix", "/api"));
+        assert!(!path_in_prefix("/api/../admin", "/api"));
+        assert!(!path_in_prefix("/api/%2E%2E/admin", "/api"));
+        assert!(!path_in_prefix("/", "/api"));
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {
