@@ -1,0 +1,326 @@
+"""Run Python agents under broker: the agent holds placeholders, the broker adds the real API
+keys only on requests to each key's own hosts.
+
+This package ships the `broker` binary and `libbroker.so` (built from the Rust workspace when
+the package is built) and starts them for you:
+
+- `run(argv, **opts)`: `broker run [opts] -- argv`, the broker embedded for that one command;
+  returns its exit code.
+- `env(providers=...)`: an environment for `subprocess` that makes the child use the
+  `broker serve` already running for this user (`$BROKER_HOME/run/shim.conf`).
+- `activate(**opts)`: re-executes the current interpreter under `broker run`, once.
+
+Like `broker run` itself, they prepend `libbroker.so` to an existing `LD_PRELOAD` and never
+preload it into musl or static programs.
+"""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+__all__ = [
+    "BrokerShimError",
+    "NativeMissing",
+    "BrokerNotRunning",
+    "activate",
+    "broker_path",
+    "env",
+    "run",
+    "run_command",
+    "shim_path",
+]
+
+__version__ = "0.1.0"
+
+_BIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bin")
+
+#: Set in the environment of a process that `activate()` re-executed, so it runs once.
+ACTIVATED_VAR = "BROKER_SHIM_ACTIVATED"
+#: Set to 1 by libbroker.so in a process where it loaded a config (broker_contract).
+SHIM_ACTIVE_VAR = "BROKER_SHIM_ACTIVE"
+#: Overrides the bundled `broker` binary (then `broker` finds its own libbroker.so).
+BROKER_BIN_VAR = "BROKER_BIN"
+#: Where `broker` looks for libbroker.so first.
+SHIM_LIB_VAR = "BROKER_SHIM_LIB"
+#: Variables of the broker's own that an agent must never inherit (broker launch.rs).
+_BROKER_ONLY_VARS = ("BROKER_PASSPHRASE",)
+
+
+class BrokerShimError(RuntimeError):
+    """A launcher problem, with a message that says what to do."""
+
+
+class NativeMissing(BrokerShimError):
+    """The bundled `broker` binary or `libbroker.so` is not there."""
+
+
+class BrokerNotRunning(BrokerShimError):
+    """`env()` found no running `broker serve`."""
+
+
+def broker_path():
+    """The `broker` binary: `$BROKER_BIN`, else the one bundled in this package."""
+    override = os.environ.get(BROKER_BIN_VAR)
+    if override:
+        if not os.access(override, os.X_OK):
+            raise NativeMissing(f"BROKER_BIN={override} is not an executable file")
+        return override
+    path = os.path.join(_BIN_DIR, "broker")
+    if not os.path.isfile(path):
+        raise NativeMissing(
+            f"the broker binary is missing from this broker-shim install ({path}): reinstall "
+            "it from source with Rust present (pip install --force-reinstall broker-shim), or "
+            "set BROKER_BIN to a broker binary"
+        )
+    return path
+
+
+def shim_path():
+    """The bundled `libbroker.so`, or None when `$BROKER_BIN` points at another broker."""
+    if os.environ.get(BROKER_BIN_VAR):
+        return None
+    path = os.path.join(_BIN_DIR, "libbroker.so")
+    if not os.path.isfile(path):
+        raise NativeMissing(
+            f"libbroker.so is missing from this broker-shim install ({path}): reinstall it "
+            "from source with Rust present"
+        )
+    return path
+
+
+def _broker_env(base=None):
+    """The environment for running the broker: the bundled broker uses the bundled shim."""
+    environ = dict(os.environ if base is None else base)
+    lib = shim_path()
+    if lib is not None:
+        environ[SHIM_LIB_VAR] = lib
+    return environ
+
+
+def _as_list(value):
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [os.fspath(value)]
+    return [os.fspath(v) for v in value]
+
+
+def run_command(argv, allow=None, profile=None, deny_unlisted=False, upstream_ca=None,
+                resolve=None, broker_args=None):
+    """The `broker run ... -- argv` command line that `run()` and `activate()` execute.
+
+    `allow`: provider names; `profile`: credential profile; `deny_unlisted`: refuse connections
+    to anything but the providers and loopback; `upstream_ca` and `resolve` are the broker's
+    TEST ONLY options (`--upstream-ca FILE`, `--resolve HOST:PORT:ADDR[:PORT]`);
+    `broker_args`: more `broker run` options, verbatim.
+    """
+    argv = _as_list(argv)
+    if not argv:
+        raise ValueError("broker_shim: no command to run")
+    cmd = [broker_path(), "run"]
+    allow = _as_list(allow)
+    if allow:
+        cmd += ["--allow", ",".join(allow)]
+    if profile:
+        cmd += ["--profile", profile]
+    if deny_unlisted:
+        cmd.append("--deny-unlisted")
+    if upstream_ca:
+        cmd += ["--upstream-ca", os.fspath(upstream_ca)]
+    for entry in _as_list(resolve):
+        cmd += ["--resolve", entry]
+    cmd += _as_list(broker_args)
+    return cmd + ["--"] + argv
+
+
+def _status(returncode):
+    # Negative: the broker itself died from a signal; report it the way shells do.
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run(argv, *, allow=None, profile=None, deny_unlisted=False, upstream_ca=None,
+        resolve=None, broker_args=None, env=None, cwd=None, stdin=None, stdout=None,
+        stderr=None):
+    """Run `argv` under `broker run` and return its exit code (128+N if signal N ended it).
+
+    The broker is embedded in the child `broker run` process for the duration of the command;
+    no `broker serve` is needed. `env`, `cwd`, `stdin`, `stdout` and `stderr` are passed to
+    `subprocess.Popen`; options are those of `run_command()`.
+    """
+    cmd = run_command(argv, allow=allow, profile=profile, deny_unlisted=deny_unlisted,
+                      upstream_ca=upstream_ca, resolve=resolve, broker_args=broker_args)
+    proc = subprocess.Popen(cmd, env=_broker_env(env), cwd=cwd, stdin=stdin, stdout=stdout,
+                            stderr=stderr)
+    try:
+        return _status(proc.wait())
+    except BaseException:
+        # Ctrl-C or an exception in this thread: stop the agent through the broker (which
+        # forwards the signal and cleans up), then let the exception go on.
+        import signal
+
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
+        raise
+
+
+def _home():
+    home = os.environ.get("BROKER_HOME")
+    if home:
+        return home
+    data = os.environ.get("XDG_DATA_HOME")
+    if data:
+        return os.path.join(data, "broker")
+    return os.path.join(os.path.expanduser("~"), ".local", "share", "broker")
+
+
+def _serve_is_running(run_dir):
+    """`broker serve` holds an exclusive flock on run/serve.lock while it runs."""
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(run_dir, "serve.lock"), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return True
+        raise
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _read_shim_config(path):
+    """The `env VAR PLACEHOLDER` lines of a shim config (broker_contract's format)."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    if not lines or lines[0].strip() != "broker-shim-config 1":
+        raise BrokerShimError(f"{path} is not a broker shim config")
+    placeholders = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(" ")
+        if key == "env":
+            var, _, placeholder = value.partition(" ")
+            placeholders[var] = placeholder
+    return placeholders
+
+
+def _prepend_preload(lib, existing):
+    entries = [lib]
+    for entry in (existing or "").replace(" ", ":").split(":"):
+        if entry and entry != lib:
+            entries.append(entry)
+    return ":".join(entries)
+
+
+def _provider_vars(providers, base):
+    """{provider: [env var, ...]} for `providers`, from the broker's catalog."""
+    out = subprocess.run([broker_path(), "providers", "--json"], env=_broker_env(base),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        raise BrokerShimError(f"broker providers failed: {out.stderr.strip()}")
+    catalog = {p["name"]: list(p.get("env", [])) for p in json.loads(out.stdout)}
+    unknown = [p for p in providers if p not in catalog]
+    if unknown:
+        raise ValueError(f"unknown provider(s) {', '.join(unknown)} (see 'broker-shim providers')")
+    return {p: catalog[p] for p in providers}
+
+
+def env(providers=None, *, base=None):
+    """An environment for `subprocess` whose child uses the running `broker serve`.
+
+    The child gets `libbroker.so` prepended to `LD_PRELOAD`, `BROKER_SHIM_CONFIG` pointing at
+    the daemon's `$BROKER_HOME/run/shim.conf`, and the placeholders of `providers` (default:
+    every provider the broker serves) instead of any key in `base` (default `os.environ`).
+    `providers` narrows what is put in the dict: the shim inside the child still sets the
+    placeholders of every provider the daemon serves. To limit what an agent may use, run it
+    with `run(argv, allow=[...])`.
+
+    Raises `BrokerNotRunning` if no `broker serve` is running for `$BROKER_HOME`: this
+    environment would only give the child placeholders that nothing swaps.
+    """
+    home = _home()
+    run_dir = os.path.join(home, "run")
+    config = os.path.join(run_dir, "shim.conf")
+    if not _serve_is_running(run_dir) or not os.path.isfile(config):
+        raise BrokerNotRunning(
+            f"no 'broker serve' is running for BROKER_HOME={home}: start it ('broker-shim "
+            "serve &'), or launch the agent with broker_shim.run([...]) or 'broker-shim -- CMD', "
+            "which embed a broker for the command"
+        )
+    placeholders = _read_shim_config(config)
+    if providers is not None:
+        providers = _as_list(providers)
+        wanted = _provider_vars(providers, base)
+        for provider, variables in wanted.items():
+            if not any(v in placeholders for v in variables):
+                raise ValueError(f"the running broker does not serve {provider}")
+        keep = {v for variables in wanted.values() for v in variables}
+        placeholders = {v: p for v, p in placeholders.items() if v in keep}
+    environ = dict(os.environ if base is None else base)
+    for var in _BROKER_ONLY_VARS:
+        environ.pop(var, None)
+    environ["LD_PRELOAD"] = _prepend_preload(shim_path() or _external_shim(), environ.get("LD_PRELOAD"))
+    environ["BROKER_SHIM_CONFIG"] = config
+    environ.update(placeholders)
+    return environ
+
+
+def _external_shim():
+    """libbroker.so for a `$BROKER_BIN` broker: `$BROKER_SHIM_LIB` or next to the binary."""
+    candidates = [os.environ.get(SHIM_LIB_VAR)]
+    bindir = os.path.dirname(os.path.realpath(broker_path()))
+    candidates += [os.path.join(bindir, p) for p in
+                   ("libbroker.so", "../lib/libbroker.so", "../lib/broker/libbroker.so")]
+    for path in candidates:
+        if path and os.path.isfile(path):
+            return os.path.abspath(path)
+    raise NativeMissing("libbroker.so not found: set BROKER_SHIM_LIB")
+
+
+def _interpreter_argv():
+    """How this interpreter was started, to start it again the same way."""
+    orig = getattr(sys, "orig_argv", None)  # Python 3.10+
+    if orig:
+        return [sys.executable] + list(orig[1:])
+    if sys.argv and sys.argv[0] in ("-c", ""):
+        raise BrokerShimError("activate() cannot re-run 'python -c' code before Python 3.10")
+    return [sys.executable] + list(sys.argv)
+
+
+def activate(*, allow=None, profile=None, deny_unlisted=False, upstream_ca=None, resolve=None,
+             broker_args=None):
+    """Re-execute this interpreter under `broker run`, once. Call it first thing in a script.
+
+    If the process already runs under the shim (`broker run`, `broker-shim`, a previous
+    `activate()`), it returns False at once. Otherwise it replaces the process with
+    `broker run [opts] -- <this interpreter and its arguments>` and does not return; anything
+    the script did before the call happens again in the new process. Options are those of
+    `run_command()`.
+    """
+    if os.environ.get(ACTIVATED_VAR) or os.environ.get(SHIM_ACTIVE_VAR) == "1":
+        return False
+    if not sys.platform.startswith("linux"):
+        raise BrokerShimError("broker-shim runs agents on Linux only")
+    cmd = run_command(_interpreter_argv(), allow=allow, profile=profile,
+                      deny_unlisted=deny_unlisted, upstream_ca=upstream_ca, resolve=resolve,
+                      broker_args=broker_args)
+    environ = _broker_env()
+    environ[ACTIVATED_VAR] = "1"
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os.execve(cmd[0], cmd, environ)
