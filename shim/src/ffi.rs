@@ -13,7 +13,7 @@ thread_local! {
     static IN_SHIM: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Held while a hook runs its own logic; see [`IN_SHIM`].
+/// Held while a hook runs its own logic (sets the thread-local `IN_SHIM` flag).
 pub struct Guard(());
 
 impl Guard {

@@ -12,7 +12,7 @@
 //!   Everything else passes through untouched. See [`decide`].
 //! - **TLS trust**: OpenSSL's `SSL_CTX_new`/`SSL_CTX_new_ex`/`SSL_CTX_set_cert_store` and
 //!   GnuTLS's `gnutls_certificate_allocate_credentials` add the run CA to each new store; Node,
-//!   which links OpenSSL statically, gets `NODE_EXTRA_CA_CERTS` (see [`env`]).
+//!   which links OpenSSL statically, gets `NODE_EXTRA_CA_CERTS` (see [`env`](mod@env)).
 //! - **Environment** (constructor): placeholders for the managed credential variables; a real
 //!   key found there is replaced by its placeholder and scrubbed from `/proc/<pid>/environ`.
 //! - **exec** (`execve`, `execv`, `execvp`, `execvpe`, `posix_spawn`, `posix_spawnp`): a
@@ -24,7 +24,7 @@
 //! exports C functions under libc's and OpenSSL's names, receives raw pointers from the agent,
 //! finds the real functions with `dlsym`/`dladdr` and calls them through transmuted pointers,
 //! and edits the process environment. Every `unsafe` block says why it is sound; the decisions
-//! themselves ([`decide`], [`config`], [`env`]'s planning) are safe Rust, tested without
+//! themselves ([`decide`], [`config`](mod@config), [`env`](mod@env)'s planning) are safe Rust, tested without
 //! preloading anything.
 //!
 //! # Rules every hook follows
@@ -57,8 +57,8 @@ pub mod config;
 pub mod decide;
 pub mod env;
 pub mod exec;
-mod ffi;
-mod hooks;
+pub mod ffi;
+pub mod hooks;
 mod log;
 
 static CONFIG: OnceLock<ShimConfig> = OnceLock::new();
