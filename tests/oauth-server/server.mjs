@@ -14,7 +14,7 @@
 // Test-only controls (not OAuth):
 //   GET /test/fail-token?on=1|0  answer every token request with invalid_grant while on
 //   GET /api/check               the resource server: 200 if `Authorization: Bearer <at>` is a
-//                                live access token, else 401
+//                                live access (or client credentials) token, else 401
 
 import { appendFileSync } from 'node:fs';
 import { createServer } from 'node:http';
@@ -90,8 +90,11 @@ provider.proxy = false;
 
 provider.on('grant.success', (ctx) => log({ event: 'token', grant_type: ctx.oidc.params.grant_type, ok: true }));
 provider.on('grant.error', (ctx, err) => log({ event: 'token', grant_type: ctx.oidc?.params?.grant_type, ok: false, error: err.error }));
-provider.on('revocation.success', (ctx) => log({ event: 'revocation', ok: true, hint: ctx.oidc?.params?.token_type_hint }));
-provider.on('revocation.error', (ctx, err) => log({ event: 'revocation', ok: false, error: err.error }));
+// The revocation endpoint emits only errors; what it revokes shows as destroyed tokens.
+provider.on('revocation.error', (ctx, err) => log({ event: 'revocation_error', error: err.error }));
+provider.on('access_token.destroyed', () => log({ event: 'destroyed', kind: 'access_token' }));
+provider.on('refresh_token.destroyed', () => log({ event: 'destroyed', kind: 'refresh_token' }));
+provider.on('grant.revoked', () => log({ event: 'grant_revoked' }));
 provider.on('server_error', (ctx, err) => log({ event: 'server_error', message: String(err && err.stack) }));
 
 let failToken = false;
@@ -100,7 +103,7 @@ const callback = provider.callback();
 async function liveAccessToken(header) {
   const m = /^Bearer (.+)$/.exec(header || '');
   if (!m) return false;
-  const at = await provider.AccessToken.find(m[1]);
+  const at = (await provider.AccessToken.find(m[1])) || (await provider.ClientCredentials.find(m[1]));
   return Boolean(at && !at.isExpired);
 }
 
