@@ -693,3 +693,51 @@ credential = [{ header = "authorization", scheme = "bearer" }]
     }
     s.assert_no_leak("acme-test-real-key-0123456789");
 }
+
+#[test]
+fn an_upstream_echoing_the_key_never_hands_it_to_the_agent() {
+    let ca = TestCa::new();
+    // An origin that quotes the credential back, as debug endpoints and some errors do.
+    let origin = Origin::start(&ca, &["api.openai.com"], |req| {
+        Reply::Text(
+            401,
+            format!(
+                "{{\"error\":\"invalid key: {}\"}}",
+                req.header("authorization").unwrap_or_default()
+            ),
+        )
+    });
+    let s = setup(
+        &ca,
+        &[("api.openai.com", origin.addr)],
+        &[("openai", OPENAI_KEY)],
+    );
+    for h2 in [false, true] {
+        let r = s.get(
+            "api.openai.com",
+            "/v1/models",
+            &[("authorization", &format!("Bearer {OPENAI_PH}"))],
+            h2,
+        );
+        assert_eq!(r.status, 401);
+        assert!(
+            !contains(&r.body, OPENAI_KEY),
+            "h2={h2}: the echoed key reached the agent: {}",
+            r.text()
+        );
+        assert!(
+            r.text()
+                .contains("invalid key: Bearer [redacted-by-broker]"),
+            "{}",
+            r.text()
+        );
+        if let Some(len) = r.header("content-length") {
+            assert_eq!(
+                len.parse::<usize>().expect("length"),
+                r.body.len(),
+                "content-length stays true"
+            );
+        }
+    }
+    s.assert_no_leak(OPENAI_KEY);
+}

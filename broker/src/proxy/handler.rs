@@ -17,8 +17,8 @@ use hyper_util::rt::TokioIo;
 use broker_contract::host_matches;
 
 use super::error::BrokerError;
-use super::swap;
 use super::upstream::ConnectError;
+use super::{redact, swap};
 use super::{BoxError, ConnInfo, Proxy, ProxyBody};
 use crate::audit::{AuditEvent, EventKind};
 use crate::providers::Provider;
@@ -31,6 +31,8 @@ struct Pending {
     method: String,
     path: String,
     started: Instant,
+    /// The credential put on the request, to redact from the response.
+    secret: zeroize::Zeroizing<String>,
 }
 
 pub(super) async fn handle(
@@ -173,6 +175,7 @@ async fn forward(
                 method: method.clone(),
                 path: path.clone(),
                 started,
+                secret: secret.clone(),
             });
         }
     }
@@ -205,7 +208,12 @@ async fn forward(
     let status = parts.status.as_u16();
     let body = body.map_err(BoxError::from).boxed();
     let body = match pending {
-        Some(p) => AuditedBody::wrap(body, proxy.clone(), conn.clone(), p, status),
+        Some(p) => {
+            // Respond/redact: an upstream echoing the key must not hand it to the agent.
+            redact::redact_headers(&mut parts.headers, p.secret.as_bytes());
+            let body = redact::RedactedBody::wrap(body, &p.secret);
+            AuditedBody::wrap(body, proxy.clone(), conn.clone(), p, status)
+        }
         None => body,
     };
     Ok(Response::from_parts(parts, body))

@@ -19,6 +19,7 @@ pub mod error;
 mod handler;
 mod listen;
 mod peer;
+mod redact;
 pub mod swap;
 pub mod upstream;
 
