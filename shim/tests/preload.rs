@@ -6,8 +6,9 @@
 //! make TLS work) and with them preset to the system bundle (the merge rules must hold).
 //! A client that is not installed is skipped with a printed reason.
 //!
-//! Needs `target/debug/libbroker.so`: `cargo test -p broker-shim` builds it (the cdylib is the
-//! package's library), else run `cargo build -p broker-shim` first.
+//! Needs `target/debug/libbroker.so`: the first test to need it runs `cargo build -p
+//! broker-shim` (cargo does not build a cdylib-only library for integration tests); if that
+//! fails, run it by hand.
 
 use std::io::Write as _;
 use std::net::TcpListener;
@@ -63,16 +64,43 @@ enum CaEnv {
 }
 const BOTH: [CaEnv; 2] = [CaEnv::Scrubbed, CaEnv::Preset];
 
+/// `target/<profile>/libbroker.so`, (re)built once per test binary: `cargo test` does not
+/// build a cdylib-only library for integration tests, so without this a stale `.so` would be
+/// tested. The nested `cargo build` is quick when nothing changed.
 fn shim_path() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let deps = exe.parent().expect("deps dir");
-    let so = deps.parent().expect("target/debug").join("libbroker.so");
-    assert!(
-        so.exists(),
-        "{} is missing: run `cargo build -p broker-shim` first",
-        so.display()
-    );
-    so
+    static SO: OnceLock<PathBuf> = OnceLock::new();
+    SO.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>");
+        let target_dir = profile_dir.parent().expect("target dir");
+        let mut build = Command::new(env!("CARGO"));
+        build
+            .args(["build", "-q", "-p", "broker-shim", "--lib", "--target-dir"])
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        match build.output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "cargo build -p broker-shim failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!("cannot run cargo build -p broker-shim: {e}"),
+        }
+        let so = profile_dir.join("libbroker.so");
+        assert!(
+            so.exists(),
+            "{} is missing: run `cargo build -p broker-shim` first",
+            so.display()
+        );
+        so
+    })
+    .clone()
 }
 
 fn which(program: &str) -> Option<PathBuf> {
