@@ -24,14 +24,10 @@ import shutil
 import subprocess
 
 from setuptools import setup
+from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_py import build_py
 from setuptools.command.sdist import sdist
 from setuptools.dist import Distribution
-
-try:  # setuptools >= 70.1 has its own; before that it lived in `wheel`.
-    from setuptools.command.bdist_wheel import bdist_wheel
-except ImportError:  # pragma: no cover
-    from wheel.bdist_wheel import bdist_wheel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The crates the broker and the shim are built from (the workspace's `tests` member is not needed).

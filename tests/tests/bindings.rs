@@ -368,7 +368,14 @@ fn python_package_from_sdist_runs_the_openai_sdk_under_the_broker() {
         stdout.contains(&format!("config={}", serve.config_path.display())),
         "{stdout}"
     );
+    // Killed without a chance to remove its shim.conf: a stale file is not a running broker.
     drop(serve);
+    let out = run_bounded(agent(&vpython).args(["-c", env_script]), STEP);
+    assert!(
+        contains(&out.stderr, "BrokerNotRunning"),
+        "stale shim.conf: {}",
+        text(&out)
+    );
 
     let requests = origin.requests();
     assert_eq!(requests.len(), 4, "one request per agent run");
@@ -543,6 +550,12 @@ fn node_package_from_npm_pack_runs_the_openai_sdk_under_the_broker() {
         text(&out)
     );
     drop(serve);
+    let out = run_bounded(agent("node").arg("env.js"), STEP);
+    assert!(
+        contains(&out.stderr, "BrokerShimError"),
+        "stale shim.conf: {}",
+        text(&out)
+    );
 
     // SIGTERM to the launcher reaches the agent; the launcher exits as the agent did.
     let marker = t.join("started");

@@ -22,7 +22,8 @@ goes to the bundled broker: 'broker-shim add openai', 'broker-shim list', 'broke
 /** The broker's arguments for `broker-shim args`, or null for our own usage text. */
 function brokerArgv(args) {
   if (args.length === 0 || args[0] === '-h' || args[0] === '--help') return null;
-  if (args[0] === '--' || (args[0].startsWith('-') && args.includes('--'))) return ['run', ...args];
+  // Run options, then `--` (broker run says if it is missing).
+  if (args[0].startsWith('-') && args[0] !== '-V' && args[0] !== '--version') return ['run', ...args];
   return args;
 }
 

@@ -14,7 +14,6 @@ Like `broker run` itself, they prepend `libbroker.so` to an existing `LD_PRELOAD
 preload it into musl or static programs.
 """
 
-import errno
 import json
 import os
 import subprocess
@@ -180,40 +179,36 @@ def _home():
     return os.path.join(os.path.expanduser("~"), ".local", "share", "broker")
 
 
-def _serve_is_running(run_dir):
-    """`broker serve` holds an exclusive flock on run/serve.lock while it runs."""
-    import fcntl
+def _serve_is_listening(config):
+    """Does the daemon accept connections on its first fake address? A connection that sends
+    nothing is closed by the broker without a log line. (Taking `run/serve.lock` to test it
+    could make a `broker serve` starting at that moment refuse to start.)"""
+    import socket
 
-    try:
-        fd = os.open(os.path.join(run_dir, "serve.lock"), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    if not config["slot"] or not config["port"]:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as err:
-        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+        with socket.create_connection((f"127.77.{config['slot']}.1", config["port"]), timeout=2):
             return True
-        raise
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError:
         return False
-    finally:
-        os.close(fd)
 
 
 def _read_shim_config(path):
-    """The `env VAR PLACEHOLDER` lines of a shim config (broker_contract's format)."""
+    """Slot, port and `env VAR PLACEHOLDER` lines of a shim config (broker_contract's format)."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     if not lines or lines[0].strip() != "broker-shim-config 1":
         raise BrokerShimError(f"{path} is not a broker shim config")
-    placeholders = {}
+    config = {"slot": 0, "port": 0, "env": {}}
     for line in lines[1:]:
-        key, _, value = line.partition(" ")
-        if key == "env":
+        key, _, value = line.rstrip().partition(" ")
+        if key in ("slot", "port") and value.isdigit():
+            config[key] = int(value)
+        elif key == "env":
             var, _, placeholder = value.partition(" ")
-            placeholders[var] = placeholder
-    return placeholders
+            config["env"][var] = placeholder
+    return config
 
 
 def _prepend_preload(lib, existing):
@@ -253,13 +248,17 @@ def env(providers=None, *, base=None):
     home = _home()
     run_dir = os.path.join(home, "run")
     config = os.path.join(run_dir, "shim.conf")
-    if not _serve_is_running(run_dir) or not os.path.isfile(config):
+    try:
+        parsed = _read_shim_config(config)
+    except FileNotFoundError:
+        parsed = None
+    if parsed is None or not _serve_is_listening(parsed):
         raise BrokerNotRunning(
             f"no 'broker serve' is running for BROKER_HOME={home}: start it ('broker-shim "
             "serve &'), or launch the agent with broker_shim.run([...]) or 'broker-shim -- CMD', "
             "which embed a broker for the command"
         )
-    placeholders = _read_shim_config(config)
+    placeholders = parsed["env"]
     if providers is not None:
         providers = _as_list(providers)
         wanted = _provider_vars(providers, base)
@@ -271,7 +270,8 @@ def env(providers=None, *, base=None):
     environ = dict(os.environ if base is None else base)
     for var in _BROKER_ONLY_VARS:
         environ.pop(var, None)
-    environ["LD_PRELOAD"] = _prepend_preload(shim_path() or _external_shim(), environ.get("LD_PRELOAD"))
+    lib = shim_path() or _external_shim()
+    environ["LD_PRELOAD"] = _prepend_preload(lib, environ.get("LD_PRELOAD"))
     environ["BROKER_SHIM_CONFIG"] = config
     environ.update(placeholders)
     return environ

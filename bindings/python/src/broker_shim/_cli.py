@@ -27,8 +27,8 @@ def broker_argv(args):
     """The broker's arguments for `broker-shim args`, or None for our own usage text."""
     if not args or args[0] in ("-h", "--help"):
         return None
-    if args[0] == "--" or (args[0].startswith("-") and "--" in args):
-        return ["run"] + args
+    if args[0].startswith("-") and args[0] not in ("-V", "--version"):
+        return ["run"] + args  # run options, then `--` (broker run says if it is missing)
     return args
 
 
