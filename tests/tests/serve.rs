@@ -206,3 +206,43 @@ fn broker_run_joins_a_running_serve_with_its_own_policy() {
     assert_eq!(origin.requests().len(), 1);
     drop(serve);
 }
+
+#[test]
+fn a_bare_preload_finds_the_running_daemon() {
+    let ca = TestCa::new();
+    let origin = Origin::start(&ca, &["api.openai.com"], |req| {
+        Reply::Text(
+            if req.header("authorization") == Some(&format!("Bearer {OPENAI_KEY}")) {
+                200
+            } else {
+                401
+            },
+            "ok".into(),
+        )
+    });
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let _serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
+    for preset in [false, true] {
+        let mut cmd = Command::new("sh");
+        broker_integration::scrub(&mut cmd);
+        if preset {
+            for var in broker_integration::CA_VARS {
+                cmd.env(var, "/etc/ssl/certs/ca-certificates.crt");
+            }
+            cmd.env("SSL_CERT_DIR", "/etc/ssl/certs");
+        }
+        cmd.env("BROKER_HOME", home.path())
+            .env("LD_PRELOAD", broker_integration::shim_lib())
+            .args(["-c", "curl -sS --fail-with-body https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\""]);
+        let out = run_bounded(&mut cmd, Duration::from_secs(30));
+        assert!(
+            out.status.success(),
+            "preset={preset}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ok");
+    }
+    assert_eq!(origin.requests().len(), 2);
+}
