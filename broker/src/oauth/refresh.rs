@@ -70,6 +70,35 @@ pub fn current_secret(
         Plan::Refresh => {}
     }
     drop(cred);
+    refresh_locked(vault, home, upstream, provider, profile, None)
+}
+
+/// After the upstream answered 401 to `rejected` (the access token the proxy sent): refresh
+/// once, unless the stored token is no longer `rejected` (another request or process already
+/// refreshed it; that one is returned). Same single flight as [`current_secret`]. `Ok(None)`
+/// when nothing is stored; an API key or a token that cannot be renewed comes back as is
+/// (the proxy then passes the 401 on).
+pub fn refresh_after_rejection(
+    vault: &Vault,
+    home: &Home,
+    upstream: &UpstreamSettings,
+    provider: &str,
+    profile: &str,
+    rejected: &str,
+) -> Result<Option<Zeroizing<String>>, FreshError> {
+    refresh_locked(vault, home, upstream, provider, profile, Some(rejected))
+}
+
+/// Under the vault's write lock: re-read, and refresh if still due (or if the stored token is
+/// still the `rejected` one).
+fn refresh_locked(
+    vault: &Vault,
+    home: &Home,
+    upstream: &UpstreamSettings,
+    provider: &str,
+    profile: &str,
+    rejected: Option<&str>,
+) -> Result<Option<Zeroizing<String>>, FreshError> {
     vault.with_credential_lock(provider, profile, |locked| {
         // Re-read under the lock: another process may have refreshed while we waited.
         let Some(cred) = locked.read()? else {
@@ -78,7 +107,16 @@ pub fn current_secret(
         if cred.kind != CredentialKind::OAuth2 {
             return Ok(Some(Zeroizing::new(cred.secret.expose().to_string())));
         }
-        match plan(&cred, OffsetDateTime::now_utc()) {
+        let now = OffsetDateTime::now_utc();
+        let due = match rejected {
+            Some(rejected) if cred.secret.expose() == rejected => match plan(&cred, now) {
+                Plan::Expired => Plan::Expired,
+                _ if renewable(&cred) => Plan::Refresh,
+                _ => Plan::Use,
+            },
+            _ => plan(&cred, now),
+        };
+        match due {
             Plan::Use => return Ok(Some(Zeroizing::new(cred.secret.expose().to_string()))),
             Plan::Expired => return Err(FreshError::LoginExpired),
             Plan::Refresh => {}
@@ -161,16 +199,21 @@ fn plan(cred: &StoredCredential, now: OffsetDateTime) -> Plan {
     if now + margin < expires {
         return Plan::Use;
     }
-    let renewable = cred.refresh.is_some()
-        || meta.as_ref().is_some_and(|m| {
-            m.grant == GrantUsed::ClientCredentials && cred.client_secret.is_some()
-        });
-    match (renewable, now < expires) {
+    match (renewable(cred), now < expires) {
         (true, _) => Plan::Refresh,
         // Not renewable: use it while it lasts.
         (false, true) => Plan::Use,
         (false, false) => Plan::Expired,
     }
+}
+
+/// Can new tokens be had without the user: a refresh token, or a client-credentials login
+/// with its client secret.
+fn renewable(cred: &StoredCredential) -> bool {
+    cred.refresh.is_some()
+        || TokenMeta::from_json(&cred.metadata).is_some_and(|m| {
+            m.grant == GrantUsed::ClientCredentials && cred.client_secret.is_some()
+        })
 }
 
 /// One request to the token endpoint for new tokens.
