@@ -5,8 +5,9 @@ workspace, and both ship inside the package as `broker_shim/_bin/broker` and
 
 Where the workspace is, first match wins:
 1. `$BROKER_SHIM_WORKSPACE`;
-2. `./rust`: an sdist carries the crates there (the `sdist` command below copies `contract/`,
-   `shim/`, `broker/`, `Cargo.lock` and a `Cargo.toml` whose members are those three);
+2. `./rust`: an sdist carries the crates there (the `sdist` command below copies the crates
+   `broker` and `broker-shim` are built from, as `cargo metadata` lists them, `Cargo.lock`, and
+   a `Cargo.toml` whose members are those crates only);
 3. the nearest parent directory whose `Cargo.toml` is the broker workspace: a checkout, where
    `pip install ./bindings/python` builds in place (pip >= 21.3 builds local directories in place).
 
@@ -30,7 +31,7 @@ from setuptools.command.sdist import sdist
 from setuptools.dist import Distribution
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# The crates the broker and the shim are built from (the workspace's `tests` member is not needed).
+# Crates whose presence marks the broker workspace.
 CRATES = ("contract", "shim", "broker")
 NATIVE = ("broker", "libbroker.so")
 
@@ -156,12 +157,34 @@ class BuildPy(build_py):
         install_native(dest)
 
 
+def needed_crates(workspace):
+    """Directories (relative to the workspace) of `broker`, `broker-shim` and every workspace
+    crate they depend on by path, of any kind, as cargo sees them."""
+    out = subprocess.run(
+        [find_cargo(), "metadata", "--no-deps", "--offline", "--format-version", "1"],
+        cwd=workspace, stdout=subprocess.PIPE, text=True, check=True,
+    )
+    packages = {p["name"]: p for p in json.loads(out.stdout)["packages"]}
+    needed, todo = set(), ["broker", "broker-shim"]
+    while todo:
+        name = todo.pop()
+        if name in needed or name not in packages:
+            continue
+        needed.add(name)
+        todo += [d["name"] for d in packages[name]["dependencies"] if d.get("path")]
+    dirs = {
+        os.path.relpath(os.path.dirname(packages[n]["manifest_path"]), workspace) for n in needed
+    }
+    return sorted(dirs)
+
+
 def copy_workspace(workspace, dest):
     """The crates and a Cargo.toml listing only them, so the sdist builds on its own."""
     os.makedirs(dest, exist_ok=True)
+    crates = needed_crates(workspace)
     with open(os.path.join(workspace, "Cargo.toml"), encoding="utf-8") as f:
         manifest = f.read()
-    members = "[" + ", ".join(f'"{c}"' for c in CRATES) + "]"
+    members = "[" + ", ".join(f'"{c}"' for c in crates) + "]"
     manifest = re.sub(
         r"(?m)^(members|default-members)\s*=\s*\[[^\]]*\]",
         lambda m: f"{m.group(1)} = {members}",
@@ -173,7 +196,7 @@ def copy_workspace(workspace, dest):
     if os.path.isfile(lock):
         shutil.copyfile(lock, os.path.join(dest, "Cargo.lock"))
     ignore = shutil.ignore_patterns("target", ".git", "__pycache__", "*.pyc")
-    for crate in CRATES:
+    for crate in crates:
         shutil.copytree(os.path.join(workspace, crate), os.path.join(dest, crate), ignore=ignore)
 
 

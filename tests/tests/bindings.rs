@@ -595,6 +595,10 @@ fn node_package_from_npm_pack_runs_the_openai_sdk_under_the_broker() {
         "128+SIGTERM, as broker run reports it"
     );
 
-    assert_eq!(origin.requests().len(), 3, "one request per agent run");
+    let requests = origin.requests();
+    assert_eq!(requests.len(), 3, "one request per agent run");
+    assert!(requests
+        .iter()
+        .all(|r| r.header("authorization") == Some(format!("Bearer {OPENAI_KEY}").as_str())));
     eprintln!("node package test done in {:?}", started.elapsed());
 }
