@@ -228,10 +228,34 @@ impl Credentials for VaultCredentials {
             provider,
             profile,
         )
-        .map_err(|e| match e {
-            FreshError::LoginExpired => LookupError::LoginExpired,
-            FreshError::Unavailable(message) => LookupError::Unavailable(message),
-        })
+        .map_err(fresh_error)
+    }
+
+    fn refresh_rejected(
+        &self,
+        provider: &str,
+        profile: &str,
+        rejected: &str,
+    ) -> Result<Option<Zeroizing<String>>, LookupError> {
+        let Some(vault) = self.vault()? else {
+            return Ok(None);
+        };
+        crate::oauth::refresh::refresh_after_rejection(
+            &vault,
+            &self.home,
+            &self.token_endpoints,
+            provider,
+            profile,
+            rejected,
+        )
+        .map_err(fresh_error)
+    }
+}
+
+fn fresh_error(e: FreshError) -> LookupError {
+    match e {
+        FreshError::LoginExpired => LookupError::LoginExpired,
+        FreshError::Unavailable(message) => LookupError::Unavailable(message),
     }
 }
 

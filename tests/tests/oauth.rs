@@ -608,3 +608,70 @@ fn client_credentials_login_keeps_the_secret_sealed() {
         &[&run.stdout, &run.stderr, &out.stderr],
     );
 }
+
+#[test]
+fn a_401_from_the_upstream_refreshes_once_and_retries() {
+    let Some(idp) = OAuthServer::start(&[]) else {
+        return;
+    };
+    let _ = shim_lib();
+    let ca = TestCa::new();
+    // An API that rejects the first token it sees (as if revoked upstream) and accepts the
+    // next live one: the broker must refresh and resend, and the agent sees only the 200.
+    let first = std::sync::Mutex::new(None::<String>);
+    let live = api_origin(&ca, &idp.issuer);
+    let live_addr = live.addr;
+    let origin = Origin::start(&ca, &[API_HOST], move |req| {
+        let auth = req.header("authorization").unwrap_or_default().to_string();
+        let mut first = first.lock().expect("lock");
+        if first.is_none() || first.as_deref() == Some(auth.as_str()) {
+            *first = Some(auth);
+            return Reply::Text(401, "token rejected".into());
+        }
+        drop(first);
+        // Ask the live API (which asks the OAuth server) about the new token.
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sk",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--connect-to",
+            ])
+            .arg(format!("{API_HOST}:443:{live_addr}"))
+            .arg(format!("https://{API_HOST}/v1/me"))
+            .args(["-H", &format!("authorization: {auth}")])
+            .output()
+            .expect("curl");
+        if out.stdout == b"200" {
+            Reply::Text(200, "{\"ok\":true}".into())
+        } else {
+            Reply::Text(401, "token not live".into())
+        }
+    });
+    let home = Home::new();
+    idp.install_provider(&home, "client_id = \"broker-test\"\nclient_auth = \"none\"");
+    let (ok, stderr) = login(&home, &[], "/auth?", &[]);
+    assert!(ok, "broker login failed:\n{stderr}");
+
+    let out = run_bounded(
+        &mut agent_call(&home, &ca, &origin),
+        Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("\"ok\":true"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(idp.token_events("refresh_token"), 1, "{:?}", idp.entries());
+    let tokens = tokens_seen(&origin);
+    assert_eq!(tokens.len(), 2, "one rejected request, one retry");
+    assert_ne!(
+        tokens[0], tokens[1],
+        "the retry carried the refreshed token"
+    );
+    assert_eq!(audit_events(&home, "refresh"), 1);
+    assert_no_token_leaks(&home, &tokens, &[&out.stdout, &out.stderr]);
+}

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
@@ -195,12 +195,53 @@ async fn forward(
     }
     // hyper picks HTTP/1.1 or h2 for the upstream from ALPN; the agent's version is its own.
     parts.version = http::Version::HTTP_11;
-    let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
-    let response = proxy
+    // An OAuth token the upstream rejects is refreshed and the request sent once more; that
+    // needs the request again, so a small body is buffered (large or streamed bodies are not
+    // retried). Keys handed to the run are not the vault's to refresh.
+    let retryable = pending.is_some() && !conn.run.run_keys.0.contains_key(&provider.name);
+    let (body, replay) = match retryable {
+        true => buffer_if_small(body)
+            .await
+            .map_err(|e| (e, provider_name.clone()))?,
+        false => (body.map_err(BoxError::from).boxed(), None),
+    };
+    let resend = replay.map(|bytes| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+            bytes,
+        )
+    });
+    let req = Request::from_parts(parts, body);
+    let mut response = proxy
         .client
         .request(req)
         .await
         .map_err(|e| (upstream_error(&conn.sni, &e), provider_name.clone()))?;
+    if response.status() == http::StatusCode::UNAUTHORIZED {
+        if let (Some(p), Some((method, mut uri, mut headers, bytes))) = (pending.as_mut(), resend) {
+            let old = p.secret.clone();
+            let fresh = refresh_rejected(proxy, provider, &p.profile, &old)
+                .await
+                .map_err(|e| (e, provider_name.clone()))?;
+            if let Some(fresh) = fresh {
+                if swap::replace(route, &mut headers, &mut uri, &old, &fresh).unwrap_or(false) {
+                    let mut retry =
+                        Request::new(Full::new(bytes).map_err(|never| match never {}).boxed());
+                    *retry.method_mut() = method;
+                    *retry.uri_mut() = uri;
+                    *retry.headers_mut() = headers;
+                    response = proxy
+                        .client
+                        .request(retry)
+                        .await
+                        .map_err(|e| (upstream_error(&conn.sni, &e), provider_name.clone()))?;
+                    p.secret = fresh;
+                }
+            }
+        }
+    }
 
     // Respond.
     let (mut parts, body) = response.into_parts();
@@ -255,6 +296,52 @@ fn path_in_prefix(path: &str, prefix: &str) -> bool {
         || path
             .strip_prefix(prefix)
             .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Largest request body kept for a retry after a refreshed token.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// The body to send, and a copy to resend if it is small and of known size.
+async fn buffer_if_small(body: Incoming) -> Result<(ProxyBody, Option<Bytes>), BrokerError> {
+    let small = body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= REPLAY_LIMIT);
+    if !small {
+        return Ok((body.map_err(BoxError::from).boxed(), None));
+    }
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| BrokerError::BadRequest {
+            reason: format!("reading the request body failed: {e}"),
+        })?
+        .to_bytes();
+    Ok((
+        Full::new(bytes.clone())
+            .map_err(|never| match never {})
+            .boxed(),
+        Some(bytes),
+    ))
+}
+
+/// After a 401: a fresher token than `rejected`, if the credential store can get one.
+async fn refresh_rejected(
+    proxy: &Arc<Proxy>,
+    provider: &Provider,
+    profile: &str,
+    rejected: &zeroize::Zeroizing<String>,
+) -> Result<Option<zeroize::Zeroizing<String>>, BrokerError> {
+    let credentials = proxy.credentials.clone();
+    let (name, prof, old) = (provider.name.clone(), profile.to_string(), rejected.clone());
+    let outcome =
+        tokio::task::spawn_blocking(move || credentials.refresh_rejected(&name, &prof, &old)).await;
+    match outcome {
+        Ok(Ok(Some(fresh))) if fresh.as_str() != rejected.as_str() => Ok(Some(fresh)),
+        // The grant itself was refused: say so instead of passing the bare 401 on.
+        Ok(Err(super::LookupError::LoginExpired)) => Err(BrokerError::LoginExpired {
+            provider: provider.name.clone(),
+        }),
+        // Nothing fresher (an API key), or the refresh could not run: the upstream's 401 stands.
+        _ => Ok(None),
+    }
 }
 
 /// The host the request names: `:authority` (h2, absolute-form) or `Host`, without port.

@@ -54,6 +54,17 @@ pub trait Credentials: Send + Sync + 'static {
         provider: &str,
         profile: &str,
     ) -> Result<Option<Zeroizing<String>>, LookupError>;
+
+    /// The upstream answered 401 to `rejected`: a fresher secret, if there is one (an OAuth
+    /// refresh, single-flight with every other process), else `Ok(None)`.
+    fn refresh_rejected(
+        &self,
+        _provider: &str,
+        _profile: &str,
+        _rejected: &str,
+    ) -> Result<Option<Zeroizing<String>>, LookupError> {
+        Ok(None)
+    }
 }
 
 /// Why [`Credentials::lookup`] produced no secret. Messages never contain one.

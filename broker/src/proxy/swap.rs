@@ -86,6 +86,22 @@ pub fn apply(
     Ok(swapped)
 }
 
+/// Replace a credential the broker itself put on a request (`old`) with a fresh one, at the
+/// same injection points: the retry after an upstream rejected a token that was then refreshed.
+pub fn replace(
+    route: &Route,
+    headers: &mut HeaderMap,
+    uri: &mut Uri,
+    old: &str,
+    new: &str,
+) -> Result<bool, SwapError> {
+    let mut replaced = false;
+    for point in &route.credential {
+        replaced |= swap_point(point, old, headers, uri, new)?;
+    }
+    Ok(replaced)
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SwapError {
     /// The stored credential cannot be put in a header (a newline, a non-visible byte).
@@ -569,6 +585,21 @@ mod tests {
         let f = inspect(&catalog, anthropic, route, &headers, &uri);
         assert!(!f.own_placeholder);
         assert_eq!(f.foreign, vec!["openai".to_string()]);
+    }
+
+    #[test]
+    fn a_refreshed_token_replaces_the_one_the_broker_put() {
+        let r = route(
+            vec![header("authorization", Some(Scheme::Bearer))],
+            InjectMode::IfPlaceholder,
+        );
+        let (_, mut h, mut uri) = swap(
+            r.clone(),
+            &[("authorization", &format!("Bearer {PH}"))],
+            "/",
+        );
+        assert!(replace(&r, &mut h, &mut uri, SECRET, "fresh-token").expect("replace"));
+        assert_eq!(h["authorization"], "Bearer fresh-token");
     }
 
     #[test]
