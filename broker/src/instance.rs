@@ -4,20 +4,15 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use broker_contract::ShimConfig;
-use zeroize::Zeroizing;
 
 use crate::home::{ensure_private_dir, write_private_file, Home};
-use crate::oauth::refresh::FreshError;
 use crate::providers::Catalog;
-use crate::proxy::{
-    Credentials, LookupError, Proxy, ProxySettings, RunContext, RunKeys, RunListeners,
-    UpstreamSettings,
-};
-use crate::vault::{KeyConfig, Vault};
+use crate::proxy::{Proxy, ProxySettings, RunContext, RunKeys, RunListeners, UpstreamSettings};
+use crate::vault::KeyConfig;
 
 /// What one run may do.
 #[derive(Debug, Clone, Default)]
@@ -87,7 +82,7 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
         catalog,
         upstream: settings.upstream.clone(),
         credentials: Arc::new(
-            VaultCredentials::new(home.clone(), settings.keys)
+            crate::credentials::VaultCredentials::new(home.clone(), settings.keys)
                 .with_token_endpoints(settings.upstream.clone()),
         ),
         audit: Arc::new(crate::audit_queue::AuditQueue::start(home.clone())),
@@ -169,94 +164,6 @@ pub async fn open_run(
         shim,
         shim_config_path,
     })
-}
-
-/// Credentials from the vault in `BROKER_HOME`, opened on first use and kept open.
-pub struct VaultCredentials {
-    home: Home,
-    keys: KeyConfig,
-    vault: Mutex<Option<Arc<Vault>>>,
-    /// How OAuth token endpoints are reached for refreshes (the test-only overrides apply).
-    token_endpoints: UpstreamSettings,
-}
-
-impl VaultCredentials {
-    pub fn new(home: Home, keys: KeyConfig) -> VaultCredentials {
-        VaultCredentials {
-            home,
-            keys,
-            vault: Mutex::new(None),
-            token_endpoints: UpstreamSettings::default(),
-        }
-    }
-
-    /// Reach OAuth token endpoints (refreshes) with these settings.
-    pub fn with_token_endpoints(mut self, upstream: UpstreamSettings) -> VaultCredentials {
-        self.token_endpoints = upstream;
-        self
-    }
-
-    fn vault(&self) -> Result<Option<Arc<Vault>>, String> {
-        let mut slot = self.vault.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(vault) = slot.as_ref() {
-            return Ok(Some(vault.clone()));
-        }
-        if !Vault::exists(&self.home) {
-            return Ok(None);
-        }
-        let vault = Arc::new(Vault::open_with(&self.home, &self.keys).map_err(|e| e.to_string())?);
-        *slot = Some(vault.clone());
-        Ok(Some(vault))
-    }
-}
-
-impl Credentials for VaultCredentials {
-    fn lookup(
-        &self,
-        provider: &str,
-        profile: &str,
-    ) -> Result<Option<Zeroizing<String>>, LookupError> {
-        let Some(vault) = self.vault()? else {
-            return Ok(None);
-        };
-        // API keys as stored; OAuth access tokens refreshed (single flight across processes)
-        // when they are about to expire. See `crate::oauth::refresh`.
-        crate::oauth::refresh::current_secret(
-            &vault,
-            &self.home,
-            &self.token_endpoints,
-            provider,
-            profile,
-        )
-        .map_err(fresh_error)
-    }
-
-    fn refresh_rejected(
-        &self,
-        provider: &str,
-        profile: &str,
-        rejected: &str,
-    ) -> Result<Option<Zeroizing<String>>, LookupError> {
-        let Some(vault) = self.vault()? else {
-            return Ok(None);
-        };
-        crate::oauth::refresh::refresh_after_rejection(
-            &vault,
-            &self.home,
-            &self.token_endpoints,
-            provider,
-            profile,
-            rejected,
-        )
-        .map_err(fresh_error)
-    }
-}
-
-fn fresh_error(e: FreshError) -> LookupError {
-    match e {
-        FreshError::LoginExpired => LookupError::LoginExpired,
-        FreshError::Unavailable(message) => LookupError::Unavailable(message),
-    }
 }
 
 /// Remove a runtime file, ignoring a file that is already gone.

@@ -8,6 +8,8 @@ pub mod audit_queue;
 pub mod ca;
 pub mod cli;
 pub mod control;
+pub mod credential_command;
+pub mod credentials;
 pub mod home;
 pub mod instance;
 pub mod launch;

@@ -183,3 +183,75 @@ fn a_real_key_in_the_environment_is_handed_to_the_broker_and_hidden() {
         "a run key is never stored"
     );
 }
+
+#[test]
+fn a_key_from_a_command_is_fetched_on_use_and_failures_are_clear() {
+    let ca = TestCa::new();
+    let origin = openai_origin(&ca, OPENAI_KEY);
+    let home = Home::new();
+    let keyfile = home.path().join("key-from-a-secrets-manager");
+    std::fs::write(&keyfile, format!("{OPENAI_KEY}\n")).expect("write");
+    let command = format!("cat '{}'", keyfile.display());
+    let out = run_bounded(
+        home.broker()
+            .args(["add", "openai", "--from-command", &command, "--ttl", "60"])
+            .stdin(Stdio::null()),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!contains(&out.stderr, OPENAI_KEY) && !contains(&out.stdout, OPENAI_KEY));
+
+    let curl =
+        "curl -sS -i https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"";
+    let out = run_bounded(
+        &mut broker_run(&home, &ca, &origin, &["--", "sh", "-c", curl]),
+        Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("200") && stdout.contains("data"),
+        "{stdout}"
+    );
+    assert_eq!(
+        origin.requests()[0].header("authorization"),
+        Some(format!("Bearer {OPENAI_KEY}").as_str())
+    );
+
+    // The command fails (the secrets manager is locked): a clear error, nothing forwarded.
+    std::fs::remove_file(&keyfile).expect("remove");
+    let out = run_bounded(
+        &mut broker_run(&home, &ca, &origin, &["--", "sh", "-c", curl]),
+        Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.to_lowercase().contains(
+            "x-broker-error: cannot get the openai key: the credential command failed (exit 1)"
+        ),
+        "{stdout}"
+    );
+    assert_eq!(origin.requests().len(), 1);
+    assert!(
+        !contains(&home.all_bytes(), OPENAI_KEY),
+        "the command's output is never stored"
+    );
+
+    // A command that fails at `broker add` stores nothing.
+    let out = run_bounded(
+        home.broker()
+            .args(["add", "anthropic", "--from-command", "exit 3"])
+            .stdin(Stdio::null()),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("the credential command failed (exit 3); nothing was stored"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

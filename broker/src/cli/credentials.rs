@@ -33,6 +33,18 @@ pub struct AddArgs {
     /// Store the secret even if it does not look like a key of this provider.
     #[arg(long)]
     pub force: bool,
+    /// Get the key from this command (run with `sh -c` on use; its output is the key), like a
+    /// git credential helper: `--from-command 'op read op://Private/OpenAI/key'`.
+    #[arg(long, value_name = "COMMAND")]
+    pub from_command: Option<String>,
+    /// With --from-command: seconds to reuse the command's output before running it again.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 300,
+        requires = "from_command"
+    )]
+    pub ttl: u64,
     /// Catches a secret given on the command line, to refuse it without echoing it.
     #[arg(hide = true, num_args = 0.., allow_hyphen_values = true, trailing_var_arg = true)]
     pub stray: Vec<String>,
@@ -78,6 +90,9 @@ pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
     let provider = find_provider(&catalog, &args.provider)?;
     crate::vault::check_name("profile", &args.profile)?;
 
+    if let Some(command) = &args.from_command {
+        return add_command(&home, provider, &args, command);
+    }
     let secret = read_secret(provider)?;
     if provider.is_placeholder(&secret) {
         bail!(
@@ -288,6 +303,47 @@ fn printable_name(name: &str) -> String {
 
 /// The secret from stdin (not a terminal) or a no-echo prompt. One trailing newline is
 /// removed; nothing else is changed (the vault refuses other control characters).
+/// `broker add --from-command`: check the command works once, then store it (sealed).
+fn add_command(
+    home: &Home,
+    provider: &Provider,
+    args: &AddArgs,
+    command: &str,
+) -> anyhow::Result<ExitCode> {
+    let key = crate::credential_command::run(command)
+        .map_err(|e| anyhow::anyhow!("{e}; nothing was stored"))?;
+    if provider.is_placeholder(&key) || (!args.force && !provider.key_matches(&key)) {
+        bail!(
+            "the command ran, but what it printed does not look like a key for {} (expected the pattern {}); nothing was stored. Pass --force to store it anyway",
+            provider.display_name,
+            provider.key_pattern
+        );
+    }
+    drop(key);
+    let vault = Vault::open(home)?;
+    vault.put(
+        &provider.name,
+        &args.profile,
+        command,
+        CredentialKind::Command,
+    )?;
+    let ttl = std::time::Duration::from_secs(args.ttl);
+    vault.with_credential_lock(&provider.name, &args.profile, |locked| {
+        locked.set_metadata(&crate::credential_command::metadata(ttl))
+    })?;
+    audit(
+        home,
+        EventKind::CredentialAdded,
+        &provider.name,
+        &args.profile,
+    );
+    eprintln!(
+        "stored a command for the {} key (profile {}): it runs when the key is needed, its output reused for {} s",
+        provider.display_name, args.profile, args.ttl
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn read_secret(provider: &Provider) -> anyhow::Result<Zeroizing<String>> {
     let mut secret = if std::io::stdin().is_terminal() {
         let prompt = format!("{} key for broker (input hidden): ", provider.display_name);

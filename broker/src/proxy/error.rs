@@ -41,6 +41,8 @@ pub enum BrokerError {
     NoCredential { provider: String, profile: String },
     /// Looking the credential up failed (vault locked, key missing, ...).
     Vault { message: String },
+    /// The command that produces the credential failed.
+    CredentialSource { provider: String, message: String },
     /// A login expired and could not be refreshed.
     LoginExpired { provider: String },
     /// Could not connect to the upstream.
@@ -63,6 +65,7 @@ impl BrokerError {
                 StatusCode::UNAUTHORIZED
             }
             BrokerError::Vault { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            BrokerError::CredentialSource { .. } => StatusCode::SERVICE_UNAVAILABLE,
             BrokerError::UpstreamUnreachable { .. }
             | BrokerError::UpstreamCertificate { .. }
             | BrokerError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
@@ -81,6 +84,7 @@ impl BrokerError {
             | BrokerError::UpstreamFailed { .. } => Source::Upstream,
             BrokerError::NoCredential { .. }
             | BrokerError::Vault { .. }
+            | BrokerError::CredentialSource { .. }
             | BrokerError::LoginExpired { .. } => Source::Broker,
         }
     }
@@ -106,6 +110,9 @@ impl BrokerError {
             ),
             BrokerError::Vault { message } => {
                 format!("cannot read the vault: {message}; run 'broker doctor'")
+            }
+            BrokerError::CredentialSource { provider, message } => {
+                format!("cannot get the {provider} key: {message}")
             }
             BrokerError::LoginExpired { provider } => {
                 format!("login expired: run 'broker login {provider}'")

@@ -277,6 +277,10 @@ async fn lookup(
             super::LookupError::LoginExpired => BrokerError::LoginExpired {
                 provider: provider.name.clone(),
             },
+            super::LookupError::Source(message) => BrokerError::CredentialSource {
+                provider: provider.name.clone(),
+                message,
+            },
         })?;
     found.ok_or_else(|| BrokerError::NoCredential {
         provider: provider.name.clone(),

@@ -74,6 +74,8 @@ pub enum LookupError {
     Unavailable(String),
     /// An OAuth login expired and could not be refreshed: the user must log in again.
     LoginExpired,
+    /// The credential's source (a `--from-command` command) failed: its message.
+    Source(String),
 }
 
 impl From<String> for LookupError {

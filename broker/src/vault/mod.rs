@@ -128,6 +128,9 @@ pub enum CredentialKind {
     ApiKey,
     #[serde(rename = "oauth2")]
     OAuth2,
+    /// The stored secret is a command that prints the key (`broker add --from-command`).
+    #[serde(rename = "command")]
+    Command,
 }
 
 impl CredentialKind {
@@ -135,12 +138,14 @@ impl CredentialKind {
         match self {
             CredentialKind::ApiKey => "api_key",
             CredentialKind::OAuth2 => "oauth2",
+            CredentialKind::Command => "command",
         }
     }
     fn parse(s: &str) -> Option<CredentialKind> {
         match s {
             "api_key" => Some(CredentialKind::ApiKey),
             "oauth2" => Some(CredentialKind::OAuth2),
+            "command" => Some(CredentialKind::Command),
             _ => None,
         }
     }

@@ -34,6 +34,27 @@ const MIGRATIONS: &[&str] = &[
     // OAuth state that is not secret (endpoints, client id, a failed refresh) stays in
     // `metadata`.
     "ALTER TABLE credentials ADD COLUMN client_secret BLOB;",
+    // 2 -> 3: a credential can be a command that prints the key (`broker add --from-command`);
+    // SQLite cannot change a CHECK in place, so the table is rebuilt with the rows copied.
+    "CREATE TABLE credentials_v3 (
+         provider       TEXT NOT NULL,
+         profile        TEXT NOT NULL,
+         kind           TEXT NOT NULL CHECK (kind IN ('api_key', 'oauth2', 'command')),
+         secret         BLOB NOT NULL,          -- sealed API key, OAuth access token, or command
+         refresh_secret BLOB,
+         expires_at     TEXT,
+         metadata       TEXT NOT NULL DEFAULT '{}', -- JSON, no secrets (endpoints, scopes, ttl)
+         created_at     TEXT NOT NULL,
+         updated_at     TEXT NOT NULL,
+         client_secret  BLOB,
+         PRIMARY KEY (provider, profile)
+     ) WITHOUT ROWID;
+     INSERT INTO credentials_v3 (provider, profile, kind, secret, refresh_secret, expires_at,
+                                 metadata, created_at, updated_at, client_secret)
+         SELECT provider, profile, kind, secret, refresh_secret, expires_at,
+                metadata, created_at, updated_at, client_secret FROM credentials;
+     DROP TABLE credentials;
+     ALTER TABLE credentials_v3 RENAME TO credentials;",
 ];
 
 /// The schema version this build writes.
