@@ -35,6 +35,24 @@ struct Pending {
     secret: zeroize::Zeroizing<String>,
 }
 
+impl Pending {
+    /// The audit line for this credential use, once the response status and size are known.
+    fn event(self, conn: &ConnInfo, status: u16, bytes: u64, reason: Option<String>) -> AuditEvent {
+        event(
+            conn,
+            self.kind,
+            Some(self.provider),
+            Some(self.profile),
+            &self.method,
+            &self.path,
+            status,
+            bytes,
+            self.started,
+            reason,
+        )
+    }
+}
+
 pub(super) async fn handle(
     proxy: Arc<Proxy>,
     conn: Arc<ConnInfo>,
@@ -522,18 +540,9 @@ async fn bridge_upgrade(
         })?;
     let status = response.status().as_u16();
     if let Some(p) = pending {
-        proxy.audit.record(event(
-            &conn,
-            p.kind,
-            Some(p.provider),
-            Some(p.profile),
-            &p.method,
-            &p.path,
-            status,
-            0,
-            p.started,
-            Some("upgrade".into()),
-        ));
+        proxy
+            .audit
+            .record(p.event(&conn, status, 0, Some("upgrade".into())));
     }
     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -609,18 +618,7 @@ impl AuditedBody {
 
     fn finish(&mut self) {
         if let Some((proxy, conn, p, status)) = self.record.take() {
-            proxy.audit.record(event(
-                &conn,
-                p.kind,
-                Some(p.provider),
-                Some(p.profile),
-                &p.method,
-                &p.path,
-                status,
-                self.bytes,
-                p.started,
-                None,
-            ));
+            proxy.audit.record(p.event(&conn, status, self.bytes, None));
         }
     }
 }

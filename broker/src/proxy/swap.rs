@@ -178,9 +178,9 @@ fn swap_point(
                 .split('&')
                 .map(|pair| {
                     let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                    if k == param && percent_decode(v).as_deref() == Some(placeholder) {
+                    if k == param && crate::form::decode(v) == placeholder {
                         changed = true;
-                        format!("{k}={}", percent_encode(secret))
+                        format!("{k}={}", crate::form::encode(secret))
                     } else {
                         pair.to_string()
                     }
@@ -220,7 +220,7 @@ fn inject_point(
             if query_values(uri, param).next().is_some() {
                 return Ok(());
             }
-            let pair = format!("{param}={}", percent_encode(secret));
+            let pair = format!("{param}={}", crate::form::encode(secret));
             let query = match uri.query() {
                 Some(q) if !q.is_empty() => format!("{q}&{pair}"),
                 _ => pair,
@@ -335,7 +335,7 @@ fn query_values<'a>(uri: &'a Uri, param: &'a str) -> impl Iterator<Item = String
         .split('&')
         .filter_map(move |pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (k == param).then(|| percent_decode(v)).flatten()
+            (k == param).then(|| crate::form::decode(v))
         })
 }
 
@@ -352,42 +352,6 @@ fn with_query(uri: &Uri, query: &str) -> Result<Uri, SwapError> {
             .map_err(|_| SwapError::BadUri)?,
     );
     Uri::from_parts(parts).map_err(|_| SwapError::BadUri)
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -600,12 +564,5 @@ mod tests {
         );
         assert!(replace(&r, &mut h, &mut uri, SECRET, "fresh-token").expect("replace"));
         assert_eq!(h["authorization"], "Bearer fresh-token");
-    }
-
-    #[test]
-    fn percent_coding_round_trips() {
-        assert_eq!(percent_decode("a%2Fb+c").as_deref(), Some("a/b c"));
-        assert_eq!(percent_encode("a/b c"), "a%2Fb%20c");
-        assert_eq!(percent_decode("%zz"), None);
     }
 }

@@ -1,0 +1,53 @@
+//! `application/x-www-form-urlencoded` values: query parameters (the swap) and token request
+//! bodies (OAuth) use the same encoding.
+
+/// `application/x-www-form-urlencoded` encoding of one value.
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Decode one `application/x-www-form-urlencoded` value (`+` is a space).
+pub fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_tolerates_stray_percents() {
+        assert_eq!(decode("a%2Fb+c"), "a/b c");
+        assert_eq!(encode("a/b c"), "a%2Fb%20c");
+        assert_eq!(decode(&encode("k=v&x y")), "k=v&x y");
+        assert_eq!(decode("%zz"), "%zz");
+    }
+}
