@@ -8,6 +8,8 @@
 //! config, managed host `api.openai.com`) and prints, as medians over several rounds:
 //! - pass-through `connect()` (to an unmanaged loopback address: the common case for every
 //!   connection a program makes that the broker does not manage), UDP and TCP;
+//! - `posix_spawn` of `/bin/true` and waiting for it: with the preload, the exec hook and the
+//!   child's constructor (every process of an agent's process tree pays this once);
 //! - `SSL_CTX_new()` through the global symbol (with the preload: the hook, which resolves the
 //!   real function per call site and adds the run CA to the new store), and its first call
 //!   (which also parses the CA).
@@ -25,6 +27,7 @@ const ROUNDS: usize = 7;
 const UDP_CONNECTS: u32 = 200_000;
 const TCP_CONNECTS: u32 = 3_000;
 const SSL_CTXS: u32 = 2_000;
+const SPAWNS: u32 = 200;
 
 fn main() {
     match std::env::args().nth(1).as_deref() {
@@ -54,6 +57,7 @@ struct Sample {
     tcp_ns: f64,
     ssl_ns: f64,
     ssl_first_ns: f64,
+    spawn_ns: f64,
 }
 
 fn parent() {
@@ -147,11 +151,14 @@ fn parent() {
         "", "no preload", "preload", "ratio"
     );
     type Field = fn(&Sample) -> f64;
-    let rows: [(&str, Field); 4] = [
+    let rows: [(&str, Field); 5] = [
         ("connect() UDP, unmanaged loopback", |s| s.udp_ns),
         ("connect() TCP, unmanaged loopback", |s| s.tcp_ns),
         ("SSL_CTX_new() (+ CA added with preload)", |s| s.ssl_ns),
         ("SSL_CTX_new() first call (CA parsed)", |s| s.ssl_first_ns),
+        ("posix_spawn(/bin/true) + wait (constructor)", |s| {
+            s.spawn_ns
+        }),
     ];
     for (name, f) in rows {
         let (a, b) = (median(&off, f), median(&on, f));
@@ -172,6 +179,7 @@ fn parse_sample(text: &str) -> Sample {
             "tcp_ns" => s.tcp_ns = v,
             "ssl_ns" => s.ssl_ns = v,
             "ssl_first_ns" => s.ssl_first_ns = v,
+            "spawn_ns" => s.spawn_ns = v,
             _ => {}
         }
     }
@@ -187,6 +195,38 @@ fn child() {
     let (first, each) = ssl_ctx_new_ns();
     println!("ssl_first_ns {first:.1}");
     println!("ssl_ns {each:.1}");
+    println!("spawn_ns {:.1}", spawn_ns());
+}
+
+/// `posix_spawn` + `waitpid` of `/bin/true`, which inherits the environment: with the preload
+/// this includes the exec hook (reading the ELF header) and the child's constructor (reading
+/// the config, setting the environment). Median of the calls.
+fn spawn_ns() -> f64 {
+    let argv = [c"true".as_ptr(), std::ptr::null()];
+    let mut times = Vec::with_capacity(SPAWNS as usize);
+    for _ in 0..SPAWNS {
+        let mut pid: libc::pid_t = 0;
+        let start = Instant::now();
+        // SAFETY: valid NUL-terminated path and argv; `environ` is libc's environment.
+        unsafe {
+            extern "C" {
+                static environ: *const *mut std::ffi::c_char;
+            }
+            let r = libc::posix_spawn(
+                &mut pid,
+                c"/bin/true".as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                argv.as_ptr().cast(),
+                environ,
+            );
+            assert_eq!(r, 0, "posix_spawn");
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+        }
+        times.push(start.elapsed());
+    }
+    median_ns(times)
 }
 
 fn loopback(port: u16) -> libc::sockaddr_in {

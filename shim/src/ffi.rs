@@ -2,7 +2,7 @@
 //! real function behind a hooked name.
 
 use std::cell::Cell;
-use std::ffi::{c_void, CStr};
+use std::ffi::{c_int, c_void, CStr};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -104,20 +104,63 @@ pub fn object_of(addr: usize) -> Option<(usize, &'static CStr)> {
 }
 
 /// Is `addr` inside this library? A real-function lookup that lands on our own hook would
-/// recurse forever.
+/// recurse forever. A range check against our loaded segments, found once: `dladdr` would
+/// scan a whole symbol table per call, which showed in every process's start-up.
 pub fn is_ours(addr: usize) -> bool {
-    static OUR_BASE: AtomicUsize = AtomicUsize::new(0);
-    let base = match OUR_BASE.load(Ordering::Relaxed) {
-        0 => {
-            let Some((base, _)) = object_of(is_ours as *const () as usize) else {
-                return false;
-            };
-            OUR_BASE.store(base, Ordering::Relaxed);
-            base
+    static START: AtomicUsize = AtomicUsize::new(0);
+    static END: AtomicUsize = AtomicUsize::new(0);
+    let (mut start, mut end) = (START.load(Ordering::Relaxed), END.load(Ordering::Relaxed));
+    if end == 0 {
+        (start, end) = our_segments().unwrap_or((0, 0));
+        START.store(start, Ordering::Relaxed);
+        END.store(end, Ordering::Relaxed);
+    }
+    (start..end).contains(&addr)
+}
+
+/// The address range spanned by the `PT_LOAD` segments of the object holding this code.
+fn our_segments() -> Option<(usize, usize)> {
+    struct Search {
+        me: usize,
+        found: Option<(usize, usize)>,
+    }
+    unsafe extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut c_void,
+    ) -> c_int {
+        // SAFETY: dl_iterate_phdr passes a valid info for each loaded object and our `data`.
+        let (info, search) = unsafe { (&*info, &mut *data.cast::<Search>()) };
+        let phdrs: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
+            &[]
+        } else {
+            // SAFETY: `dlpi_phnum` program headers at `dlpi_phdr`, owned by the loader.
+            unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
+        };
+        let base = info.dlpi_addr as usize;
+        let loads = phdrs.iter().filter(|p| p.p_type == libc::PT_LOAD);
+        let span = loads.fold(None, |acc: Option<(usize, usize)>, p| {
+            let (s, e) = (
+                base + p.p_vaddr as usize,
+                base + (p.p_vaddr + p.p_memsz) as usize,
+            );
+            Some(acc.map_or((s, e), |(a, b)| (a.min(s), b.max(e))))
+        });
+        match span {
+            Some((s, e)) if (s..e).contains(&search.me) => {
+                search.found = Some((s, e));
+                1
+            }
+            _ => 0,
         }
-        b => b,
+    }
+    let mut search = Search {
+        me: our_segments as *const () as usize,
+        found: None,
     };
-    object_of(addr).is_some_and(|(b, _)| b == base)
+    // SAFETY: `visit` only reads the loader's data and writes `search`, which outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(visit), std::ptr::addr_of_mut!(search).cast()) };
+    search.found
 }
 
 /// A handle on an already loaded object, by path or soname; never loads anything.
