@@ -169,35 +169,39 @@ pub fn inspect_target(program: &Path) -> Target {
 }
 
 fn inspect_file(path: &Path, depth: u8) -> Target {
-    let Ok(bytes) = read_head(path, 64 * 1024) else {
+    use broker_contract::elf;
+    // 1 KiB holds the headers (and the interpreter path) of ordinary programs.
+    let Ok(head) = read_head(path, 1024) else {
         return Target::Glibc;
     };
-    if bytes.starts_with(b"#!") && depth < 4 {
-        let line = bytes[2..].split(|b| *b == b'\n').next().unwrap_or_default();
-        let line = String::from_utf8_lossy(line);
-        let mut words = line.split_whitespace();
-        let Some(interp) = words.next() else {
-            return Target::Glibc;
-        };
-        let interp = if interp.ends_with("/env") {
-            match words.find(|w| !w.starts_with('-')).and_then(which) {
-                Some(p) => p,
-                None => return Target::Glibc,
-            }
-        } else {
-            PathBuf::from(interp)
-        };
-        return inspect_file(&interp, depth + 1);
-    }
-    match elf_interpreter(&bytes) {
-        ElfInterp::NotElf => Target::Glibc,
-        ElfInterp::Static => {
+    match elf::inspect(&head) {
+        elf::Target::Script { interp, arg } if depth < 4 => {
+            let interp = PathBuf::from(String::from_utf8_lossy(interp).into_owned());
+            let interp = if interp.ends_with("env") {
+                match arg
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .and_then(|a| which(&a))
+                {
+                    Some(p) => p,
+                    None => return Target::Glibc,
+                }
+            } else {
+                interp
+            };
+            inspect_file(&interp, depth + 1)
+        }
+        elf::Target::Static => {
             Target::NotPreloadable(format!("{} is statically linked", path.display()))
         }
-        ElfInterp::Path(interp) if interp.contains("ld-musl") => {
-            Target::NotPreloadable(format!("{} is a musl program", path.display()))
+        elf::Target::Dynamic { interp } if !elf::is_glibc_loader(interp) => {
+            Target::NotPreloadable(format!(
+                "{} is linked against {} (not glibc)",
+                path.display(),
+                String::from_utf8_lossy(elf::basename(interp))
+            ))
         }
-        ElfInterp::Path(_) => Target::Glibc,
+        // glibc programs, and anything unrecognised: the preload is harmless there.
+        _ => Target::Glibc,
     }
 }
 
@@ -208,56 +212,6 @@ fn read_head(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
         .take(limit)
         .read_to_end(&mut out)?;
     Ok(out)
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum ElfInterp {
-    NotElf,
-    Static,
-    Path(String),
-}
-
-/// The `PT_INTERP` of a 64-bit little-endian ELF image (the only kind this shim is built for).
-fn elf_interpreter(bytes: &[u8]) -> ElfInterp {
-    const PT_INTERP: u32 = 3;
-    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 || bytes[5] != 1 {
-        return ElfInterp::NotElf;
-    }
-    let u16_at = |o: usize| {
-        bytes
-            .get(o..o + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
-    };
-    let u32_at = |o: usize| {
-        bytes
-            .get(o..o + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let u64_at = |o: usize| {
-        bytes
-            .get(o..o + 8)
-            .and_then(|b| usize::try_from(u64::from_le_bytes(b.try_into().ok()?)).ok())
-    };
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
-    else {
-        return ElfInterp::NotElf;
-    };
-    for i in 0..phnum {
-        let ph = phoff + i * phentsize;
-        if u32_at(ph) == Some(PT_INTERP) {
-            let (Some(offset), Some(size)) = (u64_at(ph + 8), u64_at(ph + 32)) else {
-                break;
-            };
-            let Some(raw) = bytes.get(offset..offset + size) else {
-                break;
-            };
-            let text = String::from_utf8_lossy(raw)
-                .trim_end_matches('\0')
-                .to_string();
-            return ElfInterp::Path(text);
-        }
-    }
-    ElfInterp::Static
 }
 
 #[cfg(test)]
@@ -274,15 +228,17 @@ mod target_tests {
     }
 
     #[test]
-    fn static_and_non_elf_images() {
-        assert_eq!(elf_interpreter(b"not an elf"), ElfInterp::NotElf);
+    fn static_programs_cannot_be_preloaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
         // A minimal ELF64 header with no program headers: static.
         let mut elf = vec![0u8; 64];
         elf[..4].copy_from_slice(b"\x7fELF");
         elf[4] = 2;
         elf[5] = 1;
-        assert_eq!(elf_interpreter(&elf), ElfInterp::Static);
-        let sh = std::fs::read("/bin/sh").expect("read /bin/sh");
-        assert!(matches!(elf_interpreter(&sh), ElfInterp::Path(p) if p.contains("ld-linux")));
+        let path = dir.path().join("static");
+        std::fs::write(&path, elf).expect("write");
+        assert!(
+            matches!(inspect_target(&path), Target::NotPreloadable(why) if why.contains("statically linked"))
+        );
     }
 }

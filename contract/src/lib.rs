@@ -6,6 +6,8 @@
 //!
 //! This crate has no dependencies so the shim stays small and its constructor cheap.
 
+pub mod elf;
+
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
