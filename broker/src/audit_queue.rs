@@ -9,7 +9,8 @@ use crate::home::Home;
 use crate::proxy::AuditSink;
 
 pub struct AuditQueue {
-    tx: mpsc::Sender<AuditEvent>,
+    tx: Option<mpsc::Sender<AuditEvent>>,
+    writer: Option<thread::JoinHandle<()>>,
 }
 
 impl AuditQueue {
@@ -32,15 +33,35 @@ impl AuditQueue {
                     }
                 }
             });
-        if let Err(err) = spawned {
-            tracing::error!(%err, "cannot start the audit writer");
+        let writer = match spawned {
+            Ok(handle) => Some(handle),
+            Err(err) => {
+                tracing::error!(%err, "cannot start the audit writer");
+                None
+            }
+        };
+        AuditQueue {
+            tx: Some(tx),
+            writer,
         }
-        AuditQueue { tx }
+    }
+}
+
+impl Drop for AuditQueue {
+    /// Write what is queued before the broker goes away: the last requests of a run that just
+    /// ended must not be lost when `broker run` exits right after its agent.
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
     }
 }
 
 impl AuditSink for AuditQueue {
     fn record(&self, event: AuditEvent) {
-        let _ = self.tx.send(event);
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(event);
+        }
     }
 }

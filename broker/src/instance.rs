@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use broker_contract::ShimConfig;
 
+use crate::denials::DenialLog;
 use crate::home::{ensure_private_dir, write_private_file, Home};
 use crate::providers::Catalog;
 use crate::proxy::{Proxy, ProxySettings, RunContext, RunKeys, RunListeners, UpstreamSettings};
@@ -67,6 +68,7 @@ pub struct Instance {
     pub listeners: RunListeners,
     pub shim: ShimConfig,
     pub shim_config_path: PathBuf,
+    pub denials: Option<DenialLog>,
 }
 
 /// Run slot of the first run of every instance. Each instance listens on its own port, so
@@ -94,6 +96,7 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
         listeners: run.listeners,
         shim: run.shim,
         shim_config_path: run.shim_config_path,
+        denials: run.denials,
     })
 }
 
@@ -102,6 +105,8 @@ pub struct OpenRun {
     pub listeners: RunListeners,
     pub shim: ShimConfig,
     pub shim_config_path: PathBuf,
+    /// With `--deny-unlisted`: the shim's refusals, moved into the audit log.
+    pub denials: Option<DenialLog>,
 }
 
 /// Open a run on `proxy` in `slot`, writing its CA and shim config into `runtime_dir`.
@@ -123,6 +128,7 @@ pub async fn open_run(
                 .map(move |var| (var.clone(), p.placeholder.clone()))
         })
         .collect();
+    let run_id = spec.id.clone();
     let run = RunContext {
         id: spec.id,
         slot,
@@ -135,7 +141,7 @@ pub async fn open_run(
             spec.default_profile
         },
         pid: spec.pid,
-        command: spec.command,
+        command: spec.command.clone(),
         run_keys: spec.run_keys,
         deny_unlisted: spec.deny_unlisted,
     };
@@ -147,6 +153,15 @@ pub async fn open_run(
     ensure_private_dir(runtime_dir)?;
     let ca_file = runtime_dir.join("ca.pem");
     write_private_file(&ca_file, proxy.ca().cert_pem().as_bytes())?;
+    let denials = match spec.deny_unlisted {
+        true => Some(DenialLog::start(
+            &runtime_dir.join("denials.log"),
+            &run_id,
+            &spec.command,
+            proxy.audit().clone(),
+        )?),
+        false => None,
+    };
     let shim = ShimConfig {
         slot,
         port: listeners.port,
@@ -156,6 +171,7 @@ pub async fn open_run(
         hosts,
         env,
         connect_proxy: Some(listeners.connect_addr.to_string()),
+        denial_log: denials.as_ref().map(|d| d.path().to_path_buf()),
     };
     let shim_config_path = runtime_dir.join(broker_contract::DAEMON_SHIM_CONFIG_FILE);
     write_private_file(&shim_config_path, shim.render().as_bytes())?;
@@ -163,6 +179,7 @@ pub async fn open_run(
         listeners,
         shim,
         shim_config_path,
+        denials,
     })
 }
 

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod control;
 pub mod credential_command;
 pub mod credentials;
+pub mod denials;
 pub mod form;
 pub mod home;
 pub mod instance;

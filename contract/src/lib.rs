@@ -83,6 +83,10 @@ pub struct ShimConfig {
     pub env: Vec<(String, String)>,
     /// Address of the broker's CONNECT proxy, for children the shim cannot preload.
     pub connect_proxy: Option<String>,
+    /// File (0600, in the run's private directory) where the shim appends one line per
+    /// connection it refused under `deny_unlisted`: `<pid> <destination>`. The broker moves
+    /// those lines into the audit log.
+    pub denial_log: Option<PathBuf>,
 }
 
 impl ShimConfig {
@@ -105,6 +109,9 @@ impl ShimConfig {
         let _ = writeln!(out, "deny-unlisted {}", u8::from(self.deny_unlisted));
         if let Some(proxy) = &self.connect_proxy {
             let _ = writeln!(out, "connect-proxy {proxy}");
+        }
+        if let Some(log) = &self.denial_log {
+            let _ = writeln!(out, "denial-log {}", log.display());
         }
         for host in &self.hosts {
             let _ = writeln!(out, "host {host}");
@@ -143,6 +150,7 @@ impl ShimConfig {
                 "ca" => cfg.ca_file = PathBuf::from(value),
                 "deny-unlisted" => cfg.deny_unlisted = value == "1",
                 "connect-proxy" => cfg.connect_proxy = Some(value.to_string()),
+                "denial-log" => cfg.denial_log = Some(PathBuf::from(value)),
                 "host" if !value.is_empty() => cfg.hosts.push(value.to_string()),
                 "env" => {
                     let (var, placeholder) = value.split_once(' ').ok_or(err("bad env line"))?;
@@ -219,6 +227,7 @@ mod tests {
             hosts: vec!["api.openai.com".into(), "*.example.org".into()],
             env: vec![("OPENAI_API_KEY".into(), "sk-broker-placeholder".into())],
             connect_proxy: Some("127.0.0.1:40125".into()),
+            denial_log: Some(PathBuf::from("/tmp/run/denials.log")),
         };
         let parsed = ShimConfig::parse(&cfg.render()).expect("parses");
         assert_eq!(parsed, cfg);

@@ -102,6 +102,7 @@ fn parent() {
         hosts: vec!["api.openai.com".into()],
         env: vec![],
         connect_proxy: None,
+        denial_log: None,
     };
     let config = dir.join("shim.conf");
     std::fs::write(&config, cfg.render()).expect("config");

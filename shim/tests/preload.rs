@@ -236,6 +236,7 @@ impl World {
             hosts: vec![HOST.into(), "*.example.org".into()],
             env: vec![("OPENAI_API_KEY".into(), PLACEHOLDER.into())],
             connect_proxy: None,
+            denial_log: None,
         };
         tweak(&mut cfg);
         let config = dir.join("run").join("shim.conf");

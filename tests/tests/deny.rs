@@ -54,4 +54,33 @@ for i in $(seq 100); do curl -s -o /dev/null http://192.0.2.10:8080/ && curl -s 
     );
     // Loopback stays allowed: local services keep working.
     assert!(stdout.contains("loopback:200"), "{stdout}");
+    // Each refusal the shim made is in the audit log, with the destination.
+    let audit = std::fs::read_to_string(home.path().join("audit.jsonl")).unwrap_or_default();
+    for dest in ["192.0.2.10:8080", "192.0.2.10:8443"] {
+        assert!(
+            audit.lines().any(|l| l.contains("\"denial\"")
+                && l.contains(dest)
+                && l.contains("refused by libbroker.so")),
+            "{dest} not audited: {audit}"
+        );
+    }
+    let hosts: Vec<String> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "denial")
+        .filter_map(|v| v["host"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        !hosts.iter().any(|h| h.starts_with("127.")),
+        "loopback is not a denial: {hosts:?}"
+    );
+    let verify = run_bounded(
+        home.broker().args(["audit", "verify"]),
+        Duration::from_secs(20),
+    );
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
 }

@@ -199,6 +199,11 @@ impl Proxy {
         &self.ca
     }
 
+    /// Where this broker's audit events go.
+    pub fn audit(&self) -> &Arc<dyn AuditSink> {
+        &self.audit
+    }
+
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
     }

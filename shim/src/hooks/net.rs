@@ -200,7 +200,11 @@ unsafe fn connect_via(real: &RealFn, fd: c_int, addr: *const sockaddr, len: sock
         contain(|| {
             // SAFETY: the agent passed `len` readable bytes at `addr` (connect's contract).
             let dest = unsafe { read_sockaddr(addr, len) };
-            decide::decide_connect(cfg, dest, || socket_facts(fd, dest))
+            let decision = decide::decide_connect(cfg, dest, || socket_facts(fd, dest));
+            if decision == Connect::Refuse(decide::Refuse::Unlisted) {
+                crate::log::denial(cfg, dest);
+            }
+            decision
         })
     });
     match decision {
