@@ -129,6 +129,13 @@ fn curl_and_python_agents_use_the_key_without_holding_it() {
         !contains(&home.all_bytes(), OPENAI_KEY),
         "key in plaintext under BROKER_HOME"
     );
+    // Every use is audited, even the last one of a run that exits right after it.
+    let audit = std::fs::read_to_string(home.path().join("audit.jsonl")).expect("audit");
+    let uses = audit
+        .lines()
+        .filter(|l| l.contains("\"credential_use\""))
+        .count();
+    assert_eq!(uses, 4, "{audit}");
 }
 
 #[test]
