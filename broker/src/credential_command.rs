@@ -98,10 +98,13 @@ pub fn run(command: &str) -> Result<Zeroizing<String>, String> {
     Ok(Zeroizing::new(key.to_string()))
 }
 
+/// A command's output and when it ran, per (provider, profile).
+type Entries = HashMap<(String, String), (Instant, Zeroizing<String>)>;
+
 /// Outputs of credential commands, per provider and profile, until their TTL runs out.
 #[derive(Default)]
 pub struct CommandCache {
-    entries: Mutex<HashMap<(String, String), (Instant, Zeroizing<String>)>>,
+    entries: Mutex<Entries>,
 }
 
 impl CommandCache {

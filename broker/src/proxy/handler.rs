@@ -1,57 +1,27 @@
 //! One request through the pipeline: classify -> look up credential -> swap -> forward ->
-//! respond -> audit. See the module docs of `proxy` for the order and the reasons.
+//! respond -> audit. See the module docs of `proxy` for the order and the reasons; upgrades
+//! are bridged in `upgrade`, the audit record is in `record`.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, Uri};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
 use broker_contract::host_matches;
 
 use super::error::BrokerError;
+use super::record::{event, AuditedBody, Pending};
+use super::upgrade::bridge_upgrade;
 use super::upstream::ConnectError;
 use super::{redact, swap};
 use super::{BoxError, ConnInfo, Proxy, ProxyBody};
-use crate::audit::{AuditEvent, EventKind};
+use crate::audit::EventKind;
 use crate::providers::Provider;
-
-/// What the audit needs to know about a request once its response is done.
-struct Pending {
-    kind: EventKind,
-    provider: String,
-    profile: String,
-    method: String,
-    path: String,
-    started: Instant,
-    /// The credential put on the request, to redact from the response.
-    secret: zeroize::Zeroizing<String>,
-}
-
-impl Pending {
-    /// The audit line for this credential use, once the response status and size are known.
-    fn event(self, conn: &ConnInfo, status: u16, bytes: u64, reason: Option<String>) -> AuditEvent {
-        event(
-            conn,
-            self.kind,
-            Some(self.provider),
-            Some(self.profile),
-            &self.method,
-            &self.path,
-            status,
-            bytes,
-            self.started,
-            reason,
-        )
-    }
-}
 
 pub(super) async fn handle(
     proxy: Arc<Proxy>,
@@ -471,7 +441,7 @@ fn upstream_error(host: &str, err: &hyper_util::client::legacy::Error) -> Broker
     }
 }
 
-fn connect_error(host: &str, err: &ConnectError) -> BrokerError {
+pub(super) fn connect_error(host: &str, err: &ConnectError) -> BrokerError {
     match err {
         ConnectError::Certificate(reason) => BrokerError::UpstreamCertificate {
             host: host.to_string(),
@@ -481,181 +451,6 @@ fn connect_error(host: &str, err: &ConnectError) -> BrokerError {
             host: host.to_string(),
             reason: other.to_string(),
         },
-    }
-}
-
-/// WebSocket (or any HTTP/1.1 upgrade): send the swapped upgrade request on a fresh
-/// http/1.1 connection, and when the upstream agrees (101), splice the two upgraded streams.
-async fn bridge_upgrade(
-    proxy: &Arc<Proxy>,
-    host: &str,
-    port: u16,
-    mut req: Request<Incoming>,
-    pending: Option<Pending>,
-    conn: Arc<ConnInfo>,
-) -> Result<Response<ProxyBody>, BrokerError> {
-    let io = proxy
-        .upgrade_connector
-        .connect(host, port)
-        .await
-        .map_err(|e| connect_error(host, &e))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(|e| BrokerError::UpstreamFailed {
-                host: host.to_string(),
-                reason: e.to_string(),
-            })?;
-    tokio::spawn(async move {
-        let _ = connection.with_upgrades().await;
-    });
-    let agent_upgrade = hyper::upgrade::on(&mut req);
-    let (mut parts, body) = req.into_parts();
-    // HTTP/1.1 to the upstream wants an origin-form target and a Host header.
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| host.to_string());
-    parts.uri = parts
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/")
-        .parse()
-        .map_err(|_| BrokerError::BadRequest {
-            reason: "bad upgrade target".into(),
-        })?;
-    if let Ok(value) = authority.parse() {
-        parts.headers.insert(header::HOST, value);
-    }
-    parts.version = http::Version::HTTP_11;
-    let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
-    let mut response = sender
-        .send_request(req)
-        .await
-        .map_err(|e| BrokerError::UpstreamFailed {
-            host: host.to_string(),
-            reason: e.to_string(),
-        })?;
-    let status = response.status().as_u16();
-    if let Some(p) = pending {
-        proxy
-            .audit
-            .record(p.event(&conn, status, 0, Some("upgrade".into())));
-    }
-    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(async move {
-            if let (Ok(agent), Ok(upstream)) = (agent_upgrade.await, upstream_upgrade.await) {
-                let mut agent = TokioIo::new(agent);
-                let mut upstream = TokioIo::new(upstream);
-                let _ = tokio::io::copy_bidirectional(&mut agent, &mut upstream).await;
-            }
-        });
-    }
-    let (parts, body) = response.into_parts();
-    Ok(Response::from_parts(
-        parts,
-        body.map_err(BoxError::from).boxed(),
-    ))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn event(
-    conn: &ConnInfo,
-    kind: EventKind,
-    provider: Option<String>,
-    profile: Option<String>,
-    method: &str,
-    path: &str,
-    status: u16,
-    bytes: u64,
-    started: Instant,
-    reason: Option<String>,
-) -> AuditEvent {
-    AuditEvent {
-        run_id: Some(conn.run.id.clone()),
-        pid: conn.run.pid,
-        command: Some(conn.run.command.clone()),
-        provider,
-        profile,
-        host: Some(conn.sni.clone()),
-        sni: Some(conn.sni.clone()),
-        method: Some(method.to_string()),
-        path: Some(path.to_string()),
-        status: (status != 0).then_some(status),
-        bytes: Some(bytes),
-        latency_ms: Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
-        reason,
-        ..AuditEvent::new(kind)
-    }
-}
-
-/// A response body that counts bytes as they stream and writes the audit line when the
-/// body ends (or is dropped: an agent that hangs up still leaves a record).
-struct AuditedBody {
-    inner: ProxyBody,
-    bytes: u64,
-    record: Option<(Arc<Proxy>, Arc<ConnInfo>, Pending, u16)>,
-}
-
-impl AuditedBody {
-    fn wrap(
-        inner: ProxyBody,
-        proxy: Arc<Proxy>,
-        conn: Arc<ConnInfo>,
-        pending: Pending,
-        status: u16,
-    ) -> ProxyBody {
-        AuditedBody {
-            inner,
-            bytes: 0,
-            record: Some((proxy, conn, pending, status)),
-        }
-        .boxed()
-    }
-
-    fn finish(&mut self) {
-        if let Some((proxy, conn, p, status)) = self.record.take() {
-            proxy.audit.record(p.event(&conn, status, self.bytes, None));
-        }
-    }
-}
-
-impl Body for AuditedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.bytes += data.len() as u64;
-                }
-            }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finish(),
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for AuditedBody {
-    fn drop(&mut self) {
-        self.finish();
     }
 }
 

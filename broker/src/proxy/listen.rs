@@ -164,7 +164,7 @@ async fn accept_loop(proxy: Arc<Proxy>, run: Arc<RunContext>, listener: TcpListe
 }
 
 /// Which host pattern the local address encodes (`None` for the `[::1]` listener).
-fn encoded_host<'a>(run: &'a RunContext, local: SocketAddr) -> Option<&'a str> {
+fn encoded_host(run: &RunContext, local: SocketAddr) -> Option<&str> {
     let ip = match local.ip() {
         IpAddr::V4(ip) => ip,
         IpAddr::V6(ip) => ip.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),

@@ -19,8 +19,10 @@ pub mod error;
 mod handler;
 mod listen;
 mod peer;
+mod record;
 mod redact;
 pub mod swap;
+mod upgrade;
 pub mod upstream;
 
 use std::collections::HashMap;
