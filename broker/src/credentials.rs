@@ -2,6 +2,8 @@
 //! tokens refreshed before they expire (single flight across processes, see
 //! `crate::oauth::refresh`) and keys produced by a command (`crate::credential_command`).
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use zeroize::Zeroizing;
@@ -20,16 +22,64 @@ pub struct VaultCredentials {
     /// How OAuth token endpoints are reached for refreshes (the test-only overrides apply).
     token_endpoints: UpstreamSettings,
     commands: CommandCache,
+    /// API keys already read, valid while the vault files are unchanged.
+    keys_seen: KeyCache,
+}
+
+/// API keys read from the vault, kept while the vault's files are unchanged: any write by any
+/// process (`broker add`, `remove`, a refresh) changes the size or mtime of `vault.db` or its
+/// WAL, and the next lookup reads the vault again. Saves a thread hop, an SQLite query and a
+/// decryption per request; costs two `stat` calls.
+struct KeyCache {
+    files: [PathBuf; 2],
+    entries: Mutex<HashMap<(String, String), (Stamp, Zeroizing<String>)>>,
+}
+
+/// What identifies one state of the vault's files.
+type Stamp = [(u64, i64, i64); 2];
+
+impl KeyCache {
+    fn new(vault: PathBuf) -> KeyCache {
+        let mut wal = vault.clone().into_os_string();
+        wal.push("-wal");
+        KeyCache {
+            files: [vault, PathBuf::from(wal)],
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn stamp(&self) -> Stamp {
+        use std::os::unix::fs::MetadataExt as _;
+        self.files.each_ref().map(|f| {
+            std::fs::metadata(f).map_or((0, 0, 0), |m| (m.size(), m.mtime(), m.mtime_nsec()))
+        })
+    }
+
+    fn get(&self, provider: &str, profile: &str) -> Option<Zeroizing<String>> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let (stamp, key) = entries.get(&(provider.to_string(), profile.to_string()))?;
+        (*stamp == self.stamp()).then(|| key.clone())
+    }
+
+    fn remember(&self, stamp: Stamp, provider: &str, profile: &str, key: &Zeroizing<String>) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.insert(
+            (provider.to_string(), profile.to_string()),
+            (stamp, key.clone()),
+        );
+    }
 }
 
 impl VaultCredentials {
     pub fn new(home: Home, keys: KeyConfig) -> VaultCredentials {
+        let keys_seen = KeyCache::new(home.vault_path());
         VaultCredentials {
             home,
             keys,
             vault: Mutex::new(None),
             token_endpoints: UpstreamSettings::default(),
             commands: CommandCache::default(),
+            keys_seen,
         }
     }
 
@@ -54,6 +104,10 @@ impl VaultCredentials {
 }
 
 impl Credentials for VaultCredentials {
+    fn cached(&self, provider: &str, profile: &str) -> Option<Zeroizing<String>> {
+        self.keys_seen.get(provider, profile)
+    }
+
     fn lookup(
         &self,
         provider: &str,
@@ -62,6 +116,9 @@ impl Credentials for VaultCredentials {
         let Some(vault) = self.vault()? else {
             return Ok(None);
         };
+        // Stamped before the read: a write racing with it leaves a stamp that no longer
+        // matches, never a stale key behind a fresh stamp.
+        let stamp = self.keys_seen.stamp();
         let Some(stored) = vault
             .get_full(provider, profile)
             .map_err(|e| e.to_string())?
@@ -70,7 +127,9 @@ impl Credentials for VaultCredentials {
         };
         match stored.kind {
             CredentialKind::ApiKey => {
-                return Ok(Some(Zeroizing::new(stored.secret.expose().to_string())))
+                let secret = Zeroizing::new(stored.secret.expose().to_string());
+                self.keys_seen.remember(stamp, provider, profile, &secret);
+                return Ok(Some(secret));
             }
             CredentialKind::Command => {
                 let ttl = credential_command::ttl_from(&stored.metadata);
@@ -129,5 +188,71 @@ fn fresh_error(e: FreshError) -> LookupError {
     match e {
         FreshError::LoginExpired => LookupError::LoginExpired,
         FreshError::Unavailable(message) => LookupError::Unavailable(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vault::KeySource;
+
+    #[test]
+    fn a_cached_key_is_dropped_as_soon_as_the_vault_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::at(dir.path().join("home"));
+        let keys = KeyConfig {
+            source: Some(KeySource::File),
+            passphrase: None,
+        };
+        let vault = Vault::open_with(&home, &keys).expect("vault");
+        vault
+            .put(
+                "openai",
+                "default",
+                "sk-test-first-key-0123456789",
+                CredentialKind::ApiKey,
+            )
+            .expect("put");
+        let creds = VaultCredentials::new(home.clone(), keys);
+        assert!(
+            creds.cached("openai", "default").is_none(),
+            "nothing read yet"
+        );
+        let first = creds
+            .lookup("openai", "default")
+            .expect("lookup")
+            .expect("stored");
+        assert_eq!(first.as_str(), "sk-test-first-key-0123456789");
+        assert_eq!(
+            creds
+                .cached("openai", "default")
+                .as_deref()
+                .map(String::as_str),
+            Some(first.as_str())
+        );
+        // Another writer (here: another connection) replaces the key.
+        vault
+            .put(
+                "openai",
+                "default",
+                "sk-test-second-key-0123456789",
+                CredentialKind::ApiKey,
+            )
+            .expect("put");
+        assert!(
+            creds.cached("openai", "default").is_none(),
+            "a write invalidates the cache"
+        );
+        let second = creds
+            .lookup("openai", "default")
+            .expect("lookup")
+            .expect("stored");
+        assert_eq!(second.as_str(), "sk-test-second-key-0123456789");
+        vault.remove("openai", "default").expect("remove");
+        assert!(creds.cached("openai", "default").is_none());
+        assert!(
+            creds.lookup("openai", "default").expect("lookup").is_none(),
+            "a removed key is gone at once"
+        );
     }
 }

@@ -253,6 +253,9 @@ async fn lookup(
     provider: &Provider,
     profile: &str,
 ) -> Result<zeroize::Zeroizing<String>, BrokerError> {
+    if let Some(secret) = proxy.credentials.cached(&provider.name, profile) {
+        return Ok(secret);
+    }
     let credentials = proxy.credentials.clone();
     let (name, prof) = (provider.name.clone(), profile.to_string());
     let found = tokio::task::spawn_blocking(move || credentials.lookup(&name, &prof))

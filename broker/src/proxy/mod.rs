@@ -57,6 +57,12 @@ pub trait Credentials: Send + Sync + 'static {
         profile: &str,
     ) -> Result<Option<Zeroizing<String>>, LookupError>;
 
+    /// A secret known to be current without blocking (no I/O beyond a `stat`), if any:
+    /// tried before [`Credentials::lookup`], which runs on a blocking thread.
+    fn cached(&self, _provider: &str, _profile: &str) -> Option<Zeroizing<String>> {
+        None
+    }
+
     /// The upstream answered 401 to `rejected`: a fresher secret, if there is one (an OAuth
     /// refresh, single-flight with every other process), else `Ok(None)`.
     fn refresh_rejected(

@@ -48,16 +48,27 @@ pub fn inspect(
             .any(|point| point_holds_placeholder(point, &provider.placeholder, headers, uri)),
         foreign: Vec::new(),
     };
-    let query = uri.query().unwrap_or("");
+    // Everything a placeholder could hide in, decoded once: header values, the user:password
+    // of Basic credentials, the query.
+    let mut haystacks: Vec<std::borrow::Cow<'_, str>> = Vec::with_capacity(headers.len() + 1);
+    for value in headers.values() {
+        let Ok(text) = value.to_str() else { continue };
+        if let Some(HeaderCredential::Basic { user, pass }) =
+            header_credential(value, Some(&Scheme::Basic { username: None }))
+        {
+            haystacks.push(format!("{user}:{pass}").into());
+        }
+        haystacks.push(text.into());
+    }
+    haystacks.push(uri.query().unwrap_or("").into());
     for other in catalog.providers() {
         if other.name == provider.name || other.placeholder.is_empty() {
             continue;
         }
-        let in_headers = headers.values().any(|v| {
-            contains(v.as_bytes(), other.placeholder.as_bytes())
-                || basic_holds(v, &other.placeholder)
-        });
-        if in_headers || query.contains(other.placeholder.as_str()) {
+        if haystacks
+            .iter()
+            .any(|h| h.contains(other.placeholder.as_str()))
+        {
             findings.foreign.push(other.name.clone());
         }
     }
@@ -312,21 +323,12 @@ fn scheme_token(text: &str, scheme: &str) -> Option<HeaderCredential> {
     })
 }
 
-fn basic_holds(value: &HeaderValue, placeholder: &str) -> bool {
-    header_credential(value, Some(&Scheme::Basic { username: None }))
-        .is_some_and(|c| c.holds(placeholder))
-}
-
 /// A header value holding a secret: validated and marked sensitive so hyper's HPACK encoder
 /// never indexes it and debug output hides it.
 fn sensitive_value(text: &str) -> Result<HeaderValue, SwapError> {
     let mut value = HeaderValue::from_str(text).map_err(|_| SwapError::BadCredential)?;
     value.set_sensitive(true);
     Ok(value)
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 fn query_values<'a>(uri: &'a Uri, param: &'a str) -> impl Iterator<Item = String> + 'a {
