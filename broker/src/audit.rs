@@ -212,7 +212,16 @@ pub struct AuditBroken {
 #[derive(Debug)]
 pub struct Audit {
     path: PathBuf,
-    file: Mutex<fs::File>,
+    file: Mutex<(fs::File, Option<Written>)>,
+}
+
+/// What this process last appended: while the file still ends there (no other process wrote
+/// since), the next line chains to it without reading the file back.
+#[derive(Debug)]
+struct Written {
+    len: u64,
+    seq: u64,
+    hash: String,
 }
 
 impl Audit {
@@ -239,7 +248,7 @@ impl Audit {
             })?;
         Ok(Audit {
             path: path.to_owned(),
-            file: Mutex::new(file),
+            file: Mutex::new((file, None)),
         })
     }
 
@@ -254,18 +263,26 @@ impl Audit {
             path: self.path.clone(),
             source,
         };
-        let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let (file, written) = &mut *guard;
         // Threads are serialized by the mutex, processes by the lock (released on drop, or by
         // the kernel if the process dies).
-        let _lock = FileLock::exclusive(&file).map_err(io_err)?;
+        let _lock = FileLock::exclusive(file).map_err(io_err)?;
 
-        let tail = read_tail(&file).map_err(io_err)?;
-        let (seq, prev) = match &tail {
-            Some(tail) => (
-                tail.last_seq.map_or(1, |s| s + 1),
-                sha256_hex(&tail.last_line),
-            ),
-            None => (1, GENESIS.to_string()),
+        let len = file.metadata().map_err(io_err)?.len();
+        let (tail, seq, prev) = match written.take().filter(|w| w.len == len) {
+            Some(ours) => (None, ours.seq + 1, ours.hash),
+            None => {
+                let tail = read_tail(file).map_err(io_err)?;
+                let (seq, prev) = match &tail {
+                    Some(tail) => (
+                        tail.last_seq.map_or(1, |s| s + 1),
+                        sha256_hex(&tail.last_line),
+                    ),
+                    None => (1, GENESIS.to_string()),
+                };
+                (tail, seq, prev)
+            }
         };
         let record = AuditRecord {
             seq,
@@ -283,6 +300,14 @@ impl Audit {
         line.push('\n');
         // One write(2) of the whole line: with O_APPEND it lands at the end as a unit.
         (&*file).write_all(line.as_bytes()).map_err(io_err)?;
+        // The next line chains to this one: the hash of this line as written, without its
+        // newline (what `read_tail` would hash).
+        let this_line = line.trim_start_matches('\n').trim_end_matches('\n');
+        *written = Some(Written {
+            len: len + line.len() as u64,
+            seq,
+            hash: sha256_hex(this_line.as_bytes()),
+        });
         Ok(AuditRecord { hash, ..record })
     }
 }
