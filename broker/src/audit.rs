@@ -259,6 +259,16 @@ impl Audit {
     /// Append one event, chained to the current last line. Blocking (file lock and a small
     /// write); async callers use `spawn_blocking`. Returns the stored record.
     pub fn append(&self, event: AuditEvent) -> Result<AuditRecord, AuditError> {
+        let mut records = self.append_all(vec![event])?;
+        records.pop().ok_or_else(|| AuditError::Io {
+            path: self.path.clone(),
+            source: io::Error::other("nothing appended"),
+        })
+    }
+
+    /// Append several events, chained in order, under one file lock and with one write (the
+    /// broker's audit writer drains its queue this way under load).
+    pub fn append_all(&self, events: Vec<AuditEvent>) -> Result<Vec<AuditRecord>, AuditError> {
         let io_err = |source| AuditError::Io {
             path: self.path.clone(),
             source,
@@ -270,7 +280,7 @@ impl Audit {
         let _lock = FileLock::exclusive(file).map_err(io_err)?;
 
         let len = file.metadata().map_err(io_err)?.len();
-        let (tail, seq, prev) = match written.take().filter(|w| w.len == len) {
+        let (tail, mut seq, mut prev) = match written.take().filter(|w| w.len == len) {
             Some(ours) => (None, ours.seq + 1, ours.hash),
             None => {
                 let tail = read_tail(file).map_err(io_err)?;
@@ -284,31 +294,37 @@ impl Audit {
                 (tail, seq, prev)
             }
         };
-        let record = AuditRecord {
-            seq,
-            time: now_rfc3339(),
-            event: event.sanitized(),
-            prev,
-            hash: String::new(),
-        };
-        let (mut line, hash) = encode_line(&record)?;
-        // A line torn by a crash is closed first so the new one stays a line of its own;
+        // A line torn by a crash is closed first so the new ones stay lines of their own;
         // `verify` reports the torn one.
+        let mut out = String::new();
         if tail.as_ref().is_some_and(|t| !t.ends_with_newline) {
-            line.insert(0, '\n');
+            out.push('\n');
         }
-        line.push('\n');
-        // One write(2) of the whole line: with O_APPEND it lands at the end as a unit.
-        (&*file).write_all(line.as_bytes()).map_err(io_err)?;
-        // The next line chains to this one: the hash of this line as written, without its
-        // newline (what `read_tail` would hash).
-        let this_line = line.trim_start_matches('\n').trim_end_matches('\n');
+        let mut records = Vec::with_capacity(events.len());
+        for event in events {
+            let record = AuditRecord {
+                seq,
+                time: now_rfc3339(),
+                event: event.sanitized(),
+                prev: std::mem::take(&mut prev),
+                hash: String::new(),
+            };
+            let (line, hash) = encode_line(&record)?;
+            // The next line chains to this one: the hash of the line as written.
+            prev = sha256_hex(line.as_bytes());
+            out.push_str(&line);
+            out.push('\n');
+            records.push(AuditRecord { hash, ..record });
+            seq += 1;
+        }
+        // One write(2) of all the lines: with O_APPEND they land at the end as a unit.
+        (&*file).write_all(out.as_bytes()).map_err(io_err)?;
         *written = Some(Written {
-            len: len + line.len() as u64,
-            seq,
-            hash: sha256_hex(this_line.as_bytes()),
+            len: len + out.len() as u64,
+            seq: seq - 1,
+            hash: prev,
         });
-        Ok(AuditRecord { hash, ..record })
+        Ok(records)
     }
 }
 
@@ -666,6 +682,25 @@ mod tests {
         let rec = audit.append(ev).unwrap();
         assert_eq!(rec.event.path.as_deref(), Some("/v1/search"));
         assert!(!fs::read_to_string(&path).unwrap().contains("key="));
+    }
+
+    #[test]
+    fn a_batch_chains_like_single_appends() {
+        let (_dir, path) = log_with(0);
+        let audit = Audit::open_path(&path).unwrap();
+        audit.append(use_event(1)).unwrap();
+        let records = audit.append_all((2..6).map(use_event).collect()).unwrap();
+        assert_eq!(
+            records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![2, 3, 4, 5]
+        );
+        audit.append(use_event(6)).unwrap();
+        // Another handle (another process) continues the chain from the file.
+        Audit::open_path(&path)
+            .unwrap()
+            .append_all(vec![use_event(7), use_event(8)])
+            .unwrap();
+        assert_eq!(verify(&path), Ok(8));
     }
 
     #[test]

@@ -8,6 +8,9 @@ use crate::audit::{Audit, AuditEvent};
 use crate::home::Home;
 use crate::proxy::AuditSink;
 
+/// Most events written with one lock and one write.
+const MAX_BATCH: usize = 256;
+
 pub struct AuditQueue {
     tx: Option<mpsc::Sender<AuditEvent>>,
     writer: Option<thread::JoinHandle<()>>,
@@ -27,8 +30,12 @@ impl AuditQueue {
                         return;
                     }
                 };
-                for event in rx {
-                    if let Err(err) = audit.append(event) {
+                // Block for one event, then take whatever else is queued: under load one
+                // lock and one write serve many events.
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(rx.try_iter().take(MAX_BATCH - 1));
+                    if let Err(err) = audit.append_all(batch) {
                         tracing::error!(%err, "cannot append to the audit log");
                     }
                 }

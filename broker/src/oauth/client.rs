@@ -67,8 +67,7 @@ pub struct Answer {
 
 impl EndpointClient {
     pub fn new(upstream: UpstreamSettings) -> EndpointClient {
-        let https =
-            Client::builder(TokioExecutor::new()).build(UpstreamConnector::http1_only(upstream));
+        let https = Client::builder(TokioExecutor::new()).build(UpstreamConnector::new(upstream));
         let http = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
         EndpointClient { https, http }
     }

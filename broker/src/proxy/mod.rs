@@ -186,18 +186,17 @@ impl Proxy {
         let hosts = settings.catalog.host_patterns();
         let ca = Arc::new(LocalCa::new(&hosts, &settings.label)?);
         let tls_server = listen::server_config(ca.clone())?;
+        let connector = upstream::UpstreamConnector::new(settings.upstream);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(90))
             .pool_max_idle_per_host(64)
-            .build(upstream::UpstreamConnector::pooled(
-                settings.upstream.clone(),
-            ));
+            .build(connector.clone());
         Ok(Arc::new(Proxy {
             ca,
             catalog: settings.catalog,
             tls_server,
             client,
-            upgrade_connector: upstream::UpstreamConnector::http1_only(settings.upstream),
+            upgrade_connector: connector,
             credentials: settings.credentials,
             audit: settings.audit,
         }))
