@@ -1,0 +1,834 @@
+//! `bench`: what the broker and the shim add, side by side with going direct, in one run.
+//!
+//! ```text
+//! cargo run --release -p broker-bench --bin bench [-- --json FILE --rounds N --secs S]
+//! ```
+//!
+//! Starts a local TLS origin (h1 + h2, a JSON answer for the real key only, an SSE endpoint)
+//! and `broker serve` (temporary `BROKER_HOME`, key file, the key stored with `broker add`),
+//! both on port 0, then measures each leg against the direct leg, legs interleaved (A B A B)
+//! and the median of the rounds kept. Prints a table (leg, direct, broker, shim, ratio) and
+//! writes JSON (`target/bench.json` by default). It reports; it asserts nothing.
+//!
+//! Everything stays on this machine: loopback, plus (as root, with netem) a network namespace
+//! and veth pair of its own for the 20 ms round-trip leg, removed when the run ends.
+
+mod client;
+mod netem;
+mod origin;
+mod procs;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde_json::{json, Value};
+
+use client::Target;
+use origin::{HOST, REAL_KEY};
+use procs::{OriginProc, Serve};
+
+struct Opts {
+    json: Option<PathBuf>,
+    rounds: usize,
+    window: Duration,
+    build: bool,
+    /// Only these sections (all when empty).
+    only: Vec<String>,
+}
+
+const SECTIONS: &[&str] = &[
+    "keepalive",
+    "newconn",
+    "sse",
+    "run",
+    "connect",
+    "rss",
+    "rtt",
+];
+
+const USAGE: &str = "usage: bench [--json FILE] [--rounds N] [--secs S] [--no-build]
+
+  --json FILE   where to write the results (default: target/bench.json)
+  --rounds N    interleaved rounds per leg; the median is kept (default 3)
+  --secs S      measured seconds per load run (default 2)
+  --only LIST   only these sections (comma-separated): keepalive, newconn, sse, run,
+                connect, rss, rtt
+  --no-build    do not build broker, libbroker.so and the shim benchmark first";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("origin") {
+        return match origin::main(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench origin: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let opts = match parse_opts(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("bench: {e:#}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_opts(args: &[String]) -> anyhow::Result<Opts> {
+    let mut opts = Opts {
+        json: None,
+        rounds: 3,
+        window: Duration::from_secs(2),
+        build: true,
+        only: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--json" => opts.json = Some(it.next().context("--json FILE")?.into()),
+            "--rounds" => opts.rounds = it.next().context("--rounds N")?.parse()?,
+            "--secs" => {
+                opts.window = Duration::from_secs_f64(it.next().context("--secs S")?.parse()?)
+            }
+            "--no-build" => opts.build = false,
+            "--only" => {
+                for name in it.next().context("--only LIST")?.split(',') {
+                    anyhow::ensure!(SECTIONS.contains(&name), "--only: unknown section {name}");
+                    opts.only.push(name.to_string());
+                }
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => anyhow::bail!("unknown argument {other}"),
+        }
+    }
+    opts.rounds = opts.rounds.clamp(1, 50);
+    Ok(opts)
+}
+
+/// One line of the table. `ratio` is (broker or shim) / direct.
+struct Row {
+    leg: String,
+    unit: &'static str,
+    direct: Option<f64>,
+    broker: Option<f64>,
+    shim: Option<f64>,
+}
+
+impl Row {
+    fn new(leg: impl Into<String>, unit: &'static str) -> Row {
+        Row {
+            leg: leg.into(),
+            unit,
+            direct: None,
+            broker: None,
+            shim: None,
+        }
+    }
+    fn direct(mut self, v: f64) -> Row {
+        self.direct = Some(v);
+        self
+    }
+    fn broker(mut self, v: f64) -> Row {
+        self.broker = Some(v);
+        self
+    }
+    fn shim(mut self, v: f64) -> Row {
+        self.shim = Some(v);
+        self
+    }
+    fn ratio(&self) -> Option<f64> {
+        Some(self.broker.or(self.shim)? / self.direct?)
+    }
+    fn json(&self) -> Value {
+        json!({
+            "leg": self.leg, "unit": self.unit, "direct": self.direct,
+            "broker": self.broker, "shim": self.shim, "ratio": self.ratio(),
+        })
+    }
+}
+
+fn fmt(v: Option<f64>, unit: &str) -> String {
+    let Some(v) = v else {
+        return "-".into();
+    };
+    match unit {
+        "req/s" | "conn/s" => format!("{v:.0} {unit}"),
+        "µs" if v >= 10_000.0 => format!("{:.1} ms", v / 1e3),
+        "µs" => format!("{v:.0} µs"),
+        "ms" => format!("{v:.1} ms"),
+        "ns" => format!("{v:.0} ns"),
+        "MiB" => format!("{v:.1} MiB"),
+        "s" => format!("{v:.2} s"),
+        _ => format!("{v:.2} {unit}"),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    json!({ "cpu": model, "cores": cores, "kernel": kernel, "commit": commit })
+}
+
+/// Build what the benchmark runs (when started by cargo, which sets `$CARGO`).
+fn build() -> anyhow::Result<()> {
+    let Some(cargo) = std::env::var_os("CARGO") else {
+        return Ok(());
+    };
+    eprintln!("bench: building broker, libbroker.so and the shim benchmark (release)");
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "broker",
+            "-p",
+            "broker-shim",
+        ])
+        .args(["--bins", "--lib", "--example", "bench"])
+        .status()?;
+    anyhow::ensure!(status.success(), "cargo build failed");
+    Ok(())
+}
+
+/// Raise the soft open-files limit to the hard one (the broker inherits it): 1,000 client
+/// connections need 2,000+ descriptors between the client and the broker.
+fn raise_nofile() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// Removes the benchmark's temporary directory on every exit path.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn section(
+    opts: &Opts,
+    key: &str,
+    name: &str,
+    notes: &mut Vec<String>,
+    f: impl FnOnce(&mut Vec<String>) -> anyhow::Result<()>,
+) {
+    if !opts.only.is_empty() && !opts.only.iter().any(|o| o == key) {
+        return;
+    }
+    eprintln!("bench: {name}");
+    let t = Instant::now();
+    if let Err(e) = f(notes) {
+        let msg = format!("{name}: failed: {e:#}");
+        eprintln!("bench: {msg}");
+        notes.push(msg);
+    }
+    eprintln!("bench:   {:.1} s", t.elapsed().as_secs_f64());
+}
+
+fn run(opts: Opts) -> anyhow::Result<()> {
+    if opts.build {
+        build()?;
+    }
+    let target_dir = procs::target_dir()?;
+    for f in ["broker", "libbroker.so"] {
+        let p = target_dir.join(f);
+        anyhow::ensure!(
+            p.exists(),
+            "{} missing: cargo build --release --workspace",
+            p.display()
+        );
+    }
+    let started = Instant::now();
+    let load_start = loadavg();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    if let Some(one) = load_start
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        if one > 0.5 * cores as f64 {
+            eprintln!(
+                "bench: warning: load average {load_start} on {cores} cores: numbers will be noisy"
+            );
+        }
+    }
+    let nofile = raise_nofile();
+    let tmp = TempDir(std::env::temp_dir().join(format!("broker-bench-{}", std::process::id())));
+    std::fs::create_dir_all(&tmp.0)?;
+    procs::snapshot_binaries(&tmp.0.join("bin"))?;
+    let broker_built = std::fs::metadata(target_dir.join("broker"))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
+
+    let origin = OriginProc::start(&tmp.0.join("origin"), "127.0.0.1:0", &[])?;
+    let serve = Serve::start(
+        &tmp.0.join("home"),
+        &origin.ca_pem_path,
+        &origin.addr.to_string(),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_idle_fresh = serve.rss_kib()?;
+    eprintln!(
+        "bench: origin pid {}, broker serve pid {}",
+        origin.pid(),
+        serve.pid()
+    );
+
+    let direct = Target {
+        addr: origin.addr,
+        ca_pem: std::fs::read(&origin.ca_pem_path)?,
+        auth: format!("Bearer {REAL_KEY}"),
+    };
+    let brokered = Target {
+        addr: serve.addr()?,
+        ca_pem: serve.ca_pem()?,
+        auth: format!("Bearer {}", serve.placeholder()?),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Both paths answer 200 before anything is timed (the origin answers 401 to anything but
+    // the real key, so this also proves the swap).
+    for (name, t) in [("direct", &direct), ("broker", &brokered)] {
+        rt.block_on(client::keep_alive(
+            t,
+            false,
+            1,
+            Duration::ZERO,
+            Duration::from_millis(100),
+        ))
+        .with_context(|| format!("sanity request ({name})"))?;
+    }
+
+    let mut rows: Vec<Row> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    let mut raw = serde_json::Map::new();
+    let warmup = Duration::from_millis(300);
+    let rounds = opts.rounds;
+    let wrk = broker_integration::which("wrk");
+    if wrk.is_none() {
+        notes.push("shim leg skipped: wrk not found (apt-get install wrk)".into());
+    }
+
+    // Keep-alive requests.
+    section(
+        &opts,
+        "keepalive",
+        "keep-alive requests",
+        &mut notes,
+        |notes| {
+            for (h2, conns) in [(false, 1), (false, 8), (true, 1), (true, 8)] {
+                let proto = if h2 { "h2" } else { "h1" };
+                let mut d = Vec::new();
+                let mut b = Vec::new();
+                let mut wd = Vec::new();
+                let mut ws = Vec::new();
+                let use_wrk = wrk.is_some() && !h2;
+                for _ in 0..rounds {
+                    d.push(rt.block_on(client::keep_alive(
+                        &direct,
+                        h2,
+                        conns,
+                        warmup,
+                        opts.window,
+                    ))?);
+                    b.push(rt.block_on(client::keep_alive(
+                        &brokered,
+                        h2,
+                        conns,
+                        warmup,
+                        opts.window,
+                    ))?);
+                    if use_wrk {
+                        let secs = format!("{}s", opts.window.as_secs().max(1));
+                        let c = conns.to_string();
+                        // Direct: wrk to the origin's address with the real key.
+                        let mut cmd = procs::clean("wrk");
+                        cmd.args(["-t1", "-c", &c, "-d", &secs, "--latency"])
+                            .args(["-H", &format!("Authorization: Bearer {REAL_KEY}")])
+                            .args(["-H", &format!("Host: {HOST}")])
+                            .arg(format!("https://{}/v1/models", origin.addr));
+                        wd.push(procs::run_wrk(&mut cmd)?);
+                        // Shim: wrk under `broker run`, the placeholder from its environment.
+                        let script = format!(
+                        "exec wrk -t1 -c {c} -d {secs} --latency -H \"Authorization: Bearer $OPENAI_API_KEY\" https://{HOST}/v1/models"
+                    );
+                        ws.push(procs::run_wrk(
+                            &mut serve.run_cmd(&[], &["sh", "-c", &script]),
+                        )?);
+                    }
+                }
+                let label = format!("{proto}, {conns} conn{}", if conns > 1 { "s" } else { "" });
+                rows.push(
+                    Row::new(format!("keep-alive {label}"), "req/s")
+                        .direct(median(d.iter().map(|r| r.per_sec).collect()))
+                        .broker(median(b.iter().map(|r| r.per_sec).collect())),
+                );
+                rows.push(
+                    Row::new(format!("  p50 latency {label}"), "µs")
+                        .direct(median(d.iter().map(|r| r.p50_us).collect()))
+                        .broker(median(b.iter().map(|r| r.p50_us).collect())),
+                );
+                rows.push(
+                    Row::new(format!("  p99 latency {label}"), "µs")
+                        .direct(median(d.iter().map(|r| r.p99_us).collect()))
+                        .broker(median(b.iter().map(|r| r.p99_us).collect())),
+                );
+                let errors: u64 = wd
+                    .iter()
+                    .chain(&ws)
+                    .map(|r| r.non_2xx + r.socket_errors)
+                    .sum();
+                if errors > 0 {
+                    notes.push(format!(
+                        "wrk {label}: {errors} non-2xx responses or socket errors"
+                    ));
+                }
+                if use_wrk {
+                    rows.push(
+                        Row::new(format!("keep-alive {label}, wrk"), "req/s")
+                            .direct(median(wd.iter().map(|r| r.per_sec).collect()))
+                            .shim(median(ws.iter().map(|r| r.per_sec).collect())),
+                    );
+                    rows.push(
+                        Row::new(format!("  p50 latency {label}, wrk"), "µs")
+                            .direct(median(wd.iter().map(|r| r.p50_us).collect()))
+                            .shim(median(ws.iter().map(|r| r.p50_us).collect())),
+                    );
+                    rows.push(
+                        Row::new(format!("  p99 latency {label}, wrk"), "µs")
+                            .direct(median(wd.iter().map(|r| r.p99_us).collect()))
+                            .shim(median(ws.iter().map(|r| r.p99_us).collect())),
+                    );
+                }
+                let samples = |v: &[client::LoadResult]| -> Value {
+                    v.iter()
+                    .map(|r| json!({"per_sec": r.per_sec, "p50_us": r.p50_us, "p99_us": r.p99_us, "count": r.count}))
+                    .collect()
+                };
+                let wsamples = |v: &[procs::WrkResult]| -> Value {
+                    v.iter()
+                    .map(|r| json!({"per_sec": r.per_sec, "p50_us": r.p50_us, "p99_us": r.p99_us, "non_2xx": r.non_2xx, "socket_errors": r.socket_errors}))
+                    .collect()
+                };
+                raw.insert(
+                format!("keep_alive_{proto}_{conns}"),
+                json!({"direct": samples(&d), "broker": samples(&b), "wrk_direct": wsamples(&wd), "wrk_shim": wsamples(&ws)}),
+            );
+            }
+            Ok(())
+        },
+    );
+
+    // New TLS connections.
+    section(&opts, "newconn", "new TLS connections", &mut notes, |_| {
+        for conc in [1, 8] {
+            let mut d = Vec::new();
+            let mut b = Vec::new();
+            for _ in 0..rounds {
+                d.push(rt.block_on(client::new_connections(&direct, conc, warmup, opts.window))?);
+                b.push(rt.block_on(client::new_connections(
+                    &brokered,
+                    conc,
+                    warmup,
+                    opts.window,
+                ))?);
+            }
+            rows.push(
+                Row::new(format!("new TLS connections, {conc} at a time"), "conn/s")
+                    .direct(median(d.iter().map(|r| r.per_sec).collect()))
+                    .broker(median(b.iter().map(|r| r.per_sec).collect())),
+            );
+            rows.push(
+                Row::new(format!("  p50 connect+request, {conc} at a time"), "µs")
+                    .direct(median(d.iter().map(|r| r.p50_us).collect()))
+                    .broker(median(b.iter().map(|r| r.p50_us).collect())),
+            );
+            raw.insert(
+                format!("new_connections_{conc}"),
+                json!({"direct": d.iter().map(|r| r.per_sec).collect::<Vec<_>>(), "broker": b.iter().map(|r| r.per_sec).collect::<Vec<_>>()}),
+            );
+        }
+        Ok(())
+    });
+
+    // SSE.
+    section(&opts, "sse", "streamed response (SSE)", &mut notes, |_| {
+        let (n, gap) = (20usize, Duration::from_millis(20));
+        let sse_rounds = rounds.max(5);
+        let mut d = Vec::new();
+        let mut b = Vec::new();
+        for _ in 0..sse_rounds {
+            d.push(rt.block_on(client::sse(&direct, n, gap))?);
+            b.push(rt.block_on(client::sse(&brokered, n, gap))?);
+        }
+        let ttfb = |v: &[client::SseRun]| median(v.iter().map(|r| r.ttfb_us).collect());
+        let late = |v: &[client::SseRun]| {
+            median(v.iter().map(|r| median(r.lateness_us.clone())).collect())
+        };
+        let gap_med =
+            |v: &[client::SseRun]| median(v.iter().map(|r| median(r.gaps_us.clone())).collect());
+        let gap_max = |v: &[client::SseRun]| {
+            median(
+                v.iter()
+                    .map(|r| r.gaps_us.iter().copied().fold(0.0, f64::max))
+                    .collect(),
+            )
+        };
+        rows.push(
+            Row::new("SSE time to first byte", "µs")
+                .direct(ttfb(&d))
+                .broker(ttfb(&b)),
+        );
+        rows.push(
+            Row::new(
+                format!("SSE event delay ({n} events, {} ms apart)", gap.as_millis()),
+                "µs",
+            )
+            .direct(late(&d))
+            .broker(late(&b)),
+        );
+        rows.push(
+            Row::new("  median inter-event gap", "µs")
+                .direct(gap_med(&d))
+                .broker(gap_med(&b)),
+        );
+        rows.push(
+            Row::new("  largest inter-event gap", "µs")
+                .direct(gap_max(&d))
+                .broker(gap_max(&b)),
+        );
+        raw.insert(
+            "sse".into(),
+            json!({
+                "events": n, "gap_ms": gap.as_millis() as u64,
+                "added_delay_per_event_us": late(&b) - late(&d),
+                "direct": d.iter().map(|r| json!({"ttfb_us": r.ttfb_us, "lateness_us": r.lateness_us})).collect::<Vec<_>>(),
+                "broker": b.iter().map(|r| json!({"ttfb_us": r.ttfb_us, "lateness_us": r.lateness_us})).collect::<Vec<_>>(),
+            }),
+        );
+        Ok(())
+    });
+
+    // broker run -- CMD.
+    section(&opts, "run", "broker run", &mut notes, |notes| {
+        let python = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        let mut cases: Vec<(String, Vec<String>, usize)> =
+            vec![("true".into(), vec!["true".into()], 20)];
+        match &python {
+            Some(py) => cases.push((
+                "python3 -c pass".into(),
+                vec![py.clone(), "-c".into(), "pass".into()],
+                10,
+            )),
+            None => notes.push("broker run -- python3 skipped: python3 not found".into()),
+        }
+        let mut out = serde_json::Map::new();
+        for (name, argv, n) in cases {
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let (mut bare, mut joined, mut embedded) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..n {
+                let mut cmd = procs::clean(argv[0]);
+                cmd.args(&argv[1..]);
+                bare.push(procs::wall(&mut cmd)?.as_secs_f64() * 1e3);
+                joined.push(procs::wall(&mut serve.run_cmd(&[], &argv))?.as_secs_f64() * 1e3);
+                embedded.push(
+                    procs::wall(&mut serve.run_cmd(&["--embedded"], &argv))?.as_secs_f64() * 1e3,
+                );
+            }
+            rows.push(
+                Row::new(format!("broker run -- {name} (joins serve)"), "ms")
+                    .direct(median(bare.clone()))
+                    .broker(median(joined.clone())),
+            );
+            rows.push(
+                Row::new(format!("broker run --embedded -- {name}"), "ms")
+                    .direct(median(bare.clone()))
+                    .broker(median(embedded.clone())),
+            );
+            out.insert(
+                name,
+                json!({"bare_ms": bare, "joined_ms": joined, "embedded_ms": embedded}),
+            );
+        }
+        if let Some(py) = python {
+            out.insert("python".into(), json!(py));
+        }
+        raw.insert("broker_run".into(), Value::Object(out));
+        Ok(())
+    });
+
+    // connect() pass-through: the shim's own benchmark program.
+    section(
+        &opts,
+        "connect",
+        "connect() pass-through (shim/examples/bench.rs)",
+        &mut notes,
+        |_| {
+            let (r, text) = procs::shim_connect_bench()?;
+            rows.push(
+                Row::new("connect() TCP, unmanaged loopback", "ns")
+                    .direct(r.tcp.0)
+                    .shim(r.tcp.1),
+            );
+            rows.push(
+                Row::new("connect() UDP, unmanaged loopback", "ns")
+                    .direct(r.udp.0)
+                    .shim(r.udp.1),
+            );
+            raw.insert(
+                "connect".into(),
+                json!({"tcp_ns": [r.tcp.0, r.tcp.1], "udp_ns": [r.udp.0, r.udp.1], "output": text}),
+            );
+            Ok(())
+        },
+    );
+
+    // Resident memory.
+    section(&opts, "rss", "broker memory", &mut notes, |notes| {
+        let rss_idle_after = serve.rss_kib()?;
+        let want = 1_000usize;
+        let n = if nofile < 2 * want as u64 + 200 {
+            notes.push(format!(
+                "RLIMIT_NOFILE {nofile}: fewer than 1,000 connections held"
+            ));
+            (nofile as usize).saturating_sub(200) / 2
+        } else {
+            want
+        };
+        let rss_conns = rt.block_on(client::hold_open(&brokered, n, 50, || serve.rss_kib()))??;
+        std::thread::sleep(Duration::from_millis(500));
+        let rss_after_close = serve.rss_kib()?;
+        let mib = |k: u64| k as f64 / 1024.0;
+        rows.push(Row::new("broker RSS, idle (fresh)", "MiB").broker(mib(rss_idle_fresh)));
+        rows.push(
+            Row::new("broker RSS, idle after the load legs", "MiB").broker(mib(rss_idle_after)),
+        );
+        rows.push(
+            Row::new(format!("broker RSS, {n} open client connections"), "MiB")
+                .broker(mib(rss_conns)),
+        );
+        raw.insert(
+            "rss_kib".into(),
+            json!({"idle_fresh": rss_idle_fresh, "idle_after_load": rss_idle_after, "open_connections": n, "with_connections": rss_conns, "after_close": rss_after_close}),
+        );
+        Ok(())
+    });
+
+    // 20 ms round trip: 50 short-lived curl runs.
+    section(
+        &opts,
+        "rtt",
+        "20 ms RTT, 50 sequential curl runs",
+        &mut notes,
+        |notes| {
+            if broker_integration::which("curl").is_none() {
+                notes.push("20 ms RTT leg skipped: curl not found".into());
+                return Ok(());
+            }
+            let delayed = netem::setup(&tmp.0.join("origin-delayed"), &origin, notes)?;
+            let serve2 = Serve::start(
+                &tmp.0.join("home-delayed"),
+                &delayed.ca_pem_path,
+                &delayed.upstream.to_string(),
+            )?;
+            let runs = 50;
+            let curl = "curl -sS -o /dev/null -w '%{http_code} %{time_total} %{time_appconnect} %{time_starttransfer}\\n'";
+            // The direct curl trusts the system roots plus the origin's CA, so it loads the same
+            // bundle the brokered curl loads (the shim adds the run CA to the system store).
+            let bundle = tmp.0.join("direct-bundle.pem");
+            let mut pem = std::fs::read("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default();
+            pem.extend(std::fs::read(&delayed.ca_pem_path)?);
+            std::fs::write(&bundle, pem)?;
+            let direct_script = format!(
+            "for i in $(seq {runs}); do {curl} --connect-to {HOST}:443:{}:{} --cacert '{}' -H 'Authorization: Bearer {REAL_KEY}' https://{HOST}/v1/models; done",
+            delayed.upstream.ip(),
+            delayed.upstream.port(),
+            bundle.display()
+        );
+            let broker_script = format!(
+            "for i in $(seq {runs}); do {curl} -H \"Authorization: Bearer $OPENAI_API_KEY\" https://{HOST}/v1/models; done"
+        );
+            let time_loop = |cmd: &mut Command| -> anyhow::Result<(f64, f64, f64, f64)> {
+                let t = Instant::now();
+                let out = cmd.stdin(std::process::Stdio::null()).output()?;
+                let wall = t.elapsed().as_secs_f64();
+                let text = String::from_utf8_lossy(&out.stdout);
+                let mut times = Vec::new();
+                let mut phases = (Vec::new(), Vec::new());
+                for line in text.lines() {
+                    let mut parts = line.split_whitespace();
+                    let code = parts.next().unwrap_or_default();
+                    anyhow::ensure!(
+                        code == "200",
+                        "curl got {code}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    let mut next = || {
+                        parts
+                            .next()
+                            .and_then(|v| v.parse::<f64>().ok())
+                            .unwrap_or(f64::NAN)
+                            * 1e3
+                    };
+                    times.push(next());
+                    phases.0.push(next());
+                    phases.1.push(next());
+                }
+                anyhow::ensure!(
+                    times.len() == runs,
+                    "{} of {runs} curl runs answered: {}",
+                    times.len(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                Ok((wall, median(times), median(phases.0), median(phases.1)))
+            };
+            let (mut d, mut b) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                let mut cmd = procs::clean("sh");
+                cmd.args(["-c", &direct_script]);
+                d.push(time_loop(&mut cmd)?);
+                b.push(time_loop(
+                    &mut serve2.run_cmd(&[], &["sh", "-c", &broker_script]),
+                )?);
+            }
+            rows.push(
+                Row::new(format!("{runs} curl runs, 20 ms RTT (total)"), "s")
+                    .direct(median(d.iter().map(|x| x.0).collect()))
+                    .broker(median(b.iter().map(|x| x.0).collect())),
+            );
+            rows.push(
+                Row::new("  per curl run (curl time_total, median)", "ms")
+                    .direct(median(d.iter().map(|x| x.1).collect()))
+                    .broker(median(b.iter().map(|x| x.1).collect())),
+            );
+            raw.insert(
+            "rtt20_curl".into(),
+            json!({"method": delayed.method, "runs": runs, "direct_total_s": d.iter().map(|x| x.0).collect::<Vec<_>>(), "broker_total_s": b.iter().map(|x| x.0).collect::<Vec<_>>(), "direct_median_ms": d.iter().map(|x| x.1).collect::<Vec<_>>(), "broker_median_ms": b.iter().map(|x| x.1).collect::<Vec<_>>(),
+                "direct_tls_done_ms": d.iter().map(|x| x.2).collect::<Vec<_>>(), "broker_tls_done_ms": b.iter().map(|x| x.2).collect::<Vec<_>>(),
+                "direct_first_byte_ms": d.iter().map(|x| x.3).collect::<Vec<_>>(), "broker_first_byte_ms": b.iter().map(|x| x.3).collect::<Vec<_>>()}),
+        );
+            notes.push(format!("20 ms RTT via {}", delayed.method));
+            Ok(())
+        },
+    );
+
+    let load_end = loadavg();
+    drop(serve);
+    drop(origin);
+
+    // The table.
+    let width = rows
+        .iter()
+        .map(|r| r.leg.chars().count())
+        .max()
+        .unwrap_or(10)
+        .max(10);
+    println!();
+    println!(
+        "{:<width$}  {:>12}  {:>12}  {:>12}  {:>7}",
+        "leg", "direct", "broker", "shim", "ratio"
+    );
+    for r in &rows {
+        let ratio = r.ratio().map_or("-".into(), |x| format!("{x:.2}x"));
+        println!(
+            "{:<width$}  {:>12}  {:>12}  {:>12}  {:>7}",
+            r.leg,
+            fmt(r.direct, r.unit),
+            fmt(r.broker, r.unit),
+            fmt(r.shim, r.unit),
+            ratio
+        );
+    }
+    println!();
+    println!(
+        "ratio = (broker or shim) / direct; medians of {rounds} interleaved rounds, {} s each",
+        opts.window.as_secs_f64()
+    );
+    println!("load average: {load_start} at start, {load_end} at end");
+    for n in &notes {
+        println!("note: {n}");
+    }
+
+    let report = json!({
+        "machine": machine(),
+        "broker_binary_mtime_unix": broker_built,
+        "load_average": {"start": load_start, "end": load_end},
+        "rounds": rounds,
+        "window_s": opts.window.as_secs_f64(),
+        "elapsed_s": started.elapsed().as_secs_f64(),
+        "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
+        "raw": raw,
+        "notes": notes,
+    });
+    let json_path = opts.json.unwrap_or_else(|| {
+        target_dir
+            .parent()
+            .map_or(PathBuf::from("bench.json"), |t| t.join("bench.json"))
+    });
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+    println!("wrote {}", json_path.display());
+    Ok(())
+}

@@ -1,0 +1,383 @@
+//! The processes the benchmark drives: the origin (`bench origin`), `broker serve` with a
+//! temporary `BROKER_HOME`, `broker run`, `wrk`, and the shim's own benchmark program.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use broker_contract::{fake_ipv4, ShimConfig};
+
+use crate::origin::{HOST, REAL_KEY};
+
+/// `target/release` (the directory of this binary), where `broker` and `libbroker.so` are.
+pub fn target_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(exe.parent().context("exe dir")?.to_path_buf())
+}
+
+/// Where this run's `broker` and `libbroker.so` are: a snapshot copied at start, so a build
+/// finishing during the run (other people's, in a shared target dir) cannot mix binaries.
+static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Copy `broker` and `libbroker.so` from `target/release` into `dir` and use them from there.
+pub fn snapshot_binaries(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let from = target_dir()?;
+    for f in ["broker", "libbroker.so"] {
+        std::fs::copy(from.join(f), dir.join(f)).with_context(|| format!("copy {f}"))?;
+    }
+    let _ = BIN_DIR.set(dir.to_path_buf());
+    Ok(())
+}
+
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    match BIN_DIR.get() {
+        Some(dir) => Ok(dir.clone()),
+        None => target_dir(),
+    }
+}
+
+/// A command with the machine's CA and proxy variables and any broker state removed.
+pub fn clean(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    broker_integration::scrub(&mut cmd);
+    cmd.env_remove("OPENAI_API_KEY");
+    cmd
+}
+
+/// A running origin process, stopped on drop (its stdin closes).
+pub struct OriginProc {
+    child: Child,
+    pub addr: SocketAddr,
+    pub ca_pem_path: PathBuf,
+}
+
+impl OriginProc {
+    /// `prefix` wraps the command (e.g. `ip netns exec NS`).
+    pub fn start(dir: &Path, listen: &str, prefix: &[&str]) -> anyhow::Result<OriginProc> {
+        std::fs::create_dir_all(dir)?;
+        let exe = std::env::current_exe()?;
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = clean(first);
+                c.args(rest).arg(&exe);
+                c
+            }
+            None => clean(&exe),
+        };
+        cmd.args(["origin", "--dir"])
+            .arg(dir)
+            .args(["--listen", listen])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().context("start origin")?;
+        let stdout = child.stdout.take().context("origin stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .with_context(|| format!("origin did not start: {line:?}"))?
+            .parse()?;
+        Ok(OriginProc {
+            child,
+            addr,
+            ca_pem_path: dir.join("ca.pem"),
+        })
+    }
+}
+
+impl OriginProc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for OriginProc {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A temporary `BROKER_HOME` with the bench key stored, and `broker serve` running on it.
+pub struct Serve {
+    child: Child,
+    pub home: PathBuf,
+    pub config: ShimConfig,
+    broker: PathBuf,
+}
+
+impl Serve {
+    pub fn start(home: &Path, origin_ca: &Path, upstream: &str) -> anyhow::Result<Serve> {
+        let broker = bin_dir()?.join("broker");
+        std::fs::create_dir_all(home)?;
+        let mut add = broker_cmd(&broker, home);
+        add.args(["add", "openai"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = add.spawn().context("broker add")?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(REAL_KEY.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "broker add openai: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let config_path = home
+            .join("run")
+            .join(broker_contract::DAEMON_SHIM_CONFIG_FILE);
+        let _ = std::fs::remove_file(&config_path);
+        let stderr = std::fs::File::create(home.join("serve.stderr"))?;
+        let child = broker_cmd(&broker, home)
+            .arg("serve")
+            .arg("--upstream-ca")
+            .arg(origin_ca)
+            .arg("--resolve")
+            .arg(format!("{HOST}:443:{upstream}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .context("broker serve")?;
+        let mut serve = Serve {
+            child,
+            home: home.to_path_buf(),
+            config: ShimConfig::default(),
+            broker,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&config_path) {
+                if let Ok(config) = ShimConfig::parse(&text) {
+                    serve.config = config;
+                    return Ok(serve);
+                }
+            }
+            if let Ok(Some(status)) = serve.child.try_wait() {
+                bail!("broker serve exited ({status}): {}", serve.stderr());
+            }
+            if Instant::now() > deadline {
+                bail!("broker serve did not start: {}", serve.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.home.join("serve.stderr")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The fake address the shim hands the agent for [`HOST`], with the broker's port.
+    pub fn addr(&self) -> anyhow::Result<SocketAddr> {
+        let index = self
+            .config
+            .host_index(HOST)
+            .context("api.openai.com is not managed")?;
+        Ok(SocketAddr::new(
+            IpAddr::V4(fake_ipv4(self.config.slot, index)),
+            self.config.port,
+        ))
+    }
+
+    pub fn ca_pem(&self) -> anyhow::Result<Vec<u8>> {
+        Ok(std::fs::read(&self.config.ca_file)?)
+    }
+
+    pub fn placeholder(&self) -> anyhow::Result<String> {
+        self.config
+            .env
+            .iter()
+            .find(|(var, _)| var == "OPENAI_API_KEY")
+            .map(|(_, p)| p.clone())
+            .context("no OPENAI_API_KEY placeholder in shim.conf")
+    }
+
+    /// `broker run [extra] -- argv...` on this home (joins this serve unless `--embedded`).
+    pub fn run_cmd(&self, extra: &[&str], argv: &[&str]) -> Command {
+        let mut cmd = broker_cmd(&self.broker, &self.home);
+        cmd.arg("run").args(extra).arg("--").args(argv);
+        cmd
+    }
+
+    /// VmRSS of the serve process, in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        rss_kib(self.pid())
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn broker_cmd(broker: &Path, home: &Path) -> Command {
+    let mut cmd = clean(broker);
+    cmd.env("BROKER_HOME", home)
+        .env("BROKER_KEY_SOURCE", "file")
+        .env_remove("BROKER_PASSPHRASE")
+        .env_remove("XDG_RUNTIME_DIR");
+    cmd
+}
+
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+/// Wall time of one run of `cmd` (output discarded); fails on a non-zero exit.
+pub fn wall(cmd: &mut Command) -> anyhow::Result<Duration> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let t = Instant::now();
+    let out = cmd.output()?;
+    let elapsed = t.elapsed();
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(elapsed)
+}
+
+/// What `wrk --latency` reported.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WrkResult {
+    pub per_sec: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub non_2xx: u64,
+    pub socket_errors: u64,
+}
+
+pub fn run_wrk(cmd: &mut Command) -> anyhow::Result<WrkResult> {
+    let out = cmd.stdin(Stdio::null()).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "wrk failed ({}): {text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    parse_wrk(&text).with_context(|| format!("cannot parse wrk output:\n{text}"))
+}
+
+fn parse_wrk(text: &str) -> Option<WrkResult> {
+    let mut r = WrkResult::default();
+    let mut found = (false, false, false);
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            r.per_sec = v.trim().parse().ok()?;
+            found.0 = true;
+        } else if let Some(v) = line.strip_prefix("50%") {
+            r.p50_us = wrk_time_us(v.trim())?;
+            found.1 = true;
+        } else if let Some(v) = line.strip_prefix("99%") {
+            r.p99_us = wrk_time_us(v.trim())?;
+            found.2 = true;
+        } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            r.non_2xx = v.trim().parse().ok()?;
+        } else if let Some(v) = line.strip_prefix("Socket errors:") {
+            r.socket_errors = v
+                .split(',')
+                .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
+                .sum();
+        }
+    }
+    (found == (true, true, true)).then_some(r)
+}
+
+/// `123.45us`, `1.23ms`, `1.00s` -> microseconds.
+fn wrk_time_us(v: &str) -> Option<f64> {
+    let split = v.find(|c: char| c.is_ascii_alphabetic())?;
+    let (num, unit) = v.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => num,
+        "ms" => num * 1e3,
+        "s" => num * 1e6,
+        "m" => num * 60e6,
+        _ => return None,
+    })
+}
+
+/// The shim's benchmark program (`shim/examples/bench.rs`): pass-through `connect()` without
+/// and with the preload, as (no preload ns, preload ns) for TCP and UDP.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnectResult {
+    pub tcp: (f64, f64),
+    pub udp: (f64, f64),
+}
+
+pub fn shim_connect_bench() -> anyhow::Result<(ConnectResult, String)> {
+    let exe = target_dir()?.join("examples").join("bench");
+    if !exe.exists() {
+        bail!(
+            "{} missing: cargo build --release -p broker-shim --example bench",
+            exe.display()
+        );
+    }
+    let out = clean(&exe).stdin(Stdio::null()).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "shim bench failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let row = |prefix: &str| -> Option<(f64, f64)> {
+        let line = text.lines().find(|l| l.starts_with(prefix))?;
+        let rest = &line[prefix.len()..];
+        let nums: Vec<f64> = rest
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        Some((*nums.first()?, *nums.get(1)?))
+    };
+    let r = ConnectResult {
+        tcp: row("connect() TCP").context("no TCP row in the shim bench output")?,
+        udp: row("connect() UDP").context("no UDP row in the shim bench output")?,
+    };
+    Ok((r, text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_wrk() {
+        let text = "Running 2s test @ https://x\n  1 threads and 1 connections\n  Thread Stats   Avg      Stdev     Max   +/- Stdev\n    Latency   101.59us   20.00us   1.20ms   95.00%\n  Latency Distribution\n     50%   98.00us\n     75%  102.00us\n     90%  110.00us\n     99%    1.01ms\n  19000 requests in 2.00s, 3.00MB read\n  Non-2xx or 3xx responses: 3\nRequests/sec:   9500.12\nTransfer/sec:      1.50MB\n";
+        let r = parse_wrk(text).expect("parse");
+        assert_eq!(r.per_sec, 9500.12);
+        assert_eq!(r.p50_us, 98.0);
+        assert_eq!(r.p99_us, 1010.0);
+        assert_eq!(r.non_2xx, 3);
+    }
+}
