@@ -108,6 +108,13 @@ impl Credentials for VaultCredentials {
         self.keys_seen.get(provider, profile)
     }
 
+    /// Only API keys are cached: a current cache entry means there is nothing to renew. Right
+    /// after a lookup that is the answer for every API key; anything else may renew (OAuth
+    /// tokens refresh, commands run again).
+    fn may_renew(&self, provider: &str, profile: &str) -> bool {
+        self.keys_seen.get(provider, profile).is_none()
+    }
+
     fn lookup(
         &self,
         provider: &str,
@@ -223,6 +230,10 @@ mod tests {
             .expect("lookup")
             .expect("stored");
         assert_eq!(first.as_str(), "sk-test-first-key-0123456789");
+        assert!(
+            !creds.may_renew("openai", "default"),
+            "a plain API key has nothing to renew"
+        );
         assert_eq!(
             creds
                 .cached("openai", "default")

@@ -185,8 +185,11 @@ async fn forward(
     parts.version = http::Version::HTTP_11;
     // An OAuth token the upstream rejects is refreshed and the request sent once more; that
     // needs the request again, so a small body is buffered (large or streamed bodies are not
-    // retried). Keys handed to the run are not the vault's to refresh.
-    let retryable = pending.is_some() && !conn.run.run_keys.0.contains_key(&provider.name);
+    // retried). Keys handed to the run are not the vault's to refresh, and a plain API key
+    // cannot be renewed: no copy is kept for those.
+    let retryable = pending.is_some()
+        && !conn.run.run_keys.0.contains_key(&provider.name)
+        && proxy.credentials.may_renew(&provider.name, &profile);
     let (body, replay) = match retryable {
         true => buffer_if_small(body)
             .await

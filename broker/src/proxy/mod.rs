@@ -63,6 +63,12 @@ pub trait Credentials: Send + Sync + 'static {
         None
     }
 
+    /// Could [`Credentials::refresh_rejected`] produce a different secret for this credential?
+    /// When not (a plain API key), the proxy skips keeping a copy of the request for a retry.
+    fn may_renew(&self, _provider: &str, _profile: &str) -> bool {
+        true
+    }
+
     /// The upstream answered 401 to `rejected`: a fresher secret, if there is one (an OAuth
     /// refresh, single-flight with every other process), else `Ok(None)`.
     fn refresh_rejected(
