@@ -117,6 +117,19 @@ impl Origin {
         }
     }
 
+    /// An origin for `host` that answers 200 with `body` to `Authorization: Bearer <key>`, as
+    /// a provider's API does for a valid key, and 401 "no valid key" to anything else.
+    pub fn bearer(ca: &TestCa, host: &str, key: &str, body: &str) -> Origin {
+        let (expected, body) = (format!("Bearer {key}"), body.to_string());
+        Origin::start(ca, &[host], move |req| {
+            if req.header("authorization") == Some(expected.as_str()) {
+                Reply::Text(200, body.clone())
+            } else {
+                Reply::Text(401, "no valid key".into())
+            }
+        })
+    }
+
     /// Requests received so far.
     pub fn requests(&self) -> Vec<OriginRequest> {
         self.requests.lock().expect("lock").clone()

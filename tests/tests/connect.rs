@@ -9,16 +9,7 @@ const OPENAI_KEY: &str = "sk-test-real-openai-key-for-connect-0123456";
 const OPENAI_PH: &str = "sk-broker-placeholder-openai-0000000000000000";
 
 fn openai_origin(ca: &TestCa) -> Origin {
-    Origin::start(ca, &["api.openai.com"], |req| {
-        Reply::Text(
-            if req.header("authorization") == Some(&format!("Bearer {OPENAI_KEY}")) {
-                200
-            } else {
-                401
-            },
-            "models".into(),
-        )
-    })
+    Origin::bearer(ca, "api.openai.com", OPENAI_KEY, "models")
 }
 
 fn curl(args: &[&str]) -> std::process::Output {

@@ -3,7 +3,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use broker_integration::{contains, run_bounded, shim_lib, Home, Origin, Reply, TestCa, CA_VARS};
+use broker_integration::{contains, run_bounded, shim_lib, Home, Origin, TestCa, CA_VARS};
 
 const OPENAI_KEY: &str = "sk-test-real-openai-key-for-run-0123456789";
 const DOTENV_KEY: &str = "sk-test-dotenv-openai-key-0123456789-xyz";
@@ -22,13 +22,7 @@ fn broker_run(home: &Home, ca: &TestCa, origin: &Origin, args: &[&str]) -> Comma
 }
 
 fn openai_origin(ca: &TestCa, key: &'static str) -> Origin {
-    Origin::start(ca, &["api.openai.com"], move |req| {
-        if req.header("authorization") == Some(format!("Bearer {key}").as_str()) {
-            Reply::Text(200, "{\"data\":[]}".into())
-        } else {
-            Reply::Text(401, "no valid key".into())
-        }
-    })
+    Origin::bearer(ca, "api.openai.com", key, "{\"data\":[]}")
 }
 
 #[test]

@@ -119,16 +119,7 @@ fn a_second_serve_for_the_same_home_is_refused() {
 #[test]
 fn serve_answers_through_the_fake_address() {
     let ca = TestCa::new();
-    let origin = Origin::start(&ca, &["api.openai.com"], |req| {
-        Reply::Text(
-            if req.header("authorization") == Some(&format!("Bearer {OPENAI_KEY}")) {
-                200
-            } else {
-                401
-            },
-            "x".into(),
-        )
-    });
+    let origin = Origin::bearer(&ca, "api.openai.com", OPENAI_KEY, "x");
     let home = Home::new();
     home.add("openai", OPENAI_KEY);
     let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
@@ -150,16 +141,7 @@ fn serve_answers_through_the_fake_address() {
 #[test]
 fn broker_run_joins_a_running_serve_with_its_own_policy() {
     let ca = TestCa::new();
-    let origin = Origin::start(&ca, &["api.openai.com"], |req| {
-        Reply::Text(
-            if req.header("authorization") == Some(&format!("Bearer {OPENAI_KEY}")) {
-                200
-            } else {
-                401
-            },
-            "x".into(),
-        )
-    });
+    let origin = Origin::bearer(&ca, "api.openai.com", OPENAI_KEY, "x");
     let home = Home::new();
     home.add("openai", OPENAI_KEY);
     let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
@@ -210,16 +192,7 @@ fn broker_run_joins_a_running_serve_with_its_own_policy() {
 #[test]
 fn a_bare_preload_finds_the_running_daemon() {
     let ca = TestCa::new();
-    let origin = Origin::start(&ca, &["api.openai.com"], |req| {
-        Reply::Text(
-            if req.header("authorization") == Some(&format!("Bearer {OPENAI_KEY}")) {
-                200
-            } else {
-                401
-            },
-            "ok".into(),
-        )
-    });
+    let origin = Origin::bearer(&ca, "api.openai.com", OPENAI_KEY, "ok");
     let home = Home::new();
     home.add("openai", OPENAI_KEY);
     let _serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
