@@ -1,10 +1,17 @@
 //! The control socket of `broker serve` (`$BROKER_HOME/run/control.sock`, 0600, in a 0700
 //! directory; the peer's uid is checked with `SO_PEERCRED`).
 //!
-//! One request per connection: `broker run` asks for a run (its allow list, profile, policy,
-//! and any key handed over from its environment) and gets the path of the run's shim config.
-//! The run lives exactly as long as that connection: when `broker run` exits, or is killed, the
-//! daemon closes the run's listeners and removes its files. Nothing to leak, nothing to sweep.
+//! One request per connection, in one of two forms:
+//! - `broker run` sends a JSON line ([`OpenRun`]: its allow list, profile, policy, and any key
+//!   handed over from its environment);
+//! - the shim of a bare `LD_PRELOAD=libbroker.so` agent that found real keys in its environment
+//!   sends a [`broker_contract::handover`] request (a plain line format, so the shim needs no
+//!   JSON); its run gets the daemon's own policy, and the agent's pid and command line for the
+//!   audit come from the socket's peer credentials.
+//!
+//! Either way the answer names the run's shim config, and the run lives exactly as long as the
+//! connection: when the client exits, or is killed, the daemon closes the run's listeners and
+//! removes its files. Nothing to leak, nothing to sweep.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -16,6 +23,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{UnixListener, UnixStream};
 use zeroize::Zeroizing;
+
+use broker_contract::handover::{Handover, HandoverReply, HANDOVER_END, HANDOVER_MAGIC};
 
 use crate::home::Home;
 use crate::instance::{self, RunSpec, FIRST_SLOT};
@@ -118,15 +127,16 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, runs_dir: PathBuf)
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        match stream.peer_cred() {
-            Ok(cred) if cred.uid() == ours => {}
+        let peer_pid = match stream.peer_cred() {
+            Ok(cred) if cred.uid() == ours => cred.pid().and_then(|p| u32::try_from(p).ok()),
             other => {
                 tracing::warn!(peer = ?other.map(|c| c.uid()), "control connection from another uid refused");
                 continue;
             }
-        }
+        };
         tokio::spawn(handle(
             stream,
+            peer_pid,
             proxy.clone(),
             runs_dir.clone(),
             slots.clone(),
@@ -136,6 +146,7 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, runs_dir: PathBuf)
 
 async fn handle(
     stream: UnixStream,
+    peer_pid: Option<u32>,
     proxy: Arc<Proxy>,
     runs_dir: PathBuf,
     slots: Arc<Mutex<BTreeSet<u8>>>,
@@ -146,17 +157,31 @@ async fn handle(
     if reader.read_line(&mut line).await.is_err() {
         return;
     }
-    let reply = match serde_json::from_str::<OpenRun>(&line) {
-        Ok(request) => open(&proxy, &runs_dir, &slots, request).await,
-        Err(_) => Err("malformed request".to_string()),
+    let from_shim = line.trim_end() == HANDOVER_MAGIC;
+    let request = match from_shim {
+        true => read_handover(&mut reader, &mut line)
+            .await
+            .and_then(|handover| from_handover(handover, &proxy, peer_pid)),
+        false => serde_json::from_str::<OpenRun>(&line).map_err(|_| "malformed request".into()),
     };
     drop(line);
+    let reply = match request {
+        Ok(request) => open(&proxy, &runs_dir, &slots, request).await,
+        Err(error) => Err(error),
+    };
     let (reply, opened) = match reply {
         Ok((reply, opened)) => (reply, Some(opened)),
         Err(error) => (Reply::Error { error }, None),
     };
-    let mut out = serde_json::to_vec(&reply).unwrap_or_default();
-    out.push(b'\n');
+    let out = match (from_shim, reply) {
+        (true, Reply::Ok { shim_config, .. }) => HandoverReply::Ok(shim_config).render().into(),
+        (true, Reply::Error { error }) => HandoverReply::Refused(error).render().into(),
+        (false, reply) => {
+            let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+            out.push(b'\n');
+            out
+        }
+    };
     if write.write_all(&out).await.is_err() {
         return;
     }
@@ -173,6 +198,67 @@ async fn handle(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&slot);
+}
+
+/// Read the rest of a shim's handover request (the magic line is already in `text`).
+async fn read_handover<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    text: &mut Zeroizing<String>,
+) -> Result<Handover, String> {
+    loop {
+        let before = text.len();
+        match reader.read_line(text).await {
+            Ok(0) | Err(_) => return Err("incomplete handover request".into()),
+            Ok(_) if text[before..].trim_end() == HANDOVER_END => break,
+            Ok(_) => {}
+        }
+    }
+    Handover::parse(text).map_err(|e| e.to_string())
+}
+
+/// The run for a shim's handover: the daemon's own policy (every provider, default profile),
+/// with the handed keys as its credentials. Each key belongs to the provider whose environment
+/// variable held it.
+fn from_handover(
+    mut handover: Handover,
+    proxy: &Proxy,
+    pid: Option<u32>,
+) -> Result<OpenRun, String> {
+    let mut run_keys = HashMap::new();
+    for (var, value) in std::mem::take(&mut handover.keys) {
+        let value = Zeroizing::new(value);
+        let provider = proxy
+            .catalog()
+            .providers()
+            .iter()
+            .find(|p| p.env.contains(&var));
+        if let Some(provider) = provider {
+            run_keys
+                .entry(provider.name.clone())
+                .or_insert_with(|| value.to_string());
+        }
+    }
+    if run_keys.is_empty() {
+        return Err("none of the handed variables belongs to a provider".into());
+    }
+    Ok(OpenRun {
+        allow: None,
+        profile: String::new(),
+        deny_unlisted: false,
+        pid,
+        command: pid.map(command_line).unwrap_or_default(),
+        run_keys,
+    })
+}
+
+/// The command line of `pid` for the audit, as `ps` shows it (arguments joined by spaces).
+fn command_line(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    raw.split(|b| *b == 0)
+        .filter(|arg| !arg.is_empty())
+        .map(String::from_utf8_lossy)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 async fn open(

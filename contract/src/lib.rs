@@ -7,6 +7,7 @@
 //! This crate has no dependencies so the shim stays small and its constructor cheap.
 
 pub mod elf;
+pub mod handover;
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;

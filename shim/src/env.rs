@@ -5,10 +5,12 @@
 //! constructor, while the process has a single thread.
 
 use std::ffi::{CStr, CString, OsStr, OsString};
-use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::path::{Path, PathBuf};
 
+use broker_contract::handover::value_fits;
 use broker_contract::ShimConfig;
+use zeroize::Zeroize as _;
 
 /// The variable Node (and Bun) read extra trusted CAs from. Node links OpenSSL statically, so
 /// the `SSL_CTX_new` hook never fires there: this variable is the only way in.
@@ -35,11 +37,17 @@ pub fn plan_placeholders(
     env.iter()
         .filter_map(|(var, placeholder)| {
             let (var, placeholder) = (var.clone(), placeholder.clone());
-            match get(&var) {
+            let value = get(&var);
+            let action = match &value {
                 None => Some(Placeholder::Set { var, placeholder }),
                 Some(v) if v.is_empty() || v == OsStr::new(&placeholder) => None,
                 Some(_) => Some(Placeholder::Hide { var, placeholder }),
+            };
+            // The copy may be a real key: leave no trace of it on the heap.
+            if let Some(value) = value {
+                value.into_vec().zeroize();
             }
+            action
         })
         .collect()
 }
@@ -122,13 +130,44 @@ fn write_node_bundle(old: &Path, ca_file: &Path) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
-/// Carry out the environment plan for `cfg`.
+/// The real keys among the managed variables, `(variable, value)`, for handing to the broker.
+/// Values that cannot travel in a handover line (see [`value_fits`]) are left out: they are
+/// still hidden, just not handed over.
+pub fn real_keys(
+    env: &[(String, String)],
+    get: &dyn Fn(&str) -> Option<OsString>,
+) -> Vec<(String, String)> {
+    plan_placeholders(env, get)
+        .into_iter()
+        .filter_map(|action| match action {
+            Placeholder::Hide { var, .. } => {
+                let mut value = get(&var)?.into_vec();
+                if !value_fits(&value) {
+                    value.zeroize();
+                    return None;
+                }
+                // Printable ASCII (checked above), so this is valid UTF-8 and reuses the buffer.
+                String::from_utf8(value).ok().map(|value| (var, value))
+            }
+            Placeholder::Set { .. } => None,
+        })
+        .collect()
+}
+
+/// Which real keys the broker took over, and why the others were not.
+#[derive(Debug, Clone, Default)]
+pub struct Handed {
+    pub vars: Vec<String>,
+    pub why_not: String,
+}
+
+/// Carry out the environment plan for `cfg`; `handed` says what became of real keys.
 ///
 /// # Safety
 /// Must run while the process has exactly one thread (the constructor, before `main`): it calls
 /// `setenv` and writes into the original environment strings, which no other thread may be
 /// reading.
-pub unsafe fn apply(cfg: &ShimConfig) {
+pub unsafe fn apply(cfg: &ShimConfig, handed: &Handed) {
     let get = |k: &str| std::env::var_os(k);
     for action in plan_placeholders(&cfg.env, &get) {
         match action {
@@ -139,15 +178,23 @@ pub unsafe fn apply(cfg: &ShimConfig) {
             Placeholder::Hide { var, placeholder } => {
                 // SAFETY: single-threaded, per this function's contract.
                 let scrubbed = unsafe { hide(&var, placeholder.as_bytes()) };
-                crate::log::line(&format!(
-                    "{var} held a real key: replaced with the placeholder{} but not handed to \
-                     the broker, so requests will fail with 'no credential' until `broker add`",
-                    if scrubbed {
-                        " and scrubbed from /proc/self/environ"
-                    } else {
-                        ""
-                    }
-                ));
+                let scrubbed = match scrubbed {
+                    true => " and scrubbed from /proc/self/environ",
+                    false => "",
+                };
+                crate::log::line(&if handed.vars.contains(&var) {
+                    format!(
+                        "{var} held a real key: handed to broker serve for this process tree \
+                         only (never stored); the agent sees the placeholder{scrubbed}"
+                    )
+                } else {
+                    format!(
+                        "{var} held a real key: replaced with the placeholder{scrubbed} but not \
+                         handed to the broker ({}), so requests use the vault's key \
+                         (`broker add`)",
+                        handed.why_not
+                    )
+                });
             }
         }
     }
@@ -264,6 +311,26 @@ mod tests {
                     placeholder: "ph-d".into()
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn real_keys_are_the_hidden_values_that_can_travel() {
+        let env = vec![
+            ("A_KEY".to_string(), "ph-a".to_string()),
+            ("B_KEY".to_string(), "ph-b".to_string()),
+            ("C_KEY".to_string(), "ph-c".to_string()),
+            ("D_KEY".to_string(), "ph-d".to_string()),
+        ];
+        let get = |k: &str| match k {
+            "B_KEY" => Some(OsString::from("ph-b")),
+            "C_KEY" => Some(OsString::from("sk real with spaces")),
+            "D_KEY" => Some(OsString::from("sk-real")),
+            _ => None,
+        };
+        assert_eq!(
+            real_keys(&env, &get),
+            vec![("D_KEY".to_string(), "sk-real".to_string())]
         );
     }
 

@@ -14,7 +14,8 @@
 //!   GnuTLS's `gnutls_certificate_allocate_credentials` add the run CA to each new store; Node,
 //!   which links OpenSSL statically, gets `NODE_EXTRA_CA_CERTS` (see [`env`](mod@env)).
 //! - **Environment** (constructor): placeholders for the managed credential variables; a real
-//!   key found there is replaced by its placeholder and scrubbed from `/proc/<pid>/environ`.
+//!   key found there is replaced by its placeholder and scrubbed from `/proc/<pid>/environ`,
+//!   and with `broker serve` handed to it as this process tree's own run ([`handover`]).
 //! - **exec** (`execve`, `execv`, `execvp`, `execvpe`, `posix_spawn`, `posix_spawnp`): a
 //!   program that cannot load this library (musl) is started without it.
 //!
@@ -51,13 +52,14 @@
 
 use std::sync::OnceLock;
 
-use broker_contract::{ShimConfig, ENV_SHIM_ACTIVE};
+use broker_contract::{ShimConfig, DAEMON_CONTROL_SOCKET, ENV_SHIM_ACTIVE, ENV_SHIM_CONFIG};
 
 pub mod config;
 pub mod decide;
 pub mod env;
 pub mod exec;
 pub mod ffi;
+pub mod handover;
 pub mod hooks;
 mod log;
 
@@ -87,9 +89,10 @@ fn init() {
     let uid = unsafe { libc::getuid() };
     match config::load(&location, uid) {
         Ok(cfg) => {
+            let (cfg, handed) = hand_over_real_keys(cfg, &location, uid);
             // SAFETY: the constructor runs before `main`, with the process's only thread.
             unsafe {
-                env::apply(&cfg);
+                env::apply(&cfg, &handed);
                 env::set(ENV_SHIM_ACTIVE, b"1");
             }
             let _ = CONFIG.set(cfg);
@@ -109,5 +112,67 @@ fn init() {
             // SAFETY: as above.
             unsafe { env::set(ENV_SHIM_ACTIVE, b"0") };
         }
+    }
+}
+
+/// With the daemon's config (a bare `LD_PRELOAD`), real keys in the environment go to
+/// `broker serve`, which opens a run of this process tree's own with them; that run's config
+/// then replaces the daemon's, here and (through `BROKER_SHIM_CONFIG`) in every child. See
+/// [`handover`]. Runs started by `broker run` or a launcher took their keys already.
+fn hand_over_real_keys(
+    cfg: ShimConfig,
+    location: &config::Location,
+    uid: u32,
+) -> (ShimConfig, env::Handed) {
+    let config::Location::Daemon(daemon_config) = location else {
+        let why_not = "this process belongs to a run started by `broker run` or a launcher, \
+                       which takes keys from its own environment only";
+        return (
+            cfg,
+            env::Handed {
+                vars: Vec::new(),
+                why_not: why_not.into(),
+            },
+        );
+    };
+    let get = |k: &str| std::env::var_os(k);
+    let keys = env::real_keys(&cfg.env, &get);
+    // Hidden but not among `keys`: a value that cannot be sent.
+    let unsendable = "its value has spaces or control characters".to_string();
+    if keys.is_empty() {
+        return (
+            cfg,
+            env::Handed {
+                vars: Vec::new(),
+                why_not: unsendable,
+            },
+        );
+    }
+    let vars: Vec<String> = keys.iter().map(|(var, _)| var.clone()).collect();
+    let socket = daemon_config.with_file_name(DAEMON_CONTROL_SOCKET);
+    let opened = handover::open_run(&socket, keys, uid).and_then(|path| {
+        let run_config = config::load(&config::Location::Explicit(path.clone()), uid)
+            .map_err(|e| e.to_string())?;
+        Ok((path, run_config))
+    });
+    match opened {
+        Ok((path, run_config)) => {
+            // SAFETY: the constructor runs before `main`, with the process's only thread.
+            unsafe { env::set(ENV_SHIM_CONFIG, path.as_os_str().as_encoded_bytes()) };
+            (
+                run_config,
+                env::Handed {
+                    vars,
+                    why_not: unsendable,
+                },
+            )
+        }
+        Err(why_not) => (
+            cfg,
+            env::Handed {
+                vars: Vec::new(),
+                why_not,
+            },
+        ),
     }
 }

@@ -498,3 +498,40 @@ pub fn which(name: &str) -> Option<PathBuf> {
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
 }
+
+/// Does the memory of process `pid` hold `needle`? Reads every readable private mapping
+/// through `/proc/<pid>/mem`, as an attacker running as the same user could. `None` when the
+/// memory cannot be read (needs the test to be the process's ancestor, or root).
+pub fn memory_contains(pid: u32, needle: &str) -> Option<bool> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut readable = false;
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let name = fields.nth(3).unwrap_or("");
+        // Every readable mapping but the kernel's own pages ([vvar], [vdso], [vsyscall]).
+        if !perms.starts_with('r') || name.starts_with("[v") {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        else {
+            continue;
+        };
+        let mut region = vec![0u8; (end - start) as usize];
+        if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut region).is_err() {
+            continue;
+        }
+        readable = true;
+        if contains(&region, needle) {
+            return Some(true);
+        }
+    }
+    readable.then_some(false)
+}

@@ -219,3 +219,195 @@ fn a_bare_preload_finds_the_running_daemon() {
     }
     assert_eq!(origin.requests().len(), 2);
 }
+
+const DOTENV_KEY: &str = "sk-test-dotenv-key-for-serve-handover-0123456789";
+
+/// The agent of the handover test: calls the API with the key from its environment, has a
+/// child (curl) call it too, then reports what it holds and waits for stdin to close so the
+/// test can read its memory.
+const HANDOVER_AGENT: &str = r#"
+import os, subprocess, sys, urllib.request
+key = os.environ["OPENAI_API_KEY"]
+req = urllib.request.Request("https://api.openai.com/v1/models", headers={"Authorization": "Bearer " + key})
+print("body=" + urllib.request.urlopen(req).read().decode())
+child = subprocess.run(["curl", "-sS", "--fail-with-body", "https://api.openai.com/v1/models",
+                        "-H", "Authorization: Bearer " + key], capture_output=True, text=True)
+print("child=" + child.stdout + child.stderr)
+print("key=" + key)
+print("config=" + os.environ.get("BROKER_SHIM_CONFIG", ""))
+print("pid=" + str(os.getpid()), flush=True)
+sys.stdin.read()
+"#;
+
+#[test]
+fn a_bare_preload_hands_a_real_key_to_the_daemon_for_its_own_tree_only() {
+    use std::io::{BufRead as _, Read as _};
+    use std::process::Stdio;
+    let ca = TestCa::new();
+    let origin = Origin::bearer(&ca, "api.openai.com", DOTENV_KEY, "ok");
+    // The vault holds no openai key: only the handed-over key can make the origin answer.
+    let home = Home::new();
+    let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
+    let bare_preload = |script: &str, preset: bool| {
+        let mut cmd = Command::new("sh");
+        broker_integration::scrub(&mut cmd);
+        if preset {
+            for var in broker_integration::CA_VARS {
+                cmd.env(var, "/etc/ssl/certs/ca-certificates.crt");
+            }
+            cmd.env("SSL_CERT_DIR", "/etc/ssl/certs");
+        }
+        cmd.env("BROKER_HOME", home.path())
+            .env("LD_PRELOAD", broker_integration::shim_lib())
+            .args(["-c", script]);
+        cmd
+    };
+    let mut agent_pids = Vec::new();
+    for preset in [false, true] {
+        // `exec` replaces the process that opened the run: the run must survive it.
+        let mut cmd = bare_preload("exec python3 -c \"$AGENT\"", preset);
+        cmd.env("AGENT", HANDOVER_AGENT)
+            .env("OPENAI_API_KEY", DOTENV_KEY)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut agent = cmd.spawn().expect("spawn agent");
+        let mut stdout = std::io::BufReader::new(agent.stdout.take().expect("stdout"));
+        let mut report = String::new();
+        while !report.contains("pid=") {
+            let mut line = String::new();
+            if stdout.read_line(&mut line).expect("read agent") == 0 {
+                break;
+            }
+            report.push_str(&line);
+        }
+        let pid: Option<u32> = report
+            .lines()
+            .find_map(|l| l.strip_prefix("pid="))
+            .and_then(|p| p.parse().ok());
+        let in_memory = pid.and_then(|pid| broker_integration::memory_contains(pid, DOTENV_KEY));
+        // The scan does see what the agent holds: the placeholder is there.
+        let scan_works = pid.and_then(|pid| broker_integration::memory_contains(pid, OPENAI_PH));
+        let environ = pid
+            .and_then(|pid| std::fs::read(format!("/proc/{pid}/environ")).ok())
+            .unwrap_or_default();
+        drop(agent.stdin.take());
+        let status = agent.wait().expect("wait agent");
+        let mut stderr = String::new();
+        agent
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr)
+            .expect("read stderr");
+        assert!(
+            !report.contains(DOTENV_KEY) && !stderr.contains(DOTENV_KEY),
+            "preset={preset}: the agent printed the real key"
+        );
+        assert!(
+            status.success() && pid.is_some(),
+            "preset={preset}: {report}{stderr}"
+        );
+        assert!(
+            report.contains("body=ok\n"),
+            "preset={preset}: {report}{stderr}"
+        );
+        agent_pids.extend(pid);
+        assert!(
+            report.contains("child=ok\n"),
+            "preset={preset}: {report}{stderr}"
+        );
+        assert!(report.contains(&format!("key={OPENAI_PH}")), "{report}");
+        assert!(
+            stderr.contains("handed to broker serve"),
+            "preset={preset}: {stderr}"
+        );
+        assert!(
+            !broker_integration::contains(&environ, DOTENV_KEY),
+            "preset={preset}: /proc/<pid>/environ shows the real key"
+        );
+        assert_eq!(scan_works, Some(true), "preset={preset}: memory scan");
+        assert_eq!(
+            in_memory,
+            Some(false),
+            "preset={preset}: the agent's memory holds the real key (None: unreadable)"
+        );
+        // The run was the agent's own and ended with it: its files are gone.
+        let config = report
+            .lines()
+            .find_map(|l| l.strip_prefix("config="))
+            .expect("config line");
+        assert!(
+            config.starts_with(home.path().join("run").to_str().expect("utf8"))
+                && config.contains("serve-run-"),
+            "{config}"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::path::Path::new(config).exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the handed-over run outlived its agent"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert_eq!(origin.requests().len(), 4);
+    let audit = String::from_utf8_lossy(&home.all_bytes()).to_string();
+    for pid in &agent_pids {
+        assert!(
+            audit.contains(&format!("\"pid\":{pid},")),
+            "the audit names the agent's pid {pid}"
+        );
+    }
+
+    // Another agent of the same user, started without the key, cannot use it.
+    let mut cmd = bare_preload(
+        "curl -sS -o /dev/null -w '%{http_code}' https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"",
+        false,
+    );
+    let out = run_bounded(&mut cmd, Duration::from_secs(30));
+    let code = String::from_utf8_lossy(&out.stdout);
+    assert_ne!(code, "200", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(origin.requests().len(), 4);
+
+    // Used, audited with the agent's own pid, and never written anywhere.
+    let audit = String::from_utf8_lossy(&home.all_bytes()).to_string();
+    assert!(!audit.contains(DOTENV_KEY), "the key reached BROKER_HOME");
+    assert!(
+        !serve.stderr().contains(DOTENV_KEY),
+        "the key reached the logs"
+    );
+    assert!(audit.contains("python3"), "the audit names the agent");
+}
+
+#[test]
+fn a_real_key_stays_hidden_when_the_daemon_died() {
+    let ca = TestCa::new();
+    let origin = Origin::bearer(&ca, "api.openai.com", DOTENV_KEY, "ok");
+    let home = Home::new();
+    // Killed with SIGKILL: its shim config and control socket are left behind.
+    drop(Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]));
+    let mut cmd = Command::new("sh");
+    broker_integration::scrub(&mut cmd);
+    cmd.env("BROKER_HOME", home.path())
+        .env("LD_PRELOAD", broker_integration::shim_lib())
+        .env("OPENAI_API_KEY", DOTENV_KEY)
+        .args(["-c", "echo key=$OPENAI_API_KEY; curl -sS https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\""]);
+    let out = run_bounded(&mut cmd, Duration::from_secs(30));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        !stdout.contains(DOTENV_KEY) && !stderr.contains(DOTENV_KEY),
+        "the real key reached the agent's output"
+    );
+    assert!(stdout.contains(&format!("key={OPENAI_PH}")), "{stdout}");
+    assert!(
+        stderr.contains("not handed to the broker (cannot connect to"),
+        "{stderr}"
+    );
+    // Fail closed: the managed host is refused, never reached directly.
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(origin.requests().is_empty());
+}
