@@ -9,7 +9,8 @@
 //! - **Connect** (`connect`, `__connect`): a TCP connect to a fake address of this run goes to
 //!   the broker's listener on that same address (so the broker learns the host from the local
 //!   address it was reached on); with `deny_unlisted`, TCP to anywhere but loopback is refused.
-//!   Everything else passes through untouched. See [`decide`].
+//!   Everything else passes through untouched. See [`decide`]. `sendto`/`sendmsg` with
+//!   `MSG_FASTOPEN` (TCP Fast Open connects as it sends) are routed the same way.
 //! - **TLS trust**: OpenSSL's `SSL_CTX_new`/`SSL_CTX_new_ex`/`SSL_CTX_set_cert_store` and
 //!   GnuTLS's `gnutls_certificate_allocate_credentials` add the run CA to each new store; Node,
 //!   which links OpenSSL statically, gets `NODE_EXTRA_CA_CERTS` (see [`env`](mod@env)).

@@ -544,6 +544,9 @@ fn udp_untouched_tcp_to_fake_address_rewritten_any_port() {
                   print('udp', u.getpeername()[1])\n\
                   t = socket.create_connection((fake, 8443), timeout=10)\n\
                   print('tcp', t.getpeername()[0], t.getpeername()[1])\n\
+                  f = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n\
+                  f.sendto(b'x', socket.MSG_FASTOPEN, (fake, 8443))\n\
+                  print('fastopen', f.getpeername()[0], f.getpeername()[1])\n\
                   print('resolved', socket.gethostbyname('api.openai.com'))\n\
                   print('v6', socket.getaddrinfo('api.openai.com', 443, socket.AF_INET6)[0][4][0])\n\
                   print('any', sorted({a[4][0] for a in socket.getaddrinfo('api.openai.com', 443)}))\n\
@@ -557,6 +560,7 @@ fn udp_untouched_tcp_to_fake_address_rewritten_any_port() {
     let want = [
         "udp 5353".to_string(),
         format!("tcp {fake} {}", w.port),
+        format!("fastopen {fake} {}", w.port),
         format!("resolved {fake}"),
         format!("v6 ::ffff:{fake}"),
         format!("any ['{fake}']"),
@@ -652,6 +656,16 @@ fn deny_unlisted_refuses_remote_tcp_but_not_loopback() {
                   \x20   print('connected')\n\
                   except ConnectionRefusedError:\n\
                   \x20   print('refused', time.monotonic() - t0 < 1)\n\
+                  try:\n\
+                  \x20   socket.socket().sendto(b'x', socket.MSG_FASTOPEN, ('192.0.2.1', 443))\n\
+                  \x20   print('fastopen sent')\n\
+                  except ConnectionRefusedError:\n\
+                  \x20   print('fastopen refused')\n\
+                  try:\n\
+                  \x20   socket.socket().sendmsg([b'x'], [], socket.MSG_FASTOPEN, ('192.0.2.1', 443))\n\
+                  \x20   print('sendmsg sent')\n\
+                  except ConnectionRefusedError:\n\
+                  \x20   print('sendmsg refused')\n\
                   s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=10)\n\
                   print('peer', s.getpeername()[1], s.recv(16).decode().strip())\n";
     let (port, h) = hello_listener();
@@ -661,6 +675,8 @@ fn deny_unlisted_refuses_remote_tcp_but_not_loopback() {
         &w.dir,
     );
     assert!(out.stdout.contains("refused True"), "{}", out.stdout);
+    assert!(out.stdout.contains("fastopen refused"), "{}", out.stdout);
+    assert!(out.stdout.contains("sendmsg refused"), "{}", out.stdout);
     assert!(
         out.stdout.contains(&format!("peer {port} hello")),
         "{}",

@@ -1,20 +1,26 @@
-//! libc hooks: `connect`/`__connect` and the resolver entry points.
+//! libc hooks: `connect`/`__connect`, TCP Fast Open sends (`sendto`/`sendmsg` with
+//! `MSG_FASTOPEN`) and the resolver entry points.
 //!
 //! Each hook converts its pointers, asks [`crate::decide`], and makes exactly one real call as
 //! its last step, so `errno` and the return value are the real function's (a non-blocking
 //! socket gets its `EINPROGRESS`; the shim never waits).
 
-use std::ffi::{c_char, c_int, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
-use libc::{addrinfo, hostent, sockaddr, sockaddr_in, sockaddr_in6, sockaddr_storage, socklen_t};
+use libc::{
+    addrinfo, hostent, msghdr, size_t, sockaddr, sockaddr_in, sockaddr_in6, sockaddr_storage,
+    socklen_t, ssize_t,
+};
 
 use crate::decide::{self, Connect, Family, SocketFacts};
 use crate::ffi::{contain, Guard, RealFn};
 
 pub static REAL_CONNECT: RealFn = RealFn::new(c"connect");
 pub static REAL_CONNECT_INTERNAL: RealFn = RealFn::new(c"__connect");
+pub static REAL_SENDTO: RealFn = RealFn::new(c"sendto");
+pub static REAL_SENDMSG: RealFn = RealFn::new(c"sendmsg");
 pub static REAL_GETADDRINFO: RealFn = RealFn::new(c"getaddrinfo");
 pub static REAL_GETHOSTBYNAME: RealFn = RealFn::new(c"gethostbyname");
 pub static REAL_GETHOSTBYNAME2: RealFn = RealFn::new(c"gethostbyname2");
@@ -27,6 +33,8 @@ pub fn resolve_all() {
     for f in [
         &REAL_CONNECT,
         &REAL_CONNECT_INTERNAL,
+        &REAL_SENDTO,
+        &REAL_SENDMSG,
         &REAL_GETADDRINFO,
         &REAL_GETHOSTBYNAME,
         &REAL_GETHOSTBYNAME2,
@@ -38,6 +46,15 @@ pub fn resolve_all() {
 }
 
 type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
+type SendtoFn = unsafe extern "C" fn(
+    c_int,
+    *const c_void,
+    size_t,
+    c_int,
+    *const sockaddr,
+    socklen_t,
+) -> ssize_t;
+type SendmsgFn = unsafe extern "C" fn(c_int, *const msghdr, c_int) -> ssize_t;
 type GetaddrinfoFn = unsafe extern "C" fn(
     *const c_char,
     *const c_char,
@@ -176,6 +193,47 @@ fn socket_facts(fd: c_int, dest: Option<SocketAddr>) -> SocketFacts {
     SocketFacts { stream, v6only }
 }
 
+/// Where a connection the agent opens to `addr` really goes.
+enum Route {
+    /// The agent's own destination, untouched.
+    AsAsked,
+    /// The broker's listener.
+    Broker(SocketAddr),
+    /// Refused (`ECONNREFUSED`).
+    Refused,
+}
+
+/// The routing shared by `connect`, `__connect` and TCP Fast Open sends.
+///
+/// # Safety
+/// `addr` must be null or point at `len` readable bytes.
+unsafe fn route(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Route {
+    // Fast path, taken by every connect the broker does not manage: no config, or egress not
+    // restricted and a destination outside 127.77.0.0/16. Checked on the raw bytes, before the
+    // guard and the unwind frame; [`decide::decide_connect`] stays the source of truth.
+    let cfg = match crate::config() {
+        // SAFETY: caller's contract.
+        Some(cfg) if cfg.deny_unlisted || unsafe { maybe_fake(addr, len) } => cfg,
+        _ => return Route::AsAsked,
+    };
+    let decision = Guard::enter().and_then(|_guard| {
+        contain(|| {
+            // SAFETY: caller's contract.
+            let dest = unsafe { read_sockaddr(addr, len) };
+            let decision = decide::decide_connect(cfg, dest, || socket_facts(fd, dest));
+            if decision == Connect::Refuse(decide::Refuse::Unlisted) {
+                crate::log::denial(cfg, dest);
+            }
+            decision
+        })
+    });
+    match decision {
+        Some(Connect::Redirect(to)) => Route::Broker(to),
+        Some(Connect::Refuse(_)) => Route::Refused,
+        Some(Connect::Bypass(_)) | None => Route::AsAsked,
+    }
+}
+
 /// The shared body of `connect` and `__connect`.
 ///
 /// # Safety
@@ -187,28 +245,9 @@ unsafe fn connect_via(real: &RealFn, fd: c_int, addr: *const sockaddr, len: sock
     };
     // SAFETY: the address came from dlsym for a function with this exact signature.
     let real: ConnectFn = unsafe { std::mem::transmute::<usize, ConnectFn>(real) };
-    // Fast path, taken by every connect the broker does not manage: no config, or egress not
-    // restricted and a destination outside 127.77.0.0/16. Checked on the raw bytes, before the
-    // guard and the unwind frame; [`decide::decide_connect`] stays the source of truth.
-    let cfg = match crate::config() {
-        // SAFETY: the agent passed `len` readable bytes at `addr` (connect's contract).
-        Some(cfg) if cfg.deny_unlisted || unsafe { maybe_fake(addr, len) } => cfg,
-        // SAFETY: the agent's own arguments, unchanged.
-        _ => return unsafe { real(fd, addr, len) },
-    };
-    let decision = Guard::enter().and_then(|_guard| {
-        contain(|| {
-            // SAFETY: the agent passed `len` readable bytes at `addr` (connect's contract).
-            let dest = unsafe { read_sockaddr(addr, len) };
-            let decision = decide::decide_connect(cfg, dest, || socket_facts(fd, dest));
-            if decision == Connect::Refuse(decide::Refuse::Unlisted) {
-                crate::log::denial(cfg, dest);
-            }
-            decision
-        })
-    });
-    match decision {
-        Some(Connect::Redirect(to)) => {
+    // SAFETY: the agent passed `len` readable bytes at `addr` (connect's contract).
+    match unsafe { route(fd, addr, len) } {
+        Route::Broker(to) => {
             let (storage, slen) = write_sockaddr(to);
             // SAFETY: a complete sockaddr of `slen` bytes that outlives the call.
             let r = unsafe { real(fd, std::ptr::addr_of!(storage).cast(), slen) };
@@ -226,12 +265,12 @@ unsafe fn connect_via(real: &RealFn, fd: c_int, addr: *const sockaddr, len: sock
             }
             r
         }
-        Some(Connect::Refuse(_)) => {
+        Route::Refused => {
             set_errno(libc::ECONNREFUSED);
             -1
         }
         // SAFETY: the agent's own arguments, unchanged.
-        Some(Connect::Bypass(_)) | None => unsafe { real(fd, addr, len) },
+        Route::AsAsked => unsafe { real(fd, addr, len) },
     }
 }
 
@@ -253,6 +292,93 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
 pub unsafe extern "C" fn __connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     // SAFETY: forwarded unchanged from the agent.
     unsafe { connect_via(&REAL_CONNECT_INTERNAL, fd, addr, len) }
+}
+
+/// `sendto(2)`. With `MSG_FASTOPEN` on a TCP socket it connects and sends in one call (TCP
+/// Fast Open, e.g. `curl --tcp-fastopen`), so it is routed like `connect`; every other send
+/// passes straight through after one flag test.
+///
+/// # Safety
+/// Called by the agent with `sendto(2)`'s arguments.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn sendto(
+    fd: c_int,
+    buf: *const c_void,
+    n: size_t,
+    flags: c_int,
+    addr: *const sockaddr,
+    len: socklen_t,
+) -> ssize_t {
+    let Some(real) = REAL_SENDTO.addr() else {
+        set_errno(libc::ENOSYS);
+        return -1;
+    };
+    // SAFETY: the address came from dlsym for a function with this exact signature.
+    let real: SendtoFn = unsafe { std::mem::transmute::<usize, SendtoFn>(real) };
+    if flags & libc::MSG_FASTOPEN == 0 {
+        // SAFETY: the agent's own arguments, unchanged.
+        return unsafe { real(fd, buf, n, flags, addr, len) };
+    }
+    // SAFETY: the agent passed `len` readable bytes at `addr` (sendto's contract).
+    match unsafe { route(fd, addr, len) } {
+        Route::Broker(to) => {
+            let (storage, slen) = write_sockaddr(to);
+            // SAFETY: the agent's buffer, and a complete sockaddr that outlives the call.
+            unsafe { real(fd, buf, n, flags, std::ptr::addr_of!(storage).cast(), slen) }
+        }
+        Route::Refused => {
+            set_errno(libc::ECONNREFUSED);
+            -1
+        }
+        // SAFETY: the agent's own arguments, unchanged.
+        Route::AsAsked => unsafe { real(fd, buf, n, flags, addr, len) },
+    }
+}
+
+/// `sendmsg(2)`: as [`sendto`], for `MSG_FASTOPEN` with the destination in `msg_name`.
+///
+/// # Safety
+/// Called by the agent with `sendmsg(2)`'s arguments.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+    let Some(real) = REAL_SENDMSG.addr() else {
+        set_errno(libc::ENOSYS);
+        return -1;
+    };
+    // SAFETY: the address came from dlsym for a function with this exact signature.
+    let real: SendmsgFn = unsafe { std::mem::transmute::<usize, SendmsgFn>(real) };
+    if flags & libc::MSG_FASTOPEN == 0 || msg.is_null() {
+        // SAFETY: the agent's own arguments, unchanged.
+        return unsafe { real(fd, msg, flags) };
+    }
+    // SAFETY: `msg` is non-null and points at the agent's msghdr (sendmsg's contract), whose
+    // `msg_name` holds `msg_namelen` readable bytes or is null.
+    let (name, namelen) = unsafe {
+        (
+            (*msg).msg_name.cast::<sockaddr>().cast_const(),
+            (*msg).msg_namelen,
+        )
+    };
+    // SAFETY: as above.
+    match unsafe { route(fd, name, namelen) } {
+        Route::Broker(to) => {
+            let (mut storage, slen) = write_sockaddr(to);
+            // SAFETY: a copy of the agent's msghdr (plain data) pointing at our sockaddr,
+            // which outlives the call; the agent's own msghdr is not modified.
+            unsafe {
+                let mut copy = msg.read();
+                copy.msg_name = std::ptr::addr_of_mut!(storage).cast();
+                copy.msg_namelen = slen;
+                real(fd, &copy, flags)
+            }
+        }
+        Route::Refused => {
+            set_errno(libc::ECONNREFUSED);
+            -1
+        }
+        // SAFETY: the agent's own arguments, unchanged.
+        Route::AsAsked => unsafe { real(fd, msg, flags) },
+    }
 }
 
 fn family_of(af: c_int) -> Family {
