@@ -28,7 +28,10 @@ use broker_contract::handover::{Handover, HandoverReply, HANDOVER_END, HANDOVER_
 
 use crate::home::Home;
 use crate::instance::{self, RunSpec, FIRST_SLOT};
-use crate::proxy::{Proxy, RunKeys};
+use crate::proxy::{AgentPid, Proxy, RunKeys};
+
+/// What `broker run` sends once its agent started: `agent-pid <pid>`.
+const AGENT_PID: &str = "agent-pid ";
 
 /// Largest request line accepted (a few keys and a command line).
 const MAX_REQUEST: u64 = 256 * 1024;
@@ -69,9 +72,17 @@ enum Reply {
 
 /// A run opened in the daemon; dropping it ends the run.
 pub struct JoinedRun {
-    _connection: std::os::unix::net::UnixStream,
+    connection: std::os::unix::net::UnixStream,
     pub run_id: String,
     pub shim_config: PathBuf,
+}
+
+impl JoinedRun {
+    /// Tell the daemon the agent's pid, for the audit of this run.
+    pub fn agent_started(&mut self, pid: u32) {
+        // Best effort: a daemon that is gone ends the run anyway.
+        let _ = writeln!(self.connection, "{AGENT_PID}{pid}");
+    }
 }
 
 /// Path of the control socket for `home`.
@@ -98,7 +109,7 @@ pub fn join(home: &Home, request: &OpenRun) -> anyhow::Result<Option<JoinedRun>>
             run_id,
             shim_config,
         }) => Ok(Some(JoinedRun {
-            _connection: stream,
+            connection: stream,
             run_id,
             shim_config,
         })),
@@ -185,11 +196,23 @@ async fn handle(
     if write.write_all(&out).await.is_err() {
         return;
     }
-    let Some((run, slot, dir)) = opened else {
+    let Some((run, slot, dir, agent_pid)) = opened else {
         return;
     };
-    // The run lasts until the client hangs up.
+    // The run lasts until the client hangs up. `broker run` says which pid its agent got
+    // (it starts the agent only once the run is open), for the audit.
     let mut rest = reader.into_inner().into_inner();
+    let mut said = tokio::io::BufReader::new((&mut rest).take(64));
+    let mut line = String::new();
+    if said.read_line(&mut line).await.is_ok() {
+        if let Some(pid) = line
+            .trim_end()
+            .strip_prefix(AGENT_PID)
+            .and_then(|p| p.parse().ok())
+        {
+            agent_pid.set(pid);
+        }
+    }
     let mut sink = [0u8; 64];
     while matches!(rest.read(&mut sink).await, Ok(n) if n > 0) {}
     run.listeners.close();
@@ -266,7 +289,7 @@ async fn open(
     runs_dir: &Path,
     slots: &Mutex<BTreeSet<u8>>,
     mut request: OpenRun,
-) -> Result<(Reply, (instance::OpenRun, u8, PathBuf)), String> {
+) -> Result<(Reply, (instance::OpenRun, u8, PathBuf, AgentPid)), String> {
     if let Some(allow) = &request.allow {
         if let Some(unknown) = allow.iter().find(|p| proxy.catalog().get(p).is_none()) {
             return Err(format!("unknown provider '{unknown}'"));
@@ -281,6 +304,7 @@ async fn open(
         free
     };
     let run_id = format!("serve-run-{slot}-{}", request.pid.unwrap_or(0));
+    let agent_pid = AgentPid::new(request.pid);
     let dir = runs_dir.join(&run_id);
     let keys = std::mem::take(&mut request.run_keys)
         .into_iter()
@@ -292,7 +316,7 @@ async fn open(
         profiles: HashMap::new(),
         default_profile: std::mem::take(&mut request.profile),
         deny_unlisted: request.deny_unlisted,
-        pid: request.pid,
+        pid: agent_pid.clone(),
         command: std::mem::take(&mut request.command),
         run_keys: RunKeys(keys),
     };
@@ -302,7 +326,7 @@ async fn open(
                 run_id,
                 shim_config: run.shim_config_path.clone(),
             };
-            Ok((reply, (run, slot, dir)))
+            Ok((reply, (run, slot, dir, agent_pid)))
         }
         Err(err) => {
             slots

@@ -12,7 +12,9 @@ use broker_contract::ShimConfig;
 use crate::denials::DenialLog;
 use crate::home::{ensure_private_dir, write_private_file, Home};
 use crate::providers::Catalog;
-use crate::proxy::{Proxy, ProxySettings, RunContext, RunKeys, RunListeners, UpstreamSettings};
+use crate::proxy::{
+    AgentPid, Proxy, ProxySettings, RunContext, RunKeys, RunListeners, UpstreamSettings,
+};
 use crate::vault::KeyConfig;
 
 /// What one run may do.
@@ -24,7 +26,8 @@ pub struct RunSpec {
     pub profiles: HashMap<String, String>,
     pub default_profile: String,
     pub deny_unlisted: bool,
-    pub pid: Option<u32>,
+    /// Set by the launcher once the agent runs.
+    pub pid: AgentPid,
     pub command: String,
     /// Keys handed to this run only (a real key found in the launcher's environment), used
     /// before the vault and never stored.
@@ -38,7 +41,7 @@ impl RunSpec {
             allow: self.allow.clone(),
             profile: self.default_profile.clone(),
             deny_unlisted: self.deny_unlisted,
-            pid: self.pid,
+            pid: self.pid.get(),
             command: self.command.clone(),
             run_keys: self
                 .run_keys

@@ -238,10 +238,10 @@ mod tests {
 
     #[test]
     fn config_errors_name_the_line() {
-        assert_eq!(ShimConfig::parse("nope").unwrap_err().line, 1);
+        assert_eq!(ShimConfig::parse("nope").expect_err("no header").line, 1);
         let bad = format!("{CONFIG_MAGIC}\nslot 1\nport x\n");
         assert_eq!(
-            ShimConfig::parse(&bad).unwrap_err(),
+            ShimConfig::parse(&bad).expect_err("bad port"),
             ConfigError {
                 line: 3,
                 what: "bad port"

@@ -90,9 +90,11 @@ fn curl_and_python_agents_use_the_key_without_holding_it() {
     let python = "import os,urllib.request as u\n\
         r=u.Request('https://api.openai.com/v1/models',headers={'Authorization':'Bearer '+os.environ['OPENAI_API_KEY']})\n\
         print(u.urlopen(r).status)\n\
+        print('pid=%d' % os.getpid())\n\
         print(open('/proc/self/environ','rb').read().decode(errors='replace'))";
+    let mut agent_pids = Vec::new();
     for preset in [false, true] {
-        let mut curl = broker_run(&home, &ca, &origin, &["--", "sh", "-c", "curl -sS --fail-with-body https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\""]);
+        let mut curl = broker_run(&home, &ca, &origin, &["--", "sh", "-c", "echo pid=$$; curl -sS --fail-with-body https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\""]);
         let mut py = broker_run(&home, &ca, &origin, &["--", "python3", "-c", python]);
         for cmd in [&mut curl, &mut py] {
             if preset {
@@ -113,8 +115,14 @@ fn curl_and_python_agents_use_the_key_without_holding_it() {
                 "the agent saw the key"
             );
             assert!(
-                stdout.contains("data") || stdout.starts_with("200"),
+                stdout.contains("data") || stdout.contains("200\n"),
                 "{stdout}"
+            );
+            agent_pids.extend(
+                stdout
+                    .lines()
+                    .find_map(|l| l.strip_prefix("pid="))
+                    .map(str::to_owned),
             );
         }
     }
@@ -130,6 +138,14 @@ fn curl_and_python_agents_use_the_key_without_holding_it() {
         .filter(|l| l.contains("\"credential_use\""))
         .count();
     assert_eq!(uses, 4, "{audit}");
+    // ... under the agent's own pid, not broker run's.
+    assert_eq!(agent_pids.len(), 4, "{agent_pids:?}");
+    for pid in agent_pids {
+        assert!(
+            audit.contains(&format!("\"pid\":{pid},")),
+            "pid {pid}: {audit}"
+        );
+    }
 }
 
 #[test]

@@ -145,7 +145,7 @@ fn broker_run_joins_a_running_serve_with_its_own_policy() {
     let home = Home::new();
     home.add("openai", OPENAI_KEY);
     let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
-    let curl = "curl -sS -o /dev/null -w '%{http_code} ' -D - https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"; echo; echo config=$BROKER_SHIM_CONFIG";
+    let curl = "curl -sS -o /dev/null -w '%{http_code} ' -D - https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"; echo; echo config=$BROKER_SHIM_CONFIG; echo pid=$$";
     let run = |allow: &str| {
         let mut cmd = home.broker();
         cmd.args(["run", "--allow", allow, "--", "sh", "-c", curl])
@@ -160,6 +160,16 @@ fn broker_run_joins_a_running_serve_with_its_own_policy() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("200 "), "{stdout}");
+    // The daemon's audit names the agent (broker run tells it the pid once it started it).
+    let pid = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("pid="))
+        .expect("pid line");
+    let audit = String::from_utf8_lossy(&home.all_bytes()).to_string();
+    assert!(
+        audit.contains(&format!("\"pid\":{pid},")),
+        "pid {pid}: {audit}"
+    );
     // The run's files lived in the daemon's directory and are gone once the run ended.
     let config = stdout
         .lines()

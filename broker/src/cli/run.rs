@@ -17,7 +17,7 @@ use crate::home::{ensure_private_dir, Home};
 use crate::instance::{self, Instance, InstanceSettings, RunSpec};
 use crate::launch::{self, Target};
 use crate::providers::Catalog;
-use crate::proxy::RunKeys;
+use crate::proxy::{AgentPid, RunKeys};
 use broker_contract::ShimConfig;
 use std::path::PathBuf;
 
@@ -97,13 +97,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         profiles: HashMap::new(),
         default_profile: args.profile.clone(),
         deny_unlisted: args.deny_unlisted,
-        pid: Some(std::process::id()),
+        pid: AgentPid::new(Some(std::process::id())),
         command: command_line,
         run_keys: RunKeys(run_keys),
     };
+    let agent_pid = spec.pid.clone();
     let upstream_overrides =
         args.upstream.upstream_ca.is_some() || !args.upstream.resolve.is_empty();
-    let broker = if args.embedded || upstream_overrides {
+    let mut broker = if args.embedded || upstream_overrides {
         start_embedded(&runtime, &home, args.upstream, spec)?
     } else {
         match control::join(&home, &spec.to_request())? {
@@ -153,6 +154,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let pid = child.id();
+    agent_pid.set(pid);
+    if let RunBroker::Joined(joined) = &mut broker {
+        joined.agent_started(pid);
+    }
     let forwarder = runtime.spawn(forward_signals(pid));
     let status =
         runtime.block_on(async { tokio::task::spawn_blocking(move || child.wait()).await })??;

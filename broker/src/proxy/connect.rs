@@ -76,7 +76,7 @@ fn handle(
     if !managed && run.deny_unlisted {
         proxy.audit.record(AuditEvent {
             run_id: Some(run.id.clone()),
-            pid: run.pid,
+            pid: run.pid.get(),
             command: Some(run.command.clone()),
             host: Some(host.clone()),
             reason: Some("destination not in the run's providers (--deny-unlisted)".into()),

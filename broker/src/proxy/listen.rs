@@ -241,7 +241,7 @@ pub(super) async fn terminate_tls<IO>(
         if !host_matches(pattern, &sni) {
             proxy.audit.record(AuditEvent {
                 run_id: Some(run.id.clone()),
-                pid: run.pid,
+                pid: run.pid.get(),
                 command: Some(run.command.clone()),
                 host: Some(pattern.to_string()),
                 sni: Some(sni.clone()),

@@ -118,12 +118,31 @@ pub struct RunContext {
     pub profiles: HashMap<String, String>,
     pub default_profile: String,
     /// The agent's pid and command line, for the audit.
-    pub pid: Option<u32>,
+    pub pid: AgentPid,
     pub command: String,
     /// Keys handed to this run only, used before the credential store.
     pub run_keys: RunKeys,
     /// Refuse CONNECT to anything but managed hosts.
     pub deny_unlisted: bool,
+}
+
+/// The agent's pid, for the audit. Shared and settable because the run opens (listeners,
+/// shim config) before the agent can be started; the launcher fills it in once it is.
+#[derive(Debug, Clone, Default)]
+pub struct AgentPid(Arc<std::sync::atomic::AtomicU32>);
+
+impl AgentPid {
+    pub fn new(pid: Option<u32>) -> AgentPid {
+        AgentPid(Arc::new(pid.unwrap_or(0).into()))
+    }
+
+    pub fn set(&self, pid: u32) {
+        self.0.store(pid, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Option<u32> {
+        Some(self.0.load(std::sync::atomic::Ordering::Relaxed)).filter(|&pid| pid != 0)
+    }
 }
 
 /// Keys handed to one run (a real key found in the launcher's environment): used before the

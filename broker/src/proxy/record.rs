@@ -64,7 +64,7 @@ pub(super) fn event(
 ) -> AuditEvent {
     AuditEvent {
         run_id: Some(conn.run.id.clone()),
-        pid: conn.run.pid,
+        pid: conn.run.pid.get(),
         command: Some(conn.run.command.clone()),
         provider,
         profile,
