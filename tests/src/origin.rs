@@ -43,6 +43,12 @@ impl OriginRequest {
 pub enum Reply {
     /// A status and a body.
     Text(u16, String),
+    /// A status and a body already in `Content-Encoding: <coding>`.
+    Encoded {
+        status: u16,
+        coding: &'static str,
+        body: Vec<u8>,
+    },
     /// `count` server-sent events, `gap` apart.
     Sse { count: usize, gap: Duration },
     /// Accept a WebSocket upgrade and echo every message.
@@ -177,6 +183,17 @@ async fn serve(
             .status(status)
             .header("content-type", "text/plain")
             .body(Full::new(Bytes::from(text)).boxed())
+            .expect("response")),
+        Reply::Encoded {
+            status,
+            coding,
+            body,
+        } => Ok(Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .header("content-encoding", coding)
+            .header("etag", "\"v1\"")
+            .body(Full::new(Bytes::from(body)).boxed())
             .expect("response")),
         Reply::Sse { count, gap } => {
             let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);

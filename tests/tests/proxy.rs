@@ -741,3 +741,83 @@ fn an_upstream_echoing_the_key_never_hands_it_to_the_agent() {
     }
     s.assert_no_leak(OPENAI_KEY);
 }
+
+#[test]
+fn a_compressed_echo_of_the_key_is_decoded_and_redacted() {
+    use std::io::Write as _;
+    let ca = TestCa::new();
+    // Quotes the credential back inside a gzip (or deflate) body, in the coding the request
+    // accepts first.
+    let origin = Origin::start(&ca, &["api.openai.com"], |req| {
+        let accepted = req
+            .header("accept-encoding")
+            .unwrap_or_default()
+            .to_string();
+        let plain = format!(
+            "{{\"error\":\"invalid key: {}\",\"accepted\":\"{accepted}\"}}",
+            req.header("authorization").unwrap_or_default()
+        );
+        let coding = if accepted.starts_with("deflate") {
+            "deflate"
+        } else {
+            "gzip"
+        };
+        let body = match coding {
+            "gzip" => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(plain.as_bytes()).expect("gzip");
+                e.finish().expect("gzip")
+            }
+            _ => {
+                let mut e =
+                    flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(plain.as_bytes()).expect("zlib");
+                e.finish().expect("zlib")
+            }
+        };
+        Reply::Encoded {
+            status: 401,
+            coding,
+            body,
+        }
+    });
+    let s = setup(
+        &ca,
+        &[("api.openai.com", origin.addr)],
+        &[("openai", OPENAI_KEY)],
+    );
+    for (h2, accept, offered) in [
+        (false, "gzip, deflate, br, zstd", "gzip, deflate"),
+        (true, "deflate, br", "deflate"),
+        (false, "gzip", "gzip"),
+    ] {
+        let r = s.get(
+            "api.openai.com",
+            "/v1/models",
+            &[
+                ("authorization", &format!("Bearer {OPENAI_PH}")),
+                ("accept-encoding", accept),
+            ],
+            h2,
+        );
+        assert!(
+            !contains(&r.body, OPENAI_KEY),
+            "h2={h2} {accept}: the echoed key reached the agent"
+        );
+        assert_eq!(r.status, 401);
+        // Decoded for the agent: plain bytes, no coding, a weak validator.
+        assert_eq!(r.header("content-encoding"), None, "{accept}");
+        assert_eq!(r.header("etag"), Some("W/\"v1\""), "{accept}");
+        let text = r.text();
+        assert!(
+            text.contains("invalid key: Bearer [redacted-by-broker]"),
+            "{accept}: {text}"
+        );
+        // The upstream was offered only codings the broker can decode.
+        assert!(
+            text.contains(&format!("\"accepted\":\"{offered}\"")),
+            "{text}"
+        );
+    }
+    s.assert_no_leak(OPENAI_KEY);
+}

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 
 use broker_contract::host_matches;
 
+use super::decode::{self, Encoded};
 use super::error::BrokerError;
 use super::record::{event, AuditedBody, Pending};
 use super::upgrade::bridge_upgrade;
@@ -181,6 +182,10 @@ async fn forward(
             .await
             .map_err(|e| (e, provider_name));
     }
+    if pending.is_some() {
+        // Only codings the broker can decode, so the answer can be checked for the key.
+        decode::narrow_accept_encoding(&mut parts.headers);
+    }
     // hyper picks HTTP/1.1 or h2 for the upstream from ALPN; the agent's version is its own.
     parts.version = http::Version::HTTP_11;
     // An OAuth token the upstream rejects is refreshed and the request sent once more; that
@@ -243,6 +248,15 @@ async fn forward(
         Some(p) => {
             // Respond/redact: an upstream echoing the key must not hand it to the agent.
             redact::redact_headers(&mut parts.headers, p.secret.as_bytes());
+            let body = match decode::classify(&parts.headers) {
+                Encoded::Plain => body,
+                Encoded::Decodable(coding) => decode::decode(&mut parts.headers, body, coding),
+                Encoded::Opaque => {
+                    // Asked for codings we decode and got another: passed on unchecked.
+                    tracing::warn!(host = %conn.sni, "response in a content coding the broker cannot decode; not checked for the key");
+                    body
+                }
+            };
             let body = redact::RedactedBody::wrap(body, &p.secret);
             AuditedBody::wrap(body, proxy.clone(), conn.clone(), p, status)
         }

@@ -15,6 +15,7 @@
 //! 7. **audit** ([`AuditSink`]): one event per credential use, denial, or anomaly.
 
 mod connect;
+mod decode;
 pub mod error;
 mod handler;
 mod listen;

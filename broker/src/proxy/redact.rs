@@ -7,7 +7,8 @@
 //! secret is held back until the next chunk (or the end); ordinary text, such as an SSE
 //! event ending in a blank line, passes through at once.
 //!
-//! Limits: a compressed body (`Content-Encoding: gzip`) is not inspected, and neither are
+//! A gzip/deflate body reaches this layer already decoded ([`super::decode`]). Limits: a body
+//! in another coding (which the broker never offers upstream) is not inspected, and neither are
 //! encodings of the secret (base64, percent-encoding).
 
 use std::pin::Pin;
