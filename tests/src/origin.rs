@@ -51,7 +51,8 @@ pub enum Reply {
     },
     /// `count` server-sent events, `gap` apart.
     Sse { count: usize, gap: Duration },
-    /// Accept a WebSocket upgrade and echo every message.
+    /// Accept a WebSocket upgrade and echo every message; to the text message `whoami` it
+    /// answers with the `Authorization` it was opened with (an upstream quoting the key).
     WebSocketEcho,
     /// Drop the connection without answering.
     Reset,
@@ -222,6 +223,10 @@ async fn serve(
                 .to_string();
             let accept =
                 tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let auth = request
+                .header("authorization")
+                .unwrap_or_default()
+                .to_string();
             tokio::spawn(async move {
                 let Ok(upgraded) = upgrade.await else { return };
                 let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
@@ -232,6 +237,14 @@ async fn serve(
                 .await;
                 let (mut sink, mut stream) = ws.split();
                 while let Some(Ok(msg)) = stream.next().await {
+                    let msg = match &msg {
+                        tokio_tungstenite::tungstenite::Message::Text(t)
+                            if t.as_str() == "whoami" =>
+                        {
+                            tokio_tungstenite::tungstenite::Message::text(format!("you are {auth}"))
+                        }
+                        _ => msg,
+                    };
                     if msg.is_text() || msg.is_binary() {
                         if sink.send(msg).await.is_err() {
                             break;

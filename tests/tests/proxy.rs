@@ -462,6 +462,24 @@ fn websocket_upgrade_is_bridged_with_the_swap() {
             echoed.into_text().expect("text").as_str(),
             "hello through the broker"
         );
+        // An upstream quoting the key in a frame: overwritten before the agent gets it.
+        ws.send(Message::text("whoami")).await.expect("send");
+        let quoted = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("answer in time")
+            .expect("a message")
+            .expect("ok")
+            .into_text()
+            .expect("text")
+            .to_string();
+        assert!(
+            !quoted.contains(OPENAI_KEY),
+            "the key reached the agent in a frame"
+        );
+        assert!(
+            quoted.starts_with("you are Bearer [redacted-by-broker]"),
+            "{quoted}"
+        );
     });
     assert_eq!(
         origin.requests()[0].header("authorization"),

@@ -25,6 +25,7 @@ mod redact;
 pub mod swap;
 mod upgrade;
 pub mod upstream;
+mod ws_redact;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

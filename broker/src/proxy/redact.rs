@@ -147,7 +147,7 @@ fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
     (from..=haystack.len() - needle.len()).find(|&i| &haystack[i..i + needle.len()] == needle)
 }
 
-fn overwrite_all(bytes: &mut [u8], secret: &[u8]) {
+pub(super) fn overwrite_all(bytes: &mut [u8], secret: &[u8]) {
     let mut from = 0;
     while let Some(at) = find(bytes, secret, from) {
         for (i, b) in bytes[at..at + secret.len()].iter_mut().enumerate() {
@@ -158,7 +158,7 @@ fn overwrite_all(bytes: &mut [u8], secret: &[u8]) {
 }
 
 /// The length of the longest suffix of `bytes` that is a proper prefix of `secret`.
-fn partial_suffix(bytes: &[u8], secret: &[u8]) -> usize {
+pub(super) fn partial_suffix(bytes: &[u8], secret: &[u8]) -> usize {
     let max = secret.len().saturating_sub(1).min(bytes.len());
     (1..=max)
         .rev()

@@ -8,9 +8,12 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
 use super::error::BrokerError;
 use super::handler::connect_error;
 use super::record::Pending;
+use super::ws_redact::FrameRedactor;
 use super::{BoxError, ConnInfo, Proxy, ProxyBody};
 
 /// WebSocket (or any HTTP/1.1 upgrade): send the swapped upgrade request on a fresh
@@ -58,6 +61,15 @@ pub(super) async fn bridge_upgrade(
     if let Ok(value) = authority.parse() {
         parts.headers.insert(header::HOST, value);
     }
+    // With a credential on it, the WebSocket's frames from the upstream are checked for the
+    // key; compressed frames could not be, so no extension (permessage-deflate) is offered.
+    let secret = match (&pending, is_websocket(&parts.headers)) {
+        (Some(p), true) => {
+            parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+            Some(p.secret.clone())
+        }
+        _ => None,
+    };
     parts.version = http::Version::HTTP_11;
     let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
     let mut response = sender
@@ -79,7 +91,12 @@ pub(super) async fn bridge_upgrade(
             if let (Ok(agent), Ok(upstream)) = (agent_upgrade.await, upstream_upgrade.await) {
                 let mut agent = TokioIo::new(agent);
                 let mut upstream = TokioIo::new(upstream);
-                let _ = tokio::io::copy_bidirectional(&mut agent, &mut upstream).await;
+                match secret {
+                    Some(secret) => splice_redacted(agent, upstream, &secret).await,
+                    None => {
+                        let _ = tokio::io::copy_bidirectional(&mut agent, &mut upstream).await;
+                    }
+                }
             }
         });
     }
@@ -88,4 +105,46 @@ pub(super) async fn bridge_upgrade(
         parts,
         body.map_err(BoxError::from).boxed(),
     ))
+}
+
+fn is_websocket(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// Splice agent and upstream, with the key overwritten in the upstream's frames (see
+/// [`FrameRedactor`]). Each direction ends by shutting down the other side's writer.
+async fn splice_redacted<A, U>(agent: A, upstream: U, secret: &str)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut agent_read, mut agent_write) = tokio::io::split(agent);
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
+    let to_upstream = async {
+        let _ = tokio::io::copy(&mut agent_read, &mut upstream_write).await;
+        let _ = upstream_write.shutdown().await;
+    };
+    let to_agent = async {
+        let mut redactor = FrameRedactor::new(secret);
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut out = Vec::with_capacity(buf.len());
+        loop {
+            let n = match upstream_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            redactor.feed(&buf[..n], &mut out);
+            if agent_write.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+        redactor.finish(&mut out);
+        let _ = agent_write.write_all(&out).await;
+        let _ = agent_write.shutdown().await;
+    };
+    tokio::join!(to_upstream, to_agent);
 }
