@@ -405,7 +405,31 @@ pub fn send(
     runtime.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(30),
-            send_async(addr, sni, ca_pem, h2, request),
+            send_async(addr, sni, ca_pem, h2, request, None),
+        )
+        .await
+        .map_err(|_| "timed out".to_string())?
+    })
+}
+
+/// [`send`], counting each body chunk in `delivered` as it arrives (for lock-step origins
+/// such as [`Reply::Sse`]).
+pub fn send_counting(
+    addr: SocketAddr,
+    sni: &str,
+    ca_pem: &[u8],
+    h2: bool,
+    request: http::Request<http_body_util::Full<bytes::Bytes>>,
+    delivered: Arc<std::sync::atomic::AtomicUsize>,
+) -> Result<ClientResponse, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            send_async(addr, sni, ca_pem, h2, request, Some(delivered)),
         )
         .await
         .map_err(|_| "timed out".to_string())?
@@ -418,6 +442,7 @@ async fn send_async(
     ca_pem: &[u8],
     h2: bool,
     request: http::Request<http_body_util::Full<bytes::Bytes>>,
+    delivered: Option<Arc<std::sync::atomic::AtomicUsize>>,
 ) -> Result<ClientResponse, String> {
     use http_body_util::BodyExt as _;
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -463,6 +488,9 @@ async fn send_async(
         if let Some(data) = frame.data_ref().filter(|d| !d.is_empty()) {
             chunk_times.push((head_at.elapsed(), data.len()));
             bytes.extend_from_slice(data);
+            if let Some(delivered) = &delivered {
+                delivered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
         }
     }
     Ok(ClientResponse {

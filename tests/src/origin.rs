@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,8 +50,15 @@ pub enum Reply {
         coding: &'static str,
         body: Vec<u8>,
     },
-    /// `count` server-sent events, `gap` apart.
-    Sse { count: usize, gap: Duration },
+    /// `count` server-sent events in lock step with the client: event `i` is sent only once
+    /// `delivered` (counted by the client, see [`crate::send_counting`]) reaches `i`. A proxy
+    /// that held events back would stall this; after 10 s the origin sends anyway and sets
+    /// `stalled`. Deterministic however loaded the machine is.
+    Sse {
+        count: usize,
+        delivered: Arc<AtomicUsize>,
+        stalled: Arc<AtomicBool>,
+    },
     /// Accept a WebSocket upgrade and echo every message; to the text message `whoami` it
     /// answers with the `Authorization` it was opened with (an upstream quoting the key).
     WebSocketEcho,
@@ -196,12 +204,21 @@ async fn serve(
             .header("etag", "\"v1\"")
             .body(Full::new(Bytes::from(body)).boxed())
             .expect("response")),
-        Reply::Sse { count, gap } => {
+        Reply::Sse {
+            count,
+            delivered,
+            stalled,
+        } => {
             let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
             tokio::spawn(async move {
                 for i in 0..count {
-                    if i > 0 {
-                        tokio::time::sleep(gap).await;
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                    while delivered.load(Ordering::SeqCst) < i {
+                        if tokio::time::Instant::now() > deadline {
+                            stalled.store(true, Ordering::SeqCst);
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                     let frame = Frame::data(Bytes::from(format!("data: event {i}\n\n")));
                     if tx.send(Ok(frame)).await.is_err() {
