@@ -285,14 +285,17 @@ fn original_env_block() -> Option<(usize, usize)> {
 mod tests {
     use super::*;
 
+    /// `A_KEY`..`D_KEY` with placeholders `ph-a`..`ph-d`.
+    fn four_managed_vars() -> Vec<(String, String)> {
+        ["a", "b", "c", "d"]
+            .iter()
+            .map(|x| (format!("{}_KEY", x.to_uppercase()), format!("ph-{x}")))
+            .collect()
+    }
+
     #[test]
     fn placeholders_set_when_unset_hidden_when_real() {
-        let env = vec![
-            ("A_KEY".to_string(), "ph-a".to_string()),
-            ("B_KEY".to_string(), "ph-b".to_string()),
-            ("C_KEY".to_string(), "ph-c".to_string()),
-            ("D_KEY".to_string(), "ph-d".to_string()),
-        ];
+        let env = four_managed_vars();
         let get = |k: &str| match k {
             "B_KEY" => Some(OsString::from("ph-b")),
             "C_KEY" => Some(OsString::from("")),
@@ -316,12 +319,7 @@ mod tests {
 
     #[test]
     fn real_keys_are_the_hidden_values_that_can_travel() {
-        let env = vec![
-            ("A_KEY".to_string(), "ph-a".to_string()),
-            ("B_KEY".to_string(), "ph-b".to_string()),
-            ("C_KEY".to_string(), "ph-c".to_string()),
-            ("D_KEY".to_string(), "ph-d".to_string()),
-        ];
+        let env = four_managed_vars();
         let get = |k: &str| match k {
             "B_KEY" => Some(OsString::from("ph-b")),
             "C_KEY" => Some(OsString::from("sk real with spaces")),

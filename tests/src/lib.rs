@@ -203,6 +203,18 @@ fn collect_bytes(dir: &Path, out: &mut Vec<u8>) {
     }
 }
 
+/// The system CA bundle this machine's CA variables point at.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Set every CA variable to the system bundle, as this machine does for every process: the
+/// "preset" half of each client test (the other half runs with them scrubbed).
+pub fn preset_ca_vars(cmd: &mut Command) {
+    for var in CA_VARS {
+        cmd.env(var, SYSTEM_CA_BUNDLE);
+    }
+    cmd.env("SSL_CERT_DIR", "/etc/ssl/certs");
+}
+
 /// Remove the machine's CA variables (and any broker state variables) from a child's env.
 pub fn scrub(cmd: &mut Command) {
     for var in CA_VARS {
@@ -398,18 +410,7 @@ pub fn send(
     h2: bool,
     request: http::Request<http_body_util::Full<bytes::Bytes>>,
 ) -> Result<ClientResponse, String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            send_async(addr, sni, ca_pem, h2, request, None),
-        )
-        .await
-        .map_err(|_| "timed out".to_string())?
-    })
+    send_blocking(addr, sni, ca_pem, h2, request, None)
 }
 
 /// [`send`], counting each body chunk in `delivered` as it arrives (for lock-step origins
@@ -422,6 +423,17 @@ pub fn send_counting(
     request: http::Request<http_body_util::Full<bytes::Bytes>>,
     delivered: Arc<std::sync::atomic::AtomicUsize>,
 ) -> Result<ClientResponse, String> {
+    send_blocking(addr, sni, ca_pem, h2, request, Some(delivered))
+}
+
+fn send_blocking(
+    addr: SocketAddr,
+    sni: &str,
+    ca_pem: &[u8],
+    h2: bool,
+    request: http::Request<http_body_util::Full<bytes::Bytes>>,
+    delivered: Option<Arc<std::sync::atomic::AtomicUsize>>,
+) -> Result<ClientResponse, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -429,7 +441,7 @@ pub fn send_counting(
     runtime.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(60),
-            send_async(addr, sni, ca_pem, h2, request, Some(delivered)),
+            send_async(addr, sni, ca_pem, h2, request, delivered),
         )
         .await
         .map_err(|_| "timed out".to_string())?

@@ -16,12 +16,10 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use broker_integration::{contains, run_bounded, shim_lib, which, Home, Origin, TestCa, CA_VARS};
+use broker_integration::{contains, run_bounded, shim_lib, which, Home, Origin, TestCa};
 
 const OPENAI_KEY: &str = "sk-test-real-openai-key-for-matrix-0123456789";
 const BODY: &str = "{\"object\":\"list\",\"data\":[{\"id\":\"matrix-model\"}]}";
-const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
-const SYSTEM_DIR: &str = "/etc/ssl/certs";
 
 /// The placeholder the broker gives agents for `OPENAI_API_KEY`, from the catalog.
 fn placeholder(home: &Home) -> String {
@@ -73,10 +71,7 @@ fn run_matrix(name: &str, agent: &[&str], check: impl Fn(&str, &str)) {
             .env("BROKER_LOG", "debug")
             .stdin(Stdio::null());
         if preset {
-            for var in CA_VARS {
-                cmd.env(var, SYSTEM_BUNDLE);
-            }
-            cmd.env("SSL_CERT_DIR", SYSTEM_DIR);
+            broker_integration::preset_ca_vars(&mut cmd);
         }
         let out = run_bounded(&mut cmd, Duration::from_secs(90));
 

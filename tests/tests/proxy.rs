@@ -644,10 +644,7 @@ fn demo_swaps_with_ca_variables_scrubbed_and_preset() {
         let mut cmd = home.broker();
         cmd.arg("demo");
         if preset {
-            for var in broker_integration::CA_VARS {
-                cmd.env(var, "/etc/ssl/certs/ca-certificates.crt");
-            }
-            cmd.env("SSL_CERT_DIR", "/etc/ssl/certs");
+            broker_integration::preset_ca_vars(&mut cmd);
         }
         let out = broker_integration::run_bounded(&mut cmd, Duration::from_secs(60));
         let stdout = String::from_utf8_lossy(&out.stdout);

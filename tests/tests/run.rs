@@ -3,7 +3,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use broker_integration::{contains, run_bounded, shim_lib, Home, Origin, TestCa, CA_VARS};
+use broker_integration::{contains, run_bounded, shim_lib, Home, Origin, TestCa};
 
 const OPENAI_KEY: &str = "sk-test-real-openai-key-for-run-0123456789";
 const DOTENV_KEY: &str = "sk-test-dotenv-openai-key-0123456789-xyz";
@@ -98,10 +98,7 @@ fn curl_and_python_agents_use_the_key_without_holding_it() {
         let mut py = broker_run(&home, &ca, &origin, &["--", "python3", "-c", python]);
         for cmd in [&mut curl, &mut py] {
             if preset {
-                for var in CA_VARS {
-                    cmd.env(var, "/etc/ssl/certs/ca-certificates.crt");
-                }
-                cmd.env("SSL_CERT_DIR", "/etc/ssl/certs");
+                broker_integration::preset_ca_vars(cmd);
             }
             let out = run_bounded(cmd, Duration::from_secs(60));
             let stdout = String::from_utf8_lossy(&out.stdout);

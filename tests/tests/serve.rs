@@ -199,6 +199,20 @@ fn broker_run_joins_a_running_serve_with_its_own_policy() {
     drop(serve);
 }
 
+/// `sh -c script` started the way a user starts an agent next to `broker serve`: a bare
+/// `LD_PRELOAD`, with the machine's CA variables scrubbed or preset.
+fn bare_preload(home: &Home, script: &str, preset: bool) -> Command {
+    let mut cmd = Command::new("sh");
+    broker_integration::scrub(&mut cmd);
+    if preset {
+        broker_integration::preset_ca_vars(&mut cmd);
+    }
+    cmd.env("BROKER_HOME", home.path())
+        .env("LD_PRELOAD", broker_integration::shim_lib())
+        .args(["-c", script]);
+    cmd
+}
+
 #[test]
 fn a_bare_preload_finds_the_running_daemon() {
     let ca = TestCa::new();
@@ -207,17 +221,7 @@ fn a_bare_preload_finds_the_running_daemon() {
     home.add("openai", OPENAI_KEY);
     let _serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
     for preset in [false, true] {
-        let mut cmd = Command::new("sh");
-        broker_integration::scrub(&mut cmd);
-        if preset {
-            for var in broker_integration::CA_VARS {
-                cmd.env(var, "/etc/ssl/certs/ca-certificates.crt");
-            }
-            cmd.env("SSL_CERT_DIR", "/etc/ssl/certs");
-        }
-        cmd.env("BROKER_HOME", home.path())
-            .env("LD_PRELOAD", broker_integration::shim_lib())
-            .args(["-c", "curl -sS --fail-with-body https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\""]);
+        let mut cmd = bare_preload(&home, "curl -sS --fail-with-body https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"", preset);
         let out = run_bounded(&mut cmd, Duration::from_secs(30));
         assert!(
             out.status.success(),
@@ -258,24 +262,10 @@ fn a_bare_preload_hands_a_real_key_to_the_daemon_for_its_own_tree_only() {
     // The vault holds no openai key: only the handed-over key can make the origin answer.
     let home = Home::new();
     let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
-    let bare_preload = |script: &str, preset: bool| {
-        let mut cmd = Command::new("sh");
-        broker_integration::scrub(&mut cmd);
-        if preset {
-            for var in broker_integration::CA_VARS {
-                cmd.env(var, "/etc/ssl/certs/ca-certificates.crt");
-            }
-            cmd.env("SSL_CERT_DIR", "/etc/ssl/certs");
-        }
-        cmd.env("BROKER_HOME", home.path())
-            .env("LD_PRELOAD", broker_integration::shim_lib())
-            .args(["-c", script]);
-        cmd
-    };
     let mut agent_pids = Vec::new();
     for preset in [false, true] {
         // `exec` replaces the process that opened the run: the run must survive it.
-        let mut cmd = bare_preload("exec python3 -c \"$AGENT\"", preset);
+        let mut cmd = bare_preload(&home, "exec python3 -c \"$AGENT\"", preset);
         cmd.env("AGENT", HANDOVER_AGENT)
             .env("OPENAI_API_KEY", DOTENV_KEY)
             .stdin(Stdio::piped())
@@ -372,6 +362,7 @@ fn a_bare_preload_hands_a_real_key_to_the_daemon_for_its_own_tree_only() {
 
     // Another agent of the same user, started without the key, cannot use it.
     let mut cmd = bare_preload(
+        &home,
         "curl -sS -o /dev/null -w '%{http_code}' https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"",
         false,
     );
@@ -397,12 +388,8 @@ fn a_real_key_stays_hidden_when_the_daemon_died() {
     let home = Home::new();
     // Killed with SIGKILL: its shim config and control socket are left behind.
     drop(Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]));
-    let mut cmd = Command::new("sh");
-    broker_integration::scrub(&mut cmd);
-    cmd.env("BROKER_HOME", home.path())
-        .env("LD_PRELOAD", broker_integration::shim_lib())
-        .env("OPENAI_API_KEY", DOTENV_KEY)
-        .args(["-c", "echo key=$OPENAI_API_KEY; curl -sS https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\""]);
+    let mut cmd = bare_preload(&home, "echo key=$OPENAI_API_KEY; curl -sS https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"", false);
+    cmd.env("OPENAI_API_KEY", DOTENV_KEY);
     let out = run_bounded(&mut cmd, Duration::from_secs(30));
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
