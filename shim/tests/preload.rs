@@ -1059,6 +1059,31 @@ fn musl_children_start_without_the_shim_glibc_children_keep_it() {
         "{}",
         out.stdout
     );
+    // C's variadic execl / execlp / execle, from a glibc program
+    if which("gcc").is_some() {
+        std::fs::write(
+            w.dir.join("launch.c"),
+            "#include <unistd.h>\n#include <sys/wait.h>\nextern char **environ;\n\
+             static void run(int how) { pid_t p = fork(); if (p == 0) {\n\
+               if (how == 0) execl(\"./bin/musl-child\", \"musl-child\", (char *)0);\n\
+               if (how == 1) execlp(\"musl-child\", \"musl-child\", (char *)0);\n\
+               if (how == 2) execle(\"./bin/musl-child\", \"musl-child\", (char *)0, environ);\n\
+               _exit(127); }\n\
+               int st; waitpid(p, &st, 0); }\n\
+             int main(void) { run(0); run(1); run(2); return 0; }\n",
+        )
+        .expect("launch.c");
+        run_ok(
+            Command::new("gcc")
+                .args(["-o", "launch", "launch.c"])
+                .current_dir(&w.dir),
+        );
+        let out = run_ok_out(
+            w.client(CaEnv::Scrubbed, "./launch").env("PATH", &path),
+            &w.dir,
+        );
+        expect_unset(&out, 3);
+    }
     // CPython's subprocess (vfork + execve), with and without PATH search, and posix_spawn
     let script = "import os, subprocess\n\
                   subprocess.run(['./bin/musl-child'], check=True)\n\

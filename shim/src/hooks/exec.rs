@@ -1,10 +1,11 @@
 //! exec hooks: a child that cannot load a glibc `libbroker.so` (a dynamic musl program) gets
 //! the environment without our `LD_PRELOAD` entry; see [`crate::exec`].
 //!
-//! Hooked: `execve`, `execv`, `execvpe`, `execvp`, `posix_spawn`, `posix_spawnp`. Not
-//! hooked: the variadic `execl*` (glibc builds an argv and calls its internal `execve`, which
-//! no preload sees) and glibc's internal spawns (`system`, `popen`): those start `/bin/sh`,
-//! a glibc program whose own `execve` is hooked.
+//! Hooked: `execve`, `execv`, `execvpe`, `execvp`, `posix_spawn`, `posix_spawnp`, and the
+//! variadic `execl`, `execle`, `execlp` (in C, `execl.c`: glibc's own build an argv and call
+//! its internal `execve`, which no preload sees; ours call the hooks here). Not hooked:
+//! glibc's internal spawns (`system`, `popen`): those start `/bin/sh`, a glibc program whose
+//! own `execve` is hooked.
 //!
 //! These run in `vfork` children, so nothing here allocates or takes a lock: the work is
 //! done in fixed buffers on the stack, with raw `open`/`read`/`access` calls. The real
@@ -37,6 +38,21 @@ pub fn resolve_all() {
 }
 
 type Argv = *const *const c_char;
+
+// The C-variadic hooks of execl.c. Referenced here so the linker keeps them (a static
+// archive's objects are linked only when used); exported by the version script in build.rs.
+// Left out of unit-test binaries, where they would replace libc's own.
+#[cfg(not(test))]
+unsafe extern "C" {
+    fn execl(path: *const c_char, arg: *const c_char, ...) -> c_int;
+    fn execle(path: *const c_char, arg: *const c_char, ...) -> c_int;
+    fn execlp(file: *const c_char, arg: *const c_char, ...) -> c_int;
+}
+
+#[cfg(not(test))]
+#[used]
+static VARIADIC_HOOKS: [unsafe extern "C" fn(*const c_char, *const c_char, ...) -> c_int; 3] =
+    [execl, execle, execlp];
 type ExecveFn = unsafe extern "C" fn(*const c_char, Argv, Argv) -> c_int;
 type ExecvFn = unsafe extern "C" fn(*const c_char, Argv) -> c_int;
 type SpawnFn = unsafe extern "C" fn(
