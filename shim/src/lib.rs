@@ -17,7 +17,7 @@
 //! - **Environment** (constructor): placeholders for the managed credential variables; a real
 //!   key found there is replaced by its placeholder and scrubbed from `/proc/<pid>/environ`,
 //!   and with `broker serve` handed to it as this process tree's own run ([`handover`]).
-//! - **exec** (`execve`, `execv`, `execvp`, `execvpe`, `posix_spawn`, `posix_spawnp`): a
+//! - **exec** (`execve`, `execv`, `execvp`, `execvpe`, `execl*`, `posix_spawn`, `posix_spawnp`): a
 //!   program that cannot load this library (musl) is started without it.
 //!
 //! # Why this crate needs `unsafe`
