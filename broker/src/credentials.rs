@@ -32,8 +32,11 @@ pub struct VaultCredentials {
 /// decryption per request; costs two `stat` calls.
 struct KeyCache {
     files: [PathBuf; 2],
-    entries: Mutex<HashMap<(String, String), (Stamp, Zeroizing<String>)>>,
+    entries: Mutex<HashMap<ProviderProfile, (Stamp, Zeroizing<String>)>>,
 }
+
+/// A cache key: provider and profile names.
+type ProviderProfile = (String, String);
 
 /// What identifies one state of the vault's files.
 type Stamp = [(u64, i64, i64); 2];

@@ -39,7 +39,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
 
-    let runtime = super::runtime()?;
+    let runtime = super::serve_runtime()?;
     runtime.block_on(async {
         let started = instance::start(InstanceSettings {
             home: home.clone(),
