@@ -696,80 +696,67 @@ fn run(opts: Opts) -> anyhow::Result<()> {
             )?;
             let runs = 50;
             let curl = "curl -sS -o /dev/null -w '%{http_code} %{time_total} %{time_appconnect} %{time_starttransfer}\\n'";
-            // The direct curl trusts the system roots plus the origin's CA, so it loads the same
-            // bundle the brokered curl loads (the shim adds the run CA to the system store).
+            // Two trust setups. With the system bundle (curl's default) each run spends
+            // 20-60 ms loading 140-odd certificates under OpenSSL 3, which overlaps the direct
+            // leg's TCP round trip and hides what the pooled upstream saves; with only the CA
+            // each leg needs, that load is gone and the round trips show. The direct curl
+            // trusts the system roots plus the origin's CA in the first setup, so it loads the
+            // same bundle the brokered curl loads (the shim adds the run CA to that store).
             let bundle = tmp.0.join("direct-bundle.pem");
             let mut pem = std::fs::read("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default();
             pem.extend(std::fs::read(&delayed.ca_pem_path)?);
             std::fs::write(&bundle, pem)?;
-            let direct_script = format!(
-            "for i in $(seq {runs}); do {curl} --connect-to {HOST}:443:{}:{} --cacert '{}' -H 'Authorization: Bearer {REAL_KEY}' https://{HOST}/v1/models; done",
-            delayed.upstream.ip(),
-            delayed.upstream.port(),
-            bundle.display()
-        );
-            let broker_script = format!(
-            "for i in $(seq {runs}); do {curl} -H \"Authorization: Bearer $OPENAI_API_KEY\" https://{HOST}/v1/models; done"
-        );
-            let time_loop = |cmd: &mut Command| -> anyhow::Result<(f64, f64, f64, f64)> {
-                let t = Instant::now();
-                let out = cmd.stdin(std::process::Stdio::null()).output()?;
-                let wall = t.elapsed().as_secs_f64();
-                let text = String::from_utf8_lossy(&out.stdout);
-                let mut times = Vec::new();
-                let mut phases = (Vec::new(), Vec::new());
-                for line in text.lines() {
-                    let mut parts = line.split_whitespace();
-                    let code = parts.next().unwrap_or_default();
-                    anyhow::ensure!(
-                        code == "200",
-                        "curl got {code}: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                    let mut next = || {
-                        parts
-                            .next()
-                            .and_then(|v| v.parse::<f64>().ok())
-                            .unwrap_or(f64::NAN)
-                            * 1e3
-                    };
-                    times.push(next());
-                    phases.0.push(next());
-                    phases.1.push(next());
-                }
-                anyhow::ensure!(
-                    times.len() == runs,
-                    "{} of {runs} curl runs answered: {}",
-                    times.len(),
-                    String::from_utf8_lossy(&out.stderr)
+            let setups = [
+                ("system bundle", bundle.display().to_string(), String::new()),
+                (
+                    "only the needed CA",
+                    delayed.ca_pem_path.display().to_string(),
+                    // The run's CA, next to the run's shim config.
+                    " --cacert \"${BROKER_SHIM_CONFIG%/*}/ca.pem\"".to_string(),
+                ),
+            ];
+            for (label, direct_ca, broker_ca) in setups {
+                let direct_script = format!(
+                    "for i in $(seq {runs}); do {curl} --connect-to {HOST}:443:{}:{} --cacert '{direct_ca}' -H 'Authorization: Bearer {REAL_KEY}' https://{HOST}/v1/models; done",
+                    delayed.upstream.ip(),
+                    delayed.upstream.port(),
                 );
-                Ok((wall, median(times), median(phases.0), median(phases.1)))
-            };
-            let (mut d, mut b) = (Vec::new(), Vec::new());
-            for _ in 0..rounds {
-                let mut cmd = procs::clean("sh");
-                cmd.args(["-c", &direct_script]);
-                d.push(time_loop(&mut cmd)?);
-                b.push(time_loop(
-                    &mut serve2.run_cmd(&[], &["sh", "-c", &broker_script]),
-                )?);
+                let broker_script = format!(
+                    "for i in $(seq {runs}); do {curl}{broker_ca} -H \"Authorization: Bearer $OPENAI_API_KEY\" https://{HOST}/v1/models; done"
+                );
+                let (mut d, mut b) = (Vec::new(), Vec::new());
+                for _ in 0..rounds {
+                    let mut cmd = procs::clean("sh");
+                    cmd.args(["-c", &direct_script]);
+                    d.push(time_curl_loop(&mut cmd, runs)?);
+                    b.push(time_curl_loop(
+                        &mut serve2.run_cmd(&[], &["sh", "-c", &broker_script]),
+                        runs,
+                    )?);
+                }
+                rows.push(
+                    Row::new(format!("{runs} curl runs, 20 ms RTT, {label} (total)"), "s")
+                        .direct(median(d.iter().map(|x| x.0).collect()))
+                        .broker(median(b.iter().map(|x| x.0).collect())),
+                );
+                rows.push(
+                    Row::new("  per curl run (curl time_total, median)", "ms")
+                        .direct(median(d.iter().map(|x| x.1).collect()))
+                        .broker(median(b.iter().map(|x| x.1).collect())),
+                );
+                let key = match label {
+                    "system bundle" => "rtt20_curl",
+                    _ => "rtt20_curl_own_ca",
+                };
+                raw.insert(
+                    key.into(),
+                    json!({"method": delayed.method, "trust": label, "runs": runs,
+                        "direct_total_s": d.iter().map(|x| x.0).collect::<Vec<_>>(), "broker_total_s": b.iter().map(|x| x.0).collect::<Vec<_>>(),
+                        "direct_median_ms": d.iter().map(|x| x.1).collect::<Vec<_>>(), "broker_median_ms": b.iter().map(|x| x.1).collect::<Vec<_>>(),
+                        "direct_tls_done_ms": d.iter().map(|x| x.2).collect::<Vec<_>>(), "broker_tls_done_ms": b.iter().map(|x| x.2).collect::<Vec<_>>(),
+                        "direct_first_byte_ms": d.iter().map(|x| x.3).collect::<Vec<_>>(), "broker_first_byte_ms": b.iter().map(|x| x.3).collect::<Vec<_>>()}),
+                );
             }
-            rows.push(
-                Row::new(format!("{runs} curl runs, 20 ms RTT (total)"), "s")
-                    .direct(median(d.iter().map(|x| x.0).collect()))
-                    .broker(median(b.iter().map(|x| x.0).collect())),
-            );
-            rows.push(
-                Row::new("  per curl run (curl time_total, median)", "ms")
-                    .direct(median(d.iter().map(|x| x.1).collect()))
-                    .broker(median(b.iter().map(|x| x.1).collect())),
-            );
-            raw.insert(
-            "rtt20_curl".into(),
-            json!({"method": delayed.method, "runs": runs, "direct_total_s": d.iter().map(|x| x.0).collect::<Vec<_>>(), "broker_total_s": b.iter().map(|x| x.0).collect::<Vec<_>>(), "direct_median_ms": d.iter().map(|x| x.1).collect::<Vec<_>>(), "broker_median_ms": b.iter().map(|x| x.1).collect::<Vec<_>>(),
-                "direct_tls_done_ms": d.iter().map(|x| x.2).collect::<Vec<_>>(), "broker_tls_done_ms": b.iter().map(|x| x.2).collect::<Vec<_>>(),
-                "direct_first_byte_ms": d.iter().map(|x| x.3).collect::<Vec<_>>(), "broker_first_byte_ms": b.iter().map(|x| x.3).collect::<Vec<_>>()}),
-        );
             notes.push(format!("20 ms RTT via {}", delayed.method));
             Ok(())
         },
@@ -831,4 +818,41 @@ fn run(opts: Opts) -> anyhow::Result<()> {
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
     println!("wrote {}", json_path.display());
     Ok(())
+}
+
+/// Run a shell loop of `runs` curl calls that each print `code total appconnect starttransfer`
+/// (seconds); the wall time (s) and the medians of the three phases (ms). Every answer must be
+/// a 200.
+fn time_curl_loop(cmd: &mut Command, runs: usize) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let t = Instant::now();
+    let out = cmd.stdin(std::process::Stdio::null()).output()?;
+    let wall = t.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (mut totals, mut tls_done, mut first_byte) = (Vec::new(), Vec::new(), Vec::new());
+    for line in text.lines() {
+        let mut parts = line.split_whitespace();
+        let code = parts.next().unwrap_or_default();
+        anyhow::ensure!(
+            code == "200",
+            "curl got {code}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut next = || {
+            parts
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+                * 1e3
+        };
+        totals.push(next());
+        tls_done.push(next());
+        first_byte.push(next());
+    }
+    anyhow::ensure!(
+        totals.len() == runs,
+        "{} of {runs} curl runs answered: {}",
+        totals.len(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((wall, median(totals), median(tls_done), median(first_byte)))
 }
