@@ -175,6 +175,20 @@ impl Home {
         child.wait_with_output().expect("wait")
     }
 
+    /// The audit log once `done` holds for it (or after 10 s): a running broker writes its
+    /// events from a background thread in small batches, a few milliseconds after the request.
+    pub fn audit_until(&self, done: impl Fn(&str) -> bool) -> String {
+        let path = self.path().join("audit.jsonl");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if done(&text) || Instant::now() > deadline {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Everything under the home directory, for leak checks.
     pub fn all_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();

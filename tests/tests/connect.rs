@@ -133,7 +133,10 @@ fn deny_unlisted_refuses_other_destinations_through_connect() {
         "{stdout}"
     );
     assert!(other.requests().is_empty());
-    let audit = std::fs::read_to_string(home.path().join("audit.jsonl")).unwrap_or_default();
+    let audit = home.audit_until(|a| {
+        a.lines()
+            .any(|l| l.contains("\"denial\"") && l.contains("deny-unlisted"))
+    });
     assert!(
         audit
             .lines()

@@ -55,7 +55,12 @@ for i in $(seq 100); do curl -s -o /dev/null http://192.0.2.10:8080/ && curl -s 
     // Loopback stays allowed: local services keep working.
     assert!(stdout.contains("loopback:200"), "{stdout}");
     // Each refusal the shim made is in the audit log, with the destination.
-    let audit = std::fs::read_to_string(home.path().join("audit.jsonl")).unwrap_or_default();
+    let audit = home.audit_until(|a| {
+        ["192.0.2.10:8080", "192.0.2.10:8443"].iter().all(|dest| {
+            a.lines()
+                .any(|l| l.contains("\"denial\"") && l.contains(dest))
+        })
+    });
     for dest in ["192.0.2.10:8080", "192.0.2.10:8443"] {
         assert!(
             audit.lines().any(|l| l.contains("\"denial\"")

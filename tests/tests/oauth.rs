@@ -561,7 +561,7 @@ fn a_refused_refresh_answers_login_expired() {
     // The second use did not ask the server again: the credential is marked.
     assert_eq!(idp.token_requests(), 2, "{:?}", idp.entries());
     assert!(origin.requests().is_empty(), "nothing reached the API");
-    let audit = std::fs::read_to_string(home.path().join("audit.jsonl")).expect("audit");
+    let audit = home.audit_until(|a| a.contains("refresh refused: invalid_grant"));
     assert!(audit.contains("refresh refused: invalid_grant"), "{audit}");
 }
 

@@ -621,20 +621,14 @@ fn placeholder_of(home: &Home, provider: &str) -> String {
 
 /// Wait until the audit log has at least `n` lines (the writer is asynchronous).
 fn wait_for_audit(home: &Home, n: usize) -> Vec<String> {
-    let path = home.path().join("audit.jsonl");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let lines: Vec<String> = std::fs::read_to_string(&path)
-            .unwrap_or_default()
+    let events = |audit: &str| -> Vec<String> {
+        audit
             .lines()
             .filter(|l| !l.contains("credential_added"))
             .map(str::to_string)
-            .collect();
-        if lines.len() >= n || std::time::Instant::now() > deadline {
-            return lines;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+            .collect()
+    };
+    events(&home.audit_until(|a| events(a).len() >= n))
 }
 
 #[test]

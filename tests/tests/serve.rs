@@ -92,13 +92,13 @@ fn another_uid_cannot_use_the_broker() {
         1,
         "only our request reached the origin"
     );
-    let audit = std::fs::read_to_string(home.path().join("audit.jsonl")).unwrap_or_default();
-    assert!(
+    let denied = |audit: &str| {
         audit
             .lines()
-            .any(|l| l.contains("\"denial\"") && l.contains("refused")),
-        "{audit}"
-    );
+            .any(|l| l.contains("\"denial\"") && l.contains("refused"))
+    };
+    let audit = home.audit_until(denied);
+    assert!(denied(&audit), "{audit}");
 }
 
 #[test]
@@ -165,7 +165,7 @@ fn broker_run_joins_a_running_serve_with_its_own_policy() {
         .lines()
         .find_map(|l| l.strip_prefix("pid="))
         .expect("pid line");
-    let audit = String::from_utf8_lossy(&home.all_bytes()).to_string();
+    let audit = home.audit_until(|a| a.contains(&format!("\"pid\":{pid},")));
     assert!(
         audit.contains(&format!("\"pid\":{pid},")),
         "pid {pid}: {audit}"
@@ -352,7 +352,11 @@ fn a_bare_preload_hands_a_real_key_to_the_daemon_for_its_own_tree_only() {
         }
     }
     assert_eq!(origin.requests().len(), 4);
-    let audit = String::from_utf8_lossy(&home.all_bytes()).to_string();
+    let audit = home.audit_until(|a| {
+        agent_pids
+            .iter()
+            .all(|pid| a.contains(&format!("\"pid\":{pid},")))
+    });
     for pid in &agent_pids {
         assert!(
             audit.contains(&format!("\"pid\":{pid},")),
