@@ -386,6 +386,12 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
     }
 }
 
+/// How many audit lines of `audit` record an `event` (`credential_use`, `refresh`, ...).
+pub fn count_events(audit: &str, event: &str) -> usize {
+    let tag = format!("\"event\":\"{event}\"");
+    audit.lines().filter(|l| l.contains(&tag)).count()
+}
+
 /// Does `haystack` contain `needle`?
 pub fn contains(haystack: &[u8], needle: &str) -> bool {
     !needle.is_empty()

@@ -125,10 +125,7 @@ fn run_matrix(name: &str, agent: &[&str], check: impl Fn(&str, &str)) {
     }
 
     let audit = std::fs::read_to_string(home.path().join("audit.jsonl")).expect("audit");
-    let uses = audit
-        .lines()
-        .filter(|l| l.contains("\"credential_use\""))
-        .count();
+    let uses = broker_integration::count_events(&audit, "credential_use");
     assert_eq!(uses, 2, "{name}: one audited use per run: {audit}");
 }
 

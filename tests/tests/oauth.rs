@@ -306,11 +306,8 @@ fn agent_call(home: &Home, ca: &TestCa, origin: &Origin) -> Command {
 }
 
 fn audit_events(home: &Home, event: &str) -> usize {
-    std::fs::read_to_string(home.path().join("audit.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains(&format!("\"event\":\"{event}\"")))
-        .count()
+    let audit = std::fs::read_to_string(home.path().join("audit.jsonl")).unwrap_or_default();
+    broker_integration::count_events(&audit, event)
 }
 
 /// The bearer values the origin received.

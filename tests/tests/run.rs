@@ -130,10 +130,7 @@ fn curl_and_python_agents_use_the_key_without_holding_it() {
     );
     // Every use is audited, even the last one of a run that exits right after it.
     let audit = std::fs::read_to_string(home.path().join("audit.jsonl")).expect("audit");
-    let uses = audit
-        .lines()
-        .filter(|l| l.contains("\"credential_use\""))
-        .count();
+    let uses = broker_integration::count_events(&audit, "credential_use");
     assert_eq!(uses, 4, "{audit}");
     // ... under the agent's own pid, not broker run's.
     assert_eq!(agent_pids.len(), 4, "{agent_pids:?}");
