@@ -6,7 +6,8 @@
 //! are that run's credentials, never stored, and usable by this process tree only.
 //!
 //! This is the one place the constructor does blocking I/O beyond reading its config: a local
-//! connect, one write and one read, bounded by [`TIMEOUT`], and only when a real key is present.
+//! connect, one write and one read (the write and the read bounded by [`TIMEOUT`] each), and
+//! only when a real key is present.
 //! A daemon that does not answer in time costs the agent that delay once, then the keys stay
 //! hidden (placeholder in the environment) but unused.
 //!
@@ -24,7 +25,8 @@ use std::time::Duration;
 use broker_contract::handover::{Handover, HandoverReply};
 use zeroize::Zeroize as _;
 
-/// Longest the constructor waits for the daemon, for the connect, the write and the read each.
+/// Longest the constructor waits on the daemon for the write and for the read. (A connect to a
+/// Unix socket completes at once unless the listener's backlog is full.)
 pub const TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest reply line accepted (a path).
 const MAX_REPLY: usize = 4096;

@@ -147,6 +147,19 @@ impl Home {
         cmd
     }
 
+    /// `broker run` (embedded broker) for this home with `host` resolved to a local `origin`
+    /// trusted through `ca`; append `--` and the agent's command.
+    pub fn broker_run(&self, ca: &TestCa, host: &str, origin: SocketAddr) -> Command {
+        let mut cmd = self.broker();
+        cmd.arg("run")
+            .arg("--upstream-ca")
+            .arg(&ca.pem_path)
+            .arg("--resolve")
+            .arg(format!("{host}:443:{origin}"))
+            .stdin(Stdio::null());
+        cmd
+    }
+
     /// `broker add <provider>` with the secret on stdin.
     pub fn add(&self, provider: &str, secret: &str) {
         let out = self.run_with_stdin(&["add", provider], secret);

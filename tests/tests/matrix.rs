@@ -58,13 +58,8 @@ fn run_matrix(name: &str, agent: &[&str], check: impl Fn(&str, &str)) {
             if preset { "preset" } else { "scrubbed" }
         );
         let before = origin.requests().len();
-        let mut cmd = home.broker();
-        cmd.arg("run")
-            .arg("--upstream-ca")
-            .arg(&ca.pem_path)
-            .arg("--resolve")
-            .arg(format!("api.openai.com:443:{}", origin.addr))
-            .arg("--")
+        let mut cmd = home.broker_run(&ca, "api.openai.com", origin.addr);
+        cmd.arg("--")
             .args(agent)
             .env_remove("OPENAI_API_KEY")
             // The broker's own debug lines (and h2's frame log) too must not carry the key.

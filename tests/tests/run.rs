@@ -10,14 +10,8 @@ const DOTENV_KEY: &str = "sk-test-dotenv-openai-key-0123456789-xyz";
 
 /// `broker run` for `home`, resolving api.openai.com to `origin`.
 fn broker_run(home: &Home, ca: &TestCa, origin: &Origin, args: &[&str]) -> Command {
-    let mut cmd = home.broker();
-    cmd.arg("run")
-        .arg("--upstream-ca")
-        .arg(&ca.pem_path)
-        .arg("--resolve")
-        .arg(format!("api.openai.com:443:{}", origin.addr))
-        .args(args);
-    cmd.stdin(Stdio::null());
+    let mut cmd = home.broker_run(ca, "api.openai.com", origin.addr);
+    cmd.args(args);
     cmd
 }
 

@@ -34,20 +34,25 @@ const DECODABLE: &[&str] = &["gzip", "x-gzip", "deflate", "identity"];
 /// Keep only the codings the broker can decode in the request's `Accept-Encoding` (with their
 /// q-values); `identity` when none is left. An absent header stays absent.
 pub fn narrow_accept_encoding(headers: &mut HeaderMap) {
-    if !headers.contains_key(ACCEPT_ENCODING) {
+    let decodable = |item: &&str| {
+        let coding = item.split(';').next().unwrap_or("").trim();
+        DECODABLE.iter().any(|d| d.eq_ignore_ascii_case(coding))
+    };
+    // Per request: most clients ask for "gzip, deflate" already, so check before rebuilding.
+    let all_decodable = headers.get_all(ACCEPT_ENCODING).iter().all(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').map(str::trim).all(|item| decodable(&item)))
+    });
+    if all_decodable {
         return;
     }
-    let kept: Vec<String> = headers
+    let kept: Vec<&str> = headers
         .get_all(ACCEPT_ENCODING)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|item| {
-            let coding = item.split(';').next().unwrap_or("").trim();
-            DECODABLE.iter().any(|d| d.eq_ignore_ascii_case(coding))
-        })
-        .map(str::to_string)
+        .filter(decodable)
         .collect();
     let value = match kept.is_empty() {
         true => HeaderValue::from_static("identity"),
@@ -76,6 +81,9 @@ pub enum Encoded {
 }
 
 pub fn classify(headers: &HeaderMap) -> Encoded {
+    if !headers.contains_key(CONTENT_ENCODING) {
+        return Encoded::Plain;
+    }
     let codings: Vec<String> = headers
         .get_all(CONTENT_ENCODING)
         .iter()
@@ -299,6 +307,8 @@ mod tests {
         assert_eq!(narrowed("gzip, deflate, br, zstd"), "gzip, deflate");
         assert_eq!(narrowed("br;q=1.0, GZIP;q=0.5"), "GZIP;q=0.5");
         assert_eq!(narrowed("br"), "identity");
+        // Already decodable: left exactly as the client sent it.
+        assert_eq!(narrowed("deflate;q=0.5,GZIP"), "deflate;q=0.5,GZIP");
         assert_eq!(narrowed("*"), "identity");
         let mut absent = HeaderMap::new();
         narrow_accept_encoding(&mut absent);
