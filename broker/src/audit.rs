@@ -170,7 +170,8 @@ impl AuditEvent {
         .into_iter()
         .flatten()
         {
-            if field.chars().count() > MAX_FIELD_LEN {
+            // A string has at least as many bytes as chars: most fields need no count.
+            if field.len() > MAX_FIELD_LEN && field.chars().count() > MAX_FIELD_LEN {
                 *field = field.chars().take(MAX_FIELD_LEN).chain(['…']).collect();
             }
         }
@@ -301,10 +302,12 @@ impl Audit {
             out.push('\n');
         }
         let mut records = Vec::with_capacity(events.len());
+        // The lines are written together, so they carry the same time.
+        let time = now_rfc3339();
         for event in events {
             let record = AuditRecord {
                 seq,
-                time: now_rfc3339(),
+                time: time.clone(),
                 event: event.sanitized(),
                 prev: std::mem::take(&mut prev),
                 hash: String::new(),
@@ -328,14 +331,12 @@ impl Audit {
     }
 }
 
-/// Serialize `record` as one line (no newline) with its hash computed and placed last.
-/// Returns the line and the hash.
+/// Serialize `record` (its `hash` still empty) as one line (no newline) with its hash computed
+/// and placed last. Returns the line and the hash.
 fn encode_line(record: &AuditRecord) -> Result<(String, String), serde_json::Error> {
-    // Struct order (seq, time, event, fields, prev); an empty `hash` is skipped.
-    let unhashed = serde_json::to_string(&AuditRecord {
-        hash: String::new(),
-        ..record.clone()
-    })?;
+    debug_assert!(record.hash.is_empty(), "the hash is computed here");
+    // Struct order (seq, time, event, fields, prev); the empty `hash` is skipped.
+    let unhashed = serde_json::to_string(record)?;
     let hash = sha256_hex(unhashed.as_bytes());
     let body = unhashed.strip_suffix('}').unwrap_or(&unhashed);
     Ok((format!("{body},\"hash\":\"{hash}\"}}"), hash))
@@ -634,6 +635,7 @@ mod tests {
         let mut l = lines(&path);
         let mut record: AuditRecord = serde_json::from_str(&l[1]).unwrap();
         record.event.status = Some(500);
+        record.hash.clear();
         l[1] = encode_line(&record).unwrap().0;
         write_lines(&path, &l);
         assert_eq!(verify(&path).unwrap_err().line, 3);

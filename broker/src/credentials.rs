@@ -2,14 +2,13 @@
 //! tokens refreshed before they expire (single flight across processes, see
 //! `crate::oauth::refresh`) and keys produced by a command (`crate::credential_command`).
 
-use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use zeroize::Zeroizing;
 
 use crate::credential_command::{self, CommandCache};
 use crate::home::Home;
+use crate::key_cache::KeyCache;
 use crate::oauth::refresh::FreshError;
 use crate::proxy::{Credentials, LookupError, UpstreamSettings};
 use crate::vault::{CredentialKind, KeyConfig, Vault};
@@ -24,53 +23,6 @@ pub struct VaultCredentials {
     commands: CommandCache,
     /// API keys already read, valid while the vault files are unchanged.
     keys_seen: KeyCache,
-}
-
-/// API keys read from the vault, kept while the vault's files are unchanged: any write by any
-/// process (`broker add`, `remove`, a refresh) changes the size or mtime of `vault.db` or its
-/// WAL, and the next lookup reads the vault again. Saves a thread hop, an SQLite query and a
-/// decryption per request; costs two `stat` calls.
-struct KeyCache {
-    files: [PathBuf; 2],
-    entries: Mutex<HashMap<ProviderProfile, (Stamp, Zeroizing<String>)>>,
-}
-
-/// A cache key: provider and profile names.
-type ProviderProfile = (String, String);
-
-/// What identifies one state of the vault's files.
-type Stamp = [(u64, i64, i64); 2];
-
-impl KeyCache {
-    fn new(vault: PathBuf) -> KeyCache {
-        let mut wal = vault.clone().into_os_string();
-        wal.push("-wal");
-        KeyCache {
-            files: [vault, PathBuf::from(wal)],
-            entries: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn stamp(&self) -> Stamp {
-        use std::os::unix::fs::MetadataExt as _;
-        self.files.each_ref().map(|f| {
-            std::fs::metadata(f).map_or((0, 0, 0), |m| (m.size(), m.mtime(), m.mtime_nsec()))
-        })
-    }
-
-    fn get(&self, provider: &str, profile: &str) -> Option<Zeroizing<String>> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let (stamp, key) = entries.get(&(provider.to_string(), profile.to_string()))?;
-        (*stamp == self.stamp()).then(|| key.clone())
-    }
-
-    fn remember(&self, stamp: Stamp, provider: &str, profile: &str, key: &Zeroizing<String>) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.insert(
-            (provider.to_string(), profile.to_string()),
-            (stamp, key.clone()),
-        );
-    }
 }
 
 impl VaultCredentials {
@@ -126,9 +78,9 @@ impl Credentials for VaultCredentials {
         let Some(vault) = self.vault()? else {
             return Ok(None);
         };
-        // Stamped before the read: a write racing with it leaves a stamp that no longer
-        // matches, never a stale key behind a fresh stamp.
-        let stamp = self.keys_seen.stamp();
+        // Taken before the read: a write racing with it changes the generation, so a key read
+        // across it is not kept.
+        let generation = self.keys_seen.generation();
         let Some(stored) = vault
             .get_full(provider, profile)
             .map_err(|e| e.to_string())?
@@ -138,7 +90,8 @@ impl Credentials for VaultCredentials {
         match stored.kind {
             CredentialKind::ApiKey => {
                 let secret = Zeroizing::new(stored.secret.expose().to_string());
-                self.keys_seen.remember(stamp, provider, profile, &secret);
+                self.keys_seen
+                    .remember(generation, provider, profile, &secret);
                 return Ok(Some(secret));
             }
             CredentialKind::Command => {

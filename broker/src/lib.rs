@@ -14,6 +14,7 @@ pub mod denials;
 pub mod form;
 pub mod home;
 pub mod instance;
+mod key_cache;
 pub mod launch;
 pub mod oauth;
 pub mod providers;

@@ -139,13 +139,20 @@ async fn forward(
     // Look up and swap.
     let profile = conn.run.profile_for(&provider.name).to_string();
     let mut pending = None;
+    // Could a 401 be answered with a fresher secret? Not for a key handed to the run (not the
+    // vault's to refresh) nor for a cached API key (nothing to renew).
+    let mut renewable = false;
     if findings.needs_credential(route, &parts.headers) {
         // A key handed to this run wins over the vault.
         let secret = match conn.run.run_keys.0.get(&provider.name) {
             Some(key) => key.clone(),
-            None => lookup(proxy, provider, &profile)
-                .await
-                .map_err(|e| (e, provider_name.clone()))?,
+            None => {
+                let (secret, fresh) = lookup(proxy, provider, &profile)
+                    .await
+                    .map_err(|e| (e, provider_name.clone()))?;
+                renewable = fresh && proxy.credentials.may_renew(&provider.name, &profile);
+                secret
+            }
         };
         let swapped = swap::apply(provider, route, &mut parts.headers, &mut parts.uri, &secret)
             .map_err(|e| {
@@ -190,11 +197,8 @@ async fn forward(
     parts.version = http::Version::HTTP_11;
     // An OAuth token the upstream rejects is refreshed and the request sent once more; that
     // needs the request again, so a small body is buffered (large or streamed bodies are not
-    // retried). Keys handed to the run are not the vault's to refresh, and a plain API key
-    // cannot be renewed: no copy is kept for those.
-    let retryable = pending.is_some()
-        && !conn.run.run_keys.0.contains_key(&provider.name)
-        && proxy.credentials.may_renew(&provider.name, &profile);
+    // retried). No copy is kept when the secret cannot be renewed.
+    let retryable = pending.is_some() && renewable;
     let (body, replay) = match retryable {
         true => buffer_if_small(body)
             .await
@@ -265,13 +269,15 @@ async fn forward(
     Ok(Response::from_parts(parts, body))
 }
 
+/// The secret, and whether it was read just now (`false`: a cached API key, current and with
+/// nothing to renew).
 async fn lookup(
     proxy: &Arc<Proxy>,
     provider: &Provider,
     profile: &str,
-) -> Result<zeroize::Zeroizing<String>, BrokerError> {
+) -> Result<(zeroize::Zeroizing<String>, bool), BrokerError> {
     if let Some(secret) = proxy.credentials.cached(&provider.name, profile) {
-        return Ok(secret);
+        return Ok((secret, false));
     }
     let credentials = proxy.credentials.clone();
     let (name, prof) = (provider.name.clone(), profile.to_string());
@@ -290,10 +296,11 @@ async fn lookup(
                 message,
             },
         })?;
-    found.ok_or_else(|| BrokerError::NoCredential {
+    let secret = found.ok_or_else(|| BrokerError::NoCredential {
         provider: provider.name.clone(),
         profile: profile.to_string(),
-    })
+    })?;
+    Ok((secret, true))
 }
 
 /// Is `path` inside `prefix` (`/api` holds `/api` and `/api/x`, not `/apix`)? A path with dot
@@ -406,13 +413,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(name);
         }
     }
+    // Names, not strings: a string is parsed into a name on every call (once per request).
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
     for name in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "transfer-encoding",
-        "trailer",
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRANSFER_ENCODING,
+        header::TRAILER,
     ] {
         headers.remove(name);
     }

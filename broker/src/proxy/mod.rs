@@ -59,7 +59,7 @@ pub trait Credentials: Send + Sync + 'static {
         profile: &str,
     ) -> Result<Option<Zeroizing<String>>, LookupError>;
 
-    /// A secret known to be current without blocking (no I/O beyond a `stat`), if any:
+    /// A secret known to be current without blocking (no I/O beyond a non-blocking check), if any:
     /// tried before [`Credentials::lookup`], which runs on a blocking thread.
     fn cached(&self, _provider: &str, _profile: &str) -> Option<Zeroizing<String>> {
         None

@@ -259,18 +259,19 @@ fn inject_point(
     }
 }
 
-/// A credential as found in one header value, per the route's scheme.
-enum HeaderCredential {
+/// A credential as found in one header value, per the route's scheme. Borrowed where it can be:
+/// every request is inspected.
+enum HeaderCredential<'a> {
     /// The whole value (`x-api-key: <v>`), or the token after a scheme word.
-    Plain { prefix: String, token: String },
+    Plain { prefix: &'a str, token: &'a str },
     /// `Basic base64(user:pass)`.
     Basic { user: String, pass: String },
 }
 
-impl HeaderCredential {
+impl HeaderCredential<'_> {
     fn holds(&self, placeholder: &str) -> bool {
         match self {
-            HeaderCredential::Plain { token, .. } => token == placeholder,
+            HeaderCredential::Plain { token, .. } => *token == placeholder,
             HeaderCredential::Basic { user, pass } => pass == placeholder || user == placeholder,
         }
     }
@@ -301,12 +302,15 @@ impl HeaderCredential {
     }
 }
 
-fn header_credential(value: &HeaderValue, scheme: Option<&Scheme>) -> Option<HeaderCredential> {
+fn header_credential<'a>(
+    value: &'a HeaderValue,
+    scheme: Option<&Scheme>,
+) -> Option<HeaderCredential<'a>> {
     let text = value.to_str().ok()?;
     match scheme {
         None => Some(HeaderCredential::Plain {
-            prefix: String::new(),
-            token: text.trim().to_string(),
+            prefix: "",
+            token: text.trim(),
         }),
         Some(Scheme::Bearer) => scheme_token(text, "bearer"),
         Some(Scheme::Token) => scheme_token(text, "token"),
@@ -328,15 +332,16 @@ fn header_credential(value: &HeaderValue, scheme: Option<&Scheme>) -> Option<Hea
 
 /// `<Scheme> <token>` with the scheme word matched case-insensitively; the prefix keeps the
 /// agent's own spelling of the scheme.
-fn scheme_token(text: &str, scheme: &str) -> Option<HeaderCredential> {
+fn scheme_token<'a>(text: &'a str, scheme: &str) -> Option<HeaderCredential<'a>> {
     let trimmed = text.trim();
     let (word, rest) = trimmed.split_once(' ')?;
     if !word.eq_ignore_ascii_case(scheme) {
         return None;
     }
     Some(HeaderCredential::Plain {
-        prefix: format!("{word} "),
-        token: rest.trim().to_string(),
+        // The scheme word and the space after it, as the agent spelled them.
+        prefix: &trimmed[..word.len() + 1],
+        token: rest.trim(),
     })
 }
 
