@@ -129,14 +129,16 @@ fn summarize(mut latencies: Vec<Duration>, window: Duration) -> LoadResult {
 }
 
 /// Keep-alive requests on `conns` connections for `warmup + window`; only requests started in
-/// the window count.
-pub async fn keep_alive(
+/// the window count. `probe` runs as the window opens and as it closes, and its two readings
+/// come back with the result (for what the processes spent in the window, not the warm-up).
+pub async fn keep_alive<T>(
     target: &Target,
     h2: bool,
     conns: usize,
     warmup: Duration,
     window: Duration,
-) -> anyhow::Result<LoadResult> {
+    mut probe: impl FnMut() -> T,
+) -> anyhow::Result<(LoadResult, [T; 2])> {
     let config = tls(target, h2, true);
     let mut senders = Vec::with_capacity(conns);
     for _ in 0..conns {
@@ -165,11 +167,17 @@ pub async fn keep_alive(
             anyhow::Ok(latencies)
         });
     }
+    // On this thread, between the requests: late by at most the timer's millisecond and one
+    // poll of the tasks, small against a window of seconds.
+    tokio::time::sleep_until(start.into()).await;
+    let opened = probe();
+    tokio::time::sleep_until(end.into()).await;
+    let closed = probe();
     let mut all = Vec::new();
     while let Some(r) = tasks.join_next().await {
         all.extend(r??);
     }
-    Ok(summarize(all, window))
+    Ok((summarize(all, window), [opened, closed]))
 }
 
 /// New TLS connections (full handshakes: no session resumption), one request each, `conc` at a

@@ -7,8 +7,9 @@
 //! Starts a local TLS origin (h1 + h2, a JSON answer for the real key only, an SSE endpoint)
 //! and `broker serve` (temporary `BROKER_HOME`, key file, the key stored with `broker add`),
 //! both on port 0, then measures each leg against the direct leg, legs interleaved (A B A B)
-//! and the median of the rounds kept. Prints a table (leg, direct, broker, shim, ratio) and
-//! writes JSON (`target/bench.json` by default). It reports; it asserts nothing.
+//! and the median of the rounds kept. Prints a table (leg, direct, broker, shim, ratio; for the
+//! keep-alive legs also the CPU each process spent per request) and writes JSON
+//! (`target/bench.json` by default). It reports; it asserts nothing.
 //!
 //! Everything stays on this machine: loopback, plus (as root, with netem) a network namespace
 //! and veth pair of its own for the 20 ms round-trip leg, removed when the run ends.
@@ -168,6 +169,7 @@ fn fmt(v: Option<f64>, unit: &str) -> String {
         "req/s" | "conn/s" => format!("{v:.0} {unit}"),
         "µs" if v >= 10_000.0 => format!("{:.1} ms", v / 1e3),
         "µs" => format!("{v:.0} µs"),
+        "µs CPU" => format!("{v:.1} µs"),
         "ms" => format!("{v:.1} ms"),
         "ns" => format!("{v:.0} ns"),
         "MiB" => format!("{v:.1} MiB"),
@@ -353,6 +355,7 @@ fn run(opts: Opts) -> anyhow::Result<()> {
             1,
             Duration::ZERO,
             Duration::from_millis(100),
+            || (),
         ))
         .with_context(|| format!("sanity request ({name})"))?;
     }
@@ -367,7 +370,9 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         notes.push("shim leg skipped: wrk not found (apt-get install wrk)".into());
     }
 
-    // Keep-alive requests.
+    // Keep-alive requests, and the CPU each process spends on them.
+    let cpu_pids = [std::process::id(), origin.pid(), serve.pid()];
+    let cpu_probe = || -> CpuReading { (Instant::now(), cpu_pids.map(procs::thread_cpu)) };
     section(
         &opts,
         "keepalive",
@@ -378,24 +383,29 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                 let proto = if h2 { "h2" } else { "h1" };
                 let mut d = Vec::new();
                 let mut b = Vec::new();
+                let (mut dc, mut bc, mut cpu_err) = (Vec::new(), Vec::new(), None);
                 let mut wd = Vec::new();
                 let mut ws = Vec::new();
                 let use_wrk = wrk.is_some() && !h2;
                 for _ in 0..rounds {
-                    d.push(rt.block_on(client::keep_alive(
-                        &direct,
-                        h2,
-                        conns,
-                        warmup,
-                        opts.window,
-                    ))?);
-                    b.push(rt.block_on(client::keep_alive(
-                        &brokered,
-                        h2,
-                        conns,
-                        warmup,
-                        opts.window,
-                    ))?);
+                    for (target, runs, cpu) in
+                        [(&direct, &mut d, &mut dc), (&brokered, &mut b, &mut bc)]
+                    {
+                        let (r, readings) = rt.block_on(client::keep_alive(
+                            target,
+                            h2,
+                            conns,
+                            warmup,
+                            opts.window,
+                            cpu_probe,
+                        ))?;
+                        runs.push(r);
+                        cpu.push(
+                            cpu_use(readings, r.count)
+                                .map_err(|e| cpu_err = Some(e))
+                                .ok(),
+                        );
+                    }
                     if use_wrk {
                         let secs = format!("{}s", opts.window.as_secs().max(1));
                         let c = conns.to_string();
@@ -431,6 +441,10 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                         .direct(median(d.iter().map(|r| r.p99_us).collect()))
                         .broker(median(b.iter().map(|r| r.p99_us).collect())),
                 );
+                match cpu_err {
+                    Some(e) => notes.push(format!("CPU per request {label}: left out: {e:#}")),
+                    None => cpu_rows(&label, &dc, &bc, cores, &mut rows, notes),
+                }
                 let errors: u64 = wd
                     .iter()
                     .chain(&ws)
@@ -458,9 +472,9 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                             .shim(median(ws.iter().map(|r| r.p99_us).collect())),
                     );
                 }
-                let samples = |v: &[client::LoadResult]| -> Value {
-                    v.iter()
-                    .map(|r| json!({"per_sec": r.per_sec, "p50_us": r.p50_us, "p99_us": r.p99_us, "count": r.count}))
+                let samples = |v: &[client::LoadResult], cpu: &[Option<CpuUse>]| -> Value {
+                    v.iter().zip(cpu)
+                    .map(|(r, c)| json!({"per_sec": r.per_sec, "p50_us": r.p50_us, "p99_us": r.p99_us, "count": r.count, "cpu": c.map(|c| c.json())}))
                     .collect()
                 };
                 let wsamples = |v: &[procs::WrkResult]| -> Value {
@@ -470,7 +484,7 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                 };
                 raw.insert(
                 format!("keep_alive_{proto}_{conns}"),
-                json!({"direct": samples(&d), "broker": samples(&b), "wrk_direct": wsamples(&wd), "wrk_shim": wsamples(&ws)}),
+                json!({"direct": samples(&d, &dc), "broker": samples(&b, &bc), "wrk_direct": wsamples(&wd), "wrk_shim": wsamples(&ws)}),
             );
             }
             Ok(())
@@ -818,6 +832,101 @@ fn run(opts: Opts) -> anyhow::Result<()> {
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
     println!("wrote {}", json_path.display());
     Ok(())
+}
+
+/// Whose CPU the keep-alive legs read, in the order of [`CpuUse`]'s arrays. The client is this
+/// process: it runs the in-repo client on its current-thread runtime and does nothing else
+/// during a leg. The figures include the kernel's loopback TCP work: softirq processing is
+/// charged to whichever task was on the CPU (on loopback usually the sender, whose write runs
+/// the receiving side's TCP input too), so the kernel's share lands on both ends of each hop.
+const CPU_PROCS: [&str; 3] = ["client", "origin", "broker serve"];
+
+/// A reading of [`CPU_PROCS`] as a keep-alive window opens or closes.
+type CpuReading = (Instant, [anyhow::Result<procs::ThreadCpu>; 3]);
+
+/// What each of [`CPU_PROCS`] spent on CPU in one keep-alive window.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuUse {
+    us_per_req: [f64; 3],
+    /// CPU time over the window's wall time: how many of the machine's cores it kept busy.
+    cores: [f64; 3],
+    threads: [usize; 3],
+    /// Threads gone by the window's end: their CPU in the window is not counted.
+    ended: [usize; 3],
+}
+
+impl CpuUse {
+    fn json(&self) -> Value {
+        json!({"us_per_request": self.us_per_req, "cores": self.cores,
+            "threads": self.threads, "threads_ended": self.ended, "processes": CPU_PROCS})
+    }
+}
+
+/// CPU per request between the two readings, over the `count` requests of the window.
+fn cpu_use([before, after]: [CpuReading; 2], count: usize) -> anyhow::Result<CpuUse> {
+    let secs = (after.0 - before.0).as_secs_f64();
+    let mut cpu = CpuUse::default();
+    for (i, (b, a)) in before.1.into_iter().zip(after.1).enumerate() {
+        let (b, a) = (b?, a?);
+        let ns = procs::cpu_between(&b, &a) as f64;
+        cpu.us_per_req[i] = ns / 1e3 / count as f64;
+        cpu.cores[i] = ns / 1e9 / secs;
+        cpu.threads[i] = a.len();
+        cpu.ended[i] = b.keys().filter(|tid| !a.contains_key(tid)).count();
+    }
+    Ok(cpu)
+}
+
+/// Rows of CPU per request by process (medians over the rounds), and a note of the cores each
+/// kept busy, which shows where the machine's CPU went.
+fn cpu_rows(
+    label: &str,
+    d: &[Option<CpuUse>],
+    b: &[Option<CpuUse>],
+    cores: usize,
+    rows: &mut Vec<Row>,
+    notes: &mut Vec<String>,
+) {
+    let med = |v: &[Option<CpuUse>], f: &dyn Fn(&CpuUse) -> f64| {
+        median(v.iter().flatten().map(f).collect())
+    };
+    for (i, name) in CPU_PROCS.iter().enumerate() {
+        let row = Row::new(format!("  CPU per request {label}: {name}"), "µs CPU")
+            .broker(med(b, &|c| c.us_per_req[i]));
+        // `broker serve` idles in the direct leg: its crumbs count in the total and the JSON,
+        // but a ratio against them would mean nothing.
+        rows.push(match i {
+            2 => row,
+            _ => row.direct(med(d, &|c| c.us_per_req[i])),
+        });
+    }
+    rows.push(
+        Row::new(format!("  CPU per request {label}: all three"), "µs CPU")
+            .direct(med(d, &|c| c.us_per_req.iter().sum()))
+            .broker(med(b, &|c| c.us_per_req.iter().sum())),
+    );
+    let busy = |v: &[Option<CpuUse>]| {
+        let each: Vec<String> = (0..3)
+            .map(|i| format!("{} {:.2}", CPU_PROCS[i], med(v, &|c| c.cores[i])))
+            .collect();
+        format!(
+            "{} = {:.2}",
+            each.join(" + "),
+            med(v, &|c| c.cores.iter().sum())
+        )
+    };
+    notes.push(format!(
+        "CPU {label}, cores busy of {cores}: direct {}; broker {}",
+        busy(d),
+        busy(b)
+    ));
+    let ended: usize = d.iter().chain(b).flatten().flat_map(|c| c.ended).sum();
+    if ended > 0 {
+        notes.push(format!(
+            "CPU {label}: {ended} thread(s) ended inside a window (idle pool threads retire); \
+             their time in it is not counted"
+        ));
+    }
 }
 
 /// Run a shell loop of `runs` curl calls that each print `code total appconnect starttransfer`

@@ -246,6 +246,44 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmRSS")
 }
 
+/// On-CPU nanoseconds of each thread of a process, by thread id.
+pub type ThreadCpu = std::collections::HashMap<u32, u64>;
+
+/// Read `/proc/PID/task/*/schedstat`, whose first field is a thread's time on a CPU in
+/// nanoseconds (`/proc/PID/stat` has clock ticks, 10 ms here: too coarse for a window of a
+/// second or two). It is per thread, so a process is the sum of its threads.
+pub fn thread_cpu(pid: u32) -> anyhow::Result<ThreadCpu> {
+    let mut threads = ThreadCpu::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let entry = entry?;
+        let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        // A thread that ended since the listing has no file any more; it simply is not counted.
+        let Ok(text) = std::fs::read_to_string(entry.path().join("schedstat")) else {
+            continue;
+        };
+        let ns = text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("/proc/{pid}/task/{tid}/schedstat: {text:?}"))?;
+        threads.insert(tid, ns);
+    }
+    anyhow::ensure!(!threads.is_empty(), "no schedstat under /proc/{pid}/task");
+    Ok(threads)
+}
+
+/// CPU nanoseconds a process used between two readings, thread by thread: a thread started in
+/// between counts from zero, and one that ended in between (idle pool threads do) drops out
+/// instead of taking its whole past off the total, as subtracting two sums would.
+pub fn cpu_between(before: &ThreadCpu, after: &ThreadCpu) -> u64 {
+    after
+        .iter()
+        .map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum()
+}
+
 /// Wall time of one run of `cmd` (output discarded); fails on a non-zero exit.
 pub fn wall(cmd: &mut Command) -> anyhow::Result<Duration> {
     cmd.stdin(Stdio::null())
