@@ -192,6 +192,29 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// CPU time of the whole machine and the part of it the hypervisor gave to other guests
+/// ("steal"), in clock ticks since boot, from the first line of `/proc/stat`.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    Some((fields.iter().take(8).sum(), *fields.get(7)?))
+}
+
+/// Percent of the CPU time between two readings that the hypervisor stole: on a shared VM the
+/// figures of a run with much steal are not comparable with a quiet one.
+fn steal_pct(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((t0, s0), (t1, s1)) = (before?, after?);
+    let total = t1.checked_sub(t0).filter(|&t| t > 0)?;
+    Some(100.0 * s1.saturating_sub(s0) as f64 / total as f64)
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -274,12 +297,23 @@ fn section(
     }
     eprintln!("bench: {name}");
     let t = Instant::now();
+    let ticks = cpu_ticks();
     if let Err(e) = f(notes) {
         let msg = format!("{name}: failed: {e:#}");
         eprintln!("bench: {msg}");
         notes.push(msg);
     }
-    eprintln!("bench:   {:.1} s", t.elapsed().as_secs_f64());
+    let steal = steal_pct(ticks, cpu_ticks());
+    eprintln!(
+        "bench:   {:.1} s, hypervisor steal {}",
+        t.elapsed().as_secs_f64(),
+        steal.map_or("unknown".into(), |p| format!("{p:.0}%"))
+    );
+    if let Some(p) = steal.filter(|&p| p >= 5.0) {
+        notes.push(format!(
+            "{name}: the hypervisor took {p:.0}% of the CPU time (steal): these figures are noisy"
+        ));
+    }
 }
 
 fn run(opts: Opts) -> anyhow::Result<()> {
@@ -297,6 +331,7 @@ fn run(opts: Opts) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let load_start = loadavg();
+    let ticks_start = cpu_ticks();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     if let Some(one) = load_start
         .split_whitespace()
@@ -808,7 +843,11 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         "ratio = (broker or shim) / direct; medians of {rounds} interleaved rounds, {} s each",
         opts.window.as_secs_f64()
     );
+    let steal = steal_pct(ticks_start, cpu_ticks());
     println!("load average: {load_start} at start, {load_end} at end");
+    if let Some(p) = steal {
+        println!("hypervisor steal: {p:.1}% of the CPU time during the run");
+    }
     for n in &notes {
         println!("note: {n}");
     }
@@ -817,6 +856,7 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         "machine": machine(),
         "broker_binary_mtime_unix": broker_built,
         "load_average": {"start": load_start, "end": load_end},
+        "steal_pct": steal,
         "rounds": rounds,
         "window_s": opts.window.as_secs_f64(),
         "elapsed_s": started.elapsed().as_secs_f64(),

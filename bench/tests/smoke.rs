@@ -1,0 +1,87 @@
+//! The benchmark runs end to end on this machine (debug build, short windows): every section
+//! produces its rows, with a figure for each leg it compares, and none fails. It checks that the
+//! program works and measures the real broker; it says nothing about speed (figures from a
+//! debug build on a shared CI machine mean little, so none is compared with a target).
+
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+/// Every section but two: the 20 ms round-trip one (its 200 curl runs would add half a minute)
+/// and `connect`, which runs the shim's own benchmark (`shim/examples/bench.rs`, fixed counts
+/// that take minutes unoptimized; the shim's tests cover the hook itself).
+const SECTIONS: &str = "keepalive,newconn,sse,run,rss";
+
+#[test]
+fn every_section_runs_and_reports_each_leg() {
+    let json = std::env::temp_dir().join(format!("broker-bench-smoke-{}.json", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args([
+            "--no-build",
+            "--rounds",
+            "1",
+            "--secs",
+            "0.2",
+            "--only",
+            SECTIONS,
+        ])
+        .arg("--json")
+        .arg(&json)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON report")).expect("JSON");
+    let _ = std::fs::remove_file(&json);
+
+    let notes: Vec<&str> = report["notes"]
+        .as_array()
+        .expect("notes")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        !notes.iter().any(|n| n.contains("failed")),
+        "a section failed: {notes:#?}\n{stderr}"
+    );
+
+    let rows = report["rows"].as_array().expect("rows");
+    let figure = |row: &Value, leg: &str| row[leg].as_f64().filter(|v| v.is_finite() && *v > 0.0);
+    for row in rows {
+        let leg = row["leg"].as_str().expect("leg");
+        assert!(
+            ["direct", "broker", "shim"]
+                .iter()
+                .any(|side| figure(row, side).is_some()),
+            "row without a figure: {row}"
+        );
+        // A throughput row compares the broker (or the shim) with going direct.
+        if row["unit"] == "req/s" || row["unit"] == "conn/s" {
+            assert!(figure(row, "direct").is_some(), "{leg}: no direct figure");
+            assert!(
+                figure(row, "broker").or(figure(row, "shim")).is_some(),
+                "{leg}: no brokered figure"
+            );
+        }
+    }
+    let legs: Vec<&str> = rows.iter().filter_map(|r| r["leg"].as_str()).collect();
+    for expected in [
+        "keep-alive h1, 1 conn",
+        "keep-alive h1, 8 conns",
+        "keep-alive h2, 1 conn",
+        "keep-alive h2, 8 conns",
+        "CPU per request h1, 1 conn: broker serve",
+        "new TLS connections",
+        "SSE",
+        "broker run",
+        "RSS",
+    ] {
+        assert!(
+            legs.iter().any(|l| l.contains(expected)),
+            "no row for {expected:?}: {legs:#?}"
+        );
+    }
+}
