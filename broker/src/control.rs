@@ -337,3 +337,54 @@ async fn open(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The daemon parses what any process of the user sends: random requests either parse into
+    /// keys that survive a round trip or fail with a line number, and never panic.
+    #[test]
+    fn random_handover_requests_parse_or_fail_cleanly() {
+        let mut rng = crate::test_rng::Rng::new(3);
+        let parts = [
+            "key ",
+            "end",
+            " ",
+            "\n",
+            "\r\n",
+            "OPENAI_API_KEY",
+            "sk-x",
+            "=",
+            "é",
+            "\t",
+            "\0",
+            "key OPENAI_API_KEY sk-abc\n",
+        ];
+        let mut parsed = 0;
+        for round in 0..5000 {
+            let mut text = String::new();
+            if rng.below(4) != 0 {
+                text.push_str(HANDOVER_MAGIC);
+                text.push('\n');
+            }
+            text.push_str(&rng.text(&parts, 12));
+            if rng.below(2) == 0 {
+                text.push_str("\nend\n");
+            }
+            match Handover::parse(&text) {
+                Ok(handover) => {
+                    parsed += 1;
+                    let again = Handover::parse(&handover.render())
+                        .unwrap_or_else(|e| panic!("round {round}: {e}"));
+                    assert!(again == handover, "round {round}: round trip");
+                }
+                Err(e) => assert!(e.line >= 1, "round {round}: {e}"),
+            }
+        }
+        assert!(
+            parsed > 20,
+            "the generator reaches valid requests too ({parsed})"
+        );
+    }
+}

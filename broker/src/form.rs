@@ -50,4 +50,17 @@ mod tests {
         assert_eq!(decode(&encode("k=v&x y")), "k=v&x y");
         assert_eq!(decode("%zz"), "%zz");
     }
+
+    #[test]
+    fn random_text_decodes_without_a_panic_and_encodings_round_trip() {
+        let mut rng = crate::test_rng::Rng::new(5);
+        let parts = [
+            "%", "%2", "%2F", "%zz", "+", "a", "é", "%E9", "%C3%A9", "=", "&", " ",
+        ];
+        for _ in 0..5000 {
+            let text = rng.text(&parts, 10);
+            let decoded = decode(&text);
+            assert_eq!(decode(&encode(&decoded)), decoded);
+        }
+    }
 }

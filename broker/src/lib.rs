@@ -20,4 +20,6 @@ pub mod oauth;
 pub mod providers;
 pub mod proxy;
 pub mod selftest;
+#[cfg(test)]
+mod test_rng;
 pub mod vault;

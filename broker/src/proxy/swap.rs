@@ -439,6 +439,71 @@ mod tests {
     }
 
     #[test]
+    fn random_header_values_are_inspected_and_swapped_without_a_panic() {
+        use base64::Engine as _;
+        let mut rng = crate::test_rng::Rng::new(11);
+        let basic = |s: &str| format!("Basic {}", BASE64.encode(s));
+        let parts = [
+            "Bearer ", "bearer ", "Basic ", "token ", " ", ":", PH, "x", "=", "%", "\t", "é",
+            "====", "ph-", "Zm9v",
+        ];
+        let routes = [
+            route(
+                vec![header("authorization", Some(Scheme::Bearer))],
+                InjectMode::IfPlaceholder,
+            ),
+            route(
+                vec![header(
+                    "authorization",
+                    Some(Scheme::Basic {
+                        username: Some("u".into()),
+                    }),
+                )],
+                InjectMode::Always,
+            ),
+            route(vec![header("x-api-key", None)], InjectMode::Always),
+            route(
+                vec![Injection::Query {
+                    param: "key".into(),
+                }],
+                InjectMode::IfPlaceholder,
+            ),
+        ];
+        let catalog = Catalog::builtin();
+        for round in 0..2000 {
+            let r = rng.pick(&routes).clone();
+            let p = provider(r.clone());
+            let mut map = HeaderMap::new();
+            for _ in 0..rng.below(4) {
+                let text = match rng.below(3) {
+                    0 => basic(&rng.text(&parts, 6)),
+                    _ => rng.text(&parts, 8),
+                };
+                // Values a client could not send are refused before the proxy sees them.
+                let Ok(value) = HeaderValue::from_str(&text) else {
+                    continue;
+                };
+                let name = *rng.pick(&["authorization", "x-api-key", "cookie"]);
+                map.append(name, value);
+            }
+            let query = rng.text(&["key=", PH, "&", "%2", "x", "="], 6);
+            let Ok(mut uri) = format!("/v1?{query}").parse::<Uri>() else {
+                continue;
+            };
+            let findings = inspect(&catalog, &p, &r, &map, &uri);
+            let before = map.clone();
+            let swapped = apply(&p, &r, &mut map, &mut uri, SECRET)
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            if !swapped {
+                assert_eq!(map, before, "round {round}: unchanged unless swapped");
+            }
+            if findings.own_placeholder {
+                assert!(swapped, "round {round}: a placeholder found is swapped");
+            }
+        }
+    }
+
+    #[test]
     fn bearer_is_swapped_case_insensitively() {
         let r = route(
             vec![header("authorization", Some(Scheme::Bearer))],

@@ -193,6 +193,50 @@ mod tests {
     }
 
     #[test]
+    fn random_streams_keep_their_length_and_lose_the_key() {
+        let mut rng = crate::test_rng::Rng::new(7);
+        for round in 0..3000 {
+            // Valid unmasked frames with the key (or part of it) at random places, or garbage.
+            let garbage = round % 4 == 0;
+            let stream = if garbage {
+                let len = rng.below(400);
+                rng.bytes(len)
+            } else {
+                let mut stream = Vec::new();
+                for _ in 0..rng.below(5) {
+                    let mut payload = Vec::new();
+                    for _ in 0..rng.below(4) {
+                        let piece: &[u8] = match rng.below(3) {
+                            0 => SECRET.as_bytes(),
+                            1 => &SECRET.as_bytes()[..rng.below(SECRET.len())],
+                            _ => b"{\"x\":1}",
+                        };
+                        payload.extend_from_slice(piece);
+                    }
+                    if rng.below(10) == 0 {
+                        payload.extend(std::iter::repeat_n(b'p', 70_000));
+                    }
+                    stream.extend(frame(*rng.pick(&[0, 1, 2, 9, 10]), &payload));
+                }
+                stream
+            };
+            let mut r = FrameRedactor::new(SECRET);
+            let mut out = Vec::new();
+            let mut rest = &stream[..];
+            while !rest.is_empty() {
+                let n = (1 + rng.below(300)).min(rest.len());
+                r.feed(&rest[..n], &mut out);
+                rest = &rest[n..];
+            }
+            r.finish(&mut out);
+            assert_eq!(out.len(), stream.len(), "round {round}: lengths stay true");
+            if !garbage {
+                assert!(!contains(&out, SECRET.as_bytes()), "round {round}");
+            }
+        }
+    }
+
+    #[test]
     fn masked_frames_pass_through() {
         let mut f = vec![0x81, 0x80 | 3, 1, 2, 3, 4];
         f.extend_from_slice(b"abc");
