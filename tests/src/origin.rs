@@ -60,7 +60,8 @@ pub enum Reply {
         stalled: Arc<AtomicBool>,
     },
     /// Accept a WebSocket upgrade and echo every message; to the text message `whoami` it
-    /// answers with the `Authorization` it was opened with (an upstream quoting the key).
+    /// answers with the `Authorization` it was opened with (an upstream quoting the key), and
+    /// to `whoami in pieces` with the same text as a fragmented message cut inside the key.
     WebSocketEcho,
     /// Drop the connection without answering.
     Reset,
@@ -254,6 +255,16 @@ async fn serve(
                 .await;
                 let (mut sink, mut stream) = ws.split();
                 while let Some(Ok(msg)) = stream.next().await {
+                    if msg.is_text() && msg.to_text().is_ok_and(|t| t == "whoami in pieces") {
+                        // The same answer as a fragmented message, cut inside the key.
+                        if send_in_pieces(&mut sink, &format!("you are {auth}"))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                        continue;
+                    }
                     let msg = match &msg {
                         tokio_tungstenite::tungstenite::Message::Text(t)
                             if t.as_str() == "whoami" =>
@@ -287,4 +298,21 @@ fn tokio_stream_from<T: Send + 'static>(
     mut rx: tokio::sync::mpsc::Receiver<T>,
 ) -> impl futures_util::Stream<Item = T> + Send + 'static {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Send `text` as a two-frame message, cut 10 bytes before its end.
+async fn send_in_pieces<S>(sink: &mut S, text: &str) -> Result<(), S::Error>
+where
+    S: futures_util::Sink<tokio_tungstenite::tungstenite::Message> + Unpin,
+{
+    use futures_util::SinkExt as _;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::Message;
+    let cut = text.len().saturating_sub(10);
+    let (head, tail) = text.as_bytes().split_at(cut);
+    let first = Frame::message(head.to_vec(), OpCode::Data(Data::Text), false);
+    let last = Frame::message(tail.to_vec(), OpCode::Data(Data::Continue), true);
+    sink.send(Message::Frame(first)).await?;
+    sink.send(Message::Frame(last)).await
 }

@@ -489,6 +489,23 @@ fn websocket_upgrade_is_bridged_with_the_swap() {
             quoted.starts_with("you are Bearer [redacted-by-broker]"),
             "{quoted}"
         );
+        // The same quote in a fragmented message cut inside the key.
+        ws.send(Message::text("whoami in pieces"))
+            .await
+            .expect("send");
+        let pieces = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("answer in time")
+            .expect("a message")
+            .expect("ok")
+            .into_text()
+            .expect("text")
+            .to_string();
+        assert!(
+            !pieces.contains(OPENAI_KEY),
+            "the key reached the agent across fragments"
+        );
+        assert_eq!(pieces, quoted, "the whole message arrives, redacted");
     });
     assert_eq!(
         origin.requests()[0].header("authorization"),

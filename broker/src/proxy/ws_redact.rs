@@ -1,14 +1,18 @@
 //! The upstream-to-agent half of a WebSocket that was opened with a credential: the key is
 //! overwritten inside each frame's payload, as [`super::redact`] does for response bodies.
 //!
-//! Frames are parsed (RFC 6455 section 5.2) so that bytes are held back only inside an
-//! unfinished frame: at the end of every frame everything goes out, so an interactive protocol
-//! is never stalled waiting for bytes that might begin the key. Same-length replacement keeps
-//! every length field true, and the marker is ASCII, so text frames stay valid UTF-8.
+//! Frames are parsed (RFC 6455 section 5.2) so that bytes are held back only while they might
+//! begin the key. A whole message in one frame keeps its header and length: at the end of the
+//! frame everything goes out, so an interactive protocol is never stalled. A fragmented
+//! message (FIN clear, then continuation frames) is re-fragmented, which RFC 6455 section 5.4
+//! allows an intermediary when no extension is in use: the broker sends each run of payload
+//! bytes that cannot begin the key as a fragment of its own and carries a possible key prefix
+//! into the next fragment, so a key split across the upstream's frames is caught too. Control
+//! frames in between pass at once. Same-length replacement keeps every message's length, and
+//! the marker is ASCII, so text messages stay valid UTF-8.
 //!
 //! The upgrade request offers no extensions (no `permessage-deflate`), so payloads are plain.
-//! Not covered: a key split across two frames of a fragmented message, and masked frames
-//! (a server must not send them; they pass through as they are).
+//! Masked frames (a server must not send them) pass through as they are.
 
 use zeroize::Zeroizing;
 
@@ -19,15 +23,35 @@ enum State {
     /// Collecting a frame header (`need` bytes in total, known once the first two arrive).
     Header { need: usize },
     /// Inside a payload with this many bytes still to come.
-    Payload { left: u64, masked: bool },
+    Payload { left: u64 },
 }
+
+/// The frame being read.
+#[derive(Clone, Copy, Default)]
+struct Frame {
+    fin: bool,
+    masked: bool,
+    /// Part of a fragmented message: its payload goes out in the broker's own fragments.
+    refragmented: bool,
+}
+
+const CONTINUATION: u8 = 0;
+const TEXT: u8 = 1;
+const BINARY: u8 = 2;
 
 pub struct FrameRedactor {
     secret: Zeroizing<Vec<u8>>,
     state: State,
+    frame: Frame,
     header: Vec<u8>,
-    /// Payload bytes of the current frame not sent yet (they might begin the key).
+    /// Payload bytes of the current single-frame message not sent yet (they might begin the
+    /// key).
     held: Zeroizing<Vec<u8>>,
+    /// The fragmented message in progress: its opcode until its first fragment went out,
+    /// then `CONTINUATION`.
+    message: Option<u8>,
+    /// Payload bytes of that message not sent yet (they might begin the key).
+    carry: Zeroizing<Vec<u8>>,
 }
 
 impl FrameRedactor {
@@ -35,8 +59,11 @@ impl FrameRedactor {
         FrameRedactor {
             secret: Zeroizing::new(secret.as_bytes().to_vec()),
             state: State::Header { need: 2 },
+            frame: Frame::default(),
             header: Vec::with_capacity(14),
             held: Zeroizing::new(Vec::new()),
+            message: None,
+            carry: Zeroizing::new(Vec::new()),
         }
     }
 
@@ -51,29 +78,45 @@ impl FrameRedactor {
                     if self.header.len() == need {
                         self.header_progress();
                     }
-                    if let State::Payload { .. } = self.state {
-                        out.extend_from_slice(&self.header);
+                    if let State::Payload { left } = self.state {
+                        if !self.frame.refragmented {
+                            out.extend_from_slice(&self.header);
+                        }
                         self.header.clear();
-                        self.end_frame_if_empty();
+                        if left == 0 {
+                            self.end_frame(out);
+                        }
                     }
                 }
-                State::Payload { left, masked } => {
+                State::Payload { left } => {
                     let n = usize::try_from(left).unwrap_or(usize::MAX).min(input.len());
-                    self.held.extend_from_slice(&input[..n]);
-                    input = &input[n..];
                     let left = left - n as u64;
-                    self.state = State::Payload { left, masked };
-                    if !masked {
-                        overwrite_all(&mut self.held, &self.secret);
+                    self.state = State::Payload { left };
+                    if self.frame.refragmented {
+                        self.carry.extend_from_slice(&input[..n]);
+                        overwrite_all(&mut self.carry, &self.secret);
+                        let keep = partial_suffix(&self.carry, &self.secret);
+                        if self.carry.len() > keep {
+                            self.send_fragment(self.carry.len() - keep, false, out);
+                        }
+                    } else {
+                        self.held.extend_from_slice(&input[..n]);
+                        let masked = self.frame.masked;
+                        if !masked {
+                            overwrite_all(&mut self.held, &self.secret);
+                        }
+                        let keep = match left == 0 || masked {
+                            true => 0,
+                            false => partial_suffix(&self.held, &self.secret),
+                        };
+                        let ready = self.held.len() - keep;
+                        out.extend_from_slice(&self.held[..ready]);
+                        self.held.drain(..ready);
                     }
-                    let keep = match left == 0 || masked {
-                        true => 0,
-                        false => partial_suffix(&self.held, &self.secret),
-                    };
-                    let ready = self.held.len() - keep;
-                    out.extend_from_slice(&self.held[..ready]);
-                    self.held.drain(..ready);
-                    self.end_frame_if_empty();
+                    input = &input[n..];
+                    if left == 0 {
+                        self.end_frame(out);
+                    }
                 }
             }
         }
@@ -81,6 +124,9 @@ impl FrameRedactor {
 
     /// The upstream closed: whatever is held goes out as it is (it cannot be the whole key).
     pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.message.is_some() && !self.carry.is_empty() {
+            self.send_fragment(self.carry.len(), false, out);
+        }
         out.extend_from_slice(&self.header);
         out.extend_from_slice(&self.held);
         self.header.clear();
@@ -106,13 +152,54 @@ impl FrameRedactor {
             8 => u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]),
             _ => u64::from(h[1] & 0x7f),
         };
-        self.state = State::Payload { left, masked };
+        let fin = h[0] & 0x80 != 0;
+        let opcode = h[0] & 0x0f;
+        // A text or binary frame without FIN starts a fragmented message; continuations
+        // belong to the one in progress. Anything else (control frames, a stray
+        // continuation, masked frames) passes with its own header.
+        let refragmented = !masked
+            && match opcode {
+                TEXT | BINARY => !fin && self.message.is_none(),
+                CONTINUATION => self.message.is_some(),
+                _ => false,
+            };
+        if refragmented && opcode != CONTINUATION {
+            self.message = Some(opcode);
+        }
+        self.frame = Frame {
+            fin,
+            masked,
+            refragmented,
+        };
+        self.state = State::Payload { left };
     }
 
-    fn end_frame_if_empty(&mut self) {
-        if let State::Payload { left: 0, .. } = self.state {
-            self.state = State::Header { need: 2 };
+    fn end_frame(&mut self, out: &mut Vec<u8>) {
+        if self.frame.refragmented && self.frame.fin {
+            // The message's last frame: everything carried goes out, with FIN.
+            self.send_fragment(self.carry.len(), true, out);
+            self.message = None;
         }
+        self.state = State::Header { need: 2 };
+    }
+
+    /// Send the first `n` carried bytes as a fragment of the message in progress.
+    fn send_fragment(&mut self, n: usize, fin: bool, out: &mut Vec<u8>) {
+        let opcode = self.message.replace(CONTINUATION).unwrap_or(CONTINUATION);
+        out.push(if fin { 0x80 } else { 0 } | opcode);
+        match n {
+            n if n < 126 => out.push(n as u8),
+            n if n <= 0xffff => {
+                out.push(126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&self.carry[..n]);
+        self.carry.drain(..n);
     }
 }
 
@@ -138,6 +225,63 @@ mod tests {
         }
         f.extend_from_slice(payload);
         f
+    }
+
+    /// A message of `opcode` cut into frames at `cuts` (payload offsets, ascending).
+    fn fragmented(opcode: u8, payload: &[u8], cuts: &[usize]) -> Vec<u8> {
+        if payload.is_empty() {
+            return frame(opcode, payload);
+        }
+        let mut bounds = vec![0];
+        bounds.extend(cuts.iter().copied().filter(|&c| c < payload.len()));
+        bounds.push(payload.len());
+        bounds.dedup();
+        let mut out = Vec::new();
+        for (i, w) in bounds.windows(2).enumerate() {
+            let mut f = frame(if i == 0 { opcode } else { 0 }, &payload[w[0]..w[1]]);
+            if w[1] != payload.len() {
+                f[0] &= 0x7f;
+            }
+            out.extend(f);
+        }
+        out
+    }
+
+    /// The messages in an unmasked frame stream, fragments joined: (opcode, payload).
+    fn messages(mut stream: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut found: Vec<(u8, Vec<u8>)> = Vec::new();
+        let mut open: Option<usize> = None;
+        while !stream.is_empty() {
+            let (fin, opcode) = (stream[0] & 0x80 != 0, stream[0] & 0x0f);
+            let (len, at) = match stream[1] & 0x7f {
+                126 => (usize::from(u16::from_be_bytes([stream[2], stream[3]])), 4),
+                127 => {
+                    let b: [u8; 8] = stream[2..10].try_into().expect("8 bytes");
+                    (usize::try_from(u64::from_be_bytes(b)).expect("len"), 10)
+                }
+                n => (usize::from(n), 2),
+            };
+            let payload = stream[at..at + len].to_vec();
+            stream = &stream[at + len..];
+            match (opcode, open) {
+                (0, Some(i)) => found[i].1.extend(payload),
+                _ => found.push((opcode, payload)),
+            }
+            if opcode < 8 {
+                open = match (fin, opcode) {
+                    (true, _) => None,
+                    (false, 0) => open,
+                    (false, _) => Some(found.len() - 1),
+                };
+            }
+        }
+        found
+    }
+
+    fn marked(payload: &[u8]) -> Vec<u8> {
+        let mut p = payload.to_vec();
+        overwrite_all(&mut p, SECRET.as_bytes());
+        p
     }
 
     fn redacted(stream: &[u8], chunk: usize) -> Vec<u8> {
@@ -182,6 +326,44 @@ mod tests {
     }
 
     #[test]
+    fn a_key_split_across_fragments_is_overwritten() {
+        let text = format!("{{\"echo\":\"{SECRET}\"}}");
+        let start = text.find(SECRET).expect("key");
+        // Cut inside the key, at its edges and around it, with a ping between fragments.
+        for cuts in [
+            vec![start + 3],
+            vec![start, start + SECRET.len()],
+            vec![start + 1, start + 2, start + 10],
+            vec![1, start + SECRET.len() - 1],
+        ] {
+            let mut with_ping = fragmented(1, text.as_bytes(), &cuts);
+            with_ping.extend(frame(9, b"ping"));
+            for chunk in [1, 3, with_ping.len()] {
+                let out = redacted(&with_ping, chunk);
+                assert!(
+                    !contains(&out, SECRET.as_bytes()),
+                    "cuts {cuts:?}, chunk {chunk}"
+                );
+                assert_eq!(
+                    messages(&out),
+                    vec![(1, marked(text.as_bytes())), (9, b"ping".to_vec())],
+                    "cuts {cuts:?}, chunk {chunk}"
+                );
+            }
+        }
+        // A ping inside the message goes out at once; the message stays whole around it.
+        let mut stream = fragmented(2, text.as_bytes(), &[start + 5]);
+        let second = stream.len() - (text.len() - start - 5) - 2;
+        let ping = frame(9, b"p");
+        stream.splice(second..second, ping.iter().copied());
+        let out = redacted(&stream, 1);
+        assert_eq!(
+            messages(&out),
+            vec![(2, marked(text.as_bytes())), (9, b"p".to_vec())]
+        );
+    }
+
+    #[test]
     fn a_frame_ending_in_a_key_prefix_is_sent_whole_at_once() {
         // Nothing is held past the end of a frame, so the agent is never kept waiting.
         let payload = b"{\"partial\":\"sk-te";
@@ -193,11 +375,13 @@ mod tests {
     }
 
     #[test]
-    fn random_streams_keep_their_length_and_lose_the_key() {
+    fn random_streams_keep_their_messages_and_lose_the_key() {
         let mut rng = crate::test_rng::Rng::new(7);
         for round in 0..3000 {
-            // Valid unmasked frames with the key (or part of it) at random places, or garbage.
+            // Messages with the key (or part of it) at random places, whole or fragmented at
+            // random cuts, pings between them; or garbage, which must only not panic.
             let garbage = round % 4 == 0;
+            let mut expected = Vec::new();
             let stream = if garbage {
                 let len = rng.below(400);
                 rng.bytes(len)
@@ -216,7 +400,17 @@ mod tests {
                     if rng.below(10) == 0 {
                         payload.extend(std::iter::repeat_n(b'p', 70_000));
                     }
-                    stream.extend(frame(*rng.pick(&[0, 1, 2, 9, 10]), &payload));
+                    let opcode = *rng.pick(&[1, 2, 9, 10]);
+                    let mut cuts: Vec<usize> = (0..rng.below(4))
+                        .map(|_| rng.below(payload.len() + 1))
+                        .collect();
+                    cuts.sort_unstable();
+                    if opcode < 8 && !cuts.is_empty() {
+                        stream.extend(fragmented(opcode, &payload, &cuts));
+                    } else {
+                        stream.extend(frame(opcode, &payload));
+                    }
+                    expected.push((opcode, marked(&payload)));
                 }
                 stream
             };
@@ -229,9 +423,19 @@ mod tests {
                 rest = &rest[n..];
             }
             r.finish(&mut out);
-            assert_eq!(out.len(), stream.len(), "round {round}: lengths stay true");
             if !garbage {
                 assert!(!contains(&out, SECRET.as_bytes()), "round {round}");
+                // Not assert_eq: a failure would print megabytes of payload.
+                let got = messages(&out);
+                let shape = |m: &[(u8, Vec<u8>)]| -> Vec<(u8, usize)> {
+                    m.iter().map(|(o, p)| (*o, p.len())).collect()
+                };
+                assert!(
+                    got == expected,
+                    "round {round}: messages differ: {:?} against {:?}",
+                    shape(&got),
+                    shape(&expected)
+                );
             }
         }
     }
