@@ -400,10 +400,27 @@ fn run(opts: Opts) -> anyhow::Result<()> {
     let mut raw = serde_json::Map::new();
     let warmup = Duration::from_millis(300);
     let rounds = opts.rounds;
-    let wrk = broker_integration::which("wrk");
-    if wrk.is_none() {
-        notes.push("shim leg skipped: wrk not found (apt-get install wrk)".into());
-    }
+    // The shim legs' load generators: wrk for h1, h2load for h2.
+    let tools = [
+        (procs::LoadTool::Wrk, "wrk"),
+        (procs::LoadTool::H2load, "nghttp2-client"),
+    ]
+    .map(|(tool, package)| {
+        let found = broker_integration::which(tool.name()).is_some();
+        if !found {
+            notes.push(format!(
+                "{} shim legs skipped: {} not found (apt-get install {package})",
+                if tool == procs::LoadTool::Wrk {
+                    "h1"
+                } else {
+                    "h2"
+                },
+                tool.name()
+            ));
+        }
+        found.then_some(tool)
+    });
+    let tool_log = tmp.0.join("h2load.log");
 
     // Keep-alive requests, and the CPU each process spends on them.
     let cpu_pids = [std::process::id(), origin.pid(), serve.pid()];
@@ -421,7 +438,7 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                 let (mut dc, mut bc, mut cpu_err) = (Vec::new(), Vec::new(), None);
                 let mut wd = Vec::new();
                 let mut ws = Vec::new();
-                let use_wrk = wrk.is_some() && !h2;
+                let tool = tools[usize::from(h2)];
                 for _ in 0..rounds {
                     for (target, runs, cpu) in
                         [(&direct, &mut d, &mut dc), (&brokered, &mut b, &mut bc)]
@@ -441,23 +458,29 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                                 .ok(),
                         );
                     }
-                    if use_wrk {
-                        let secs = format!("{}s", opts.window.as_secs().max(1));
-                        let c = conns.to_string();
-                        // Direct: wrk to the origin's address with the real key.
-                        let mut cmd = procs::clean("wrk");
-                        cmd.args(["-t1", "-c", &c, "-d", &secs, "--latency"])
-                            .args(["-H", &format!("Authorization: Bearer {REAL_KEY}")])
-                            .args(["-H", &format!("Host: {HOST}")])
-                            .arg(format!("https://{}/v1/models", origin.addr));
-                        wd.push(procs::run_wrk(&mut cmd)?);
-                        // Shim: wrk under `broker run`, the placeholder from its environment.
-                        let script = format!(
-                        "exec wrk -t1 -c {c} -d {secs} --latency -H \"Authorization: Bearer $OPENAI_API_KEY\" https://{HOST}/v1/models"
-                    );
-                        ws.push(procs::run_wrk(
-                            &mut serve.run_cmd(&[], &["sh", "-c", &script]),
-                        )?);
+                    if let Some(tool) = tool {
+                        // Direct: to the origin's address with the real key.
+                        let script = tool.script(
+                            conns,
+                            opts.window,
+                            &format!("Bearer {REAL_KEY}"),
+                            Some(origin.addr),
+                            &tool_log,
+                        );
+                        let mut cmd = procs::clean("sh");
+                        cmd.args(["-c", &script]);
+                        wd.push(tool.run(&mut cmd, &tool_log)?);
+                        // Shim: under `broker run`, the placeholder from its environment.
+                        let script = tool.script(
+                            conns,
+                            opts.window,
+                            "Bearer $OPENAI_API_KEY",
+                            None,
+                            &tool_log,
+                        );
+                        ws.push(
+                            tool.run(&mut serve.run_cmd(&[], &["sh", "-c", &script]), &tool_log)?,
+                        );
                     }
                 }
                 let label = format!("{proto}, {conns} conn{}", if conns > 1 { "s" } else { "" });
@@ -485,24 +508,25 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                     .chain(&ws)
                     .map(|r| r.non_2xx + r.socket_errors)
                     .sum();
-                if errors > 0 {
-                    notes.push(format!(
-                        "wrk {label}: {errors} non-2xx responses or socket errors"
-                    ));
-                }
-                if use_wrk {
+                if let Some(tool) = tool {
+                    let name = tool.name();
+                    if errors > 0 {
+                        notes.push(format!(
+                            "{name} {label}: {errors} non-2xx responses or socket errors"
+                        ));
+                    }
                     rows.push(
-                        Row::new(format!("keep-alive {label}, wrk"), "req/s")
+                        Row::new(format!("keep-alive {label}, {name}"), "req/s")
                             .direct(median(wd.iter().map(|r| r.per_sec).collect()))
                             .shim(median(ws.iter().map(|r| r.per_sec).collect())),
                     );
                     rows.push(
-                        Row::new(format!("  p50 latency {label}, wrk"), "µs")
+                        Row::new(format!("  p50 latency {label}, {name}"), "µs")
                             .direct(median(wd.iter().map(|r| r.p50_us).collect()))
                             .shim(median(ws.iter().map(|r| r.p50_us).collect())),
                     );
                     rows.push(
-                        Row::new(format!("  p99 latency {label}, wrk"), "µs")
+                        Row::new(format!("  p99 latency {label}, {name}"), "µs")
                             .direct(median(wd.iter().map(|r| r.p99_us).collect()))
                             .shim(median(ws.iter().map(|r| r.p99_us).collect())),
                     );
@@ -512,14 +536,14 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                     .map(|(r, c)| json!({"per_sec": r.per_sec, "p50_us": r.p50_us, "p99_us": r.p99_us, "count": r.count, "cpu": c.map(|c| c.json())}))
                     .collect()
                 };
-                let wsamples = |v: &[procs::WrkResult]| -> Value {
+                let wsamples = |v: &[procs::ToolResult]| -> Value {
                     v.iter()
                     .map(|r| json!({"per_sec": r.per_sec, "p50_us": r.p50_us, "p99_us": r.p99_us, "non_2xx": r.non_2xx, "socket_errors": r.socket_errors}))
                     .collect()
                 };
                 raw.insert(
                 format!("keep_alive_{proto}_{conns}"),
-                json!({"direct": samples(&d, &dc), "broker": samples(&b, &bc), "wrk_direct": wsamples(&wd), "wrk_shim": wsamples(&ws)}),
+                json!({"direct": samples(&d, &dc), "broker": samples(&b, &bc), "shim_tool": tool.map(procs::LoadTool::name), "tool_direct": wsamples(&wd), "tool_shim": wsamples(&ws)}),
             );
             }
             Ok(())

@@ -302,9 +302,18 @@ pub fn wall(cmd: &mut Command) -> anyhow::Result<Duration> {
     Ok(elapsed)
 }
 
-/// What `wrk --latency` reported.
+/// The load generator of the shim legs: a dynamically linked program (OpenSSL), so under
+/// `broker run` the shim reroutes it and makes it trust the run's CA. `wrk` speaks HTTP/1.1,
+/// `h2load` (Debian's nghttp2-client) h2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadTool {
+    Wrk,
+    H2load,
+}
+
+/// What a load generator reported.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct WrkResult {
+pub struct ToolResult {
     pub per_sec: f64,
     pub p50_us: f64,
     pub p99_us: f64,
@@ -312,21 +321,73 @@ pub struct WrkResult {
     pub socket_errors: u64,
 }
 
-pub fn run_wrk(cmd: &mut Command) -> anyhow::Result<WrkResult> {
-    let out = cmd.stdin(Stdio::null()).output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "wrk failed ({}): {text}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+impl LoadTool {
+    pub fn name(self) -> &'static str {
+        match self {
+            LoadTool::Wrk => "wrk",
+            LoadTool::H2load => "h2load",
+        }
     }
-    parse_wrk(&text).with_context(|| format!("cannot parse wrk output:\n{text}"))
+
+    /// A shell command (`sh -c`) keeping `conns` connections busy with one request at a time
+    /// for `window` on `https://{host}/v1/models`, with this `Authorization` value (it may
+    /// name `$OPENAI_API_KEY`). `connect_to`: the address to reach instead of the host's (the
+    /// direct legs); `log`: where h2load writes each request's latency.
+    pub fn script(
+        self,
+        conns: usize,
+        window: Duration,
+        auth: &str,
+        connect_to: Option<SocketAddr>,
+        log: &Path,
+    ) -> String {
+        let host = HOST;
+        match self {
+            // wrk runs whole seconds; it has no way to connect elsewhere, so the direct leg
+            // names the address and sends the Host header.
+            LoadTool::Wrk => {
+                let secs = window.as_secs().max(1);
+                let target = match connect_to {
+                    Some(addr) => format!("-H 'Host: {host}' https://{addr}/v1/models"),
+                    None => format!("https://{host}/v1/models"),
+                };
+                format!(
+                    "exec wrk -t1 -c {conns} -d {secs}s --latency -H \"Authorization: {auth}\" {target}"
+                )
+            }
+            LoadTool::H2load => {
+                let to = connect_to.map_or(String::new(), |a| format!("--connect-to={a} "));
+                format!(
+                    "exec h2load -t1 -c {conns} -m1 -D {}ms --warm-up-time=300ms -H \"authorization: {auth}\" {to}--log-file={} https://{host}/v1/models",
+                    window.as_millis().max(1),
+                    log.display()
+                )
+            }
+        }
+    }
+
+    pub fn run(self, cmd: &mut Command, log: &Path) -> anyhow::Result<ToolResult> {
+        let _ = std::fs::remove_file(log);
+        let out = cmd.stdin(Stdio::null()).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "{} failed ({}): {text}{}",
+                self.name(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let parsed = match self {
+            LoadTool::Wrk => parse_wrk(&text),
+            LoadTool::H2load => parse_h2load(&text, &std::fs::read_to_string(log)?),
+        };
+        parsed.with_context(|| format!("cannot parse {} output:\n{text}", self.name()))
+    }
 }
 
-fn parse_wrk(text: &str) -> Option<WrkResult> {
-    let mut r = WrkResult::default();
+fn parse_wrk(text: &str) -> Option<ToolResult> {
+    let mut r = ToolResult::default();
     let mut found = (false, false, false);
     for line in text.lines() {
         let line = line.trim();
@@ -349,6 +410,50 @@ fn parse_wrk(text: &str) -> Option<WrkResult> {
         }
     }
     (found == (true, true, true)).then_some(r)
+}
+
+/// h2load's summary (`finished in 2.00s, 18566.50 req/s, ...`, `requests: ... 0 errored,
+/// 0 timeout`, `status codes: N 2xx, ...`) and its log file (one line per request of the
+/// measured window: start, status, latency in µs), which gives the percentiles it does not
+/// print.
+fn parse_h2load(text: &str, log: &str) -> Option<ToolResult> {
+    let mut r = ToolResult::default();
+    // `N word` pairs of a comma-separated summary line.
+    let count = |line: &str, word: &str| -> Option<u64> {
+        line.split(',').find_map(|part| {
+            let mut it = part.split_whitespace().rev();
+            (it.next()? == word).then(|| it.next()?.parse().ok())?
+        })
+    };
+    let mut found = false;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("finished in ") {
+            r.per_sec = rest
+                .split(',')
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            found = true;
+        } else if let Some(rest) = line.strip_prefix("requests:") {
+            r.socket_errors = count(rest, "errored")? + count(rest, "timeout")?;
+        } else if let Some(rest) = line.strip_prefix("status codes:") {
+            r.non_2xx = count(rest, "3xx")? + count(rest, "4xx")? + count(rest, "5xx")?;
+        }
+    }
+    let mut latencies: Vec<f64> = log
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2)?.trim().parse().ok())
+        .collect();
+    if !found || latencies.is_empty() {
+        return None;
+    }
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    r.p50_us = at(0.50);
+    r.p99_us = at(0.99);
+    Some(r)
 }
 
 /// `123.45us`, `1.23ms`, `1.00s` -> microseconds.
@@ -417,5 +522,21 @@ mod tests {
         assert_eq!(r.p50_us, 98.0);
         assert_eq!(r.p99_us, 1010.0);
         assert_eq!(r.non_2xx, 3);
+    }
+
+    #[test]
+    fn h2load_summary_and_log_give_rate_errors_and_percentiles() {
+        let text = "finished in 2.00s, 18566.50 req/s, 1.89MB/s
+requests: 40 total, 40 started, 40 done, 37 succeeded, 3 failed, 2 errored, 1 timeout
+status codes: 37 2xx, 0 3xx, 1 4xx, 0 5xx
+";
+        let log: String = (1..=100)
+            .map(|us| format!("1795911841079180\t200\t{us}\n"))
+            .collect();
+        let r = parse_h2load(text, &log).expect("parsed");
+        assert_eq!(r.per_sec, 18566.5);
+        assert_eq!((r.non_2xx, r.socket_errors), (1, 3));
+        assert_eq!((r.p50_us, r.p99_us), (51.0, 99.0));
+        assert!(parse_h2load(text, "").is_none(), "no log, no percentiles");
     }
 }
