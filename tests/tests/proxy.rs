@@ -471,16 +471,20 @@ fn websocket_upgrade_is_bridged_with_the_swap() {
             echoed.into_text().expect("text").as_str(),
             "hello through the broker"
         );
+        // Ask the origin something and read its text answer.
+        let mut ask = async |question: &str| -> String {
+            ws.send(Message::text(question)).await.expect("send");
+            tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .expect("answer in time")
+                .expect("a message")
+                .expect("ok")
+                .into_text()
+                .expect("text")
+                .to_string()
+        };
         // An upstream quoting the key in a frame: overwritten before the agent gets it.
-        ws.send(Message::text("whoami")).await.expect("send");
-        let quoted = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("answer in time")
-            .expect("a message")
-            .expect("ok")
-            .into_text()
-            .expect("text")
-            .to_string();
+        let quoted = ask("whoami").await;
         assert!(
             !quoted.contains(OPENAI_KEY),
             "the key reached the agent in a frame"
@@ -490,17 +494,7 @@ fn websocket_upgrade_is_bridged_with_the_swap() {
             "{quoted}"
         );
         // The same quote in a fragmented message cut inside the key.
-        ws.send(Message::text("whoami in pieces"))
-            .await
-            .expect("send");
-        let pieces = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("answer in time")
-            .expect("a message")
-            .expect("ok")
-            .into_text()
-            .expect("text")
-            .to_string();
+        let pieces = ask("whoami in pieces").await;
         assert!(
             !pieces.contains(OPENAI_KEY),
             "the key reached the agent across fragments"

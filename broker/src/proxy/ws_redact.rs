@@ -186,20 +186,25 @@ impl FrameRedactor {
     /// Send the first `n` carried bytes as a fragment of the message in progress.
     fn send_fragment(&mut self, n: usize, fin: bool, out: &mut Vec<u8>) {
         let opcode = self.message.replace(CONTINUATION).unwrap_or(CONTINUATION);
-        out.push(if fin { 0x80 } else { 0 } | opcode);
-        match n {
-            n if n < 126 => out.push(n as u8),
-            n if n <= 0xffff => {
-                out.push(126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
+        push_header(out, fin, opcode, n);
         out.extend_from_slice(&self.carry[..n]);
         self.carry.drain(..n);
+    }
+}
+
+/// An unmasked frame header: FIN and opcode, then the payload length in its shortest form.
+fn push_header(out: &mut Vec<u8>, fin: bool, opcode: u8, len: usize) {
+    out.push(if fin { 0x80 } else { 0 } | opcode);
+    match len {
+        n if n < 126 => out.push(n as u8),
+        n if n <= 0xffff => {
+            out.push(126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
     }
 }
 
@@ -209,20 +214,10 @@ mod tests {
 
     const SECRET: &str = "sk-test-secret-0123456789";
 
-    /// An unmasked server frame: FIN + opcode, then the payload length in its three forms.
+    /// An unmasked server frame with FIN set.
     fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![0x80 | opcode];
-        match payload.len() {
-            n if n < 126 => f.push(n as u8),
-            n if n <= 0xffff => {
-                f.push(126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
+        let mut f = Vec::new();
+        push_header(&mut f, true, opcode, payload.len());
         f.extend_from_slice(payload);
         f
     }
