@@ -134,6 +134,68 @@ fn bearer_swap_over_h1_and_h2() {
     s.assert_no_leak(OPENAI_KEY);
 }
 
+/// A running broker keeps API keys in memory, and must still follow the vault at once: a
+/// replaced key is used on the very next request, a removed one is refused.
+#[test]
+fn a_running_broker_follows_broker_add_and_remove_at_once() {
+    const SECOND_KEY: &str = "sk-test-second-openai-key-9876543210";
+    let ca = TestCa::new();
+    let origin = Origin::start(&ca, &["api.openai.com"], |_| Reply::Text(200, "ok".into()));
+    let s = setup(
+        &ca,
+        &[("api.openai.com", origin.addr)],
+        &[("openai", OPENAI_KEY)],
+    );
+    let auth = format!("Bearer {OPENAI_PH}");
+    let call = || {
+        s.get(
+            "api.openai.com",
+            "/v1/models",
+            &[("authorization", &auth)],
+            false,
+        )
+    };
+    let sent = |n: usize| {
+        origin.requests()[n]
+            .header("authorization")
+            .map(str::to_string)
+    };
+    // Twice, so the second request is served from the broker's cache.
+    for n in 0..2 {
+        assert_eq!(call().status, 200);
+        assert_eq!(sent(n), Some(format!("Bearer {OPENAI_KEY}")));
+    }
+    s.home.add("openai", SECOND_KEY);
+    assert_eq!(call().status, 200);
+    assert_eq!(
+        sent(2),
+        Some(format!("Bearer {SECOND_KEY}")),
+        "the replaced key is used on the next request"
+    );
+    let out = s
+        .home
+        .broker()
+        .args(["remove", "openai"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("broker remove");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = call();
+    assert_eq!(r.status, 401, "a removed key is refused: {}", r.text());
+    assert!(
+        r.header("x-broker-error")
+            .is_some_and(|e| e.contains("openai")),
+        "{:?}",
+        r.header("x-broker-error")
+    );
+    assert_eq!(origin.requests().len(), 3, "nothing reached the origin");
+    s.assert_no_leak(SECOND_KEY);
+}
+
 #[test]
 fn every_injection_style() {
     let ca = TestCa::new();
