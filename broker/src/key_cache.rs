@@ -210,6 +210,13 @@ mod tests {
         cache.get("openai", "default").map(|k| k.to_string())
     }
 
+    /// A cache for a `vault.db` (written) in `dir`.
+    fn cache_in(dir: &Path) -> (PathBuf, KeyCache) {
+        let vault = dir.join("vault.db");
+        write(&vault, "v1");
+        (vault.clone(), KeyCache::new(vault))
+    }
+
     fn write(path: &Path, text: &str) {
         std::fs::write(path, text).expect("write");
     }
@@ -217,9 +224,7 @@ mod tests {
     #[test]
     fn a_write_to_the_vault_or_its_wal_drops_every_key() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let vault = dir.path().join("vault.db");
-        write(&vault, "v1");
-        let cache = KeyCache::new(vault.clone());
+        let (vault, cache) = cache_in(dir.path());
         assert!(cache.get("openai", "default").is_none());
         let g = cache.generation();
         assert!(matches!(cache.lock().changes, Changes::Watched(_)));
@@ -244,9 +249,7 @@ mod tests {
     #[test]
     fn a_key_read_across_a_change_is_not_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let vault = dir.path().join("vault.db");
-        write(&vault, "v1");
-        let cache = KeyCache::new(vault.clone());
+        let (vault, cache) = cache_in(dir.path());
         let g = cache.generation();
         // The vault changes between the read and `remember`, and another lookup notices first.
         write(&vault, "v2");
@@ -259,9 +262,7 @@ mod tests {
     #[test]
     fn without_a_watch_the_files_stamp_decides() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let vault = dir.path().join("vault.db");
-        write(&vault, "v1");
-        let cache = KeyCache::new(vault.clone());
+        let (vault, cache) = cache_in(dir.path());
         cache.lock().changes = Changes::Stat(stamp(&vault));
         let g = cache.generation();
         cache.remember(g, "openai", "default", &key("k1"));
@@ -275,9 +276,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let home = dir.path().join("home");
         std::fs::create_dir(&home).expect("mkdir");
-        let vault = home.join("vault.db");
-        write(&vault, "v1");
-        let cache = KeyCache::new(vault.clone());
+        let (_vault, cache) = cache_in(&home);
         let g = cache.generation();
         cache.remember(g, "openai", "default", &key("k1"));
         std::fs::rename(&home, dir.path().join("elsewhere")).expect("rename");

@@ -160,6 +160,32 @@ impl Home {
         cmd
     }
 
+    /// `broker <args>` (no stdin, 30 s at most), which must succeed; its output.
+    pub fn broker_ok(&self, args: &[&str]) -> Output {
+        let out = run_bounded(
+            self.broker().args(args).stdin(Stdio::null()),
+            Duration::from_secs(30),
+        );
+        assert!(
+            out.status.success(),
+            "broker {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// The placeholder the broker gives agents for `provider`, from the catalog.
+    pub fn placeholder(&self, provider: &str) -> String {
+        let out = self.broker_ok(&["providers", "show", provider, "--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("providers json");
+        json["placeholder"]
+            .as_str()
+            .expect("placeholder")
+            .to_string()
+    }
+
     /// `broker add <provider>` with the secret on stdin.
     pub fn add(&self, provider: &str, secret: &str) {
         let out = self.run_with_stdin(&["add", provider], secret);

@@ -23,18 +23,7 @@ const BODY: &str = "{\"object\":\"list\",\"data\":[{\"id\":\"matrix-model\"}]}";
 
 /// The placeholder the broker gives agents for `OPENAI_API_KEY`, from the catalog.
 fn placeholder(home: &Home) -> String {
-    let out = run_bounded(
-        home.broker()
-            .args(["providers", "show", "openai", "--json"])
-            .stdin(Stdio::null()),
-        Duration::from_secs(30),
-    );
-    assert!(out.status.success(), "broker providers show openai failed");
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("providers json");
-    let placeholder = json["placeholder"]
-        .as_str()
-        .expect("placeholder")
-        .to_string();
+    let placeholder = home.placeholder("openai");
     assert!(placeholder.starts_with("sk-broker-placeholder-openai"));
     placeholder
 }

@@ -172,18 +172,7 @@ fn a_running_broker_follows_broker_add_and_remove_at_once() {
         Some(format!("Bearer {SECOND_KEY}")),
         "the replaced key is used on the next request"
     );
-    let out = s
-        .home
-        .broker()
-        .args(["remove", "openai"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("broker remove");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.home.broker_ok(&["remove", "openai"]);
     let r = call();
     assert_eq!(r.status, 401, "a removed key is refused: {}", r.text());
     assert!(
@@ -229,7 +218,7 @@ fn every_injection_style() {
             ("stripe", STRIPE_KEY),
         ],
     );
-    let catalog_ph = |name: &str| placeholder_of(&s.home, name);
+    let catalog_ph = |name: &str| s.home.placeholder(name);
 
     // A provider header (x-api-key).
     let r = s.get(
@@ -674,22 +663,6 @@ fn missing_credential_and_plain_http_get_advice() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("use https://"), "{answer}");
     assert!(s.serve.is_running());
-}
-
-/// The placeholder of a built-in provider, as `broker providers --json` prints it.
-fn placeholder_of(home: &Home, provider: &str) -> String {
-    let out = home
-        .broker()
-        .args(["providers", "show", provider, "--json"])
-        .output()
-        .expect("providers");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    v["placeholder"].as_str().expect("placeholder").to_string()
 }
 
 /// Wait until the audit log has at least `n` lines (the writer is asynchronous).

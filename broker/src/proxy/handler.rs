@@ -30,8 +30,8 @@ pub(super) async fn handle(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
-    let method = req.method().to_string();
-    let path = req.uri().path().to_string();
+    // For the audit of a refusal; clones that share the request's bytes (no copy per request).
+    let (method, uri) = (req.method().clone(), req.uri().clone());
     match forward(&proxy, &conn, req, started).await {
         Ok(response) => response,
         Err((error, provider)) => {
@@ -41,8 +41,8 @@ pub(super) async fn handle(
                     kind,
                     provider,
                     None,
-                    &method,
-                    &path,
+                    method.as_str(),
+                    uri.path(),
                     error.status().as_u16(),
                     0,
                     started,
