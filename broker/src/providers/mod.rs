@@ -80,6 +80,36 @@ const BUILTIN: &[(&str, &str)] = builtin_files![
 #[serde(transparent)]
 pub struct Catalog {
     providers: Vec<Provider>,
+    #[serde(skip)]
+    placeholders: PlaceholderIndex,
+}
+
+/// The providers grouped by the first byte of their placeholder, so that a request head is
+/// scanned once for every placeholder: at each byte only the placeholders starting with it
+/// are compared. One scan per provider and header value was 9 % of the proxy thread's
+/// instructions per keep-alive request.
+#[derive(Debug, Clone)]
+struct PlaceholderIndex {
+    /// `by_first_byte[b]`: indices in `providers` of the placeholders that start with `b`.
+    by_first_byte: Vec<Vec<usize>>,
+}
+
+impl PlaceholderIndex {
+    fn new(providers: &[Provider]) -> PlaceholderIndex {
+        let mut by_first_byte = vec![Vec::new(); 256];
+        for (i, p) in providers.iter().enumerate() {
+            if let Some(&first) = p.placeholder.as_bytes().first() {
+                by_first_byte[usize::from(first)].push(i);
+            }
+        }
+        PlaceholderIndex { by_first_byte }
+    }
+}
+
+impl Default for PlaceholderIndex {
+    fn default() -> PlaceholderIndex {
+        PlaceholderIndex::new(&[])
+    }
 }
 
 impl Catalog {
@@ -100,7 +130,7 @@ impl Catalog {
                     Ok(catalog) => catalog,
                     Err(err) => {
                         tracing::error!("built-in provider catalog is inconsistent: {err}");
-                        Catalog { providers }
+                        Catalog::new(providers)
                     }
                 }
             })
@@ -198,7 +228,32 @@ impl Catalog {
                 }
             }
         }
-        Ok(Catalog { providers })
+        Ok(Catalog::new(providers))
+    }
+
+    fn new(providers: Vec<Provider>) -> Catalog {
+        let placeholders = PlaceholderIndex::new(&providers);
+        Catalog {
+            providers,
+            placeholders,
+        }
+    }
+
+    /// Set `found[i]` for every provider `i` (an index into [`Catalog::providers`]) whose
+    /// placeholder occurs in `haystack`. Overlapping occurrences count: one placeholder may
+    /// contain another.
+    pub fn mark_placeholders(&self, haystack: &[u8], found: &mut [bool]) {
+        let buckets = &self.placeholders.by_first_byte;
+        for (at, &byte) in haystack.iter().enumerate() {
+            for &owner in &buckets[usize::from(byte)] {
+                let placeholder = self.providers[owner].placeholder.as_bytes();
+                if haystack[at..].starts_with(placeholder) {
+                    if let Some(slot) = found.get_mut(owner) {
+                        *slot = true;
+                    }
+                }
+            }
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&Provider> {

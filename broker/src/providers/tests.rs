@@ -816,3 +816,36 @@ fn builtin_sources_are_the_compiled_files() {
         .exists());
     }
 }
+
+#[test]
+fn placeholder_index_marks_every_provider_whose_placeholder_occurs() {
+    let mut short = parse(ACME).expect("acme");
+    short.placeholder = "acme_broker_placeholder_0000".into();
+    let mut long = parse(ACME).expect("acme");
+    long.name = "acme-long".into();
+    // Contains the other one: both must be found in a value holding the long one.
+    long.placeholder = "x-acme_broker_placeholder_0000-long".into();
+    let mut none = parse(ACME).expect("acme");
+    none.name = "acme-none".into();
+    none.placeholder = String::new();
+    let catalog = Catalog::new(vec![short, long, none]);
+    let marks = |haystack: &str| {
+        let mut found = vec![false; 3];
+        catalog.mark_placeholders(haystack.as_bytes(), &mut found);
+        found
+    };
+    assert_eq!(
+        marks("Bearer acme_broker_placeholder_0000"),
+        [true, false, false]
+    );
+    assert_eq!(
+        marks("x-acme_broker_placeholder_0000-long"),
+        [true, true, false]
+    );
+    assert_eq!(
+        marks("acme_broker_placeholder_0000acme_broker_placeholder_000"),
+        [true, false, false]
+    );
+    assert_eq!(marks("acme_broker_placeholder_000"), [false, false, false]);
+    assert_eq!(marks(""), [false, false, false]);
+}
