@@ -106,12 +106,6 @@ impl PlaceholderIndex {
     }
 }
 
-impl Default for PlaceholderIndex {
-    fn default() -> PlaceholderIndex {
-        PlaceholderIndex::new(&[])
-    }
-}
-
 impl Catalog {
     /// The compiled-in definitions. Never panics: a broken built-in (which the tests rule out) is
     /// logged and left out instead.

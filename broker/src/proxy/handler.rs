@@ -377,7 +377,7 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
 }
 
 fn upstream_uri(host: &str, port: u16, uri: &Uri) -> Result<Uri, String> {
-    let bad = |_| "cannot build the upstream URI".to_string();
+    const BAD: &str = "cannot build the upstream URI";
     // From parts, not a formatted string parsed back: the path and query are shared, not
     // copied and validated again.
     let authority = if port == 443 {
@@ -385,7 +385,7 @@ fn upstream_uri(host: &str, port: u16, uri: &Uri) -> Result<Uri, String> {
     } else {
         http::uri::Authority::try_from(format!("{host}:{port}"))
     }
-    .map_err(bad)?;
+    .map_err(|_| BAD.to_string())?;
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(http::uri::Scheme::HTTPS);
     parts.authority = Some(authority);
@@ -394,7 +394,7 @@ fn upstream_uri(host: &str, port: u16, uri: &Uri) -> Result<Uri, String> {
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
     );
-    Uri::from_parts(parts).map_err(|_| "cannot build the upstream URI".to_string())
+    Uri::from_parts(parts).map_err(|_| BAD.to_string())
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
