@@ -86,8 +86,8 @@ pub struct Catalog {
 
 /// The providers grouped by the first byte of their placeholder, so that a request head is
 /// scanned once for every placeholder: at each byte only the placeholders starting with it
-/// are compared. One scan per provider and header value was 9 % of the proxy thread's
-/// instructions per keep-alive request.
+/// are compared. With one scan per provider and header value, `swap::inspect` was 8.5 % of
+/// the proxy thread's instructions per keep-alive request.
 #[derive(Debug, Clone)]
 struct PlaceholderIndex {
     /// `by_first_byte[b]`: indices in `providers` of the placeholders that start with `b`.
