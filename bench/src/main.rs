@@ -248,7 +248,26 @@ fn build() -> anyhow::Result<()> {
         return Ok(());
     };
     eprintln!("bench: building broker, libbroker.so and the shim benchmark (release)");
-    let status = Command::new(cargo)
+    let mut command = Command::new(cargo);
+    // `cargo run` set these for this program; a nested cargo that sees them believes ring's
+    // build script changed inputs and rebuilds ring, rustls and everything above them.
+    for (name, _) in std::env::vars_os() {
+        let var = name.to_string_lossy();
+        if var.starts_with("CARGO_PKG_")
+            || matches!(
+                &*var,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            command.env_remove(&name);
+        }
+    }
+    let status = command
+        // Not `--workspace`: that would rebuild this running program under its feet.
         .args([
             "build",
             "--release",
