@@ -485,6 +485,74 @@ pub fn send_counting(
     send_blocking(addr, sni, ca_pem, h2, request, Some(delivered))
 }
 
+/// Send `requests` on one connection, the way a keep-alive agent does: one after another
+/// over HTTP/1.1, all at once over HTTP/2. The responses in the order of the requests.
+pub fn send_on_one_connection(
+    addr: SocketAddr,
+    sni: &str,
+    ca_pem: &[u8],
+    h2: bool,
+    requests: Vec<http::Request<http_body_util::Full<bytes::Bytes>>>,
+) -> Result<Vec<ClientResponse>, String> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let work = async {
+        let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let name =
+            rustls_pki_types::ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(client_tls(ca_pem, alpn))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("tls: {e}"))?;
+        let io = TokioIo::new(tls);
+        let mut responses = Vec::new();
+        if h2 {
+            let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| format!("h2: {e}"))?;
+            tokio::spawn(conn);
+            let all = requests.into_iter().map(|request| {
+                let mut sender = sender.clone();
+                async move {
+                    let response = sender
+                        .send_request(request)
+                        .await
+                        .map_err(|e| format!("request: {e}"))?;
+                    read_response(response, None).await
+                }
+            });
+            for response in futures_util::future::join_all(all).await {
+                responses.push(response?);
+            }
+        } else {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| format!("h1: {e}"))?;
+            tokio::spawn(conn);
+            for request in requests {
+                sender.ready().await.map_err(|e| format!("ready: {e}"))?;
+                let response = sender
+                    .send_request(request)
+                    .await
+                    .map_err(|e| format!("request: {e}"))?;
+                responses.push(read_response(response, None).await?);
+            }
+        }
+        Ok(responses)
+    };
+    runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), work)
+            .await
+            .map_err(|_| "timed out".to_string())?
+    })
+}
+
 fn send_blocking(
     addr: SocketAddr,
     sni: &str,
@@ -515,7 +583,6 @@ async fn send_async(
     request: http::Request<http_body_util::Full<bytes::Bytes>>,
     delivered: Option<Arc<std::sync::atomic::AtomicUsize>>,
 ) -> Result<ClientResponse, String> {
-    use http_body_util::BodyExt as _;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
     let tcp = tokio::net::TcpStream::connect(addr)
@@ -547,6 +614,14 @@ async fn send_async(
             .await
             .map_err(|e| format!("request: {e}"))?
     };
+    read_response(response, delivered).await
+}
+
+async fn read_response(
+    response: http::Response<hyper::body::Incoming>,
+    delivered: Option<Arc<std::sync::atomic::AtomicUsize>>,
+) -> Result<ClientResponse, String> {
+    use http_body_util::BodyExt as _;
     let head_at = Instant::now();
     let status = response.status().as_u16();
     let version = response.version();

@@ -73,6 +73,7 @@ type Handler = Arc<dyn Fn(&OriginRequest) -> Reply + Send + Sync>;
 pub struct Origin {
     pub addr: SocketAddr,
     requests: Arc<Mutex<Vec<OriginRequest>>>,
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -108,28 +109,47 @@ impl Origin {
         let addr = listener.local_addr().expect("addr");
         let requests = Arc::new(Mutex::new(Vec::new()));
         let recorded = requests.clone();
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let accepted = connections.clone();
         runtime.spawn(async move {
             let acceptor = TlsAcceptor::from(config);
             while let Ok((tcp, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
                 let handler = handler.clone();
                 let recorded = recorded.clone();
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service =
-                        service_fn(move |req| serve(req, handler.clone(), recorded.clone()));
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                        .await;
-                });
+                let mut accepted = accepted.lock().expect("lock");
+                accepted.push(
+                    tokio::spawn(async move {
+                        let Ok(tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let service =
+                            service_fn(move |req| serve(req, handler.clone(), recorded.clone()));
+                        let _ = auto::Builder::new(TokioExecutor::new())
+                            .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                            .await;
+                    })
+                    .abort_handle(),
+                );
             }
         });
         Origin {
             addr,
             requests,
+            connections,
             _runtime: runtime,
+        }
+    }
+
+    /// How many TCP connections the origin has accepted.
+    pub fn connections_accepted(&self) -> usize {
+        self.connections.lock().expect("lock").len()
+    }
+
+    /// Close every open connection, as a server does with idle keep-alive connections.
+    pub fn close_connections(&self) {
+        for connection in self.connections.lock().expect("lock").iter() {
+            connection.abort();
         }
     }
 

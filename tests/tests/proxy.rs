@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use base64::Engine as _;
-use broker_integration::{contains, get, send, Home, Origin, Reply, Serve, TestCa};
+use broker_integration::{
+    contains, get, send, send_on_one_connection, Home, Origin, Reply, Serve, TestCa,
+};
 use bytes::Bytes;
 use http_body_util::Full;
 
@@ -883,5 +885,75 @@ fn a_compressed_echo_of_the_key_is_decoded_and_redacted() {
             "{text}"
         );
     }
+    s.assert_no_leak(OPENAI_KEY);
+}
+
+/// Upstream connections outlive requests: a keep-alive agent reuses its own, a new agent
+/// connection reuses what an ended one left, concurrent h2 streams each get one, and a
+/// connection the upstream closed while idle costs the agent nothing.
+#[test]
+fn upstream_connections_are_reused_and_a_closed_one_costs_no_request() {
+    let ca = TestCa::new();
+    let origin = demanding_origin(&ca, "api.openai.com", OPENAI_KEY);
+    let s = setup(
+        &ca,
+        &[("api.openai.com", origin.addr)],
+        &[("openai", OPENAI_KEY)],
+    );
+    let auth = format!("Bearer {OPENAI_PH}");
+    let requests = |n: usize| -> Vec<_> {
+        (0..n)
+            .map(|i| {
+                get(
+                    "api.openai.com",
+                    &format!("/v1/models/{i}"),
+                    &[("authorization", &auth)],
+                )
+            })
+            .collect()
+    };
+    let on_one_connection = |n: usize, h2: bool| {
+        let responses = send_on_one_connection(
+            s.serve.addr_for("api.openai.com"),
+            "api.openai.com",
+            &s.ca_pem,
+            h2,
+            requests(n),
+        )
+        .expect("requests through the broker");
+        for r in &responses {
+            assert_eq!(r.status, 200, "h2={h2}: {}", r.text());
+            assert!(!contains(&r.body, OPENAI_KEY));
+        }
+    };
+
+    on_one_connection(5, false);
+    assert_eq!(origin.connections_accepted(), 1, "five keep-alive requests");
+    // The broker hands the connection to its shared pool once it sees the agent's close.
+    std::thread::sleep(Duration::from_millis(300));
+    on_one_connection(3, false);
+    assert_eq!(
+        origin.connections_accepted(),
+        1,
+        "a second agent connection"
+    );
+
+    std::thread::sleep(Duration::from_millis(300));
+    on_one_connection(4, true);
+    let concurrent = origin.connections_accepted();
+    assert!((1..=4).contains(&concurrent), "{concurrent} connections");
+    std::thread::sleep(Duration::from_millis(300));
+    on_one_connection(4, true);
+    // The first batch's connections are reused (how many streams overlap varies from run to run).
+    let both = origin.connections_accepted();
+    assert!(both <= 4, "{both} connections for two batches of 4");
+
+    // The upstream closes its idle connections; the next requests go out on a new one.
+    origin.close_connections();
+    on_one_connection(3, false);
+    assert_eq!(origin.connections_accepted(), both + 1);
+    assert_eq!(origin.requests().len(), 5 + 3 + 4 + 4 + 3);
+    let audit = wait_for_audit(&s.home, 19);
+    assert_eq!(audit.len(), 19);
     s.assert_no_leak(OPENAI_KEY);
 }

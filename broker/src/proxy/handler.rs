@@ -16,6 +16,7 @@ use broker_contract::host_matches;
 
 use super::decode::{self, Encoded};
 use super::error::BrokerError;
+use super::pool::SendError;
 use super::record::{event, AuditedBody, Pending};
 use super::upgrade::bridge_upgrade;
 use super::upstream::ConnectError;
@@ -176,13 +177,12 @@ async fn forward(
         }
     }
 
-    // Forward.
-    let upstream_uri = upstream_uri(&conn.sni, port, &parts.uri)
-        .map_err(|reason| (BrokerError::BadRequest { reason }, provider_name.clone()))?;
+    // Forward: HTTP/1.1 to the upstream, origin-form, with the Host of the upstream (set where
+    // the request is sent).
     let upgrade = is_upgrade(&parts.headers);
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::HOST);
-    parts.uri = upstream_uri;
+    origin_form(&mut parts.uri);
     if upgrade {
         let req = Request::from_parts(parts, body);
         return bridge_upgrade(proxy, &conn.sni, port, req, pending, conn.clone())
@@ -215,10 +215,10 @@ async fn forward(
     });
     let req = Request::from_parts(parts, body);
     let mut response = proxy
-        .client
-        .request(req)
+        .pool
+        .send(&conn.upstream, &conn.sni, port, req)
         .await
-        .map_err(|e| (upstream_error(&conn.sni, &e), provider_name.clone()))?;
+        .map_err(|e| (upstream_error(&conn.sni, e), provider_name.clone()))?;
     if response.status() == http::StatusCode::UNAUTHORIZED {
         if let (Some(p), Some((method, mut uri, mut headers, bytes))) = (pending.as_mut(), resend) {
             let old = p.secret.clone();
@@ -233,10 +233,10 @@ async fn forward(
                     *retry.uri_mut() = uri;
                     *retry.headers_mut() = headers;
                     response = proxy
-                        .client
-                        .request(retry)
+                        .pool
+                        .send(&conn.upstream, &conn.sni, port, retry)
                         .await
-                        .map_err(|e| (upstream_error(&conn.sni, &e), provider_name.clone()))?;
+                        .map_err(|e| (upstream_error(&conn.sni, e), provider_name.clone()))?;
                     p.secret = fresh;
                 }
             }
@@ -247,7 +247,6 @@ async fn forward(
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     let status = parts.status.as_u16();
-    let body = body.map_err(BoxError::from).boxed();
     let body = match pending {
         Some(p) => {
             // Respond/redact: an upstream echoing the key must not hand it to the agent.
@@ -376,25 +375,16 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
     Some(raw.trim_end_matches('.').to_ascii_lowercase())
 }
 
-fn upstream_uri(host: &str, port: u16, uri: &Uri) -> Result<Uri, String> {
-    const BAD: &str = "cannot build the upstream URI";
-    // From parts, not a formatted string parsed back: the path and query are shared, not
-    // copied and validated again.
-    let authority = if port == 443 {
-        http::uri::Authority::try_from(host)
-    } else {
-        http::uri::Authority::try_from(format!("{host}:{port}"))
-    }
-    .map_err(|_| BAD.to_string())?;
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTPS);
-    parts.authority = Some(authority);
-    parts.path_and_query = Some(
-        uri.path_and_query()
+/// The request target as sent to the upstream: path and query only (an h2 request, or an
+/// absolute-form h1 one, also carries scheme and authority). Shares the bytes, no copy.
+fn origin_form(uri: &mut Uri) {
+    if uri.scheme().is_some() || uri.authority().is_some() {
+        let path = uri
+            .path_and_query()
             .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
-    Uri::from_parts(parts).map_err(|_| BAD.to_string())
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        *uri = Uri::from(path);
+    }
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
@@ -459,26 +449,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-fn upstream_error(host: &str, err: &hyper_util::client::legacy::Error) -> BrokerError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+fn upstream_error(host: &str, err: SendError) -> BrokerError {
+    let err = match err {
+        SendError::Connect(connect) => return connect_error(host, &connect),
+        SendError::Http(err) => err,
+    };
+    // Keep hyper's own words, innermost cause: "connection closed before message completed", ...
+    let mut reason = err.to_string();
+    let mut source = std::error::Error::source(&err);
     while let Some(e) = source {
-        if let Some(connect) = e.downcast_ref::<ConnectError>() {
-            return connect_error(host, connect);
-        }
+        reason = e.to_string();
         source = e.source();
     }
-    let reason = if err.is_connect() {
-        "connection failed".to_string()
-    } else {
-        // Keep hyper's own words: "connection closed before message completed", ...
-        let mut text = err.to_string();
-        let mut source = std::error::Error::source(err);
-        while let Some(e) = source {
-            text = e.to_string();
-            source = e.source();
-        }
-        text
-    };
     BrokerError::UpstreamFailed {
         host: host.to_string(),
         reason,
@@ -569,19 +551,16 @@ mod tests {
     }
 
     #[test]
-    fn upstream_uri_keeps_path_and_query() {
-        let uri: Uri = "/v1/models?key=x".parse().expect("uri");
-        assert_eq!(
-            upstream_uri("api.x.com", 443, &uri)
-                .expect("uri")
-                .to_string(),
-            "https://api.x.com/v1/models?key=x"
-        );
-        assert_eq!(
-            upstream_uri("api.x.com", 8443, &uri)
-                .expect("uri")
-                .to_string(),
-            "https://api.x.com:8443/v1/models?key=x"
-        );
+    fn upstream_target_is_origin_form() {
+        for (agent, sent) in [
+            ("/v1/models?key=x", "/v1/models?key=x"),
+            ("https://api.x.com:8443/v1/models?key=x", "/v1/models?key=x"),
+            ("https://api.x.com", "/"),
+            ("*", "*"),
+        ] {
+            let mut uri: Uri = agent.parse().expect("uri");
+            origin_form(&mut uri);
+            assert_eq!(uri.to_string(), sent, "{agent}");
+        }
     }
 }

@@ -9,8 +9,8 @@
 //! 3. **look up credential** (`handler`, via [`Credentials`]): only when the route's
 //!    placeholder is present (or the route injects always).
 //! 4. **swap** (`swap`): placeholder -> credential at the route's injection points only.
-//! 5. **forward** (`upstream`): to the provider's real host, resolved by the broker, verified TLS,
-//!    pooled; WebSocket upgrades are bridged.
+//! 5. **forward** (`upstream`, `pool`): to the provider's real host, resolved by the broker,
+//!    verified TLS, kept open per agent connection and pooled; WebSocket upgrades are bridged.
 //! 6. **respond** (`handler`): the response streams back frame by frame.
 //! 7. **audit** ([`AuditSink`]): one event per credential use, denial, or anomaly.
 
@@ -20,6 +20,7 @@ pub mod error;
 mod handler;
 mod listen;
 mod peer;
+mod pool;
 mod record;
 mod redact;
 pub mod swap;
@@ -33,8 +34,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use zeroize::Zeroizing;
 
 use crate::audit::AuditEvent;
@@ -195,7 +194,7 @@ pub struct Proxy {
     ca: Arc<LocalCa>,
     catalog: Arc<Catalog>,
     tls_server: Arc<rustls::ServerConfig>,
-    client: Client<upstream::UpstreamConnector, ProxyBody>,
+    pool: Arc<pool::UpstreamPool>,
     upgrade_connector: upstream::UpstreamConnector,
     credentials: Arc<dyn Credentials>,
     audit: Arc<dyn AuditSink>,
@@ -214,15 +213,12 @@ impl Proxy {
         let ca = Arc::new(LocalCa::new(&hosts, &settings.label)?);
         let tls_server = listen::server_config(ca.clone())?;
         let connector = upstream::UpstreamConnector::new(settings.upstream);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(90))
-            .pool_max_idle_per_host(64)
-            .build(connector.clone());
+        let pool = pool::UpstreamPool::new(connector.clone());
         Ok(Arc::new(Proxy {
             ca,
             catalog: settings.catalog,
             tls_server,
-            client,
+            pool,
             upgrade_connector: connector,
             credentials: settings.credentials,
             audit: settings.audit,
@@ -255,4 +251,6 @@ struct ConnInfo {
     sni: String,
     #[allow(dead_code)]
     peer: SocketAddr,
+    /// The upstream connection this agent connection used last.
+    upstream: Arc<pool::ConnSlot>,
 }

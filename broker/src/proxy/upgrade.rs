@@ -43,21 +43,12 @@ pub(super) async fn bridge_upgrade(
     });
     let agent_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
-    // HTTP/1.1 to the upstream wants an origin-form target and a Host header.
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| host.to_string());
-    parts.uri = parts
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/")
-        .parse()
-        .map_err(|_| BrokerError::BadRequest {
-            reason: "bad upgrade target".into(),
-        })?;
+    // The target is origin-form already (the handler's doing); HTTP/1.1 wants a Host too.
+    let authority = if port == 443 {
+        host.to_string()
+    } else {
+        format!("{host}:{port}")
+    };
     if let Ok(value) = authority.parse() {
         parts.headers.insert(header::HOST, value);
     }
