@@ -494,23 +494,13 @@ pub fn send_on_one_connection(
     h2: bool,
     requests: Vec<http::Request<http_body_util::Full<bytes::Bytes>>>,
 ) -> Result<Vec<ClientResponse>, String> {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::TokioExecutor;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let work = async {
-        let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let name =
-            rustls_pki_types::ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
-        let tls = tokio_rustls::TlsConnector::from(client_tls(ca_pem, alpn))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("tls: {e}"))?;
-        let io = TokioIo::new(tls);
+        let io = connect_tls(addr, sni, ca_pem, h2).await?;
         let mut responses = Vec::new();
         if h2 {
             let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
@@ -583,18 +573,8 @@ async fn send_async(
     request: http::Request<http_body_util::Full<bytes::Bytes>>,
     delivered: Option<Arc<std::sync::atomic::AtomicUsize>>,
 ) -> Result<ClientResponse, String> {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let name =
-        rustls_pki_types::ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(client_tls(ca_pem, alpn))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("tls: {e}"))?;
-    let io = TokioIo::new(tls);
+    use hyper_util::rt::TokioExecutor;
+    let io = connect_tls(addr, sni, ca_pem, h2).await?;
     let response = if h2 {
         let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
             .await
@@ -615,6 +595,27 @@ async fn send_async(
             .map_err(|e| format!("request: {e}"))?
     };
     read_response(response, delivered).await
+}
+
+/// TCP to `addr`, then TLS with SNI `sni` trusting `ca_pem`, offering h2 or http/1.1.
+async fn connect_tls(
+    addr: SocketAddr,
+    sni: &str,
+    ca_pem: &[u8],
+    h2: bool,
+) -> Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>, String>
+{
+    let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let name =
+        rustls_pki_types::ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(client_tls(ca_pem, alpn))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    Ok(hyper_util::rt::TokioIo::new(tls))
 }
 
 async fn read_response(
