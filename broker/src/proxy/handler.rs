@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -31,9 +31,9 @@ pub(super) async fn handle(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
-    // For the audit of a refusal; clones that share the request's bytes (no copy per request).
+    // For the audit records: clones that share the request's bytes (no copy per request).
     let (method, uri) = (req.method().clone(), req.uri().clone());
-    match forward(&proxy, &conn, req, started).await {
+    match forward(&proxy, &conn, req, &method, &uri, started).await {
         Ok(response) => response,
         Err((error, provider)) => {
             if let Some(kind) = audit_kind(&error) {
@@ -68,10 +68,13 @@ fn audit_kind(error: &BrokerError) -> Option<EventKind> {
 
 type Failure = (BrokerError, Option<String>);
 
+/// `method` and `uri` are the request's as the agent sent them, for the audit.
 async fn forward(
     proxy: &Arc<Proxy>,
     conn: &Arc<ConnInfo>,
     req: Request<Incoming>,
+    method: &Method,
+    uri: &Uri,
     started: Instant,
 ) -> Result<Response<ProxyBody>, Failure> {
     // Classify.
@@ -109,12 +112,11 @@ async fn forward(
     let port = spec.map(|h| h.port).unwrap_or(443);
 
     let (mut parts, body) = req.into_parts();
-    let method = parts.method.to_string();
-    let path = parts.uri.path().to_string();
+    let path = uri.path();
     let mut findings = swap::inspect(&proxy.catalog, provider, route, &parts.headers, &parts.uri);
     // A host spec with a path prefix (`example.com/api`) limits the credential to that path.
     if let Some(prefix) = spec.and_then(|h| h.path_prefix.as_deref()) {
-        if !path_in_prefix(&path, prefix) && findings.own_placeholder {
+        if !path_in_prefix(path, prefix) && findings.own_placeholder {
             findings.own_placeholder = false;
             findings.foreign.push(provider.name.clone());
         }
@@ -125,8 +127,8 @@ async fn forward(
             EventKind::PlaceholderToForeignHost,
             Some(foreign.clone()),
             None,
-            &method,
-            &path,
+            method.as_str(),
+            path,
             0,
             0,
             started,
@@ -170,7 +172,7 @@ async fn forward(
                 provider: provider.name.clone(),
                 profile: profile.clone(),
                 method: method.clone(),
-                path: path.clone(),
+                uri: uri.clone(),
                 started,
                 secret: secret.clone(),
             });
@@ -449,7 +451,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-fn upstream_error(host: &str, err: SendError) -> BrokerError {
+pub(super) fn upstream_error(host: &str, err: SendError) -> BrokerError {
     let err = match err {
         SendError::Connect(connect) => return connect_error(host, &connect),
         SendError::Http(err) => err,

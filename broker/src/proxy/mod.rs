@@ -195,7 +195,6 @@ pub struct Proxy {
     catalog: Arc<Catalog>,
     tls_server: Arc<rustls::ServerConfig>,
     pool: Arc<pool::UpstreamPool>,
-    upgrade_connector: upstream::UpstreamConnector,
     credentials: Arc<dyn Credentials>,
     audit: Arc<dyn AuditSink>,
 }
@@ -213,13 +212,12 @@ impl Proxy {
         let ca = Arc::new(LocalCa::new(&hosts, &settings.label)?);
         let tls_server = listen::server_config(ca.clone())?;
         let connector = upstream::UpstreamConnector::new(settings.upstream);
-        let pool = pool::UpstreamPool::new(connector.clone());
+        let pool = pool::UpstreamPool::new(connector);
         Ok(Arc::new(Proxy {
             ca,
             catalog: settings.catalog,
             tls_server,
             pool,
-            upgrade_connector: connector,
             credentials: settings.credentials,
             audit: settings.audit,
         }))

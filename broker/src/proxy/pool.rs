@@ -9,7 +9,8 @@
 //! handshakes. Idle connections are closed after [`IDLE_TIMEOUT`].
 //!
 //! A connection is handed back only once its response body has been read to the end; one whose
-//! body was abandoned is closed by hyper and dropped here.
+//! body was abandoned is closed by hyper and dropped here. An upgrade's connection
+//! ([`UpstreamPool::connect_unpooled`]) is never pooled.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -133,7 +134,6 @@ impl UpstreamPool {
                     let (parts, body) = response.into_parts();
                     let body = LeasedBody {
                         inner: body,
-                        ended: false,
                         lease: Some((upstream, slot.clone())),
                     };
                     return Ok(Response::from_parts(parts, body.boxed()));
@@ -212,6 +212,17 @@ impl UpstreamPool {
         });
     }
 
+    /// A new connection to `host:port` that is never pooled (an upgrade's), and its Host
+    /// header.
+    pub async fn connect_unpooled(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<(SendRequest<ProxyBody>, HeaderValue), SendError> {
+        let upstream = self.connect(host, port).await?;
+        Ok((upstream.sender, upstream.host_header))
+    }
+
     async fn connect(&self, host: &str, port: u16) -> Result<Upstream, SendError> {
         let io = self
             .connector
@@ -222,7 +233,9 @@ impl UpstreamPool {
             .await
             .map_err(SendError::Http)?;
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
+            // With upgrades: a WebSocket's connection (`connect_unpooled`) is taken over after
+            // its 101; for the others this changes nothing.
+            if let Err(err) = connection.with_upgrades().await {
                 tracing::debug!(%err, "upstream connection ended with an error");
             }
         });
@@ -280,8 +293,15 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// An upstream response body that hands its connection back when it ends.
 struct LeasedBody {
     inner: Incoming,
-    ended: bool,
     lease: Option<(Upstream, Arc<ConnSlot>)>,
+}
+
+impl LeasedBody {
+    fn give_back(&mut self) {
+        if let Some((upstream, slot)) = self.lease.take() {
+            slot.give_back(upstream);
+        }
+    }
 }
 
 impl Body for LeasedBody {
@@ -295,7 +315,7 @@ impl Body for LeasedBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match polled {
             Poll::Ready(None) => {
-                self.ended = true;
+                self.give_back();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(err))) => {
@@ -319,12 +339,11 @@ impl Body for LeasedBody {
 
 impl Drop for LeasedBody {
     fn drop(&mut self) {
-        // Read to the end (or empty from the start, which nobody needs to poll): reusable.
-        // Otherwise hyper closes the connection, as the rest of the body is still on it.
-        if self.ended || self.inner.is_end_stream() {
-            if let Some((upstream, slot)) = self.lease.take() {
-                slot.give_back(upstream);
-            }
+        // Read to its last byte without being polled to the end (a known length), or empty
+        // from the start (nobody polls it): reusable. Otherwise hyper closes the connection,
+        // as the rest of the body is still on it.
+        if self.inner.is_end_stream() {
+            self.give_back();
         }
     }
 }

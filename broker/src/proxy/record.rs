@@ -18,8 +18,9 @@ pub(super) struct Pending {
     pub(super) kind: EventKind,
     pub(super) provider: String,
     pub(super) profile: String,
-    pub(super) method: String,
-    pub(super) path: String,
+    pub(super) method: http::Method,
+    /// As the agent sent it (shares its bytes); the audit keeps the path.
+    pub(super) uri: http::Uri,
     pub(super) started: Instant,
     /// The credential put on the request, to redact from the response.
     pub(super) secret: zeroize::Zeroizing<String>,
@@ -39,8 +40,8 @@ impl Pending {
             self.kind,
             Some(self.provider),
             Some(self.profile),
-            &self.method,
-            &self.path,
+            self.method.as_str(),
+            self.uri.path(),
             status,
             bytes,
             self.started,

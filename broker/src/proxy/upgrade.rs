@@ -11,7 +11,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::error::BrokerError;
-use super::handler::connect_error;
+use super::handler::upstream_error;
+use super::pool::SendError;
 use super::record::Pending;
 use super::ws_redact::FrameRedactor;
 use super::{BoxError, ConnInfo, Proxy, ProxyBody};
@@ -26,32 +27,16 @@ pub(super) async fn bridge_upgrade(
     pending: Option<Pending>,
     conn: Arc<ConnInfo>,
 ) -> Result<Response<ProxyBody>, BrokerError> {
-    let io = proxy
-        .upgrade_connector
-        .connect(host, port)
+    // Its own connection: once upgraded it is the WebSocket's, never pooled.
+    let (mut sender, host_header) = proxy
+        .pool
+        .connect_unpooled(host, port)
         .await
-        .map_err(|e| connect_error(host, &e))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(|e| BrokerError::UpstreamFailed {
-                host: host.to_string(),
-                reason: e.to_string(),
-            })?;
-    tokio::spawn(async move {
-        let _ = connection.with_upgrades().await;
-    });
+        .map_err(|e| upstream_error(host, e))?;
     let agent_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
     // The target is origin-form already (the handler's doing); HTTP/1.1 wants a Host too.
-    let authority = if port == 443 {
-        host.to_string()
-    } else {
-        format!("{host}:{port}")
-    };
-    if let Ok(value) = authority.parse() {
-        parts.headers.insert(header::HOST, value);
-    }
+    parts.headers.insert(header::HOST, host_header);
     // With a credential on it, the WebSocket's frames from the upstream are checked for the
     // key; compressed frames could not be, so no extension (permessage-deflate) is offered.
     let secret = match (&pending, is_websocket(&parts.headers)) {
@@ -66,10 +51,7 @@ pub(super) async fn bridge_upgrade(
     let mut response = sender
         .send_request(req)
         .await
-        .map_err(|e| BrokerError::UpstreamFailed {
-            host: host.to_string(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| upstream_error(host, SendError::Http(e)))?;
     let status = response.status().as_u16();
     if let Some(p) = pending {
         proxy
