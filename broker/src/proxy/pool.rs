@@ -37,6 +37,9 @@ const MAX_IDLE_PER_UPSTREAM: usize = 64;
 const READY_WAIT: Duration = Duration::from_secs(1);
 /// How often the shared pool closes connections idle for longer than [`IDLE_TIMEOUT`].
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// Idle time after which a connection is checked for a close the runtime has not noticed yet.
+/// Upstreams close idle connections on timers of their own, commonly 5 s and up.
+const STALE_AFTER: Duration = Duration::from_secs(1);
 
 /// Why a request could not be forwarded.
 #[derive(Debug)]
@@ -100,10 +103,13 @@ impl UpstreamPool {
     }
 
     /// Send `req` (origin-form URI; its Host header is set here) to `host:port` on an open
-    /// connection if there is one, else on a new one. A request that never left because the
-    /// reused connection had just closed is sent again on another; anything else that fails
-    /// is the caller's to report. The response body hands the connection back when read to
-    /// the end.
+    /// connection if there is one, else on a new one. The response body hands the connection
+    /// back when read to the end.
+    ///
+    /// An upstream may close an idle connection just as a request goes out on it. A request
+    /// that never left is sent again on another connection; so is one that left but got no
+    /// answer, if it has no body and its method is idempotent (RFC 9110, 9.2.2) or it carries
+    /// an `Idempotency-Key`. Anything else that fails is the caller's to report.
     pub async fn send(
         self: &Arc<Self>,
         slot: &Arc<ConnSlot>,
@@ -113,7 +119,13 @@ impl UpstreamPool {
     ) -> Result<Response<ProxyBody>, SendError> {
         loop {
             let (mut upstream, reused) = match self.take(slot, host, port) {
-                Some(mut upstream) => {
+                Some((mut upstream, idle)) => {
+                    if idle >= STALE_AFTER {
+                        // A close that arrived while the connection sat idle is seen only once
+                        // the runtime polls its sockets: yield to it before trusting the
+                        // connection with a request it may not be able to send again.
+                        tokio::task::yield_now().await;
+                    }
                     // Handed back when its last response body ended; hyper marks it ready a
                     // moment later, or once the agent finished an upload the upstream answered
                     // early. An error: it closed meanwhile.
@@ -129,6 +141,7 @@ impl UpstreamPool {
             };
             req.headers_mut()
                 .insert(header::HOST, upstream.host_header.clone());
+            let replay = if reused { replayable_copy(&req) } else { None };
             match upstream.sender.try_send_request(req).await {
                 Ok(response) => {
                     let (parts, body) = response.into_parts();
@@ -138,23 +151,31 @@ impl UpstreamPool {
                     };
                     return Ok(Response::from_parts(parts, body.boxed()));
                 }
-                Err(mut err) => match err.take_message() {
+                Err(mut err) => match (err.take_message(), replay) {
                     // Not sent: a reused connection closed under it. A new connection
                     // failing the same way is not retried.
-                    Some(unsent) if reused => req = unsent,
+                    (Some(unsent), _) if reused => req = unsent,
+                    (None, Some(copy)) if closed_before_answer(err.error()) => req = copy,
                     _ => return Err(SendError::Http(err.into_error())),
                 },
             }
         }
     }
 
-    /// An idle connection to `host:port`: the agent connection's own, else a shared one.
-    fn take(self: &Arc<Self>, slot: &ConnSlot, host: &str, port: u16) -> Option<Upstream> {
+    /// An idle connection to `host:port` (the agent connection's own, else a shared one) and
+    /// how long it has been idle.
+    fn take(
+        self: &Arc<Self>,
+        slot: &ConnSlot,
+        host: &str,
+        port: u16,
+    ) -> Option<(Upstream, Duration)> {
         let now = Instant::now();
         let own = lock(&slot.held).take();
         if let Some(upstream) = own {
             if upstream.is_for(host, port) && !upstream.expired(now) {
-                return Some(upstream);
+                let idle = now.duration_since(upstream.idle_since);
+                return Some((upstream, idle));
             }
             self.put(upstream);
         }
@@ -163,7 +184,8 @@ impl UpstreamPool {
         while let Some(i) = idle.iter().rposition(|u| u.is_for(host, port)) {
             let upstream = idle.remove(i);
             if !upstream.expired(now) {
-                return Some(upstream);
+                let idle = now.duration_since(upstream.idle_since);
+                return Some((upstream, idle));
             }
         }
         None
@@ -284,6 +306,46 @@ impl Drop for ConnSlot {
     }
 }
 
+/// A copy of `req` to send again should its connection close before an answer: only for a
+/// request without a body (a body is streamed, not kept) that may be repeated safely.
+fn replayable_copy(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+    let repeatable = req.method().is_idempotent() || req.headers().contains_key("idempotency-key");
+    if !repeatable || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// Did the connection end before any answer to the request: closed, or reset by the upstream?
+fn closed_before_answer(err: &hyper::Error) -> bool {
+    if err.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// A poisoned lock only means a panic elsewhere mid-update of a list of connections: still a
 /// list of connections.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -345,5 +407,166 @@ impl Drop for LeasedBody {
         if self.inner.is_end_stream() {
             self.give_back();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+    use std::net::{SocketAddr, TcpListener};
+    use std::sync::mpsc;
+
+    use http_body_util::{BodyExt as _, Empty, Full};
+
+    use super::*;
+    use crate::ca::LocalCa;
+    use crate::proxy::upstream::{ResolveOverride, UpstreamSettings};
+
+    const HOST: &str = "api.example.com";
+
+    /// A TLS origin on its own thread. Each connection answers one request with 200 and then
+    /// waits for a word on `close` before it closes, without having said it would.
+    struct ClosingOrigin {
+        addr: SocketAddr,
+        ca_file: tempfile::NamedTempFile,
+        close: mpsc::Sender<()>,
+        accepted: mpsc::Receiver<()>,
+    }
+
+    fn closing_origin() -> ClosingOrigin {
+        let ca = Arc::new(LocalCa::new(&[HOST.to_string()], "pool test").expect("ca"));
+        let mut ca_file = tempfile::NamedTempFile::new().expect("temp file");
+        ca_file
+            .write_all(ca.cert_pem().as_bytes())
+            .expect("write ca");
+        let config = crate::proxy::listen::server_config(ca).expect("server config");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (close, close_rx) = mpsc::channel::<()>();
+        let (accepted_tx, accepted) = mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut tcp) = stream else { return };
+                let _ = accepted_tx.send(());
+                let mut tls = rustls::ServerConnection::new(config.clone()).expect("tls");
+                let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if stream
+                    .write_all(answer)
+                    .and_then(|()| stream.flush())
+                    .is_err()
+                {
+                    return;
+                }
+                if close_rx.recv().is_err() {
+                    return;
+                }
+                tls.send_close_notify();
+                let _ = tls.complete_io(&mut tcp);
+                // Dropping the socket closes it.
+            }
+        });
+        ClosingOrigin {
+            addr,
+            ca_file,
+            close,
+            accepted,
+        }
+    }
+
+    fn get() -> Request<ProxyBody> {
+        let body = Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed();
+        Request::get("/v1/models").body(body).expect("request")
+    }
+
+    fn post() -> Request<ProxyBody> {
+        let body = Full::new(Bytes::from_static(b"{}"))
+            .map_err(|never| match never {})
+            .boxed();
+        Request::post("/v1/chat/completions")
+            .body(body)
+            .expect("request")
+    }
+
+    /// Send `first` to a [`closing_origin`], read its answer, have the origin close the
+    /// connection, keep the runtime from noticing for `unnoticed`, then send `second`. Returns
+    /// the second answer's body (or the error) and how many connections the origin accepted.
+    fn close_between(
+        first: Request<ProxyBody>,
+        unnoticed: Duration,
+        second: Request<ProxyBody>,
+    ) -> (Result<Bytes, String>, usize) {
+        let origin = closing_origin();
+        let pool = UpstreamPool::new(UpstreamConnector::new(UpstreamSettings {
+            extra_ca: Some(origin.ca_file.path().to_path_buf()),
+            resolve: vec![ResolveOverride {
+                host: HOST.into(),
+                port: 443,
+                addr: origin.addr,
+            }],
+        }));
+        let slot = pool.slot();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let answer = runtime.block_on(async {
+            let answer = pool.send(&slot, HOST, 443, first).await.expect("first");
+            assert_eq!(answer.status(), 200);
+            answer.into_body().collect().await.expect("first body");
+            assert!(
+                lock(&slot.held).is_some(),
+                "the connection was not handed back"
+            );
+
+            // The runtime is blocked while the origin closes, so the connection's task cannot
+            // see the close before the next request is queued on it.
+            origin.close.send(()).expect("close");
+            std::thread::sleep(unnoticed);
+
+            match pool.send(&slot, HOST, 443, second).await {
+                Ok(answer) => {
+                    assert_eq!(answer.status(), 200);
+                    let body = answer.into_body().collect().await.expect("second body");
+                    Ok(body.to_bytes())
+                }
+                Err(err) => Err(format!("{err:?}")),
+            }
+        });
+        (answer, origin.accepted.try_iter().count())
+    }
+
+    #[test]
+    fn a_get_sent_on_a_connection_that_had_just_closed_is_sent_again() {
+        let (answer, accepted) = close_between(get(), Duration::from_millis(200), get());
+        assert_eq!(answer.expect("second answer"), "ok");
+        assert_eq!(accepted, 2, "the second request needs one new connection");
+    }
+
+    #[test]
+    fn a_connection_idle_for_a_while_is_checked_before_a_post_goes_out_on_it() {
+        let unnoticed = STALE_AFTER + Duration::from_millis(200);
+        let (answer, accepted) = close_between(post(), unnoticed, post());
+        assert_eq!(answer.expect("second answer"), "ok");
+        assert_eq!(accepted, 2);
+    }
+
+    #[test]
+    fn a_post_that_left_on_a_closing_connection_is_not_sent_twice() {
+        let (answer, accepted) = close_between(post(), Duration::from_millis(200), post());
+        // The closed connection answers with EOF, or with a reset once the request reached it.
+        let err = answer.expect_err("a POST is not repeated");
+        assert!(err.starts_with("Http("), "{err}");
+        assert_eq!(accepted, 1, "the POST went out once");
     }
 }
