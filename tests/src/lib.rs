@@ -495,51 +495,63 @@ pub fn send_on_one_connection(
     requests: Vec<http::Request<http_body_util::Full<bytes::Bytes>>>,
 ) -> Result<Vec<ClientResponse>, String> {
     use hyper_util::rt::TokioExecutor;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let work = async {
-        let io = connect_tls(addr, sni, ca_pem, h2).await?;
-        let mut responses = Vec::new();
-        if h2 {
-            let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                .await
-                .map_err(|e| format!("h2: {e}"))?;
-            tokio::spawn(conn);
-            let all = requests.into_iter().map(|request| {
-                let mut sender = sender.clone();
-                async move {
-                    let response = sender
-                        .send_request(request)
-                        .await
-                        .map_err(|e| format!("request: {e}"))?;
-                    read_response(response, None).await
-                }
-            });
-            for response in futures_util::future::join_all(all).await {
-                responses.push(response?);
-            }
-        } else {
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-                .await
-                .map_err(|e| format!("h1: {e}"))?;
-            tokio::spawn(conn);
-            for request in requests {
-                sender.ready().await.map_err(|e| format!("ready: {e}"))?;
+    if !h2 {
+        return send_taking_turns(addr, sni, ca_pem, 1, requests);
+    }
+    block_on_client(async {
+        let io = connect_tls(addr, sni, ca_pem, true).await?;
+        let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(|e| format!("h2: {e}"))?;
+        tokio::spawn(conn);
+        let all = requests.into_iter().map(|request| {
+            let mut sender = sender.clone();
+            async move {
                 let response = sender
                     .send_request(request)
                     .await
                     .map_err(|e| format!("request: {e}"))?;
-                responses.push(read_response(response, None).await?);
+                read_response(response, None).await
             }
+        });
+        futures_util::future::join_all(all)
+            .await
+            .into_iter()
+            .collect()
+    })
+}
+
+/// Open `connections` HTTP/1.1 connections, then send `requests` one after another, each on
+/// the next connection in turn: an agent whose keep-alive connections stay open and take
+/// turns. The responses in the order of the requests.
+pub fn send_taking_turns(
+    addr: SocketAddr,
+    sni: &str,
+    ca_pem: &[u8],
+    connections: usize,
+    requests: Vec<http::Request<http_body_util::Full<bytes::Bytes>>>,
+) -> Result<Vec<ClientResponse>, String> {
+    block_on_client(async {
+        let mut senders = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            let io = connect_tls(addr, sni, ca_pem, false).await?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| format!("h1: {e}"))?;
+            tokio::spawn(conn);
+            senders.push(sender);
+        }
+        let mut responses = Vec::new();
+        for (request, turn) in requests.into_iter().zip((0..connections).cycle()) {
+            let sender = &mut senders[turn];
+            sender.ready().await.map_err(|e| format!("ready: {e}"))?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| format!("request: {e}"))?;
+            responses.push(read_response(response, None).await?);
         }
         Ok(responses)
-    };
-    runtime.block_on(async {
-        tokio::time::timeout(Duration::from_secs(60), work)
-            .await
-            .map_err(|_| "timed out".to_string())?
     })
 }
 
@@ -551,17 +563,21 @@ fn send_blocking(
     request: http::Request<http_body_util::Full<bytes::Bytes>>,
     delivered: Option<Arc<std::sync::atomic::AtomicUsize>>,
 ) -> Result<ClientResponse, String> {
+    block_on_client(send_async(addr, sni, ca_pem, h2, request, delivered))
+}
+
+/// Run a test client's work on a runtime of its own, giving up after a minute.
+fn block_on_client<T>(
+    work: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        tokio::time::timeout(
-            Duration::from_secs(60),
-            send_async(addr, sni, ca_pem, h2, request, delivered),
-        )
-        .await
-        .map_err(|_| "timed out".to_string())?
+        tokio::time::timeout(Duration::from_secs(60), work)
+            .await
+            .map_err(|_| "timed out".to_string())?
     })
 }
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use broker_integration::{
-    contains, get, send, send_on_one_connection, Home, Origin, Reply, Serve, TestCa,
+    contains, get, send, send_on_one_connection, send_taking_turns, Home, Origin, Reply, Serve,
+    TestCa,
 };
 use bytes::Bytes;
 use http_body_util::Full;
@@ -888,9 +889,10 @@ fn a_compressed_echo_of_the_key_is_decoded_and_redacted() {
     s.assert_no_leak(OPENAI_KEY);
 }
 
-/// Upstream connections outlive requests: a keep-alive agent reuses its own, a new agent
-/// connection reuses what an ended one left, concurrent h2 streams each get one, and a
-/// connection the upstream closed while idle costs the agent nothing.
+/// Upstream connections outlive requests: a keep-alive agent reuses one, a new agent
+/// connection reuses what an ended one left, agent connections that stay open and take turns
+/// share one, concurrent h2 streams each get one, and a connection the upstream closed while
+/// idle costs the agent nothing.
 #[test]
 fn upstream_connections_are_reused_and_a_closed_one_costs_no_request() {
     let ca = TestCa::new();
@@ -929,13 +931,25 @@ fn upstream_connections_are_reused_and_a_closed_one_costs_no_request() {
 
     on_one_connection(5, false);
     assert_eq!(origin.connections_accepted(), 1, "five keep-alive requests");
-    // The broker hands the connection to its shared pool once it sees the agent's close.
-    std::thread::sleep(Duration::from_millis(300));
     on_one_connection(3, false);
     assert_eq!(
         origin.connections_accepted(),
         1,
         "a second agent connection"
+    );
+    let taking_turns = send_taking_turns(
+        s.serve.addr_for("api.openai.com"),
+        "api.openai.com",
+        &s.ca_pem,
+        3,
+        requests(6),
+    )
+    .expect("requests through the broker");
+    assert!(taking_turns.iter().all(|r| r.status == 200));
+    assert_eq!(
+        origin.connections_accepted(),
+        1,
+        "three open agent connections taking turns"
     );
 
     std::thread::sleep(Duration::from_millis(300));
@@ -952,8 +966,8 @@ fn upstream_connections_are_reused_and_a_closed_one_costs_no_request() {
     origin.close_connections();
     on_one_connection(3, false);
     assert_eq!(origin.connections_accepted(), both + 1);
-    assert_eq!(origin.requests().len(), 5 + 3 + 4 + 4 + 3);
-    let audit = wait_for_audit(&s.home, 19);
-    assert_eq!(audit.len(), 19);
+    assert_eq!(origin.requests().len(), 5 + 3 + 6 + 4 + 4 + 3);
+    let audit = wait_for_audit(&s.home, 25);
+    assert_eq!(audit.len(), 25);
     s.assert_no_leak(OPENAI_KEY);
 }

@@ -218,7 +218,7 @@ async fn forward(
     let req = Request::from_parts(parts, body);
     let mut response = proxy
         .pool
-        .send(&conn.upstream, &conn.sni, port, req)
+        .send(&conn.sni, port, req)
         .await
         .map_err(|e| (upstream_error(&conn.sni, e), provider_name.clone()))?;
     if response.status() == http::StatusCode::UNAUTHORIZED {
@@ -236,7 +236,7 @@ async fn forward(
                     *retry.headers_mut() = headers;
                     response = proxy
                         .pool
-                        .send(&conn.upstream, &conn.sni, port, retry)
+                        .send(&conn.sni, port, retry)
                         .await
                         .map_err(|e| (upstream_error(&conn.sni, e), provider_name.clone()))?;
                     p.secret = fresh;

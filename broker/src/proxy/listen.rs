@@ -262,12 +262,7 @@ pub(super) async fn terminate_tls<IO>(
         return;
     };
 
-    let conn = Arc::new(ConnInfo {
-        run,
-        sni,
-        peer,
-        upstream: proxy.pool.slot(),
-    });
+    let conn = Arc::new(ConnInfo { run, sni, peer });
     let service = service_fn(move |req| {
         let proxy = proxy.clone();
         let conn = conn.clone();

@@ -249,6 +249,4 @@ struct ConnInfo {
     sni: String,
     #[allow(dead_code)]
     peer: SocketAddr,
-    /// The upstream connection this agent connection used last.
-    upstream: Arc<pool::ConnSlot>,
 }

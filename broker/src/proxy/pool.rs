@@ -1,12 +1,13 @@
 //! Upstream connections kept open between requests: HTTP/1.1 over verified TLS (`upstream`).
 //!
-//! Each agent connection keeps the upstream connection its last request used ([`ConnSlot`]),
-//! so a keep-alive agent reuses it without touching anything shared: no lock held by other
-//! connections, no hashing, no task per request (hyper-util's pool did all three, about a
-//! tenth of the proxy thread's instructions). Connections left over, from an agent connection
-//! that ended or a second request in flight on an h2 agent connection, go to a pool shared by
-//! all agent connections, so short-lived agent processes still skip the TCP and TLS
-//! handshakes. Idle connections are closed after [`IDLE_TIMEOUT`].
+//! One list of idle connections, shared by all agent connections: a request takes the most
+//! recently used connection to its upstream, and its response body puts the connection back.
+//! So short-lived agent processes skip the TCP and TLS handshakes, and many agent
+//! connections that take turns share a few upstream connections. The list is short (one
+//! entry per upstream connection not in use) and its lock is held for a few instructions; no
+//! hashing and no task per request (hyper-util's pool, used before, did both and took about a
+//! tenth of the proxy thread's instructions). Idle connections are closed after
+//! [`IDLE_TIMEOUT`].
 //!
 //! A connection is handed back only once its response body has been read to the end; one whose
 //! body was abandoned is closed by hyper and dropped here. An upgrade's connection
@@ -70,19 +71,13 @@ impl Upstream {
     }
 }
 
-/// The shared pool, and how to make new connections.
+/// The idle connections, and how to make new ones.
 pub struct UpstreamPool {
     connector: UpstreamConnector,
-    /// Idle connections by upstream. Few upstreams (one per managed host in use): a list.
+    /// Idle connections of every upstream, the most recently used last. Few upstreams (one
+    /// per managed host in use) and few idle connections each: a list.
     idle: Mutex<Vec<Upstream>>,
     sweeper_started: AtomicBool,
-}
-
-/// The upstream connection an agent connection used last. On drop (the agent connection
-/// ended) it goes to the shared pool.
-pub struct ConnSlot {
-    pool: Arc<UpstreamPool>,
-    held: Mutex<Option<Upstream>>,
 }
 
 impl UpstreamPool {
@@ -91,14 +86,6 @@ impl UpstreamPool {
             connector,
             idle: Mutex::new(Vec::new()),
             sweeper_started: AtomicBool::new(false),
-        })
-    }
-
-    /// The slot for a new agent connection.
-    pub fn slot(self: &Arc<Self>) -> Arc<ConnSlot> {
-        Arc::new(ConnSlot {
-            pool: self.clone(),
-            held: Mutex::new(None),
         })
     }
 
@@ -112,13 +99,12 @@ impl UpstreamPool {
     /// an `Idempotency-Key`. Anything else that fails is the caller's to report.
     pub async fn send(
         self: &Arc<Self>,
-        slot: &Arc<ConnSlot>,
         host: &str,
         port: u16,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, SendError> {
         loop {
-            let (mut upstream, reused) = match self.take(slot, host, port) {
+            let (mut upstream, reused) = match self.take(host, port) {
                 Some((mut upstream, idle)) => {
                     if idle >= STALE_AFTER {
                         // A close that arrived while the connection sat idle is seen only once
@@ -147,7 +133,7 @@ impl UpstreamPool {
                     let (parts, body) = response.into_parts();
                     let body = LeasedBody {
                         inner: body,
-                        lease: Some((upstream, slot.clone())),
+                        lease: Some((upstream, self.clone())),
                     };
                     return Ok(Response::from_parts(parts, body.boxed()));
                 }
@@ -162,23 +148,9 @@ impl UpstreamPool {
         }
     }
 
-    /// An idle connection to `host:port` (the agent connection's own, else a shared one) and
-    /// how long it has been idle.
-    fn take(
-        self: &Arc<Self>,
-        slot: &ConnSlot,
-        host: &str,
-        port: u16,
-    ) -> Option<(Upstream, Duration)> {
+    /// An idle connection to `host:port` and how long it has been idle.
+    fn take(&self, host: &str, port: u16) -> Option<(Upstream, Duration)> {
         let now = Instant::now();
-        let own = lock(&slot.held).take();
-        if let Some(upstream) = own {
-            if upstream.is_for(host, port) && !upstream.expired(now) {
-                let idle = now.duration_since(upstream.idle_since);
-                return Some((upstream, idle));
-            }
-            self.put(upstream);
-        }
         let mut idle = lock(&self.idle);
         // The most recently used first: the likeliest to be still open.
         while let Some(i) = idle.iter().rposition(|u| u.is_for(host, port)) {
@@ -191,12 +163,14 @@ impl UpstreamPool {
         None
     }
 
-    /// Keep `upstream` in the shared pool (if it is open and there is room).
-    fn put(self: &Arc<Self>, upstream: Upstream) {
+    /// Keep `upstream`, whose last response has ended, for the next request (if it is open
+    /// and there is room).
+    fn put(self: &Arc<Self>, mut upstream: Upstream) {
         let now = Instant::now();
-        if upstream.expired(now) {
+        if upstream.sender.is_closed() {
             return;
         }
+        upstream.idle_since = now;
         let mut idle = lock(&self.idle);
         idle.retain(|u| !u.expired(now));
         let same = idle
@@ -277,35 +251,6 @@ impl UpstreamPool {
     }
 }
 
-impl ConnSlot {
-    /// Hand back a connection whose response body ended: to this agent connection if it holds
-    /// none, else to the shared pool.
-    fn give_back(&self, mut upstream: Upstream) {
-        upstream.idle_since = Instant::now();
-        let mut held = lock(&self.held);
-        if held.is_none() {
-            *held = Some(upstream);
-            return;
-        }
-        drop(held);
-        self.pool.put(upstream);
-    }
-}
-
-impl std::fmt::Debug for ConnSlot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnSlot").finish_non_exhaustive()
-    }
-}
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        if let Some(upstream) = lock(&self.held).take() {
-            self.pool.put(upstream);
-        }
-    }
-}
-
 /// A copy of `req` to send again should its connection close before an answer: only for a
 /// request without a body (a body is streamed, not kept) that may be repeated safely.
 fn replayable_copy(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
@@ -355,13 +300,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// An upstream response body that hands its connection back when it ends.
 struct LeasedBody {
     inner: Incoming,
-    lease: Option<(Upstream, Arc<ConnSlot>)>,
+    lease: Option<(Upstream, Arc<UpstreamPool>)>,
 }
 
 impl LeasedBody {
     fn give_back(&mut self) {
-        if let Some((upstream, slot)) = self.lease.take() {
-            slot.give_back(upstream);
+        if let Some((upstream, pool)) = self.lease.take() {
+            pool.put(upstream);
         }
     }
 }
@@ -515,26 +460,22 @@ mod tests {
                 addr: origin.addr,
             }],
         }));
-        let slot = pool.slot();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         let answer = runtime.block_on(async {
-            let answer = pool.send(&slot, HOST, 443, first).await.expect("first");
+            let answer = pool.send(HOST, 443, first).await.expect("first");
             assert_eq!(answer.status(), 200);
             answer.into_body().collect().await.expect("first body");
-            assert!(
-                lock(&slot.held).is_some(),
-                "the connection was not handed back"
-            );
+            assert_eq!(lock(&pool.idle).len(), 1, "the connection was not put back");
 
             // The runtime is blocked while the origin closes, so the connection's task cannot
             // see the close before the next request is queued on it.
             origin.close.send(()).expect("close");
             std::thread::sleep(unnoticed);
 
-            match pool.send(&slot, HOST, 443, second).await {
+            match pool.send(HOST, 443, second).await {
                 Ok(answer) => {
                     assert_eq!(answer.status(), 200);
                     let body = answer.into_body().collect().await.expect("second body");
