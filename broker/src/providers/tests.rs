@@ -828,24 +828,57 @@ fn placeholder_index_marks_every_provider_whose_placeholder_occurs() {
     let mut none = parse(ACME).expect("acme");
     none.name = "acme-none".into();
     none.placeholder = String::new();
-    let catalog = Catalog::new(vec![short, long, none]);
+    // Shorter than the parser allows, but the index must not depend on that: a one-byte
+    // placeholder has no second byte to filter by, and may be the haystack's last byte.
+    let mut one = parse(ACME).expect("acme");
+    one.name = "acme-one".into();
+    one.placeholder = "z".into();
+    // Without the one-byte placeholder, only starts where the shortest one fits are scanned:
+    // a placeholder that is the whole value or ends it is still found.
+    let two = Catalog::new(vec![short.clone(), long.clone()]);
+    let marks_two = |haystack: &str| {
+        let mut found = vec![false; 2];
+        two.mark_placeholders(haystack.as_bytes(), &mut found);
+        found
+    };
+    assert_eq!(marks_two("acme_broker_placeholder_0000"), [true, false]);
+    assert_eq!(
+        marks_two("Bearer acme_broker_placeholder_0000"),
+        [true, false]
+    );
+    assert_eq!(
+        marks_two("x-acme_broker_placeholder_0000-long"),
+        [true, true]
+    );
+    assert_eq!(marks_two("acme_broker_placeholder_000"), [false, false]);
+    let catalog = Catalog::new(vec![short, long, none, one]);
     let marks = |haystack: &str| {
-        let mut found = vec![false; 3];
+        let mut found = vec![false; 4];
         catalog.mark_placeholders(haystack.as_bytes(), &mut found);
         found
     };
     assert_eq!(
         marks("Bearer acme_broker_placeholder_0000"),
-        [true, false, false]
+        [true, false, false, false]
     );
     assert_eq!(
         marks("x-acme_broker_placeholder_0000-long"),
-        [true, true, false]
+        [true, true, false, false]
     );
     assert_eq!(
         marks("acme_broker_placeholder_0000acme_broker_placeholder_000"),
-        [true, false, false]
+        [true, false, false, false]
     );
-    assert_eq!(marks("acme_broker_placeholder_000"), [false, false, false]);
-    assert_eq!(marks(""), [false, false, false]);
+    assert_eq!(
+        marks("acme_broker_placeholder_000"),
+        [false, false, false, false]
+    );
+    assert_eq!(marks("az"), [false, false, false, true]);
+    assert_eq!(marks("za"), [false, false, false, true]);
+    assert_eq!(
+        marks("Bearer acme_broker_placeholder_0000z"),
+        [true, false, false, true]
+    );
+    assert_eq!(marks("a"), [false, false, false, false]);
+    assert_eq!(marks(""), [false, false, false, false]);
 }

@@ -366,15 +366,16 @@ async fn refresh_rejected(
 
 /// The host the request names: `:authority` (h2, absolute-form) or `Host`, without port.
 fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let raw = match req.uri().authority() {
-        Some(authority) => authority.host().to_string(),
+    let from_header;
+    let authority = match req.uri().authority() {
+        Some(authority) => authority,
         None => {
             let value = req.headers().get(header::HOST)?.to_str().ok()?;
-            let authority: http::uri::Authority = value.parse().ok()?;
-            authority.host().to_string()
+            from_header = value.parse::<http::uri::Authority>().ok()?;
+            &from_header
         }
     };
-    Some(raw.trim_end_matches('.').to_ascii_lowercase())
+    Some(authority.host().trim_end_matches('.').to_ascii_lowercase())
 }
 
 /// The request target as sent to the upstream: path and query only (an h2 request, or an

@@ -10,7 +10,7 @@
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use http::header::HeaderName;
+use http::header::{Entry, HeaderName};
 use http::{HeaderMap, HeaderValue, Uri};
 use zeroize::Zeroizing;
 
@@ -155,23 +155,20 @@ fn swap_point(
             let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
                 return Ok(false);
             };
+            let Entry::Occupied(mut values) = headers.entry(header) else {
+                return Ok(false);
+            };
+            // In place: the values keep their order among themselves and among the headers.
             let mut changed = false;
-            let values: Vec<HeaderValue> = headers.get_all(&header).iter().cloned().collect();
-            let mut rebuilt = Vec::with_capacity(values.len());
-            for value in values {
-                match header_credential(&value, scheme.as_ref()) {
+            for value in values.iter_mut() {
+                let swapped = match header_credential(value, scheme.as_ref()) {
                     Some(cred) if cred.holds(placeholder) => {
-                        rebuilt.push(cred.with_secret(placeholder, secret)?);
-                        changed = true;
+                        cred.with_secret(placeholder, secret)?
                     }
-                    _ => rebuilt.push(value),
-                }
-            }
-            if changed {
-                headers.remove(&header);
-                for value in rebuilt {
-                    headers.append(header.clone(), value);
-                }
+                    _ => continue,
+                };
+                *value = swapped;
+                changed = true;
             }
             Ok(changed)
         }
@@ -257,7 +254,7 @@ impl HeaderCredential<'_> {
     fn with_secret(&self, placeholder: &str, secret: &str) -> Result<HeaderValue, SwapError> {
         match self {
             HeaderCredential::Plain { prefix, .. } => {
-                sensitive_value(&Zeroizing::new(format!("{prefix}{secret}")))
+                sensitive_value(&Zeroizing::new([*prefix, secret].concat()))
             }
             HeaderCredential::Basic { user, pass } => {
                 let user = if user == placeholder {
@@ -594,6 +591,26 @@ mod tests {
         let (changed, h, _) = swap(r, &[("authorization", &format!("Bearer {PH}x"))], "/");
         assert!(!changed, "a placeholder prefix is not the placeholder");
         assert_eq!(h["authorization"], format!("Bearer {PH}x").as_str());
+    }
+
+    #[test]
+    fn each_value_of_a_repeated_header_is_swapped_in_place() {
+        let r = route(vec![header("x-api-key", None)], InjectMode::IfPlaceholder);
+        let (changed, h, _) = swap(
+            r,
+            &[
+                ("x-api-key", "first"),
+                ("accept", "*/*"),
+                ("x-api-key", PH),
+                ("x-api-key", "last"),
+            ],
+            "/",
+        );
+        assert!(changed);
+        let values: Vec<_> = h.get_all("x-api-key").iter().collect();
+        assert_eq!(values, ["first", SECRET, "last"]);
+        assert!(values[1].is_sensitive(), "kept out of hyper's debug output");
+        assert_eq!(h["accept"], "*/*");
     }
 
     #[test]
