@@ -10,7 +10,7 @@
 //!    placeholder is present (or the route injects always).
 //! 4. **swap** (`swap`): placeholder -> credential at the route's injection points only.
 //! 5. **forward** (`upstream`, `pool`): to the provider's real host, resolved by the broker,
-//!    verified TLS, kept open per agent connection and pooled; WebSocket upgrades are bridged.
+//!    verified TLS, kept open between requests and shared; WebSocket upgrades are bridged.
 //! 6. **respond** (`handler`): the response streams back frame by frame.
 //! 7. **audit** ([`AuditSink`]): one event per credential use, denial, or anomaly.
 
