@@ -952,11 +952,9 @@ fn upstream_connections_are_reused_and_a_closed_one_costs_no_request() {
         "three open agent connections taking turns"
     );
 
-    std::thread::sleep(Duration::from_millis(300));
     on_one_connection(4, true);
     let concurrent = origin.connections_accepted();
     assert!((1..=4).contains(&concurrent), "{concurrent} connections");
-    std::thread::sleep(Duration::from_millis(300));
     on_one_connection(4, true);
     // The first batch's connections are reused (how many streams overlap varies from run to run).
     let both = origin.connections_accepted();

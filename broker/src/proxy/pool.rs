@@ -172,12 +172,17 @@ impl UpstreamPool {
         }
         upstream.idle_since = now;
         let mut idle = lock(&self.idle);
-        idle.retain(|u| !u.expired(now));
-        let same = idle
-            .iter()
-            .filter(|u| u.is_for(&upstream.host, upstream.port))
-            .count();
-        if same < MAX_IDLE_PER_UPSTREAM {
+        let same = |idle: &Vec<Upstream>| {
+            idle.iter()
+                .filter(|u| u.is_for(&upstream.host, upstream.port))
+                .count()
+        };
+        // Closed and stale connections go when `take` meets them or the sweeper runs; here
+        // only when they would keep a live one out.
+        if same(&idle) >= MAX_IDLE_PER_UPSTREAM {
+            idle.retain(|u| !u.expired(now));
+        }
+        if same(&idle) < MAX_IDLE_PER_UPSTREAM {
             idle.push(upstream);
         }
         drop(idle);
