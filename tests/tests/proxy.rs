@@ -18,6 +18,7 @@ const ANTHROPIC_KEY: &str = "sk-ant-test-real-anthropic-key-0123456789";
 const GEMINI_KEY: &str = "AIza-test-real-gemini-key-0123456789abcdef";
 const GITHUB_KEY: &str = "ghp_test_real_github_key_0123456789abcdefghij";
 const STRIPE_KEY: &str = "sk_test_real_stripe_key_0123456789";
+const GITLAB_KEY: &str = "glpat-test-real-gitlab-key-0123456789ab";
 
 const OPENAI_PH: &str = "sk-broker-placeholder-openai-0000000000000000";
 const ANTHROPIC_PH: &str = "sk-ant-api03-broker-placeholder-anthropic-00000000";
@@ -806,6 +807,142 @@ fn an_upstream_echoing_the_key_never_hands_it_to_the_agent() {
             );
         }
     }
+    s.assert_no_leak(OPENAI_KEY);
+}
+
+/// Whether an agent could decode 6 or more consecutive bytes of `key` from any run of base64
+/// characters in `text` (either alphabet, any start, lenient about padding).
+fn key_decodable_from(text: &str, key: &str) -> bool {
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    let lenient = GeneralPurposeConfig::new()
+        .with_decode_allow_trailing_bits(true)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    let engines = [
+        GeneralPurpose::new(&base64::alphabet::STANDARD, lenient),
+        GeneralPurpose::new(&base64::alphabet::URL_SAFE, lenient),
+    ];
+    let text = text.as_bytes();
+    let parts: Vec<&[u8]> = key.as_bytes().windows(6).collect();
+    (0..text.len()).any(|start| {
+        (start + 8..=text.len()).any(|end| {
+            engines.iter().any(|engine| {
+                engine
+                    .decode(&text[start..end])
+                    .is_ok_and(|bytes| parts.iter().any(|p| bytes.windows(6).any(|w| w == *p)))
+            })
+        })
+    })
+}
+
+/// A Basic credential holds the key in base64, so an upstream quoting the header it got
+/// (an error, a debug endpoint) would hand the agent the key in a form a plain search misses.
+#[test]
+fn an_upstream_quoting_a_basic_credential_never_hands_back_the_key_in_base64() {
+    let ca = TestCa::new();
+    let quote = |req: &broker_integration::OriginRequest| {
+        Reply::Text(
+            401,
+            format!(
+                "{{\"message\":\"Bad credentials\",\"got\":\"{}\"}}",
+                req.header("authorization").unwrap_or_default()
+            ),
+        )
+    };
+    let github = Origin::start(&ca, &["github.com"], quote);
+    let gitlab = Origin::start(&ca, &["gitlab.com"], quote);
+    let s = setup(
+        &ca,
+        &[("github.com", github.addr), ("gitlab.com", gitlab.addr)],
+        &[("github", GITHUB_KEY), ("gitlab", GITLAB_KEY)],
+    );
+    let b64 = base64::engine::general_purpose::STANDARD;
+    // git smart-HTTP to github.com: the broker adds Basic x-access-token:<key> itself.
+    let r = s.get("github.com", "/org/repo.git/info/refs", &[], false);
+    assert_eq!(r.status, 401);
+    let sent = github.requests()[0]
+        .header("authorization")
+        .expect("injected")
+        .to_string();
+    assert!(r.text().contains("Bad credentials"), "{}", r.text());
+    assert!(
+        !r.text().contains(&sent[10..]) && !key_decodable_from(&r.text(), GITHUB_KEY),
+        "the key can be decoded from the answer"
+    );
+    // gitlab.com: the agent picks the user name, which moves the key inside base64's groups.
+    let gl_ph = s.home.placeholder("gitlab");
+    for (i, user) in ["oauth2", "ab", "a"].into_iter().enumerate() {
+        for h2 in [false, true] {
+            let basic = format!("Basic {}", b64.encode(format!("{user}:{gl_ph}")));
+            let r = s.get(
+                "gitlab.com",
+                "/group/repo.git/info/refs",
+                &[("authorization", &basic)],
+                h2,
+            );
+            assert_eq!(r.status, 401);
+            let sent = gitlab.requests().last().cloned().expect("request");
+            assert_eq!(
+                sent.header("authorization"),
+                Some(format!("Basic {}", b64.encode(format!("{user}:{GITLAB_KEY}"))).as_str()),
+                "user {i}: swapped inside the base64"
+            );
+            assert!(
+                !key_decodable_from(&r.text(), GITLAB_KEY),
+                "user {user:?} h2={h2}: the key can be decoded from the answer"
+            );
+            if let Some(len) = r.header("content-length") {
+                assert_eq!(len.parse::<usize>().expect("length"), r.body.len());
+            }
+        }
+    }
+    s.assert_no_leak(GITHUB_KEY);
+    s.assert_no_leak(GITLAB_KEY);
+}
+
+/// An upgrade (WebSocket) request the upstream refuses gets an ordinary answer, and an error
+/// there may quote the key like any other.
+#[test]
+fn a_refused_upgrade_that_quotes_the_key_is_redacted() {
+    let ca = TestCa::new();
+    let origin = Origin::start(&ca, &["api.openai.com"], |req| {
+        Reply::Text(
+            401,
+            format!(
+                "{{\"error\":\"invalid key: {}\"}}",
+                req.header("authorization").unwrap_or_default()
+            ),
+        )
+    });
+    let s = setup(
+        &ca,
+        &[("api.openai.com", origin.addr)],
+        &[("openai", OPENAI_KEY)],
+    );
+    let r = s.get(
+        "api.openai.com",
+        "/v1/realtime",
+        &[
+            ("authorization", &format!("Bearer {OPENAI_PH}")),
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        false,
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        origin.requests()[0].header("upgrade"),
+        Some("websocket"),
+        "went out as an upgrade"
+    );
+    assert!(!contains(&r.body, OPENAI_KEY), "the key reached the agent");
+    assert!(
+        r.text()
+            .contains("invalid key: Bearer [redacted-by-broker]"),
+        "{}",
+        r.text()
+    );
     s.assert_no_leak(OPENAI_KEY);
 }
 

@@ -252,7 +252,8 @@ async fn forward(
     let body = match pending {
         Some(p) => {
             // Respond/redact: an upstream echoing the key must not hand it to the agent.
-            redact::redact_headers(&mut parts.headers, p.secret.as_bytes());
+            let needles = proxy.needles.get(p.secret.as_bytes());
+            redact::redact_headers(&mut parts.headers, &needles);
             let body = match decode::classify(&parts.headers) {
                 Encoded::Plain => body,
                 Encoded::Decodable(coding) => decode::decode(&mut parts.headers, body, coding),
@@ -262,7 +263,7 @@ async fn forward(
                     body
                 }
             };
-            let body = redact::RedactedBody::wrap(body, &p.secret);
+            let body = redact::RedactedBody::wrap(body, needles);
             AuditedBody::wrap(body, proxy.clone(), conn.clone(), p, status)
         }
         None => body,

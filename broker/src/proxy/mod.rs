@@ -197,6 +197,7 @@ pub struct Proxy {
     pool: Arc<pool::UpstreamPool>,
     credentials: Arc<dyn Credentials>,
     audit: Arc<dyn AuditSink>,
+    needles: redact::NeedleCache,
 }
 
 impl Proxy {
@@ -220,6 +221,7 @@ impl Proxy {
             pool,
             credentials: settings.credentials,
             audit: settings.audit,
+            needles: redact::NeedleCache::default(),
         }))
     }
 

@@ -7,13 +7,20 @@
 //! secret is held back until the next chunk (or the end); ordinary text, such as an SSE
 //! event ending in a blank line, passes through at once.
 //!
+//! The secret is looked for in the forms an echo may take ([`Needles`]): as it is, in base64
+//! (an upstream quoting the `Authorization: Basic` header the broker sent holds the key in
+//! base64 of `user:key`), percent-encoded and JSON-escaped.
+//!
 //! A gzip/deflate body reaches this layer already decoded ([`super::decode`]). Limits: a body
-//! in another coding (which the broker never offers upstream) is not inspected, and neither are
-//! encodings of the secret (base64, percent-encoding).
+//! in another coding (which the broker never offers upstream) is not inspected, and neither is
+//! an encoding not listed in [`Needles`] (hex, a base64 split across lines).
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -24,15 +31,133 @@ use super::{BoxError, ProxyBody};
 /// What the secret is replaced with (cut or repeated to the secret's length).
 const MARKER: &[u8] = b"[redacted-by-broker]";
 
-/// Overwrite the secret in header values.
-pub fn redact_headers(headers: &mut HeaderMap, secret: &[u8]) {
-    if secret.is_empty() {
-        return;
+/// Below this length a secret is looked for only as it is: the encoded forms of a short string
+/// are short enough to turn up by chance in ordinary text.
+const MIN_ENCODED: usize = 12;
+
+/// The byte strings an echo of one secret can take, each overwritten wherever it occurs:
+/// - the secret;
+/// - its base64, standard and URL-safe alphabets, at each of the three offsets a string can
+///   have inside base64's 3-byte groups (`Basic base64("x-access-token:" + key)` puts the key
+///   at offset 0, `Basic base64("user:" + key)` at 2). Only the characters that depend on the
+///   secret alone are kept, so the match holds whatever bytes surround it; the one or two
+///   characters cut at each end carry at most a byte of the key each;
+/// - its percent-encoding (hex digits upper- and lowercase) and JSON's optional `\/` escape, if
+///   the secret has characters those change.
+pub struct Needles(Vec<Zeroizing<Vec<u8>>>);
+
+impl Needles {
+    pub fn for_secret(secret: &[u8]) -> Needles {
+        let mut list: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(10);
+        let mut add = |needle: Zeroizing<Vec<u8>>| {
+            if !needle.is_empty() && !list.contains(&needle) {
+                list.push(needle);
+            }
+        };
+        add(Zeroizing::new(secret.to_vec()));
+        if secret.len() >= MIN_ENCODED {
+            for offset in 0..3 {
+                add(base64_core(&STANDARD_NO_PAD, secret, offset));
+                add(base64_core(&URL_SAFE_NO_PAD, secret, offset));
+            }
+            add(escaped(secret, |b, out| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(b),
+                _ => out.extend_from_slice(format!("%{b:02X}").as_bytes()),
+            }));
+            add(escaped(secret, |b, out| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(b),
+                _ => out.extend_from_slice(format!("%{b:02x}").as_bytes()),
+            }));
+            add(escaped(secret, |b, out| match b {
+                b'/' => out.extend_from_slice(b"\\/"),
+                _ => out.push(b),
+            }));
+        }
+        Needles(list)
     }
+
+    /// The secret itself (the first form).
+    fn secret(&self) -> &[u8] {
+        self.0.first().map_or(&[], |n| n.as_slice())
+    }
+
+    /// Whether any form of the secret occurs in `bytes`.
+    fn occur_in(&self, bytes: &[u8]) -> bool {
+        self.0.iter().any(|n| find(bytes, n, 0).is_some())
+    }
+
+    /// Overwrite every occurrence of every form.
+    pub(super) fn overwrite_all(&self, bytes: &mut [u8]) {
+        for needle in &self.0 {
+            overwrite_all(bytes, needle);
+        }
+    }
+
+    /// How many bytes at the end of `bytes` might begin a form of the secret.
+    pub(super) fn partial_suffix(&self, bytes: &[u8]) -> usize {
+        self.0
+            .iter()
+            .map(|n| partial_suffix(bytes, n))
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Most secrets whose [`Needles`] are kept.
+const CACHED_SECRETS: usize = 16;
+
+/// The [`Needles`] of the secrets in use, built once per secret rather than once per request
+/// (building them is about 10k instructions, a sixth of a request's path). Entries go oldest
+/// first; each holds its secret, zeroed when it goes.
+#[derive(Default)]
+pub struct NeedleCache(Mutex<Vec<Arc<Needles>>>);
+
+impl NeedleCache {
+    pub fn get(&self, secret: &[u8]) -> Arc<Needles> {
+        let mut cached = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = cached.iter().find(|n| n.secret() == secret) {
+            return hit.clone();
+        }
+        let needles = Arc::new(Needles::for_secret(secret));
+        if cached.len() == CACHED_SECRETS {
+            cached.remove(0);
+        }
+        cached.push(needles.clone());
+        needles
+    }
+}
+
+/// The characters of `engine`'s encoding of `secret` placed `offset` bytes into a 3-byte group
+/// that depend on the secret's bits only.
+fn base64_core(engine: &impl Engine, secret: &[u8], offset: usize) -> Zeroizing<Vec<u8>> {
+    let mut input = Zeroizing::new(Vec::with_capacity(offset + secret.len()));
+    input.resize(offset, 0);
+    input.extend_from_slice(secret);
+    let encoded = Zeroizing::new(engine.encode(&*input));
+    // Character i holds bits 6i..6i+6; the secret holds bits 8*offset..8*(offset+len).
+    let start = (8 * offset).div_ceil(6);
+    let end = 8 * (offset + secret.len()) / 6;
+    Zeroizing::new(encoded.as_bytes()[start..end].to_vec())
+}
+
+/// `secret` with each byte written by `write`; empty if that changes nothing (no new form).
+fn escaped(secret: &[u8], write: impl Fn(u8, &mut Vec<u8>)) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(secret.len() * 3));
+    for &b in secret {
+        write(b, &mut out);
+    }
+    if out.as_slice() == secret {
+        out.clear();
+    }
+    out
+}
+
+/// Overwrite every form of the secret in header values.
+pub fn redact_headers(headers: &mut HeaderMap, needles: &Needles) {
     for value in headers.values_mut() {
-        if find(value.as_bytes(), secret, 0).is_some() {
-            let mut bytes = value.as_bytes().to_vec();
-            overwrite_all(&mut bytes, secret);
+        if needles.occur_in(value.as_bytes()) {
+            let mut bytes = Zeroizing::new(value.as_bytes().to_vec());
+            needles.overwrite_all(&mut bytes);
             if let Ok(new) = http::HeaderValue::from_bytes(&bytes) {
                 *value = new;
             }
@@ -40,10 +165,10 @@ pub fn redact_headers(headers: &mut HeaderMap, secret: &[u8]) {
     }
 }
 
-/// A body with every occurrence of `secret` overwritten.
+/// A body with every occurrence of every form of the secret overwritten.
 pub struct RedactedBody {
     inner: ProxyBody,
-    secret: Zeroizing<Vec<u8>>,
+    needles: Arc<Needles>,
     /// Bytes held back because they might begin the secret.
     held: BytesMut,
     /// Trailers that arrived while bytes were held: sent right after those bytes.
@@ -52,11 +177,11 @@ pub struct RedactedBody {
 }
 
 impl RedactedBody {
-    pub fn wrap(inner: ProxyBody, secret: &str) -> ProxyBody {
+    pub fn wrap(inner: ProxyBody, needles: Arc<Needles>) -> ProxyBody {
         use http_body_util::BodyExt as _;
         RedactedBody {
             inner,
-            secret: Zeroizing::new(secret.as_bytes().to_vec()),
+            needles,
             held: BytesMut::new(),
             trailers: None,
             done: false,
@@ -66,23 +191,23 @@ impl RedactedBody {
 
     /// Redact `held + chunk`, return what can be sent now, keep the possible secret start.
     fn process(&mut self, chunk: Bytes, last: bool) -> Bytes {
-        if self.held.is_empty() && find(&chunk, &self.secret, 0).is_none() {
+        if self.held.is_empty() && !self.needles.occur_in(&chunk) {
             // Nearly every chunk: nothing held, nothing to overwrite. It goes on as it came,
             // without a copy, less a tail that might begin the secret.
             let keep = if last {
                 0
             } else {
-                partial_suffix(&chunk, &self.secret)
+                self.needles.partial_suffix(&chunk)
             };
             self.held.extend_from_slice(&chunk[chunk.len() - keep..]);
             return chunk.slice(..chunk.len() - keep);
         }
         self.held.extend_from_slice(&chunk);
-        overwrite_all(&mut self.held, &self.secret);
+        self.needles.overwrite_all(&mut self.held);
         let keep = if last {
             0
         } else {
-            partial_suffix(&self.held, &self.secret)
+            self.needles.partial_suffix(&self.held)
         };
         let ready = self.held.len() - keep;
         self.held.split_to(ready).freeze()
@@ -120,7 +245,7 @@ impl Body for RedactedBody {
                         let Ok(mut trailers) = frame.into_trailers() else {
                             continue;
                         };
-                        redact_headers(&mut trailers, &self.secret);
+                        redact_headers(&mut trailers, &self.needles);
                         self.trailers = Some(trailers);
                         let out = self.process(Bytes::new(), true);
                         if !out.is_empty() {
@@ -164,7 +289,7 @@ fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
         .map(|at| from + at)
 }
 
-pub(super) fn overwrite_all(bytes: &mut [u8], secret: &[u8]) {
+fn overwrite_all(bytes: &mut [u8], secret: &[u8]) {
     let mut from = 0;
     while let Some(at) = find(bytes, secret, from) {
         for (i, b) in bytes[at..at + secret.len()].iter_mut().enumerate() {
@@ -175,7 +300,7 @@ pub(super) fn overwrite_all(bytes: &mut [u8], secret: &[u8]) {
 }
 
 /// The length of the longest suffix of `bytes` that is a proper prefix of `secret`.
-pub(super) fn partial_suffix(bytes: &[u8], secret: &[u8]) -> usize {
+fn partial_suffix(bytes: &[u8], secret: &[u8]) -> usize {
     let Some(&first) = secret.first() else {
         return 0;
     };
@@ -206,7 +331,7 @@ mod tests {
             .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c.as_bytes()))))
             .collect();
         let inner = StreamBody::new(futures_util::stream::iter(frames)).boxed();
-        let mut body = RedactedBody::wrap(inner, secret);
+        let mut body = RedactedBody::wrap(inner, Arc::new(Needles::for_secret(secret.as_bytes())));
         let mut out = Vec::new();
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame.expect("frame").into_data() {
@@ -316,12 +441,137 @@ mod tests {
         assert_eq!(partial_suffix(b"a", b""), 0);
     }
 
+    /// Every run of base64 characters in `text`, decoded at every start (lenient about padding
+    /// and trailing bits, both alphabets): what an agent could get back from it.
+    fn base64_decodings(text: &[u8]) -> Vec<Vec<u8>> {
+        use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+        let lenient = GeneralPurposeConfig::new()
+            .with_decode_allow_trailing_bits(true)
+            .with_decode_padding_mode(DecodePaddingMode::Indifferent);
+        let engines = [
+            GeneralPurpose::new(&base64::alphabet::STANDARD, lenient),
+            GeneralPurpose::new(&base64::alphabet::URL_SAFE, lenient),
+        ];
+        let mut out = Vec::new();
+        for start in 0..text.len() {
+            for end in start + 2..=text.len() {
+                for engine in &engines {
+                    if let Ok(bytes) = engine.decode(&text[start..end]) {
+                        out.push(bytes);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether 6 or more consecutive bytes of `secret` occur in `bytes`.
+    fn holds_part_of(bytes: &[u8], secret: &[u8]) -> bool {
+        secret
+            .windows(6)
+            .any(|part| bytes.windows(6).any(|w| w == part))
+    }
+
+    #[test]
+    fn a_key_quoted_in_base64_is_overwritten_at_every_offset_and_in_both_alphabets() {
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE};
+        // `?` and `>` make the two alphabets differ (`/` against `_`, `+` against `-`).
+        for secret in [SECRET, "sk-with?and>in-it-0123456789", "abcdefghijkl"] {
+            let needles = Needles::for_secret(secret.as_bytes());
+            for user in ["", "a", "ab", "x-access-token", "oauth2", "u"] {
+                let pair = format!("{user}:{secret}");
+                for encoded in [STANDARD.encode(&pair), URL_SAFE.encode(&pair)] {
+                    let mut body = format!("{{\"echo\":\"Basic {encoded}\"}}").into_bytes();
+                    needles.overwrite_all(&mut body);
+                    let text = String::from_utf8(body.clone()).expect("ascii");
+                    assert!(text.contains("[redacted-by-br"), "{user:?}: {text}");
+                    assert!(
+                        !base64_decodings(&body)
+                            .iter()
+                            .any(|d| holds_part_of(d, secret.as_bytes())),
+                        "{secret} after {user:?}: the key can be decoded from {text}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn percent_encoded_and_json_escaped_keys_are_overwritten() {
+        let secret = "key/with+reserved=chars/0123";
+        let needles = Needles::for_secret(secret.as_bytes());
+        for echo in [
+            "key%2Fwith%2Breserved%3Dchars%2F0123",
+            "key%2fwith%2breserved%3dchars%2f0123",
+            "key\\/with+reserved=chars\\/0123",
+            secret,
+        ] {
+            let mut body = format!("error: {echo}.").into_bytes();
+            needles.overwrite_all(&mut body);
+            let text = String::from_utf8(body).expect("ascii");
+            assert!(!text.contains(echo), "{echo}: {text}");
+            assert!(text.starts_with("error: [redacted") && text.ends_with('.'));
+        }
+    }
+
+    #[test]
+    fn a_short_key_is_looked_for_only_as_it_is() {
+        // The base64 of a 4-byte key would be 5 characters long: text of any kind holds those.
+        let needles = Needles::for_secret(b"k3y!");
+        assert_eq!(needles.0.len(), 1);
+        let mut body = b"azN5 k3y%21 k3y!".to_vec();
+        needles.overwrite_all(&mut body);
+        assert_eq!(body, b"azN5 k3y%21 [red");
+    }
+
+    #[test]
+    fn ordinary_text_and_other_base64_pass_unchanged() {
+        use base64::engine::general_purpose::STANDARD;
+        let needles = Needles::for_secret(SECRET.as_bytes());
+        let other = STANDARD.encode("x-access-token:sk-test-other-key-9876543210");
+        let text = format!("data: {{\"text\":\"hello, world\"}}\n\nBasic {other}\n");
+        let mut body = text.clone().into_bytes();
+        needles.overwrite_all(&mut body);
+        assert_eq!(String::from_utf8(body).expect("ascii"), text);
+    }
+
+    #[test]
+    fn base64_held_back_across_chunks_is_caught() {
+        use base64::engine::general_purpose::STANDARD;
+        let encoded = STANDARD.encode(format!("x-access-token:{SECRET}"));
+        let body = format!("Basic {encoded} end");
+        for split in 1..body.len() {
+            let (a, b) = body.split_at(split);
+            let (_, text) = rt().block_on(run(&[a, b]));
+            assert!(!text.contains(&encoded[4..]), "split at {split}: {text}");
+            assert_eq!(text.len(), body.len());
+            assert!(
+                text.starts_with("Basic ") && text.ends_with(" end"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn needles_are_built_once_per_secret_and_the_oldest_go_first() {
+        let cache = NeedleCache::default();
+        let first = cache.get(SECRET.as_bytes());
+        assert!(Arc::ptr_eq(&first, &cache.get(SECRET.as_bytes())));
+        let other = cache.get(b"sk-another-secret-0123456789");
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert_eq!(other.secret(), b"sk-another-secret-0123456789");
+        for i in 0..CACHED_SECRETS {
+            cache.get(format!("sk-filler-secret-{i:04}").as_bytes());
+        }
+        assert!(!Arc::ptr_eq(&first, &cache.get(SECRET.as_bytes())), "evicted");
+    }
+
     #[test]
     fn headers_are_redacted() {
         let mut h = HeaderMap::new();
         h.insert("x-echo", format!("Bearer {SECRET}").parse().expect("v"));
         h.insert("x-other", "fine".parse().expect("v"));
-        redact_headers(&mut h, SECRET.as_bytes());
+        redact_headers(&mut h, &Needles::for_secret(SECRET.as_bytes()));
         assert!(!h["x-echo"].to_str().expect("s").contains(SECRET));
         assert_eq!(h["x-other"], "fine");
     }

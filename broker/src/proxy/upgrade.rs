@@ -14,6 +14,7 @@ use super::error::BrokerError;
 use super::handler::upstream_error;
 use super::pool::SendError;
 use super::record::Pending;
+use super::redact::{redact_headers, RedactedBody};
 use super::ws_redact::FrameRedactor;
 use super::{BoxError, ConnInfo, Proxy, ProxyBody};
 
@@ -39,13 +40,13 @@ pub(super) async fn bridge_upgrade(
     parts.headers.insert(header::HOST, host_header);
     // With a credential on it, the WebSocket's frames from the upstream are checked for the
     // key; compressed frames could not be, so no extension (permessage-deflate) is offered.
-    let secret = match (&pending, is_websocket(&parts.headers)) {
-        (Some(p), true) => {
-            parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
-            Some(p.secret.clone())
-        }
-        _ => None,
-    };
+    let needles = pending
+        .as_ref()
+        .map(|p| proxy.needles.get(p.secret.as_bytes()));
+    let websocket = is_websocket(&parts.headers);
+    if needles.is_some() && websocket {
+        parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    }
     parts.version = http::Version::HTTP_11;
     let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
     let mut response = sender
@@ -58,14 +59,19 @@ pub(super) async fn bridge_upgrade(
             .audit
             .record(p.event(&conn, status, 0, Some("upgrade".into())));
     }
-    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+    let switched = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    if switched {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let frame_redactor = needles
+            .clone()
+            .filter(|_| websocket)
+            .map(FrameRedactor::new);
         tokio::spawn(async move {
             if let (Ok(agent), Ok(upstream)) = (agent_upgrade.await, upstream_upgrade.await) {
                 let mut agent = TokioIo::new(agent);
                 let mut upstream = TokioIo::new(upstream);
-                match secret {
-                    Some(secret) => splice_redacted(agent, upstream, &secret).await,
+                match frame_redactor {
+                    Some(redactor) => splice_redacted(agent, upstream, redactor).await,
                     None => {
                         let _ = tokio::io::copy_bidirectional(&mut agent, &mut upstream).await;
                     }
@@ -73,11 +79,17 @@ pub(super) async fn bridge_upgrade(
             }
         });
     }
-    let (parts, body) = response.into_parts();
-    Ok(Response::from_parts(
-        parts,
-        body.map_err(BoxError::from).boxed(),
-    ))
+    let (mut parts, body) = response.into_parts();
+    let mut body = body.map_err(BoxError::from).boxed();
+    if let Some(needles) = needles {
+        // The answer to a request that carried the key is checked like any other: a refused
+        // upgrade's error body may quote it.
+        redact_headers(&mut parts.headers, &needles);
+        if !switched {
+            body = RedactedBody::wrap(body, needles);
+        }
+    }
+    Ok(Response::from_parts(parts, body))
 }
 
 fn is_websocket(headers: &http::HeaderMap) -> bool {
@@ -89,7 +101,7 @@ fn is_websocket(headers: &http::HeaderMap) -> bool {
 
 /// Splice agent and upstream, with the key overwritten in the upstream's frames (see
 /// [`FrameRedactor`]). Each direction ends by shutting down the other side's writer.
-async fn splice_redacted<A, U>(agent: A, upstream: U, secret: &str)
+async fn splice_redacted<A, U>(agent: A, upstream: U, mut redactor: FrameRedactor)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -101,7 +113,6 @@ where
         let _ = upstream_write.shutdown().await;
     };
     let to_agent = async {
-        let mut redactor = FrameRedactor::new(secret);
         let mut buf = vec![0u8; 16 * 1024];
         let mut out = Vec::with_capacity(buf.len());
         loop {

@@ -14,9 +14,11 @@
 //! The upgrade request offers no extensions (no `permessage-deflate`), so payloads are plain.
 //! Masked frames (a server must not send them) pass through as they are.
 
+use std::sync::Arc;
+
 use zeroize::Zeroizing;
 
-use super::redact::{overwrite_all, partial_suffix};
+use super::redact::Needles;
 
 /// Where in the frame stream the next byte belongs.
 enum State {
@@ -40,7 +42,7 @@ const TEXT: u8 = 1;
 const BINARY: u8 = 2;
 
 pub struct FrameRedactor {
-    secret: Zeroizing<Vec<u8>>,
+    needles: Arc<Needles>,
     state: State,
     frame: Frame,
     header: Vec<u8>,
@@ -55,9 +57,9 @@ pub struct FrameRedactor {
 }
 
 impl FrameRedactor {
-    pub fn new(secret: &str) -> FrameRedactor {
+    pub fn new(needles: Arc<Needles>) -> FrameRedactor {
         FrameRedactor {
-            secret: Zeroizing::new(secret.as_bytes().to_vec()),
+            needles,
             state: State::Header { need: 2 },
             frame: Frame::default(),
             header: Vec::with_capacity(14),
@@ -94,8 +96,8 @@ impl FrameRedactor {
                     self.state = State::Payload { left };
                     if self.frame.refragmented {
                         self.carry.extend_from_slice(&input[..n]);
-                        overwrite_all(&mut self.carry, &self.secret);
-                        let keep = partial_suffix(&self.carry, &self.secret);
+                        self.needles.overwrite_all(&mut self.carry);
+                        let keep = self.needles.partial_suffix(&self.carry);
                         if self.carry.len() > keep {
                             self.send_fragment(self.carry.len() - keep, false, out);
                         }
@@ -103,11 +105,11 @@ impl FrameRedactor {
                         self.held.extend_from_slice(&input[..n]);
                         let masked = self.frame.masked;
                         if !masked {
-                            overwrite_all(&mut self.held, &self.secret);
+                            self.needles.overwrite_all(&mut self.held);
                         }
                         let keep = match left == 0 || masked {
                             true => 0,
-                            false => partial_suffix(&self.held, &self.secret),
+                            false => self.needles.partial_suffix(&self.held),
                         };
                         let ready = self.held.len() - keep;
                         out.extend_from_slice(&self.held[..ready]);
@@ -275,12 +277,12 @@ mod tests {
 
     fn marked(payload: &[u8]) -> Vec<u8> {
         let mut p = payload.to_vec();
-        overwrite_all(&mut p, SECRET.as_bytes());
+        Needles::for_secret(SECRET.as_bytes()).overwrite_all(&mut p);
         p
     }
 
     fn redacted(stream: &[u8], chunk: usize) -> Vec<u8> {
-        let mut r = FrameRedactor::new(SECRET);
+        let mut r = FrameRedactor::new(Arc::new(Needles::for_secret(SECRET.as_bytes())));
         let mut out = Vec::new();
         for part in stream.chunks(chunk.max(1)) {
             r.feed(part, &mut out);
@@ -363,7 +365,7 @@ mod tests {
         // Nothing is held past the end of a frame, so the agent is never kept waiting.
         let payload = b"{\"partial\":\"sk-te";
         let f = frame(1, payload);
-        let mut r = FrameRedactor::new(SECRET);
+        let mut r = FrameRedactor::new(Arc::new(Needles::for_secret(SECRET.as_bytes())));
         let mut out = Vec::new();
         r.feed(&f, &mut out);
         assert_eq!(out, f);
@@ -409,7 +411,7 @@ mod tests {
                 }
                 stream
             };
-            let mut r = FrameRedactor::new(SECRET);
+            let mut r = FrameRedactor::new(Arc::new(Needles::for_secret(SECRET.as_bytes())));
             let mut out = Vec::new();
             let mut rest = &stream[..];
             while !rest.is_empty() {
