@@ -270,6 +270,16 @@ impl Audit {
     /// Append several events, chained in order, under one file lock and with one write (the
     /// broker's audit writer drains its queue this way under load).
     pub fn append_all(&self, events: Vec<AuditEvent>) -> Result<Vec<AuditRecord>, AuditError> {
+        self.try_append_all(events).map_err(|failed| failed.error)
+    }
+
+    /// [`Audit::append_all`], and when it fails, the events back, to be tried again. (A write
+    /// cut short by a full disk may have left some of their lines at the end of the log: those
+    /// appear twice once the retry lands, which is better than not at all.)
+    pub fn try_append_all(
+        &self,
+        events: Vec<AuditEvent>,
+    ) -> Result<Vec<AuditRecord>, AppendFailed> {
         let io_err = |source| AuditError::Io {
             path: self.path.clone(),
             source,
@@ -278,22 +288,28 @@ impl Audit {
         let (file, written) = &mut *guard;
         // Threads are serialized by the mutex, processes by the lock (released on drop, or by
         // the kernel if the process dies).
-        let _lock = FileLock::exclusive(file).map_err(io_err)?;
-
-        let len = file.metadata().map_err(io_err)?.len();
-        let (tail, mut seq, mut prev) = match written.take().filter(|w| w.len == len) {
-            Some(ours) => (None, ours.seq + 1, ours.hash),
-            None => {
-                let tail = read_tail(file).map_err(io_err)?;
-                let (seq, prev) = match &tail {
-                    Some(tail) => (
-                        tail.last_seq.map_or(1, |s| s + 1),
-                        sha256_hex(&tail.last_line),
-                    ),
-                    None => (1, GENESIS.to_string()),
-                };
-                (tail, seq, prev)
-            }
+        let start = (|| {
+            let lock = FileLock::exclusive(file).map_err(io_err)?;
+            let len = file.metadata().map_err(io_err)?.len();
+            let (tail, seq, prev) = match written.take().filter(|w| w.len == len) {
+                Some(ours) => (None, ours.seq + 1, ours.hash),
+                None => {
+                    let tail = read_tail(file).map_err(io_err)?;
+                    let (seq, prev) = match &tail {
+                        Some(tail) => (
+                            tail.last_seq.map_or(1, |s| s + 1),
+                            sha256_hex(&tail.last_line),
+                        ),
+                        None => (1, GENESIS.to_string()),
+                    };
+                    (tail, seq, prev)
+                }
+            };
+            Ok((lock, len, tail, seq, prev))
+        })();
+        let (_lock, len, tail, mut seq, mut prev) = match start {
+            Ok(start) => start,
+            Err(error) => return Err(AppendFailed { error, events }),
         };
         // A line torn by a crash is closed first so the new ones stay lines of their own;
         // `verify` reports the torn one.
@@ -302,9 +318,13 @@ impl Audit {
             out.push('\n');
         }
         let mut records = Vec::with_capacity(events.len());
+        let give_back = |records: Vec<AuditRecord>, rest| {
+            records.into_iter().map(|r| r.event).chain(rest).collect()
+        };
         // The lines are written together, so they carry the same time.
         let time = now_rfc3339();
-        for event in events {
+        let mut events = events.into_iter();
+        while let Some(event) = events.next() {
             let record = AuditRecord {
                 seq,
                 time: time.clone(),
@@ -312,7 +332,16 @@ impl Audit {
                 prev: std::mem::take(&mut prev),
                 hash: String::new(),
             };
-            let (line, hash) = encode_line(&record)?;
+            let (line, hash) = match encode_line(&record) {
+                Ok(encoded) => encoded,
+                Err(error) => {
+                    records.push(record);
+                    return Err(AppendFailed {
+                        error: error.into(),
+                        events: give_back(records, events),
+                    });
+                }
+            };
             // The next line chains to this one: the hash of the line as written.
             prev = sha256_hex(line.as_bytes());
             out.push_str(&line);
@@ -321,7 +350,12 @@ impl Audit {
             seq += 1;
         }
         // One write(2) of all the lines: with O_APPEND they land at the end as a unit.
-        (&*file).write_all(out.as_bytes()).map_err(io_err)?;
+        if let Err(error) = (&*file).write_all(out.as_bytes()) {
+            return Err(AppendFailed {
+                error: io_err(error),
+                events: give_back(records, events),
+            });
+        }
         *written = Some(Written {
             len: len + out.len() as u64,
             seq: seq - 1,
@@ -329,6 +363,12 @@ impl Audit {
         });
         Ok(records)
     }
+}
+
+/// An append that did not happen, with the events it was given.
+pub struct AppendFailed {
+    pub error: AuditError,
+    pub events: Vec<AuditEvent>,
 }
 
 /// Serialize `record` (its `hash` still empty) as one line (no newline) with its hash computed
@@ -730,6 +770,23 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(verify(&path), Ok(400));
+    }
+
+    #[test]
+    fn a_failed_write_gives_the_events_back() {
+        // /dev/full takes the lock and answers every write with ENOSPC, as a full disk does.
+        let audit = Audit::open_path(Path::new("/dev/full")).unwrap();
+        let events: Vec<AuditEvent> = (1..=3).map(use_event).collect();
+        let Err(failed) = audit.try_append_all(events) else {
+            panic!("a write to /dev/full succeeded");
+        };
+        assert!(
+            failed.error.to_string().contains("No space left"),
+            "{}",
+            failed.error
+        );
+        let back: Vec<Option<u64>> = failed.events.iter().map(|e| e.bytes).collect();
+        assert_eq!(back, [Some(1), Some(2), Some(3)], "all of them, in order");
     }
 
     #[test]

@@ -90,7 +90,9 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
             crate::credentials::VaultCredentials::new(home.clone(), settings.keys)
                 .with_token_endpoints(settings.upstream.clone()),
         ),
-        audit: Arc::new(crate::audit_queue::AuditQueue::start(home.clone())),
+        audit: Arc::new(crate::audit_queue::AuditQueue::start(&home).context(
+            "the broker does not use credentials it cannot audit: fix the audit log or BROKER_HOME",
+        )?),
         label: settings.label,
     })?;
     let run = open_run(&proxy, settings.run, FIRST_SLOT, &settings.runtime_dir).await?;

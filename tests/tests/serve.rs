@@ -117,6 +117,87 @@ fn a_second_serve_for_the_same_home_is_refused() {
 }
 
 #[test]
+fn serve_will_not_start_without_an_audit_log_it_can_open() {
+    let home = Home::new();
+    std::fs::create_dir_all(home.path().join("audit.jsonl")).expect("a directory in its place");
+    let out = run_bounded(
+        home.broker()
+            .arg("serve")
+            .stdin(std::process::Stdio::null()),
+        Duration::from_secs(20),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "served without an audit log: {stderr}"
+    );
+    assert!(
+        stderr.contains("audit.jsonl")
+            && stderr.contains("does not use credentials it cannot audit"),
+        "{stderr}"
+    );
+}
+
+/// A full disk under the audit log: a credential is used only while its use can be recorded.
+#[test]
+fn no_credential_is_used_while_the_audit_log_cannot_be_written() {
+    let ca = TestCa::new();
+    let origin = Origin::bearer(&ca, "api.openai.com", OPENAI_KEY, "x");
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    // /dev/full opens and locks like a file, and fails every write with ENOSPC.
+    let log = home.path().join("audit.jsonl");
+    std::fs::remove_file(&log).expect("the log `broker add` wrote");
+    std::os::unix::fs::symlink("/dev/full", &log).expect("symlink");
+    let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
+    let ask = || {
+        send(
+            serve.addr_for("api.openai.com"),
+            "api.openai.com",
+            &serve.ca_pem(),
+            false,
+            get(
+                "api.openai.com",
+                "/v1/models",
+                &[("authorization", &format!("Bearer {OPENAI_PH}"))],
+            ),
+        )
+        .expect("response")
+    };
+    // The first use goes out before its event fails to land; from then on the broker refuses.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let r = ask();
+        if r.status == 503 {
+            break r;
+        }
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(std::time::Instant::now() < deadline, "never refused");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        refused.text().contains("audit log cannot be written"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(refused.header("x-broker-error-source"), Some("broker"));
+    let sent_before = origin.requests().len();
+    for _ in 0..3 {
+        assert_eq!(ask().status, 503);
+    }
+    assert_eq!(
+        origin.requests().len(),
+        sent_before,
+        "nothing more went upstream"
+    );
+    assert!(
+        serve.stderr().contains("cannot append to the audit log"),
+        "{}",
+        serve.stderr()
+    );
+}
+
+#[test]
 fn serve_answers_through_the_fake_address() {
     let ca = TestCa::new();
     let origin = Origin::bearer(&ca, "api.openai.com", OPENAI_KEY, "x");

@@ -53,6 +53,8 @@ pub enum BrokerError {
     UpstreamFailed { host: String, reason: String },
     /// The agent sent something the broker cannot forward.
     BadRequest { reason: String },
+    /// The audit log cannot be written, so no credential is used.
+    AuditUnwritable,
 }
 
 impl BrokerError {
@@ -65,7 +67,9 @@ impl BrokerError {
                 StatusCode::UNAUTHORIZED
             }
             BrokerError::Vault { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            BrokerError::CredentialSource { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            BrokerError::CredentialSource { .. } | BrokerError::AuditUnwritable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             BrokerError::UpstreamUnreachable { .. }
             | BrokerError::UpstreamCertificate { .. }
             | BrokerError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
@@ -85,7 +89,8 @@ impl BrokerError {
             BrokerError::NoCredential { .. }
             | BrokerError::Vault { .. }
             | BrokerError::CredentialSource { .. }
-            | BrokerError::LoginExpired { .. } => Source::Broker,
+            | BrokerError::LoginExpired { .. }
+            | BrokerError::AuditUnwritable => Source::Broker,
         }
     }
 
@@ -127,6 +132,7 @@ impl BrokerError {
                 format!("upstream {host} failed: {reason}")
             }
             BrokerError::BadRequest { reason } => format!("bad request: {reason}"),
+            BrokerError::AuditUnwritable => "the audit log cannot be written (a full disk?), and the broker uses no credential it cannot audit: see broker serve's log, free space, and the request can be sent again".to_string(),
         }
     }
 

@@ -146,6 +146,9 @@ async fn forward(
     // vault's to refresh) nor for a cached API key (nothing to renew).
     let mut renewable = false;
     if findings.needs_credential(route, &parts.headers) {
+        if !proxy.audit.writable() {
+            return Err((BrokerError::AuditUnwritable, provider_name.clone()));
+        }
         // A key handed to this run wins over the vault.
         let secret = match conn.run.run_keys.0.get(&provider.name) {
             Some(key) => key.clone(),

@@ -102,6 +102,12 @@ impl From<String> for LookupError {
 /// Where the proxy reports what happened. Must not block: implementations queue.
 pub trait AuditSink: Send + Sync + 'static {
     fn record(&self, event: AuditEvent);
+
+    /// Whether events reach the log. While they do not, the proxy uses no credential: an
+    /// unaudited use is what the audit exists to rule out.
+    fn writable(&self) -> bool {
+        true
+    }
 }
 
 /// One agent run as the proxy sees it: which hosts it reaches through which fake addresses,

@@ -563,7 +563,10 @@ mod tests {
         for i in 0..CACHED_SECRETS {
             cache.get(format!("sk-filler-secret-{i:04}").as_bytes());
         }
-        assert!(!Arc::ptr_eq(&first, &cache.get(SECRET.as_bytes())), "evicted");
+        assert!(
+            !Arc::ptr_eq(&first, &cache.get(SECRET.as_bytes())),
+            "evicted"
+        );
     }
 
     #[test]
