@@ -60,6 +60,24 @@ fn doctor_fails_on_an_edited_audit_log() {
 }
 
 #[test]
+fn doctor_fails_on_an_audit_log_that_cannot_be_opened() {
+    let home = Home::new();
+    std::fs::create_dir_all(home.path().join("audit.jsonl")).expect("a directory in its place");
+    let out = run_bounded(
+        home.broker().args(["doctor", "--no-self-test"]),
+        Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("audit log")
+            && l.contains("FAIL")
+            && l.contains("will not start")),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn ca_export_prints_the_running_daemons_ca() {
     let home = Home::new();
     let out = run_bounded(

@@ -191,6 +191,14 @@ fn vault_check(home: &Home) -> Check {
 }
 
 fn audit_check(home: &Home) -> Check {
+    // The broker will not start with a log it cannot open (it uses no credential unaudited).
+    if let Err(err) = audit::Audit::open(home) {
+        return check(
+            "audit log",
+            Status::Fail,
+            format!("{err}: broker serve and broker run will not start until it can be opened"),
+        );
+    }
     match audit::verify(&home.audit_path()) {
         Ok(0) => check("audit log", Status::Skip, "empty"),
         Ok(lines) => check(
