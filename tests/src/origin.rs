@@ -63,6 +63,9 @@ pub enum Reply {
     /// answers with the `Authorization` it was opened with (an upstream quoting the key), and
     /// to `whoami in pieces` with the same text as a fragmented message cut inside the key.
     WebSocketEcho,
+    /// Accept any other upgrade (`Upgrade: <protocol>`) and echo the raw bytes; to the line
+    /// `whoami` it answers `you are <Authorization>` in two writes cut inside the key.
+    RawEcho,
     /// Drop the connection without answering.
     Reset,
 }
@@ -307,6 +310,42 @@ async fn serve(
                 .header("connection", "upgrade")
                 .header("upgrade", "websocket")
                 .header("sec-websocket-accept", accept)
+                .body(Full::new(Bytes::new()).boxed())
+                .expect("response"))
+        }
+        Reply::RawEcho => {
+            let protocol = request.header("upgrade").unwrap_or_default().to_string();
+            let answer = format!(
+                "you are {}\n",
+                request.header("authorization").unwrap_or_default()
+            );
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let Ok(upgraded) = upgrade.await else { return };
+                let mut io = TokioIo::new(upgraded);
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let sent = if &buf[..n] == b"whoami\n" {
+                        let (a, b) = answer.split_at(answer.len() - 10);
+                        let first = io.write_all(a.as_bytes()).await;
+                        let _ = io.flush().await;
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        first.and(io.write_all(b.as_bytes()).await)
+                    } else {
+                        io.write_all(&buf[..n]).await
+                    };
+                    if sent.and(io.flush().await).is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok(Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("connection", "upgrade")
+                .header("upgrade", protocol)
                 .body(Full::new(Bytes::new()).boxed())
                 .expect("response"))
         }

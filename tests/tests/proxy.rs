@@ -465,6 +465,86 @@ fn server_sent_events_stream_event_by_event() {
     }
 }
 
+/// An upgrade to a protocol the broker does not parse is spliced as bytes, and the key is
+/// overwritten in them even when the upstream writes it in two pieces.
+#[test]
+fn another_upgrade_is_bridged_with_the_swap_and_checked_as_bytes() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let ca = TestCa::new();
+    let origin = Origin::start(&ca, &["api.openai.com"], |_| Reply::RawEcho);
+    let s = setup(
+        &ca,
+        &[("api.openai.com", origin.addr)],
+        &[("openai", OPENAI_KEY)],
+    );
+    let addr = s.serve.addr_for("api.openai.com");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let answers = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let tls = tokio_rustls::TlsConnector::from(broker_integration::client_tls(
+            &s.ca_pem,
+            &[b"http/1.1"],
+        ))
+        .connect(
+            rustls_pki_types::ServerName::try_from("api.openai.com").expect("name"),
+            tcp,
+        )
+        .await
+        .expect("tls");
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn.with_upgrades());
+        let request = http::Request::builder()
+            .uri("/v1/raw")
+            .header("host", "api.openai.com")
+            .header("authorization", format!("Bearer {OPENAI_PH}"))
+            .header("connection", "Upgrade")
+            .header("upgrade", "x-raw-echo")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .expect("request");
+        let response = sender.send_request(request).await.expect("response");
+        assert_eq!(response.status(), 101);
+        let mut io =
+            hyper_util::rt::TokioIo::new(hyper::upgrade::on(response).await.expect("upgraded"));
+        let mut answers = Vec::new();
+        for line in ["hello through the broker\n", "whoami\n"] {
+            io.write_all(line.as_bytes()).await.expect("write");
+            let mut got = Vec::new();
+            while !got.ends_with(b"\n") {
+                let mut buf = [0u8; 512];
+                let n = tokio::time::timeout(Duration::from_secs(10), io.read(&mut buf))
+                    .await
+                    .expect("answer in time")
+                    .expect("read");
+                assert!(n > 0, "closed early");
+                got.extend_from_slice(&buf[..n]);
+            }
+            answers.push(String::from_utf8(got).expect("utf8"));
+        }
+        answers
+    });
+    assert_eq!(answers[0], "hello through the broker\n");
+    assert!(
+        !answers[1].contains(OPENAI_KEY),
+        "the key reached the agent in the stream"
+    );
+    assert!(
+        answers[1].starts_with("you are Bearer [redacted-by-broker]"),
+        "{}",
+        answers[1]
+    );
+    assert_eq!(
+        origin.requests()[0].header("authorization"),
+        Some(format!("Bearer {OPENAI_KEY}").as_str())
+    );
+    s.assert_no_leak(OPENAI_KEY);
+}
+
 #[test]
 fn websocket_upgrade_is_bridged_with_the_swap() {
     use futures_util::{SinkExt, StreamExt};

@@ -276,6 +276,38 @@ impl Body for RedactedBody {
     }
 }
 
+/// The bytes of an upgraded connection whose protocol the broker does not parse (anything but
+/// WebSocket), with every form of the secret overwritten. As in [`RedactedBody`], bytes are
+/// held back only while they might begin a form of the secret.
+pub struct StreamRedactor {
+    needles: Arc<Needles>,
+    held: Zeroizing<Vec<u8>>,
+}
+
+impl StreamRedactor {
+    pub fn new(needles: Arc<Needles>) -> StreamRedactor {
+        StreamRedactor {
+            needles,
+            held: Zeroizing::new(Vec::new()),
+        }
+    }
+
+    /// Take `input` from the upstream; append to `out` what can go to the agent now.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        self.held.extend_from_slice(input);
+        self.needles.overwrite_all(&mut self.held);
+        let ready = self.held.len() - self.needles.partial_suffix(&self.held);
+        out.extend_from_slice(&self.held[..ready]);
+        self.held.drain(..ready);
+    }
+
+    /// The upstream closed: what is held goes out (it cannot be a whole form of the secret).
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.held);
+        self.held.clear();
+    }
+}
+
 /// Where `needle` next occurs in `haystack` at or after `from`. Only where its first byte is
 /// (found by memchr's SIMD scan) is the rest compared: a compare at every position made a
 /// 1 MiB response cost a million `memcmp` calls, and a full substring searcher costs more to
@@ -427,6 +459,27 @@ mod tests {
                 text.as_bytes() == expected.as_slice(),
                 "round {round}: {chunks:?} gave {text:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_byte_stream_in_random_chunks_comes_out_as_redacted_whole() {
+        let secret = "aab-aabaab";
+        let pieces = ["aab", "-", "a", "b", "aab-aab", secret, "x", "\n"];
+        let mut rng = crate::test_rng::Rng::new(11);
+        for round in 0..2_000 {
+            let body = rng.text(&pieces, 12);
+            let mut stream = StreamRedactor::new(Arc::new(Needles::for_secret(secret.as_bytes())));
+            let mut out = Vec::new();
+            let mut rest = body.as_bytes();
+            while !rest.is_empty() {
+                let cut = 1 + rng.below(rest.len());
+                stream.feed(&rest[..cut], &mut out);
+                rest = &rest[cut..];
+            }
+            stream.finish(&mut out);
+            let expected = redact_whole(body.as_bytes(), secret.as_bytes());
+            assert!(out == expected, "round {round}: {body:?}");
         }
     }
 

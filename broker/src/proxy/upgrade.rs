@@ -14,7 +14,7 @@ use super::error::BrokerError;
 use super::handler::upstream_error;
 use super::pool::SendError;
 use super::record::Pending;
-use super::redact::{redact_headers, RedactedBody};
+use super::redact::{redact_headers, RedactedBody, StreamRedactor};
 use super::ws_redact::FrameRedactor;
 use super::{BoxError, ConnInfo, Proxy, ProxyBody};
 
@@ -62,15 +62,17 @@ pub(super) async fn bridge_upgrade(
     let switched = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     if switched {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
-        let frame_redactor = needles
-            .clone()
-            .filter(|_| websocket)
-            .map(FrameRedactor::new);
+        // WebSocket frames are parsed, so a message is never held back past its end; any other
+        // protocol is checked as a plain byte stream.
+        let redactor = needles.clone().map(|needles| match websocket {
+            true => Redactor::Frames(FrameRedactor::new(needles)),
+            false => Redactor::Bytes(StreamRedactor::new(needles)),
+        });
         tokio::spawn(async move {
             if let (Ok(agent), Ok(upstream)) = (agent_upgrade.await, upstream_upgrade.await) {
                 let mut agent = TokioIo::new(agent);
                 let mut upstream = TokioIo::new(upstream);
-                match frame_redactor {
+                match redactor {
                     Some(redactor) => splice_redacted(agent, upstream, redactor).await,
                     None => {
                         let _ = tokio::io::copy_bidirectional(&mut agent, &mut upstream).await;
@@ -92,6 +94,28 @@ pub(super) async fn bridge_upgrade(
     Ok(Response::from_parts(parts, body))
 }
 
+/// What checks the upstream's half of an upgraded connection that carried a credential.
+enum Redactor {
+    Frames(FrameRedactor),
+    Bytes(StreamRedactor),
+}
+
+impl Redactor {
+    fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        match self {
+            Redactor::Frames(r) => r.feed(input, out),
+            Redactor::Bytes(r) => r.feed(input, out),
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        match self {
+            Redactor::Frames(r) => r.finish(out),
+            Redactor::Bytes(r) => r.finish(out),
+        }
+    }
+}
+
 fn is_websocket(headers: &http::HeaderMap) -> bool {
     headers
         .get(header::UPGRADE)
@@ -99,9 +123,9 @@ fn is_websocket(headers: &http::HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
-/// Splice agent and upstream, with the key overwritten in the upstream's frames (see
-/// [`FrameRedactor`]). Each direction ends by shutting down the other side's writer.
-async fn splice_redacted<A, U>(agent: A, upstream: U, mut redactor: FrameRedactor)
+/// Splice agent and upstream, with the key overwritten in what the upstream sends (see
+/// [`Redactor`]). Each direction ends by shutting down the other side's writer.
+async fn splice_redacted<A, U>(agent: A, upstream: U, mut redactor: Redactor)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
