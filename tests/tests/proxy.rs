@@ -842,11 +842,10 @@ credential = [{ header = "authorization", scheme = "bearer" }]
     s.assert_no_leak("acme-test-real-key-0123456789");
 }
 
-#[test]
-fn an_upstream_echoing_the_key_never_hands_it_to_the_agent() {
-    let ca = TestCa::new();
-    // An origin that quotes the credential back, as debug endpoints and some errors do.
-    let origin = Origin::start(&ca, &["api.openai.com"], |req| {
+/// An api.openai.com origin that quotes the credential back in a 401, as debug endpoints and
+/// some errors do.
+fn key_quoting_origin(ca: &TestCa) -> Origin {
+    Origin::start(ca, &["api.openai.com"], |req| {
         Reply::Text(
             401,
             format!(
@@ -854,7 +853,13 @@ fn an_upstream_echoing_the_key_never_hands_it_to_the_agent() {
                 req.header("authorization").unwrap_or_default()
             ),
         )
-    });
+    })
+}
+
+#[test]
+fn an_upstream_echoing_the_key_never_hands_it_to_the_agent() {
+    let ca = TestCa::new();
+    let origin = key_quoting_origin(&ca);
     let s = setup(
         &ca,
         &[("api.openai.com", origin.addr)],
@@ -984,15 +989,7 @@ fn an_upstream_quoting_a_basic_credential_never_hands_back_the_key_in_base64() {
 #[test]
 fn a_refused_upgrade_that_quotes_the_key_is_redacted() {
     let ca = TestCa::new();
-    let origin = Origin::start(&ca, &["api.openai.com"], |req| {
-        Reply::Text(
-            401,
-            format!(
-                "{{\"error\":\"invalid key: {}\"}}",
-                req.header("authorization").unwrap_or_default()
-            ),
-        )
-    });
+    let origin = key_quoting_origin(&ca);
     let s = setup(
         &ca,
         &[("api.openai.com", origin.addr)],
