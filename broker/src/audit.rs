@@ -54,6 +54,8 @@ pub enum EventKind {
     SniHostMismatch,
     CredentialAdded,
     CredentialRemoved,
+    /// `broker rekey`: the vault's master key was moved or replaced.
+    VaultRekeyed,
 }
 
 impl EventKind {
@@ -68,6 +70,7 @@ impl EventKind {
             EventKind::SniHostMismatch => "sni_host_mismatch",
             EventKind::CredentialAdded => "credential_added",
             EventKind::CredentialRemoved => "credential_removed",
+            EventKind::VaultRekeyed => "vault_rekeyed",
         }
     }
 }

@@ -498,3 +498,78 @@ fn audit_follow_prints_new_events() {
     assert!(lines[1].contains("credential_removed"));
     b.assert_no_plaintext(&[OPENAI_SECRET]);
 }
+
+#[test]
+fn rekey_moves_the_master_key_and_every_command_follows() {
+    let mut b = Broker::new();
+    b.add("openai", "default", OPENAI_SECRET);
+    let key_file = b.home.join("master.key");
+    assert!(key_file.exists());
+
+    // Key file -> passphrase, the new passphrase from the environment.
+    let new_pass = "correct horse battery staple";
+    let out = b.run_cmd({
+        let mut cmd = b.cmd(&["rekey", "--to", "passphrase"]);
+        cmd.env("BROKER_NEW_PASSPHRASE", new_pass);
+        cmd
+    });
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("set BROKER_PASSPHRASE"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        !key_file.exists(),
+        "the key file that no longer unlocks the vault is gone"
+    );
+    // The key file source no longer opens it; the new passphrase does.
+    let out = b.run(&["list"]);
+    assert!(!out.status.success());
+    b.passphrase = Some(new_pass.into());
+    let shown = b.run_ok(&["show", "openai", "--json"]);
+    assert!(shown.contains("\"key_source\": \"passphrase\""), "{shown}");
+    b.passphrase = Some("not the passphrase".into());
+    assert!(text(&b.run(&["list"]).stderr).contains("wrong passphrase"));
+
+    // Passphrase -> a key file again: the passphrase unlocks, a new key file is written.
+    b.passphrase = Some(new_pass.into());
+    b.run_ok(&["rekey", "--to", "file"]);
+    assert!(key_file.exists());
+    b.passphrase = None;
+    assert_eq!(b.list_json().len(), 1);
+    let verify = b.run_ok(&["audit", "verify"]);
+    assert!(
+        verify.contains("intact") || verify.contains("ok"),
+        "{verify}"
+    );
+    let audit = b.run_ok(&["audit", "--json"]);
+    assert_eq!(audit.matches("vault_rekeyed").count(), 2, "{audit}");
+    b.assert_no_plaintext(&[OPENAI_SECRET, new_pass]);
+}
+
+#[test]
+fn rekey_with_a_new_passphrase_on_stdin_and_without_a_vault() {
+    let b = Broker::new();
+    let out = b.run(&["rekey", "--to", "file"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no vault"),
+        "{}",
+        text(&out.stderr)
+    );
+    b.add("openai", "default", OPENAI_SECRET);
+    let out = b.add_cmd(&["rekey", "--to", "passphrase"], "from stdin\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let b = Broker {
+        passphrase: Some("from stdin".into()),
+        ..b
+    };
+    assert_eq!(b.list_json().len(), 1);
+    // An empty one changes nothing.
+    let out = b.add_cmd(&["rekey", "--to", "passphrase"], "\n");
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("empty"), "{}", text(&out.stderr));
+    assert_eq!(b.list_json().len(), 1);
+    b.assert_no_plaintext(&[OPENAI_SECRET, "from stdin"]);
+}

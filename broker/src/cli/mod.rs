@@ -16,6 +16,7 @@ pub mod demo;
 pub mod doctor;
 pub mod login;
 pub mod providers;
+pub mod rekey;
 pub mod run;
 pub mod serve;
 
@@ -42,6 +43,9 @@ pub enum Command {
     Show(credentials::ShowArgs),
     /// Remove a stored credential.
     Remove(credentials::RemoveArgs),
+    /// Move the vault's master key to another source, or replace it (a new passphrase, a new
+    /// key file).
+    Rekey(rekey::RekeyArgs),
     /// Log in to a provider with OAuth (browser with PKCE, or --device); tokens go to the vault.
     Login(login::LoginArgs),
     /// Revoke a provider's OAuth tokens (where it can) and remove them from the vault.
@@ -83,6 +87,7 @@ pub fn main() -> ExitCode {
         Command::List(args) => credentials::list(args),
         Command::Show(args) => credentials::show(args),
         Command::Remove(args) => credentials::remove(args),
+        Command::Rekey(args) => rekey::run(args),
         Command::Login(args) => login::login(args),
         Command::Logout(args) => login::logout(args),
         Command::Audit(args) => audit::run(args),

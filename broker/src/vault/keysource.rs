@@ -268,6 +268,18 @@ pub fn keyring_store(home_root: &Path, key: &[u8; KEY_LEN]) -> Result<(), String
     }
 }
 
+/// Delete this home's keyring entry (after the vault moved its key elsewhere).
+pub fn keyring_delete(home_root: &Path) -> Result<(), String> {
+    let user = keyring_user(home_root);
+    with_timeout(move || {
+        let entry = keyring::Entry::new(KEYRING_SERVICE, &user)?;
+        match entry.delete_credential() {
+            Err(keyring::Error::NoEntry) => Ok(()),
+            other => other,
+        }
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -57,7 +57,7 @@ pub enum VaultError {
     TooNew { found: i64, supported: i64 },
     #[error("BROKER_KEY_SOURCE={0:?} is not one of: passphrase, keyring, file")]
     BadKeySourceEnv(String),
-    #[error("the vault at {vault} keeps its key in the {recorded}, but BROKER_KEY_SOURCE asks for the {requested}: unset BROKER_KEY_SOURCE (changing the key source of a vault is not supported yet)")]
+    #[error("the vault at {vault} keeps its key in the {recorded}, but BROKER_KEY_SOURCE asks for the {requested}: unset BROKER_KEY_SOURCE, or move the key with `broker rekey --to {requested}`")]
     SourceMismatch {
         vault: PathBuf,
         recorded: KeySource,
@@ -110,6 +110,11 @@ pub enum VaultError {
     InvalidSecret(&'static str),
     #[error("the system random generator or cipher failed")]
     Crypto,
+    #[error("a new passphrase is needed: set BROKER_NEW_PASSPHRASE, pipe it on stdin, or type it at the prompt")]
+    NewPassphraseMissing,
+    #[error("the vault's key is in the OS keyring already, and replacing it there in one step could lose it: \
+             move it out and back (`broker rekey --to file`, then `broker rekey --to keyring`)")]
+    KeyringInPlace,
 }
 
 impl VaultError {
@@ -442,6 +447,91 @@ impl Vault {
         Ok(report)
     }
 
+    /// Wrap the data key under a new master key kept in `target` (a new passphrase, a new key
+    /// file, or a new keyring entry) and record that source; the old key file is then removed.
+    /// The secrets stay sealed under the same data key, so a running broker keeps working;
+    /// what changes is what unlocks the vault. `keys` must unlock it as it is now.
+    ///
+    /// Crash-safe: the new key is stored where the vault does not look yet (a keyring entry
+    /// the vault does not use, or `master.key.new`), then one transaction switches the vault
+    /// to it, then `master.key.new` is renamed into place. A stop between the last two leaves
+    /// both key files, and [`Vault::open`] finishes the rename.
+    pub fn rekey(
+        self,
+        home: &Home,
+        keys: &KeyConfig,
+        target: KeySource,
+        new_passphrase: Option<&str>,
+    ) -> Result<(), VaultError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let meta = read_meta(&tx, &self.path)?.ok_or_else(|| self.corrupt("no key record"))?;
+        let data_key = unlock_raw(home, &self.path, &meta, keys)?;
+        if target == KeySource::Keyring && meta.key_source == KeySource::Keyring {
+            return Err(VaultError::KeyringInPlace);
+        }
+        let pending = pending_key_file(home);
+        let (master, salt, params) = match target {
+            KeySource::Passphrase => {
+                let pass = new_passphrase
+                    .filter(|p| !p.is_empty())
+                    .ok_or(VaultError::NewPassphraseMissing)?;
+                let salt = crypto::random_bytes::<16>().map_err(|_| VaultError::Crypto)?;
+                let params = KdfParams::DEFAULT;
+                let key = crypto::derive_from_passphrase(pass.as_bytes(), &salt, params)
+                    .map_err(|_| VaultError::Crypto)?;
+                (key, Some(salt), Some(params))
+            }
+            KeySource::File => {
+                let key = crypto::random_key().map_err(|_| VaultError::Crypto)?;
+                // A leftover of a rekey that stopped before its commit unlocks nothing.
+                remove_if_present(&pending)?;
+                keysource::create_key_file(&pending, &key)?;
+                (key, None, None)
+            }
+            KeySource::Keyring => {
+                let key = crypto::random_key().map_err(|_| VaultError::Crypto)?;
+                keysource::keyring_store(home.root(), &key)
+                    .map_err(|reason| VaultError::KeyringUnusable { reason })?;
+                (key, None, None)
+            }
+        };
+        let wrapped = SealingKey::new(&master)
+            .seal(data_key.as_ref(), DATA_KEY_AAD)
+            .map_err(|_| VaultError::Crypto)?;
+        let params_json = params
+            .map(|p| serde_json::to_string(&p))
+            .transpose()
+            .map_err(|e| self.corrupt(e.to_string()))?;
+        tx.execute(
+            "UPDATE vault_meta SET key_source = ?1, wrapped_data_key = ?2, kdf = ?3, kdf_salt = ?4,
+             kdf_params = ?5 WHERE id = 1",
+            params![
+                target.as_str(),
+                wrapped,
+                params.map(|_| "argon2id"),
+                salt.as_ref().map(|s| s.as_slice()),
+                params_json,
+            ],
+        )?;
+        tx.commit()?;
+        drop(conn);
+        let key_file = home.key_file_path();
+        if target == KeySource::File {
+            finish_key_file_move(&pending, &key_file)?;
+        } else if meta.key_source == KeySource::File {
+            // The old key unwraps the data key of any copy of the vault made before today.
+            remove_if_present(&key_file)?;
+        }
+        if meta.key_source == KeySource::Keyring {
+            if let Err(reason) = keysource::keyring_delete(home.root()) {
+                tracing::warn!(%reason, "cannot delete the old key from the OS keyring; it unlocks only copies of the vault made before this rekey");
+            }
+        }
+        tracing::info!(vault = %self.path.display(), from = meta.key_source.as_str(), to = target.as_str(), "moved the vault's master key");
+        Ok(())
+    }
+
     fn open_blob(
         &self,
         provider: &str,
@@ -609,13 +699,23 @@ fn read_meta(conn: &Connection, vault: &Path) -> Result<Option<Meta>, VaultError
 }
 
 /// Get the master key from the source the vault recorded (and only there), then unwrap the
-/// data key. Changes nothing on failure.
+/// data key. Changes nothing on failure (but for finishing a rekey's key file move).
 fn unlock(
     home: &Home,
     vault: &Path,
     meta: &Meta,
     keys: &KeyConfig,
 ) -> Result<SealingKey, VaultError> {
+    unlock_raw(home, vault, meta, keys).map(|raw| SealingKey::new(&raw))
+}
+
+/// [`unlock`], giving the data key's bytes.
+fn unlock_raw(
+    home: &Home,
+    vault: &Path,
+    meta: &Meta,
+    keys: &KeyConfig,
+) -> Result<Zeroizing<[u8; KEY_LEN]>, VaultError> {
     if let Some(requested) = keys.source.filter(|r| *r != meta.key_source) {
         return Err(VaultError::SourceMismatch {
             vault: vault.to_owned(),
@@ -660,13 +760,25 @@ fn unlock(
         },
         KeySource::File => {
             let key_file = home.key_file_path();
-            keysource::read_key_file(&key_file)?.ok_or_else(|| VaultError::KeyFileMissing {
+            let current = keysource::read_key_file(&key_file)?;
+            // A rekey that stopped after switching the vault but before renaming its new key
+            // file: the new key opens it, and the rename is finished here.
+            let opens = |key: &[u8; KEY_LEN]| unwrap_raw(key, &meta.wrapped_data_key).is_some();
+            if !current.as_ref().is_some_and(|key| opens(key)) {
+                let pending = pending_key_file(home);
+                if let Some(new) = keysource::read_key_file(&pending)?.filter(|key| opens(key)) {
+                    finish_key_file_move(&pending, &key_file)?;
+                    tracing::warn!(key_file = %key_file.display(), "finished moving the vault's new key file into place (a rekey had stopped)");
+                    return unwrap_raw(&new, &meta.wrapped_data_key).ok_or(VaultError::Crypto);
+                }
+            }
+            current.ok_or_else(|| VaultError::KeyFileMissing {
                 vault: vault.to_owned(),
                 key_file,
             })?
         }
     };
-    unwrap_data_key(&master, &meta.wrapped_data_key).ok_or_else(|| match meta.key_source {
+    unwrap_raw(&master, &meta.wrapped_data_key).ok_or_else(|| match meta.key_source {
         KeySource::Passphrase => VaultError::WrongPassphrase {
             vault: vault.to_owned(),
         },
@@ -677,10 +789,39 @@ fn unlock(
     })
 }
 
-fn unwrap_data_key(master: &[u8; KEY_LEN], wrapped: &[u8]) -> Option<SealingKey> {
+fn unwrap_raw(master: &[u8; KEY_LEN], wrapped: &[u8]) -> Option<Zeroizing<[u8; KEY_LEN]>> {
     let raw = SealingKey::new(master).open(wrapped, DATA_KEY_AAD).ok()?;
-    let bytes: &[u8; KEY_LEN] = raw.as_slice().try_into().ok()?;
-    Some(SealingKey::new(bytes))
+    let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+    bytes.copy_from_slice(raw.get(..KEY_LEN).filter(|_| raw.len() == KEY_LEN)?);
+    Some(bytes)
+}
+
+/// Where [`Vault::rekey`] writes a new key file before the vault uses it.
+fn pending_key_file(home: &Home) -> PathBuf {
+    home.root().join("master.key.new")
+}
+
+/// Rename the new key file over the old one, and make the rename durable.
+fn finish_key_file_move(pending: &Path, key_file: &Path) -> Result<(), VaultError> {
+    match fs::rename(pending, key_file) {
+        Ok(()) => {}
+        // Another process finished it first.
+        Err(e) if e.kind() == io::ErrorKind::NotFound && key_file.exists() => return Ok(()),
+        Err(e) => return Err(VaultError::io(pending, e)),
+    }
+    if let Some(dir) = key_file.parent() {
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| VaultError::io(dir, e))?;
+    }
+    Ok(())
+}
+
+fn remove_if_present(path: &Path) -> Result<(), VaultError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(VaultError::io(path, e)),
+        _ => Ok(()),
+    }
 }
 
 /// First use: choose a key source, make a data key, store it wrapped. Runs inside an immediate

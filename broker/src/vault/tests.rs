@@ -342,3 +342,157 @@ fn vault_and_audit_can_be_shared_across_threads() {
     assert_send_sync::<Vault>();
     assert_send_sync::<crate::audit::Audit>();
 }
+
+fn reopen_get(home: &Home, keys: &KeyConfig) -> Result<String, VaultError> {
+    let vault = Vault::open_with(home, keys)?;
+    Ok(vault
+        .get("openai", "default")?
+        .unwrap()
+        .expose()
+        .to_string())
+}
+
+#[test]
+fn rekey_moves_the_key_between_sources_and_the_secrets_stay() {
+    let (_d, home) = temp_home();
+    let vault = Vault::open_with(&home, &file_keys()).unwrap();
+    vault
+        .put("openai", "default", SECRET, CredentialKind::ApiKey)
+        .unwrap();
+    let first_key = fs::read(home.key_file_path()).unwrap();
+
+    // Key file -> passphrase: the key file goes, the passphrase opens it.
+    vault
+        .rekey(
+            &home,
+            &KeyConfig::default(),
+            KeySource::Passphrase,
+            Some("first pass"),
+        )
+        .unwrap();
+    assert!(
+        !home.key_file_path().exists(),
+        "the old key file was removed"
+    );
+    assert_eq!(reopen_get(&home, &pass_keys("first pass")).unwrap(), SECRET);
+    assert!(matches!(
+        reopen_get(&home, &file_keys()),
+        Err(VaultError::SourceMismatch { .. })
+    ));
+
+    // Passphrase -> another passphrase: the old one no longer opens it.
+    let vault = Vault::open_with(&home, &pass_keys("first pass")).unwrap();
+    vault
+        .rekey(
+            &home,
+            &pass_keys("first pass"),
+            KeySource::Passphrase,
+            Some("second pass"),
+        )
+        .unwrap();
+    assert!(matches!(
+        reopen_get(&home, &pass_keys("first pass")),
+        Err(VaultError::WrongPassphrase { .. })
+    ));
+    assert_eq!(
+        reopen_get(&home, &pass_keys("second pass")).unwrap(),
+        SECRET
+    );
+
+    // Passphrase -> key file, then key file -> a new key file.
+    let vault = Vault::open_with(&home, &pass_keys("second pass")).unwrap();
+    vault
+        .rekey(&home, &pass_keys("second pass"), KeySource::File, None)
+        .unwrap();
+    let second_key = fs::read(home.key_file_path()).unwrap();
+    assert_ne!(first_key, second_key, "a new key, not the old file's");
+    assert_eq!(reopen_get(&home, &file_keys()).unwrap(), SECRET);
+    let vault = Vault::open_with(&home, &file_keys()).unwrap();
+    vault
+        .rekey(&home, &file_keys(), KeySource::File, None)
+        .unwrap();
+    assert_ne!(fs::read(home.key_file_path()).unwrap(), second_key);
+    assert!(!pending_key_file(&home).exists());
+    assert_eq!(reopen_get(&home, &file_keys()).unwrap(), SECRET);
+    assert!(!contains(&dump(&home), SECRET.as_bytes()));
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn rekey_without_a_new_passphrase_or_with_the_wrong_old_one_changes_nothing() {
+    let (_d, home) = temp_home();
+    let vault = Vault::open_with(&home, &pass_keys("right")).unwrap();
+    vault
+        .put("openai", "default", SECRET, CredentialKind::ApiKey)
+        .unwrap();
+    let vault = Vault::open_with(&home, &pass_keys("right")).unwrap();
+    assert!(matches!(
+        vault.rekey(&home, &pass_keys("right"), KeySource::Passphrase, Some("")),
+        Err(VaultError::NewPassphraseMissing)
+    ));
+    let vault = Vault::open_with(&home, &pass_keys("right")).unwrap();
+    assert!(matches!(
+        vault.rekey(&home, &pass_keys("wrong"), KeySource::File, None),
+        Err(VaultError::WrongPassphrase { .. })
+    ));
+    assert!(!home.key_file_path().exists() && !pending_key_file(&home).exists());
+    assert_eq!(reopen_get(&home, &pass_keys("right")).unwrap(), SECRET);
+}
+
+/// A stop after the transaction that switched the vault to the new key file but before the
+/// rename: both files are there, and the next open finishes the move.
+#[test]
+fn a_rekey_stopped_before_its_rename_is_finished_by_the_next_open() {
+    let (_d, home) = temp_home();
+    let vault = Vault::open_with(&home, &file_keys()).unwrap();
+    vault
+        .put("openai", "default", SECRET, CredentialKind::ApiKey)
+        .unwrap();
+    drop(vault);
+    let old_key = fs::read(home.key_file_path()).unwrap();
+    // What `rekey` does up to its commit.
+    let conn = Connection::open(home.vault_path()).unwrap();
+    let meta = read_meta(&conn, &home.vault_path()).unwrap().unwrap();
+    let data_key = unlock_raw(&home, &home.vault_path(), &meta, &file_keys()).unwrap();
+    let new_key = crypto::random_key().unwrap();
+    keysource::create_key_file(&pending_key_file(&home), &new_key).unwrap();
+    let wrapped = SealingKey::new(&new_key)
+        .seal(data_key.as_ref(), DATA_KEY_AAD)
+        .unwrap();
+    conn.execute(
+        "UPDATE vault_meta SET wrapped_data_key = ?1 WHERE id = 1",
+        params![wrapped],
+    )
+    .unwrap();
+    drop(conn);
+
+    assert_eq!(reopen_get(&home, &file_keys()).unwrap(), SECRET);
+    assert!(!pending_key_file(&home).exists(), "renamed into place");
+    assert_ne!(fs::read(home.key_file_path()).unwrap(), old_key);
+    assert_eq!(reopen_get(&home, &file_keys()).unwrap(), SECRET);
+}
+
+#[test]
+fn rekey_to_a_keyring_that_cannot_take_the_key_changes_nothing() {
+    let (_d, home) = temp_home();
+    let vault = Vault::open_with(&home, &file_keys()).unwrap();
+    vault
+        .put("openai", "default", SECRET, CredentialKind::ApiKey)
+        .unwrap();
+    match vault.rekey(&home, &file_keys(), KeySource::Keyring, None) {
+        // A machine with a working keyring (a desktop session).
+        Ok(()) => {
+            let keys = KeyConfig::default();
+            assert_eq!(reopen_get(&home, &keys).unwrap(), SECRET);
+            assert!(!home.key_file_path().exists());
+        }
+        // Headless, as in CI: the vault stays with its key file.
+        Err(err) => {
+            assert!(matches!(err, VaultError::KeyringUnusable { .. }), "{err}");
+            assert_eq!(reopen_get(&home, &file_keys()).unwrap(), SECRET);
+        }
+    }
+}
