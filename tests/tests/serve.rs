@@ -197,6 +197,47 @@ fn no_credential_is_used_while_the_audit_log_cannot_be_written() {
     );
 }
 
+/// `broker rekey` under a running daemon: the secrets stay sealed under the same data key, so
+/// a daemon that has unlocked the vault goes on using them.
+#[test]
+fn a_running_serve_keeps_working_across_a_rekey() {
+    let ca = TestCa::new();
+    let origin = Origin::bearer(&ca, "api.openai.com", OPENAI_KEY, "x");
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
+    let ask = || {
+        send(
+            serve.addr_for("api.openai.com"),
+            "api.openai.com",
+            &serve.ca_pem(),
+            true,
+            get(
+                "api.openai.com",
+                "/v1/models",
+                &[("authorization", &format!("Bearer {OPENAI_PH}"))],
+            ),
+        )
+        .expect("response")
+        .status
+    };
+    assert_eq!(ask(), 200);
+    let out = run_bounded(
+        home.broker()
+            .args(["rekey", "--to", "passphrase"])
+            .env("BROKER_NEW_PASSPHRASE", "a new passphrase for the test")
+            .stdin(std::process::Stdio::null()),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!home.path().join("master.key").exists());
+    assert_eq!(ask(), 200, "the daemon still unlocks what it had unlocked");
+}
+
 #[test]
 fn serve_answers_through_the_fake_address() {
     let ca = TestCa::new();

@@ -23,8 +23,9 @@ pub const ENV_NEW_PASSPHRASE: &str = "BROKER_NEW_PASSPHRASE";
     after_help = "The vault is unlocked as usual (BROKER_PASSPHRASE for a passphrase \
 vault). With --to passphrase the new passphrase is read from BROKER_NEW_PASSPHRASE, else from \
 stdin when it is not a terminal, else from a prompt that does not echo (typed twice).\n\n\
-The stored secrets stay sealed under the same data key, so a running `broker serve` keeps \
-working; only what unlocks the vault changes. The key file or keyring entry that no longer \
+The stored secrets stay sealed under the same data key, so a running `broker serve` that has \
+unlocked the vault keeps working (restarted, it needs the new source); only what unlocks the \
+vault changes. The key file or keyring entry that no longer \
 unlocks it is removed. \
 Copies of the vault made before (backups) still open with the old key."
 )]
