@@ -448,9 +448,10 @@ impl Vault {
     }
 
     /// Wrap the data key under a new master key kept in `target` (a new passphrase, a new key
-    /// file, or a new keyring entry) and record that source; the old key file is then removed.
-    /// The secrets stay sealed under the same data key, so a running broker keeps working;
-    /// what changes is what unlocks the vault. `keys` must unlock it as it is now.
+    /// file, or a new keyring entry) and record that source; the old key file or keyring entry
+    /// is then removed. The secrets stay sealed under the same data key, so a broker that has
+    /// unlocked the vault keeps working; what changes is what unlocks it. `keys` must unlock it
+    /// as it is now.
     ///
     /// Crash-safe: the new key is stored where the vault does not look yet (a keyring entry
     /// the vault does not use, or `master.key.new`), then one transaction switches the vault
