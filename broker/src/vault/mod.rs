@@ -57,7 +57,7 @@ pub enum VaultError {
     TooNew { found: i64, supported: i64 },
     #[error("BROKER_KEY_SOURCE={0:?} is not one of: passphrase, keyring, file")]
     BadKeySourceEnv(String),
-    #[error("the vault at {vault} keeps its key in the {recorded}, but BROKER_KEY_SOURCE asks for the {requested}: unset BROKER_KEY_SOURCE, or move the key with `broker rekey --to {requested}`")]
+    #[error("the vault at {vault} keeps its key in the {recorded}, but BROKER_KEY_SOURCE asks for the {requested}: unset BROKER_KEY_SOURCE, or move the key with `broker rekey --to {}`", .requested.as_str())]
     SourceMismatch {
         vault: PathBuf,
         recorded: KeySource,
@@ -115,6 +115,8 @@ pub enum VaultError {
     #[error("the vault's key is in the OS keyring already, and replacing it there in one step could lose it: \
              move it out and back (`broker rekey --to file`, then `broker rekey --to keyring`)")]
     KeyringInPlace,
+    #[error("the OS keyring is not usable ({reason}): nothing was changed; use `broker rekey --to file` or `--to passphrase`")]
+    KeyringUnusableForRekey { reason: String },
 }
 
 impl VaultError {
@@ -493,7 +495,7 @@ impl Vault {
             KeySource::Keyring => {
                 let key = crypto::random_key().map_err(|_| VaultError::Crypto)?;
                 keysource::keyring_store(home.root(), &key)
-                    .map_err(|reason| VaultError::KeyringUnusable { reason })?;
+                    .map_err(|reason| VaultError::KeyringUnusableForRekey { reason })?;
                 (key, None, None)
             }
         };
