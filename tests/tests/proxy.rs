@@ -709,6 +709,59 @@ fn upstream_failures_are_clear_and_the_broker_keeps_serving() {
     s.assert_no_leak(ANTHROPIC_KEY);
 }
 
+/// A request that left with the key and got no answer still used the key: it is audited, with
+/// the 502 the agent got. One that never left (the certificate failed) is not a use.
+#[test]
+fn a_request_that_left_with_the_key_and_got_no_answer_is_audited() {
+    let ca = TestCa::new();
+    let reset = Origin::start(&ca, &["api.openai.com"], |_| Reply::Reset);
+    let other_ca = TestCa::new();
+    let untrusted = Origin::start(&other_ca, &["api.anthropic.com"], |_| {
+        Reply::Text(200, "should never be reached".into())
+    });
+    let s = setup(
+        &ca,
+        &[
+            ("api.openai.com", reset.addr),
+            ("api.anthropic.com", untrusted.addr),
+        ],
+        &[("openai", OPENAI_KEY), ("anthropic", ANTHROPIC_KEY)],
+    );
+    let r = s.get(
+        "api.anthropic.com",
+        "/v1/messages",
+        &[("x-api-key", ANTHROPIC_PH)],
+        false,
+    );
+    assert_eq!(r.status, 502);
+    let r = s.get(
+        "api.openai.com",
+        "/v1/models",
+        &[("authorization", &format!("Bearer {OPENAI_PH}"))],
+        false,
+    );
+    assert_eq!(r.status, 502);
+    assert_eq!(
+        reset.requests()[0].header("authorization"),
+        Some(format!("Bearer {OPENAI_KEY}").as_str()),
+        "the key left"
+    );
+    let audit = s.home.audit_until(|a| a.contains("\"credential_use\""));
+    let uses: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("\"credential_use\""))
+        .collect();
+    assert_eq!(uses.len(), 1, "{audit}");
+    assert!(
+        uses[0].contains("\"provider\":\"openai\"") && uses[0].contains("\"status\":502"),
+        "{}",
+        uses[0]
+    );
+    assert!(uses[0].contains("api.openai.com failed"), "{}", uses[0]);
+    s.assert_no_leak(OPENAI_KEY);
+    s.assert_no_leak(ANTHROPIC_KEY);
+}
+
 #[test]
 fn missing_credential_and_plain_http_get_advice() {
     let ca = TestCa::new();

@@ -219,11 +219,13 @@ async fn forward(
         )
     });
     let req = Request::from_parts(parts, body);
-    let mut response = proxy
-        .pool
-        .send(&conn.sni, port, req)
-        .await
-        .map_err(|e| (upstream_error(&conn.sni, e), provider_name.clone()))?;
+    let mut response = match proxy.pool.send(&conn.sni, port, req).await {
+        Ok(response) => response,
+        Err(e) => {
+            let error = unanswered(proxy, conn, pending, &conn.sni, e);
+            return Err((error, provider_name.clone()));
+        }
+    };
     if response.status() == http::StatusCode::UNAUTHORIZED {
         if let (Some(p), Some((method, mut uri, mut headers, bytes))) = (pending.as_mut(), resend) {
             let old = p.secret.clone();
@@ -237,11 +239,13 @@ async fn forward(
                     *retry.method_mut() = method;
                     *retry.uri_mut() = uri;
                     *retry.headers_mut() = headers;
-                    response = proxy
-                        .pool
-                        .send(&conn.sni, port, retry)
-                        .await
-                        .map_err(|e| (upstream_error(&conn.sni, e), provider_name.clone()))?;
+                    match proxy.pool.send(&conn.sni, port, retry).await {
+                        Ok(answer) => response = answer,
+                        Err(e) => {
+                            let error = unanswered(proxy, conn, pending.take(), &conn.sni, e);
+                            return Err((error, provider_name.clone()));
+                        }
+                    }
                     p.secret = fresh;
                 }
             }
@@ -454,6 +458,27 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.remove(header::CONNECTION);
         headers.remove(header::UPGRADE);
     }
+}
+
+/// The agent's error for a request the upstream did not answer. If the connection was up, the
+/// request may have left with the key: that is a use of the key, audited with the status the
+/// agent gets and why. (A refused connection or certificate sent nothing.)
+pub(super) fn unanswered(
+    proxy: &Proxy,
+    conn: &ConnInfo,
+    pending: Option<Pending>,
+    host: &str,
+    err: SendError,
+) -> BrokerError {
+    let may_have_left = matches!(err, SendError::Http(_));
+    let error = upstream_error(host, err);
+    if let (true, Some(p)) = (may_have_left, pending) {
+        let status = error.status().as_u16();
+        proxy
+            .audit
+            .record(p.event(conn, status, 0, Some(error.message())));
+    }
+    error
 }
 
 pub(super) fn upstream_error(host: &str, err: SendError) -> BrokerError {

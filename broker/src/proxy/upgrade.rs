@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::error::BrokerError;
-use super::handler::upstream_error;
+use super::handler::{unanswered, upstream_error};
 use super::pool::SendError;
 use super::record::Pending;
 use super::redact::{redact_headers, RedactedBody, StreamRedactor};
@@ -49,10 +49,10 @@ pub(super) async fn bridge_upgrade(
     }
     parts.version = http::Version::HTTP_11;
     let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
-    let mut response = sender
-        .send_request(req)
-        .await
-        .map_err(|e| upstream_error(host, SendError::Http(e)))?;
+    let mut response = match sender.send_request(req).await {
+        Ok(response) => response,
+        Err(e) => return Err(unanswered(proxy, &conn, pending, host, SendError::Http(e))),
+    };
     let status = response.status().as_u16();
     if let Some(p) = pending {
         proxy
