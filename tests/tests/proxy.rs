@@ -1153,6 +1153,32 @@ fn a_compressed_echo_of_the_key_is_decoded_and_redacted() {
             "{text}"
         );
     }
+    // The answer to a refused upgrade (a WebSocket request the upstream turns down) too.
+    let r = s.get(
+        "api.openai.com",
+        "/v1/realtime",
+        &[
+            ("authorization", &format!("Bearer {OPENAI_PH}")),
+            ("accept-encoding", "gzip, br"),
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        false,
+    );
+    assert_eq!(r.status, 401);
+    assert!(
+        !contains(&r.body, OPENAI_KEY),
+        "upgrade: the echoed key reached the agent"
+    );
+    assert_eq!(r.header("content-encoding"), None);
+    let text = r.text();
+    assert!(
+        text.contains("invalid key: Bearer [redacted-by-broker]")
+            && text.contains("\"accepted\":\"gzip\""),
+        "{text}"
+    );
     s.assert_no_leak(OPENAI_KEY);
 }
 

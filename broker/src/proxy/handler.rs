@@ -188,15 +188,15 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::HOST);
     origin_form(&mut parts.uri);
+    if pending.is_some() {
+        // Only codings the broker can decode, so the answer can be checked for the key.
+        decode::narrow_accept_encoding(&mut parts.headers);
+    }
     if upgrade {
         let req = Request::from_parts(parts, body);
         return bridge_upgrade(proxy, &conn.sni, port, req, pending, conn.clone())
             .await
             .map_err(|e| (e, provider_name));
-    }
-    if pending.is_some() {
-        // Only codings the broker can decode, so the answer can be checked for the key.
-        decode::narrow_accept_encoding(&mut parts.headers);
     }
     // hyper picks HTTP/1.1 or h2 for the upstream from ALPN; the agent's version is its own.
     parts.version = http::Version::HTTP_11;
@@ -258,24 +258,35 @@ async fn forward(
     let status = parts.status.as_u16();
     let body = match pending {
         Some(p) => {
-            // Respond/redact: an upstream echoing the key must not hand it to the agent.
             let needles = proxy.needles.get(p.secret.as_bytes());
-            redact::redact_headers(&mut parts.headers, &needles);
-            let body = match decode::classify(&parts.headers) {
-                Encoded::Plain => body,
-                Encoded::Decodable(coding) => decode::decode(&mut parts.headers, body, coding),
-                Encoded::Opaque => {
-                    // Asked for codings we decode and got another: passed on unchecked.
-                    tracing::warn!(host = %conn.sni, "response in a content coding the broker cannot decode; not checked for the key");
-                    body
-                }
-            };
-            let body = redact::RedactedBody::wrap(body, needles);
+            let body = redacted_answer(&mut parts.headers, body, needles, &conn.sni);
             AuditedBody::wrap(body, proxy.clone(), conn.clone(), p, status)
         }
         None => body,
     };
     Ok(Response::from_parts(parts, body))
+}
+
+/// Respond/redact: the answer to a request that carried the key, with every form of the key
+/// overwritten in its headers and body (a gzip/deflate body decoded first), since an upstream
+/// echoing the key must not hand it to the agent.
+pub(super) fn redacted_answer(
+    headers: &mut http::HeaderMap,
+    body: ProxyBody,
+    needles: Arc<redact::Needles>,
+    host: &str,
+) -> ProxyBody {
+    redact::redact_headers(headers, &needles);
+    let body = match decode::classify(headers) {
+        Encoded::Plain => body,
+        Encoded::Decodable(coding) => decode::decode(headers, body, coding),
+        Encoded::Opaque => {
+            // Asked for codings we decode and got another: passed on unchecked.
+            tracing::warn!(%host, "response in a content coding the broker cannot decode; not checked for the key");
+            body
+        }
+    };
+    redact::RedactedBody::wrap(body, needles)
 }
 
 /// The secret, and whether it was read just now (`false`: a cached API key, current and with

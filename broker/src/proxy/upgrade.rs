@@ -11,10 +11,10 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::error::BrokerError;
-use super::handler::{unanswered, upstream_error};
+use super::handler::{redacted_answer, unanswered, upstream_error};
 use super::pool::SendError;
 use super::record::Pending;
-use super::redact::{redact_headers, RedactedBody, StreamRedactor};
+use super::redact::{redact_headers, StreamRedactor};
 use super::ws_redact::FrameRedactor;
 use super::{BoxError, ConnInfo, Proxy, ProxyBody};
 
@@ -86,9 +86,9 @@ pub(super) async fn bridge_upgrade(
     if let Some(needles) = needles {
         // The answer to a request that carried the key is checked like any other: a refused
         // upgrade's error body may quote it.
-        redact_headers(&mut parts.headers, &needles);
-        if !switched {
-            body = RedactedBody::wrap(body, needles);
+        match switched {
+            true => redact_headers(&mut parts.headers, &needles),
+            false => body = redacted_answer(&mut parts.headers, body, needles, host),
         }
     }
     Ok(Response::from_parts(parts, body))
