@@ -56,6 +56,26 @@ fn setup(ca: &TestCa, origins: &[(&str, SocketAddr)], keys: &[(&str, &str)]) -> 
 }
 
 impl Setup {
+    /// A TLS connection to the broker for `host`, offering only HTTP/1.1 (upgrades).
+    async fn tls_http1(
+        &self,
+        host: &str,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tcp = tokio::net::TcpStream::connect(self.serve.addr_for(host))
+            .await
+            .expect("connect");
+        tokio_rustls::TlsConnector::from(broker_integration::client_tls(
+            &self.ca_pem,
+            &[b"http/1.1"],
+        ))
+        .connect(
+            rustls_pki_types::ServerName::try_from(host.to_string()).expect("name"),
+            tcp,
+        )
+        .await
+        .expect("tls")
+    }
+
     fn get(
         &self,
         host: &str,
@@ -477,23 +497,12 @@ fn another_upgrade_is_bridged_with_the_swap_and_checked_as_bytes() {
         &[("api.openai.com", origin.addr)],
         &[("openai", OPENAI_KEY)],
     );
-    let addr = s.serve.addr_for("api.openai.com");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("rt");
     let answers = rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let tls = tokio_rustls::TlsConnector::from(broker_integration::client_tls(
-            &s.ca_pem,
-            &[b"http/1.1"],
-        ))
-        .connect(
-            rustls_pki_types::ServerName::try_from("api.openai.com").expect("name"),
-            tcp,
-        )
-        .await
-        .expect("tls");
+        let tls = s.tls_http1("api.openai.com").await;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
                 .await
@@ -556,23 +565,12 @@ fn websocket_upgrade_is_bridged_with_the_swap() {
         &[("api.openai.com", origin.addr)],
         &[("openai", OPENAI_KEY)],
     );
-    let addr = s.serve.addr_for("api.openai.com");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("rt");
     rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let tls = tokio_rustls::TlsConnector::from(broker_integration::client_tls(
-            &s.ca_pem,
-            &[b"http/1.1"],
-        ))
-        .connect(
-            rustls_pki_types::ServerName::try_from("api.openai.com").expect("name"),
-            tcp,
-        )
-        .await
-        .expect("tls");
+        let tls = s.tls_http1("api.openai.com").await;
         let request = http::Request::builder()
             .uri("wss://api.openai.com/v1/realtime")
             .header("host", "api.openai.com")

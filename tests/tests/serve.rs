@@ -41,6 +41,22 @@ fn other_user() -> Option<&'static str> {
     Some(NAME)
 }
 
+/// A GET of /v1/models with the OpenAI placeholder, through `serve`'s fake address.
+fn ask_openai(serve: &Serve, h2: bool) -> broker_integration::ClientResponse {
+    send(
+        serve.addr_for("api.openai.com"),
+        "api.openai.com",
+        &serve.ca_pem(),
+        h2,
+        get(
+            "api.openai.com",
+            "/v1/models",
+            &[("authorization", &format!("Bearer {OPENAI_PH}"))],
+        ),
+    )
+    .expect("response")
+}
+
 #[test]
 fn another_uid_cannot_use_the_broker() {
     let Some(user) = other_user() else { return };
@@ -150,20 +166,7 @@ fn no_credential_is_used_while_the_audit_log_cannot_be_written() {
     std::fs::remove_file(&log).expect("the log `broker add` wrote");
     std::os::unix::fs::symlink("/dev/full", &log).expect("symlink");
     let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
-    let ask = || {
-        send(
-            serve.addr_for("api.openai.com"),
-            "api.openai.com",
-            &serve.ca_pem(),
-            false,
-            get(
-                "api.openai.com",
-                "/v1/models",
-                &[("authorization", &format!("Bearer {OPENAI_PH}"))],
-            ),
-        )
-        .expect("response")
-    };
+    let ask = || ask_openai(&serve, false);
     // The first use goes out before its event fails to land; from then on the broker refuses.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let refused = loop {
@@ -206,21 +209,7 @@ fn a_running_serve_keeps_working_across_a_rekey() {
     let home = Home::new();
     home.add("openai", OPENAI_KEY);
     let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
-    let ask = || {
-        send(
-            serve.addr_for("api.openai.com"),
-            "api.openai.com",
-            &serve.ca_pem(),
-            true,
-            get(
-                "api.openai.com",
-                "/v1/models",
-                &[("authorization", &format!("Bearer {OPENAI_PH}"))],
-            ),
-        )
-        .expect("response")
-        .status
-    };
+    let ask = || ask_openai(&serve, true).status;
     assert_eq!(ask(), 200);
     let out = run_bounded(
         home.broker()
@@ -245,19 +234,7 @@ fn serve_answers_through_the_fake_address() {
     let home = Home::new();
     home.add("openai", OPENAI_KEY);
     let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
-    let r = send(
-        serve.addr_for("api.openai.com"),
-        "api.openai.com",
-        &serve.ca_pem(),
-        true,
-        get(
-            "api.openai.com",
-            "/v1/models",
-            &[("authorization", &format!("Bearer {OPENAI_PH}"))],
-        ),
-    )
-    .expect("response");
-    assert_eq!(r.status, 200);
+    assert_eq!(ask_openai(&serve, true).status, 200);
 }
 
 #[test]

@@ -499,13 +499,7 @@ impl Vault {
                 (key, None, None)
             }
         };
-        let wrapped = SealingKey::new(&master)
-            .seal(data_key.as_ref(), DATA_KEY_AAD)
-            .map_err(|_| VaultError::Crypto)?;
-        let params_json = params
-            .map(|p| serde_json::to_string(&p))
-            .transpose()
-            .map_err(|e| self.corrupt(e.to_string()))?;
+        let (wrapped, params_json) = wrap_data_key(&master, &data_key, params, &self.path)?;
         tx.execute(
             "UPDATE vault_meta SET key_source = ?1, wrapped_data_key = ?2, kdf = ?3, kdf_salt = ?4,
              kdf_params = ?5 WHERE id = 1",
@@ -799,6 +793,26 @@ fn unwrap_raw(master: &[u8; KEY_LEN], wrapped: &[u8]) -> Option<Zeroizing<[u8; K
     Some(bytes)
 }
 
+/// The data key sealed by `master`, and the KDF parameters as the key record stores them.
+fn wrap_data_key(
+    master: &[u8; KEY_LEN],
+    data_key: &[u8; KEY_LEN],
+    params: Option<KdfParams>,
+    vault: &Path,
+) -> Result<(Vec<u8>, Option<String>), VaultError> {
+    let wrapped = SealingKey::new(master)
+        .seal(data_key, DATA_KEY_AAD)
+        .map_err(|_| VaultError::Crypto)?;
+    let params_json = params
+        .map(|p| serde_json::to_string(&p))
+        .transpose()
+        .map_err(|e| VaultError::Corrupt {
+            vault: vault.to_owned(),
+            what: e.to_string(),
+        })?;
+    Ok((wrapped, params_json))
+}
+
 /// Where [`Vault::rekey`] writes a new key file before the vault uses it.
 fn pending_key_file(home: &Home) -> PathBuf {
     home.root().join("master.key.new")
@@ -845,16 +859,7 @@ fn initialize(
 
     let (source, master, salt, params) = new_master_key(home, keys)?;
     let data_key = crypto::random_key().map_err(|_| VaultError::Crypto)?;
-    let wrapped = SealingKey::new(&master)
-        .seal(data_key.as_ref(), DATA_KEY_AAD)
-        .map_err(|_| VaultError::Crypto)?;
-    let params_json = params
-        .map(|p| serde_json::to_string(&p))
-        .transpose()
-        .map_err(|e| VaultError::Corrupt {
-            vault: vault.to_owned(),
-            what: e.to_string(),
-        })?;
+    let (wrapped, params_json) = wrap_data_key(&master, &data_key, params, vault)?;
     tx.execute(
         "INSERT INTO vault_meta (id, key_source, wrapped_data_key, kdf, kdf_salt, kdf_params, created_at)
          VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)",

@@ -343,6 +343,15 @@ fn vault_and_audit_can_be_shared_across_threads() {
     assert_send_sync::<crate::audit::Audit>();
 }
 
+/// A vault opened with `keys` holding SECRET for openai/default.
+fn vault_with_secret(home: &Home, keys: &KeyConfig) -> Vault {
+    let vault = Vault::open_with(home, keys).unwrap();
+    vault
+        .put("openai", "default", SECRET, CredentialKind::ApiKey)
+        .unwrap();
+    vault
+}
+
 fn reopen_get(home: &Home, keys: &KeyConfig) -> Result<String, VaultError> {
     let vault = Vault::open_with(home, keys)?;
     Ok(vault
@@ -355,10 +364,7 @@ fn reopen_get(home: &Home, keys: &KeyConfig) -> Result<String, VaultError> {
 #[test]
 fn rekey_moves_the_key_between_sources_and_the_secrets_stay() {
     let (_d, home) = temp_home();
-    let vault = Vault::open_with(&home, &file_keys()).unwrap();
-    vault
-        .put("openai", "default", SECRET, CredentialKind::ApiKey)
-        .unwrap();
+    let vault = vault_with_secret(&home, &file_keys());
     let first_key = fs::read(home.key_file_path()).unwrap();
 
     // Key file -> passphrase: the key file goes, the passphrase opens it.
@@ -425,11 +431,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 #[test]
 fn rekey_without_a_new_passphrase_or_with_the_wrong_old_one_changes_nothing() {
     let (_d, home) = temp_home();
-    let vault = Vault::open_with(&home, &pass_keys("right")).unwrap();
-    vault
-        .put("openai", "default", SECRET, CredentialKind::ApiKey)
-        .unwrap();
-    let vault = Vault::open_with(&home, &pass_keys("right")).unwrap();
+    let vault = vault_with_secret(&home, &pass_keys("right"));
     assert!(matches!(
         vault.rekey(&home, &pass_keys("right"), KeySource::Passphrase, Some("")),
         Err(VaultError::NewPassphraseMissing)
@@ -448,10 +450,7 @@ fn rekey_without_a_new_passphrase_or_with_the_wrong_old_one_changes_nothing() {
 #[test]
 fn a_rekey_stopped_before_its_rename_is_finished_by_the_next_open() {
     let (_d, home) = temp_home();
-    let vault = Vault::open_with(&home, &file_keys()).unwrap();
-    vault
-        .put("openai", "default", SECRET, CredentialKind::ApiKey)
-        .unwrap();
+    let vault = vault_with_secret(&home, &file_keys());
     drop(vault);
     let old_key = fs::read(home.key_file_path()).unwrap();
     // What `rekey` does up to its commit.
@@ -479,10 +478,7 @@ fn a_rekey_stopped_before_its_rename_is_finished_by_the_next_open() {
 #[test]
 fn rekey_to_a_keyring_that_cannot_take_the_key_changes_nothing() {
     let (_d, home) = temp_home();
-    let vault = Vault::open_with(&home, &file_keys()).unwrap();
-    vault
-        .put("openai", "default", SECRET, CredentialKind::ApiKey)
-        .unwrap();
+    let vault = vault_with_secret(&home, &file_keys());
     match vault.rekey(&home, &file_keys(), KeySource::Keyring, None) {
         // A machine with a working keyring (a desktop session).
         Ok(()) => {
