@@ -291,33 +291,22 @@ impl Audit {
         let (file, written) = &mut *guard;
         // Threads are serialized by the mutex, processes by the lock (released on drop, or by
         // the kernel if the process dies).
-        let start = (|| {
-            let lock = FileLock::exclusive(file).map_err(io_err)?;
-            let len = file.metadata().map_err(io_err)?.len();
-            let (tail, seq, prev) = match written.take().filter(|w| w.len == len) {
-                Some(ours) => (None, ours.seq + 1, ours.hash),
-                None => {
-                    let tail = read_tail(file).map_err(io_err)?;
-                    let (seq, prev) = match &tail {
-                        Some(tail) => (
-                            tail.last_seq.map_or(1, |s| s + 1),
-                            sha256_hex(&tail.last_line),
-                        ),
-                        None => (1, GENESIS.to_string()),
-                    };
-                    (tail, seq, prev)
-                }
-            };
-            Ok((lock, len, tail, seq, prev))
-        })();
-        let (_lock, len, tail, mut seq, mut prev) = match start {
-            Ok(start) => start,
-            Err(error) => return Err(AppendFailed { error, events }),
+        let locked =
+            FileLock::exclusive(file).and_then(|lock| Ok((lock, chain_end(file, written.take())?)));
+        let (_lock, end) = match locked {
+            Ok(locked) => locked,
+            Err(source) => {
+                return Err(AppendFailed {
+                    error: io_err(source),
+                    events,
+                })
+            }
         };
+        let (len, mut seq, mut prev) = (end.len, end.seq, end.prev);
         // A line torn by a crash is closed first so the new ones stay lines of their own;
         // `verify` reports the torn one.
         let mut out = String::new();
-        if tail.as_ref().is_some_and(|t| !t.ends_with_newline) {
+        if end.torn {
             out.push('\n');
         }
         let mut records = Vec::with_capacity(events.len());
@@ -473,6 +462,43 @@ pub fn read_records(path: &Path) -> io::Result<Vec<(usize, AuditRecord)>> {
 }
 
 /// The end of the log, as `append` needs it.
+/// Where the chain stands, read under the lock: the file's length, whether its last line is
+/// torn, and the next line's `seq` and `prev`.
+struct ChainEnd {
+    len: u64,
+    torn: bool,
+    seq: u64,
+    prev: String,
+}
+
+/// What this process wrote last is trusted while the file has not changed length since;
+/// otherwise the tail is read.
+fn chain_end(file: &fs::File, written: Option<Written>) -> io::Result<ChainEnd> {
+    let len = file.metadata()?.len();
+    if let Some(ours) = written.filter(|w| w.len == len) {
+        return Ok(ChainEnd {
+            len,
+            torn: false,
+            seq: ours.seq + 1,
+            prev: ours.hash,
+        });
+    }
+    Ok(match read_tail(file)? {
+        Some(tail) => ChainEnd {
+            len,
+            torn: !tail.ends_with_newline,
+            seq: tail.last_seq.map_or(1, |s| s + 1),
+            prev: sha256_hex(&tail.last_line),
+        },
+        None => ChainEnd {
+            len,
+            torn: false,
+            seq: 1,
+            prev: GENESIS.to_string(),
+        },
+    })
+}
+
 struct Tail {
     last_line: Vec<u8>,
     /// `seq` of the last line that parses (a torn last line does not).

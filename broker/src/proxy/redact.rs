@@ -60,14 +60,15 @@ impl Needles {
                 add(base64_core(&STANDARD_NO_PAD, secret, offset));
                 add(base64_core(&URL_SAFE_NO_PAD, secret, offset));
             }
-            add(escaped(secret, |b, out| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(b),
-                _ => out.extend_from_slice(format!("%{b:02X}").as_bytes()),
-            }));
-            add(escaped(secret, |b, out| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(b),
-                _ => out.extend_from_slice(format!("%{b:02x}").as_bytes()),
-            }));
+            for upper in [true, false] {
+                add(escaped(secret, |b, out| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                        out.push(b)
+                    }
+                    _ if upper => out.extend_from_slice(format!("%{b:02X}").as_bytes()),
+                    _ => out.extend_from_slice(format!("%{b:02x}").as_bytes()),
+                }));
+            }
             add(escaped(secret, |b, out| match b {
                 b'/' => out.extend_from_slice(b"\\/"),
                 _ => out.push(b),
