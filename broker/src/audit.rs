@@ -56,6 +56,8 @@ pub enum EventKind {
     CredentialRemoved,
     /// `broker rekey`: the vault's master key was moved or replaced.
     VaultRekeyed,
+    /// Events the broker could not keep while its audit log could not be written (a count).
+    EventsLost,
 }
 
 impl EventKind {
@@ -71,6 +73,7 @@ impl EventKind {
             EventKind::CredentialAdded => "credential_added",
             EventKind::CredentialRemoved => "credential_removed",
             EventKind::VaultRekeyed => "vault_rekeyed",
+            EventKind::EventsLost => "events_lost",
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::Duration;
 
-use crate::audit::{AppendFailed, Audit, AuditError, AuditEvent, AuditRecord};
+use crate::audit::{AppendFailed, Audit, AuditError, AuditEvent, AuditRecord, EventKind};
 use crate::home::Home;
 use crate::proxy::AuditSink;
 
@@ -15,6 +15,10 @@ use crate::proxy::AuditSink;
 const GATHER: Duration = Duration::from_millis(5);
 /// How often a write that failed (a full disk) is tried again.
 const RETRY: Duration = Duration::from_secs(1);
+/// Most events kept while the log cannot be written (about 30 MB). No credential is used then,
+/// so what arrives is denials and anomalies; past this many they are counted, not kept, and
+/// the count is written as an `events_lost` line once the log takes writes again.
+const MAX_UNWRITTEN: usize = 100_000;
 
 pub struct AuditQueue {
     tx: Option<mpsc::Sender<AuditEvent>>,
@@ -33,7 +37,11 @@ impl AuditQueue {
         let flag = failing.clone();
         let writer = thread::Builder::new()
             .name("broker-audit".into())
-            .spawn(move || write_until_closed(&rx, &flag, |events| audit.try_append_all(events)))
+            .spawn(move || {
+                write_until_closed(&rx, &flag, MAX_UNWRITTEN, |events| {
+                    audit.try_append_all(events)
+                })
+            })
             .map_err(|source| AuditError::Io {
                 path: home.audit_path(),
                 source,
@@ -53,19 +61,27 @@ impl AuditQueue {
 /// benchmark. While it sleeps, senders do not wake it.)
 ///
 /// Events it cannot write are kept, in order, and tried again every [`RETRY`] with those that
-/// arrive meanwhile; `failing` is set until they are written. When the channel closes, the
-/// writer tries once more and then gives up, saying how many events are lost.
+/// arrive meanwhile; `failing` is set until they are written. Past `cap` kept events, new ones
+/// are counted instead, and the count goes to the log as one `events_lost` line. When the
+/// channel closes, the writer tries once more and then gives up, saying how many are lost.
 fn write_until_closed(
     rx: &mpsc::Receiver<AuditEvent>,
     failing: &AtomicBool,
+    cap: usize,
     mut append: impl FnMut(Vec<AuditEvent>) -> Result<Vec<AuditRecord>, AppendFailed>,
 ) {
     let mut unwritten: Vec<AuditEvent> = Vec::new();
+    let mut dropped: u64 = 0;
+    let keep =
+        |unwritten: &mut Vec<AuditEvent>, dropped: &mut u64, event| match unwritten.len() < cap {
+            true => unwritten.push(event),
+            false => *dropped += 1,
+        };
     let mut open = true;
     while open {
         if unwritten.is_empty() {
             match rx.recv() {
-                Ok(first) => unwritten.push(first),
+                Ok(first) => keep(&mut unwritten, &mut dropped, first),
                 Err(_) => return,
             }
             thread::sleep(GATHER);
@@ -74,7 +90,7 @@ fn write_until_closed(
         }
         loop {
             match rx.try_recv() {
-                Ok(event) => unwritten.push(event),
+                Ok(event) => keep(&mut unwritten, &mut dropped, event),
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
                     open = false;
@@ -82,23 +98,38 @@ fn write_until_closed(
                 }
             }
         }
-        match append(std::mem::take(&mut unwritten)) {
+        let mut batch = std::mem::take(&mut unwritten);
+        let gap = dropped > 0;
+        if gap {
+            batch.push(AuditEvent {
+                reason: Some(format!(
+                    "{dropped} events were not kept while the audit log could not be written"
+                )),
+                ..AuditEvent::new(EventKind::EventsLost)
+            });
+        }
+        match append(batch) {
             Ok(_) => {
+                dropped = 0;
                 if failing.swap(false, Ordering::Relaxed) {
                     tracing::warn!("the audit log is written again; credentials are used again");
                 }
             }
-            Err(AppendFailed { error, events }) => {
+            Err(AppendFailed { error, mut events }) => {
                 if !failing.swap(true, Ordering::Relaxed) {
                     tracing::error!(%error, "cannot append to the audit log; no credential is used until it can be (tried again every second)");
+                }
+                if gap {
+                    // Written afresh, with the count at that time, by the next attempt.
+                    events.pop();
                 }
                 unwritten = events;
             }
         }
     }
-    if !unwritten.is_empty() {
+    if !unwritten.is_empty() || dropped > 0 {
         tracing::error!(
-            lost = unwritten.len(),
+            lost = unwritten.len() as u64 + dropped,
             "the broker is stopping with audit events it could not write"
         );
     }
@@ -143,7 +174,7 @@ mod tests {
     /// A log that refuses the first `failures` appends, and what reached it.
     struct FlakyLog {
         failures: usize,
-        written: Mutex<Vec<u64>>,
+        written: Mutex<Vec<AuditEvent>>,
     }
 
     impl FlakyLog {
@@ -159,48 +190,84 @@ mod tests {
                 });
             }
             let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
-            written.extend(events.iter().filter_map(|e| e.bytes));
+            written.extend(events);
             Ok(Vec::new())
         }
     }
 
-    #[test]
-    fn events_that_cannot_be_written_are_kept_and_written_later_in_order() {
+    /// Run the writer against a log that refuses its first `failures` appends; `drive` sends
+    /// the events. What reached the log, in order.
+    fn with_flaky_log(
+        failures: usize,
+        cap: usize,
+        drive: impl FnOnce(&mpsc::Sender<AuditEvent>, &AtomicBool),
+    ) -> Vec<AuditEvent> {
         let (tx, rx) = mpsc::channel();
         let failing = Arc::new(AtomicBool::new(false));
         let flag = failing.clone();
         let writer = thread::spawn(move || {
             let mut log = FlakyLog {
-                failures: 2,
+                failures,
                 written: Mutex::new(Vec::new()),
             };
-            write_until_closed(&rx, &flag, |events| log.append(events));
+            write_until_closed(&rx, &flag, cap, |events| log.append(events));
             log.written.into_inner().unwrap_or_else(|p| p.into_inner())
         });
-        tx.send(numbered(1)).unwrap_or_else(|_| panic!("send"));
-        // The first write fails: the queue says so while it holds the event.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !failing.load(Ordering::Relaxed) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "never reported failing"
-            );
-            thread::sleep(Duration::from_millis(1));
-        }
-        for i in 2..=4 {
-            tx.send(numbered(i)).unwrap_or_else(|_| panic!("send"));
-        }
-        // Two failures, then every event lands, in the order sent.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while failing.load(Ordering::Relaxed) {
-            assert!(std::time::Instant::now() < deadline, "still failing");
-            thread::sleep(Duration::from_millis(5));
-        }
-        tx.send(numbered(5)).unwrap_or_else(|_| panic!("send"));
+        drive(&tx, &failing);
         drop(tx);
         let written = writer.join().unwrap_or_else(|_| panic!("writer"));
-        assert_eq!(written, [1, 2, 3, 4, 5]);
         assert!(!failing.load(Ordering::Relaxed));
+        written
+    }
+
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn send(tx: &mpsc::Sender<AuditEvent>, i: u64) {
+        tx.send(numbered(i)).unwrap_or_else(|_| panic!("send"));
+    }
+
+    #[test]
+    fn events_that_cannot_be_written_are_kept_and_written_later_in_order() {
+        let written = with_flaky_log(2, 100, |tx, failing| {
+            send(tx, 1);
+            // The first write fails: the queue says so while it holds the event.
+            wait_until("never reported failing", || failing.load(Ordering::Relaxed));
+            (2..=4).for_each(|i| send(tx, i));
+            // Two failures, then every event lands.
+            wait_until("still failing", || !failing.load(Ordering::Relaxed));
+            send(tx, 5);
+        });
+        let numbers: Vec<Option<u64>> = written.iter().map(|e| e.bytes).collect();
+        assert_eq!(
+            numbers,
+            [1, 2, 3, 4, 5].map(Some),
+            "all of them, in the order sent"
+        );
+    }
+
+    #[test]
+    fn past_the_cap_events_are_counted_and_the_count_is_written() {
+        let written = with_flaky_log(2, 3, |tx, failing| {
+            send(tx, 1);
+            wait_until("never reported failing", || failing.load(Ordering::Relaxed));
+            (2..=10).for_each(|i| send(tx, i));
+            wait_until("still failing", || !failing.load(Ordering::Relaxed));
+        });
+        let kept: Vec<Option<u64>> = written.iter().take(3).map(|e| e.bytes).collect();
+        assert_eq!(kept, [1, 2, 3].map(Some));
+        assert_eq!(written.len(), 4, "{written:?}");
+        assert_eq!(written[3].event, EventKind::EventsLost);
+        assert_eq!(
+            written[3].reason.as_deref(),
+            Some("7 events were not kept while the audit log could not be written"),
+            "one count line, with the count at the time of the write"
+        );
     }
 
     #[test]
