@@ -45,6 +45,11 @@ fn doctor_fails_on_an_edited_audit_log() {
     let audit = home.path().join("audit.jsonl");
     let text = std::fs::read_to_string(&audit).expect("audit");
     std::fs::write(&audit, text.replacen("anthropic", "anthropiX", 1)).expect("edit");
+    assert_doctor_fails_on(&home, "audit log", "line 2");
+}
+
+/// `broker doctor --no-self-test` exits 1 with a FAIL line for `check` that says `detail`.
+fn assert_doctor_fails_on(home: &Home, check: &str, detail: &str) {
     let out = run_bounded(
         home.broker().args(["doctor", "--no-self-test"]),
         Duration::from_secs(60),
@@ -54,7 +59,7 @@ fn doctor_fails_on_an_edited_audit_log() {
     assert!(
         stdout
             .lines()
-            .any(|l| l.starts_with("audit log") && l.contains("FAIL") && l.contains("line 2")),
+            .any(|l| l.starts_with(check) && l.contains("FAIL") && l.contains(detail)),
         "{stdout}"
     );
 }
@@ -63,18 +68,7 @@ fn doctor_fails_on_an_edited_audit_log() {
 fn doctor_fails_on_an_audit_log_that_cannot_be_opened() {
     let home = Home::new();
     std::fs::create_dir_all(home.path().join("audit.jsonl")).expect("a directory in its place");
-    let out = run_bounded(
-        home.broker().args(["doctor", "--no-self-test"]),
-        Duration::from_secs(60),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(
-        stdout.lines().any(|l| l.starts_with("audit log")
-            && l.contains("FAIL")
-            && l.contains("will not start")),
-        "{stdout}"
-    );
+    assert_doctor_fails_on(&home, "audit log", "will not start");
 }
 
 #[test]

@@ -345,20 +345,35 @@ fn add_command(
 }
 
 fn read_secret(provider: &Provider) -> anyhow::Result<Zeroizing<String>> {
+    let prompt = format!("{} key for broker (input hidden): ", provider.display_name);
+    let secret = read_hidden(&prompt, "the secret")?;
+    if secret.is_empty() {
+        bail!(
+            "no secret given: pipe it on stdin, e.g. `pass show {0} | broker add {0}`",
+            provider.name
+        );
+    }
+    Ok(secret)
+}
+
+/// A secret typed at a no-echo `prompt`, or all of stdin when it is not a terminal (at most
+/// [`MAX_SECRET_LEN`] bytes, UTF-8), less one trailing newline. `what` names it in errors.
+pub(super) fn read_hidden(prompt: &str, what: &str) -> anyhow::Result<Zeroizing<String>> {
     let mut secret = if std::io::stdin().is_terminal() {
-        let prompt = format!("{} key for broker (input hidden): ", provider.display_name);
-        Zeroizing::new(rpassword::prompt_password(prompt).context("cannot read the secret")?)
+        Zeroizing::new(
+            rpassword::prompt_password(prompt).with_context(|| format!("cannot read {what}"))?,
+        )
     } else {
         let mut buf = Zeroizing::new(Vec::new());
         std::io::stdin()
             .take(MAX_SECRET_LEN as u64 + 2)
             .read_to_end(&mut buf)
-            .context("cannot read the secret from stdin")?;
+            .with_context(|| format!("cannot read {what} from stdin"))?;
         match String::from_utf8(std::mem::take(&mut *buf)) {
             Ok(s) => Zeroizing::new(s),
             Err(e) => {
                 drop(Zeroizing::new(e.into_bytes()));
-                bail!("the secret on stdin is not UTF-8 text");
+                bail!("{what} on stdin is not UTF-8 text");
             }
         }
     };
@@ -367,12 +382,6 @@ fn read_secret(provider: &Provider) -> anyhow::Result<Zeroizing<String>> {
         if secret.ends_with('\r') {
             secret.pop();
         }
-    }
-    if secret.is_empty() {
-        bail!(
-            "no secret given: pipe it on stdin, e.g. `pass show {0} | broker add {0}`",
-            provider.name
-        );
     }
     Ok(secret)
 }

@@ -3,7 +3,7 @@
 //! Nothing secret is taken from argv or printed: tokens go from the token endpoint straight
 //! into the vault, a confidential client's secret is read from stdin or a no-echo prompt.
 
-use std::io::{IsTerminal as _, Read as _};
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -294,24 +294,17 @@ fn client_secret(
             .and_then(|c| c.client_secret)
             .map(|s| Zeroizing::new(s.expose().to_string())))
     };
-    let mut secret = if std::io::stdin().is_terminal() {
+    if std::io::stdin().is_terminal() {
         if let Some(s) = stored()? {
             eprintln!("Using the client secret stored with the last login.");
             return Ok(s);
         }
-        let prompt = format!(
-            "OAuth client secret for {} (client id {}, input hidden): ",
-            settings.display_name, settings.client_id
-        );
-        Zeroizing::new(rpassword::prompt_password(prompt).context("cannot read the client secret")?)
-    } else {
-        let mut buf = Zeroizing::new(String::new());
-        std::io::stdin()
-            .take(crate::vault::MAX_SECRET_LEN as u64 + 2)
-            .read_to_string(&mut buf)
-            .context("cannot read the client secret from stdin")?;
-        buf
-    };
+    }
+    let prompt = format!(
+        "OAuth client secret for {} (client id {}, input hidden): ",
+        settings.display_name, settings.client_id
+    );
+    let mut secret = super::credentials::read_hidden(&prompt, "the client secret")?;
     while secret.ends_with(['\n', '\r']) {
         secret.pop();
     }

@@ -4,13 +4,14 @@
 //! The new passphrase comes from `BROKER_NEW_PASSPHRASE`, stdin when it is not a terminal,
 //! or a no-echo prompt typed twice; never from argv.
 
-use std::io::{IsTerminal as _, Read as _};
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use clap::Args;
 use zeroize::Zeroizing;
 
+use super::credentials::read_hidden;
 use crate::audit::{Audit, AuditEvent, EventKind};
 use crate::home::Home;
 use crate::vault::{KeyConfig, KeySource, Vault};
@@ -103,28 +104,16 @@ fn new_passphrase() -> anyhow::Result<Zeroizing<String>> {
     {
         return Ok(Zeroizing::new(pass));
     }
-    let stdin = std::io::stdin();
-    let pass = if stdin.is_terminal() {
-        let first = Zeroizing::new(
-            rpassword::prompt_password("new vault passphrase (input hidden): ")
-                .context("cannot read the passphrase")?,
-        );
-        let again = Zeroizing::new(
-            rpassword::prompt_password("the same again: ").context("cannot read the passphrase")?,
-        );
-        if first != again {
+    let prompt = "new vault passphrase (input hidden): ";
+    let typed = read_hidden(prompt, "the passphrase")?;
+    // Stdin may hold more than the passphrase: its first line is the passphrase.
+    let pass = Zeroizing::new(typed.lines().next().unwrap_or_default().to_string());
+    if std::io::stdin().is_terminal() {
+        let again = read_hidden("the same again: ", "the passphrase")?;
+        if *again != *pass {
             bail!("the two passphrases differ; nothing was changed");
         }
-        first
-    } else {
-        let mut buf = Zeroizing::new(String::new());
-        stdin
-            .take(4096)
-            .read_to_string(&mut buf)
-            .context("cannot read the passphrase from stdin (UTF-8 text)")?;
-        let line = buf.lines().next().unwrap_or_default();
-        Zeroizing::new(line.to_string())
-    };
+    }
     if pass.is_empty() {
         bail!("the new passphrase is empty; nothing was changed");
     }

@@ -222,7 +222,7 @@ async fn forward(
     let mut response = match proxy.pool.send(&conn.sni, port, req).await {
         Ok(response) => response,
         Err(e) => {
-            let error = unanswered(proxy, conn, pending, &conn.sni, e);
+            let error = unanswered(proxy, conn, pending, e);
             return Err((error, provider_name.clone()));
         }
     };
@@ -242,7 +242,7 @@ async fn forward(
                     match proxy.pool.send(&conn.sni, port, retry).await {
                         Ok(answer) => response = answer,
                         Err(e) => {
-                            let error = unanswered(proxy, conn, pending.take(), &conn.sni, e);
+                            let error = unanswered(proxy, conn, pending.take(), e);
                             return Err((error, provider_name.clone()));
                         }
                     }
@@ -478,11 +478,10 @@ pub(super) fn unanswered(
     proxy: &Proxy,
     conn: &ConnInfo,
     pending: Option<Pending>,
-    host: &str,
     err: SendError,
 ) -> BrokerError {
     let may_have_left = matches!(err, SendError::Http(_));
-    let error = upstream_error(host, err);
+    let error = upstream_error(&conn.sni, err);
     if let (true, Some(p)) = (may_have_left, pending) {
         let status = error.status().as_u16();
         proxy

@@ -51,7 +51,7 @@ pub(super) async fn bridge_upgrade(
     let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
     let mut response = match sender.send_request(req).await {
         Ok(response) => response,
-        Err(e) => return Err(unanswered(proxy, &conn, pending, host, SendError::Http(e))),
+        Err(e) => return Err(unanswered(proxy, &conn, pending, SendError::Http(e))),
     };
     let status = response.status().as_u16();
     if let Some(p) = pending {
