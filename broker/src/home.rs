@@ -76,6 +76,15 @@ impl Home {
     }
 }
 
+/// `$XDG_RUNTIME_DIR/broker`, where runs keep their files when the user has a runtime
+/// directory (else they go under `$BROKER_HOME/run`).
+pub fn runtime_base() -> Option<PathBuf> {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .map(|p| p.join("broker"))
+}
+
 /// Create `dir` and its parents with mode 0700; tighten an existing directory we own to 0700.
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     fs::DirBuilder::new()

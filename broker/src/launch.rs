@@ -59,7 +59,7 @@ pub fn scrub_broker_secrets(command: &mut Command) {
 pub fn preload(command: &mut Command, lib: &Path, shim_config: &Path) {
     command.env(
         "LD_PRELOAD",
-        prepend_preload(lib, std::env::var_os("LD_PRELOAD")),
+        prepend_preload(lib, crate::hardening::original_preload()),
     );
     command.env(ENV_SHIM_CONFIG, shim_config);
 }

@@ -12,6 +12,7 @@ pub mod credential_command;
 pub mod credentials;
 pub mod denials;
 pub mod form;
+pub mod hardening;
 pub mod home;
 pub mod instance;
 mod key_cache;
@@ -19,6 +20,7 @@ pub mod launch;
 pub mod oauth;
 pub mod providers;
 pub mod proxy;
+pub mod sandbox;
 pub mod selftest;
 #[cfg(test)]
 mod test_rng;

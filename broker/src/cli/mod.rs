@@ -69,11 +69,27 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// The sandbox's first stage (started by `broker run`, not by people).
+    #[command(name = "__sandbox", hide = true)]
+    Sandbox(crate::sandbox::StageArgs),
+    /// The sandbox's init, PID 1 inside it (started by the first stage).
+    #[command(name = "__sandbox-init", hide = true)]
+    SandboxInit(crate::sandbox::StageArgs),
 }
 
 /// Entry point of the `broker` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The sandbox's stages hold no secret and must stay dumpable (a non-dumpable process
+    // cannot write its own user-namespace maps); everything else protects itself first.
+    let cli = match cli.command {
+        Command::Sandbox(args) => return crate::sandbox::setup_stage(args),
+        Command::SandboxInit(args) => return crate::sandbox::init_stage(args),
+        command => {
+            crate::hardening::protect_process();
+            Cli { command }
+        }
+    };
     // The demo's own output tells the story; its (expected) warnings would only distract.
     init_logging(
         if matches!(cli.command, Command::Demo(_) | Command::Doctor(_)) {
@@ -102,6 +118,7 @@ pub fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "broker", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Sandbox(_) | Command::SandboxInit(_) => unreachable!("dispatched above"),
     };
     match result {
         Ok(code) => code,
@@ -112,13 +129,17 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Test-only upstream overrides, shared by every command that starts a broker.
+/// Upstream overrides, shared by every command that starts a broker: for tests, and for a
+/// network whose TLS is intercepted by a proxy with its own CA. Refused in a process started
+/// inside a run (see `hardening::inside_run`): an agent could otherwise start a broker of its
+/// own that sends a key to a server it runs.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct UpstreamArgs {
-    /// TEST ONLY: also trust this CA for upstream TLS (logged when on).
+    /// Also trust this CA for upstream TLS (logged when on; refused inside a run).
     #[arg(long, env = "BROKER_UPSTREAM_CA", value_name = "FILE")]
     pub upstream_ca: Option<std::path::PathBuf>,
-    /// TEST ONLY: reach HOST:PORT at ADDR (or ADDR:PORT) instead of resolving it (logged when on).
+    /// Reach HOST:PORT at ADDR (or ADDR:PORT) instead of resolving it (logged when on;
+    /// refused inside a run).
     #[arg(
         long,
         env = "BROKER_RESOLVE",
@@ -129,11 +150,23 @@ pub struct UpstreamArgs {
 }
 
 impl UpstreamArgs {
-    pub fn into_settings(self) -> crate::proxy::UpstreamSettings {
-        crate::proxy::UpstreamSettings {
+    pub fn is_empty(&self) -> bool {
+        self.upstream_ca.is_none() && self.resolve.is_empty()
+    }
+
+    /// The settings, or an error when overrides were given to a process started inside a run.
+    pub fn into_settings(self) -> anyhow::Result<crate::proxy::UpstreamSettings> {
+        if !self.is_empty() {
+            if let Some(why) = crate::hardening::inside_run() {
+                anyhow::bail!(
+                    "--upstream-ca and --resolve (BROKER_UPSTREAM_CA, BROKER_RESOLVE) are not taken from a process started inside a broker run ({why}): a program the agent starts could point a credential at a server of its own. Give them to a broker started outside any run."
+                );
+            }
+        }
+        Ok(crate::proxy::UpstreamSettings {
             extra_ca: self.upstream_ca,
             resolve: self.resolve,
-        }
+        })
     }
 }
 

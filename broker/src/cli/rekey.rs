@@ -17,7 +17,7 @@ use crate::home::Home;
 use crate::vault::{KeyConfig, KeySource, Vault};
 
 /// Where `broker rekey` reads the new passphrase first.
-pub const ENV_NEW_PASSPHRASE: &str = "BROKER_NEW_PASSPHRASE";
+pub use crate::hardening::ENV_NEW_PASSPHRASE;
 
 #[derive(Debug, Args)]
 #[command(
@@ -98,11 +98,8 @@ pub fn run(args: RekeyArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn new_passphrase() -> anyhow::Result<Zeroizing<String>> {
-    if let Some(pass) = std::env::var(ENV_NEW_PASSPHRASE)
-        .ok()
-        .filter(|p| !p.is_empty())
-    {
-        return Ok(Zeroizing::new(pass));
+    if let Some(pass) = crate::hardening::secret_env(ENV_NEW_PASSPHRASE).filter(|p| !p.is_empty()) {
+        return Ok(pass);
     }
     let prompt = "new vault passphrase (input hidden): ";
     let typed = read_hidden(prompt, "the passphrase")?;

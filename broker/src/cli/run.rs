@@ -35,6 +35,10 @@ pub struct RunArgs {
     /// Always start a broker in this process, even when `broker serve` is running.
     #[arg(long)]
     pub embedded: bool,
+    /// Run the agent without the sandbox: it can then read $BROKER_HOME (the vault, and the
+    /// master key when it is in the key file) and the broker's runtime files.
+    #[arg(long)]
+    pub no_sandbox: bool,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
     /// The agent's command and its arguments.
@@ -43,6 +47,11 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if std::env::var_os(broker_contract::ENV_SHIM_CONFIG).is_some() {
+        if let Some(why) = crate::hardening::inside_run() {
+            return run_in_enclosing_run(&args, &why);
+        }
+    }
     let home = Home::from_env()?;
     home.ensure()
         .with_context(|| format!("cannot create {}", home.root().display()))?;
@@ -59,6 +68,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // agent: for an allowed provider it becomes this run's credential, otherwise it is dropped.
     let mut run_keys = HashMap::new();
     let mut drop_vars = Vec::new();
+    let mut real_key_vars = Vec::new();
     for provider in catalog.providers() {
         for var in &provider.env {
             let Ok(value) = std::env::var(var) else {
@@ -68,6 +78,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 continue;
             }
             let name = &provider.name;
+            real_key_vars.push(var.clone());
             if allowed(name) {
                 eprintln!("broker: {var} held a real {name} key: this run uses it through the broker and the agent gets a placeholder (store it with 'broker add {name}')");
                 run_keys
@@ -79,6 +90,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+
+    // Those keys now live in `run_keys` (or nowhere): out of our environment block too, where
+    // `/proc/<pid>/environ` and any later exec would show them.
+    crate::hardening::forget_env(&real_key_vars.iter().map(String::as_str).collect::<Vec<_>>());
 
     let program = args.command[0].clone();
     let target = launch::inspect_target(std::path::Path::new(&program));
@@ -102,14 +117,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         run_keys: RunKeys(run_keys),
     };
     let agent_pid = spec.pid.clone();
-    let upstream_overrides =
-        args.upstream.upstream_ca.is_some() || !args.upstream.resolve.is_empty();
+    let upstream_overrides = !args.upstream.is_empty();
+    let upstream = args.upstream.into_settings()?;
     let mut broker = if args.embedded || upstream_overrides {
-        start_embedded(&runtime, &home, args.upstream, spec)?
+        start_embedded(&runtime, &home, upstream, spec)?
     } else {
         match control::join(&home, &spec.to_request())? {
             Some(joined) => RunBroker::Joined(joined),
-            None => start_embedded(&runtime, &home, UpstreamArgs::default(), spec)?,
+            None => start_embedded(&runtime, &home, upstream, spec)?,
         }
     };
     let shim_config_path = broker.shim_config_path();
@@ -122,6 +137,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         command.env_remove(var);
     }
     launch::scrub_broker_secrets(&mut command);
+    command.env_remove(crate::hardening::ENV_ORIGINAL_PRELOAD);
     for (var, placeholder) in &shim_config.env {
         command.env(var, placeholder);
     }
@@ -140,7 +156,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
-    let mut child = match command.spawn() {
+    let spawned = if args.no_sandbox {
+        eprintln!("broker: --no-sandbox: the agent can read $BROKER_HOME and the broker's runtime files");
+        command.spawn()
+    } else {
+        let run_dir = shim_config_path.parent().unwrap_or(std::path::Path::new("/"));
+        let keyring = crate::vault::KeyConfig::from_env()
+            .ok()
+            .and_then(|k| k.source)
+            .or_else(|| crate::vault::recorded_key_source(&home))
+            == Some(crate::vault::KeySource::Keyring);
+        let plan = crate::sandbox::Plan::for_run(&home, run_dir, keyring);
+        let status_dir = crate::home::runtime_base().unwrap_or_else(|| home.daemon_dir());
+        ensure_private_dir(&status_dir)?;
+        crate::sandbox::spawn(&mut command, &plan, &status_dir).map(|started| started.child)
+    };
+    let mut child = match spawned {
         Ok(child) => child,
         Err(err) => {
             // The shells' convention: 127 not found, 126 found but not executable.
@@ -190,14 +221,10 @@ impl RunBroker {
 fn start_embedded(
     runtime: &tokio::runtime::Runtime,
     home: &Home,
-    upstream: UpstreamArgs,
+    upstream: crate::proxy::UpstreamSettings,
     mut spec: RunSpec,
 ) -> anyhow::Result<RunBroker> {
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_dir())
-        .map(|p| p.join("broker"))
-        .unwrap_or_else(|| home.daemon_dir());
+    let base = crate::home::runtime_base().unwrap_or_else(|| home.daemon_dir());
     ensure_private_dir(&base)?;
     let dir = tempfile::Builder::new().prefix("run-").tempdir_in(&base)?;
     spec.id = dir
@@ -207,7 +234,7 @@ fn start_embedded(
         .unwrap_or_default();
     let instance = runtime.block_on(instance::start(InstanceSettings {
         home: home.clone(),
-        upstream: upstream.into_settings(),
+        upstream,
         label: spec.id.clone(),
         keys: crate::vault::KeyConfig::from_env()?,
         runtime_dir: dir.path().to_path_buf(),
@@ -222,7 +249,7 @@ fn start_embedded(
 /// Forward the signals a supervisor may send to the agent. SIGINT and SIGQUIT from a terminal
 /// reach the whole foreground process group, the agent included, so they are forwarded only
 /// when stdin is not a terminal (someone sent them to `broker run` alone).
-async fn forward_signals(pid: u32) {
+pub(crate) async fn forward_signals(pid: u32) {
     use std::io::IsTerminal as _;
     use tokio::signal::unix::{signal, SignalKind};
     let interactive = std::io::stdin().is_terminal();
@@ -262,6 +289,27 @@ async fn forward_signals(pid: u32) {
         tasks.spawn(async move { while stream.recv().await.is_some() {} });
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// `broker run` started inside a run (the agent, or a program it started, runs `broker run`):
+/// the command joins the enclosing run, whose shim and placeholders it inherits, under that
+/// run's policy. A nested run of its own could not reach the vault in a sandbox anyway, and
+/// outside one it must not get to choose its own upstream settings.
+fn run_in_enclosing_run(args: &RunArgs, why: &str) -> anyhow::Result<ExitCode> {
+    use std::os::unix::process::CommandExt as _;
+    eprintln!(
+        "broker: already inside a broker run ({why}): {} runs in that run, under its policy",
+        args.command[0].to_string_lossy()
+    );
+    let mut command = Command::new(&args.command[0]);
+    command.args(&args.command[1..]);
+    if let Some(preload) = crate::hardening::original_preload() {
+        command.env("LD_PRELOAD", preload);
+    }
+    command.env_remove(crate::hardening::ENV_ORIGINAL_PRELOAD);
+    let err = command.exec();
+    eprintln!("broker: cannot start {}: {err}", args.command[0].to_string_lossy());
+    Ok(ExitCode::from(if err.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 }))
 }
 
 /// The agent's status as ours: its code, or 128+N when signal N ended it.

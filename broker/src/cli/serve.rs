@@ -43,7 +43,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let started = instance::start(InstanceSettings {
             home: home.clone(),
-            upstream: args.upstream.into_settings(),
+            upstream: args.upstream.into_settings()?,
             label: "serve".into(),
             keys: crate::vault::KeyConfig::from_env()?,
             runtime_dir: dir.clone(),

@@ -108,10 +108,8 @@ impl KeyConfig {
     pub fn from_env() -> Result<KeyConfig, VaultError> {
         Ok(KeyConfig {
             source: KeySource::from_env()?,
-            passphrase: std::env::var(ENV_PASSPHRASE)
-                .ok()
-                .filter(|p| !p.is_empty())
-                .map(Zeroizing::new),
+            // Taken out of the environment at start (see `hardening`).
+            passphrase: crate::hardening::secret_env(ENV_PASSPHRASE).filter(|p| !p.is_empty()),
         })
     }
 }

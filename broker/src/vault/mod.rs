@@ -659,6 +659,18 @@ fn enable_wal(conn: &Connection) -> Result<(), VaultError> {
     }
 }
 
+/// The key source recorded in `home`'s vault, read without unlocking it; `None` when there is
+/// no vault yet or it cannot be read. (`broker run` hides the keyring's D-Bus socket from a
+/// sandboxed agent when the vault's key is there.)
+pub fn recorded_key_source(home: &Home) -> Option<KeySource> {
+    let path = home.vault_path();
+    if !path.is_file() {
+        return None;
+    }
+    let conn = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    read_meta(&conn, &path).ok().flatten().map(|meta| meta.key_source)
+}
+
 fn read_meta(conn: &Connection, vault: &Path) -> Result<Option<Meta>, VaultError> {
     let row = conn
         .query_row(

@@ -1,0 +1,261 @@
+//! The sandbox of `broker run`: the agent's process tree runs in new user, mount and PID
+//! namespaces in which nothing that holds or reaches a key is there to read.
+//!
+//! Inside it, `$BROKER_HOME`, the broker's runtime directory (control socket, other runs'
+//! files) and, when the master key is in the OS keyring, the session D-Bus socket are covered
+//! by empty read-only mounts; the run's own directory (its shim config, CA, denial log) is
+//! mounted back; `/proc` is a fresh one that shows only the agent's own process tree; the
+//! broker's binary and `libbroker.so` are read-only, so the agent cannot plant a copy for the
+//! user's next run. Everything else (the user's files, cwd, network, terminal, uid and gid)
+//! is as it was: the agent needs no change.
+//!
+//! The mounts that hide things are made in one user namespace and the agent runs in a second,
+//! nested one, so they are *locked* in its mount namespace: the kernel refuses to unmount them
+//! or to bind-mount what is under them, even for root, even from yet another user namespace
+//! the agent makes (the rule bubblewrap relies on). `no_new_privs` is set for the agent.
+//!
+//! Why hand-made namespaces and not a sandbox crate: the few calls needed (`unshare`, `mount`,
+//! the id maps) are thin, safe wrappers in `rustix` and `nix`, while the sandbox crates either
+//! drive `bwrap` (not installed by default), need `unsafe` callbacks between fork and exec, or
+//! also cut the network, which the agent needs to reach the broker and unmanaged hosts.
+//! Without `unsafe` (the workspace forbids it outside the shim) code cannot run between fork
+//! and exec, so each stage is this binary started again:
+//!
+//! ```text
+//! broker run                    holds the broker (non-dumpable), waits for stage 1
+//! └─ broker __sandbox           unshare(user, mount, pid); maps our uid to 0 inside
+//!    └─ broker __sandbox-init   PID 1 of the new PID namespace: hides, mounts /proc, then
+//!       │                       unshare(user, mount) again (locks every mount), maps 0 back
+//!       │                       to our uid, sets no_new_privs, reaps orphans, forwards signals
+//!       └─ the agent            same uid, gid, cwd, environment, terminal
+//! ```
+//!
+//! Each stage writes one line to a status file outside the sandbox (`ok`, or `fail: why`)
+//! before the agent starts, so `broker run` knows whether its agent runs sandboxed, and can
+//! say so and fall back when the kernel refuses (for example Ubuntu's AppArmor restriction on
+//! unprivileged user namespaces).
+
+mod stages;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub use stages::{init_stage, setup_stage, StageArgs};
+
+/// The hidden subcommand of stage 1.
+pub const SETUP_STAGE: &str = "__sandbox";
+/// The hidden subcommand of stage 2, PID 1 inside the sandbox.
+pub const INIT_STAGE: &str = "__sandbox-init";
+/// Carries the agent's `LD_PRELOAD` through the stages, which must not load the shim.
+const ENV_AGENT_PRELOAD: &str = "BROKER_SANDBOX_LD_PRELOAD";
+
+/// What the sandbox of one run hides and shows.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// Directories covered by an empty read-only tmpfs.
+    pub hide_dirs: Vec<PathBuf>,
+    /// Files (a key file, a socket) covered by `/dev/null`.
+    pub hide_files: Vec<PathBuf>,
+    /// The run's own directory, shown (read-write) inside a hidden one.
+    pub expose: Vec<PathBuf>,
+    /// Files made read-only in place (the broker binary, `libbroker.so`).
+    pub read_only: Vec<PathBuf>,
+}
+
+impl Plan {
+    /// The plan for a run of `home` whose own files are in `run_dir`.
+    pub fn for_run(home: &crate::home::Home, run_dir: &Path, hide_session_bus: bool) -> Plan {
+        let mut plan = Plan::default();
+        plan.hide_dirs.push(home.root().to_path_buf());
+        if let Some(runtime) = crate::home::runtime_base() {
+            plan.hide_dirs.push(runtime);
+        }
+        if hide_session_bus {
+            if let Some(bus) = session_bus_socket() {
+                plan.hide_files.push(bus);
+            }
+        }
+        plan.expose.push(run_dir.to_path_buf());
+        if let Ok(exe) = std::env::current_exe() {
+            plan.read_only.push(exe);
+        }
+        if let Some(shim) = crate::launch::find_shim() {
+            plan.read_only.push(shim);
+        }
+        plan
+    }
+
+    fn to_args(&self) -> Vec<OsString> {
+        let mut args = Vec::new();
+        for (flag, paths) in [
+            ("--hide-dir", &self.hide_dirs),
+            ("--hide-file", &self.hide_files),
+            ("--expose", &self.expose),
+            ("--read-only", &self.read_only),
+        ] {
+            for path in paths {
+                args.push(flag.into());
+                args.push(path.into());
+            }
+        }
+        args
+    }
+}
+
+/// The session D-Bus socket (`unix:path=...` in `DBUS_SESSION_BUS_ADDRESS`, else the usual
+/// `$XDG_RUNTIME_DIR/bus`), through which the OS keyring is reached. An abstract socket
+/// cannot be hidden by a mount; `broker doctor` says so.
+fn session_bus_socket() -> Option<PathBuf> {
+    let from_address = std::env::var("DBUS_SESSION_BUS_ADDRESS").ok().and_then(|a| {
+        a.split(';').find_map(|part| {
+            let params = part.strip_prefix("unix:")?;
+            params
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("path="))
+                .map(PathBuf::from)
+        })
+    });
+    from_address
+        .or_else(|| std::env::var_os("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("bus")))
+        .filter(|p| p.exists())
+}
+
+/// How the agent was started.
+pub struct Started {
+    pub child: std::process::Child,
+    /// `None` when sandboxed; else why not (already said on stderr).
+    pub unsandboxed: Option<String>,
+}
+
+/// Start `agent` inside the sandbox described by `plan`. `status_dir` must be a private
+/// directory the sandbox hides (the stages report there). When the kernel refuses the
+/// sandbox, the agent is started without it and [`Started::unsandboxed`] says why.
+pub fn spawn(agent: &mut Command, plan: &Plan, status_dir: &Path) -> std::io::Result<Started> {
+    let status = tempfile::Builder::new()
+        .prefix("sandbox-status-")
+        .tempfile_in(status_dir)?;
+    let mut stage1 = stage_command(agent, plan, status.path());
+    let outcome = match stage1.spawn() {
+        Ok(mut child) => match wait_for_status(status.path(), &mut child) {
+            Ok(()) => return Ok(Started { child, unsandboxed: None }),
+            Err(why) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                why
+            }
+        },
+        Err(err) => format!("cannot start the sandbox's first stage: {err}"),
+    };
+    eprintln!("broker: the sandbox is not available ({outcome}); the agent runs WITHOUT it: it can read $BROKER_HOME and the runtime files of broker (see 'broker doctor')");
+    Ok(Started {
+        child: agent.spawn()?,
+        unsandboxed: Some(outcome),
+    })
+}
+
+/// Wait until a stage reported: `ok` (the agent starts inside), or why it cannot.
+fn wait_for_status(path: &Path, child: &mut std::process::Child) -> Result<(), String> {
+    // The stages take a few milliseconds; poll the file, and stop when stage 1 has exited
+    // without a word (it reports before it exits in every path but a crash).
+    let mut delay = std::time::Duration::from_micros(200);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(line) = text.lines().next() {
+            return match line.strip_prefix("fail: ") {
+                None if line == "ok" => Ok(()),
+                Some(why) => Err(why.to_string()),
+                None => Err(format!("unreadable status '{line}'")),
+            };
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("its first stage exited ({status}) before it was ready"));
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(std::time::Duration::from_millis(5));
+    }
+}
+
+/// `broker __sandbox <plan> --status FILE -- PROGRAM ARGS`, with the agent's environment
+/// and directory, and its `LD_PRELOAD` carried aside so the stages do not load the shim.
+fn stage_command(agent: &Command, plan: &Plan, status: &Path) -> Command {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+    let mut command = Command::new(exe);
+    command.arg(SETUP_STAGE).args(plan.to_args());
+    command.arg("--status").arg(status).arg("--");
+    command.arg(agent.get_program()).args(agent.get_args());
+    for (var, value) in agent.get_envs() {
+        match value {
+            Some(value) => command.env(var, value),
+            None => command.env_remove(var),
+        };
+    }
+    if let Some(preload) = agent
+        .get_envs()
+        .find(|(var, _)| *var == "LD_PRELOAD")
+        .and_then(|(_, value)| value)
+    {
+        command.env(ENV_AGENT_PRELOAD, preload);
+    }
+    command.env_remove("LD_PRELOAD");
+    if let Some(dir) = agent.get_current_dir() {
+        command.current_dir(dir);
+    }
+    command
+}
+
+/// Can this machine sandbox a run? Starts the stages with this binary's `--version` as the
+/// agent and nothing to hide. `Err` says why not.
+pub fn probe(status_dir: &Path) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut agent = Command::new(exe);
+    agent
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let status = tempfile::Builder::new()
+        .prefix("sandbox-probe-")
+        .tempfile_in(status_dir)
+        .map_err(|e| e.to_string())?;
+    let mut stage1 = stage_command(&agent, &Plan::default(), status.path());
+    stage1
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = stage1.spawn().map_err(|e| e.to_string())?;
+    let ready = wait_for_status(status.path(), &mut child);
+    let exit = child.wait().map_err(|e| e.to_string())?;
+    ready?;
+    if exit.success() {
+        Ok(())
+    } else {
+        Err(format!("the sandboxed test program failed ({exit})"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plan_travels_as_arguments_the_stages_parse() {
+        use clap::Parser as _;
+        let plan = Plan {
+            hide_dirs: vec!["/h/a".into(), "/h/b".into()],
+            hide_files: vec!["/run/bus".into()],
+            expose: vec!["/h/b/run/run-1".into()],
+            read_only: vec!["/opt/broker".into()],
+        };
+        let mut argv: Vec<OsString> = vec!["broker".into(), SETUP_STAGE.into()];
+        argv.extend(plan.to_args());
+        argv.extend(["--status".into(), "/tmp/s".into(), "--".into(), "true".into()]);
+        let cli = crate::cli::Cli::try_parse_from(argv).expect("parses");
+        let crate::cli::Command::Sandbox(args) = cli.command else {
+            panic!("not the sandbox stage");
+        };
+        assert_eq!(args.hide_dir, plan.hide_dirs);
+        assert_eq!(args.hide_file, plan.hide_files);
+        assert_eq!(args.expose, plan.expose);
+        assert_eq!(args.read_only, plan.read_only);
+        assert_eq!(args.command, vec![OsString::from("true")]);
+    }
+}
