@@ -38,6 +38,9 @@ const LOADER_VARS: &[&str] = &["LD_PRELOAD", "LD_AUDIT"];
 static SECRETS: Mutex<Vec<(&'static str, Zeroizing<String>)>> = Mutex::new(Vec::new());
 /// Why this process counts as started inside a run, decided once from what it started with.
 static INSIDE_RUN: OnceLock<Option<String>> = OnceLock::new();
+/// `/proc/self/mem`, opened while the process was still dumpable: once it is not, the file
+/// belongs to root and an ordinary user cannot open it, even for its own process.
+static SELF_MEM: Mutex<Option<std::fs::File>> = Mutex::new(None);
 
 /// Protect this process; called first thing by every command except the sandbox's own stages
 /// (which hold no secret and must stay dumpable to write their namespace maps).
@@ -51,6 +54,11 @@ pub fn protect_process() {
     {
         restart_without_preload(var);
     }
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/proc/self/mem");
+    *SELF_MEM.lock().unwrap_or_else(|e| e.into_inner()) = mem.ok();
     if let Err(err) =
         rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
     {
@@ -103,10 +111,10 @@ fn take_env(var: &str) -> Option<Zeroizing<String>> {
 fn overwrite_initial_env(var: &str) -> std::io::Result<()> {
     let (start, end) = env_block_bounds()?;
     let len = usize::try_from(end.saturating_sub(start)).map_err(std::io::Error::other)?;
-    let mut mem = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/proc/self/mem")?;
+    let mut guard = SELF_MEM.lock().unwrap_or_else(|e| e.into_inner());
+    let mem = guard
+        .as_mut()
+        .ok_or_else(|| std::io::Error::other("/proc/self/mem was not opened at start"))?;
     let mut block = Zeroizing::new(vec![0u8; len]);
     mem.seek(SeekFrom::Start(start))?;
     mem.read_exact(&mut block)?;

@@ -726,3 +726,61 @@ pub fn memory_contains(pid: u32, needle: &str) -> Option<bool> {
     }
     readable.then_some(false)
 }
+
+/// The uid (and gid) that plays the agent's user in tests of the same-uid attacker. CI runs
+/// as root, and root reads everything: the attacker must be an ordinary uid, and so must the
+/// broker it attacks (the same user). Numeric, so no account is needed.
+pub const AGENT_UID: u32 = 4242;
+
+/// Is this test process root?
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// `cmd` as [`AGENT_UID`] when the tests run as root (`setpriv`), else as it is (the tests'
+/// own user is then the ordinary uid). Set stdio after wrapping.
+pub fn as_agent_user(cmd: &Command) -> Command {
+    if !is_root() {
+        let mut same = Command::new(cmd.get_program());
+        copy_command(cmd, &mut same);
+        return same;
+    }
+    let mut wrapped = Command::new("setpriv");
+    wrapped
+        .arg(format!("--reuid={AGENT_UID}"))
+        .arg(format!("--regid={AGENT_UID}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .arg(cmd.get_program());
+    copy_command(cmd, &mut wrapped);
+    // Root's runtime directory is not the agent user's.
+    wrapped.env_remove("XDG_RUNTIME_DIR");
+    wrapped
+}
+
+fn copy_command(from: &Command, to: &mut Command) {
+    to.args(from.get_args());
+    for (var, value) in from.get_envs() {
+        match value {
+            Some(value) => to.env(var, value),
+            None => to.env_remove(var),
+        };
+    }
+    if let Some(dir) = from.get_current_dir() {
+        to.current_dir(dir);
+    }
+}
+
+/// Give `path` (recursively) to [`AGENT_UID`] when the tests run as root.
+pub fn give_to_agent_user(path: &Path) {
+    if !is_root() {
+        return;
+    }
+    let status = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{AGENT_UID}:{AGENT_UID}"))
+        .arg(path)
+        .status()
+        .expect("chown");
+    assert!(status.success(), "chown {}", path.display());
+}

@@ -52,6 +52,29 @@ fn check(name: impl Into<String>, status: Status, detail: impl Into<String>) -> 
     }
 }
 
+/// Can `broker run` sandbox its agents here? Starts the sandbox's stages for real.
+fn sandbox_check(home: &Home) -> Check {
+    let dir = crate::home::runtime_base().unwrap_or_else(|| home.daemon_dir());
+    if let Err(err) = crate::home::ensure_private_dir(&dir) {
+        return check("sandbox", Status::Fail, format!("cannot create {}: {err}", dir.display()));
+    }
+    match crate::sandbox::probe(&dir) {
+        Ok(()) => check(
+            "sandbox",
+            Status::Ok,
+            "`broker run` starts agents in their own user, mount and PID namespaces",
+        ),
+        Err(why) => check(
+            "sandbox",
+            Status::Fail,
+            format!(
+                "not available ({why}): `broker run` runs agents without it, and they can read $BROKER_HOME. {}",
+                crate::sandbox::fix_hint()
+            ),
+        ),
+    }
+}
+
 pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     let home = Home::from_env()?;
     let mut checks = vec![home_check(&home)];
@@ -95,6 +118,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
             "not found next to the broker binary: build the workspace or set BROKER_SHIM_LIB",
         ),
     });
+    checks.push(sandbox_check(&home));
     checks.push(
         match std::os::unix::net::UnixStream::connect(control::socket_path(&home)) {
             Ok(_) => check("broker serve", Status::Ok, "running; `broker run` joins it"),

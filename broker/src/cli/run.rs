@@ -158,7 +158,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let spawned = if args.no_sandbox {
         eprintln!("broker: --no-sandbox: the agent can read $BROKER_HOME and the broker's runtime files");
-        command.spawn()
+        command.spawn().map(|child| (child.id(), child))
     } else {
         let run_dir = shim_config_path.parent().unwrap_or(std::path::Path::new("/"));
         let keyring = crate::vault::KeyConfig::from_env()
@@ -169,10 +169,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let plan = crate::sandbox::Plan::for_run(&home, run_dir, keyring);
         let status_dir = crate::home::runtime_base().unwrap_or_else(|| home.daemon_dir());
         ensure_private_dir(&status_dir)?;
-        crate::sandbox::spawn(&mut command, &plan, &status_dir).map(|started| started.child)
+        crate::sandbox::spawn(&mut command, &plan, &status_dir)
+            .map(|started| (started.agent_pid, started.child))
     };
-    let mut child = match spawned {
-        Ok(child) => child,
+    let (pid, mut child) = match spawned {
+        Ok(spawned) => spawned,
         Err(err) => {
             // The shells' convention: 127 not found, 126 found but not executable.
             eprintln!("broker: cannot start {}: {err}", program.to_string_lossy());
@@ -184,12 +185,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(code));
         }
     };
-    let pid = child.id();
     agent_pid.set(pid);
     if let RunBroker::Joined(joined) = &mut broker {
         joined.agent_started(pid);
     }
-    let forwarder = runtime.spawn(forward_signals(pid));
+    let forwarder = runtime.spawn(forward_signals(child.id()));
     let status =
         runtime.block_on(async { tokio::task::spawn_blocking(move || child.wait()).await })??;
     forwarder.abort();
@@ -297,6 +297,8 @@ pub(crate) async fn forward_signals(pid: u32) {
 /// outside one it must not get to choose its own upstream settings.
 fn run_in_enclosing_run(args: &RunArgs, why: &str) -> anyhow::Result<ExitCode> {
     use std::os::unix::process::CommandExt as _;
+    // Overrides are refused, not silently dropped (this says why).
+    args.upstream.clone().into_settings()?;
     eprintln!(
         "broker: already inside a broker run ({why}): {} runs in that run, under its policy",
         args.command[0].to_string_lossy()

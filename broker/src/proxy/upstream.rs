@@ -207,13 +207,32 @@ fn classify_tls(err: io::Error) -> ConnectError {
     }
 }
 
+/// The system's trust store, from where distributions keep it. Not from `SSL_CERT_FILE` or
+/// `SSL_CERT_DIR` (which `rustls_native_certs::load_native_certs` would honour): a program
+/// the agent starts sets those as easily as it sets anything, and a broker that took them
+/// could be pointed at a server of the agent's. Another CA for upstreams (a TLS-intercepting
+/// corporate proxy) is given with `--upstream-ca`, which is refused inside a run.
+fn system_roots() -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    /// Debian/Ubuntu, Fedora/RHEL, openSUSE, Alpine/Arch/macOS-like, RHEL's extracted bundle.
+    const BUNDLES: &[&str] = &[
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/ca-bundle.pem",
+        "/etc/ssl/cert.pem",
+        "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    ];
+    let file = BUNDLES.iter().map(std::path::Path::new).find(|p| p.is_file());
+    let dir = std::path::Path::new("/etc/ssl/certs");
+    let dir = (file.is_none() && dir.is_dir()).then_some(dir);
+    rustls_native_certs::load_certs_from_paths(file, dir).certs
+}
+
 fn build_client_config(
     settings: &UpstreamSettings,
     alpn: &[Vec<u8>],
 ) -> Result<Arc<ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for cert in native.certs {
+    for cert in system_roots() {
         let _ = roots.add(cert);
     }
     if let Some(path) = &settings.extra_ca {

@@ -123,7 +123,10 @@ fn session_bus_socket() -> Option<PathBuf> {
 
 /// How the agent was started.
 pub struct Started {
+    /// The process `broker run` waits for: the sandbox's first stage, or the agent.
     pub child: std::process::Child,
+    /// The agent's pid as this process sees it (for the audit).
+    pub agent_pid: u32,
     /// `None` when sandboxed; else why not (already said on stderr).
     pub unsandboxed: Option<String>,
 }
@@ -138,7 +141,14 @@ pub fn spawn(agent: &mut Command, plan: &Plan, status_dir: &Path) -> std::io::Re
     let mut stage1 = stage_command(agent, plan, status.path());
     let outcome = match stage1.spawn() {
         Ok(mut child) => match wait_for_status(status.path(), &mut child) {
-            Ok(()) => return Ok(Started { child, unsandboxed: None }),
+            Ok(()) => {
+                let agent_pid = grandchild(child.id()).unwrap_or(child.id());
+                return Ok(Started {
+                    child,
+                    agent_pid,
+                    unsandboxed: None,
+                });
+            }
             Err(why) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -147,11 +157,30 @@ pub fn spawn(agent: &mut Command, plan: &Plan, status_dir: &Path) -> std::io::Re
         },
         Err(err) => format!("cannot start the sandbox's first stage: {err}"),
     };
-    eprintln!("broker: the sandbox is not available ({outcome}); the agent runs WITHOUT it: it can read $BROKER_HOME and the runtime files of broker (see 'broker doctor')");
+    eprintln!("broker: the sandbox is not available ({outcome}); the agent runs WITHOUT it and can read $BROKER_HOME and the broker's runtime files. To fix: {}", fix_hint());
+    let child = agent.spawn()?;
     Ok(Started {
-        child: agent.spawn()?,
+        agent_pid: child.id(),
+        child,
         unsandboxed: Some(outcome),
     })
+}
+
+/// The agent: the child of the sandbox's init, which is the child of `stage1`. Its pid in
+/// the PID namespace of the sandbox means nothing outside; this is the one the audit needs.
+/// Found by the parent pids in `/proc/*/stat` (the kernel here has no `task/*/children`).
+fn grandchild(stage1: u32) -> Option<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|entry| {
+            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let child_of = |parent: u32| parents.iter().find(|(_, p)| *p == parent).map(|(pid, _)| *pid);
+    child_of(child_of(stage1)?)
 }
 
 /// Wait until a stage reported: `ok` (the agent starts inside), or why it cannot.
@@ -202,6 +231,22 @@ fn stage_command(agent: &Command, plan: &Plan, status: &Path) -> Command {
         command.current_dir(dir);
     }
     command
+}
+
+/// What to change so that this machine allows the sandbox, from the settings that turn
+/// unprivileged user namespaces off.
+pub fn fix_hint() -> String {
+    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).ok();
+    if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
+        return "AppArmor restricts unprivileged user namespaces (Ubuntu 23.10 and later): allow them for broker with a profile in /etc/apparmor.d/broker containing `abi <abi/4.0>, include <tunables/global> profile broker /path/to/broker flags=(unconfined) { userns, }` and `sudo apparmor_parser -r /etc/apparmor.d/broker`, or for every program with `sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0`".into();
+    }
+    if read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0") {
+        return "kernel.unprivileged_userns_clone is 0: `sudo sysctl kernel.unprivileged_userns_clone=1`".into();
+    }
+    if read("/proc/sys/user/max_user_namespaces").as_deref() == Some("0") {
+        return "user.max_user_namespaces is 0: `sudo sysctl user.max_user_namespaces=10000`".into();
+    }
+    "check that unprivileged user namespaces are allowed (`unshare -Urmp --fork true` must work)".into()
 }
 
 /// Can this machine sandbox a run? Starts the stages with this binary's `--version` as the

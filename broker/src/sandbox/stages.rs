@@ -62,8 +62,7 @@ pub fn setup_stage(args: StageArgs) -> ExitCode {
         nix::sched::unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
     {
         return status.fail(format!(
-            "the kernel refuses unprivileged user namespaces: unshare: {err}{}",
-            userns_hint()
+            "the kernel refuses unprivileged user namespaces: unshare: {err}"
         ));
     }
     if let Err(err) = map_ids(0, uid, 0, gid) {
@@ -116,6 +115,8 @@ pub fn init_stage(args: StageArgs) -> ExitCode {
     if let Err(err) = rustix::thread::set_no_new_privs(true) {
         return status.fail(format!("cannot set no_new_privs: {err}"));
     }
+    // Nothing to read here, but no reason to let the agent attach to its init either.
+    let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
     // The agent's directory, looked up again through the new mounts (the inherited one
     // still points at the directory as it was). Inside a hidden directory it is refused.
     if let Some(cwd) = &cwd {
@@ -139,8 +140,11 @@ pub fn init_stage(args: StageArgs) -> ExitCode {
         None => agent.env_remove("LD_PRELOAD"),
     };
     agent.env_remove(ENV_AGENT_PRELOAD);
+    // Reported once the agent exists (or could not be started, which is the agent's failure,
+    // not the sandbox's): `broker run` then looks up its pid for the audit.
+    let spawned = agent.spawn();
     status.ok();
-    let child = match agent.spawn() {
+    let child = match spawned {
         Ok(child) => child,
         Err(err) => {
             eprintln!("broker: cannot start {}: {err}", args.command[0].to_string_lossy());
@@ -244,21 +248,6 @@ fn outer_id(map: &str) -> Option<u32> {
     let mut fields = text.split_whitespace();
     (fields.next()? == "0").then_some(())?;
     fields.next()?.parse().ok()
-}
-
-/// Why unprivileged user namespaces may be off on this machine.
-fn userns_hint() -> &'static str {
-    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).ok();
-    if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
-        return " (AppArmor restricts them: see 'broker doctor' for the fix)";
-    }
-    if read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0") {
-        return " (kernel.unprivileged_userns_clone is 0)";
-    }
-    if read("/proc/sys/user/max_user_namespaces").as_deref() == Some("0") {
-        return " (user.max_user_namespaces is 0)";
-    }
-    ""
 }
 
 /// Wait for `pid` while forwarding the signals a supervisor sends to it; return its status
