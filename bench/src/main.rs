@@ -681,11 +681,16 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         for (name, argv, n) in cases {
             let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
             let (mut bare, mut joined, mut embedded) = (Vec::new(), Vec::new(), Vec::new());
+            let mut unsandboxed = Vec::new();
             for _ in 0..n {
                 let mut cmd = procs::clean(argv[0]);
                 cmd.args(&argv[1..]);
                 bare.push(procs::wall(&mut cmd)?.as_secs_f64() * 1e3);
                 joined.push(procs::wall(&mut serve.run_cmd(&[], &argv))?.as_secs_f64() * 1e3);
+                unsandboxed.push(
+                    procs::wall(&mut serve.run_cmd(&["--no-sandbox"], &argv))?.as_secs_f64()
+                        * 1e3,
+                );
                 embedded.push(
                     procs::wall(&mut serve.run_cmd(&["--embedded"], &argv))?.as_secs_f64() * 1e3,
                 );
@@ -696,13 +701,18 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                     .broker(median(joined.clone())),
             );
             rows.push(
+                Row::new(format!("broker run --no-sandbox -- {name} (joins serve)"), "ms")
+                    .direct(median(bare.clone()))
+                    .broker(median(unsandboxed.clone())),
+            );
+            rows.push(
                 Row::new(format!("broker run --embedded -- {name}"), "ms")
                     .direct(median(bare.clone()))
                     .broker(median(embedded.clone())),
             );
             out.insert(
                 name,
-                json!({"bare_ms": bare, "joined_ms": joined, "embedded_ms": embedded}),
+                json!({"bare_ms": bare, "joined_ms": joined, "no_sandbox_ms": unsandboxed, "embedded_ms": embedded}),
             );
         }
         if let Some(py) = python {

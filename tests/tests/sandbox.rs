@@ -469,3 +469,42 @@ fn a_nested_broker_run_joins_the_enclosing_run() {
     assert!(!contains(&out.stdout, KEY) && !contains(&out.stderr, KEY));
     scene.assert_key_went_only_to_its_origin();
 }
+
+/// A sandbox that cannot be made for a reason an agent could have caused (here: no user
+/// namespace left to create, as if an earlier agent had used them all up) stops the run
+/// instead of starting the agent without it; `--no-sandbox` is the explicit way out.
+#[test]
+fn a_sandbox_that_cannot_be_made_stops_the_run() {
+    let home = Home::new();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let marker = scratch.path().join("agent-ran");
+    let run = |extra: &[&str]| {
+        let broker = home.broker();
+        let mut cmd = Command::new("unshare");
+        cmd.args([
+            "-Ur",
+            "sh",
+            "-c",
+            "echo 0 > /proc/sys/user/max_user_namespaces && exec \"$@\"",
+            "sh",
+        ]);
+        cmd.arg(broker.get_program()).arg("run").args(extra).arg("--");
+        cmd.arg("touch").arg(&marker);
+        for (var, value) in broker.get_envs() {
+            match value {
+                Some(value) => cmd.env(var, value),
+                None => cmd.env_remove(var),
+            };
+        }
+        run_bounded(cmd.stdin(Stdio::null()), Duration::from_secs(30))
+    };
+    let out = run(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot start the agent's sandbox"), "{stderr}");
+    assert!(stderr.contains("--no-sandbox"), "{stderr}");
+    assert!(!marker.exists(), "the agent ran without its sandbox");
+    let out = run(&["--no-sandbox"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(marker.exists());
+}

@@ -259,16 +259,19 @@ fn broker_run_joins_a_running_serve_with_its_own_policy() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("200 "), "{stdout}");
-    // The daemon's audit names the agent (broker run tells it the pid once it started it).
+    // The daemon's audit names the agent (broker run tells it the pid once it started it):
+    // the pid the host sees, not the one the agent has inside its sandbox's PID namespace.
     let pid = stdout
         .lines()
         .find_map(|l| l.strip_prefix("pid="))
         .expect("pid line");
-    let audit = home.audit_until(|a| a.contains(&format!("\"pid\":{pid},")));
-    assert!(
-        audit.contains(&format!("\"pid\":{pid},")),
-        "pid {pid}: {audit}"
-    );
+    let audit = home.audit_until(|a| a.contains("\"credential_use\""));
+    let audited = audit
+        .lines()
+        .find(|l| l.contains("\"credential_use\""))
+        .and_then(|l| l.split("\"pid\":").nth(1)?.split(',').next()?.parse::<u32>().ok())
+        .expect("a pid in the audit");
+    assert!(audited > 1 && audited.to_string() != pid, "pid {audited} (inside: {pid}): {audit}");
     // The run's files lived in the daemon's directory and are gone once the run ended.
     let config = stdout
         .lines()

@@ -169,7 +169,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let plan = crate::sandbox::Plan::for_run(&home, run_dir, keyring);
         let status_dir = crate::home::runtime_base().unwrap_or_else(|| home.daemon_dir());
         ensure_private_dir(&status_dir)?;
-        crate::sandbox::spawn(&mut command, &plan, &status_dir)
+        crate::sandbox::spawn(&mut command, &plan, &status_dir)?
             .map(|started| (started.agent_pid, started.child))
     };
     let (pid, mut child) = match spawned {

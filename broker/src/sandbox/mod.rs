@@ -30,10 +30,12 @@
 //!       └─ the agent            same uid, gid, cwd, environment, terminal
 //! ```
 //!
-//! Each stage writes one line to a status file outside the sandbox (`ok`, or `fail: why`)
-//! before the agent starts, so `broker run` knows whether its agent runs sandboxed, and can
-//! say so and fall back when the kernel refuses (for example Ubuntu's AppArmor restriction on
-//! unprivileged user namespaces).
+//! Each stage writes one line to a status file outside the sandbox before the agent starts:
+//! `ok`; `unavailable: why` when the machine's policy refuses user namespaces (for example
+//! Ubuntu's AppArmor restriction), and `broker run` then says so and runs the agent without
+//! the sandbox; or `fail: why` for anything else, and `broker run` refuses to start the agent
+//! (an agent of an earlier run could exhaust the count of user namespaces to force a fallback,
+//! so only refusals it cannot cause fall back).
 
 mod stages;
 
@@ -131,10 +133,25 @@ pub struct Started {
     pub unsandboxed: Option<String>,
 }
 
+/// Why the agent did not start sandboxed.
+#[derive(Debug)]
+enum NotReady {
+    /// The machine's policy refuses the sandbox: run without it, saying so.
+    Unavailable(String),
+    /// Something else went wrong: do not start the agent.
+    Failed(String),
+}
+
 /// Start `agent` inside the sandbox described by `plan`. `status_dir` must be a private
-/// directory the sandbox hides (the stages report there). When the kernel refuses the
-/// sandbox, the agent is started without it and [`Started::unsandboxed`] says why.
-pub fn spawn(agent: &mut Command, plan: &Plan, status_dir: &Path) -> std::io::Result<Started> {
+/// directory the sandbox hides (the stages report there). When the machine's policy refuses
+/// the sandbox, the agent is started without it and [`Started::unsandboxed`] says why; any
+/// other failure is an error and the agent does not start. The inner result is the agent's
+/// own start (a command that is not found), as `Command::spawn` reports it.
+pub fn spawn(
+    agent: &mut Command,
+    plan: &Plan,
+    status_dir: &Path,
+) -> anyhow::Result<std::io::Result<Started>> {
     let status = tempfile::Builder::new()
         .prefix("sandbox-status-")
         .tempfile_in(status_dir)?;
@@ -143,27 +160,31 @@ pub fn spawn(agent: &mut Command, plan: &Plan, status_dir: &Path) -> std::io::Re
         Ok(mut child) => match wait_for_status(status.path(), &mut child) {
             Ok(()) => {
                 let agent_pid = grandchild(child.id()).unwrap_or(child.id());
-                return Ok(Started {
+                return Ok(Ok(Started {
                     child,
                     agent_pid,
                     unsandboxed: None,
-                });
+                }));
             }
-            Err(why) => {
+            Err(not_ready) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                why
+                match not_ready {
+                    NotReady::Unavailable(why) => why,
+                    NotReady::Failed(why) => anyhow::bail!(
+                        "cannot start the agent's sandbox: {why} (to run the agent without it, where it can read $BROKER_HOME: --no-sandbox)"
+                    ),
+                }
             }
         },
-        Err(err) => format!("cannot start the sandbox's first stage: {err}"),
+        Err(err) => anyhow::bail!("cannot start the sandbox's first stage: {err}"),
     };
     eprintln!("broker: the sandbox is not available ({outcome}); the agent runs WITHOUT it and can read $BROKER_HOME and the broker's runtime files. To fix: {}", fix_hint());
-    let child = agent.spawn()?;
-    Ok(Started {
+    Ok(agent.spawn().map(|child| Started {
         agent_pid: child.id(),
         child,
         unsandboxed: Some(outcome),
-    })
+    }))
 }
 
 /// The agent: the child of the sandbox's init, which is the child of `stage1`. Its pid in
@@ -184,21 +205,26 @@ fn grandchild(stage1: u32) -> Option<u32> {
 }
 
 /// Wait until a stage reported: `ok` (the agent starts inside), or why it cannot.
-fn wait_for_status(path: &Path, child: &mut std::process::Child) -> Result<(), String> {
+fn wait_for_status(path: &Path, child: &mut std::process::Child) -> Result<(), NotReady> {
     // The stages take a few milliseconds; poll the file, and stop when stage 1 has exited
     // without a word (it reports before it exits in every path but a crash).
     let mut delay = std::time::Duration::from_micros(200);
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         if let Some(line) = text.lines().next() {
-            return match line.strip_prefix("fail: ") {
-                None if line == "ok" => Ok(()),
-                Some(why) => Err(why.to_string()),
-                None => Err(format!("unreadable status '{line}'")),
-            };
+            if line == "ok" {
+                return Ok(());
+            }
+            if let Some(why) = line.strip_prefix("unavailable: ") {
+                return Err(NotReady::Unavailable(why.to_string()));
+            }
+            let why = line.strip_prefix("fail: ").unwrap_or(line);
+            return Err(NotReady::Failed(why.to_string()));
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("its first stage exited ({status}) before it was ready"));
+            return Err(NotReady::Failed(format!(
+                "its first stage exited ({status}) before it was ready"
+            )));
         }
         std::thread::sleep(delay);
         delay = (delay * 2).min(std::time::Duration::from_millis(5));
@@ -269,7 +295,9 @@ pub fn probe(status_dir: &Path) -> Result<(), String> {
     let mut child = stage1.spawn().map_err(|e| e.to_string())?;
     let ready = wait_for_status(status.path(), &mut child);
     let exit = child.wait().map_err(|e| e.to_string())?;
-    ready?;
+    ready.map_err(|not_ready| match not_ready {
+        NotReady::Unavailable(why) | NotReady::Failed(why) => why,
+    })?;
     if exit.success() {
         Ok(())
     } else {

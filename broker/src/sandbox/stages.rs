@@ -37,9 +37,27 @@ impl Status {
         Ok(Status(std::fs::OpenOptions::new().append(true).open(path)?))
     }
 
+    /// The sandbox cannot be made here and the run must not start (`broker run` refuses).
     fn fail(mut self, why: impl std::fmt::Display) -> ExitCode {
         let _ = writeln!(self.0, "fail: {why}");
         ExitCode::from(125)
+    }
+
+    /// The machine's policy refuses the sandbox (user namespaces off, or without the
+    /// capabilities to mount in them): `broker run` warns and runs the agent without it.
+    /// Only refusals that the agent could not have caused land here: a limit it could have
+    /// exhausted (the count of user namespaces) is a [`Status::fail`].
+    fn unavailable(mut self, why: impl std::fmt::Display) -> ExitCode {
+        let _ = writeln!(self.0, "unavailable: {why}");
+        ExitCode::from(125)
+    }
+
+    fn refused(self, policy: bool, why: impl std::fmt::Display) -> ExitCode {
+        if policy {
+            self.unavailable(why)
+        } else {
+            self.fail(why)
+        }
     }
 
     fn ok(mut self) {
@@ -61,12 +79,13 @@ pub fn setup_stage(args: StageArgs) -> ExitCode {
     if let Err(err) =
         nix::sched::unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
     {
-        return status.fail(format!(
-            "the kernel refuses unprivileged user namespaces: unshare: {err}"
-        ));
+        use nix::errno::Errno;
+        let policy = matches!(err, Errno::EPERM | Errno::EINVAL | Errno::ENOSYS | Errno::EACCES);
+        return status.refused(policy, format!("the kernel refuses a user namespace: unshare: {err}"));
     }
     if let Err(err) = map_ids(0, uid, 0, gid) {
-        return status.fail(format!("cannot map ids in the new user namespace: {err}"));
+        let policy = err.kind() == std::io::ErrorKind::PermissionDenied;
+        return status.refused(policy, format!("cannot map ids in the new user namespace: {err}"));
     }
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
     let mut init = Command::new(exe);
@@ -97,8 +116,8 @@ pub fn init_stage(args: StageArgs) -> ExitCode {
         return ExitCode::from(125);
     };
     let cwd = std::env::current_dir().ok();
-    if let Err(why) = hide(&args) {
-        return status.fail(why);
+    if let Err((policy, why)) = hide(&args) {
+        return status.refused(policy, why);
     }
     // Our uid in the parent namespace is 0 (mapped by stage 1); the agent gets the user's own.
     let (outer_uid, outer_gid) = (outer_id("/proc/self/uid_map"), outer_id("/proc/self/gid_map"));
@@ -107,10 +126,13 @@ pub fn init_stage(args: StageArgs) -> ExitCode {
     };
     use nix::sched::CloneFlags;
     if let Err(err) = nix::sched::unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS) {
-        return status.fail(format!("cannot nest the agent's user namespace: {err}"));
+        use nix::errno::Errno;
+        let policy = matches!(err, Errno::EPERM | Errno::EINVAL | Errno::ENOSYS | Errno::EACCES);
+        return status.refused(policy, format!("cannot nest the agent's user namespace: {err}"));
     }
     if let Err(err) = map_ids(outer_uid, 0, outer_gid, 0) {
-        return status.fail(format!("cannot map the agent's ids: {err}"));
+        let policy = err.kind() == std::io::ErrorKind::PermissionDenied;
+        return status.refused(policy, format!("cannot map the agent's ids: {err}"));
     }
     if let Err(err) = rustix::thread::set_no_new_privs(true) {
         return status.fail(format!("cannot set no_new_privs: {err}"));
@@ -156,10 +178,18 @@ pub fn init_stage(args: StageArgs) -> ExitCode {
 }
 
 /// Cover the hidden paths, show the exposed ones again, mount a fresh `/proc`.
-fn hide(args: &StageArgs) -> Result<(), String> {
+fn hide(args: &StageArgs) -> Result<(), (bool, String)> {
+    // EPERM/EACCES from a mount here is the machine's policy (a user namespace without the
+    // capabilities to mount, as under Ubuntu's AppArmor restriction); anything else is not.
+    let refused = |what: String| {
+        move |e: rustix::io::Errno| {
+            let policy = e == rustix::io::Errno::PERM || e == rustix::io::Errno::ACCESS;
+            (policy, format!("{what}: {e}"))
+        }
+    };
     // Nothing done here may reach the user's own mount namespace.
     rustix::mount::mount_change("/", MountPropagationFlags::PRIVATE | MountPropagationFlags::REC)
-        .map_err(|e| format!("cannot make the mounts private: {e}"))?;
+        .map_err(refused("cannot make the mounts private".into()))?;
     // Open what is shown again before it disappears under the covers.
     let exposed: Vec<(PathBuf, std::fs::File)> = args
         .expose
@@ -180,18 +210,19 @@ fn hide(args: &StageArgs) -> Result<(), String> {
             MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
             Some(c"mode=0700,size=64k"),
         )
-        .map_err(|e| format!("cannot cover {}: {e}", dir.display()))?;
+        .map_err(refused(format!("cannot cover {}", dir.display())))?;
         covered.push(dir);
     }
     for (path, file) in &exposed {
         if !covered.iter().any(|c| path.starts_with(c)) {
             continue;
         }
-        std::fs::create_dir_all(path).map_err(|e| format!("cannot show {} again: {e}", path.display()))?;
+        std::fs::create_dir_all(path)
+            .map_err(|e| (false, format!("cannot show {} again: {e}", path.display())))?;
         use std::os::fd::AsRawFd as _;
         let source = format!("/proc/self/fd/{}", file.as_raw_fd());
         rustix::mount::mount_bind(source.as_str(), path.as_path())
-            .map_err(|e| format!("cannot show {} again: {e}", path.display()))?;
+            .map_err(refused(format!("cannot show {} again", path.display())))?;
     }
     for dir in &covered {
         rustix::mount::mount_remount(
@@ -199,11 +230,11 @@ fn hide(args: &StageArgs) -> Result<(), String> {
             MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
             c"",
         )
-        .map_err(|e| format!("cannot make {} read-only: {e}", dir.display()))?;
+        .map_err(refused(format!("cannot make {} read-only", dir.display())))?;
     }
     for file in args.hide_file.iter().filter(|f| f.exists()) {
         rustix::mount::mount_bind("/dev/null", file.as_path())
-            .map_err(|e| format!("cannot cover {}: {e}", file.display()))?;
+            .map_err(refused(format!("cannot cover {}", file.display())))?;
     }
     for file in args.read_only.iter().filter(|f| f.exists()) {
         rustix::mount::mount_bind(file.as_path(), file.as_path())
@@ -214,7 +245,7 @@ fn hide(args: &StageArgs) -> Result<(), String> {
                     c"",
                 )
             })
-            .map_err(|e| format!("cannot make {} read-only: {e}", file.display()))?;
+            .map_err(refused(format!("cannot make {} read-only", file.display())))?;
     }
     // A /proc of the new PID namespace: the broker and every process outside the run are
     // not in it. Mounted last and before the nested namespace, so the agent cannot take it
@@ -226,7 +257,7 @@ fn hide(args: &StageArgs) -> Result<(), String> {
         MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
         None,
     )
-    .map_err(|e| format!("cannot mount a /proc of the sandbox: {e}"))?;
+    .map_err(refused("cannot mount a /proc of the sandbox".into()))?;
     Ok(())
 }
 
