@@ -688,8 +688,7 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                 bare.push(procs::wall(&mut cmd)?.as_secs_f64() * 1e3);
                 joined.push(procs::wall(&mut serve.run_cmd(&[], &argv))?.as_secs_f64() * 1e3);
                 unsandboxed.push(
-                    procs::wall(&mut serve.run_cmd(&["--no-sandbox"], &argv))?.as_secs_f64()
-                        * 1e3,
+                    procs::wall(&mut serve.run_cmd(&["--no-sandbox"], &argv))?.as_secs_f64() * 1e3,
                 );
                 embedded.push(
                     procs::wall(&mut serve.run_cmd(&["--embedded"], &argv))?.as_secs_f64() * 1e3,
@@ -701,9 +700,12 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                     .broker(median(joined.clone())),
             );
             rows.push(
-                Row::new(format!("broker run --no-sandbox -- {name} (joins serve)"), "ms")
-                    .direct(median(bare.clone()))
-                    .broker(median(unsandboxed.clone())),
+                Row::new(
+                    format!("broker run --no-sandbox -- {name} (joins serve)"),
+                    "ms",
+                )
+                .direct(median(bare.clone()))
+                .broker(median(unsandboxed.clone())),
             );
             rows.push(
                 Row::new(format!("broker run --embedded -- {name}"), "ms")

@@ -14,8 +14,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use broker_integration::{
-    as_agent_user, contains, give_to_agent_user, run_bounded, shim_lib, Home, Origin, Reply,
-    Serve, TestCa,
+    as_agent_user, contains, give_to_agent_user, run_bounded, shim_lib, Home, Origin, Reply, Serve,
+    TestCa,
 };
 
 const KEY: &str = "sk-test-sandboxed-openai-key-0123456789abcdef";
@@ -165,7 +165,11 @@ impl Scene {
             .write_all(KEY.as_bytes())
             .expect("write key");
         let out = child.wait_with_output().expect("add");
-        assert!(out.status.success(), "broker add: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "broker add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         scene
     }
 
@@ -185,7 +189,11 @@ impl Scene {
     fn upstream_args(&self) -> Vec<String> {
         vec![
             "--upstream-ca".into(),
-            self.project.path().join("upstream-ca.pem").display().to_string(),
+            self.project
+                .path()
+                .join("upstream-ca.pem")
+                .display()
+                .to_string(),
             "--resolve".into(),
             format!("api.openai.com:443:{}", self.origin.addr),
         ]
@@ -232,10 +240,15 @@ impl Scene {
     /// Nothing of a secret in `haystack`: the key, the passphrase, the master key file.
     fn assert_nothing_secret(&self, haystack: &[u8], what: &str) {
         assert!(!contains(haystack, KEY), "the key is in {what}");
-        assert!(!contains(haystack, PASSPHRASE), "the passphrase is in {what}");
+        assert!(
+            !contains(haystack, PASSPHRASE),
+            "the passphrase is in {what}"
+        );
         if let Ok(master) = std::fs::read(self.home.path().join("master.key")) {
             assert!(
-                !haystack.windows(master.len()).any(|w| w == master.as_slice()),
+                !haystack
+                    .windows(master.len())
+                    .any(|w| w == master.as_slice()),
                 "the master key file is in {what}"
             );
         }
@@ -245,7 +258,10 @@ impl Scene {
     fn assert_key_went_only_to_its_origin(&self) {
         for req in self.evil.requests() {
             for (name, value) in &req.headers {
-                assert!(!value.contains(KEY), "the attacker's server got the key in {name}");
+                assert!(
+                    !value.contains(KEY),
+                    "the attacker's server got the key in {name}"
+                );
             }
         }
         let legit = self.origin.requests();
@@ -275,14 +291,25 @@ fn attack_sandboxed(mode: Mode, source: KeySource) {
     scene.assert_nothing_secret(&output, "the run's output");
     scene.assert_key_went_only_to_its_origin();
     // What the sandbox showed: no vault, no key file, no broker process.
-    assert!(!contains(&dump, "vault.db ") && !contains(&dump, "master.key "), "the home was visible");
-    assert!(contains(&dump, "legit"), "the agent's request did not get its answer");
     assert!(
-        contains(&dump, "not taken from a process started inside a broker run")
-            || contains(&dump, "already inside a broker run"),
+        !contains(&dump, "vault.db ") && !contains(&dump, "master.key "),
+        "the home was visible"
+    );
+    assert!(
+        contains(&dump, "legit"),
+        "the agent's request did not get its answer"
+    );
+    assert!(
+        contains(
+            &dump,
+            "not taken from a process started inside a broker run"
+        ) || contains(&dump, "already inside a broker run"),
         "the nested broker was not refused"
     );
-    assert!(scene.evil.requests().is_empty(), "the attacker's server was reached");
+    assert!(
+        scene.evil.requests().is_empty(),
+        "the attacker's server was reached"
+    );
 }
 
 #[test]
@@ -353,24 +380,51 @@ fn without_the_sandbox_the_broker_stays_closed_but_the_key_file_is_readable() {
     // What /proc/<pid>/environ holds (read here with the test's own rights: as root, past
     // the non-dumpable flag): neither the passphrase nor the handed-over key.
     if let Ok(environ) = std::fs::read(format!("/proc/{broker_pid}/environ")) {
-        assert!(!contains(&environ, PASSPHRASE), "the passphrase is in the broker's environ");
-        assert!(!contains(&environ, KEY), "the handed key is in the broker's environ");
+        assert!(
+            !contains(&environ, PASSPHRASE),
+            "the passphrase is in the broker's environ"
+        );
+        assert!(
+            !contains(&environ, KEY),
+            "the handed key is in the broker's environ"
+        );
         assert!(contains(&environ, "BROKER_HOME="), "read the wrong process");
     }
     std::fs::write(&go, "").expect("go");
     let out = child.wait_with_output().expect("run");
-    assert!(out.status.success(), "run: {}", String::from_utf8_lossy(&out.stderr));
-    let dump = std::fs::read(&dump).expect("dump");
-    assert!(contains(&dump, &format!("{broker_pid} environ refused")), "environ was readable");
-    assert!(contains(&dump, &format!("{broker_pid} mem refused")), "memory was readable");
-    assert!(!contains(&dump, &format!("{broker_pid} ptrace attach\n0 ")), "ptrace attach worked");
-    assert!(!contains(&dump, KEY) && !contains(&dump, PASSPHRASE), "a secret leaked");
     assert!(
-        contains(&dump, "not taken from a process started inside a broker run")
-            || contains(&dump, "already inside a broker run"),
+        out.status.success(),
+        "run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump = std::fs::read(&dump).expect("dump");
+    assert!(
+        contains(&dump, &format!("{broker_pid} environ refused")),
+        "environ was readable"
+    );
+    assert!(
+        contains(&dump, &format!("{broker_pid} mem refused")),
+        "memory was readable"
+    );
+    assert!(
+        !contains(&dump, &format!("{broker_pid} ptrace attach\n0 ")),
+        "ptrace attach worked"
+    );
+    assert!(
+        !contains(&dump, KEY) && !contains(&dump, PASSPHRASE),
+        "a secret leaked"
+    );
+    assert!(
+        contains(
+            &dump,
+            "not taken from a process started inside a broker run"
+        ) || contains(&dump, "already inside a broker run"),
         "the nested broker was not refused"
     );
-    assert!(scene.evil.requests().is_empty(), "the attacker's server was reached");
+    assert!(
+        scene.evil.requests().is_empty(),
+        "the attacker's server was reached"
+    );
     // ...but the home is open: the attacker read the key file.
     let master = std::fs::read(scene.home.path().join("master.key")).expect("key file");
     assert!(
@@ -415,9 +469,17 @@ exit 3
         .spawn()
         .expect("add");
     use std::io::Write as _;
-    child.stdin.take().expect("stdin").write_all(KEY.as_bytes()).expect("key");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(KEY.as_bytes())
+        .expect("key");
     assert!(child.wait().expect("add").success());
-    let out = run_bounded(as_agent_user(&cmd).stdin(Stdio::null()), Duration::from_secs(60));
+    let out = run_bounded(
+        as_agent_user(&cmd).stdin(Stdio::null()),
+        Duration::from_secs(60),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "exit status; stderr: {stderr}");
@@ -427,13 +489,32 @@ exit 3
         rustix::process::getuid().as_raw()
     };
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.first().copied(), Some(expected_uid.to_string().as_str()), "{stdout}{stderr}");
-    for want in ["hello", "py 42", "node 42", "pty ok", "vault hidden", "home read-only"] {
-        assert!(stdout.contains(want), "missing '{want}' in: {stdout}{stderr}");
-    }
-    assert!(stdout.lines().any(|l| l.trim() == "1"), "git commit: {stdout}");
     assert_eq!(
-        std::fs::read_to_string(project.path().join("notes.txt")).expect("file").trim(),
+        lines.first().copied(),
+        Some(expected_uid.to_string().as_str()),
+        "{stdout}{stderr}"
+    );
+    for want in [
+        "hello",
+        "py 42",
+        "node 42",
+        "pty ok",
+        "vault hidden",
+        "home read-only",
+    ] {
+        assert!(
+            stdout.contains(want),
+            "missing '{want}' in: {stdout}{stderr}"
+        );
+    }
+    assert!(
+        stdout.lines().any(|l| l.trim() == "1"),
+        "git commit: {stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(project.path().join("notes.txt"))
+            .expect("file")
+            .trim(),
         "hello",
         "the agent's files land in the real project directory"
     );
@@ -453,7 +534,10 @@ exit 3
 fn a_nested_broker_run_joins_the_enclosing_run() {
     let scene = Scene::new(KeySource::File);
     let mut cmd = scene.broker();
-    cmd.arg("run").arg("--embedded").args(scene.upstream_args()).arg("--");
+    cmd.arg("run")
+        .arg("--embedded")
+        .args(scene.upstream_args())
+        .arg("--");
     cmd.arg(broker_integration::broker_bin()).args([
         "run",
         "--",
@@ -461,10 +545,17 @@ fn a_nested_broker_run_joins_the_enclosing_run() {
         "-c",
         "curl -sS https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"",
     ]);
-    let out = run_bounded(as_agent_user(&cmd).stdin(Stdio::null()), Duration::from_secs(60));
+    let out = run_bounded(
+        as_agent_user(&cmd).stdin(Stdio::null()),
+        Duration::from_secs(60),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(contains(&out.stdout, "legit"), "stdout: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        contains(&out.stdout, "legit"),
+        "stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(stderr.contains("already inside a broker run"), "{stderr}");
     assert!(!contains(&out.stdout, KEY) && !contains(&out.stderr, KEY));
     scene.assert_key_went_only_to_its_origin();
@@ -488,7 +579,10 @@ fn a_sandbox_that_cannot_be_made_stops_the_run() {
             "echo 0 > /proc/sys/user/max_user_namespaces && exec \"$@\"",
             "sh",
         ]);
-        cmd.arg(broker.get_program()).arg("run").args(extra).arg("--");
+        cmd.arg(broker.get_program())
+            .arg("run")
+            .args(extra)
+            .arg("--");
         cmd.arg("touch").arg(&marker);
         for (var, value) in broker.get_envs() {
             match value {
@@ -501,10 +595,17 @@ fn a_sandbox_that_cannot_be_made_stops_the_run() {
     let out = run(&[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("cannot start the agent's sandbox"), "{stderr}");
+    assert!(
+        stderr.contains("cannot start the agent's sandbox"),
+        "{stderr}"
+    );
     assert!(stderr.contains("--no-sandbox"), "{stderr}");
     assert!(!marker.exists(), "the agent ran without its sandbox");
     let out = run(&["--no-sandbox"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(marker.exists());
 }

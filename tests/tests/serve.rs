@@ -269,9 +269,19 @@ fn broker_run_joins_a_running_serve_with_its_own_policy() {
     let audited = audit
         .lines()
         .find(|l| l.contains("\"credential_use\""))
-        .and_then(|l| l.split("\"pid\":").nth(1)?.split(',').next()?.parse::<u32>().ok())
+        .and_then(|l| {
+            l.split("\"pid\":")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
         .expect("a pid in the audit");
-    assert!(audited > 1 && audited.to_string() != pid, "pid {audited} (inside: {pid}): {audit}");
+    assert!(
+        audited > 1 && audited.to_string() != pid,
+        "pid {audited} (inside: {pid}): {audit}"
+    );
     // The run's files lived in the daemon's directory and are gone once the run ended.
     let config = stdout
         .lines()

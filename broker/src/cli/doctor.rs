@@ -56,7 +56,11 @@ fn check(name: impl Into<String>, status: Status, detail: impl Into<String>) -> 
 fn sandbox_check(home: &Home) -> Check {
     let dir = crate::home::runtime_base().unwrap_or_else(|| home.daemon_dir());
     if let Err(err) = crate::home::ensure_private_dir(&dir) {
-        return check("sandbox", Status::Fail, format!("cannot create {}: {err}", dir.display()));
+        return check(
+            "sandbox",
+            Status::Fail,
+            format!("cannot create {}: {err}", dir.display()),
+        );
     }
     match crate::sandbox::probe(&dir) {
         Ok(()) => check(

@@ -157,10 +157,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 
     let spawned = if args.no_sandbox {
-        eprintln!("broker: --no-sandbox: the agent can read $BROKER_HOME and the broker's runtime files");
+        eprintln!(
+            "broker: --no-sandbox: the agent can read $BROKER_HOME and the broker's runtime files"
+        );
         command.spawn().map(|child| (child.id(), child))
     } else {
-        let run_dir = shim_config_path.parent().unwrap_or(std::path::Path::new("/"));
+        let run_dir = shim_config_path
+            .parent()
+            .unwrap_or(std::path::Path::new("/"));
         let keyring = crate::vault::KeyConfig::from_env()
             .ok()
             .and_then(|k| k.source)
@@ -310,8 +314,17 @@ fn run_in_enclosing_run(args: &RunArgs, why: &str) -> anyhow::Result<ExitCode> {
     }
     command.env_remove(crate::hardening::ENV_ORIGINAL_PRELOAD);
     let err = command.exec();
-    eprintln!("broker: cannot start {}: {err}", args.command[0].to_string_lossy());
-    Ok(ExitCode::from(if err.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 }))
+    eprintln!(
+        "broker: cannot start {}: {err}",
+        args.command[0].to_string_lossy()
+    );
+    Ok(ExitCode::from(
+        if err.kind() == std::io::ErrorKind::NotFound {
+            127
+        } else {
+            126
+        },
+    ))
 }
 
 /// The agent's status as ours: its code, or 128+N when signal N ended it.

@@ -221,7 +221,10 @@ fn system_roots() -> Vec<rustls_pki_types::CertificateDer<'static>> {
         "/etc/ssl/cert.pem",
         "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
     ];
-    let file = BUNDLES.iter().map(std::path::Path::new).find(|p| p.is_file());
+    let file = BUNDLES
+        .iter()
+        .map(std::path::Path::new)
+        .find(|p| p.is_file());
     let dir = std::path::Path::new("/etc/ssl/certs");
     let dir = (file.is_none() && dir.is_dir()).then_some(dir);
     rustls_native_certs::load_certs_from_paths(file, dir).certs

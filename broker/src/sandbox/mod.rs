@@ -109,15 +109,17 @@ impl Plan {
 /// `$XDG_RUNTIME_DIR/bus`), through which the OS keyring is reached. An abstract socket
 /// cannot be hidden by a mount; `broker doctor` says so.
 fn session_bus_socket() -> Option<PathBuf> {
-    let from_address = std::env::var("DBUS_SESSION_BUS_ADDRESS").ok().and_then(|a| {
-        a.split(';').find_map(|part| {
-            let params = part.strip_prefix("unix:")?;
-            params
-                .split(',')
-                .find_map(|kv| kv.strip_prefix("path="))
-                .map(PathBuf::from)
-        })
-    });
+    let from_address = std::env::var("DBUS_SESSION_BUS_ADDRESS")
+        .ok()
+        .and_then(|a| {
+            a.split(';').find_map(|part| {
+                let params = part.strip_prefix("unix:")?;
+                params
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("path="))
+                    .map(PathBuf::from)
+            })
+        });
     from_address
         .or_else(|| std::env::var_os("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("bus")))
         .filter(|p| p.exists())
@@ -196,11 +198,22 @@ fn grandchild(stage1: u32) -> Option<u32> {
         .filter_map(|entry| {
             let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
             Some((pid, ppid))
         })
         .collect();
-    let child_of = |parent: u32| parents.iter().find(|(_, p)| *p == parent).map(|(pid, _)| *pid);
+    let child_of = |parent: u32| {
+        parents
+            .iter()
+            .find(|(_, p)| *p == parent)
+            .map(|(pid, _)| *pid)
+    };
     child_of(child_of(stage1)?)
 }
 
@@ -262,7 +275,11 @@ fn stage_command(agent: &Command, plan: &Plan, status: &Path) -> Command {
 /// What to change so that this machine allows the sandbox, from the settings that turn
 /// unprivileged user namespaces off.
 pub fn fix_hint() -> String {
-    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).ok();
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .ok()
+    };
     if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
         return "AppArmor restricts unprivileged user namespaces (Ubuntu 23.10 and later): allow them for broker with a profile in /etc/apparmor.d/broker containing `abi <abi/4.0>, include <tunables/global> profile broker /path/to/broker flags=(unconfined) { userns, }` and `sudo apparmor_parser -r /etc/apparmor.d/broker`, or for every program with `sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0`".into();
     }
@@ -270,9 +287,11 @@ pub fn fix_hint() -> String {
         return "kernel.unprivileged_userns_clone is 0: `sudo sysctl kernel.unprivileged_userns_clone=1`".into();
     }
     if read("/proc/sys/user/max_user_namespaces").as_deref() == Some("0") {
-        return "user.max_user_namespaces is 0: `sudo sysctl user.max_user_namespaces=10000`".into();
+        return "user.max_user_namespaces is 0: `sudo sysctl user.max_user_namespaces=10000`"
+            .into();
     }
-    "check that unprivileged user namespaces are allowed (`unshare -Urmp --fork true` must work)".into()
+    "check that unprivileged user namespaces are allowed (`unshare -Urmp --fork true` must work)"
+        .into()
 }
 
 /// Can this machine sandbox a run? Starts the stages with this binary's `--version` as the
@@ -320,7 +339,12 @@ mod tests {
         };
         let mut argv: Vec<OsString> = vec!["broker".into(), SETUP_STAGE.into()];
         argv.extend(plan.to_args());
-        argv.extend(["--status".into(), "/tmp/s".into(), "--".into(), "true".into()]);
+        argv.extend([
+            "--status".into(),
+            "/tmp/s".into(),
+            "--".into(),
+            "true".into(),
+        ]);
         let cli = crate::cli::Cli::try_parse_from(argv).expect("parses");
         let crate::cli::Command::Sandbox(args) = cli.command else {
             panic!("not the sandbox stage");

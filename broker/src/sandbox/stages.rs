@@ -76,16 +76,25 @@ pub fn setup_stage(args: StageArgs) -> ExitCode {
     use nix::sched::CloneFlags;
     // nix's `unshare` is a safe function (rustix 1.x marks its own unsafe because of
     // CLONE_FILES, which is not used here).
-    if let Err(err) =
-        nix::sched::unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
-    {
+    if let Err(err) = nix::sched::unshare(
+        CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID,
+    ) {
         use nix::errno::Errno;
-        let policy = matches!(err, Errno::EPERM | Errno::EINVAL | Errno::ENOSYS | Errno::EACCES);
-        return status.refused(policy, format!("the kernel refuses a user namespace: unshare: {err}"));
+        let policy = matches!(
+            err,
+            Errno::EPERM | Errno::EINVAL | Errno::ENOSYS | Errno::EACCES
+        );
+        return status.refused(
+            policy,
+            format!("the kernel refuses a user namespace: unshare: {err}"),
+        );
     }
     if let Err(err) = map_ids(0, uid, 0, gid) {
         let policy = err.kind() == std::io::ErrorKind::PermissionDenied;
-        return status.refused(policy, format!("cannot map ids in the new user namespace: {err}"));
+        return status.refused(
+            policy,
+            format!("cannot map ids in the new user namespace: {err}"),
+        );
     }
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
     let mut init = Command::new(exe);
@@ -100,7 +109,10 @@ pub fn setup_stage(args: StageArgs) -> ExitCode {
             init.arg(flag).arg(path);
         }
     }
-    init.arg("--status").arg(&args.status).arg("--").args(&args.command);
+    init.arg("--status")
+        .arg(&args.status)
+        .arg("--")
+        .args(&args.command);
     let child = match init.spawn() {
         Ok(child) => child,
         Err(err) => return status.fail(format!("cannot start the sandbox's init: {err}")),
@@ -120,15 +132,24 @@ pub fn init_stage(args: StageArgs) -> ExitCode {
         return status.refused(policy, why);
     }
     // Our uid in the parent namespace is 0 (mapped by stage 1); the agent gets the user's own.
-    let (outer_uid, outer_gid) = (outer_id("/proc/self/uid_map"), outer_id("/proc/self/gid_map"));
+    let (outer_uid, outer_gid) = (
+        outer_id("/proc/self/uid_map"),
+        outer_id("/proc/self/gid_map"),
+    );
     let (Some(outer_uid), Some(outer_gid)) = (outer_uid, outer_gid) else {
         return status.fail("cannot read the id maps of the sandbox");
     };
     use nix::sched::CloneFlags;
     if let Err(err) = nix::sched::unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS) {
         use nix::errno::Errno;
-        let policy = matches!(err, Errno::EPERM | Errno::EINVAL | Errno::ENOSYS | Errno::EACCES);
-        return status.refused(policy, format!("cannot nest the agent's user namespace: {err}"));
+        let policy = matches!(
+            err,
+            Errno::EPERM | Errno::EINVAL | Errno::ENOSYS | Errno::EACCES
+        );
+        return status.refused(
+            policy,
+            format!("cannot nest the agent's user namespace: {err}"),
+        );
     }
     if let Err(err) = map_ids(outer_uid, 0, outer_gid, 0) {
         let policy = err.kind() == std::io::ErrorKind::PermissionDenied;
@@ -142,7 +163,10 @@ pub fn init_stage(args: StageArgs) -> ExitCode {
     // The agent's directory, looked up again through the new mounts (the inherited one
     // still points at the directory as it was). Inside a hidden directory it is refused.
     if let Some(cwd) = &cwd {
-        if let Some(hidden) = args.hide_dir.iter().find(|d| cwd.starts_with(d))
+        if let Some(hidden) = args
+            .hide_dir
+            .iter()
+            .find(|d| cwd.starts_with(d))
             .filter(|_| !args.expose.iter().any(|e| cwd.starts_with(e)))
         {
             return status.fail(format!(
@@ -152,7 +176,10 @@ pub fn init_stage(args: StageArgs) -> ExitCode {
             ));
         }
         if let Err(err) = std::env::set_current_dir(cwd) {
-            return status.fail(format!("cannot enter {} inside the sandbox: {err}", cwd.display()));
+            return status.fail(format!(
+                "cannot enter {} inside the sandbox: {err}",
+                cwd.display()
+            ));
         }
     }
     let mut agent = Command::new(&args.command[0]);
@@ -169,8 +196,15 @@ pub fn init_stage(args: StageArgs) -> ExitCode {
     let child = match spawned {
         Ok(child) => child,
         Err(err) => {
-            eprintln!("broker: cannot start {}: {err}", args.command[0].to_string_lossy());
-            let code = if err.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+            eprintln!(
+                "broker: cannot start {}: {err}",
+                args.command[0].to_string_lossy()
+            );
+            let code = if err.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
             return ExitCode::from(code);
         }
     };
@@ -188,8 +222,11 @@ fn hide(args: &StageArgs) -> Result<(), (bool, String)> {
         }
     };
     // Nothing done here may reach the user's own mount namespace.
-    rustix::mount::mount_change("/", MountPropagationFlags::PRIVATE | MountPropagationFlags::REC)
-        .map_err(refused("cannot make the mounts private".into()))?;
+    rustix::mount::mount_change(
+        "/",
+        MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+    )
+    .map_err(refused("cannot make the mounts private".into()))?;
     // Open what is shown again before it disappears under the covers.
     let exposed: Vec<(PathBuf, std::fs::File)> = args
         .expose
@@ -262,15 +299,26 @@ fn hide(args: &StageArgs) -> Result<(), (bool, String)> {
 }
 
 /// Write `/proc/self/{setgroups,uid_map,gid_map}`: `inside` maps to `outside`, one id each.
-fn map_ids(inside_uid: u32, outside_uid: u32, inside_gid: u32, outside_gid: u32) -> std::io::Result<()> {
+fn map_ids(
+    inside_uid: u32,
+    outside_uid: u32,
+    inside_gid: u32,
+    outside_gid: u32,
+) -> std::io::Result<()> {
     // "deny" is what lets an unprivileged process map its gid; a nested namespace inherits it.
     match std::fs::write("/proc/self/setgroups", "deny") {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
         Err(e) => return Err(e),
     }
-    std::fs::write("/proc/self/uid_map", format!("{inside_uid} {outside_uid} 1"))?;
-    std::fs::write("/proc/self/gid_map", format!("{inside_gid} {outside_gid} 1"))
+    std::fs::write(
+        "/proc/self/uid_map",
+        format!("{inside_uid} {outside_uid} 1"),
+    )?;
+    std::fs::write(
+        "/proc/self/gid_map",
+        format!("{inside_gid} {outside_gid} 1"),
+    )
 }
 
 /// The id that 0 maps to, as stage 1 wrote it (`0 <outer> 1`).
@@ -284,7 +332,10 @@ fn outer_id(map: &str) -> Option<u32> {
 /// Wait for `pid` while forwarding the signals a supervisor sends to it; return its status
 /// as ours. As PID 1 (`reap_all`), also reap orphans that the namespace hands to us.
 fn supervise(pid: u32, reap_all: Option<()>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("broker: sandbox: cannot start its event loop: {err}");

@@ -667,8 +667,12 @@ pub fn recorded_key_source(home: &Home) -> Option<KeySource> {
     if !path.is_file() {
         return None;
     }
-    let conn = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
-    read_meta(&conn, &path).ok().flatten().map(|meta| meta.key_source)
+    let conn =
+        Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    read_meta(&conn, &path)
+        .ok()
+        .flatten()
+        .map(|meta| meta.key_source)
 }
 
 fn read_meta(conn: &Connection, vault: &Path) -> Result<Option<Meta>, VaultError> {
