@@ -360,7 +360,7 @@ fn without_the_sandbox_the_broker_stays_closed_but_the_key_file_is_readable() {
     cmd.env("ATTACK_BROKER", broker_integration::broker_bin())
         .env("ATTACK_EVIL", scene.evil.addr.to_string())
         .env("ATTACK_EVIL_CA", scene.project.path().join("evil-ca.pem"));
-    let mut child = as_agent_user(&cmd)
+    let child = as_agent_user(&cmd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
