@@ -173,7 +173,9 @@ async fn handle(
         true => read_handover(&mut reader, &mut line)
             .await
             .and_then(|handover| from_handover(handover, &proxy, peer_pid)),
-        false => serde_json::from_str::<OpenRun>(&line).map_err(|_| "malformed request".into()),
+        false => serde_json::from_str::<OpenRun>(&line)
+            .map_err(|_| "malformed request".into())
+            .map(|request| attributed_by_the_kernel(request, peer_pid)),
     };
     drop(line);
     let reply = match request {
@@ -208,9 +210,17 @@ async fn handle(
         if let Some(pid) = line
             .trim_end()
             .strip_prefix(AGENT_PID)
-            .and_then(|p| p.parse().ok())
+            .and_then(|p| p.parse::<u32>().ok())
         {
-            agent_pid.set(pid);
+            // Taken only for a process the client started: the kernel says whose child it is.
+            match peer_pid {
+                Some(peer) if crate::procfs::descends_from(pid, peer) => agent_pid.set(pid),
+                _ => tracing::warn!(
+                    claimed = pid,
+                    peer = ?peer_pid,
+                    "a run's client named an agent pid that is not its own descendant; the audit keeps the client's pid"
+                ),
+            }
         }
     }
     let mut sink = [0u8; 64];
@@ -269,19 +279,28 @@ fn from_handover(
         profile: String::new(),
         deny_unlisted: false,
         pid,
-        command: pid.map(command_line).unwrap_or_default(),
+        command: pid.map(crate::procfs::command_line).unwrap_or_default(),
         run_keys,
     })
 }
 
-/// The command line of `pid` for the audit, as `ps` shows it (arguments joined by spaces).
-fn command_line(pid: u32) -> String {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    raw.split(|b| *b == 0)
-        .filter(|arg| !arg.is_empty())
-        .map(String::from_utf8_lossy)
-        .collect::<Vec<_>>()
-        .join(" ")
+/// The pid and command of a `broker run` request, from the kernel rather than the request:
+/// the peer's pid (`SO_PEERCRED`) and, from its arguments, the agent's command (what follows
+/// `--`; the whole command line when there is none). Any process of the user can send a
+/// request, and the audit must not say what it claims.
+fn attributed_by_the_kernel(mut request: OpenRun, peer_pid: Option<u32>) -> OpenRun {
+    request.pid = peer_pid;
+    request.command = match peer_pid {
+        Some(pid) => {
+            let args = crate::procfs::arguments(pid);
+            match args.iter().position(|a| a == "--") {
+                Some(at) => args[at + 1..].join(" "),
+                None => args.join(" "),
+            }
+        }
+        None => String::new(),
+    };
+    request
 }
 
 async fn open(

@@ -210,7 +210,7 @@ fn sign_in_environment() -> Option<String> {
 fn broker_ancestor() -> Option<(u32, &'static str)> {
     let mut pid = std::process::id();
     for _ in 0..64 {
-        pid = parent_of(pid)?;
+        pid = crate::procfs::parent_of(pid)?;
         if pid == 0 {
             return None;
         }
@@ -230,13 +230,6 @@ fn broker_ancestor() -> Option<(u32, &'static str)> {
         }
     }
     None
-}
-
-/// Field 4 of `/proc/<pid>/stat`.
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ pub mod instance;
 mod key_cache;
 pub mod launch;
 pub mod oauth;
+pub mod procfs;
 pub mod providers;
 pub mod proxy;
 pub mod sandbox;

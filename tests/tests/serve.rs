@@ -524,3 +524,56 @@ fn a_real_key_stays_hidden_when_the_daemon_died() {
     assert!(!out.status.success(), "{stdout}{stderr}");
     assert!(origin.requests().is_empty());
 }
+
+/// A client of the control socket may claim any pid and command; the audit records the ones
+/// the kernel gives for the connection (`SO_PEERCRED`, `/proc/<pid>/cmdline`), and an agent
+/// pid that is not the client's own descendant is not taken.
+#[test]
+fn the_audit_names_the_client_the_kernel_sees_not_the_one_it_claims() {
+    let ca = TestCa::new();
+    let origin = Origin::bearer(&ca, "api.openai.com", OPENAI_KEY, "ok");
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let _serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
+    let liar = r#"
+import json, os, socket, subprocess, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(json.dumps({"allow": None, "profile": "default", "deny_unlisted": False,
+    "pid": 1, "command": "innocent" + "-looking-claim", "run_keys": {}}).encode() + b"\n")
+reply = json.loads(s.makefile('rb').readline())
+s.sendall(b"agent-pid 1\n")
+env = dict(os.environ, LD_PRELOAD=sys.argv[2], BROKER_SHIM_CONFIG=reply["shim_config"])
+p = subprocess.run(["sh", "-c", 'curl -sS https://api.openai.com/v1/models -H "Authorization: Bearer $OPENAI_API_KEY"'],
+    env=env, capture_output=True)
+print(p.stdout.decode(), p.stderr.decode())
+print("pid=%d" % os.getpid())
+"#;
+    let socket = home.path().join("run").join("control.sock");
+    let mut cmd = Command::new("python3");
+    broker_integration::scrub(&mut cmd);
+    cmd.args(["-c", liar])
+        .arg(&socket)
+        .arg(broker_integration::shim_lib())
+        .stdin(std::process::Stdio::null());
+    let out = run_bounded(&mut cmd, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ok"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("pid="))
+        .expect("pid line")
+        .to_string();
+    let audit = home.audit_until(|a| a.contains("\"credential_use\""));
+    let line = audit
+        .lines()
+        .find(|l| l.contains("\"credential_use\""))
+        .expect("a credential use");
+    assert!(line.contains(&format!("\"pid\":{pid},")), "{line}");
+    assert!(line.contains("python3"), "{line}");
+    assert!(!line.contains("innocent-looking-claim"), "{line}");
+}
