@@ -182,7 +182,8 @@ fn vault_check(home: &Home) -> Check {
             "vault",
             Status::Fail,
             format!(
-                "unreadable: {} (remove and add them again)",
+                "failed the integrity check (changed outside broker, or damaged; never used): {}. \
+                 Run 'broker remove PROVIDER [--profile NAME]' and 'broker add' (or 'broker login') again for each",
                 report.unreadable.join(", ")
             ),
         ),
