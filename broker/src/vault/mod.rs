@@ -428,14 +428,11 @@ impl Vault {
         let integrity_ok = self.open_row(&row).is_ok();
         let Some(kind) = CredentialKind::parse(&row.kind) else {
             // Only an edit outside broker writes another kind (the schema refuses it).
-            return Err(VaultError::Integrity {
-                provider: row.provider,
-                profile: row.profile,
-            });
+            return Err(row.integrity_error());
         };
         Ok(CredentialInfo {
-            provider: row.provider,
-            profile: row.profile,
+            provider: row::shown(&row.provider),
+            profile: row::shown(&row.profile),
             kind,
             created_at: row.created_at,
             updated_at: row.updated_at,

@@ -73,8 +73,32 @@ impl RawRow {
 
     /// `provider/profile`, as reports name a row.
     pub fn name(&self) -> String {
-        format!("{}/{}", self.provider, self.profile)
+        format!("{}/{}", shown(&self.provider), shown(&self.profile))
     }
+
+    /// The integrity error for this row.
+    pub fn integrity_error(&self) -> VaultError {
+        VaultError::Integrity {
+            provider: shown(&self.provider),
+            profile: shown(&self.profile),
+        }
+    }
+}
+
+/// A name read from the file as it may be printed: broker writes only checked names
+/// ([`super::check_name`]); anything else (an edit outside broker) is shown with `?` for each
+/// character a checked name cannot hold, so no control sequence reaches a terminal.
+pub(super) fn shown(name: &str) -> String {
+    name.chars()
+        .take(super::MAX_NAME_LEN)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
 }
 
 /// One row, blobs sealed.
@@ -118,10 +142,7 @@ impl Vault {
     /// (an edited column, a blob from elsewhere, a blob removed) is an integrity error naming
     /// the row.
     pub(super) fn open_row(&self, row: &RawRow) -> Result<StoredCredential, VaultError> {
-        let integrity = || VaultError::Integrity {
-            provider: row.provider.clone(),
-            profile: row.profile.clone(),
-        };
+        let integrity = || row.integrity_error();
         let kind = CredentialKind::parse(&row.kind).ok_or_else(integrity)?;
         let binding = row.binding();
         let open = |field: Field, blob: &[u8]| -> Result<Secret, VaultError> {

@@ -852,3 +852,25 @@ fn concurrent_opens_of_a_previous_release_vault_migrate_once() {
     }
     assert_eq!(row_format(&home), RowFormat::V2);
 }
+
+/// A name written outside broker reaches no terminal as it is.
+#[test]
+fn a_row_renamed_outside_broker_is_reported_with_a_printable_name() {
+    let (_d, home) = temp_home();
+    let vault = vault_with_every_kind(&home);
+    vault
+        .lock()
+        .execute(
+            "UPDATE credentials SET provider = 'open' || char(27) || '[2Jai' WHERE provider = 'openai'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(
+        vault.verify().unwrap().unreadable,
+        vec!["open??2Jai/default".to_string()]
+    );
+    let listed = vault.list().unwrap();
+    let bad: Vec<_> = listed.iter().filter(|i| !i.integrity_ok).collect();
+    assert_eq!(bad.len(), 1);
+    assert_eq!(bad[0].provider, "open??2Jai");
+}
