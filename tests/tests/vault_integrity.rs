@@ -504,3 +504,52 @@ fn a_vault_of_the_previous_release_keeps_every_credential() {
     );
     assert_eq!(origin.requests().len(), 1);
 }
+
+/// A running `broker serve` that has used (and cached) the key refuses it as soon as its row is
+/// edited, and uses it again once it is added again.
+#[test]
+fn a_running_serve_refuses_a_row_edited_under_it() {
+    let ca = TestCa::new();
+    let origin = Origin::bearer(&ca, "api.openai.com", OPENAI_KEY, "x");
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let placeholder = home.placeholder("openai");
+    let serve = broker_integration::Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
+    let ask = || {
+        broker_integration::send(
+            serve.addr_for("api.openai.com"),
+            "api.openai.com",
+            &serve.ca_pem(),
+            true,
+            broker_integration::get(
+                "api.openai.com",
+                "/v1/models",
+                &[("authorization", &format!("Bearer {placeholder}"))],
+            ),
+        )
+        .expect("response")
+    };
+    assert_eq!(ask().status, 200);
+    assert_eq!(ask().status, 200);
+    sqlite3(
+        &home,
+        "UPDATE credentials SET kind = 'command' WHERE provider = 'openai'",
+    );
+    let refused = ask();
+    let mut answer = format!("{:?}", refused.headers).into_bytes();
+    answer.extend_from_slice(&refused.body);
+    assert_holds_none_of(&answer, &[OPENAI_KEY], "the agent's answer");
+    assert_eq!(refused.status, 500, "{}", refused.text());
+    assert!(
+        refused
+            .header("x-broker-error")
+            .is_some_and(|e| e.starts_with("credential openai/default failed its integrity check")),
+        "{:?}",
+        refused.headers
+    );
+    assert_eq!(origin.requests().len(), 2, "nothing left with the key");
+    home.add("openai", OPENAI_KEY);
+    assert_eq!(ask().status, 200);
+    assert_eq!(origin.requests().len(), 3);
+    assert_holds_none_of(serve.stderr().as_bytes(), &[OPENAI_KEY], "serve's log");
+}
