@@ -477,7 +477,7 @@ fn a_vault_of_the_previous_release_keeps_every_credential() {
     assert!(
         stdout
             .lines()
-            .any(|l| l.contains("vault") && l.contains("4 credentials, all readable")),
+            .any(|l| l.contains("vault") && l.contains("4 credentials, all intact")),
         "{stdout}"
     );
     let call = || {

@@ -173,7 +173,7 @@ fn vault_check(home: &Home) -> Check {
             "vault",
             Status::Ok,
             format!(
-                "{} credentials, all readable; master key in the {}",
+                "{} credentials, all intact (integrity checked); master key in the {}",
                 report.credentials,
                 vault.key_source()
             ),
