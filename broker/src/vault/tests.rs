@@ -874,3 +874,47 @@ fn a_row_renamed_outside_broker_is_reported_with_a_printable_name() {
     assert_eq!(bad.len(), 1);
     assert_eq!(bad[0].provider, "open??2Jai");
 }
+
+/// The migration is all or nothing: a failure on its third row (injected with a trigger) leaves
+/// every row and the key record as they were, in format 1, and the next open migrates them all.
+#[test]
+fn a_migration_that_fails_midway_changes_nothing() {
+    let (_d, home) = fixture_home();
+    let blobs = |conn: &Connection| -> Vec<(String, Vec<u8>)> {
+        let mut stmt = conn
+            .prepare("SELECT provider, secret FROM credentials ORDER BY provider")
+            .unwrap();
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        rows.collect::<Result<_, _>>().unwrap()
+    };
+    let conn = Connection::open(home.vault_path()).unwrap();
+    let before = blobs(&conn);
+    let wrapped_before: Vec<u8> = conn
+        .query_row("SELECT wrapped_data_key FROM vault_meta", [], |r| r.get(0))
+        .unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER fail_midway BEFORE UPDATE ON credentials WHEN old.provider = 'github'
+         BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+    )
+    .unwrap();
+    drop(conn);
+    let err = Vault::open_with(&home, &file_keys()).expect_err("the migration fails");
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    let conn = Connection::open(home.vault_path()).unwrap();
+    assert_eq!(blobs(&conn), before, "no row was re-sealed");
+    let wrapped: Vec<u8> = conn
+        .query_row("SELECT wrapped_data_key FROM vault_meta", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(wrapped, wrapped_before);
+    assert_eq!(row_format(&home), RowFormat::V1);
+    conn.execute_batch("DROP TRIGGER fail_midway").unwrap();
+    drop(conn);
+    let vault = Vault::open_with(&home, &file_keys()).unwrap();
+    assert_eq!(row_format(&home), RowFormat::V2);
+    let report = vault.verify().unwrap();
+    assert_eq!((report.credentials, report.is_ok()), (4, true));
+    assert_eq!(
+        vault.get("github", "default").unwrap().unwrap().expose(),
+        "printf ghp_fixturecommandkey0123456789abcdef"
+    );
+}
