@@ -3,8 +3,12 @@
 //! broker runs it with `sh -c` when the key is needed, caches the output for a TTL, and runs it
 //! again when the TTL is over or the upstream rejected the cached key.
 //!
-//! The output is the key: standard output, surrounding whitespace trimmed. It is never logged;
-//! a failing command's message carries its exit status and the first line of its stderr.
+//! The output is the key: standard output, surrounding whitespace trimmed. It is never logged.
+//! A failing command's message (what the agent and the user see) carries its exit status and a
+//! generic reason only, nothing the command printed: its stderr may quote the key or the
+//! command (a secret too: it may hold a token). The stderr goes to the broker's log, after
+//! every form of the command, of each of its longer words and of what it printed on stdout
+//! is overwritten ([`crate::proxy::redact_text`]).
 
 use std::collections::HashMap;
 use std::io::Read as _;
@@ -35,8 +39,67 @@ pub fn ttl_from(metadata: &str) -> Duration {
         .map_or(DEFAULT_TTL, Duration::from_secs)
 }
 
+/// Words of a command at least this long are redacted from its stderr on their own (a token
+/// passed as an argument); shorter ones are ordinary words.
+const MIN_REDACTED_WORD: usize = 12;
+
+/// A credential command that gave no key.
+#[derive(Debug)]
+pub struct CommandFailure {
+    /// Exit status and a generic reason, with nothing the command printed: safe to show.
+    pub message: String,
+    /// The first lines of its stderr, redacted; empty if it printed none.
+    pub stderr: String,
+}
+
+impl std::fmt::Display for CommandFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl CommandFailure {
+    fn plain(message: impl Into<String>) -> CommandFailure {
+        CommandFailure {
+            message: message.into(),
+            stderr: String::new(),
+        }
+    }
+
+    /// Put the redacted stderr in the broker's log.
+    pub fn log(&self, provider: &str, profile: &str) {
+        if !self.stderr.is_empty() {
+            tracing::warn!(provider, profile, stderr = %self.stderr, "{} (its stderr, redacted)", self.message);
+        }
+    }
+}
+
+/// `stderr` with every form of `command`, of its words of [`MIN_REDACTED_WORD`] bytes or more,
+/// and of `stdout` overwritten; at most 5 lines of 200 characters.
+fn redacted_stderr(stderr: &[u8], command: &str, stdout: &[u8]) -> String {
+    let mut secrets: Vec<&[u8]> = vec![command.as_bytes(), command.trim().as_bytes()];
+    secrets.extend(
+        command
+            .split(|c: char| {
+                c.is_whitespace() || matches!(c, '\'' | '"' | ';' | '|' | '&' | '=' | '(' | ')')
+            })
+            .filter(|w| w.len() >= MIN_REDACTED_WORD)
+            .map(str::as_bytes),
+    );
+    let out = String::from_utf8_lossy(stdout);
+    secrets.push(stdout);
+    secrets.push(out.trim().as_bytes());
+    let text = crate::proxy::redact_text(stderr, &secrets);
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(5)
+        .map(|l| l.trim().chars().take(200).collect::<String>())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
 /// Run `command` and return what it printed, trimmed.
-pub fn run(command: &str) -> Result<Zeroizing<String>, String> {
+pub fn run(command: &str) -> Result<Zeroizing<String>, CommandFailure> {
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(command)
@@ -44,7 +107,7 @@ pub fn run(command: &str) -> Result<Zeroizing<String>, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start the credential command: {e}"))?;
+        .map_err(|e| CommandFailure::plain(format!("cannot start the credential command: {e}")))?;
     let deadline = Instant::now() + RUN_TIMEOUT;
     let status = loop {
         match child.try_wait() {
@@ -53,10 +116,10 @@ pub fn run(command: &str) -> Result<Zeroizing<String>, String> {
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
+                return Err(CommandFailure::plain(format!(
                     "the credential command did not finish within {}s",
                     RUN_TIMEOUT.as_secs()
-                ));
+                )));
             }
         }
     };
@@ -65,35 +128,35 @@ pub fn run(command: &str) -> Result<Zeroizing<String>, String> {
         let _ = stdout.take(MAX_OUTPUT + 1).read_to_end(&mut out);
     }
     if !status.success() {
-        let mut err = String::new();
+        let mut err = Zeroizing::new(Vec::new());
         if let Some(stderr) = child.stderr.take() {
-            let _ = stderr.take(4096).read_to_string(&mut err);
+            let _ = stderr.take(4096).read_to_end(&mut err);
         }
-        let first = err
-            .lines()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim();
         let code = status
             .code()
-            .map_or_else(|| "killed".to_string(), |c| format!("exit {c}"));
-        return Err(if first.is_empty() {
+            .map_or_else(|| "killed by a signal".to_string(), |c| format!("exit {c}"));
+        let stderr = redacted_stderr(&err, command, &out);
+        let message = if stderr.is_empty() {
             format!("the credential command failed ({code})")
         } else {
             format!(
-                "the credential command failed ({code}): {}",
-                first.chars().take(200).collect::<String>()
+                "the credential command failed ({code}); its error output is in the broker's log"
             )
-        });
+        };
+        return Err(CommandFailure { message, stderr });
     }
     if out.len() as u64 > MAX_OUTPUT {
-        return Err("the credential command printed more than 16 KiB: that is not a key".into());
+        return Err(CommandFailure::plain(
+            "the credential command printed more than 16 KiB: that is not a key",
+        ));
     }
     let text = std::str::from_utf8(&out)
-        .map_err(|_| "the credential command printed non-UTF-8 output".to_string())?;
+        .map_err(|_| CommandFailure::plain("the credential command printed non-UTF-8 output"))?;
     let key = text.trim();
     if key.is_empty() {
-        return Err("the credential command printed nothing".into());
+        return Err(CommandFailure::plain(
+            "the credential command printed nothing",
+        ));
     }
     Ok(Zeroizing::new(key.to_string()))
 }
@@ -108,7 +171,8 @@ pub struct CommandCache {
 }
 
 impl CommandCache {
-    /// The cached key, or the command's fresh output (cached for `ttl`).
+    /// The cached key, or the command's fresh output (cached for `ttl`). A failure's redacted
+    /// stderr is logged; the message returned carries none of it.
     pub fn get_or_run(
         &self,
         provider: &str,
@@ -125,7 +189,10 @@ impl CommandCache {
         }
         // Holding the lock while the command runs: concurrent requests wait for one run
         // instead of each starting the secrets manager.
-        let value = run(command)?;
+        let value = run(command).map_err(|failure| {
+            failure.log(provider, profile);
+            failure.message
+        })?;
         entries.insert(key, (Instant::now(), value.clone()));
         Ok(value)
     }
@@ -149,13 +216,59 @@ mod tests {
         );
         let err = run("echo 'op: not signed in' >&2; exit 3").expect_err("fails");
         assert_eq!(
-            err,
-            "the credential command failed (exit 3): op: not signed in"
+            err.message,
+            "the credential command failed (exit 3); its error output is in the broker's log"
         );
+        assert_eq!(err.stderr, "op: not signed in");
+        let err = run("exit 4").expect_err("fails");
+        assert_eq!(err.message, "the credential command failed (exit 4)");
+        assert_eq!(err.stderr, "");
         assert_eq!(
-            run("true").expect_err("empty"),
+            run("true").expect_err("empty").message,
             "the credential command printed nothing"
         );
+    }
+
+    #[test]
+    fn a_failure_says_nothing_the_command_printed_and_logs_stderr_redacted() {
+        let key = "sk-proj-cmdfail-0123456789abcdefABCDEF";
+        let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key);
+        // The key printed on stderr (as is and in base64) and on stdout, then a failure.
+        let cmd = format!("printf '{key}'; echo 'denied for {key}' >&2; echo '{b64}' >&2; exit 1");
+        let err = run(&cmd).expect_err("fails");
+        assert_eq!(
+            err.message,
+            "the credential command failed (exit 1); its error output is in the broker's log"
+        );
+        assert!(
+            err.stderr.contains("denied for"),
+            "the rest of stderr is kept"
+        );
+        for text in [&err.message, &err.stderr, &format!("{err:?}")] {
+            assert!(!text.contains(key), "the key leaked into a failure");
+            assert!(
+                !text.contains(&b64[..40]),
+                "the key's base64 leaked into a failure"
+            );
+            assert!(!text.contains("0123456789abcdef"), "part of the key leaked");
+        }
+        // A key run as a command (a row whose kind was edited, before rows were authenticated):
+        // the shell's "not found" quotes the command, which is the key.
+        let err = run(key).expect_err("not a command");
+        assert!(err
+            .message
+            .starts_with("the credential command failed (exit 127)"));
+        assert!(!err.stderr.contains(key) && !err.message.contains(key));
+        assert!(
+            !err.stderr.is_empty(),
+            "sh said something: {:?}",
+            err.message
+        );
+        // A token passed as an argument is redacted on its own.
+        let err = run("sh -c 'echo \"bad token $0\" >&2; exit 2' ghp_argtoken0123456789")
+            .expect_err("fails");
+        assert!(err.stderr.contains("bad token"), "{}", err.message);
+        assert!(!err.stderr.contains("ghp_argtoken0123456789"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::home::Home;
 use crate::key_cache::KeyCache;
 use crate::oauth::refresh::FreshError;
 use crate::proxy::{Credentials, LookupError, UpstreamSettings};
-use crate::vault::{CredentialKind, KeyConfig, Vault};
+use crate::vault::{CredentialKind, KeyConfig, Vault, VaultError};
 
 /// Credentials from the vault in `BROKER_HOME`, opened on first use and kept open.
 pub struct VaultCredentials {
@@ -81,10 +81,7 @@ impl Credentials for VaultCredentials {
         // Taken before the read: a write racing with it changes the generation, so a key read
         // across it is not kept.
         let generation = self.keys_seen.generation();
-        let Some(stored) = vault
-            .get_full(provider, profile)
-            .map_err(|e| e.to_string())?
-        else {
+        let Some(stored) = vault.get_full(provider, profile).map_err(vault_error)? else {
             return Ok(None);
         };
         match stored.kind {
@@ -126,10 +123,7 @@ impl Credentials for VaultCredentials {
             return Ok(None);
         };
         // A command's cached output was rejected: run the command again.
-        if let Some(stored) = vault
-            .get_full(provider, profile)
-            .map_err(|e| e.to_string())?
-        {
+        if let Some(stored) = vault.get_full(provider, profile).map_err(vault_error)? {
             if stored.kind == CredentialKind::Command {
                 self.commands.forget(provider, profile);
                 return self.lookup(provider, profile);
@@ -151,6 +145,15 @@ fn fresh_error(e: FreshError) -> LookupError {
     match e {
         FreshError::LoginExpired => LookupError::LoginExpired,
         FreshError::Unavailable(message) => LookupError::Unavailable(message),
+        FreshError::Integrity(message) => LookupError::Integrity(message),
+    }
+}
+
+/// A vault error as the proxy reports it: a row that failed its integrity check apart.
+fn vault_error(e: VaultError) -> LookupError {
+    match e {
+        VaultError::Integrity { .. } => LookupError::Integrity(e.to_string()),
+        e => LookupError::Unavailable(e.to_string()),
     }
 }
 

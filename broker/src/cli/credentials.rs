@@ -162,13 +162,25 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     for i in &infos {
         writeln!(
             out,
-            "{:<16} {:<12} {:<8} {:<20} {}",
+            "{:<16} {:<12} {:<8} {:<20} {}{}",
             i.provider,
             i.profile,
             i.kind,
             short_time(&i.created_at),
-            short_time(&i.updated_at)
+            short_time(&i.updated_at),
+            if i.integrity_ok {
+                ""
+            } else {
+                "  INTEGRITY CHECK FAILED"
+            }
         )?;
+    }
+    for i in infos.iter().filter(|i| !i.integrity_ok) {
+        let err = crate::vault::VaultError::Integrity {
+            provider: i.provider.clone(),
+            profile: i.profile.clone(),
+        };
+        eprintln!("{err}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -310,8 +322,10 @@ fn add_command(
     args: &AddArgs,
     command: &str,
 ) -> anyhow::Result<ExitCode> {
-    let key = crate::credential_command::run(command)
-        .map_err(|e| anyhow::anyhow!("{e}; nothing was stored"))?;
+    let key = crate::credential_command::run(command).map_err(|failure| {
+        failure.log(&provider.name, &args.profile);
+        anyhow::anyhow!("{}; nothing was stored", failure.message)
+    })?;
     if provider.is_placeholder(&key) || (!args.force && !provider.key_matches(&key)) {
         bail!(
             "the command ran, but what it printed does not look like a key for {} (expected the pattern {}); nothing was stored. Pass --force to store it anyway",
@@ -321,16 +335,14 @@ fn add_command(
     }
     drop(key);
     let vault = Vault::open(home)?;
-    vault.put(
+    let ttl = std::time::Duration::from_secs(args.ttl);
+    vault.put_with_metadata(
         &provider.name,
         &args.profile,
         command,
         CredentialKind::Command,
+        &crate::credential_command::metadata(ttl),
     )?;
-    let ttl = std::time::Duration::from_secs(args.ttl);
-    vault.with_credential_lock(&provider.name, &args.profile, |locked| {
-        locked.set_metadata(&crate::credential_command::metadata(ttl))
-    })?;
     audit(
         home,
         EventKind::CredentialAdded,

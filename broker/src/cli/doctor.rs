@@ -201,7 +201,7 @@ fn vault_check(home: &Home) -> Check {
             "vault",
             Status::Ok,
             format!(
-                "{} credentials, all readable; master key in the {}",
+                "{} credentials, all intact (integrity checked); master key in the {}",
                 report.credentials,
                 vault.key_source()
             ),
@@ -210,7 +210,8 @@ fn vault_check(home: &Home) -> Check {
             "vault",
             Status::Fail,
             format!(
-                "unreadable: {} (remove and add them again)",
+                "failed the integrity check (changed outside broker, or damaged; never used): {}. \
+                 Run 'broker remove PROVIDER [--profile NAME]' and 'broker add' (or 'broker login') again for each",
                 report.unreadable.join(", ")
             ),
         ),

@@ -239,16 +239,29 @@ pub fn logout(args: LogoutArgs) -> anyhow::Result<ExitCode> {
                     &[("token", token.expose()), ("token_type_hint", hint)],
                     &creds,
                 ));
+                // The server's error text may quote what it was sent: redacted.
+                let secrets: Vec<&[u8]> = [
+                    Some(&cred.secret),
+                    cred.refresh.as_ref(),
+                    cred.client_secret.as_ref(),
+                ]
+                .into_iter()
+                .flatten()
+                .map(|s| s.expose().as_bytes())
+                .collect();
+                let redacted = |text: String| crate::proxy::redact_text(text.as_bytes(), &secrets);
                 match result {
                     // RFC 7009 2.2: 200 whether or not the token was still valid.
                     Ok(answer) if answer.status == 200 => eprintln!("Revoked the {what}."),
                     Ok(answer) => failures.push(format!(
                         "the {what}: {}",
-                        crate::oauth::client::oauth_error(&answer)
-                            .map(|e| e.to_string())
-                            .unwrap_or_else(|| format!("{url} answered {}", answer.status))
+                        redacted(
+                            crate::oauth::client::oauth_error(&answer)
+                                .map(|e| e.to_string())
+                                .unwrap_or_else(|| format!("{url} answered {}", answer.status))
+                        )
                     )),
-                    Err(err) => failures.push(format!("the {what}: {err}")),
+                    Err(err) => failures.push(format!("the {what}: {}", redacted(err.to_string()))),
                 }
             }
         }

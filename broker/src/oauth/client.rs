@@ -59,6 +59,26 @@ pub struct EndpointClient {
     http: Client<HttpConnector, Full<Bytes>>,
 }
 
+/// Form fields that carry no secret (the rest of a form is a token, code or client secret).
+const NOT_SECRET_FIELDS: &[&str] = &[
+    "grant_type",
+    "token_type_hint",
+    "scope",
+    "redirect_uri",
+    "client_id",
+];
+
+/// An OAuth error's text (`error`, `error_description`) ends up in messages and logs: every
+/// form of what the request sent (a refresh token, a client secret, a code) is overwritten in
+/// it, for a server that quotes it.
+fn redact_error_text(json: &mut serde_json::Value, sent: &[&[u8]]) {
+    for field in ["error", "error_description"] {
+        if let Some(serde_json::Value::String(text)) = json.get_mut(field) {
+            *text = crate::proxy::redact_text(text.as_bytes(), sent);
+        }
+    }
+}
+
 /// A JSON answer from an endpoint.
 pub struct Answer {
     pub status: u16,
@@ -148,7 +168,7 @@ impl EndpointClient {
             .map_err(|_| {
                 endpoint_err(format!("no answer within {} s", ENDPOINT_TIMEOUT.as_secs()))
             })??;
-        let json = if bytes.is_empty() {
+        let mut json = if bytes.is_empty() {
             serde_json::Value::Null
         } else {
             match serde_json::from_slice(&bytes) {
@@ -161,6 +181,13 @@ impl EndpointClient {
                 }
             }
         };
+        let sent: Vec<&[u8]> = pairs
+            .iter()
+            .filter(|(k, _)| !NOT_SECRET_FIELDS.contains(k))
+            .map(|(_, v)| v.as_bytes())
+            .chain(client.secret.map(str::as_bytes))
+            .collect();
+        redact_error_text(&mut json, &sent);
         Ok(Answer { status, json })
     }
 
@@ -240,6 +267,33 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_quoting_what_was_sent_is_redacted() {
+        let refresh = "rt-quoted-by-the-server-0123456789";
+        let secret = "cs-quoted-by-the-server-0123456789";
+        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("client:{secret}"));
+        let mut json = serde_json::json!({
+            "error": "invalid_grant",
+            "error_description": format!("refresh token {refresh} unknown for {b64}"),
+        });
+        redact_error_text(&mut json, &[refresh.as_bytes(), secret.as_bytes()]);
+        let answer = Answer { status: 400, json };
+        let err = oauth_error(&answer).expect("an error");
+        assert!(err.is_grant_rejected(), "the error code stands");
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "the authorization server refused: invalid_grant (refresh token [redacted"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains(refresh) && !text.contains("0123456789"));
+        assert!(
+            !text.contains(&b64[12..40]),
+            "the secret's base64 is overwritten"
+        );
+    }
 
     #[test]
     fn plain_http_only_to_loopback() {

@@ -41,11 +41,17 @@ pub enum FreshError {
     /// The vault or the token endpoint failed; the message says which.
     #[error("{0}")]
     Unavailable(String),
+    /// The stored credential failed its integrity check: nothing was sent.
+    #[error("{0}")]
+    Integrity(String),
 }
 
 impl From<VaultError> for FreshError {
     fn from(e: VaultError) -> FreshError {
-        FreshError::Unavailable(e.to_string())
+        match e {
+            VaultError::Integrity { .. } => FreshError::Integrity(e.to_string()),
+            e => FreshError::Unavailable(e.to_string()),
+        }
     }
 }
 
@@ -140,6 +146,7 @@ fn refresh_locked(
                 meta.login_expired = true;
                 locked.set_metadata(&meta.to_json())?;
                 audit(home, provider, profile, Some(refusal_reason(&err)));
+                let err = redacted(&err, &cred);
                 tracing::warn!(provider, profile, "refresh refused ({err}): login expired");
                 Err(FreshError::LoginExpired)
             }
@@ -152,6 +159,7 @@ fn refresh_locked(
                 );
                 let still_valid = expires_at(&cred).is_none_or(|t| t > OffsetDateTime::now_utc());
                 if still_valid {
+                    let err = redacted(&err, &cred);
                     tracing::warn!(
                         provider,
                         profile,
@@ -159,8 +167,15 @@ fn refresh_locked(
                     );
                     Ok(Some(Zeroizing::new(cred.secret.expose().to_string())))
                 } else {
+                    tracing::warn!(
+                        provider,
+                        profile,
+                        "the token expired and cannot be refreshed: {}",
+                        redacted(&err, &cred)
+                    );
                     Err(FreshError::Unavailable(format!(
-                        "the {provider} token expired and cannot be refreshed: {err}"
+                        "the {provider} token expired and cannot be refreshed: {}",
+                        generic_reason(&err)
                     )))
                 }
             }
@@ -256,6 +271,35 @@ async fn refresh_tokens(
     }
 }
 
+/// `err` for the broker's log, with every form of the credential's secrets overwritten: a token
+/// endpoint's error (its description, an echoed form) may quote the refresh token or the
+/// client secret it was sent.
+fn redacted(err: &OAuthError, cred: &StoredCredential) -> String {
+    let secrets: Vec<&[u8]> = [
+        Some(&cred.secret),
+        cred.refresh.as_ref(),
+        cred.client_secret.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|s| s.expose().as_bytes())
+    .collect();
+    crate::proxy::redact_text(err.to_string().as_bytes(), &secrets)
+}
+
+/// What the agent is told about a failed refresh: the kind of failure and the endpoint, nothing
+/// the server wrote (that goes to the log, redacted).
+fn generic_reason(err: &OAuthError) -> String {
+    match err {
+        OAuthError::Endpoint { url, .. } => format!("cannot reach the token endpoint {url}"),
+        OAuthError::BadResponse { url, status } => {
+            format!("{url} answered {status} without an OAuth response")
+        }
+        OAuthError::Server { .. } => format!("{}; see the broker's log", refusal_reason(err)),
+        _ => "the refresh failed; see the broker's log".into(),
+    }
+}
+
 /// A fixed phrase for the audit log (the server's description is free text: left out).
 fn refusal_reason(err: &OAuthError) -> String {
     match err {
@@ -333,6 +377,7 @@ mod tests {
             expires_at: expires.map(str::to_string),
             metadata: meta.to_json(),
             updated_at: issued.into(),
+            created_at: issued.into(),
         }
     }
 

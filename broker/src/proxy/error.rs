@@ -41,6 +41,9 @@ pub enum BrokerError {
     NoCredential { provider: String, profile: String },
     /// Looking the credential up failed (vault locked, key missing, ...).
     Vault { message: String },
+    /// The stored credential failed its integrity check (its vault row was changed outside
+    /// broker); the message names it and says how to recover.
+    Integrity { message: String },
     /// The command that produces the credential failed.
     CredentialSource { provider: String, message: String },
     /// A login expired and could not be refreshed.
@@ -66,7 +69,9 @@ impl BrokerError {
             BrokerError::NoCredential { .. } | BrokerError::LoginExpired { .. } => {
                 StatusCode::UNAUTHORIZED
             }
-            BrokerError::Vault { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            BrokerError::Vault { .. } | BrokerError::Integrity { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             BrokerError::CredentialSource { .. } | BrokerError::AuditUnwritable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -88,6 +93,7 @@ impl BrokerError {
             | BrokerError::UpstreamFailed { .. } => Source::Upstream,
             BrokerError::NoCredential { .. }
             | BrokerError::Vault { .. }
+            | BrokerError::Integrity { .. }
             | BrokerError::CredentialSource { .. }
             | BrokerError::LoginExpired { .. }
             | BrokerError::AuditUnwritable => Source::Broker,
@@ -116,6 +122,7 @@ impl BrokerError {
             BrokerError::Vault { message } => {
                 format!("cannot read the vault: {message}; run 'broker doctor'")
             }
+            BrokerError::Integrity { message } => message.clone(),
             BrokerError::CredentialSource { provider, message } => {
                 format!("cannot get the {provider} key: {message}")
             }

@@ -315,6 +315,7 @@ async fn lookup(
                 provider: provider.name.clone(),
                 message,
             },
+            super::LookupError::Integrity(message) => BrokerError::Integrity { message },
         })?;
     let secret = found.ok_or_else(|| BrokerError::NoCredential {
         provider: provider.name.clone(),

@@ -41,6 +41,7 @@ use crate::ca::LocalCa;
 use crate::providers::Catalog;
 
 pub use listen::RunListeners;
+pub use redact::redact_text;
 pub use upstream::{ResolveOverride, UpstreamSettings};
 
 /// Errors in bodies crossing the proxy (either side may break mid-stream).
@@ -91,6 +92,9 @@ pub enum LookupError {
     LoginExpired,
     /// The credential's source (a `--from-command` command) failed: its message.
     Source(String),
+    /// The stored credential failed its integrity check (changed outside broker): the
+    /// message names it and says how to recover. It is not used.
+    Integrity(String),
 }
 
 impl From<String> for LookupError {

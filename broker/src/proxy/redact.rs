@@ -104,6 +104,17 @@ impl Needles {
     }
 }
 
+/// `text` for a log line or an error message, with every form ([`Needles`]) of each of
+/// `secrets` overwritten (empty ones are skipped). For text that may quote a secret: a failing
+/// credential command's stderr, an OAuth server's error description.
+pub fn redact_text(text: &[u8], secrets: &[&[u8]]) -> String {
+    let mut bytes = Zeroizing::new(text.to_vec());
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        Needles::for_secret(secret).overwrite_all(&mut bytes);
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 /// Most secrets whose [`Needles`] are kept.
 const CACHED_SECRETS: usize = 16;
 

@@ -4,8 +4,9 @@
 //! Random nonces are safe here: a vault seals at most a few thousand blobs under one key, far
 //! below the 2^32 messages after which random 96-bit nonces start to risk a collision.
 //!
-//! Every blob is bound to where it lives by its AAD (see [`credential_aad`]): a blob copied
-//! into another row fails to open instead of handing one provider's key to another.
+//! Every blob is bound to its whole row by its AAD (see [`row_aad`]): a blob copied into another
+//! row, or a row whose kind, metadata, expiry or times were edited, fails to open instead of
+//! handing a key to another provider, endpoint or command.
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -17,8 +18,24 @@ pub const KEY_LEN: usize = 32;
 const BLOB_VERSION: u8 = 1;
 const TAG_LEN: usize = 16;
 
-/// AAD of the wrapped data key: it can only ever be opened as a data key.
-pub const DATA_KEY_AAD: &[u8] = b"broker-vault-v1\0data-key";
+/// AAD of the wrapped data key in a vault of row format 1 (before whole-row authentication):
+/// only ever opened, to migrate such a vault.
+pub const DATA_KEY_AAD_V1: &[u8] = b"broker-vault-v1\0data-key";
+
+/// AAD of the wrapped data key: it can only ever be opened as a data key, and which of the two
+/// AADs opens it is the vault's row format, authenticated by the master key (an attacker
+/// without it cannot turn a vault back to format 1 to have its rows accepted unbound).
+pub const DATA_KEY_AAD: &[u8] = b"broker-vault-v2\0data-key";
+
+/// How the credential rows of a vault are sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowFormat {
+    /// Schema 3 and before: each blob bound to (provider, profile, field) only
+    /// ([`credential_aad_v1`]). Opened only to migrate.
+    V1,
+    /// Each blob bound to its whole row ([`row_aad`]).
+    V2,
+}
 
 /// Which secret of a credential row a blob holds.
 #[derive(Debug, Clone, Copy)]
@@ -31,20 +48,77 @@ pub enum Field {
     ClientSecret,
 }
 
-/// AAD binding a blob to `(provider, profile, field)`. Length-prefixed, so no two different
-/// triples give the same bytes.
-pub fn credential_aad(provider: &str, profile: &str, field: Field) -> Vec<u8> {
-    let field = match field {
-        Field::Secret => "secret",
-        Field::Refresh => "refresh",
-        Field::ClientSecret => "client_secret",
-    };
+impl Field {
+    fn as_str(self) -> &'static str {
+        match self {
+            Field::Secret => "secret",
+            Field::Refresh => "refresh",
+            Field::ClientSecret => "client_secret",
+        }
+    }
+}
+
+/// Format 1's AAD, binding a blob to `(provider, profile, field)` only. Length-prefixed, so no
+/// two different triples give the same bytes. Used to open rows for the migration only.
+pub fn credential_aad_v1(provider: &str, profile: &str, field: Field) -> Vec<u8> {
     let mut aad = b"broker-vault-v1\0credential".to_vec();
-    for part in [provider, profile, field] {
-        aad.extend_from_slice(&(part.len() as u32).to_be_bytes());
-        aad.extend_from_slice(part.as_bytes());
+    for part in [provider, profile, field.as_str()] {
+        push_part(&mut aad, part.as_bytes());
     }
     aad
+}
+
+/// Everything in a credential row but its sealed blobs: what decides how and where the
+/// secret is used (kind; metadata with endpoints, client id, grant, TTL; expiry) and the rest
+/// of the row (times, which optional blobs it holds), all bound into each blob's AAD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowBinding<'a> {
+    pub provider: &'a str,
+    pub profile: &'a str,
+    /// As stored (`api_key`, `oauth2`, `command`).
+    pub kind: &'a str,
+    /// As stored, byte for byte.
+    pub metadata: &'a str,
+    pub expires_at: Option<&'a str>,
+    pub created_at: &'a str,
+    pub updated_at: &'a str,
+    pub has_refresh: bool,
+    pub has_client_secret: bool,
+}
+
+/// AAD binding a blob to its field and its whole row ([`RowBinding`]), format 2. A canonical
+/// encoding: a versioned label, then every part length-prefixed (an absent expiry is a tag
+/// byte apart from any string), so no two different rows give the same bytes.
+pub fn row_aad(row: &RowBinding<'_>, field: Field) -> Vec<u8> {
+    let mut aad = b"broker-vault-v2\0row".to_vec();
+    for part in [
+        row.provider,
+        row.profile,
+        field.as_str(),
+        row.kind,
+        row.metadata,
+    ] {
+        push_part(&mut aad, part.as_bytes());
+    }
+    match row.expires_at {
+        None => aad.push(0),
+        Some(t) => {
+            aad.push(1);
+            push_part(&mut aad, t.as_bytes());
+        }
+    }
+    for part in [row.created_at, row.updated_at] {
+        push_part(&mut aad, part.as_bytes());
+    }
+    aad.push(u8::from(row.has_refresh));
+    aad.push(u8::from(row.has_client_secret));
+    aad
+}
+
+fn push_part(aad: &mut Vec<u8>, part: &[u8]) {
+    // Every part is far below 4 GiB (names are checked, secrets and metadata are small).
+    aad.extend_from_slice(&(part.len() as u32).to_be_bytes());
+    aad.extend_from_slice(part);
 }
 
 /// A symmetric key that seals and opens blobs. The raw bytes are not kept: ring holds the
@@ -180,10 +254,24 @@ mod tests {
         SealingKey::new(&[byte; KEY_LEN])
     }
 
+    fn row() -> RowBinding<'static> {
+        RowBinding {
+            provider: "openai",
+            profile: "default",
+            kind: "api_key",
+            metadata: "{}",
+            expires_at: None,
+            created_at: "2026-01-01T00:00:00Z",
+            updated_at: "2026-01-01T00:00:00Z",
+            has_refresh: false,
+            has_client_secret: false,
+        }
+    }
+
     #[test]
     fn seal_open_round_trip() {
         let k = key(1);
-        let aad = credential_aad("openai", "default", Field::Secret);
+        let aad = row_aad(&row(), Field::Secret);
         let blob = k.seal(b"sk-test-not-a-real-key", &aad).unwrap();
         assert!(
             !blob.windows(4).any(|w| w == b"test"),
@@ -208,23 +296,81 @@ mod tests {
     }
 
     #[test]
-    fn aad_binds_blob_to_its_row() {
+    fn aad_binds_blob_to_its_whole_row() {
         let k = key(1);
-        let blob = k
-            .seal(
-                b"secret",
-                &credential_aad("openai", "default", Field::Secret),
-            )
-            .unwrap();
-        for other in [
-            credential_aad("github", "default", Field::Secret),
-            credential_aad("openai", "work", Field::Secret),
-            credential_aad("openai", "default", Field::Refresh),
+        let blob = k.seal(b"secret", &row_aad(&row(), Field::Secret)).unwrap();
+        assert!(k.open(&blob, &row_aad(&row(), Field::Secret)).is_ok());
+        let edits: Vec<RowBinding<'static>> = vec![
+            RowBinding {
+                provider: "github",
+                ..row()
+            },
+            RowBinding {
+                profile: "work",
+                ..row()
+            },
             // Length prefixes keep ("ab","c") apart from ("a","bc").
-            credential_aad("openaid", "efault", Field::Secret),
-        ] {
-            assert_eq!(k.open(&blob, &other), Err(CryptoError));
+            RowBinding {
+                provider: "openaid",
+                profile: "efault",
+                ..row()
+            },
+            RowBinding {
+                kind: "command",
+                ..row()
+            },
+            RowBinding {
+                metadata: r#"{"ttl_secs":1}"#,
+                ..row()
+            },
+            RowBinding {
+                metadata: "{} ",
+                ..row()
+            },
+            RowBinding {
+                expires_at: Some(""),
+                ..row()
+            },
+            RowBinding {
+                expires_at: Some("2000-01-01T00:00:00Z"),
+                ..row()
+            },
+            RowBinding {
+                created_at: "2026-01-01T00:00:01Z",
+                ..row()
+            },
+            RowBinding {
+                updated_at: "2026-01-01T00:00:01Z",
+                ..row()
+            },
+            RowBinding {
+                has_refresh: true,
+                ..row()
+            },
+            RowBinding {
+                has_client_secret: true,
+                ..row()
+            },
+        ];
+        for other in &edits {
+            assert_eq!(
+                k.open(&blob, &row_aad(other, Field::Secret)),
+                Err(CryptoError),
+                "{other:?}"
+            );
         }
+        assert_eq!(
+            k.open(&blob, &row_aad(&row(), Field::Refresh)),
+            Err(CryptoError)
+        );
+        // Format 1's AAD of the same row is another AAD.
+        assert_eq!(
+            k.open(
+                &blob,
+                &credential_aad_v1("openai", "default", Field::Secret)
+            ),
+            Err(CryptoError)
+        );
     }
 
     #[test]

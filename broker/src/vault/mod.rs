@@ -1,8 +1,9 @@
 //! The credential vault: an SQLite file (`$BROKER_HOME/vault.db`, WAL) whose secrets are sealed.
 //!
 //! Key hierarchy:
-//! - each secret is sealed with AES-256-GCM under one random 256-bit **data key**, with the
-//!   row's provider and profile as AAD, so a blob moved to another row does not open;
+//! - each secret is sealed with AES-256-GCM under one random 256-bit **data key**, with its
+//!   whole row (provider, profile, kind, metadata, expiry, ...) in the AAD, so a blob moved to
+//!   another row, or a row edited outside broker, does not open (see [`row`]);
 //! - the data key is stored wrapped (sealed) by a **master key** from one [`KeySource`]:
 //!   `BROKER_PASSPHRASE` (Argon2id, salt and cost stored in the vault), the OS keyring, or a
 //!   0600 key file. `BROKER_KEY_SOURCE=passphrase|keyring|file` picks the source of a new vault
@@ -20,6 +21,7 @@
 mod crypto;
 mod keysource;
 mod oauth;
+mod row;
 mod schema;
 
 use std::fmt;
@@ -34,7 +36,7 @@ use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
 use zeroize::Zeroizing;
 
 use crate::home::Home;
-use crypto::{credential_aad, Field, KdfParams, SealingKey, DATA_KEY_AAD, KEY_LEN};
+use crypto::{KdfParams, RowFormat, SealingKey, DATA_KEY_AAD, DATA_KEY_AAD_V1, KEY_LEN};
 use keysource::KeyringLookup;
 pub use keysource::{KeyConfig, KeySource, ENV_KEY_SOURCE, ENV_PASSPHRASE, KEYRING_TIMEOUT};
 pub use oauth::{LockedCredential, StoredCredential, TokenUpdate};
@@ -104,6 +106,10 @@ pub enum VaultError {
     },
     #[error("the vault at {vault} is damaged: {what}")]
     Corrupt { vault: PathBuf, what: String },
+    #[error("credential {provider}/{profile} failed its integrity check (the vault row was changed outside broker): \
+             nothing was used; run 'broker remove {provider}{flag}' and 'broker add {provider}{flag}' \
+             (or 'broker login {provider}{flag}') again", flag = profile_flag(.profile))]
+    Integrity { provider: String, profile: String },
     #[error("invalid {what} name {name:?}: use 1-64 letters, digits, '.', '_' or '-'")]
     InvalidName { what: &'static str, name: String },
     #[error("invalid secret: {0}")]
@@ -117,6 +123,15 @@ pub enum VaultError {
     KeyringInPlace,
     #[error("the OS keyring is not usable ({reason}): nothing was changed; use `broker rekey --to file` or `--to passphrase`")]
     KeyringUnusableForRekey { reason: String },
+}
+
+/// ` --profile NAME` for a profile other than the default, as the CLI takes it.
+fn profile_flag(profile: &str) -> String {
+    if profile == "default" {
+        String::new()
+    } else {
+        format!(" --profile {profile}")
+    }
 }
 
 impl VaultError {
@@ -148,7 +163,7 @@ impl CredentialKind {
             CredentialKind::Command => "command",
         }
     }
-    fn parse(s: &str) -> Option<CredentialKind> {
+    pub(crate) fn parse(s: &str) -> Option<CredentialKind> {
         match s {
             "api_key" => Some(CredentialKind::ApiKey),
             "oauth2" => Some(CredentialKind::OAuth2),
@@ -216,6 +231,9 @@ pub struct CredentialInfo {
     /// RFC 3339 UTC; OAuth access tokens only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// The row passed its integrity check (it is as broker wrote it). When not, the fields
+    /// above are what the row says, unauthenticated, and the credential is never used.
+    pub integrity_ok: bool,
 }
 
 /// Whether [`Vault::put`] added a credential or replaced one.
@@ -230,7 +248,8 @@ pub enum PutOutcome {
 pub struct VerifyReport {
     /// Rows checked.
     pub credentials: usize,
-    /// `provider/profile` of the rows that do not decrypt.
+    /// `provider/profile` of the rows that fail their integrity check (changed outside
+    /// broker, or damaged): never used until removed and added again.
     pub unreadable: Vec<String>,
 }
 
@@ -255,6 +274,13 @@ impl fmt::Debug for Vault {
             .field("key_source", &self.key_source)
             .finish_non_exhaustive()
     }
+}
+
+/// The keys of an unlocked vault, and its row format (which AAD opened the data key).
+struct Unlocked {
+    master: Zeroizing<[u8; KEY_LEN]>,
+    data_key: Zeroizing<[u8; KEY_LEN]>,
+    format: RowFormat,
 }
 
 /// The vault's metadata row.
@@ -288,7 +314,10 @@ impl Vault {
         schema::migrate(&mut conn)?;
 
         let (key_source, data_key) = match read_meta(&conn, &path)? {
-            Some(meta) => (meta.key_source, unlock(home, &path, &meta, keys)?),
+            Some(meta) => (
+                meta.key_source,
+                unlock(home, &path, &meta, keys, &mut conn)?,
+            ),
             None => initialize(home, &path, &mut conn, keys)?,
         };
         Ok(Vault {
@@ -309,8 +338,9 @@ impl Vault {
         &self.path
     }
 
-    /// Store (or replace) the secret of `provider`/`profile`. A replaced OAuth refresh token
-    /// and expiry are cleared: they belonged to the old secret.
+    /// Store (or replace) the secret of `provider`/`profile`, with no metadata. Whatever the
+    /// row held before (an OAuth refresh token, expiry, client secret) goes: it belonged to
+    /// the old secret.
     pub fn put(
         &self,
         provider: &str,
@@ -318,89 +348,97 @@ impl Vault {
         secret: &str,
         kind: CredentialKind,
     ) -> Result<PutOutcome, VaultError> {
+        self.put_with_metadata(provider, profile, secret, kind, "{}")
+    }
+
+    /// [`Vault::put`] with `metadata` (JSON, no secrets; a command's TTL), in one transaction.
+    pub fn put_with_metadata(
+        &self,
+        provider: &str,
+        profile: &str,
+        secret: &str,
+        kind: CredentialKind,
+        metadata: &str,
+    ) -> Result<PutOutcome, VaultError> {
         check_name("provider", provider)?;
         check_name("profile", profile)?;
         check_secret(secret)?;
-        let blob = self
-            .data_key
-            .seal(
-                secret.as_bytes(),
-                &credential_aad(provider, profile, Field::Secret),
-            )
-            .map_err(|_| VaultError::Crypto)?;
         let now = crate::audit::now_rfc3339();
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let existed: bool = tx
+        // A replaced credential keeps when it was first added.
+        let created: Option<String> = tx
             .query_row(
-                "SELECT 1 FROM credentials WHERE provider = ?1 AND profile = ?2",
+                "SELECT created_at FROM credentials WHERE provider = ?1 AND profile = ?2",
                 params![provider, profile],
-                |_| Ok(()),
+                |r| r.get(0),
             )
-            .optional()?
-            .is_some();
-        tx.execute(
-            "INSERT INTO credentials (provider, profile, kind, secret, refresh_secret, expires_at,
-                                      metadata, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, NULL, NULL, '{}', ?5, ?5)
-             ON CONFLICT (provider, profile) DO UPDATE SET
-                 kind = excluded.kind, secret = excluded.secret, refresh_secret = NULL,
-                 expires_at = NULL, updated_at = excluded.updated_at",
-            params![provider, profile, kind.as_str(), blob, now],
+            .optional()?;
+        self.write_row(
+            &tx,
+            provider,
+            profile,
+            &row::NewRow {
+                kind,
+                secret,
+                refresh: None,
+                client_secret: None,
+                expires_at: None,
+                metadata,
+                created_at: created.as_deref().unwrap_or(&now),
+                updated_at: &now,
+            },
         )?;
         tx.commit()?;
-        Ok(if existed {
+        Ok(if created.is_some() {
             PutOutcome::Replaced
         } else {
             PutOutcome::Added
         })
     }
 
-    /// The secret of `provider`/`profile`, if stored.
+    /// The secret of `provider`/`profile`, if stored. The whole row is checked.
     pub fn get(&self, provider: &str, profile: &str) -> Result<Option<Secret>, VaultError> {
-        let blob: Option<Vec<u8>> = self
-            .lock()
-            .query_row(
-                "SELECT secret FROM credentials WHERE provider = ?1 AND profile = ?2",
-                params![provider, profile],
-                |row| row.get(0),
-            )
-            .optional()?;
-        blob.map(|blob| self.open_blob(provider, profile, Field::Secret, &blob))
-            .transpose()
+        Ok(self.get_full(provider, profile)?.map(|c| c.secret))
     }
 
-    /// Metadata of one credential (no secret).
+    /// Metadata of one credential (no secret), with whether it passes its integrity check.
     pub fn info(
         &self,
         provider: &str,
         profile: &str,
     ) -> Result<Option<CredentialInfo>, VaultError> {
         let conn = self.lock();
-        let mut stmt = conn.prepare(
-            "SELECT provider, profile, kind, created_at, updated_at, expires_at
-             FROM credentials WHERE provider = ?1 AND profile = ?2",
-        )?;
-        let mut rows = stmt.query_map(params![provider, profile], info_from_row)?;
-        rows.next()
-            .transpose()?
-            .map(|r| r.map_err(|what| self.corrupt(what)))
+        row::read_row(&conn, provider, profile)?
+            .map(|r| self.info_of(r))
             .transpose()
     }
 
-    /// Every stored credential, sorted by provider then profile. No secret is decrypted.
+    /// Every stored credential, sorted by provider then profile, each with whether it passes
+    /// its integrity check. No secret leaves the vault.
     pub fn list(&self) -> Result<Vec<CredentialInfo>, VaultError> {
         let conn = self.lock();
-        let mut stmt = conn.prepare(
-            "SELECT provider, profile, kind, created_at, updated_at, expires_at
-             FROM credentials ORDER BY provider, profile",
-        )?;
-        let rows = stmt.query_map([], info_from_row)?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row?.map_err(|what| self.corrupt(what))?);
-        }
-        Ok(out)
+        row::read_all(&conn)?
+            .into_iter()
+            .map(|r| self.info_of(r))
+            .collect()
+    }
+
+    fn info_of(&self, row: row::RawRow) -> Result<CredentialInfo, VaultError> {
+        let integrity_ok = self.open_row(&row).is_ok();
+        let Some(kind) = CredentialKind::parse(&row.kind) else {
+            // Only an edit outside broker writes another kind (the schema refuses it).
+            return Err(row.integrity_error());
+        };
+        Ok(CredentialInfo {
+            provider: row::shown(&row.provider),
+            profile: row::shown(&row.profile),
+            kind,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            expires_at: row.expires_at,
+            integrity_ok,
+        })
     }
 
     /// Remove a credential. `true` if there was one.
@@ -415,38 +453,26 @@ impl Vault {
         Ok(n > 0)
     }
 
-    /// Integrity check for `broker doctor`: SQLite's own check, then every sealed blob opens.
+    /// Integrity check for `broker doctor`: SQLite's own check, then every row passes its
+    /// integrity check (each blob opens against the whole row).
     pub fn verify(&self) -> Result<VerifyReport, VaultError> {
-        // (provider, profile, sealed secret, sealed refresh token)
-        type Row = (String, String, Vec<u8>, Option<Vec<u8>>);
-        let rows: Vec<Row> = {
+        let rows = {
             let conn = self.lock();
             let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
             if check != "ok" {
                 return Err(self.corrupt(format!("SQLite integrity check: {check}")));
             }
-            let mut stmt =
-                conn.prepare("SELECT provider, profile, secret, refresh_secret FROM credentials")?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-            rows.collect::<Result<_, _>>()?
+            row::read_all(&conn)?
         };
-        let mut report = VerifyReport {
+        let unreadable = rows
+            .iter()
+            .filter(|r| self.open_row(r).is_err())
+            .map(row::RawRow::name)
+            .collect();
+        Ok(VerifyReport {
             credentials: rows.len(),
-            unreadable: Vec::new(),
-        };
-        for (provider, profile, secret, refresh) in rows {
-            let ok = self
-                .open_blob(&provider, &profile, Field::Secret, &secret)
-                .is_ok()
-                && refresh.is_none_or(|r| {
-                    self.open_blob(&provider, &profile, Field::Refresh, &r)
-                        .is_ok()
-                });
-            if !ok {
-                report.unreadable.push(format!("{provider}/{profile}"));
-            }
-        }
-        Ok(report)
+            unreadable,
+        })
     }
 
     /// Wrap the data key under a new master key kept in `target` (a new passphrase, a new key
@@ -469,7 +495,7 @@ impl Vault {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let meta = read_meta(&tx, &self.path)?.ok_or_else(|| self.corrupt("no key record"))?;
-        let data_key = unlock_raw(home, &self.path, &meta, keys)?;
+        let data_key = unlock_raw(home, &self.path, &meta, keys)?.data_key;
         if target == KeySource::Keyring && meta.key_source == KeySource::Keyring {
             return Err(VaultError::KeyringInPlace);
         }
@@ -529,26 +555,6 @@ impl Vault {
         Ok(())
     }
 
-    fn open_blob(
-        &self,
-        provider: &str,
-        profile: &str,
-        field: Field,
-        blob: &[u8],
-    ) -> Result<Secret, VaultError> {
-        let plain = self
-            .data_key
-            .open(blob, &credential_aad(provider, profile, field))
-            .map_err(|_| {
-                self.corrupt(format!(
-                    "the secret of {provider}/{profile} does not decrypt"
-                ))
-            })?;
-        let text = std::str::from_utf8(&plain)
-            .map_err(|_| self.corrupt(format!("the secret of {provider}/{profile} is not text")))?;
-        Ok(Secret::new(text.to_owned()))
-    }
-
     fn corrupt(&self, what: impl Into<String>) -> VaultError {
         VaultError::Corrupt {
             vault: self.path.clone(),
@@ -563,21 +569,6 @@ impl Vault {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
-}
-
-fn info_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<CredentialInfo, String>> {
-    let kind: String = row.get(2)?;
-    let Some(kind) = CredentialKind::parse(&kind) else {
-        return Ok(Err(format!("unknown credential kind {kind:?}")));
-    };
-    Ok(Ok(CredentialInfo {
-        provider: row.get(0)?,
-        profile: row.get(1)?,
-        kind,
-        created_at: row.get(3)?,
-        updated_at: row.get(4)?,
-        expires_at: row.get(5)?,
-    }))
 }
 
 /// Provider and profile names: short, printable, no separators that could confuse a path,
@@ -712,23 +703,29 @@ fn read_meta(conn: &Connection, vault: &Path) -> Result<Option<Meta>, VaultError
 }
 
 /// Get the master key from the source the vault recorded (and only there), then unwrap the
-/// data key. Changes nothing on failure (but for finishing a rekey's key file move).
+/// data key; a vault of row format 1 is migrated then ([`row::migrate_rows`]). Changes nothing
+/// on failure (but for finishing a rekey's key file move).
 fn unlock(
     home: &Home,
     vault: &Path,
     meta: &Meta,
     keys: &KeyConfig,
+    conn: &mut Connection,
 ) -> Result<SealingKey, VaultError> {
-    unlock_raw(home, vault, meta, keys).map(|raw| SealingKey::new(&raw))
+    let unlocked = unlock_raw(home, vault, meta, keys)?;
+    if unlocked.format == RowFormat::V1 {
+        row::migrate_rows(conn, vault, &unlocked)?;
+    }
+    Ok(SealingKey::new(&unlocked.data_key))
 }
 
-/// [`unlock`], giving the data key's bytes.
+/// [`unlock`] without migrating, giving the keys' bytes.
 fn unlock_raw(
     home: &Home,
     vault: &Path,
     meta: &Meta,
     keys: &KeyConfig,
-) -> Result<Zeroizing<[u8; KEY_LEN]>, VaultError> {
+) -> Result<Unlocked, VaultError> {
     if let Some(requested) = keys.source.filter(|r| *r != meta.key_source) {
         return Err(VaultError::SourceMismatch {
             vault: vault.to_owned(),
@@ -782,7 +779,13 @@ fn unlock_raw(
                 if let Some(new) = keysource::read_key_file(&pending)?.filter(|key| opens(key)) {
                     finish_key_file_move(&pending, &key_file)?;
                     tracing::warn!(key_file = %key_file.display(), "finished moving the vault's new key file into place (a rekey had stopped)");
-                    return unwrap_raw(&new, &meta.wrapped_data_key).ok_or(VaultError::Crypto);
+                    let (data_key, format) =
+                        unwrap_raw(&new, &meta.wrapped_data_key).ok_or(VaultError::Crypto)?;
+                    return Ok(Unlocked {
+                        master: new,
+                        data_key,
+                        format,
+                    });
                 }
             }
             current.ok_or_else(|| VaultError::KeyFileMissing {
@@ -791,22 +794,36 @@ fn unlock_raw(
             })?
         }
     };
-    unwrap_raw(&master, &meta.wrapped_data_key).ok_or_else(|| match meta.key_source {
-        KeySource::Passphrase => VaultError::WrongPassphrase {
-            vault: vault.to_owned(),
-        },
-        source => VaultError::WrongKey {
-            vault: vault.to_owned(),
-            source_name: source,
-        },
+    let (data_key, format) =
+        unwrap_raw(&master, &meta.wrapped_data_key).ok_or_else(|| match meta.key_source {
+            KeySource::Passphrase => VaultError::WrongPassphrase {
+                vault: vault.to_owned(),
+            },
+            source => VaultError::WrongKey {
+                vault: vault.to_owned(),
+                source_name: source,
+            },
+        })?;
+    Ok(Unlocked {
+        master,
+        data_key,
+        format,
     })
 }
 
-fn unwrap_raw(master: &[u8; KEY_LEN], wrapped: &[u8]) -> Option<Zeroizing<[u8; KEY_LEN]>> {
-    let raw = SealingKey::new(master).open(wrapped, DATA_KEY_AAD).ok()?;
+/// The data key, and the vault's row format: which of the two data-key AADs opens it.
+fn unwrap_raw(
+    master: &[u8; KEY_LEN],
+    wrapped: &[u8],
+) -> Option<(Zeroizing<[u8; KEY_LEN]>, RowFormat)> {
+    let key = SealingKey::new(master);
+    let (raw, format) = match key.open(wrapped, DATA_KEY_AAD) {
+        Ok(raw) => (raw, RowFormat::V2),
+        Err(_) => (key.open(wrapped, DATA_KEY_AAD_V1).ok()?, RowFormat::V1),
+    };
     let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
     bytes.copy_from_slice(raw.get(..KEY_LEN).filter(|_| raw.len() == KEY_LEN)?);
-    Some(bytes)
+    Some((bytes, format))
 }
 
 /// The data key sealed by `master`, and the KDF parameters as the key record stores them.
@@ -869,7 +886,7 @@ fn initialize(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     if let Some(meta) = read_meta(&tx, vault)? {
         drop(tx);
-        let key = unlock(home, vault, &meta, keys)?;
+        let key = unlock(home, vault, &meta, keys, conn)?;
         return Ok((meta.key_source, key));
     }
 

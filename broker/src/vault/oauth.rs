@@ -1,7 +1,8 @@
 //! OAuth credentials in the vault: an access token (the row's `secret`), a refresh token
 //! (`refresh_secret`), the access token's expiry, a confidential client's secret
 //! (`client_secret`, schema 2), and non-secret OAuth state in `metadata` (JSON: endpoints,
-//! client id, whether the login expired). Each secret is sealed under its own AAD field.
+//! client id, whether the login expired). Each secret is sealed against the whole row
+//! (`super::row`), so every write here re-seals all of them.
 //!
 //! [`Vault::with_credential_lock`] is the single-flight primitive of token refresh: it holds
 //! SQLite's write lock (`BEGIN IMMEDIATE`) across read -> refresh -> store, so of several
@@ -10,7 +11,7 @@
 
 use rusqlite::{params, OptionalExtension as _, Transaction, TransactionBehavior};
 
-use super::crypto::{credential_aad, Field};
+use super::row::{self, NewRow};
 use super::{check_name, check_secret, CredentialKind, PutOutcome, Secret, Vault, VaultError};
 
 /// Everything stored for one credential, secrets opened.
@@ -27,6 +28,8 @@ pub struct StoredCredential {
     pub metadata: String,
     /// RFC 3339 UTC: when the secret was last written (the access token's issue time).
     pub updated_at: String,
+    /// RFC 3339 UTC: when the credential was added.
+    pub created_at: String,
 }
 
 /// New tokens from a login or a refresh.
@@ -71,32 +74,26 @@ impl Vault {
             )
             .optional()?
             .is_some();
+        check_secret(tokens.access)?;
+        for secret in tokens.refresh.iter().chain(client_secret.iter()) {
+            check_secret(secret)?;
+        }
         let now = crate::audit::now_rfc3339();
-        // A placeholder row, then the same path a refresh takes.
-        tx.execute(
-            "INSERT INTO credentials (provider, profile, kind, secret, refresh_secret, expires_at,
-                                      metadata, created_at, updated_at, client_secret)
-             VALUES (?1, ?2, 'oauth2', x'', NULL, NULL, '{}', ?3, ?3, NULL)
-             ON CONFLICT (provider, profile) DO UPDATE SET
-                 kind = 'oauth2', refresh_secret = NULL, expires_at = NULL, client_secret = NULL,
-                 created_at = excluded.created_at",
-            params![provider, profile, now],
-        )?;
-        let locked = LockedCredential {
-            vault: self,
-            tx: &tx,
+        self.write_row(
+            &tx,
             provider,
             profile,
-        };
-        locked.store_tokens(tokens)?;
-        if let Some(secret) = client_secret {
-            check_secret(secret)?;
-            let blob = self.seal(provider, profile, Field::ClientSecret, secret)?;
-            tx.execute(
-                "UPDATE credentials SET client_secret = ?3 WHERE provider = ?1 AND profile = ?2",
-                params![provider, profile, blob],
-            )?;
-        }
+            &NewRow {
+                kind: CredentialKind::OAuth2,
+                secret: tokens.access,
+                refresh: tokens.refresh,
+                client_secret,
+                expires_at: tokens.expires_at.as_deref(),
+                metadata: tokens.metadata,
+                created_at: &now,
+                updated_at: &now,
+            },
+        )?;
         tx.commit()?;
         Ok(if existed {
             PutOutcome::Replaced
@@ -144,18 +141,6 @@ impl Vault {
         tx.commit().map_err(VaultError::from)?;
         result
     }
-
-    fn seal(
-        &self,
-        provider: &str,
-        profile: &str,
-        field: Field,
-        value: &str,
-    ) -> Result<Vec<u8>, VaultError> {
-        self.data_key
-            .seal(value.as_bytes(), &credential_aad(provider, profile, field))
-            .map_err(|_| VaultError::Crypto)
-    }
 }
 
 impl LockedCredential<'_> {
@@ -165,48 +150,56 @@ impl LockedCredential<'_> {
     }
 
     /// Store new tokens. A new refresh token is written in the same statement as the access
-    /// token, so a rotated refresh token is never lost once the new access token exists.
+    /// token, so a rotated refresh token is never lost once the new access token exists. The
+    /// row is read (and checked) first: the secrets kept are sealed again with the new row.
     pub fn store_tokens(&self, tokens: &TokenUpdate<'_>) -> Result<(), VaultError> {
         check_secret(tokens.access)?;
-        let access = self
-            .vault
-            .seal(self.provider, self.profile, Field::Secret, tokens.access)?;
-        let refresh = match tokens.refresh {
-            Some(r) => {
-                check_secret(r)?;
-                Some(
-                    self.vault
-                        .seal(self.provider, self.profile, Field::Refresh, r)?,
-                )
-            }
-            None => None,
+        if let Some(r) = tokens.refresh {
+            check_secret(r)?;
+        }
+        let Some(current) = self.read()? else {
+            return Ok(());
         };
         let now = crate::audit::now_rfc3339();
-        self.tx.execute(
-            "UPDATE credentials SET kind = 'oauth2', secret = ?3,
-                 refresh_secret = COALESCE(?4, refresh_secret), expires_at = ?5, metadata = ?6,
-                 updated_at = ?7
-             WHERE provider = ?1 AND profile = ?2",
-            params![
-                self.provider,
-                self.profile,
-                access,
-                refresh,
-                tokens.expires_at,
-                tokens.metadata,
-                now
-            ],
-        )?;
-        Ok(())
+        self.vault.write_row(
+            self.tx,
+            self.provider,
+            self.profile,
+            &NewRow {
+                kind: CredentialKind::OAuth2,
+                secret: tokens.access,
+                refresh: tokens
+                    .refresh
+                    .or(current.refresh.as_ref().map(Secret::expose)),
+                client_secret: current.client_secret.as_ref().map(Secret::expose),
+                expires_at: tokens.expires_at.as_deref(),
+                metadata: tokens.metadata,
+                created_at: &current.created_at,
+                updated_at: &now,
+            },
+        )
     }
 
-    /// Replace the metadata only (e.g. to mark a login expired).
+    /// Replace the metadata only (e.g. to mark a login expired); the row is re-sealed with it.
     pub fn set_metadata(&self, metadata: &str) -> Result<(), VaultError> {
-        self.tx.execute(
-            "UPDATE credentials SET metadata = ?3 WHERE provider = ?1 AND profile = ?2",
-            params![self.provider, self.profile, metadata],
-        )?;
-        Ok(())
+        let Some(current) = self.read()? else {
+            return Ok(());
+        };
+        self.vault.write_row(
+            self.tx,
+            self.provider,
+            self.profile,
+            &NewRow {
+                kind: current.kind,
+                secret: current.secret.expose(),
+                refresh: current.refresh.as_ref().map(Secret::expose),
+                client_secret: current.client_secret.as_ref().map(Secret::expose),
+                expires_at: current.expires_at.as_deref(),
+                metadata,
+                created_at: &current.created_at,
+                updated_at: &current.updated_at,
+            },
+        )
     }
 }
 
@@ -216,51 +209,9 @@ fn read_full(
     provider: &str,
     profile: &str,
 ) -> Result<Option<StoredCredential>, VaultError> {
-    type Row = (
-        String,
-        Vec<u8>,
-        Option<Vec<u8>>,
-        Option<Vec<u8>>,
-        Option<String>,
-        String,
-        String,
-    );
-    let row: Option<Row> = conn
-        .query_row(
-            "SELECT kind, secret, refresh_secret, client_secret, expires_at, metadata, updated_at
-             FROM credentials WHERE provider = ?1 AND profile = ?2",
-            params![provider, profile],
-            |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                ))
-            },
-        )
-        .optional()?;
-    let Some((kind, secret, refresh, client_secret, expires_at, metadata, updated_at)) = row else {
-        return Ok(None);
-    };
-    let kind = CredentialKind::parse(&kind)
-        .ok_or_else(|| vault.corrupt(format!("unknown credential kind {kind:?}")))?;
-    let open = |field, blob: Option<Vec<u8>>| {
-        blob.map(|b| vault.open_blob(provider, profile, field, &b))
-            .transpose()
-    };
-    Ok(Some(StoredCredential {
-        kind,
-        secret: vault.open_blob(provider, profile, Field::Secret, &secret)?,
-        refresh: open(Field::Refresh, refresh)?,
-        client_secret: open(Field::ClientSecret, client_secret)?,
-        expires_at,
-        metadata,
-        updated_at,
-    }))
+    row::read_row(conn, provider, profile)?
+        .map(|r| vault.open_row(&r))
+        .transpose()
 }
 
 #[cfg(test)]
