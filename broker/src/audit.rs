@@ -56,6 +56,9 @@ pub enum EventKind {
     CredentialRemoved,
     /// `broker rekey`: the vault's master key was moved or replaced.
     VaultRekeyed,
+    /// `broker providers trust` (or `broker add`/`login`): a provider definition's hosts were
+    /// accepted for its credentials.
+    ProviderTrusted,
     /// Events the broker could not keep while its audit log could not be written (a count).
     EventsLost,
 }
@@ -73,6 +76,7 @@ impl EventKind {
             EventKind::CredentialAdded => "credential_added",
             EventKind::CredentialRemoved => "credential_removed",
             EventKind::VaultRekeyed => "vault_rekeyed",
+            EventKind::ProviderTrusted => "provider_trusted",
             EventKind::EventsLost => "events_lost",
         }
     }

@@ -23,6 +23,15 @@ pub struct VaultCredentials {
     commands: CommandCache,
     /// API keys already read, valid while the vault files are unchanged.
     keys_seen: KeyCache,
+    /// The accepted grants of each provider (`providers::trust`), as of a vault generation.
+    accepted: Mutex<Accepted>,
+}
+
+/// Accepted grants by provider, read at one generation of the vault's files.
+#[derive(Default)]
+struct Accepted {
+    generation: u64,
+    by_provider: std::collections::HashMap<String, Arc<std::collections::HashSet<Arc<str>>>>,
 }
 
 impl VaultCredentials {
@@ -35,6 +44,7 @@ impl VaultCredentials {
             token_endpoints: UpstreamSettings::default(),
             commands: CommandCache::default(),
             keys_seen,
+            accepted: Mutex::new(Accepted::default()),
         }
     }
 
@@ -59,6 +69,46 @@ impl VaultCredentials {
 }
 
 impl Credentials for VaultCredentials {
+    fn accepted_now(&self, provider: &str, grant: &str) -> Option<bool> {
+        let generation = self.keys_seen.last_generation();
+        let accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
+        if accepted.generation != generation {
+            return None;
+        }
+        // Only an acceptance is answered from here: the generation may lag one look at the
+        // vault's files behind, which the key lookup right after this makes (so a stale
+        // acceptance lasts one request at most), while a refusal makes no lookup and would
+        // stay stale. A refusal is checked again on the blocking path.
+        accepted
+            .by_provider
+            .get(provider)
+            .is_some_and(|set| set.contains(grant))
+            .then_some(true)
+    }
+
+    /// The grants recorded in the vault for `provider`; where none were (or there is no vault,
+    /// or it cannot be opened here), those of the built-in definition of that name.
+    fn accepts(&self, provider: &str, grant: &str) -> Result<bool, LookupError> {
+        let generation = self.keys_seen.generation();
+        let recorded = match self.vault() {
+            Ok(Some(vault)) => vault.trusted_grants(provider).map_err(vault_error)?,
+            Ok(None) | Err(_) => None,
+        };
+        let grants = recorded
+            .or_else(|| crate::providers::trust::builtin_grants(provider))
+            .unwrap_or_default();
+        let set: Arc<std::collections::HashSet<Arc<str>>> =
+            Arc::new(grants.into_iter().map(Arc::from).collect());
+        let found = set.contains(grant);
+        let mut accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
+        if accepted.generation != generation {
+            accepted.generation = generation;
+            accepted.by_provider.clear();
+        }
+        accepted.by_provider.insert(provider.to_string(), set);
+        Ok(found)
+    }
+
     fn cached(&self, provider: &str, profile: &str) -> Option<Zeroizing<String>> {
         self.keys_seen.get(provider, profile)
     }
@@ -152,7 +202,9 @@ fn fresh_error(e: FreshError) -> LookupError {
 /// A vault error as the proxy reports it: a row that failed its integrity check apart.
 fn vault_error(e: VaultError) -> LookupError {
     match e {
-        VaultError::Integrity { .. } => LookupError::Integrity(e.to_string()),
+        VaultError::Integrity { .. } | VaultError::TrustIntegrity { .. } => {
+            LookupError::Integrity(e.to_string())
+        }
         e => LookupError::Unavailable(e.to_string()),
     }
 }

@@ -79,6 +79,13 @@ impl KeyCache {
         state.generation
     }
 
+    /// The generation as of the last look at the vault's files, without looking again (no
+    /// system call): for caches that may lag one look behind (the accepted provider grants,
+    /// checked just before the key itself, whose lookup looks).
+    pub(crate) fn last_generation(&self) -> u64 {
+        self.lock().generation
+    }
+
     /// Keep `key`, read after [`KeyCache::generation`] returned `generation`, unless the vault
     /// changed in between (then the key read may already be stale).
     pub(crate) fn remember(

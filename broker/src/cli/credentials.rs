@@ -118,6 +118,7 @@ pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
         CredentialKind::ApiKey,
     )?;
     drop(secret);
+    super::providers::accept_on_store(&home, &vault, provider, "broker add")?;
     audit(
         &home,
         EventKind::CredentialAdded,
@@ -343,6 +344,7 @@ fn add_command(
         CredentialKind::Command,
         &crate::credential_command::metadata(ttl),
     )?;
+    super::providers::accept_on_store(home, &vault, provider, "broker add")?;
     audit(
         home,
         EventKind::CredentialAdded,

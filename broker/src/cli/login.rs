@@ -157,6 +157,7 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
         },
         client_secret.as_ref().map(|s| s.as_str()),
     )?;
+    super::providers::accept_on_store(&home, &vault, provider, "broker login")?;
     audit(
         &home,
         EventKind::Login,

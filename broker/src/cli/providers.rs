@@ -13,21 +13,141 @@ use crate::home::Home;
 use crate::providers::{AuthKind, Catalog, Provider};
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "`broker providers trust NAME` reviews where the definition in effect sends \
+NAME's key, against what you accepted (when you stored the key, or the built-in definition), and \
+records it: until then a key is not sent to a host a custom file or an upgrade added."
+)]
 pub struct ProvidersArgs {
-    /// `show NAME` prints one provider's definition (`NAME` alone does too).
-    #[arg(num_args = 0..=2, value_name = "show NAME")]
+    /// `show NAME` prints one provider's definition (`NAME` alone does too); `trust NAME`
+    /// accepts the hosts its definition in effect sends the key to.
+    #[arg(num_args = 0..=2, value_name = "show|trust NAME")]
     pub what: Vec<String>,
     /// Print JSON instead of a table or TOML.
     #[arg(long)]
     pub json: bool,
+    /// With `trust`: accept without asking.
+    #[arg(long)]
+    pub yes: bool,
 }
 
 pub fn run(args: ProvidersArgs) -> anyhow::Result<ExitCode> {
     let home = Home::from_env().context("cannot find the broker home")?;
     let catalog = Catalog::load(&home)?;
+    if let [verb, name] = args.what.as_slice() {
+        if verb == "trust" {
+            let provider = lookup(&catalog, name)?;
+            return trust(&home, provider, args.yes);
+        }
+    }
     let out = render(&catalog, &args)?;
     print!("{out}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `broker providers trust NAME`: show what the definition in effect adds to what was
+/// accepted, ask (or `--yes`), record it in the vault and the audit.
+fn trust(home: &Home, provider: &Provider, yes: bool) -> anyhow::Result<ExitCode> {
+    use crate::providers::trust;
+    let vault = crate::vault::Vault::open(home)?;
+    let accepted = vault
+        .trusted_grants(&provider.name)?
+        .or_else(|| trust::builtin_grants(&provider.name))
+        .unwrap_or_default();
+    let current = trust::grants(provider);
+    let review = trust::review(&accepted, &current);
+    println!("{} is defined by {}.", provider.name, provider.origin());
+    if review.added.is_empty() {
+        println!("Nothing to accept: its key goes only where you accepted.");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("Compared with what you accepted, its key would also go to:");
+    for grant in &review.added {
+        println!("  + {}", trust::describe(grant));
+    }
+    if !review.removed.is_empty() {
+        println!("and no longer to:");
+        for grant in &review.removed {
+            println!("  - {}", trust::describe(grant));
+        }
+    }
+    if !yes {
+        use std::io::IsTerminal as _;
+        if !std::io::stdin().is_terminal() {
+            anyhow::bail!("nothing was accepted: confirm with --yes (no terminal to ask on)");
+        }
+        print!("Accept? [y/N] ");
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("Nothing was accepted.");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    vault.set_trusted_grants(&provider.name, &current)?;
+    record_trust(
+        home,
+        &provider.name,
+        &review.added,
+        "broker providers trust",
+    );
+    println!(
+        "Accepted: {}'s key may go to these hosts now.",
+        provider.name
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The audit line of an acceptance: which hosts, by which process.
+pub(crate) fn record_trust(home: &Home, provider: &str, added: &[String], command: &str) {
+    use crate::audit::{Audit, AuditEvent, EventKind};
+    let hosts: Vec<String> = added
+        .iter()
+        .map(|g| crate::providers::trust::describe(g))
+        .collect();
+    let event = AuditEvent {
+        provider: Some(provider.to_string()),
+        pid: Some(std::process::id()),
+        command: Some(command.to_string()),
+        reason: Some(format!("accepted: {}", hosts.join("; "))),
+        ..AuditEvent::new(EventKind::ProviderTrusted)
+    };
+    if let Err(err) = Audit::open(home).and_then(|a| a.append(event)) {
+        eprintln!("broker: warning: {err}");
+    }
+}
+
+/// After a credential is stored (`broker add`, `broker login`): the definition in effect is
+/// what the user stored it for, so its grants become the accepted ones. What that adds to
+/// the grants accepted before (or to the built-in definition) is said, and audited.
+pub(crate) fn accept_on_store(
+    home: &Home,
+    vault: &crate::vault::Vault,
+    provider: &Provider,
+    command: &str,
+) -> anyhow::Result<()> {
+    use crate::providers::trust;
+    let before = vault
+        .trusted_grants(&provider.name)?
+        .or_else(|| trust::builtin_grants(&provider.name))
+        .unwrap_or_default();
+    let current = trust::grants(provider);
+    vault.set_trusted_grants(&provider.name, &current)?;
+    let review = trust::review(&before, &current);
+    if !review.added.is_empty() && !before.is_empty() {
+        eprintln!(
+            "broker: note: {} is defined by {}, which also sends its key to:",
+            provider.name,
+            provider.origin()
+        );
+        for grant in &review.added {
+            eprintln!("  + {}", trust::describe(grant));
+        }
+        record_trust(home, &provider.name, &review.added, command);
+    }
+    Ok(())
 }
 
 /// What the command prints, for `args` against `catalog`.
@@ -200,6 +320,7 @@ mod tests {
         ProvidersArgs {
             what: what.iter().map(|s| s.to_string()).collect(),
             json,
+            yes: false,
         }
     }
 

@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use crate::home::Home;
 
 mod parse;
+pub mod trust;
 
 /// The built-in definitions, compiled in. One line per provider; the file name is the origin
 /// shown in error messages and by `broker providers show`.
@@ -527,6 +528,26 @@ pub struct Route {
     /// that carries none.
     pub credential: Vec<Injection>,
     pub inject: InjectMode,
+    /// The grant of each host spec (`trust::grant`), computed once: checked on every request
+    /// that would carry the credential.
+    #[serde(skip)]
+    pub grants: Vec<std::sync::Arc<str>>,
+}
+
+impl Route {
+    /// A route, with the grant of each host spec computed.
+    pub fn new(hosts: Vec<HostSpec>, credential: Vec<Injection>, inject: InjectMode) -> Route {
+        let grants = hosts
+            .iter()
+            .map(|spec| trust::grant(spec, &credential, inject).into())
+            .collect();
+        Route {
+            hosts,
+            credential,
+            inject,
+            grants,
+        }
+    }
 }
 
 /// When the broker puts the credential on a request.

@@ -304,11 +304,7 @@ fn parse_route(cx: &Ctx<'_>, raw: &Spanned<RawRoute>) -> Result<Route, ProviderE
             ));
         }
     }
-    Ok(Route {
-        hosts,
-        credential,
-        inject: r.inject,
-    })
+    Ok(Route::new(hosts, credential, r.inject))
 }
 
 fn parse_injection(raw: &RawInjection) -> Result<Injection, (&'static str, String)> {

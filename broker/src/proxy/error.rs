@@ -44,6 +44,9 @@ pub enum BrokerError {
     /// The stored credential failed its integrity check (its vault row was changed outside
     /// broker); the message names it and says how to recover.
     Integrity { message: String },
+    /// The definition in effect sends the key where the user never accepted (a provider file
+    /// planted in the home, a built-in widened by an upgrade): no credential is used.
+    NotAccepted { provider: String, host: String },
     /// The command that produces the credential failed.
     CredentialSource { provider: String, message: String },
     /// A login expired and could not be refreshed.
@@ -65,7 +68,9 @@ impl BrokerError {
         match self {
             BrokerError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             BrokerError::NoHost | BrokerError::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            BrokerError::NotAllowed { .. } | BrokerError::Unlisted { .. } => StatusCode::FORBIDDEN,
+            BrokerError::NotAllowed { .. }
+            | BrokerError::Unlisted { .. }
+            | BrokerError::NotAccepted { .. } => StatusCode::FORBIDDEN,
             BrokerError::NoCredential { .. } | BrokerError::LoginExpired { .. } => {
                 StatusCode::UNAUTHORIZED
             }
@@ -92,6 +97,7 @@ impl BrokerError {
             | BrokerError::UpstreamCertificate { .. }
             | BrokerError::UpstreamFailed { .. } => Source::Upstream,
             BrokerError::NoCredential { .. }
+            | BrokerError::NotAccepted { .. }
             | BrokerError::Vault { .. }
             | BrokerError::Integrity { .. }
             | BrokerError::CredentialSource { .. }
@@ -123,6 +129,9 @@ impl BrokerError {
                 format!("cannot read the vault: {message}; run 'broker doctor'")
             }
             BrokerError::Integrity { message } => message.clone(),
+            BrokerError::NotAccepted { provider, host } => format!(
+                "the definition of provider {provider} in effect sends its key to {host}, which you have not accepted (a file in $BROKER_HOME/providers, or a changed built-in): no key was sent; review and accept it with 'broker providers trust {provider}'"
+            ),
             BrokerError::CredentialSource { provider, message } => {
                 format!("cannot get the {provider} key: {message}")
             }

@@ -105,10 +105,11 @@ async fn forward(
             provider_name,
         ));
     }
-    let spec = route
+    let spec_index = route
         .hosts
         .iter()
-        .find(|h| host_matches(&h.pattern, &conn.sni));
+        .position(|h| host_matches(&h.pattern, &conn.sni));
+    let spec = spec_index.map(|i| &route.hosts[i]);
     let port = spec.map(|h| h.port).unwrap_or(443);
 
     let (mut parts, body) = req.into_parts();
@@ -149,6 +150,9 @@ async fn forward(
         if !proxy.audit.writable() {
             return Err((BrokerError::AuditUnwritable, provider_name.clone()));
         }
+        accepted(proxy, provider, route, spec_index, &conn.sni)
+            .await
+            .map_err(|e| (e, provider_name.clone()))?;
         // A key handed to this run wins over the vault.
         let secret = match conn.run.run_keys.0.get(&provider.name) {
             Some(key) => key.clone(),
@@ -287,6 +291,51 @@ pub(super) fn redacted_answer(
         }
     };
     redact::RedactedBody::wrap(body, needles)
+}
+
+/// Refuse the credential where the definition in effect sends it somewhere the user has not
+/// accepted (`providers::trust`).
+async fn accepted(
+    proxy: &Arc<Proxy>,
+    provider: &Provider,
+    route: &crate::providers::Route,
+    spec_index: Option<usize>,
+    host: &str,
+) -> Result<(), BrokerError> {
+    let Some(grant) = spec_index.and_then(|i| route.grants.get(i)) else {
+        return Err(BrokerError::NotAccepted {
+            provider: provider.name.clone(),
+            host: host.to_string(),
+        });
+    };
+    let accepted = match proxy.credentials.accepted_now(&provider.name, grant) {
+        Some(accepted) => accepted,
+        None => {
+            let credentials = proxy.credentials.clone();
+            let (name, grant) = (provider.name.clone(), grant.clone());
+            tokio::task::spawn_blocking(move || credentials.accepts(&name, &grant))
+                .await
+                .map_err(|_| BrokerError::Vault {
+                    message: "the check of the provider definition crashed".into(),
+                })?
+                .map_err(|e| match e {
+                    super::LookupError::Integrity(message) => BrokerError::Integrity { message },
+                    super::LookupError::Unavailable(message)
+                    | super::LookupError::Source(message) => BrokerError::Vault { message },
+                    super::LookupError::LoginExpired => BrokerError::LoginExpired {
+                        provider: provider.name.clone(),
+                    },
+                })?
+        }
+    };
+    if accepted {
+        Ok(())
+    } else {
+        Err(BrokerError::NotAccepted {
+            provider: provider.name.clone(),
+            host: host.to_string(),
+        })
+    }
 }
 
 /// The secret, and whether it was read just now (`false`: a cached API key, current and with

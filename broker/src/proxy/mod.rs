@@ -59,6 +59,19 @@ pub trait Credentials: Send + Sync + 'static {
         profile: &str,
     ) -> Result<Option<Zeroizing<String>>, LookupError>;
 
+    /// Has the user accepted that `provider`'s credentials go where `grant` says (see
+    /// `providers::trust`)? Checked before a credential is put on a request.
+    /// May block (it may open the vault); [`Credentials::accepted_now`] is tried first.
+    fn accepts(&self, provider: &str, grant: &str) -> Result<bool, LookupError> {
+        Ok(crate::providers::trust::builtin_grants(provider)
+            .is_some_and(|grants| grants.iter().any(|g| g == grant)))
+    }
+
+    /// [`Credentials::accepts`] from what is known without blocking, if it is.
+    fn accepted_now(&self, _provider: &str, _grant: &str) -> Option<bool> {
+        None
+    }
+
     /// A secret known to be current without blocking (no I/O beyond a non-blocking check), if any:
     /// tried before [`Credentials::lookup`], which runs on a blocking thread.
     fn cached(&self, _provider: &str, _profile: &str) -> Option<Zeroizing<String>> {

@@ -372,15 +372,15 @@ mod tests {
     }
 
     fn route(credential: Vec<Injection>, inject: InjectMode) -> Route {
-        Route {
-            hosts: vec![HostSpec {
+        Route::new(
+            vec![HostSpec {
                 pattern: "api.test".into(),
                 port: 443,
                 path_prefix: None,
             }],
             credential,
             inject,
-        }
+        )
     }
 
     fn header(name: &str, scheme: Option<Scheme>) -> Injection {

@@ -23,6 +23,7 @@ mod keysource;
 mod oauth;
 mod row;
 mod schema;
+mod trust;
 
 use std::fmt;
 use std::fs;
@@ -110,6 +111,9 @@ pub enum VaultError {
              nothing was used; run 'broker remove {provider}{flag}' and 'broker add {provider}{flag}' \
              (or 'broker login {provider}{flag}') again", flag = profile_flag(.profile))]
     Integrity { provider: String, profile: String },
+    #[error("the accepted definition of provider {provider} failed its integrity check (the vault was changed outside broker): \
+             review it and accept it again with 'broker providers trust {provider}'")]
+    TrustIntegrity { provider: String },
     #[error("invalid {what} name {name:?}: use 1-64 letters, digits, '.', '_' or '-'")]
     InvalidName { what: &'static str, name: String },
     #[error("invalid secret: {0}")]

@@ -60,6 +60,13 @@ const MIGRATIONS: &[&str] = &[
     // unlocked (`row::migrate_rows`), and the format is recorded by the AAD of the wrapped data
     // key. The bump keeps older brokers, which cannot open such rows, out with a clear error.
     "-- no table changes",
+    // 4 -> 5: the provider definitions the user accepted for each provider's credentials
+    // (`vault::trust`): the hosts, ports, paths and placements a key may go to, sealed.
+    "CREATE TABLE IF NOT EXISTS provider_trust (
+         provider   TEXT PRIMARY KEY,
+         grants     BLOB NOT NULL,              -- sealed JSON list of grants
+         updated_at TEXT NOT NULL
+     ) WITHOUT ROWID;",
 ];
 
 /// The schema version this build writes.
