@@ -32,6 +32,11 @@ use crate::proxy::{AgentPid, Proxy, RunKeys};
 
 /// What `broker run` sends once its agent started: `agent-pid <pid>`.
 const AGENT_PID: &str = "agent-pid ";
+/// What `broker run` sends first when it has keys to hand over: `prove <base64 challenge>`;
+/// the daemon answers `proof <base64>` (`Vault::prove`), which only a process holding the
+/// vault's data key can make.
+const PROVE: &str = "prove ";
+const PROOF: &str = "proof ";
 
 /// Largest request line accepted (a few keys and a command line).
 const MAX_REQUEST: u64 = 256 * 1024;
@@ -91,7 +96,9 @@ pub fn socket_path(home: &Home) -> PathBuf {
         .join(broker_contract::DAEMON_CONTROL_SOCKET)
 }
 
-/// Ask a running daemon for a run. `Ok(None)` when no daemon is running for `home`.
+/// Ask a running daemon for a run. `Ok(None)` when no daemon is running for `home`, or when
+/// the request hands over keys and the process at the socket cannot prove it holds this
+/// vault's data key (said on stderr; the caller then keeps the keys in a broker of its own).
 pub fn join(home: &Home, request: &OpenRun) -> anyhow::Result<Option<JoinedRun>> {
     let path = socket_path(home);
     let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
@@ -99,11 +106,21 @@ pub fn join(home: &Home, request: &OpenRun) -> anyhow::Result<Option<JoinedRun>>
         // No socket, or a stale one from a daemon that died: no daemon.
         Err(_) => return Ok(None),
     };
+    let mut reader = BufReader::new(stream.try_clone()?);
+    if !request.run_keys.is_empty() {
+        if let Err(why) = verify_daemon(home, &mut stream, &mut reader) {
+            eprintln!(
+                "broker: not handing keys to the process at {} ({why}): this run uses a broker of its own",
+                path.display()
+            );
+            return Ok(None);
+        }
+    }
     let mut line = Zeroizing::new(serde_json::to_vec(request)?);
     line.push(b'\n');
     stream.write_all(&line)?;
     let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply)?;
+    reader.read_line(&mut reply)?;
     match serde_json::from_str::<Reply>(&reply) {
         Ok(Reply::Ok {
             run_id,
@@ -118,6 +135,42 @@ pub fn join(home: &Home, request: &OpenRun) -> anyhow::Result<Option<JoinedRun>>
             "broker serve answered something unreadable on {}",
             path.display()
         ),
+    }
+}
+
+/// Check that the process at the control socket holds the vault's data key: it signs a fresh
+/// challenge, which this process checks with the vault it unlocks itself. Any program of the
+/// user can listen at the socket's path; only the genuine daemon (or someone who has the
+/// master key, and so everything anyway) can answer.
+fn verify_daemon(
+    home: &Home,
+    stream: &mut std::os::unix::net::UnixStream,
+    reader: &mut BufReader<std::os::unix::net::UnixStream>,
+) -> Result<(), String> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let keys = crate::vault::KeyConfig::from_env().map_err(|e| e.to_string())?;
+    let vault = crate::vault::Vault::open_with(home, &keys)
+        .map_err(|e| format!("cannot unlock the vault here to check it: {e}"))?;
+    let mut challenge = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut challenge)
+        .map_err(|_| "no randomness".to_string())?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    writeln!(stream, "{PROVE}{}", b64.encode(challenge)).map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    reader.read_line(&mut answer).map_err(|e| e.to_string())?;
+    let _ = stream.set_read_timeout(None);
+    let proof = answer
+        .trim_end()
+        .strip_prefix(PROOF)
+        .and_then(|p| b64.decode(p).ok())
+        .ok_or("it does not prove that it holds this vault's key")?;
+    if vault.check_proof(&challenge, &proof) {
+        Ok(())
+    } else {
+        Err("its proof does not match this vault's key".into())
     }
 }
 
@@ -167,6 +220,30 @@ async fn handle(
     let mut line = Zeroizing::new(String::new());
     if reader.read_line(&mut line).await.is_err() {
         return;
+    }
+    // A client about to hand over keys asks for proof that this is the genuine daemon first.
+    if let Some(challenge) = line.trim_end().strip_prefix(PROVE) {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let Ok(challenge) = b64.decode(challenge) else {
+            return;
+        };
+        let credentials = proxy.credentials();
+        let proof = tokio::task::spawn_blocking(move || credentials.prove(&challenge))
+            .await
+            .ok()
+            .flatten();
+        let answer = match proof {
+            Some(proof) => format!("{PROOF}{}\n", b64.encode(proof)),
+            None => "no-proof\n".to_string(),
+        };
+        if write.write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+        line.clear();
+        if reader.read_line(&mut line).await.is_err() {
+            return;
+        }
     }
     let from_shim = line.trim_end() == HANDOVER_MAGIC;
     let request = match from_shim {

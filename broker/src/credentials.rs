@@ -69,6 +69,10 @@ impl VaultCredentials {
 }
 
 impl Credentials for VaultCredentials {
+    fn prove(&self, challenge: &[u8]) -> Option<Vec<u8>> {
+        self.vault().ok().flatten()?.prove(challenge).ok()
+    }
+
     fn accepted_now(&self, provider: &str, grant: &str) -> Option<bool> {
         let generation = self.keys_seen.last_generation();
         let accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());

@@ -577,3 +577,90 @@ print("pid=%d" % os.getpid())
     assert!(line.contains("python3"), "{line}");
     assert!(!line.contains("innocent-looking-claim"), "{line}");
 }
+
+/// `broker run` hands the keys it found in its environment only to a daemon that proves it
+/// holds the vault's data key: a program listening at the control socket's path gets the
+/// challenge and nothing else, and the run keeps its keys in a broker of its own.
+#[test]
+fn broker_run_hands_keys_only_to_a_daemon_that_proves_it_holds_the_vault() {
+    const HANDED: &str = "sk-test-handed-key-for-the-proof-0123456789";
+    let ca = TestCa::new();
+    let origin = Origin::bearer(&ca, "api.openai.com", HANDED, "handed");
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let curl = "curl -sS -o /dev/null -w '%{http_code}' https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"; echo; echo config=$BROKER_SHIM_CONFIG";
+
+    // A fake daemon: records what it is sent, proves nothing.
+    let run_dir = home.path().join("run");
+    std::fs::create_dir_all(&run_dir).expect("run dir");
+    let received = home.path().join("fake-daemon-received");
+    let fake = r#"
+import os, socket, sys
+path, out = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen(1)
+open(out + '.ready', 'w').close()
+c, _ = s.accept()
+f = c.makefile('rb')
+with open(out, 'ab') as log:
+    line = f.readline()
+    log.write(line)
+    c.sendall(b'no-proof\n')
+    c.settimeout(2)
+    try:
+        log.write(f.read())
+    except Exception:
+        pass
+"#;
+    let mut daemon = Command::new("python3")
+        .args(["-c", fake])
+        .arg(run_dir.join("control.sock"))
+        .arg(&received)
+        .spawn()
+        .expect("fake daemon");
+    let ready = received.with_extension("ready");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ready.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fake daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut cmd = home.broker();
+    cmd.env("OPENAI_API_KEY", HANDED)
+        .args(["run", "--", "sh", "-c", curl])
+        .stdin(std::process::Stdio::null());
+    let out = run_bounded(&mut cmd, Duration::from_secs(60));
+    let _ = daemon.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not handing keys"), "{stderr}");
+    let got = std::fs::read(&received).expect("what the fake daemon got");
+    assert!(
+        got.starts_with(b"prove "),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        !broker_integration::contains(&got, HANDED),
+        "the fake daemon got the key"
+    );
+    let _ = std::fs::remove_file(run_dir.join("control.sock"));
+
+    // The genuine daemon proves it, and the run joins it with the handed key.
+    let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
+    let out = run_bounded(&mut cmd, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("200"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("config={}", run_dir.display())),
+        "{stdout}"
+    );
+    assert_eq!(origin.requests().len(), 1);
+    drop(serve);
+}

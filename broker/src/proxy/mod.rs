@@ -67,6 +67,12 @@ pub trait Credentials: Send + Sync + 'static {
             .is_some_and(|grants| grants.iter().any(|g| g == grant)))
     }
 
+    /// [`crate::vault::Vault::prove`] by the vault this broker serves from, if it has one
+    /// open (blocks: it may open it).
+    fn prove(&self, _challenge: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+
     /// [`Credentials::accepts`] from what is known without blocking, if it is.
     fn accepted_now(&self, _provider: &str, _grant: &str) -> Option<bool> {
         None
@@ -259,6 +265,11 @@ impl Proxy {
 
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    /// Where this broker's credentials come from.
+    pub fn credentials(&self) -> Arc<dyn Credentials> {
+        self.credentials.clone()
     }
 
     /// Open the listeners of one run and serve them until the returned handle is dropped.

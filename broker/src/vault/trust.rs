@@ -15,7 +15,28 @@ fn aad(provider: &str) -> Vec<u8> {
     aad
 }
 
+/// AAD of a control-socket proof (see [`Vault::prove`]).
+fn proof_aad(challenge: &[u8]) -> Vec<u8> {
+    let mut aad = b"broker control proof v1\0".to_vec();
+    aad.extend_from_slice(challenge);
+    aad
+}
+
 impl Vault {
+    /// Proof that this process holds the vault's data key, for `challenge`: an AEAD tag over
+    /// it. `broker run` asks `broker serve` for one before it hands it keys, so a program of
+    /// the user's listening at the control socket's path gets nothing (see `control`).
+    pub fn prove(&self, challenge: &[u8]) -> Result<Vec<u8>, VaultError> {
+        self.data_key
+            .seal(b"", &proof_aad(challenge))
+            .map_err(|_| VaultError::Crypto)
+    }
+
+    /// Is `proof` a [`Vault::prove`] of `challenge` by this vault's data key?
+    pub fn check_proof(&self, challenge: &[u8], proof: &[u8]) -> bool {
+        self.data_key.open(proof, &proof_aad(challenge)).is_ok()
+    }
+
     /// The grants accepted for `provider`, or `None` when none were ever recorded.
     pub fn trusted_grants(&self, provider: &str) -> Result<Option<Vec<String>>, VaultError> {
         let blob: Option<Vec<u8>> = self
