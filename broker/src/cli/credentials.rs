@@ -120,6 +120,7 @@ pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
     drop(secret);
     audit(
         &home,
+        &vault,
         EventKind::CredentialAdded,
         &provider.name,
         &args.profile,
@@ -213,11 +214,16 @@ pub fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
 
 pub fn remove(args: RemoveArgs) -> anyhow::Result<ExitCode> {
     let home = home()?;
-    if !Vault::exists(&home) || !Vault::open(&home)?.remove(&args.provider, &args.profile)? {
+    if !Vault::exists(&home) {
+        bail!("{}", missing(&args.provider, &args.profile));
+    }
+    let vault = Vault::open(&home)?;
+    if !vault.remove(&args.provider, &args.profile)? {
         bail!("{}", missing(&args.provider, &args.profile));
     }
     audit(
         &home,
+        &vault,
         EventKind::CredentialRemoved,
         &args.provider,
         &args.profile,
@@ -333,6 +339,7 @@ fn add_command(
     })?;
     audit(
         home,
+        &vault,
         EventKind::CredentialAdded,
         &provider.name,
         &args.profile,
@@ -387,7 +394,7 @@ pub(super) fn read_hidden(prompt: &str, what: &str) -> anyhow::Result<Zeroizing<
 }
 
 /// Record a vault change. A failure to audit is reported but does not undo the change.
-fn audit(home: &Home, kind: EventKind, provider: &str, profile: &str) {
+fn audit(home: &Home, vault: &Vault, kind: EventKind, provider: &str, profile: &str) {
     let event = AuditEvent {
         provider: Some(provider.to_string()),
         profile: Some(profile.to_string()),
@@ -402,7 +409,7 @@ fn audit(home: &Home, kind: EventKind, provider: &str, profile: &str) {
         )),
         ..AuditEvent::new(kind)
     };
-    if let Err(err) = Audit::open(home).and_then(|a| a.append(event)) {
+    if let Err(err) = Audit::open(home, vault).and_then(|a| a.append(event)) {
         eprintln!("broker: warning: {err}");
     }
 }

@@ -159,6 +159,7 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
     )?;
     audit(
         &home,
+        &vault,
         EventKind::Login,
         &settings.provider,
         &args.profile,
@@ -261,6 +262,7 @@ pub fn logout(args: LogoutArgs) -> anyhow::Result<ExitCode> {
     vault.remove(&args.provider, &args.profile)?;
     audit(
         &home,
+        &vault,
         EventKind::Logout,
         &args.provider,
         &args.profile,
@@ -332,6 +334,7 @@ fn grant_name(grant: GrantUsed) -> &'static str {
 
 fn audit(
     home: &Home,
+    vault: &Vault,
     kind: EventKind,
     provider: &str,
     profile: &str,
@@ -346,7 +349,7 @@ fn audit(
         reason,
         ..AuditEvent::new(kind)
     };
-    if let Err(err) = Audit::open(home).and_then(|a| a.append(event)) {
+    if let Err(err) = Audit::open(home, vault).and_then(|a| a.append(event)) {
         eprintln!("broker: warning: {err}");
     }
 }

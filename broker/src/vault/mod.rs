@@ -17,7 +17,9 @@
 //! The API is synchronous; async callers use `spawn_blocking`. A [`Vault`] is `Send + Sync`
 //! (one connection behind a mutex), so one instance can be shared in an `Arc`.
 
+mod audit_head;
 mod crypto;
+mod derive;
 mod keysource;
 mod oauth;
 mod schema;
@@ -34,6 +36,7 @@ use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
 use zeroize::Zeroizing;
 
 use crate::home::Home;
+pub use audit_head::{AuditHead, AuditHeadStore};
 use crypto::{credential_aad, Field, KdfParams, SealingKey, DATA_KEY_AAD, KEY_LEN};
 use keysource::KeyringLookup;
 pub use keysource::{KeyConfig, KeySource, ENV_KEY_SOURCE, ENV_PASSPHRASE, KEYRING_TIMEOUT};
@@ -244,6 +247,8 @@ impl VerifyReport {
 pub struct Vault {
     conn: Mutex<Connection>,
     data_key: SealingKey,
+    /// Keys derived from the data key (the audit chain's), see `derive.rs`.
+    derive: derive::Derivation,
     key_source: KeySource,
     path: PathBuf,
 }
@@ -287,13 +292,14 @@ impl Vault {
         enable_wal(&conn)?;
         schema::migrate(&mut conn)?;
 
-        let (key_source, data_key) = match read_meta(&conn, &path)? {
+        let (key_source, (data_key, derive)) = match read_meta(&conn, &path)? {
             Some(meta) => (meta.key_source, unlock(home, &path, &meta, keys)?),
             None => initialize(home, &path, &mut conn, keys)?,
         };
         Ok(Vault {
             conn: Mutex::new(conn),
             data_key,
+            derive,
             key_source,
             path,
         })
@@ -702,8 +708,15 @@ fn unlock(
     vault: &Path,
     meta: &Meta,
     keys: &KeyConfig,
-) -> Result<SealingKey, VaultError> {
-    unlock_raw(home, vault, meta, keys).map(|raw| SealingKey::new(&raw))
+) -> Result<DataKeys, VaultError> {
+    unlock_raw(home, vault, meta, keys).map(|raw| data_keys(&raw))
+}
+
+/// What the vault keeps of its data key: the sealing key and the derivation of other keys.
+type DataKeys = (SealingKey, derive::Derivation);
+
+fn data_keys(raw: &[u8; KEY_LEN]) -> DataKeys {
+    (SealingKey::new(raw), derive::Derivation::new(raw))
 }
 
 /// [`unlock`], giving the data key's bytes.
@@ -849,7 +862,7 @@ fn initialize(
     vault: &Path,
     conn: &mut Connection,
     keys: &KeyConfig,
-) -> Result<(KeySource, SealingKey), VaultError> {
+) -> Result<(KeySource, DataKeys), VaultError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     if let Some(meta) = read_meta(&tx, vault)? {
         drop(tx);
@@ -874,7 +887,7 @@ fn initialize(
     )?;
     tx.commit()?;
     tracing::info!(vault = %vault.display(), key_source = source.as_str(), "created a new vault");
-    Ok((source, SealingKey::new(&data_key)))
+    Ok((source, data_keys(&data_key)))
 }
 
 type NewMaster = (
