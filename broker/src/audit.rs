@@ -1576,6 +1576,12 @@ mod tests {
         let second = v1_line(2, &sha256_hex(first.as_bytes()), use_event(2));
         f.write_lines(&[first.clone(), second.clone()]);
         assert_eq!(f.verify().unwrap().unkeyed, 2);
+        // What `broker serve` and `broker run` do at start: the anchor alone.
+        let anchored = f.open().unwrap().append_all(Vec::new()).unwrap();
+        assert_eq!(anchored.len(), 1);
+        assert_eq!(f.head().unwrap().seq, 3);
+        // Nothing more to anchor: an empty append writes nothing.
+        assert!(f.open().unwrap().append_all(Vec::new()).unwrap().is_empty());
         let rec = f.open().unwrap().append(use_event(3)).unwrap();
         assert_eq!(rec.seq, 4, "after the anchor");
         let lines = f.lines();

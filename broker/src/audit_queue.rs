@@ -34,6 +34,9 @@ impl AuditQueue {
     /// is an error here, before any request: the broker does not run unaudited.
     pub fn start(home: &Home, vault: &Vault) -> Result<AuditQueue, AuditError> {
         let audit = Audit::open(home, vault)?;
+        // A format-1 (unkeyed) log is pinned now, by its first keyed line, not at the first
+        // event: from here on cutting it is detected, and starts need not read all of it.
+        audit.append_all(Vec::new())?;
         let (tx, rx) = mpsc::channel::<AuditEvent>();
         let failing = Arc::new(AtomicBool::new(false));
         let flag = failing.clone();

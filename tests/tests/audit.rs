@@ -35,6 +35,31 @@ fn text(out: &Output) -> String {
     )
 }
 
+/// SHA-256 in hex, by `sha256sum` (what anyone without the key has).
+fn sha256(s: &str) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write as _;
+            c.stdin.take().expect("stdin").write_all(s.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)[..64].to_string()
+}
+
+/// A format-1 line, as brokers before the keyed audit wrote them.
+fn v1_line(seq: u64, prev: &str, provider: &str) -> String {
+    let body = format!(
+        "{{\"seq\":{seq},\"time\":\"2025-01-31T12:00:0{seq}.000Z\",\"event\":\"credential_added\",\
+         \"provider\":\"{provider}\",\"profile\":\"default\",\"pid\":42,\"command\":\"broker add\",\"prev\":\"{prev}\"}}"
+    );
+    let hash = sha256(&body);
+    format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1])
+}
+
 /// A home with three audited vault changes (three keyed lines).
 fn home_with_three_lines() -> Home {
     let home = Home::new();
@@ -136,19 +161,6 @@ fn audit_a_line_deleted_and_rechained_without_the_key_fails_verify_at_that_line(
     let mut log = lines(&path);
     log.remove(1);
     // What an attacker without the key can do: renumber and chain with plain SHA-256.
-    let sha256 = |s: &str| -> String {
-        let out = std::process::Command::new("sha256sum")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write as _;
-                c.stdin.take().expect("stdin").write_all(s.as_bytes())?;
-                c.wait_with_output()
-            })
-            .expect("sha256sum");
-        String::from_utf8_lossy(&out.stdout)[..64].to_string()
-    };
     let first: serde_json::Value = serde_json::from_str(&log[0]).expect("json");
     let prev = first["mac"].as_str().expect("mac").to_string();
     let mut record: serde_json::Value = serde_json::from_str(&log[1]).expect("json");
@@ -287,4 +299,80 @@ fn audit_verify_says_when_it_cannot_unlock_the_vault() {
         said.contains("NOT CHECKED") && said.contains("master.key"),
         "{said}"
     );
+}
+
+#[test]
+fn audit_a_format_1_log_is_kept_and_pinned_by_the_keyed_chain() {
+    let home = Home::new();
+    let path = audit_path(&home);
+    std::fs::create_dir_all(home.path()).expect("home");
+    let first = v1_line(1, &"0".repeat(64), "openai");
+    let second = v1_line(2, &sha256(&first), "github");
+    write_lines(&path, &[first.clone(), second.clone()]);
+    let (code, said) = verify(&home);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("2 unkeyed (format 1)"), "{said}");
+
+    // The first broker with the key anchors the old chain, then goes on keyed.
+    home.broker_ok(&["run", "--embedded", "--", "true"]);
+    home.add("openai", OPENAI_KEY);
+    let log = lines(&path);
+    assert_eq!(log.len(), 4, "{log:?}");
+    assert_eq!((&log[0], &log[1]), (&first, &second), "kept as it was");
+    assert!(log[2].contains("\"event\":\"audit_keyed\""), "{}", log[2]);
+    assert!(
+        log[2].contains(&format!("\"prev\":\"{}\"", sha256(&second))),
+        "{}",
+        log[2]
+    );
+    let (code, said) = verify(&home);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.contains("4 lines: 2 unkeyed (format 1) pinned by the first of 2 keyed lines"),
+        "{said}"
+    );
+
+    // A format-1 line changed and its hashes recomputed: the anchor gives it away.
+    let edited = v1_line(1, &"0".repeat(64), "evil");
+    let rehashed = v1_line(2, &sha256(&edited), "github");
+    let mut tampered = log.clone();
+    tampered[0] = edited;
+    tampered[1] = rehashed;
+    write_lines(&path, &tampered);
+    let (code, said) = verify(&home);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("BROKEN at line 3"), "{said}");
+}
+
+#[test]
+fn audit_a_head_moved_back_without_the_key_is_refused() {
+    let home = home_with_three_lines();
+    let path = audit_path(&home);
+    let log = lines(&path);
+    write_lines(&path, &log[..1]);
+    let first: serde_json::Value = serde_json::from_str(&log[0]).expect("json");
+    let mac = first["mac"].as_str().expect("mac");
+    // The head moved back to match the cut log, as sqlite3 can without the key.
+    let out = std::process::Command::new("sqlite3")
+        .arg(home.path().join("vault.db"))
+        .arg(format!(
+            "UPDATE audit_head SET seq = 1, line_start = 0, mac = '{mac}'"
+        ))
+        .output()
+        .expect("sqlite3");
+    assert!(out.status.success(), "{}", text(&out));
+    let (code, said) = verify(&home);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("audit head"), "{said}");
+    assert_start_refused(&home, "the head moved back");
+    home.broker_ok(&["audit", "reset", "--yes"]);
+    let log = lines(&path);
+    assert!(
+        log[0].contains("the vault's head was unreadable"),
+        "{}",
+        log[0]
+    );
+    let (code, said) = verify(&home);
+    assert_eq!(code, Some(0), "{said}");
+    home.broker_ok(&["run", "--embedded", "--", "true"]);
 }
