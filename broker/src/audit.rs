@@ -268,7 +268,8 @@ pub struct VerifyReport {
 
 impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} lines", self.lines)?;
+        let plural = if self.lines == 1 { "" } else { "s" };
+        write!(f, "{} line{plural}", self.lines)?;
         match (self.unkeyed, self.keyed) {
             (0, _) => write!(f, ", MAC chain intact")?,
             (u, 0) => write!(f, ", {u} unkeyed (format 1), hash chain intact; the keyed chain starts with the next line written")?,
