@@ -449,6 +449,13 @@ impl Audit {
             seq += 1;
         }
         if records.is_empty() {
+            // Nothing to write; where the chain ends is known now, so the next write need not
+            // read it again.
+            state.written = Some(Written {
+                len,
+                seq: seq - 1,
+                mac: prev,
+            });
             return Ok(records);
         }
         // One write(2) of all the lines: with O_APPEND they land at the end as a unit.
@@ -1479,6 +1486,18 @@ mod tests {
         assert!(untrusted(f.open()).contains("symbolic link"));
         assert!(f.verify().unwrap_err().reason.contains("symbolic link"));
         assert_eq!(fs::read("/dev/null").unwrap(), b"", "nothing went through");
+    }
+
+    #[test]
+    fn audit_only_a_regular_file_is_opened() {
+        let f = Fixture::new();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&f.path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        assert!(untrusted(f.open()).contains("not a regular file"));
+        assert!(f.verify().unwrap_err().reason.contains("not a regular file"));
     }
 
     #[test]
