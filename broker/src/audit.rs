@@ -54,6 +54,10 @@ pub const AUDIT_KEY_LABEL: &str = "broker audit v2";
 pub const RECOVERY: &str =
     "run `broker audit verify` to see where, then `broker audit reset --yes` \
      to start a new chain (the old log is kept beside it, and the reset is audited)";
+/// Why a log is refused that is empty while the vault has credentials and no head.
+const LOST_WITH_HEAD: &str =
+    "it is empty or missing, the vault holds credentials, and the vault's \
+     head is gone too: the log was deleted together with the head (or before the broker kept one)";
 /// `prev` of the first line.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Longest value kept for a free-text field (longer ones are cut, marked with `…`).
@@ -575,7 +579,7 @@ fn open_checked(
     let recorded = head.read().map_err(head_err)?;
     let file = match open_no_follow(path, false) {
         Err(AuditError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-            if let Some(h) = &recorded {
+            if let Some(h) = recorded.as_ref().filter(|h| h.seq > 0) {
                 return Err(AuditError::Untrusted {
                     path: path.to_owned(),
                     reason: format!(
@@ -598,7 +602,15 @@ fn open_checked(
     })?;
     // Read again under the lock: another process may have written since.
     let recorded = head.read().map_err(head_err)?;
-    chain_end(&file, path, key, recorded.as_ref())?;
+    let end = chain_end(&file, path, key, recorded.as_ref())?;
+    // No head at all is a vault made before the head existed. Its log is format 1, or there
+    // is none: and a vault that holds credentials had a log (their adding was audited).
+    if recorded.is_none() && end.seq == 1 && head.vault_has_credentials().map_err(head_err)? {
+        return Err(AuditError::Untrusted {
+            path: path.to_owned(),
+            reason: LOST_WITH_HEAD.into(),
+        });
+    }
     drop(lock);
     Ok((file, (meta.dev(), meta.ino())))
 }
@@ -669,7 +681,7 @@ pub fn verify(
     {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return match head {
+            return match head.filter(|h| h.seq > 0) {
                 None => Ok(VerifyReport::default()),
                 Some(h) => Err(AuditBroken {
                     line: 0,
@@ -703,6 +715,8 @@ pub fn verify(
             reason: format!("{} is not a regular file", path.display()),
         });
     }
+    // A head at seq 0 is a new vault's: no line needs to be there.
+    let head = head.filter(|h| h.seq > 0);
     let mut walker = Walker::from_start(key, head.cloned());
     let end = walker.walk(io::BufReader::new(file))?;
     if end.torn.is_some() {
@@ -723,18 +737,24 @@ pub fn verify(
 
 /// [`verify`] with the key and head of `vault`.
 pub fn verify_with(path: &Path, vault: &Vault) -> Result<VerifyReport, AuditBroken> {
-    let head = vault
-        .audit_head_store()
-        .and_then(|store| store.read())
-        .map_err(|e| AuditBroken {
-            line: 0,
-            reason: e.to_string(),
-        })?;
-    verify(
+    let vault_err = |e: VaultError| AuditBroken {
+        line: 0,
+        reason: e.to_string(),
+    };
+    let store = vault.audit_head_store().map_err(vault_err)?;
+    let head = store.read().map_err(vault_err)?;
+    let report = verify(
         path,
         Some(&vault.derived_key(AUDIT_KEY_LABEL)),
         head.as_ref(),
-    )
+    )?;
+    if head.is_none() && report.lines == 0 && store.vault_has_credentials().map_err(vault_err)? {
+        return Err(AuditBroken {
+            line: 0,
+            reason: format!("{}: {LOST_WITH_HEAD}", path.display()),
+        });
+    }
+    Ok(report)
 }
 
 /// Checks lines one after another.
@@ -992,7 +1012,7 @@ fn chain_end(
         source,
     };
     let len = file.metadata().map_err(io_err)?.len();
-    let mut walker = match head {
+    let mut walker = match head.filter(|h| h.seq > 0) {
         Some(h) if h.line_start >= len => {
             return Err(untrusted(format!(
                 "it has {len} bytes, but the vault's head says line {} starts at byte {}: \
@@ -1087,8 +1107,11 @@ pub fn reset(home: &Home, vault: &Vault, event: AuditEvent) -> Result<ResetOutco
         .map_err(io_err)?;
     let _lock = FileLock::exclusive(&file).map_err(io_err)?;
     let head_text = match &old_head {
-        Ok(Some(h)) => format!("line {} (mac {}…)", h.seq, h.mac.get(..16).unwrap_or("")),
-        Ok(None) => "none".into(),
+        Ok(Some(h)) if h.seq > 0 => {
+            format!("line {} (mac {}…)", h.seq, h.mac.get(..16).unwrap_or(""))
+        }
+        Ok(Some(_)) => "at the start (no line written yet)".into(),
+        Ok(None) => "missing".into(),
         Err(_) => "unreadable (edited without the key)".into(),
     };
     let state_text = match &old_state {
@@ -1497,7 +1520,11 @@ mod tests {
             .unwrap();
         assert!(made.success());
         assert!(untrusted(f.open()).contains("not a regular file"));
-        assert!(f.verify().unwrap_err().reason.contains("not a regular file"));
+        assert!(f
+            .verify()
+            .unwrap_err()
+            .reason
+            .contains("not a regular file"));
     }
 
     #[test]
@@ -1587,6 +1614,32 @@ mod tests {
         assert!(store.read().is_err());
         assert!(matches!(f.open(), Err(AuditError::Head { .. })));
         assert!(f.verify().is_err());
+    }
+
+    #[test]
+    fn audit_a_log_deleted_with_the_head_row_is_detected_while_the_vault_holds_credentials() {
+        let f = Fixture::with(2);
+        let conn = rusqlite::Connection::open(f.vault.path()).unwrap();
+        conn.execute("DELETE FROM audit_head", []).unwrap();
+        fs::remove_file(&f.path).unwrap();
+        // Without credentials there is nothing the log was protecting: a fresh start.
+        f.open().unwrap();
+        assert_eq!(f.verify().unwrap().lines, 0);
+        fs::remove_file(&f.path).unwrap();
+        f.vault
+            .put(
+                "openai",
+                "default",
+                "sk-test-audit-unit-0000",
+                crate::vault::CredentialKind::ApiKey,
+            )
+            .unwrap();
+        assert!(untrusted(f.open()).contains("deleted together with the head"));
+        assert!(f.verify().unwrap_err().reason.contains("head"));
+        // A vault from before the head, with its format-1 log: the migration goes on.
+        f.write_lines(&[v1_line(1, GENESIS, use_event(1))]);
+        f.open().unwrap().append(use_event(2)).unwrap();
+        assert_eq!(f.verify().unwrap().head, Some(3));
     }
 
     #[test]

@@ -376,3 +376,28 @@ fn audit_a_head_moved_back_without_the_key_is_refused() {
     assert_eq!(code, Some(0), "{said}");
     home.broker_ok(&["run", "--embedded", "--", "true"]);
 }
+
+#[test]
+fn audit_a_log_deleted_together_with_the_head_row_is_detected() {
+    let home = home_with_three_lines();
+    let out = std::process::Command::new("sqlite3")
+        .arg(home.path().join("vault.db"))
+        .arg("DELETE FROM audit_head")
+        .output()
+        .expect("sqlite3");
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::remove_file(audit_path(&home)).expect("remove");
+    let (code, said) = verify(&home);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("deleted together with the head"), "{said}");
+    assert_start_refused(&home, "log and head row deleted");
+    home.broker_ok(&["audit", "reset", "--yes"]);
+    let log = lines(&audit_path(&home));
+    assert!(
+        log[0].contains("the vault's head was missing"),
+        "{}",
+        log[0]
+    );
+    let (code, said) = verify(&home);
+    assert_eq!(code, Some(0), "{said}");
+}

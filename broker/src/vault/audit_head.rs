@@ -7,8 +7,13 @@
 //! lower bound: the log is written first and the head after, so after a crash the log may be
 //! ahead of the head by lines MACed under the audit key, never behind it.
 //!
-//! The table is created here, on first use (`CREATE TABLE IF NOT EXISTS`), and written through
-//! a connection of its own, so the audit writer never waits for the vault's connection.
+//! A vault made by this broker has a head from its first transaction on: `seq` 0, "no line
+//! yet". So a missing row means a vault made before the head existed (its log is format 1, or
+//! none), or a row deleted; the audit tells the two apart as far as it can (see `audit.rs`).
+//!
+//! The table is created here (`CREATE TABLE IF NOT EXISTS`), by a new vault or on first use,
+//! and written through a connection of its own, so the audit writer never waits for the
+//! vault's connection.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,6 +40,7 @@ const CREATE: &str = "CREATE TABLE IF NOT EXISTS audit_head (
 /// The last line of the audit log the vault knows of.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditHead {
+    /// 0: no line written yet (`mac` is then 64 zeros and `line_start` 0).
     pub seq: u64,
     /// The line's MAC, lowercase hex.
     pub mac: String,
@@ -89,7 +95,65 @@ impl Vault {
     }
 }
 
+/// In a new vault's first transaction: the table, and the head of an empty chain.
+pub(super) fn start_empty(
+    tx: &Connection,
+    derive: &super::derive::Derivation,
+) -> Result<(), VaultError> {
+    tx.execute_batch(CREATE)?;
+    write_row(
+        tx,
+        &derive.hmac_key(HEAD_KEY_LABEL),
+        &AuditHead {
+            seq: 0,
+            mac: crate::audit::GENESIS.to_string(),
+            line_start: 0,
+        },
+    )
+    .map_err(|e| match e {
+        Some(e) => e,
+        None => VaultError::Crypto,
+    })
+}
+
+/// Insert or replace the head row. `Err(None)`: the head is out of SQLite's range.
+fn write_row(
+    conn: &Connection,
+    key: &hmac::Key,
+    head: &AuditHead,
+) -> Result<(), Option<VaultError>> {
+    let seq = i64::try_from(head.seq).map_err(|_| None)?;
+    let line_start = i64::try_from(head.line_start).map_err(|_| None)?;
+    let tag = hmac::sign(key, &tag_input(head));
+    conn.execute(
+        "INSERT INTO audit_head (id, seq, mac, line_start, tag, updated_at)
+         VALUES (1, ?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, mac = excluded.mac,
+             line_start = excluded.line_start, tag = excluded.tag,
+             updated_at = excluded.updated_at",
+        params![
+            seq,
+            head.mac,
+            line_start,
+            tag.as_ref(),
+            crate::audit::now_rfc3339()
+        ],
+    )
+    .map_err(|e| Some(e.into()))?;
+    Ok(())
+}
+
 impl AuditHeadStore {
+    /// Does the vault hold any credential? (A vault with credentials and neither a head nor
+    /// an audit log lost its log.)
+    pub fn vault_has_credentials(&self) -> Result<bool, VaultError> {
+        Ok(self
+            .conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM credentials)", [], |r| {
+                r.get::<_, bool>(0)
+            })?)
+    }
+
     /// The head, or `None` before the first keyed line. A row whose tag does not verify
     /// (edited without the key) is an error.
     pub fn read(&self) -> Result<Option<AuditHead>, VaultError> {
@@ -131,28 +195,12 @@ impl AuditHeadStore {
 
     /// Record `head` as where the chain stands.
     pub fn write(&self, head: &AuditHead) -> Result<(), VaultError> {
-        let too_big = || VaultError::Corrupt {
-            vault: self.vault.clone(),
-            what: "audit head out of range".into(),
-        };
-        let seq = i64::try_from(head.seq).map_err(|_| too_big())?;
-        let line_start = i64::try_from(head.line_start).map_err(|_| too_big())?;
-        let tag = hmac::sign(&self.key, &tag_input(head));
-        self.conn.execute(
-            "INSERT INTO audit_head (id, seq, mac, line_start, tag, updated_at)
-             VALUES (1, ?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, mac = excluded.mac,
-                 line_start = excluded.line_start, tag = excluded.tag,
-                 updated_at = excluded.updated_at",
-            params![
-                seq,
-                head.mac,
-                line_start,
-                tag.as_ref(),
-                crate::audit::now_rfc3339()
-            ],
-        )?;
-        Ok(())
+        write_row(&self.conn, &self.key, head).map_err(|e| {
+            e.unwrap_or_else(|| VaultError::Corrupt {
+                vault: self.vault.clone(),
+                what: "audit head out of range".into(),
+            })
+        })
     }
 }
 
@@ -188,7 +236,8 @@ mod tests {
     fn audit_head_round_trips_and_an_edit_is_refused() {
         let (_dir, vault) = vault();
         let store = vault.audit_head_store().unwrap();
-        assert_eq!(store.read().unwrap(), None);
+        let empty = store.read().unwrap().unwrap();
+        assert_eq!((empty.seq, empty.line_start), (0, 0), "a new vault's head");
         let head = AuditHead {
             seq: 7,
             mac: "ab".repeat(32),

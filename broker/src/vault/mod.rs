@@ -885,9 +885,12 @@ fn initialize(
             crate::audit::now_rfc3339(),
         ],
     )?;
+    let keys = data_keys(&data_key);
+    // The audit chain's head exists as long as the vault does (see audit_head.rs).
+    audit_head::start_empty(&tx, &keys.1)?;
     tx.commit()?;
     tracing::info!(vault = %vault.display(), key_source = source.as_str(), "created a new vault");
-    Ok((source, data_keys(&data_key)))
+    Ok((source, keys))
 }
 
 type NewMaster = (
