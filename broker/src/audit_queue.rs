@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::audit::{AppendFailed, Audit, AuditError, AuditEvent, AuditRecord, EventKind};
 use crate::home::Home;
 use crate::proxy::AuditSink;
+use crate::vault::Vault;
 
 /// How long the writer waits after the first event of a batch for more to arrive: the delay
 /// before an event reaches the file (and before a broker with unwritten events exits).
@@ -28,10 +29,14 @@ pub struct AuditQueue {
 }
 
 impl AuditQueue {
-    /// Open the audit log of `home` and start its writer thread. A log that cannot be opened
+    /// Open the audit log of `home`, keyed by `vault`, and start its writer thread. A log that
+    /// cannot be opened, or that does not match the vault's head (cut, replaced, a symlink),
     /// is an error here, before any request: the broker does not run unaudited.
-    pub fn start(home: &Home) -> Result<AuditQueue, AuditError> {
-        let audit = Audit::open(home)?;
+    pub fn start(home: &Home, vault: &Vault) -> Result<AuditQueue, AuditError> {
+        let audit = Audit::open(home, vault)?;
+        // A format-1 (unkeyed) log is pinned now, by its first keyed line, not at the first
+        // event: from here on cutting it is detected, and starts need not read all of it.
+        audit.append_all(Vec::new())?;
         let (tx, rx) = mpsc::channel::<AuditEvent>();
         let failing = Arc::new(AtomicBool::new(false));
         let flag = failing.clone();
@@ -274,8 +279,13 @@ mod tests {
     fn a_log_that_cannot_be_opened_stops_the_start() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let home = Home::at(dir.path().to_path_buf());
+        let keys = crate::vault::KeyConfig {
+            source: Some(crate::vault::KeySource::File),
+            passphrase: None,
+        };
+        let vault = Vault::open_with(&home, &keys).unwrap_or_else(|e| panic!("{e}"));
         std::fs::create_dir_all(home.audit_path()).unwrap_or_else(|e| panic!("{e}"));
-        let Err(err) = AuditQueue::start(&home) else {
+        let Err(err) = AuditQueue::start(&home, &vault) else {
             panic!("started with a directory for a log");
         };
         assert!(err.to_string().contains("audit.jsonl"), "{err}");

@@ -48,6 +48,12 @@ impl VaultCredentials {
         }
     }
 
+    /// Use `vault`, already open (the broker opens it at start to key its audit log).
+    pub fn with_vault(self, vault: Arc<Vault>) -> VaultCredentials {
+        *self.vault.lock().unwrap_or_else(|p| p.into_inner()) = Some(vault);
+        self
+    }
+
     /// Reach OAuth token endpoints (refreshes) with these settings.
     pub fn with_token_endpoints(mut self, upstream: UpstreamSettings) -> VaultCredentials {
         self.token_endpoints = upstream;

@@ -15,7 +15,7 @@ use crate::providers::Catalog;
 use crate::proxy::{
     AgentPid, Proxy, ProxySettings, RunContext, RunKeys, RunListeners, UpstreamSettings,
 };
-use crate::vault::KeyConfig;
+use crate::vault::{KeyConfig, Vault};
 
 /// What one run may do.
 #[derive(Debug, Clone, Default)]
@@ -83,16 +83,24 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
     home.ensure()
         .with_context(|| format!("cannot create BROKER_HOME {}", home.root().display()))?;
     let catalog = Arc::new(Catalog::load(&home)?);
+    // The vault is unlocked at start (created on first use): the audit log is keyed by it, and
+    // checked against the head it keeps before any credential is used.
+    let vault = Arc::new(
+        Vault::open_with(&home, &settings.keys)
+            .context("the broker keys its audit log with the vault, and cannot open it")?,
+    );
+    let audit = crate::audit_queue::AuditQueue::start(&home, &vault).context(
+        "the broker does not use credentials it cannot audit: fix the audit log or BROKER_HOME",
+    )?;
     let proxy = Proxy::new(ProxySettings {
         catalog,
         upstream: settings.upstream.clone(),
         credentials: Arc::new(
             crate::credentials::VaultCredentials::new(home.clone(), settings.keys)
+                .with_vault(vault)
                 .with_token_endpoints(settings.upstream.clone()),
         ),
-        audit: Arc::new(crate::audit_queue::AuditQueue::start(&home).context(
-            "the broker does not use credentials it cannot audit: fix the audit log or BROKER_HOME",
-        )?),
+        audit: Arc::new(audit),
         label: settings.label,
     })?;
     let run = open_run(&proxy, settings.run, FIRST_SLOT, &settings.runtime_dir).await?;

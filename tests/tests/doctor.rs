@@ -65,6 +65,21 @@ fn assert_doctor_fails_on(home: &Home, check: &str, detail: &str) {
 }
 
 #[test]
+fn doctor_fails_on_a_cut_or_symlinked_audit_log() {
+    let home = Home::new();
+    home.add("openai", "sk-test-doctor-openai-key-0123456789-ab");
+    home.add("anthropic", "sk-ant-test-doctor-anthropic-key-0123");
+    let audit = home.path().join("audit.jsonl");
+    let text = std::fs::read_to_string(&audit).expect("audit");
+    let first_line = text.lines().next().expect("a line");
+    std::fs::write(&audit, format!("{first_line}\n")).expect("cut");
+    assert_doctor_fails_on(&home, "audit log", "cut from its end");
+    std::fs::remove_file(&audit).expect("remove");
+    std::os::unix::fs::symlink("/dev/null", &audit).expect("symlink");
+    assert_doctor_fails_on(&home, "audit log", "symbolic link");
+}
+
+#[test]
 fn doctor_fails_on_an_audit_log_that_cannot_be_opened() {
     let home = Home::new();
     std::fs::create_dir_all(home.path().join("audit.jsonl")).expect("a directory in its place");

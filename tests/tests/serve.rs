@@ -154,20 +154,23 @@ fn serve_will_not_start_without_an_audit_log_it_can_open() {
     );
 }
 
-/// A full disk under the audit log: a credential is used only while its use can be recorded.
+/// The audit log replaced under a running daemon (here by a symlink to /dev/null, which would
+/// swallow every line): a credential is used only while its use can be recorded, and
+/// `broker audit reset --yes` brings the daemon back. (The same refusal covers a full disk:
+/// events that cannot be written are kept and retried, see `audit_queue`'s tests.)
 #[test]
 fn no_credential_is_used_while_the_audit_log_cannot_be_written() {
     let ca = TestCa::new();
     let origin = Origin::bearer(&ca, "api.openai.com", OPENAI_KEY, "x");
     let home = Home::new();
     home.add("openai", OPENAI_KEY);
-    // /dev/full opens and locks like a file, and fails every write with ENOSPC.
-    let log = home.path().join("audit.jsonl");
-    std::fs::remove_file(&log).expect("the log `broker add` wrote");
-    std::os::unix::fs::symlink("/dev/full", &log).expect("symlink");
     let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
     let ask = || ask_openai(&serve, false);
-    // The first use goes out before its event fails to land; from then on the broker refuses.
+    assert_eq!(ask().status, 200);
+    let log = home.path().join("audit.jsonl");
+    std::fs::rename(&log, home.path().join("moved.jsonl")).expect("move the log away");
+    std::os::unix::fs::symlink("/dev/null", &log).expect("symlink");
+    // A use may go out before its event fails to land; from then on the broker refuses.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let refused = loop {
         let r = ask();
@@ -193,11 +196,27 @@ fn no_credential_is_used_while_the_audit_log_cannot_be_written() {
         sent_before,
         "nothing more went upstream"
     );
+    let stderr = serve.stderr();
     assert!(
-        serve.stderr().contains("cannot append to the audit log"),
-        "{}",
-        serve.stderr()
+        stderr.contains("cannot append to the audit log")
+            && stderr.contains("replaced while the broker ran"),
+        "{stderr}"
     );
+    // The reset starts a new chain where the daemon looks; it writes there at its next retry.
+    home.broker_ok(&["audit", "reset", "--yes"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while ask().status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never recovered: {}",
+            serve.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let audit = home.audit_until(|a| a.contains("\"status\":200"));
+    assert!(audit.starts_with("{\"seq\":1,"), "{audit}");
+    assert!(audit.contains("\"event\":\"audit_reset\""), "{audit}");
+    home.broker_ok(&["audit", "verify"]);
 }
 
 /// `broker rekey` under a running daemon: the secrets stay sealed under the same data key, so

@@ -1,7 +1,9 @@
-//! `broker audit [verify] [--follow] [--since 1h|RFC3339] [--json]`: read and check the audit log.
+//! `broker audit [verify | reset --yes] [--follow] [--since 1h|RFC3339] [--json]`: read, check
+//! and reset the audit log. Reading needs no key; `verify` and `reset` unlock the vault (the
+//! chain is keyed by it, and it keeps the chain's head).
 //!
-//! Exit codes: 0 success (for `verify`: the chain is intact); 1 error (for `verify`: the chain
-//! is broken, and the first broken line is named).
+//! Exit codes: 0 success (for `verify`: the chain is intact and reaches the vault's head); 1
+//! error (for `verify`: the chain is broken, cut or replaced, and the first bad line is named).
 
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::Path;
@@ -11,8 +13,9 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
 
-use crate::audit::{self, AuditRecord};
+use crate::audit::{self, AuditEvent, AuditRecord, EventKind};
 use crate::home::Home;
+use crate::vault::Vault;
 
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -35,32 +38,25 @@ pub struct AuditArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditAction {
-    /// Check the hash chain: prints the number of lines, or the first broken line (exit 1).
+    /// Check the chain with the vault's key, and that the log reaches the head the vault
+    /// recorded: prints the number of lines, or the first bad line (exit 1).
     Verify,
+    /// Start a new chain past a log that does not verify (cut, replaced, a symlink): the old
+    /// log is kept beside it, and the new chain's first line records the reset.
+    Reset {
+        /// Confirm: the new chain does not vouch for what the old log lost.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
     let home = Home::from_env().context("cannot locate BROKER_HOME")?;
     let path = home.audit_path();
-    if let Some(AuditAction::Verify) = args.action {
-        return Ok(match audit::verify(&path) {
-            Ok(n) => {
-                println!(
-                    "audit log OK: {n} lines, hash chain intact ({})",
-                    path.display()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(broken) => {
-                println!(
-                    "audit log BROKEN at line {}: {} ({})",
-                    broken.line,
-                    broken.reason,
-                    path.display()
-                );
-                ExitCode::FAILURE
-            }
-        });
+    match args.action {
+        Some(AuditAction::Verify) => return Ok(verify(&home)),
+        Some(AuditAction::Reset { yes }) => return reset(&home, yes),
+        None => {}
     }
 
     let since = args.since.as_deref().map(parse_since).transpose()?;
@@ -103,6 +99,83 @@ pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
     }
     drop(out);
     follow(&path, &mut offset, args.json)
+}
+
+/// `broker audit verify`.
+fn verify(home: &Home) -> ExitCode {
+    let path = home.audit_path();
+    // Without a vault there is no key and no head: only format-1 lines can be checked, and a
+    // keyed line is reported as such.
+    let verified = match Vault::exists(home).then(|| Vault::open(home)) {
+        None => audit::verify(&path, None, None),
+        Some(Ok(vault)) => audit::verify_with(&path, &vault),
+        Some(Err(err)) => {
+            println!(
+                "audit log NOT CHECKED: the chain is keyed by the vault, which cannot be unlocked: {err}"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match verified {
+        Ok(report) => {
+            println!("audit log OK: {report} ({})", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(broken) => {
+            println!(
+                "audit log BROKEN at line {}: {} ({})",
+                broken.line,
+                broken.reason,
+                path.display()
+            );
+            println!(
+                "to start a new chain past it: broker audit reset --yes (the old log is kept, and the reset is audited)"
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `broker audit reset --yes`.
+fn reset(home: &Home, yes: bool) -> anyhow::Result<ExitCode> {
+    let path = home.audit_path();
+    if !yes {
+        bail!(
+            "this moves {} aside and starts a new audit chain, which does not vouch for anything \
+             the old log lost. Check it first with `broker audit verify`, then run `broker audit \
+             reset --yes`",
+            path.display()
+        );
+    }
+    let vault = Vault::open(home).context("the audit chain is keyed by the vault")?;
+    let uid = rustix::process::getuid().as_raw();
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_default();
+    let who = match user.is_empty() {
+        true => format!("uid {uid}"),
+        false => format!("{user} (uid {uid})"),
+    };
+    let event = AuditEvent {
+        pid: Some(std::process::id()),
+        command: Some("broker audit reset --yes".into()),
+        reason: Some(format!("reset by {who}")),
+        ..AuditEvent::new(EventKind::AuditReset)
+    };
+    let outcome = audit::reset(home, &vault, event)?;
+    match &outcome.kept_as {
+        Some(kept) => eprintln!("the old audit log is kept as {}", kept.display()),
+        None => eprintln!("there was no audit log at {}", path.display()),
+    }
+    if let Err(broken) = &outcome.old_state {
+        eprintln!("it did not verify: {broken}");
+    }
+    eprintln!(
+        "started a new audit chain in {}; its first line records the reset: {}",
+        path.display(),
+        outcome.record.event.reason.as_deref().unwrap_or("")
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 struct Line {

@@ -121,6 +121,7 @@ pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
     super::providers::accept_on_store(&home, &vault, provider, "broker add")?;
     audit(
         &home,
+        &vault,
         EventKind::CredentialAdded,
         &provider.name,
         &args.profile,
@@ -226,11 +227,16 @@ pub fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
 
 pub fn remove(args: RemoveArgs) -> anyhow::Result<ExitCode> {
     let home = home()?;
-    if !Vault::exists(&home) || !Vault::open(&home)?.remove(&args.provider, &args.profile)? {
+    if !Vault::exists(&home) {
+        bail!("{}", missing(&args.provider, &args.profile));
+    }
+    let vault = Vault::open(&home)?;
+    if !vault.remove(&args.provider, &args.profile)? {
         bail!("{}", missing(&args.provider, &args.profile));
     }
     audit(
         &home,
+        &vault,
         EventKind::CredentialRemoved,
         &args.provider,
         &args.profile,
@@ -347,6 +353,7 @@ fn add_command(
     super::providers::accept_on_store(home, &vault, provider, "broker add")?;
     audit(
         home,
+        &vault,
         EventKind::CredentialAdded,
         &provider.name,
         &args.profile,
@@ -401,7 +408,7 @@ pub(super) fn read_hidden(prompt: &str, what: &str) -> anyhow::Result<Zeroizing<
 }
 
 /// Record a vault change. A failure to audit is reported but does not undo the change.
-fn audit(home: &Home, kind: EventKind, provider: &str, profile: &str) {
+fn audit(home: &Home, vault: &Vault, kind: EventKind, provider: &str, profile: &str) {
     let event = AuditEvent {
         provider: Some(provider.to_string()),
         profile: Some(profile.to_string()),
@@ -416,7 +423,7 @@ fn audit(home: &Home, kind: EventKind, provider: &str, profile: &str) {
         )),
         ..AuditEvent::new(kind)
     };
-    if let Err(err) = Audit::open(home).and_then(|a| a.append(event)) {
+    if let Err(err) = Audit::open(home, vault).and_then(|a| a.append(event)) {
         eprintln!("broker: warning: {err}");
     }
 }

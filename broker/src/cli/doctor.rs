@@ -220,25 +220,73 @@ fn vault_check(home: &Home) -> Check {
 }
 
 fn audit_check(home: &Home) -> Check {
-    // The broker will not start with a log it cannot open (it uses no credential unaudited).
-    if let Err(err) = audit::Audit::open(home) {
-        return check(
-            "audit log",
-            Status::Fail,
-            format!("{err}: broker serve and broker run will not start until it can be opened"),
-        );
+    let path = home.audit_path();
+    // serve and run open it O_NOFOLLOW, as a regular file, or not at all.
+    if let Ok(meta) = std::fs::symlink_metadata(&path) {
+        if !meta.file_type().is_file() {
+            let what = match meta.file_type().is_symlink() {
+                true => "a symbolic link",
+                false => "not a regular file",
+            };
+            return check(
+                "audit log",
+                Status::Fail,
+                format!(
+                    "{} is {what}: broker serve and broker run will not start until it is one; {}",
+                    path.display(),
+                    audit::RECOVERY
+                ),
+            );
+        }
     }
-    match audit::verify(&home.audit_path()) {
-        Ok(0) => check("audit log", Status::Skip, "empty"),
-        Ok(lines) => check(
-            "audit log",
-            Status::Ok,
-            format!("{lines} lines, hash chain intact"),
-        ),
+    // Keyed lines and the head are checked with the vault's key; without a vault there can
+    // only be format-1 (unkeyed) lines.
+    let vault = match Vault::exists(home).then(|| Vault::open(home)) {
+        None => None,
+        Some(Ok(vault)) => Some(vault),
+        Some(Err(err)) => {
+            return check(
+                "audit log",
+                Status::Fail,
+                format!("cannot check the keyed chain without the vault's key: {err}"),
+            )
+        }
+    };
+    if let Some(vault) = &vault {
+        // The broker will not start with a log it cannot open or that does not match the
+        // vault's head (it uses no credential unaudited).
+        match audit::Audit::open(home, vault) {
+            Ok(_) => {}
+            Err(err @ audit::AuditError::Untrusted { .. }) => {
+                return check("audit log", Status::Fail, err.to_string())
+            }
+            Err(err) => {
+                return check(
+                    "audit log",
+                    Status::Fail,
+                    format!(
+                        "{err}: broker serve and broker run will not start until it can be opened"
+                    ),
+                )
+            }
+        }
+    }
+    let verified = match &vault {
+        Some(vault) => audit::verify_with(&path, vault),
+        None => audit::verify(&path, None, None),
+    };
+    match verified {
+        Ok(report) if report.lines == 0 => check("audit log", Status::Skip, "empty"),
+        Ok(report) => check("audit log", Status::Ok, report.to_string()),
         Err(broken) => check(
             "audit log",
             Status::Fail,
-            format!("broken at line {}: {}", broken.line, broken.reason),
+            format!(
+                "broken at line {}: {}; {}",
+                broken.line,
+                broken.reason,
+                audit::RECOVERY
+            ),
         ),
     }
 }

@@ -160,6 +160,7 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
     super::providers::accept_on_store(&home, &vault, provider, "broker login")?;
     audit(
         &home,
+        &vault,
         EventKind::Login,
         &settings.provider,
         &args.profile,
@@ -275,6 +276,7 @@ pub fn logout(args: LogoutArgs) -> anyhow::Result<ExitCode> {
     vault.remove(&args.provider, &args.profile)?;
     audit(
         &home,
+        &vault,
         EventKind::Logout,
         &args.provider,
         &args.profile,
@@ -346,6 +348,7 @@ fn grant_name(grant: GrantUsed) -> &'static str {
 
 fn audit(
     home: &Home,
+    vault: &Vault,
     kind: EventKind,
     provider: &str,
     profile: &str,
@@ -360,7 +363,7 @@ fn audit(
         reason,
         ..AuditEvent::new(kind)
     };
-    if let Err(err) = Audit::open(home).and_then(|a| a.append(event)) {
+    if let Err(err) = Audit::open(home, vault).and_then(|a| a.append(event)) {
         eprintln!("broker: warning: {err}");
     }
 }

@@ -89,6 +89,7 @@ fn trust(home: &Home, provider: &Provider, yes: bool) -> anyhow::Result<ExitCode
     vault.set_trusted_grants(&provider.name, &current)?;
     record_trust(
         home,
+        &vault,
         &provider.name,
         &review.added,
         "broker providers trust",
@@ -101,7 +102,13 @@ fn trust(home: &Home, provider: &Provider, yes: bool) -> anyhow::Result<ExitCode
 }
 
 /// The audit line of an acceptance: which hosts, by which process.
-pub(crate) fn record_trust(home: &Home, provider: &str, added: &[String], command: &str) {
+pub(crate) fn record_trust(
+    home: &Home,
+    vault: &crate::vault::Vault,
+    provider: &str,
+    added: &[String],
+    command: &str,
+) {
     use crate::audit::{Audit, AuditEvent, EventKind};
     let hosts: Vec<String> = added
         .iter()
@@ -114,7 +121,7 @@ pub(crate) fn record_trust(home: &Home, provider: &str, added: &[String], comman
         reason: Some(format!("accepted: {}", hosts.join("; "))),
         ..AuditEvent::new(EventKind::ProviderTrusted)
     };
-    if let Err(err) = Audit::open(home).and_then(|a| a.append(event)) {
+    if let Err(err) = Audit::open(home, vault).and_then(|a| a.append(event)) {
         eprintln!("broker: warning: {err}");
     }
 }
@@ -145,7 +152,7 @@ pub(crate) fn accept_on_store(
         for grant in &review.added {
             eprintln!("  + {}", trust::describe(grant));
         }
-        record_trust(home, &provider.name, &review.added, command);
+        record_trust(home, vault, &provider.name, &review.added, command);
     }
     Ok(())
 }

@@ -56,6 +56,8 @@ pub fn run(args: RekeyArgs) -> anyhow::Result<ExitCode> {
     };
     let vault = Vault::open_with(&home, &keys)?;
     let from = vault.key_source();
+    // The audit key comes from the data key, which a rekey keeps: opened now, written after.
+    let audit = Audit::open(&home, &vault);
     let passphrase = match args.to {
         KeySource::Passphrase => Some(new_passphrase()?),
         _ => None,
@@ -72,7 +74,7 @@ pub fn run(args: RekeyArgs) -> anyhow::Result<ExitCode> {
         reason: Some(format!("{} -> {}", from.as_str(), args.to.as_str())),
         ..AuditEvent::new(EventKind::VaultRekeyed)
     };
-    if let Err(err) = Audit::open(&home).and_then(|a| a.append(event)) {
+    if let Err(err) = audit.and_then(|a| a.append(event)) {
         eprintln!("broker: warning: {err}");
     }
     match args.to {

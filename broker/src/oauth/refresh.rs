@@ -105,7 +105,10 @@ fn refresh_locked(
     profile: &str,
     rejected: Option<&str>,
 ) -> Result<Option<Zeroizing<String>>, FreshError> {
-    vault.with_credential_lock(provider, profile, |locked| {
+    // Audited after the vault's write lock is released: the audit moves its head in the
+    // vault, through a connection of its own.
+    let mut audited: Option<Option<String>> = None;
+    let result = vault.with_credential_lock(provider, profile, |locked| {
         // Re-read under the lock: another process may have refreshed while we waited.
         let Some(cred) = locked.read()? else {
             return Ok(None);
@@ -139,24 +142,19 @@ fn refresh_locked(
                     expires_at: tokens.expires_in.map(expiry_from_now),
                     metadata: &meta.to_json(),
                 })?;
-                audit(home, provider, profile, None);
+                audited = Some(None);
                 Ok(Some(tokens.access_token))
             }
             Err(err) if err.is_grant_rejected() => {
                 meta.login_expired = true;
                 locked.set_metadata(&meta.to_json())?;
-                audit(home, provider, profile, Some(refusal_reason(&err)));
+                audited = Some(Some(refusal_reason(&err)));
                 let err = redacted(&err, &cred);
                 tracing::warn!(provider, profile, "refresh refused ({err}): login expired");
                 Err(FreshError::LoginExpired)
             }
             Err(err) => {
-                audit(
-                    home,
-                    provider,
-                    profile,
-                    Some("refresh failed: endpoint unavailable".into()),
-                );
+                audited = Some(Some("refresh failed: endpoint unavailable".into()));
                 let still_valid = expires_at(&cred).is_none_or(|t| t > OffsetDateTime::now_utc());
                 if still_valid {
                     let err = redacted(&err, &cred);
@@ -180,7 +178,11 @@ fn refresh_locked(
                 }
             }
         }
-    })
+    });
+    if let Some(failure) = audited {
+        audit(vault, home, provider, profile, failure);
+    }
+    result
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -315,7 +317,7 @@ fn refusal_reason(err: &OAuthError) -> String {
     }
 }
 
-fn audit(home: &Home, provider: &str, profile: &str, failure: Option<String>) {
+fn audit(vault: &Vault, home: &Home, provider: &str, profile: &str, failure: Option<String>) {
     let event = AuditEvent {
         provider: Some(provider.to_string()),
         profile: Some(profile.to_string()),
@@ -323,7 +325,7 @@ fn audit(home: &Home, provider: &str, profile: &str, failure: Option<String>) {
         reason: failure,
         ..AuditEvent::new(EventKind::Refresh)
     };
-    if let Err(err) = Audit::open(home).and_then(|a| a.append(event)) {
+    if let Err(err) = Audit::open(home, vault).and_then(|a| a.append(event)) {
         tracing::warn!("cannot write the audit log: {err}");
     }
 }

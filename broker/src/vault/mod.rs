@@ -18,7 +18,9 @@
 //! The API is synchronous; async callers use `spawn_blocking`. A [`Vault`] is `Send + Sync`
 //! (one connection behind a mutex), so one instance can be shared in an `Arc`.
 
+mod audit_head;
 mod crypto;
+mod derive;
 mod keysource;
 mod oauth;
 mod row;
@@ -37,6 +39,7 @@ use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
 use zeroize::Zeroizing;
 
 use crate::home::Home;
+pub use audit_head::{AuditHead, AuditHeadStore};
 use crypto::{KdfParams, RowFormat, SealingKey, DATA_KEY_AAD, DATA_KEY_AAD_V1, KEY_LEN};
 use keysource::KeyringLookup;
 pub use keysource::{KeyConfig, KeySource, ENV_KEY_SOURCE, ENV_PASSPHRASE, KEYRING_TIMEOUT};
@@ -267,6 +270,8 @@ impl VerifyReport {
 pub struct Vault {
     conn: Mutex<Connection>,
     data_key: SealingKey,
+    /// Keys derived from the data key (the audit chain's), see `derive.rs`.
+    derive: derive::Derivation,
     key_source: KeySource,
     path: PathBuf,
 }
@@ -317,7 +322,7 @@ impl Vault {
         enable_wal(&conn)?;
         schema::migrate(&mut conn)?;
 
-        let (key_source, data_key) = match read_meta(&conn, &path)? {
+        let (key_source, (data_key, derive)) = match read_meta(&conn, &path)? {
             Some(meta) => (
                 meta.key_source,
                 unlock(home, &path, &meta, keys, &mut conn)?,
@@ -327,6 +332,7 @@ impl Vault {
         Ok(Vault {
             conn: Mutex::new(conn),
             data_key,
+            derive,
             key_source,
             path,
         })
@@ -715,12 +721,19 @@ fn unlock(
     meta: &Meta,
     keys: &KeyConfig,
     conn: &mut Connection,
-) -> Result<SealingKey, VaultError> {
+) -> Result<DataKeys, VaultError> {
     let unlocked = unlock_raw(home, vault, meta, keys)?;
     if unlocked.format == RowFormat::V1 {
         row::migrate_rows(conn, vault, &unlocked)?;
     }
-    Ok(SealingKey::new(&unlocked.data_key))
+    Ok(data_keys(&unlocked.data_key))
+}
+
+/// What the vault keeps of its data key: the sealing key and the derivation of other keys.
+type DataKeys = (SealingKey, derive::Derivation);
+
+fn data_keys(raw: &[u8; KEY_LEN]) -> DataKeys {
+    (SealingKey::new(raw), derive::Derivation::new(raw))
 }
 
 /// [`unlock`] without migrating, giving the keys' bytes.
@@ -886,7 +899,7 @@ fn initialize(
     vault: &Path,
     conn: &mut Connection,
     keys: &KeyConfig,
-) -> Result<(KeySource, SealingKey), VaultError> {
+) -> Result<(KeySource, DataKeys), VaultError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     if let Some(meta) = read_meta(&tx, vault)? {
         drop(tx);
@@ -909,9 +922,12 @@ fn initialize(
             crate::audit::now_rfc3339(),
         ],
     )?;
+    let keys = data_keys(&data_key);
+    // The audit chain's head exists as long as the vault does (see audit_head.rs).
+    audit_head::start_empty(&tx, &keys.1)?;
     tx.commit()?;
     tracing::info!(vault = %vault.display(), key_source = source.as_str(), "created a new vault");
-    Ok((source, SealingKey::new(&data_key)))
+    Ok((source, keys))
 }
 
 type NewMaster = (
