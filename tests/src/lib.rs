@@ -784,3 +784,28 @@ pub fn give_to_agent_user(path: &Path) {
         .expect("chown");
     assert!(status.success(), "chown {}", path.display());
 }
+
+/// SHA-256 in hex, by `sha256sum` (what anyone without the key has).
+pub fn sha256(s: &str) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write as _;
+            c.stdin.take().expect("stdin").write_all(s.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)[..64].to_string()
+}
+
+/// A format-1 line, as brokers before the keyed audit wrote them.
+pub fn v1_audit_line(seq: u64, prev: &str, provider: &str) -> String {
+    let body = format!(
+        "{{\"seq\":{seq},\"time\":\"2025-01-31T12:00:0{seq}.000Z\",\"event\":\"credential_added\",\
+         \"provider\":\"{provider}\",\"profile\":\"default\",\"pid\":42,\"command\":\"broker add\",\"prev\":\"{prev}\"}}"
+    );
+    let hash = sha256(&body);
+    format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1])
+}

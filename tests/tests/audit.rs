@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use broker_integration::{count_events, run_bounded, shim_lib, Home, Origin, TestCa};
+use broker_integration::{
+    count_events, run_bounded, sha256, shim_lib, v1_audit_line, Home, Origin, TestCa,
+};
 
 const OPENAI_KEY: &str = "sk-test-audit-openai-key-0123456789-abcd";
 
@@ -33,31 +35,6 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// SHA-256 in hex, by `sha256sum` (what anyone without the key has).
-fn sha256(s: &str) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write as _;
-            c.stdin.take().expect("stdin").write_all(s.as_bytes())?;
-            c.wait_with_output()
-        })
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)[..64].to_string()
-}
-
-/// A format-1 line, as brokers before the keyed audit wrote them.
-fn v1_line(seq: u64, prev: &str, provider: &str) -> String {
-    let body = format!(
-        "{{\"seq\":{seq},\"time\":\"2025-01-31T12:00:0{seq}.000Z\",\"event\":\"credential_added\",\
-         \"provider\":\"{provider}\",\"profile\":\"default\",\"pid\":42,\"command\":\"broker add\",\"prev\":\"{prev}\"}}"
-    );
-    let hash = sha256(&body);
-    format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1])
 }
 
 /// A home with three audited vault changes (three keyed lines).
@@ -306,8 +283,8 @@ fn audit_a_format_1_log_is_kept_and_pinned_by_the_keyed_chain() {
     let home = Home::new();
     let path = audit_path(&home);
     std::fs::create_dir_all(home.path()).expect("home");
-    let first = v1_line(1, &"0".repeat(64), "openai");
-    let second = v1_line(2, &sha256(&first), "github");
+    let first = v1_audit_line(1, &"0".repeat(64), "openai");
+    let second = v1_audit_line(2, &sha256(&first), "github");
     write_lines(&path, &[first.clone(), second.clone()]);
     let (code, said) = verify(&home);
     assert_eq!(code, Some(0), "{said}");
@@ -333,8 +310,8 @@ fn audit_a_format_1_log_is_kept_and_pinned_by_the_keyed_chain() {
     );
 
     // A format-1 line changed and its hashes recomputed: the anchor gives it away.
-    let edited = v1_line(1, &"0".repeat(64), "evil");
-    let rehashed = v1_line(2, &sha256(&edited), "github");
+    let edited = v1_audit_line(1, &"0".repeat(64), "evil");
+    let rehashed = v1_audit_line(2, &sha256(&edited), "github");
     let mut tampered = log.clone();
     tampered[0] = edited;
     tampered[1] = rehashed;

@@ -148,28 +148,7 @@ impl Scene {
             evil,
             source,
         };
-        let mut add = scene.broker();
-        add.args(["add", "openai"]);
-        let mut add = as_agent_user(&add);
-        let mut child = add
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("broker add");
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(KEY.as_bytes())
-            .expect("write key");
-        let out = child.wait_with_output().expect("add");
-        assert!(
-            out.status.success(),
-            "broker add: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        add_as_agent_user(scene.broker());
         scene
     }
 
@@ -272,6 +251,30 @@ impl Scene {
             "the agent's ordinary request did not reach the origin with the key"
         );
     }
+}
+
+/// `broker add openai` with the key on stdin, as the agent's user.
+fn add_as_agent_user(mut broker: Command) {
+    broker.args(["add", "openai"]);
+    let mut child = as_agent_user(&broker)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("broker add");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(KEY.as_bytes())
+        .expect("write key");
+    let out = child.wait_with_output().expect("add");
+    assert!(
+        out.status.success(),
+        "broker add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn attack_sandboxed(mode: Mode, source: KeySource) {
@@ -460,22 +463,7 @@ exit 3
     cmd.current_dir(project.path())
         .args(["run", "--", "sh", "-c", script]);
     // A vault exists (so there is something to hide).
-    let mut add = home.broker();
-    add.args(["add", "openai"]);
-    let mut child = as_agent_user(&add)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("add");
-    use std::io::Write as _;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(KEY.as_bytes())
-        .expect("key");
-    assert!(child.wait().expect("add").success());
+    add_as_agent_user(home.broker());
     let out = run_bounded(
         as_agent_user(&cmd).stdin(Stdio::null()),
         Duration::from_secs(60),

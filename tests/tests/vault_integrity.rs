@@ -173,7 +173,13 @@ fn an_api_key_or_command_row_edited_with_sqlite3_is_refused_and_its_key_never_le
         // Adding it again recovers.
         home.add("openai", OPENAI_KEY);
     }
-    assert!(String::from_utf8_lossy(&call().stdout).contains("{\"data\":[]}"));
+    let first = call();
+    assert!(
+        String::from_utf8_lossy(&first.stdout).contains("{\"data\":[]}"),
+        "{}{}",
+        String::from_utf8_lossy(&first.stdout),
+        String::from_utf8_lossy(&first.stderr)
+    );
     assert_eq!(origin.requests().len(), 2);
 
     // A command source: the command and its TTL are bound too.
@@ -190,7 +196,13 @@ fn an_api_key_or_command_row_edited_with_sqlite3_is_refused_and_its_key_never_le
     for edit in edits {
         home.broker_ok(&["add", "openai", "--from-command", &command]);
         let before = origin.requests().len();
-        assert!(String::from_utf8_lossy(&call().stdout).contains("{\"data\":[]}"));
+        let first = call();
+        assert!(
+            String::from_utf8_lossy(&first.stdout).contains("{\"data\":[]}"),
+            "{}{}",
+            String::from_utf8_lossy(&first.stdout),
+            String::from_utf8_lossy(&first.stderr)
+        );
         sqlite3(&home, edit);
         let out = call();
         assert_refused(
@@ -444,6 +456,12 @@ fn a_vault_of_the_previous_release_keeps_every_credential() {
         std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .expect("chmod");
     }
+    // The previous release's audit log beside it (format 1, unkeyed), as `broker add` left it.
+    std::fs::write(
+        home.path().join("audit.jsonl"),
+        broker_integration::v1_audit_line(1, &"0".repeat(64), "openai") + "\n",
+    )
+    .expect("old audit log");
     let listed: serde_json::Value =
         serde_json::from_slice(&home.broker_ok(&["list", "--json"]).stdout).expect("json");
     let names: Vec<String> = listed
@@ -490,7 +508,13 @@ fn a_vault_of_the_previous_release_keeps_every_credential() {
             "OPENAI_API_KEY",
         )
     };
-    assert!(String::from_utf8_lossy(&call().stdout).contains("{\"data\":[]}"));
+    let first = call();
+    assert!(
+        String::from_utf8_lossy(&first.stdout).contains("{\"data\":[]}"),
+        "{}{}",
+        String::from_utf8_lossy(&first.stdout),
+        String::from_utf8_lossy(&first.stderr)
+    );
     assert_eq!(origin.requests().len(), 1);
 
     sqlite3(&home, "UPDATE credentials SET kind = 'command' WHERE provider = 'openai'; PRAGMA user_version = 3;");

@@ -88,7 +88,7 @@ impl Plan {
         plan
     }
 
-    fn to_args(&self) -> Vec<OsString> {
+    pub(super) fn to_args(&self) -> Vec<OsString> {
         let mut args = Vec::new();
         for (flag, paths) in [
             ("--hide-dir", &self.hide_dirs),

@@ -29,6 +29,18 @@ pub struct StageArgs {
     pub command: Vec<OsString>,
 }
 
+impl StageArgs {
+    /// The plan these arguments carry, to pass on to the next stage.
+    fn plan(&self) -> super::Plan {
+        super::Plan {
+            hide_dirs: self.hide_dir.clone(),
+            hide_files: self.hide_file.clone(),
+            expose: self.expose.clone(),
+            read_only: self.read_only.clone(),
+        }
+    }
+}
+
 /// A stage's report to `broker run`, written once.
 struct Status(std::fs::File);
 
@@ -98,17 +110,7 @@ pub fn setup_stage(args: StageArgs) -> ExitCode {
     }
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
     let mut init = Command::new(exe);
-    init.arg(INIT_STAGE);
-    for (flag, paths) in [
-        ("--hide-dir", &args.hide_dir),
-        ("--hide-file", &args.hide_file),
-        ("--expose", &args.expose),
-        ("--read-only", &args.read_only),
-    ] {
-        for path in paths {
-            init.arg(flag).arg(path);
-        }
-    }
+    init.arg(INIT_STAGE).args(args.plan().to_args());
     init.arg("--status")
         .arg(&args.status)
         .arg("--")
