@@ -597,3 +597,90 @@ fn a_sandbox_that_cannot_be_made_stops_the_run() {
     );
     assert!(marker.exists());
 }
+
+/// An interactive agent in a real terminal (tmux): it owns the terminal inside the sandbox
+/// (size, line input), and Ctrl-C reaches it and ends the run with its status, as without
+/// broker.
+#[test]
+fn an_interactive_agent_keeps_its_terminal_and_ctrl_c() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("SKIP: tmux is not installed (apt-get install tmux)");
+        return;
+    }
+    let home = Home::new();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let socket = scratch.path().join("tmux.sock");
+    let status_file = scratch.path().join("status");
+    let broker = home.broker();
+    let env: Vec<String> = broker
+        .get_envs()
+        .filter_map(|(k, v)| Some(format!("{}={}", k.to_str()?, v?.to_str()?)))
+        .collect();
+    // Typed at an interactive shell with job control, as a user would.
+    let script = format!(
+        "env {env} {bin} run -- sh -c 'stty size; printf \"%s? \" name; read line; echo \"got:$line\"; exec sleep 60'; echo \"exit:$?\" > {status}",
+        env = env.join(" "),
+        bin = broker.get_program().to_string_lossy(),
+        status = status_file.display()
+    );
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .arg("-S")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .expect("tmux")
+    };
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        "bash",
+        "--norc",
+        "--noprofile",
+        "-i",
+    ]);
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    tmux(&["send-keys", &script, "Enter"]);
+    let screen = || String::from_utf8_lossy(&tmux(&["capture-pane", "-p"]).stdout).to_string();
+    let wait_for = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = screen();
+            if text.contains(what) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "waited for '{what}': {text}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let text = wait_for("name?");
+    assert!(
+        text.contains("30 100"),
+        "the agent does not see its terminal's size: {text}"
+    );
+    tmux(&["send-keys", "hello", "Enter"]);
+    wait_for("got:hello");
+    tmux(&["send-keys", "C-c"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Ok(status) = std::fs::read_to_string(&status_file) {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Ctrl-C did not end the run: {}",
+            screen()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    tmux(&["kill-server"]);
+    assert_eq!(status.trim(), "exit:130", "the run's status after Ctrl-C");
+}
