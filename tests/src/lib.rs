@@ -737,11 +737,44 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// The `broker` binary as [`AGENT_UID`] can run it: the build's own when every directory above
+/// it lets others through, else a copy (with `libbroker.so` beside it) in a directory that does
+/// (a checkout under a private home, as CI's may be).
+pub fn broker_bin_for_agent_user() -> PathBuf {
+    static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt as _;
+        let built = broker_bin();
+        let open_to_others = built.ancestors().skip(1).all(|dir| {
+            dir.metadata()
+                .is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
+        });
+        if !is_root() || open_to_others {
+            return built;
+        }
+        let dir = std::env::temp_dir().join(format!("broker-agent-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("bin dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        for file in [built.clone(), shim_lib()] {
+            let to = dir.join(file.file_name().expect("name"));
+            std::fs::copy(&file, &to).expect("copy the binary");
+        }
+        dir.join("broker")
+    })
+    .clone()
+}
+
 /// `cmd` as [`AGENT_UID`] when the tests run as root (`setpriv`), else as it is (the tests'
-/// own user is then the ordinary uid). Set stdio after wrapping.
+/// own user is then the ordinary uid). Set stdio after wrapping. A `broker` command runs the
+/// binary [`broker_bin_for_agent_user`] names.
 pub fn as_agent_user(cmd: &Command) -> Command {
+    let program = if Path::new(cmd.get_program()) == broker_bin() {
+        broker_bin_for_agent_user().into_os_string()
+    } else {
+        cmd.get_program().to_os_string()
+    };
     if !is_root() {
-        let mut same = Command::new(cmd.get_program());
+        let mut same = Command::new(&program);
         copy_command(cmd, &mut same);
         return same;
     }
@@ -751,7 +784,7 @@ pub fn as_agent_user(cmd: &Command) -> Command {
         .arg(format!("--regid={AGENT_UID}"))
         .arg("--clear-groups")
         .arg("--")
-        .arg(cmd.get_program());
+        .arg(&program);
     copy_command(cmd, &mut wrapped);
     // Root's runtime directory is not the agent user's.
     wrapped.env_remove("XDG_RUNTIME_DIR");

@@ -194,9 +194,12 @@ impl Scene {
             "attack.py",
             &dump.display().to_string(),
         ]);
-        cmd.env("ATTACK_BROKER", broker_integration::broker_bin())
-            .env("ATTACK_EVIL", self.evil.addr.to_string())
-            .env("ATTACK_EVIL_CA", self.project.path().join("evil-ca.pem"));
+        cmd.env(
+            "ATTACK_BROKER",
+            broker_integration::broker_bin_for_agent_user(),
+        )
+        .env("ATTACK_EVIL", self.evil.addr.to_string())
+        .env("ATTACK_EVIL_CA", self.project.path().join("evil-ca.pem"));
         for (var, value) in attack_env {
             cmd.env(var, value);
         }
@@ -360,9 +363,12 @@ fn without_the_sandbox_the_broker_stays_closed_but_the_key_file_is_readable() {
             go = go.display(),
             dump = dump.display()
         ));
-    cmd.env("ATTACK_BROKER", broker_integration::broker_bin())
-        .env("ATTACK_EVIL", scene.evil.addr.to_string())
-        .env("ATTACK_EVIL_CA", scene.project.path().join("evil-ca.pem"));
+    cmd.env(
+        "ATTACK_BROKER",
+        broker_integration::broker_bin_for_agent_user(),
+    )
+    .env("ATTACK_EVIL", scene.evil.addr.to_string())
+    .env("ATTACK_EVIL_CA", scene.project.path().join("evil-ca.pem"));
     let child = as_agent_user(&cmd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -526,7 +532,8 @@ fn a_nested_broker_run_joins_the_enclosing_run() {
         .arg("--embedded")
         .args(scene.upstream_args())
         .arg("--");
-    cmd.arg(broker_integration::broker_bin()).args([
+    cmd.arg(broker_integration::broker_bin_for_agent_user())
+        .args([
         "run",
         "--",
         "sh",
