@@ -193,28 +193,22 @@ pub fn spawn(
 /// the PID namespace of the sandbox means nothing outside; this is the one the audit needs.
 /// Found by the parent pids in `/proc/*/stat` (the kernel here has no `task/*/children`).
 fn grandchild(stage1: u32) -> Option<u32> {
-    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(|entry| {
-            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let ppid = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            Some((pid, ppid))
-        })
-        .collect();
-    let child_of = |parent: u32| {
-        parents
-            .iter()
-            .find(|(_, p)| *p == parent)
-            .map(|(pid, _)| *pid)
+    fn child_of(parent: u32, mut pids: impl Iterator<Item = u32>) -> Option<u32> {
+        pids.find(|&pid| crate::procfs::parent_of(pid) == Some(parent))
+    }
+    // Pids are handed out in increasing order: the init and the agent usually got the next
+    // few, so look there before reading every process's stat.
+    let near = |after: u32| after + 1..after + 64;
+    let all = || -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .map(|dir| {
+                dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
     };
-    child_of(child_of(stage1)?)
+    let init = child_of(stage1, near(stage1)).or_else(|| child_of(stage1, all().into_iter()))?;
+    child_of(init, near(init)).or_else(|| child_of(init, all().into_iter()))
 }
 
 /// Wait until a stage reported: `ok` (the agent starts inside), or why it cannot.
@@ -240,7 +234,7 @@ fn wait_for_status(path: &Path, child: &mut std::process::Child) -> Result<(), N
             )));
         }
         std::thread::sleep(delay);
-        delay = (delay * 2).min(std::time::Duration::from_millis(5));
+        delay = (delay * 2).min(std::time::Duration::from_millis(1));
     }
 }
 
