@@ -22,6 +22,10 @@ pub struct Target {
     pub ca_pem: Vec<u8>,
     /// The `Authorization` value: the real key (direct) or the placeholder (broker).
     pub auth: String,
+    /// What the shim writes first on a connection to the broker (magic + the run's ticket),
+    /// sent right after the TCP connect as the shim does; `None` for the direct legs. Part of
+    /// every brokered connection's cost, so the new-connection section measures it.
+    pub preamble: Option<[u8; broker_contract::TICKET_PREAMBLE_LEN]>,
 }
 
 enum Sender {
@@ -45,10 +49,14 @@ async fn connect(
     config: Arc<rustls::ClientConfig>,
     h2: bool,
 ) -> anyhow::Result<Sender> {
-    let tcp = tokio::net::TcpStream::connect(target.addr)
+    let mut tcp = tokio::net::TcpStream::connect(target.addr)
         .await
         .with_context(|| format!("connect {}", target.addr))?;
     tcp.set_nodelay(true)?;
+    if let Some(preamble) = &target.preamble {
+        use tokio::io::AsyncWriteExt as _;
+        tcp.write_all(preamble).await.context("ticket")?;
+    }
     let name = rustls_pki_types::ServerName::try_from(HOST)?;
     let stream = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)

@@ -58,6 +58,9 @@ pub enum EventKind {
     VaultRekeyed,
     /// Events the broker could not keep while its audit log could not be written (a count).
     EventsLost,
+    /// A connection to a run's listener without that run's ticket (another run's process, or
+    /// one outside any run): refused before anything of it was read. Never holds the ticket.
+    TicketRefused,
 }
 
 impl EventKind {
@@ -74,6 +77,7 @@ impl EventKind {
             EventKind::CredentialRemoved => "credential_removed",
             EventKind::VaultRekeyed => "vault_rekeyed",
             EventKind::EventsLost => "events_lost",
+            EventKind::TicketRefused => "ticket_refused",
         }
     }
 }

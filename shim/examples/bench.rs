@@ -103,6 +103,10 @@ fn parent() {
         env: vec![],
         connect_proxy: None,
         denial_log: None,
+        // As the broker writes it (pass-through connects never use it).
+        ticket: Some(broker_contract::Ticket::from_bytes(
+            &[1; broker_contract::TICKET_BYTES],
+        )),
     };
     let config = dir.join("shim.conf");
     std::fs::write(&config, cfg.render()).expect("config");
