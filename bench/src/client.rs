@@ -49,13 +49,16 @@ async fn connect(
     config: Arc<rustls::ClientConfig>,
     h2: bool,
 ) -> anyhow::Result<Sender> {
-    let mut tcp = tokio::net::TcpStream::connect(target.addr)
+    let tcp = tokio::net::TcpStream::connect(target.addr)
         .await
         .with_context(|| format!("connect {}", target.addr))?;
     tcp.set_nodelay(true)?;
     if let Some(preamble) = &target.preamble {
-        use tokio::io::AsyncWriteExt as _;
-        tcp.write_all(preamble).await.context("ticket")?;
+        // As the shim sends it: MSG_MORE, so it leaves in one segment with the ClientHello.
+        // 40 bytes always fit a new socket's send buffer.
+        let flags = rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL;
+        let sent = rustix::net::send(&tcp, preamble, flags).context("ticket")?;
+        anyhow::ensure!(sent == preamble.len(), "ticket: short write");
     }
     let name = rustls_pki_types::ServerName::try_from(HOST)?;
     let stream = tokio_rustls::TlsConnector::from(config)

@@ -374,13 +374,19 @@ fn wait_writable(fd: c_int, deadline: std::time::Instant) -> Result<(), c_int> {
 }
 
 /// Write all of `bytes` on the connected socket `fd` (blocking or not), without `SIGPIPE`.
+///
+/// `MSG_MORE`: the kernel holds the preamble until the agent's first write (its ClientHello)
+/// and sends both in one segment, or after 200 ms at most (as `TCP_CORK`). So the broker gets
+/// one segment and one wake-up, and a socket without `TCP_NODELAY` never waits for the ACK of
+/// a lone preamble before Nagle lets its ClientHello go.
 fn write_all(fd: c_int, bytes: &[u8], deadline: std::time::Instant) -> Result<(), c_int> {
     let mut done = 0;
     while done < bytes.len() {
         let rest = &bytes[done..];
+        let flags = libc::MSG_NOSIGNAL | libc::MSG_MORE;
         // SAFETY: `rest` is valid for `rest.len()` bytes; `send` is not hooked (and would pass
         // through the hooks untouched: no MSG_FASTOPEN).
-        let n = unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) };
+        let n = unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), flags) };
         match n {
             n if n > 0 => done += n as usize,
             0 => return Err(libc::EPIPE),
