@@ -2,7 +2,8 @@
 //!
 //! One source for everything both sides must agree on, like proxychains-ng's `common.h`:
 //! the environment variable names, how a managed hostname is encoded in a fake loopback
-//! address, the host-pattern grammar, and the small text file the broker writes for the shim.
+//! address, the host-pattern grammar, the small text file the broker writes for the shim, and
+//! the run ticket the shim presents on every connection to the broker ([`Ticket`]).
 //!
 //! This crate has no dependencies so the shim stays small and its constructor cheap.
 
@@ -153,7 +154,9 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
 }
 
 /// What the broker tells the shim about one run. Written by the broker as a small text file
-/// (0600) whose path is in [`ENV_SHIM_CONFIG`]; read once by the shim's constructor.
+/// (0600) whose path is in [`ENV_SHIM_CONFIG`]; read once by the shim's constructor. It holds
+/// the run's [`Ticket`], so it is a secret of the run: whoever reads it can use the run's
+/// policy (see [`Ticket`] for what that does and does not cover).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ShimConfig {
     /// The run slot: the third octet of every fake address of this run.
