@@ -22,6 +22,10 @@ pub struct Target {
     pub ca_pem: Vec<u8>,
     /// The `Authorization` value: the real key (direct) or the placeholder (broker).
     pub auth: String,
+    /// What the shim writes first on a connection to the broker (magic + the run's ticket),
+    /// sent right after the TCP connect as the shim does; `None` for the direct legs. Part of
+    /// every brokered connection's cost, so the new-connection section measures it.
+    pub preamble: Option<[u8; broker_contract::TICKET_PREAMBLE_LEN]>,
 }
 
 enum Sender {
@@ -49,6 +53,13 @@ async fn connect(
         .await
         .with_context(|| format!("connect {}", target.addr))?;
     tcp.set_nodelay(true)?;
+    if let Some(preamble) = &target.preamble {
+        // As the shim sends it: MSG_MORE, so it leaves in one segment with the ClientHello.
+        // 40 bytes always fit a new socket's send buffer.
+        let flags = rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL;
+        let sent = rustix::net::send(&tcp, preamble, flags).context("ticket")?;
+        anyhow::ensure!(sent == preamble.len(), "ticket: short write");
+    }
     let name = rustls_pki_types::ServerName::try_from(HOST)?;
     let stream = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)

@@ -391,11 +391,13 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         addr: origin.addr,
         ca_pem: std::fs::read(&origin.ca_pem_path)?,
         auth: format!("Bearer {REAL_KEY}"),
+        preamble: None,
     };
     let brokered = Target {
         addr: serve.addr()?,
         ca_pem: serve.ca_pem()?,
         auth: format!("Bearer {}", serve.placeholder()?),
+        preamble: serve.config.ticket.as_ref().map(|t| t.preamble()),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

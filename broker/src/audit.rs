@@ -91,6 +91,9 @@ pub enum EventKind {
     AuditKeyed,
     /// `broker audit reset`: the first line of a new chain, with what happened to the old one.
     AuditReset,
+    /// A connection to a run's listener without that run's ticket (another run's process, or
+    /// one outside any run): refused before anything of it was read. Never holds the ticket.
+    TicketRefused,
 }
 
 impl EventKind {
@@ -110,6 +113,7 @@ impl EventKind {
             EventKind::EventsLost => "events_lost",
             EventKind::AuditKeyed => "audit_keyed",
             EventKind::AuditReset => "audit_reset",
+            EventKind::TicketRefused => "ticket_refused",
         }
     }
 }

@@ -142,6 +142,7 @@ pub async fn open_run(
         })
         .collect();
     let run_id = spec.id.clone();
+    let ticket = new_ticket()?;
     let run = RunContext {
         id: spec.id,
         slot,
@@ -157,6 +158,7 @@ pub async fn open_run(
         command: spec.command.clone(),
         run_keys: spec.run_keys,
         deny_unlisted: spec.deny_unlisted,
+        ticket: ticket.clone(),
     };
     let listeners = proxy
         .open_run(run)
@@ -185,6 +187,7 @@ pub async fn open_run(
         env,
         connect_proxy: Some(listeners.connect_addr.to_string()),
         denial_log: denials.as_ref().map(|d| d.path().to_path_buf()),
+        ticket: Some(ticket),
     };
     let shim_config_path = runtime_dir.join(broker_contract::DAEMON_SHIM_CONFIG_FILE);
     write_private_file(&shim_config_path, shim.render().as_bytes())?;
@@ -194,6 +197,18 @@ pub async fn open_run(
         shim_config_path,
         denials,
     })
+}
+
+/// A fresh run ticket from the OS's random source. Each run gets its own, written only into
+/// its 0600 shim config (in the run's 0700 directory), so only that run's processes (and,
+/// outside a sandbox, the user's other processes, which can read the user's files) hold it.
+fn new_ticket() -> anyhow::Result<broker_contract::Ticket> {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = zeroize::Zeroizing::new([0u8; broker_contract::TICKET_BYTES]);
+    ring::rand::SystemRandom::new()
+        .fill(bytes.as_mut())
+        .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
+    Ok(broker_contract::Ticket::from_bytes(&bytes))
 }
 
 /// Remove a runtime file, ignoring a file that is already gone.

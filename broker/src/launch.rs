@@ -122,9 +122,15 @@ fn system_bundle() -> Option<Vec<u8>> {
 /// For a program the shim cannot reach: send its https through the run's CONNECT listener and
 /// make it trust the run CA through a bundle that also keeps the system roots (so unmanaged
 /// hosts, tunnelled untouched, still verify).
+///
+/// The proxy URL carries the run's ticket as its password (`http://broker:<ticket>@addr`):
+/// curl, wget, git, Python (requests, httpx, aiohttp) and Go send it as `Proxy-Authorization:
+/// Basic` on CONNECT, which the listener requires. It is in the child's environment, which
+/// only the child's own tree (and the user, outside a sandbox) can read, like the shim config.
 pub fn via_connect_proxy(
     command: &mut Command,
     proxy_addr: &str,
+    ticket: Option<&broker_contract::Ticket>,
     run_ca: &Path,
     dir: &Path,
 ) -> std::io::Result<()> {
@@ -138,10 +144,23 @@ pub fn via_connect_proxy(
     for var in CA_BUNDLE_VARS {
         command.env(var, &path);
     }
-    let url = format!("http://{proxy_addr}");
+    let url = connect_proxy_url(proxy_addr, ticket);
     command.env("HTTPS_PROXY", &url).env("https_proxy", &url);
     command.env_remove("LD_PRELOAD").env_remove(ENV_SHIM_CONFIG);
     Ok(())
+}
+
+/// The `HTTPS_PROXY` value for a run's CONNECT listener at `proxy_addr`.
+pub fn connect_proxy_url(proxy_addr: &str, ticket: Option<&broker_contract::Ticket>) -> String {
+    match ticket {
+        // Hex digits need no percent-encoding in a URL's userinfo.
+        Some(ticket) => format!(
+            "http://{}:{}@{proxy_addr}",
+            broker_contract::TICKET_PROXY_USER,
+            ticket.expose()
+        ),
+        None => format!("http://{proxy_addr}"),
+    }
 }
 
 /// Whether a program can take `libbroker.so` (a glibc build) in `LD_PRELOAD`.

@@ -2,7 +2,8 @@
 //!
 //! One source for everything both sides must agree on, like proxychains-ng's `common.h`:
 //! the environment variable names, how a managed hostname is encoded in a fake loopback
-//! address, the host-pattern grammar, and the small text file the broker writes for the shim.
+//! address, the host-pattern grammar, the small text file the broker writes for the shim, and
+//! the run ticket the shim presents on every connection to the broker ([`Ticket`]).
 //!
 //! This crate has no dependencies so the shim stays small and its constructor cheap.
 
@@ -45,6 +46,94 @@ pub fn decode_fake_ipv4(ip: Ipv4Addr) -> Option<(u8, u8)> {
     ([a, b] == FAKE_NET && slot != 0 && host != 0).then_some((slot, host))
 }
 
+/// The magic that opens the preamble the shim writes on every connection it reroutes to the
+/// broker, before any byte of the agent's. Its first byte is NUL, which starts neither a TLS
+/// record (0x16) nor an HTTP request, so the broker can tell a missing preamble from a wrong one.
+pub const TICKET_MAGIC: [u8; 8] = *b"\0broker1";
+/// Random bytes in a run ticket (128 bits: not guessable, not worth brute-forcing over loopback).
+pub const TICKET_BYTES: usize = 16;
+/// A ticket as text: [`TICKET_BYTES`] as lowercase hex.
+pub const TICKET_HEX_LEN: usize = 2 * TICKET_BYTES;
+/// The preamble: [`TICKET_MAGIC`] then the ticket's hex digits. 40 bytes.
+pub const TICKET_PREAMBLE_LEN: usize = TICKET_MAGIC.len() + TICKET_HEX_LEN;
+/// The user name in the CONNECT proxy URL (`http://broker:<ticket>@127.0.0.1:<port>`); only the
+/// password (the ticket) is checked.
+pub const TICKET_PROXY_USER: &str = "broker";
+
+/// A run's ticket: a secret the broker makes for each run and writes only into that run's shim
+/// config (0600, in the run's private directory). The shim presents it on every connection it
+/// reroutes to the broker ([`Ticket::preamble`]), and the CONNECT fallback in
+/// `Proxy-Authorization`, so the broker attributes a connection to its run by proof rather than
+/// by the address it arrived on: a process of another run that connects to this run's
+/// listeners is refused, not served under this run's `--allow` list and profile.
+///
+/// What it proves: the peer could read this run's shim config, or was handed the ticket by a
+/// process that could. It does not stop a process of the same user outside any sandbox, which
+/// can read every 0600 file of that user; the sandbox of `broker run` is what hides one run's
+/// config from another run.
+///
+/// `Debug` never prints the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Ticket(String);
+
+impl Ticket {
+    /// A ticket from [`TICKET_BYTES`] random bytes (the broker draws them from the OS).
+    pub fn from_bytes(bytes: &[u8; TICKET_BYTES]) -> Ticket {
+        let mut hex = String::with_capacity(TICKET_HEX_LEN);
+        for b in bytes {
+            let _ = write!(hex, "{b:02x}");
+        }
+        Ticket(hex)
+    }
+
+    /// A ticket as written in a config file or a proxy URL: exactly [`TICKET_HEX_LEN`]
+    /// lowercase hex digits, else `None`.
+    pub fn parse(text: &str) -> Option<Ticket> {
+        (text.len() == TICKET_HEX_LEN
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| Ticket(text.to_string()))
+    }
+
+    /// The hex digits. A secret: for the config file, the preamble and the proxy URL only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The bytes the shim writes first on a connection to the broker.
+    pub fn preamble(&self) -> [u8; TICKET_PREAMBLE_LEN] {
+        let mut out = [0u8; TICKET_PREAMBLE_LEN];
+        out[..TICKET_MAGIC.len()].copy_from_slice(&TICKET_MAGIC);
+        out[TICKET_MAGIC.len()..].copy_from_slice(self.0.as_bytes());
+        out
+    }
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ticket(..)")
+    }
+}
+
+/// What the first [`TICKET_PREAMBLE_LEN`] bytes of a connection hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preamble<'a> {
+    /// The magic, then this many candidate ticket bytes (compare them in constant time).
+    Ticket(&'a [u8]),
+    /// Something else: a client that connected without the shim (a TLS ClientHello, an HTTP
+    /// request) or garbage.
+    Missing,
+}
+
+/// Split a received preamble. Comparing the ticket is the broker's job (in constant time).
+pub fn parse_preamble(bytes: &[u8]) -> Preamble<'_> {
+    match bytes.strip_prefix(&TICKET_MAGIC[..]) {
+        Some(ticket) if bytes.len() == TICKET_PREAMBLE_LEN => Preamble::Ticket(ticket),
+        _ => Preamble::Missing,
+    }
+}
+
 /// The highest host index one run can use (the last octet; 255 is kept free as broadcast-like).
 pub const MAX_HOSTS: usize = 254;
 
@@ -65,7 +154,9 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
 }
 
 /// What the broker tells the shim about one run. Written by the broker as a small text file
-/// (0600) whose path is in [`ENV_SHIM_CONFIG`]; read once by the shim's constructor.
+/// (0600) whose path is in [`ENV_SHIM_CONFIG`]; read once by the shim's constructor. It holds
+/// the run's [`Ticket`], so it is a secret of the run: whoever reads it can use the run's
+/// policy (see [`Ticket`] for what that does and does not cover).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ShimConfig {
     /// The run slot: the third octet of every fake address of this run.
@@ -88,6 +179,9 @@ pub struct ShimConfig {
     /// connection it refused under `deny_unlisted`: `<pid> <destination>`. The broker moves
     /// those lines into the audit log.
     pub denial_log: Option<PathBuf>,
+    /// The run's ticket, presented on every connection to the broker. `None` only in a config
+    /// of a broker older than tickets (the shim then sends no preamble).
+    pub ticket: Option<Ticket>,
 }
 
 impl ShimConfig {
@@ -113,6 +207,9 @@ impl ShimConfig {
         }
         if let Some(log) = &self.denial_log {
             let _ = writeln!(out, "denial-log {}", log.display());
+        }
+        if let Some(ticket) = &self.ticket {
+            let _ = writeln!(out, "ticket {}", ticket.expose());
         }
         for host in &self.hosts {
             let _ = writeln!(out, "host {host}");
@@ -152,6 +249,7 @@ impl ShimConfig {
                 "deny-unlisted" => cfg.deny_unlisted = value == "1",
                 "connect-proxy" => cfg.connect_proxy = Some(value.to_string()),
                 "denial-log" => cfg.denial_log = Some(PathBuf::from(value)),
+                "ticket" => cfg.ticket = Some(Ticket::parse(value).ok_or(err("bad ticket"))?),
                 "host" if !value.is_empty() => cfg.hosts.push(value.to_string()),
                 "env" => {
                     let (var, placeholder) = value.split_once(' ').ok_or(err("bad env line"))?;
@@ -229,11 +327,67 @@ mod tests {
             env: vec![("OPENAI_API_KEY".into(), "sk-broker-placeholder".into())],
             connect_proxy: Some("127.0.0.1:40125".into()),
             denial_log: Some(PathBuf::from("/tmp/run/denials.log")),
+            ticket: Some(Ticket::from_bytes(&[0xa5; TICKET_BYTES])),
         };
         let parsed = ShimConfig::parse(&cfg.render()).expect("parses");
         assert_eq!(parsed, cfg);
         assert_eq!(parsed.host_index("x.example.org"), Some(2));
         assert_eq!(parsed.host_index("example.org"), None);
+    }
+
+    #[test]
+    fn tickets_are_hex_and_never_printed() {
+        let t = Ticket::from_bytes(&[0, 1, 0xab, 0xff, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
+        assert_eq!(t.expose(), "0001abff02030405060708090a0b0c0d");
+        assert_eq!(Ticket::parse(t.expose()), Some(t.clone()));
+        assert_eq!(format!("{t:?}"), "Ticket(..)");
+        let cfg = ShimConfig {
+            slot: 1,
+            port: 2,
+            ticket: Some(t.clone()),
+            ..Default::default()
+        };
+        assert!(!format!("{cfg:?}").contains(t.expose()));
+        for bad in [
+            "",
+            "0001",
+            "0001ABFF02030405060708090a0b0c0d",
+            "0001abff02030405060708090a0b0c0dd",
+            "g001abff02030405060708090a0b0c0d",
+            "0001abff 2030405060708090a0b0c0d",
+        ] {
+            assert_eq!(Ticket::parse(bad), None, "{bad:?}");
+        }
+        let bad = format!("{CONFIG_MAGIC}\nslot 1\nport 2\nticket 12\n");
+        assert_eq!(
+            ShimConfig::parse(&bad).expect_err("short ticket"),
+            ConfigError {
+                line: 4,
+                what: "bad ticket"
+            }
+        );
+        // A config without a ticket (an older broker's) still parses.
+        let old = format!("{CONFIG_MAGIC}\nslot 1\nport 2\n");
+        assert_eq!(ShimConfig::parse(&old).expect("parses").ticket, None);
+    }
+
+    #[test]
+    fn preamble_round_trips_and_refuses_anything_else() {
+        let t = Ticket::from_bytes(&[7; TICKET_BYTES]);
+        let p = t.preamble();
+        assert_eq!(p.len(), 40);
+        assert_eq!(parse_preamble(&p), Preamble::Ticket(t.expose().as_bytes()));
+        // A TLS ClientHello, plain HTTP, a short read, the magic alone.
+        let mut hello = [0u8; TICKET_PREAMBLE_LEN];
+        hello[..3].copy_from_slice(&[0x16, 0x03, 0x01]);
+        assert_eq!(parse_preamble(&hello), Preamble::Missing);
+        assert_eq!(
+            parse_preamble(b"GET / HTTP/1.1\r\nHost: api.openai.com\r\n\r\n"),
+            Preamble::Missing
+        );
+        assert_eq!(parse_preamble(&p[..39]), Preamble::Missing);
+        assert_eq!(parse_preamble(&TICKET_MAGIC), Preamble::Missing);
+        assert_ne!(TICKET_MAGIC[0], 0x16);
     }
 
     #[test]

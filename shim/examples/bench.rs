@@ -12,7 +12,12 @@
 //!   child's constructor (every process of an agent's process tree pays this once);
 //! - `SSL_CTX_new()` through the global symbol (with the preload: the hook, which resolves the
 //!   real function per call site and adds the run CA to the new store), and its first call
-//!   (which also parses the CA).
+//!   (which also parses the CA);
+//! - a non-blocking `connect()` to a managed host's fake address, rerouted to a listener
+//!   playing the broker, until the socket is connected (as an event loop waits for it): with a
+//!   config that has a run ticket (the shim completes the connect and sends the 40-byte
+//!   preamble) against one without (the connect as before tickets), both preloaded. The
+//!   difference is what the ticket adds to every new connection in the agent.
 //!
 //! Build with `--release` for numbers that mean something: the debug shim is unoptimised.
 //! Uses the `libbroker.so` of the same profile (`target/<profile>/libbroker.so`), or
@@ -28,6 +33,7 @@ const UDP_CONNECTS: u32 = 200_000;
 const TCP_CONNECTS: u32 = 3_000;
 const SSL_CTXS: u32 = 2_000;
 const SPAWNS: u32 = 200;
+const BROKER_CONNECTS: u32 = 2_000;
 
 fn main() {
     match std::env::args().nth(1).as_deref() {
@@ -58,6 +64,7 @@ struct Sample {
     ssl_ns: f64,
     ssl_first_ns: f64,
     spawn_ns: f64,
+    broker_ns: f64,
 }
 
 fn parent() {
@@ -93,9 +100,18 @@ fn parent() {
         .output()
         .is_ok_and(|o| o.status.success());
     assert!(ok, "openssl req failed (is the openssl CLI installed?)");
+    // Plays the broker: accepts the rerouted connections and closes them.
+    let broker = std::net::TcpListener::bind((broker_contract::fake_ipv4(250, 1), 0))
+        .expect("bind 127.77.250.1");
+    let broker_port = broker.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for conn in broker.incoming() {
+            drop(conn);
+        }
+    });
     let cfg = broker_contract::ShimConfig {
         slot: 250,
-        port: 9,
+        port: broker_port,
         port6: 9,
         ca_file: dir.join("ca.pem"),
         deny_unlisted: false,
@@ -103,6 +119,10 @@ fn parent() {
         env: vec![],
         connect_proxy: None,
         denial_log: None,
+        // As the broker writes it (pass-through connects never use it).
+        ticket: Some(broker_contract::Ticket::from_bytes(
+            &[1; broker_contract::TICKET_BYTES],
+        )),
     };
     let config = dir.join("shim.conf");
     std::fs::write(&config, cfg.render()).expect("config");
@@ -111,15 +131,30 @@ fn parent() {
         std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     }
 
+    let no_ticket = dir.join("shim-no-ticket.conf");
+    std::fs::write(
+        &no_ticket,
+        broker_contract::ShimConfig {
+            ticket: None,
+            ..cfg.clone()
+        }
+        .render(),
+    )
+    .expect("config");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&no_ticket, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+    }
+
     let exe = std::env::current_exe().expect("current exe");
-    let run = |preload: bool| -> Sample {
+    let run_with = |preload: bool, config: &std::path::Path| -> Sample {
         let mut cmd = Command::new(&exe);
         cmd.arg("child")
             .env_remove("LD_PRELOAD")
             .env_remove("BROKER_SHIM_CONFIG");
         if preload {
-            cmd.env("LD_PRELOAD", &so)
-                .env("BROKER_SHIM_CONFIG", &config);
+            cmd.env("LD_PRELOAD", &so).env("BROKER_SHIM_CONFIG", config);
         }
         let out = cmd.output().expect("spawn child");
         assert!(
@@ -129,15 +164,17 @@ fn parent() {
         );
         parse_sample(&String::from_utf8_lossy(&out.stdout))
     };
+    let run = |preload: bool| run_with(preload, &config);
 
     println!("libbroker.so: {}", so.display());
     if so.components().any(|c| c.as_os_str() == "debug") {
         println!("note: debug build of the shim; use --release for representative figures");
     }
-    let (mut off, mut on) = (Vec::new(), Vec::new());
+    let (mut off, mut on, mut unticketed) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         off.push(run(false));
         on.push(run(true));
+        unticketed.push(run_with(true, &no_ticket));
     }
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -165,6 +202,21 @@ fn parent() {
         let (a, b) = (median(&off, f), median(&on, f));
         println!("{name:<44} {:>9.0} ns {:>9.0} ns {:>8.3}", a, b, b / a);
     }
+    let (a, b) = (
+        median(&unticketed, |s| s.broker_ns),
+        median(&on, |s| s.broker_ns),
+    );
+    println!(
+        "\n{:<44} {:>12} {:>12} {:>8}",
+        "preloaded, config", "no ticket", "ticket", "added"
+    );
+    println!(
+        "{:<44} {:>9.0} ns {:>9.0} ns {:>+5.0} ns",
+        "connect() to the broker, non-blocking, done",
+        a,
+        b,
+        b - a
+    );
     println!("\ntarget for pass-through connect(): ratio within 1.05");
 }
 
@@ -181,6 +233,7 @@ fn parse_sample(text: &str) -> Sample {
             "ssl_ns" => s.ssl_ns = v,
             "ssl_first_ns" => s.ssl_first_ns = v,
             "spawn_ns" => s.spawn_ns = v,
+            "broker_ns" => s.broker_ns = v,
             _ => {}
         }
     }
@@ -197,6 +250,54 @@ fn child() {
     println!("ssl_first_ns {first:.1}");
     println!("ssl_ns {each:.1}");
     println!("spawn_ns {:.1}", spawn_ns());
+    if std::env::var_os("LD_PRELOAD").is_some() {
+        println!("broker_ns {:.1}", broker_connect_ns());
+    }
+}
+
+/// Non-blocking TCP connects to a managed host's fake address (`127.77.250.1:443`), which the
+/// shim reroutes to the listener playing the broker, each until the socket is connected: an
+/// `EINPROGRESS` is waited for with `poll`, as an event loop does before its first write. With
+/// a ticket in the config the shim itself completes the connect and writes the preamble (the
+/// call returns 0). Closed with RST (linger 0). Median of the calls.
+fn broker_connect_ns() -> f64 {
+    let mut sin = loopback(443);
+    sin.sin_addr.s_addr = u32::from(broker_contract::fake_ipv4(250, 1)).to_be();
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let mut times = Vec::with_capacity(BROKER_CONNECTS as usize);
+    for _ in 0..BROKER_CONNECTS {
+        // SAFETY: plain socket calls with valid arguments; the fd is closed each iteration.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+            assert!(fd >= 0, "socket");
+            let start = Instant::now();
+            let r = libc::connect(fd, std::ptr::addr_of!(sin).cast(), len);
+            if r == -1 {
+                let e = std::io::Error::last_os_error();
+                assert_eq!(e.raw_os_error(), Some(libc::EINPROGRESS), "connect: {e}");
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                assert_eq!(libc::poll(&mut pfd, 1, 5_000), 1, "poll");
+            }
+            times.push(start.elapsed());
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                std::ptr::addr_of!(linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+            libc::close(fd);
+        }
+    }
+    median_ns(times)
 }
 
 /// `posix_spawn` + `waitpid` of `/bin/true`, which inherits the environment: with the preload

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use broker_contract::ShimConfig;
+use broker_contract::{ShimConfig, Ticket};
 
 const PLACEHOLDER: &str = "sk-broker-placeholder-0000000000000000";
 const HOST: &str = "api.openai.com";
@@ -203,7 +203,24 @@ impl World {
         };
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/origin.py");
         let fake = format!("127.77.{}.1", slot());
+        let mut cfg = ShimConfig {
+            slot: slot(),
+            port: 0,
+            port6: 0,
+            ca_file: ca.clone(),
+            deny_unlisted: false,
+            hosts: vec![HOST.into(), "*.example.org".into()],
+            env: vec![("OPENAI_API_KEY".into(), PLACEHOLDER.into())],
+            connect_proxy: None,
+            denial_log: None,
+            // As the broker writes it: the origin then checks the preamble on every connection.
+            ticket: Some(Ticket::from_bytes(&[0x5a; broker_contract::TICKET_BYTES])),
+        };
+        tweak(&mut cfg);
         let mut origin = Command::new(python);
+        if let Some(ticket) = &cfg.ticket {
+            origin.env("ORIGIN_TICKET", ticket.expose());
+        }
         origin
             .arg(script)
             .arg(pki.join("leaf.pem"))
@@ -227,18 +244,13 @@ impl World {
         }
         let ports = parse_ports(&line);
         let (port, port6) = (ports[0], ports[1]);
-        let mut cfg = ShimConfig {
-            slot: slot(),
-            port,
-            port6,
-            ca_file: ca.clone(),
-            deny_unlisted: false,
-            hosts: vec![HOST.into(), "*.example.org".into()],
-            env: vec![("OPENAI_API_KEY".into(), PLACEHOLDER.into())],
-            connect_proxy: None,
-            denial_log: None,
-        };
-        tweak(&mut cfg);
+        // A tweak that set a port of its own (a dead one, another listener) keeps it.
+        if cfg.port == 0 {
+            cfg.port = port;
+        }
+        if cfg.port6 == 0 {
+            cfg.port6 = port6;
+        }
         let config = dir.join("run").join("shim.conf");
         std::fs::write(&config, cfg.render()).expect("config");
         std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).expect("chmod");
@@ -406,6 +418,79 @@ fn curl_reroutes_and_trusts_run_ca() {
         w.expect_body(&out);
         w.assert_reached(&path, 1);
     }
+}
+
+/// Every connection the shim reroutes opens with the run's ticket (the origin, like the
+/// broker, refuses one that does not): here through event loops whose `connect` is
+/// non-blocking (asyncio; a raw non-blocking socket, which must see a completed connect) and
+/// through Fast Open. The other client tests (curl, node, wget, git) check it too, since the
+/// origin checks every connection.
+#[test]
+fn nonblocking_connects_present_the_ticket_first() {
+    require!("python3");
+    let w = World::new("ticket");
+    let script = "import asyncio, socket, ssl, sys\n\
+                  fake = sys.argv[1]\n\
+                  ctx = ssl.create_default_context()\n\
+                  async def main():\n\
+                  \x20   r, wr = await asyncio.open_connection('api.openai.com', 443, ssl=ctx)\n\
+                  \x20   wr.write(b'GET /v1/asyncio HTTP/1.1\\r\\nHost: api.openai.com\\r\\nConnection: close\\r\\n\\r\\n')\n\
+                  \x20   print('asyncio', (await r.read()).decode().split('\\r\\n\\r\\n', 1)[1].strip())\n\
+                  asyncio.run(main())\n\
+                  s = socket.socket()\n\
+                  s.setblocking(False)\n\
+                  print('connect_ex', s.connect_ex((fake, 443)))\n\
+                  s.setblocking(True)\n\
+                  t = ctx.wrap_socket(s, server_hostname='api.openai.com')\n\
+                  t.sendall(b'GET /v1/raw HTTP/1.1\\r\\nHost: api.openai.com\\r\\nConnection: close\\r\\n\\r\\n')\n\
+                  print('raw', b''.join(iter(lambda: t.recv(4096), b'')).decode().split('\\r\\n\\r\\n', 1)[1].strip())\n\
+                  f = socket.socket()\n\
+                  f.settimeout(10)\n\
+                  f.sendto(b'\\x16', socket.MSG_FASTOPEN, (fake, 443))\n\
+                  f.close()\n";
+    let out = run_ok_out(
+        w.client(CaEnv::Scrubbed, "python3")
+            .args(["-c", script, &w.fake_ip()]),
+        &w.dir,
+    );
+    let body = format!("origin-ok api.openai.com {}", w.fake_ip());
+    for line in [
+        format!("asyncio {body}"),
+        "connect_ex 0".to_string(),
+        format!("raw {body}"),
+    ] {
+        assert!(
+            out.stdout.lines().any(|l| l == line),
+            "missing {line:?} in:\n{}\n{}",
+            out.stdout,
+            out.stderr
+        );
+    }
+    w.assert_reached("/v1/asyncio", 1);
+    w.assert_reached("/v1/raw", 1);
+    // The Fast Open connection presented the ticket before its byte: nothing was refused.
+    std::thread::sleep(Duration::from_millis(200));
+    let log = std::fs::read_to_string(&w.log).expect("log");
+    assert!(!log.contains("ticket_refused"), "{log}");
+}
+
+/// A config without a ticket (a broker older than tickets): no preamble, the client's bytes
+/// come first as before.
+#[test]
+fn a_config_without_a_ticket_sends_no_preamble() {
+    require!("curl");
+    let w = World::with("noticket", |c| c.ticket = None);
+    let out = run_ok_out(
+        w.client(CaEnv::Scrubbed, "curl").args([
+            "-sS",
+            "--max-time",
+            "20",
+            &format!("https://{HOST}/v1/noticket"),
+        ]),
+        &w.dir,
+    );
+    w.expect_body(&out);
+    w.assert_reached("/v1/noticket", 1);
 }
 
 #[test]

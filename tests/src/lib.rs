@@ -1,6 +1,7 @@
 //! The integration harness: local TLS origins with their own test CA, the real `broker`
 //! binary with a temporary `BROKER_HOME`, and a client that connects the way the shim makes
-//! agents connect (to the run's fake address, with the real hostname as SNI).
+//! agents connect (to the run's fake address, opening with the run's ticket, with the real
+//! hostname as SNI).
 //!
 //! Everything listens on port 0; upstream hostnames are the real ones (`api.openai.com`),
 //! pinned for the broker with `--resolve` and trusted with `--upstream-ca`.
@@ -289,6 +290,63 @@ pub fn scrub(cmd: &mut Command) {
     }
 }
 
+/// The tickets of the runs this test process knows (from the shim configs it read), by the
+/// listener they belong to: the harness's client plays the shim, which presents its run's
+/// ticket on every connection to the broker. Keyed by (run slot, port) for the fake
+/// addresses and (0, port) for `[::1]`.
+static TICKETS: std::sync::Mutex<Vec<((u8, u16), broker_contract::Ticket)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn listener_key(addr: SocketAddr) -> (u8, u16) {
+    match addr.ip() {
+        IpAddr::V4(ip) => (ip.octets()[2], addr.port()),
+        IpAddr::V6(_) => (0, addr.port()),
+    }
+}
+
+/// Remember the ticket of the run `config` describes, so [`connect_as_shim`] presents it.
+pub fn register_run(config: &ShimConfig) {
+    let Some(ticket) = &config.ticket else { return };
+    let mut tickets = TICKETS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut keys = vec![(config.slot, config.port)];
+    if config.port6 != 0 {
+        keys.push((0, config.port6));
+    }
+    for key in keys {
+        tickets.retain(|(k, _)| *k != key);
+        tickets.push((key, ticket.clone()));
+    }
+}
+
+/// The preamble the shim would send to the broker listener at `addr`, if its run is known.
+pub fn preamble_for(addr: SocketAddr) -> Option<[u8; broker_contract::TICKET_PREAMBLE_LEN]> {
+    let key = listener_key(addr);
+    let tickets = TICKETS.lock().unwrap_or_else(|e| e.into_inner());
+    tickets
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, t)| t.preamble())
+}
+
+/// TCP to a broker listener the way the shim connects: then its run's ticket, if known.
+pub async fn connect_as_shim(addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    if let Some(preamble) = preamble_for(addr) {
+        tcp.write_all(&preamble).await?;
+    }
+    Ok(tcp)
+}
+
+/// [`connect_as_shim`] for blocking callers.
+pub fn connect_as_shim_blocking(addr: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    let mut tcp = std::net::TcpStream::connect(addr)?;
+    if let Some(preamble) = preamble_for(addr) {
+        tcp.write_all(&preamble)?;
+    }
+    Ok(tcp)
+}
+
 /// A running `broker serve`, killed on drop.
 pub struct Serve {
     child: Child,
@@ -333,6 +391,7 @@ impl Serve {
         loop {
             if let Ok(text) = std::fs::read_to_string(&config_path) {
                 if let Ok(config) = ShimConfig::parse(&text) {
+                    register_run(&config);
                     serve.config = config;
                     return serve;
                 }
@@ -622,7 +681,7 @@ async fn connect_tls(
 ) -> Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>, String>
 {
     let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
-    let tcp = tokio::net::TcpStream::connect(addr)
+    let tcp = connect_as_shim(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let name =

@@ -12,10 +12,27 @@ fn openai_origin(ca: &TestCa) -> Origin {
     Origin::bearer(ca, "api.openai.com", OPENAI_KEY, "models")
 }
 
-fn curl(args: &[&str]) -> std::process::Output {
+/// curl through `serve`'s CONNECT listener, with the run's ticket in the proxy URL as
+/// `broker run` gives it to a static program (in a curl config file here: never in argv).
+fn curl(serve: &Serve, args: &[&str]) -> std::process::Output {
+    let proxy = serve
+        .config
+        .connect_proxy
+        .clone()
+        .expect("connect proxy address");
+    let ticket = serve.config.ticket.as_ref().expect("the run's ticket");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("curlrc");
+    std::fs::write(
+        &config,
+        format!("proxy = \"http://broker:{}@{proxy}\"\n", ticket.expose()),
+    )
+    .expect("curlrc");
     let mut cmd = Command::new("curl");
     broker_integration::scrub(&mut cmd);
-    cmd.args(["-sS", "--max-time", "20"]).args(args);
+    cmd.args(["-sS", "--max-time", "20", "-K"])
+        .arg(&config)
+        .args(args);
     run_bounded(&mut cmd, Duration::from_secs(30))
 }
 
@@ -30,22 +47,18 @@ fn connect_to_a_managed_host_is_swapped_and_others_are_tunnelled_untouched() {
     let home = Home::new();
     home.add("openai", OPENAI_KEY);
     let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
-    let proxy = serve
-        .config
-        .connect_proxy
-        .clone()
-        .expect("connect proxy address");
     let run_ca = serve.config.ca_file.to_str().expect("utf8").to_string();
 
-    let out = curl(&[
-        "-x",
-        &format!("http://{proxy}"),
-        "--cacert",
-        &run_ca,
-        "https://api.openai.com/v1/models",
-        "-H",
-        &format!("Authorization: Bearer {OPENAI_PH}"),
-    ]);
+    let out = curl(
+        &serve,
+        &[
+            "--cacert",
+            &run_ca,
+            "https://api.openai.com/v1/models",
+            "-H",
+            &format!("Authorization: Bearer {OPENAI_PH}"),
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -56,15 +69,16 @@ fn connect_to_a_managed_host_is_swapped_and_others_are_tunnelled_untouched() {
 
     let test_ca = ca.pem_path.to_str().expect("utf8").to_string();
     let url = format!("https://localhost:{}/x", other.addr.port());
-    let out = curl(&[
-        "-x",
-        &format!("http://{proxy}"),
-        "--cacert",
-        &test_ca,
-        &url,
-        "-H",
-        &format!("Authorization: Bearer {OPENAI_PH}"),
-    ]);
+    let out = curl(
+        &serve,
+        &[
+            "--cacert",
+            &test_ca,
+            &url,
+            "-H",
+            &format!("Authorization: Bearer {OPENAI_PH}"),
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -80,12 +94,7 @@ fn connect_to_a_managed_host_is_swapped_and_others_are_tunnelled_untouched() {
     );
 
     // Plain http through the broker's proxy is refused, with advice.
-    let out = curl(&[
-        "-x",
-        &format!("http://{proxy}"),
-        "-i",
-        "http://api.openai.com/v1/models",
-    ]);
+    let out = curl(&serve, &["-i", "http://api.openai.com/v1/models"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("only accepts CONNECT"),
         "{}",
@@ -102,11 +111,13 @@ fn deny_unlisted_refuses_other_destinations_through_connect() {
     });
     let home = Home::new();
     home.add("openai", OPENAI_KEY);
-    // The agent reads the CONNECT address from its shim config, as a static child would get it.
+    // The agent reads the CONNECT address and its run's ticket from its shim config, as a
+    // static child gets them in HTTPS_PROXY (an environment variable, not argv).
     let script = format!(
         "p=$(sed -n 's/^connect-proxy //p' \"$BROKER_SHIM_CONFIG\"); \
-         curl -sS -o /dev/null -w '%{{http_code}}\\n' -x http://$p --cacert \"$(sed -n 's/^ca //p' \"$BROKER_SHIM_CONFIG\")\" https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"; \
-         curl -sS -o /dev/null -w '%{{http_code}}\\n' -x http://$p https://localhost:{}/ 2>&1",
+         export https_proxy=http://broker:$(sed -n 's/^ticket //p' \"$BROKER_SHIM_CONFIG\")@$p; \
+         curl -sS -o /dev/null -w '%{{http_code}}\\n' --cacert \"$(sed -n 's/^ca //p' \"$BROKER_SHIM_CONFIG\")\" https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"; \
+         curl -sS -o /dev/null -w '%{{http_code}}\\n' https://localhost:{}/ 2>&1",
         other.addr.port()
     );
     let mut cmd = home.broker();

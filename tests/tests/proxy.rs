@@ -61,7 +61,7 @@ impl Setup {
         &self,
         host: &str,
     ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-        let tcp = tokio::net::TcpStream::connect(self.serve.addr_for(host))
+        let tcp = broker_integration::connect_as_shim(self.serve.addr_for(host))
             .await
             .expect("connect");
         tokio_rustls::TlsConnector::from(broker_integration::client_tls(
@@ -787,8 +787,8 @@ fn missing_credential_and_plain_http_get_advice() {
 
     // Plain http:// to a managed host.
     use std::io::{Read, Write};
-    let mut tcp =
-        std::net::TcpStream::connect(s.serve.addr_for("api.openai.com")).expect("connect");
+    let mut tcp = broker_integration::connect_as_shim_blocking(s.serve.addr_for("api.openai.com"))
+        .expect("connect");
     tcp.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     tcp.write_all(b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\n\r\n")

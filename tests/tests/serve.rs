@@ -74,7 +74,13 @@ fn another_uid_cannot_use_the_broker() {
                 c.args(["-u", u, "--", "curl"]);
                 c
             }
-            None => Command::new("curl"),
+            // Our own agent goes through the shim, which presents the run's ticket.
+            None => {
+                let mut c = Command::new("curl");
+                c.env("LD_PRELOAD", broker_integration::shim_lib())
+                    .env(broker_contract::ENV_SHIM_CONFIG, &serve.config_path);
+                c
+            }
         };
         // -k: the other user cannot read the run CA under BROKER_HOME; what is tested here is
         // that the broker refuses the connection itself.

@@ -151,7 +151,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             // a program goes through the CONNECT listener instead.
             let proxy = shim_config.connect_proxy.as_deref().context("the broker offers no CONNECT listener")?;
             let dir = shim_config_path.parent().unwrap_or(std::path::Path::new("."));
-            launch::via_connect_proxy(&mut command, proxy, &shim_config.ca_file, dir)?;
+            launch::via_connect_proxy(&mut command, proxy, shim_config.ticket.as_ref(), &shim_config.ca_file, dir)?;
             eprintln!("broker: {why}: it cannot take libbroker.so, so it gets HTTPS_PROXY={proxy} and a CA bundle instead");
         }
     }
@@ -206,7 +206,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 enum RunBroker {
     Joined(control::JoinedRun),
     Embedded {
-        instance: Instance,
+        // Boxed: an instance is a few hundred bytes, a joined run a few dozen.
+        instance: Box<Instance>,
         _dir: tempfile::TempDir,
     },
 }
@@ -245,7 +246,7 @@ fn start_embedded(
         run: spec,
     }))?;
     Ok(RunBroker::Embedded {
-        instance,
+        instance: Box::new(instance),
         _dir: dir,
     })
 }

@@ -1,11 +1,14 @@
 //! The CONNECT listener: the fallback for programs the shim cannot reach (static binaries,
-//! Go, musl). `broker run` gives them `HTTPS_PROXY=http://127.0.0.1:<port>` and a CA bundle
+//! Go, musl). `broker run` gives them `HTTPS_PROXY=http://broker:<ticket>@127.0.0.1:<port>` and a CA bundle
 //! that includes the run CA.
 //!
 //! `CONNECT host:port` to a managed host: the broker answers 200 and terminates TLS itself,
 //! exactly as on the fake addresses (the SNI must match the CONNECT host). To any other host:
 //! a byte-for-byte tunnel, never decrypted, or a refusal when the run denies unlisted hosts.
 //! Anything but CONNECT is refused: plain `http://` through the broker would expose requests.
+//! Every request must carry the run's ticket as the password of `Proxy-Authorization: Basic`
+//! (`HTTPS_PROXY=http://broker:<ticket>@127.0.0.1:<port>`), else 407 and a `ticket_refused`
+//! audit event: the listener's address alone does not say which run a caller belongs to.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,6 +59,16 @@ fn handle(
     mut req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
+    // The ticket first: without it nothing is proxied, not even an unmanaged tunnel, since
+    // the run's `--deny-unlisted` and its policy are what a caller would borrow.
+    if let Err(refusal) = super::ticket::check_proxy_authorization(
+        req.headers().get(http::header::PROXY_AUTHORIZATION),
+        &run.ticket,
+    ) {
+        let host = req.uri().host().map(str::to_ascii_lowercase);
+        super::ticket::record(&proxy, &run, peer, host.as_deref(), refusal);
+        return proxy_auth_required();
+    }
     if req.method() != Method::CONNECT {
         return BrokerError::BadRequest {
             reason:
@@ -101,6 +114,34 @@ fn handle(
     );
     *ok.status_mut() = StatusCode::OK;
     ok
+}
+
+/// 407 for a request without the run's ticket. `Proxy-Authenticate` names Basic, so a client
+/// given the proxy URL with its userinfo (`http://broker:<ticket>@...`) knows what to send.
+fn proxy_auth_required() -> Response<ProxyBody> {
+    let message = "this is another run's proxy, or the request lacks the run's ticket: use the \
+                   HTTPS_PROXY that broker run set, with its user and password";
+    let mut response = Response::new(
+        Full::new(Bytes::from(format!("broker: {message}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = StatusCode::PROXY_AUTHENTICATION_REQUIRED;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::PROXY_AUTHENTICATE,
+        http::HeaderValue::from_static("Basic realm=\"broker\""),
+    );
+    headers.insert("x-broker-error", http::HeaderValue::from_static(message));
+    headers.insert(
+        "x-broker-error-source",
+        http::HeaderValue::from_static("agent"),
+    );
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 /// Unmanaged destinations are never decrypted: bytes in, bytes out.

@@ -4,6 +4,9 @@
 //! all, so the shim only rewrites the port), and on `[::1]:<port6>` for IPv6-only sockets.
 //! The address a connection arrived on tells which host the agent asked for; the SNI must
 //! agree, so an agent cannot steer a connection for one host to another provider's leaf.
+//! Which run a connection belongs to is proven by the run's ticket, which the shim sends
+//! before the agent's first byte (see `ticket`); the listener it arrived on only says which
+//! run it claims.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -187,6 +190,15 @@ async fn serve_connection(
         Err(_) => return,
     };
     if !peer_is_our_user(&proxy, &run, local, peer) {
+        return;
+    }
+    // The run's ticket comes first, before anything of the connection is looked at: a
+    // process that is not of this run is not even told whether it spoke TLS.
+    let mut stream = stream;
+    if let Err(refusal) =
+        super::ticket::read_preamble(&mut stream, &run.ticket, HANDSHAKE_TIMEOUT).await
+    {
+        super::ticket::record(&proxy, &run, peer, encoded_host(&run, local), refusal);
         return;
     }
     let mut first = [0u8; 1];

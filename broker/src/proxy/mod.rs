@@ -1,7 +1,8 @@
 //! The request path. Phases, in order, each in its own place:
 //!
 //! 1. **accept** (`listen`): a connection arrives on a fake address `127.77.<slot>.<host>`
-//!    (rerouted there by the shim) or on the run's `[::1]` listener; plain HTTP is refused,
+//!    (rerouted there by the shim) or on the run's `[::1]` listener; it must come from our uid
+//!    and open with the run's ticket (`ticket`), else it is refused; plain HTTP is refused,
 //!    TLS is terminated with a leaf minted for the SNI, only if the SNI is a managed host and
 //!    matches the host the address encodes.
 //! 2. **classify** (`handler`): SNI must equal `Host`/`:authority`; the host picks the
@@ -24,6 +25,7 @@ mod pool;
 mod record;
 mod redact;
 pub mod swap;
+mod ticket;
 mod upgrade;
 pub mod upstream;
 mod ws_redact;
@@ -154,6 +156,9 @@ pub struct RunContext {
     pub run_keys: RunKeys,
     /// Refuse CONNECT to anything but managed hosts.
     pub deny_unlisted: bool,
+    /// The run's secret ticket: every connection to its listeners must present it (the
+    /// preamble on the fake addresses, `Proxy-Authorization` on the CONNECT listener).
+    pub ticket: broker_contract::Ticket,
 }
 
 /// The agent's pid, for the audit. Shared and settable because the run opens (listeners,

@@ -2,8 +2,10 @@
 //! `MSG_FASTOPEN`) and the resolver entry points.
 //!
 //! Each hook converts its pointers, asks [`crate::decide`], and makes exactly one real call as
-//! its last step, so `errno` and the return value are the real function's (a non-blocking
-//! socket gets its `EINPROGRESS`; the shim never waits).
+//! its last step, so `errno` and the return value are the real function's, with one exception:
+//! a connection rerouted to the broker must open with the run's ticket (see
+//! [`connect_to_broker`]), so there the shim completes the loopback connect itself and writes
+//! the ticket before returning.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::mem::size_of;
@@ -13,6 +15,8 @@ use libc::{
     addrinfo, hostent, msghdr, size_t, sockaddr, sockaddr_in, sockaddr_in6, sockaddr_storage,
     socklen_t, ssize_t,
 };
+
+use broker_contract::TICKET_PREAMBLE_LEN;
 
 use crate::decide::{self, Connect, Family, SocketFacts};
 use crate::ffi::{contain, Guard, RealFn};
@@ -197,8 +201,9 @@ fn socket_facts(fd: c_int, dest: Option<SocketAddr>) -> SocketFacts {
 enum Route {
     /// The agent's own destination, untouched.
     AsAsked,
-    /// The broker's listener.
-    Broker(SocketAddr),
+    /// The broker's listener, and the preamble (magic + run ticket) to present there first
+    /// (`None` with the config of a broker older than tickets).
+    Broker(SocketAddr, Option<[u8; TICKET_PREAMBLE_LEN]>),
     /// Refused (`ECONNREFUSED`).
     Refused,
 }
@@ -228,7 +233,7 @@ unsafe fn route(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Route {
         })
     });
     match decision {
-        Some(Connect::Redirect(to)) => Route::Broker(to),
+        Some(Connect::Redirect(to)) => Route::Broker(to, cfg.ticket.as_ref().map(|t| t.preamble())),
         Some(Connect::Refuse(_)) => Route::Refused,
         Some(Connect::Bypass(_)) | None => Route::AsAsked,
     }
@@ -247,10 +252,9 @@ unsafe fn connect_via(real: &RealFn, fd: c_int, addr: *const sockaddr, len: sock
     let real: ConnectFn = unsafe { std::mem::transmute::<usize, ConnectFn>(real) };
     // SAFETY: the agent passed `len` readable bytes at `addr` (connect's contract).
     match unsafe { route(fd, addr, len) } {
-        Route::Broker(to) => {
-            let (storage, slen) = write_sockaddr(to);
-            // SAFETY: a complete sockaddr of `slen` bytes that outlives the call.
-            let r = unsafe { real(fd, std::ptr::addr_of!(storage).cast(), slen) };
+        Route::Broker(to, preamble) => {
+            // SAFETY: `real` is connect(2); `fd` is the agent's.
+            let r = unsafe { connect_to_broker(real, fd, to, preamble.as_ref()) };
             if r == -1 && errno() == libc::ECONNREFUSED {
                 // Fail closed, but say why once: a config exists and its broker is gone.
                 if !BROKER_DOWN_SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
@@ -272,6 +276,147 @@ unsafe fn connect_via(real: &RealFn, fd: c_int, addr: *const sockaddr, len: sock
         // SAFETY: the agent's own arguments, unchanged.
         Route::AsAsked => unsafe { real(fd, addr, len) },
     }
+}
+
+/// How long the shim waits, at most, for its loopback connect to the broker to complete before
+/// writing the ticket. A loopback handshake completes within microseconds; only a broker whose
+/// accept queue is full drops the SYN (retransmitted after 1 s, then 3 s), and a connect that
+/// takes longer than this fails with `ETIMEDOUT` instead of blocking the agent's event loop.
+const BROKER_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// Connect `fd` to the broker's listener `to`, then write `preamble` (the run's ticket) before
+/// any byte of the agent's; `0` on success, else `-1` with `errno`.
+///
+/// The ticket must be the first bytes on the connection, and the agent may write (its TLS
+/// ClientHello) as soon as `connect` returns, so the shim finishes the connect here, on any
+/// socket: a blocking one waits as it would have anyway; a non-blocking one, whose `connect`
+/// would say `EINPROGRESS`, is waited for with `poll` (at most [`BROKER_CONNECT_WAIT`]; the
+/// socket's flags are never touched, so no other thread can see them change) and gets `0`,
+/// which POSIX allows a non-blocking connect to return when it completes at once (as loopback
+/// connects often do). Event loops (libuv, asyncio, curl, tokio/mio) then see a writable,
+/// connected socket. The 40-byte write fits an empty send buffer, so it does not wait either.
+///
+/// Alternatives rejected: TCP Fast Open (`TCP_FASTOPEN_CONNECT`) sends data in the SYN only
+/// with a cookie and the server side enabled by sysctl, and without one a non-blocking write
+/// returns `EINPROGRESS` with nothing queued; writing the ticket lazily on the agent's first
+/// `write`/`send`/`writev`/`sendmsg`/`sendfile`/`SSL_write` means hooking every write path and
+/// tracking per-fd state, and a missed path sends the ClientHello first.
+///
+/// # Safety
+/// `real` is `connect(2)`; `fd` is any descriptor (a bad one just fails).
+unsafe fn connect_to_broker(
+    real: ConnectFn,
+    fd: c_int,
+    to: SocketAddr,
+    preamble: Option<&[u8; TICKET_PREAMBLE_LEN]>,
+) -> c_int {
+    let (storage, slen) = write_sockaddr(to);
+    // SAFETY: a complete sockaddr of `slen` bytes that outlives the call.
+    let r = unsafe { real(fd, std::ptr::addr_of!(storage).cast(), slen) };
+    let Some(preamble) = preamble else {
+        return r;
+    };
+    if r == -1 {
+        // EINTR: a blocking connect interrupted by a signal goes on in the background, as a
+        // non-blocking one does; finish it here too, or the agent's next connect would get
+        // EALREADY/EISCONN and the ticket would never be written.
+        if !matches!(errno(), libc::EINPROGRESS | libc::EINTR) {
+            return -1; // the real errno (ECONNREFUSED when the broker is gone, ...)
+        }
+        let deadline = std::time::Instant::now() + BROKER_CONNECT_WAIT;
+        if let Err(e) = wait_writable(fd, deadline) {
+            set_errno(e);
+            return -1;
+        }
+        match sockopt_int(fd, libc::SOL_SOCKET, libc::SO_ERROR) {
+            Some(0) => {}
+            Some(e) => {
+                set_errno(e);
+                return -1;
+            }
+            None => return -1, // getsockopt's errno
+        }
+    }
+    match write_all(
+        fd,
+        preamble,
+        std::time::Instant::now() + BROKER_CONNECT_WAIT,
+    ) {
+        Ok(()) => 0,
+        Err(e) => {
+            set_errno(e);
+            -1
+        }
+    }
+}
+
+/// Wait until `fd` is writable (a connect completed or failed), retrying after signals.
+fn wait_writable(fd: c_int, deadline: std::time::Instant) -> Result<(), c_int> {
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(libc::ETIMEDOUT);
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let ms = c_int::try_from(left.as_millis().max(1)).unwrap_or(c_int::MAX);
+        // SAFETY: one valid pollfd for the duration of the call.
+        match unsafe { libc::poll(&mut pfd, 1, ms) } {
+            n if n > 0 => return Ok(()),
+            0 => return Err(libc::ETIMEDOUT),
+            _ if errno() == libc::EINTR => continue,
+            _ => return Err(errno()),
+        }
+    }
+}
+
+/// Write all of `bytes` on the connected socket `fd` (blocking or not), without `SIGPIPE`.
+///
+/// `MSG_MORE`: the kernel holds the preamble until the agent's first write (its ClientHello)
+/// and sends both in one segment, or after 200 ms at most (as `TCP_CORK`). So the broker gets
+/// one segment and one wake-up, and a socket without `TCP_NODELAY` never waits for the ACK of
+/// a lone preamble before Nagle lets its ClientHello go.
+fn write_all(fd: c_int, bytes: &[u8], deadline: std::time::Instant) -> Result<(), c_int> {
+    let mut done = 0;
+    while done < bytes.len() {
+        let rest = &bytes[done..];
+        let flags = libc::MSG_NOSIGNAL | libc::MSG_MORE;
+        // SAFETY: `rest` is valid for `rest.len()` bytes; `send` is not hooked (and would pass
+        // through the hooks untouched: no MSG_FASTOPEN).
+        let n = unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), flags) };
+        match n {
+            n if n > 0 => done += n as usize,
+            0 => return Err(libc::EPIPE),
+            _ => match errno() {
+                libc::EINTR => {}
+                libc::EAGAIN => wait_writable(fd, deadline)?,
+                e => return Err(e),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// `MSG_FASTOPEN` to the broker: an ordinary connect with the ticket; `0` or `-1` with `errno`.
+///
+/// # Safety
+/// `fd` is any descriptor (a bad one just fails).
+unsafe fn fast_open_fallback(
+    fd: c_int,
+    to: SocketAddr,
+    preamble: &[u8; TICKET_PREAMBLE_LEN],
+) -> c_int {
+    let Some(real) = REAL_CONNECT.addr() else {
+        set_errno(libc::ENOSYS);
+        return -1;
+    };
+    // SAFETY: the address came from dlsym for a function with this exact signature.
+    let real: ConnectFn = unsafe { std::mem::transmute::<usize, ConnectFn>(real) };
+    // SAFETY: `real` is connect(2).
+    unsafe { connect_to_broker(real, fd, to, Some(preamble)) }
 }
 
 /// `connect(2)`: managed fake addresses go to the broker; see [`decide::decide_connect`].
@@ -321,11 +466,21 @@ pub unsafe extern "C" fn sendto(
     }
     // SAFETY: the agent passed `len` readable bytes at `addr` (sendto's contract).
     match unsafe { route(fd, addr, len) } {
-        Route::Broker(to) => {
+        Route::Broker(to, None) => {
             let (storage, slen) = write_sockaddr(to);
             // SAFETY: the agent's buffer, and a complete sockaddr that outlives the call.
             unsafe { real(fd, buf, n, flags, std::ptr::addr_of!(storage).cast(), slen) }
         }
+        // The ticket must precede the agent's data, which Fast Open would put in the SYN: the
+        // shim connects (ticket written), then sends the data on the connected socket. On
+        // loopback the saved round trip is microseconds.
+        // SAFETY: fd and buffer are the agent's; no address on a connected socket.
+        Route::Broker(to, Some(preamble)) => match unsafe { fast_open_fallback(fd, to, &preamble) }
+        {
+            // SAFETY: as above.
+            0 => unsafe { real(fd, buf, n, flags & !libc::MSG_FASTOPEN, std::ptr::null(), 0) },
+            _ => -1,
+        },
         Route::Refused => {
             set_errno(libc::ECONNREFUSED);
             -1
@@ -361,7 +516,21 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
     };
     // SAFETY: as above.
     match unsafe { route(fd, name, namelen) } {
-        Route::Broker(to) => {
+        // As in `sendto`: connect and present the ticket, then send without an address.
+        // SAFETY: fd is the agent's.
+        Route::Broker(to, Some(preamble)) => match unsafe { fast_open_fallback(fd, to, &preamble) }
+        {
+            // SAFETY: a copy of the agent's msghdr (plain data) without a destination; the
+            // agent's own msghdr is not modified.
+            0 => unsafe {
+                let mut copy = msg.read();
+                copy.msg_name = std::ptr::null_mut();
+                copy.msg_namelen = 0;
+                real(fd, &copy, flags & !libc::MSG_FASTOPEN)
+            },
+            _ => -1,
+        },
+        Route::Broker(to, None) => {
             let (mut storage, slen) = write_sockaddr(to);
             // SAFETY: a copy of the agent's msghdr (plain data) pointing at our sockaddr,
             // which outlives the call; the agent's own msghdr is not modified.
