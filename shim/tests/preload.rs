@@ -167,6 +167,11 @@ fn slot() -> u8 {
 }
 
 /// One test's world: a temp dir, the origin, and a shim config pointing at it.
+/// The ticket of every world's config unless a test changes it.
+fn default_ticket() -> Ticket {
+    Ticket::from_bytes(&[0x5a; broker_contract::TICKET_BYTES])
+}
+
 struct World {
     dir: PathBuf,
     origin: Child,
@@ -214,7 +219,7 @@ impl World {
             connect_proxy: None,
             denial_log: None,
             // As the broker writes it: the origin then checks the preamble on every connection.
-            ticket: Some(Ticket::from_bytes(&[0x5a; broker_contract::TICKET_BYTES])),
+            ticket: Some(default_ticket()),
         };
         tweak(&mut cfg);
         let mut origin = Command::new(python);
@@ -1010,6 +1015,8 @@ fn psycopg2_binary_vendored_openssl_next_to_system_ssl() {
     for v in OTHER_VARS {
         pg.env_remove(v);
     }
+    // The run's ticket, which the shim sends first (the worlds' default config has one).
+    pg.env("ORIGIN_TICKET", default_ticket().expose());
     let mut pg = pg.spawn().expect("spawn fake_pg.py");
     let mut line = String::new();
     {
