@@ -375,6 +375,14 @@ fn without_the_sandbox_the_broker_stays_closed_but_the_key_file_is_readable() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("broker run");
+    // Whatever happens below, the agent is let go (it would wait for this file forever).
+    struct LetGo(std::path::PathBuf);
+    impl Drop for LetGo {
+        fn drop(&mut self) {
+            let _ = std::fs::write(&self.0, "");
+        }
+    }
+    let _let_go = LetGo(go.clone());
     let deadline = Instant::now() + Duration::from_secs(30);
     let broker_pid: u32 = loop {
         if let Some(pid) = std::fs::read_to_string(&pid_file)
