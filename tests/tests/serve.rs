@@ -689,3 +689,30 @@ with open(out, 'ab') as log:
     assert_eq!(origin.requests().len(), 1);
     drop(serve);
 }
+
+/// Upstream trust comes from the system store and `--upstream-ca`, never from `SSL_CERT_FILE`
+/// or `SSL_CERT_DIR`, which any program the agent starts can set: a broker given only those
+/// refuses the test origin's certificate, and sends nothing.
+#[test]
+fn upstream_trust_ignores_ssl_cert_file_and_dir() {
+    let ca = TestCa::new();
+    let origin = Origin::bearer(&ca, "api.openai.com", OPENAI_KEY, "x");
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let ca_dir = ca.pem_path.parent().expect("ca dir").to_path_buf();
+    let mut cmd = home.broker();
+    cmd.arg("serve")
+        .arg("--resolve")
+        .arg(format!("api.openai.com:443:{}", origin.addr))
+        .env("SSL_CERT_FILE", &ca.pem_path)
+        .env("SSL_CERT_DIR", &ca_dir);
+    let serve = Serve::spawn(&home, cmd);
+    let answer = ask_openai(&serve, false);
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    let why = answer
+        .header("x-broker-error")
+        .unwrap_or_default()
+        .to_string();
+    assert!(why.contains("certificate"), "{why}");
+    assert!(origin.requests().is_empty(), "a request reached the origin");
+}
