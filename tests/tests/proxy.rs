@@ -760,6 +760,62 @@ fn a_request_that_left_with_the_key_and_got_no_answer_is_audited() {
     s.assert_no_leak(ANTHROPIC_KEY);
 }
 
+/// With no GitHub credential stored, GitHub behaves as without broker: git's anonymous
+/// smart-HTTP request (which the github route would add the key to) and any request without
+/// the placeholder reach github.com unchanged; one that sends the placeholder is told to add
+/// the key.
+#[test]
+fn a_provider_without_a_stored_credential_gets_anonymous_requests_unchanged() {
+    let ca = TestCa::new();
+    let github = Origin::start(&ca, &["github.com"], |req| {
+        match req.header("authorization") {
+            None => Reply::Text(200, "public refs".into()),
+            Some(_) => Reply::Text(401, "Bad credentials".into()),
+        }
+    });
+    let s = setup(
+        &ca,
+        &[("github.com", github.addr)],
+        &[("openai", OPENAI_KEY)],
+    );
+    for h2 in [false, true] {
+        let r = s.get(
+            "github.com",
+            "/any/public-repo.git/info/refs?service=git-upload-pack",
+            &[],
+            h2,
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "public refs");
+    }
+    assert!(
+        github
+            .requests()
+            .iter()
+            .all(|r| r.header("authorization").is_none()),
+        "a credential was added"
+    );
+    let placeholder = s.home.placeholder("github");
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{placeholder}"));
+    let r = s.get(
+        "github.com",
+        "/any/public-repo.git/info/refs",
+        &[("authorization", &format!("Basic {basic}"))],
+        false,
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.header("x-broker-error"),
+        Some("no credential for github: run 'broker add github'")
+    );
+    assert_eq!(
+        github.requests().len(),
+        2,
+        "the placeholder request was forwarded"
+    );
+}
+
 #[test]
 fn missing_credential_and_plain_http_get_advice() {
     let ca = TestCa::new();

@@ -150,30 +150,40 @@ async fn forward(
         if !proxy.audit.writable() {
             return Err((BrokerError::AuditUnwritable, provider_name.clone()));
         }
-        accepted(proxy, provider, route, spec_index, &conn.sni)
-            .await
-            .map_err(|e| (e, provider_name.clone()))?;
-        // A key handed to this run wins over the vault.
+        // A key handed to this run wins over the vault. With none stored, a request that
+        // carries no placeholder (git's first, anonymous request to a host whose route adds
+        // the key itself) goes on unchanged, as it would without broker; one that carries the
+        // placeholder is told to add the key.
         let secret = match conn.run.run_keys.0.get(&provider.name) {
-            Some(key) => key.clone(),
-            None => {
-                let (secret, fresh) = lookup(proxy, provider, &profile)
+            Some(key) => Some(key.clone()),
+            None => match lookup(proxy, provider, &profile).await {
+                Ok((secret, fresh)) => {
+                    renewable = fresh && proxy.credentials.may_renew(&provider.name, &profile);
+                    Some(secret)
+                }
+                Err(BrokerError::NoCredential { .. }) if !findings.own_placeholder => None,
+                Err(e) => return Err((e, provider_name.clone())),
+            },
+        };
+        let swapped = match &secret {
+            Some(secret) => {
+                accepted(proxy, provider, route, spec_index, &conn.sni)
                     .await
                     .map_err(|e| (e, provider_name.clone()))?;
-                renewable = fresh && proxy.credentials.may_renew(&provider.name, &profile);
-                secret
-            }
-        };
-        let swapped = swap::apply(provider, route, &mut parts.headers, &mut parts.uri, &secret)
-            .map_err(|e| {
-                (
-                    BrokerError::BadRequest {
-                        reason: e.to_string(),
+                swap::apply(provider, route, &mut parts.headers, &mut parts.uri, secret).map_err(
+                    |e| {
+                        (
+                            BrokerError::BadRequest {
+                                reason: e.to_string(),
+                            },
+                            provider_name.clone(),
+                        )
                     },
-                    provider_name.clone(),
-                )
-            })?;
-        if swapped {
+                )?
+            }
+            None => false,
+        };
+        if let (true, Some(secret)) = (swapped, secret) {
             pending = Some(Pending {
                 kind: EventKind::CredentialUse,
                 provider: provider.name.clone(),
@@ -181,7 +191,7 @@ async fn forward(
                 method: method.clone(),
                 uri: uri.clone(),
                 started,
-                secret: secret.clone(),
+                secret,
             });
         }
     }
