@@ -331,6 +331,8 @@ fn audit_a_head_moved_back_without_the_key_is_refused() {
     let mac = first["mac"].as_str().expect("mac");
     // The head moved back to match the cut log, as sqlite3 can without the key.
     let out = std::process::Command::new("sqlite3")
+        // A running broker commits the audit head to the vault: wait for its lock.
+        .args(["-cmd", ".timeout 5000"])
         .arg(home.path().join("vault.db"))
         .arg(format!(
             "UPDATE audit_head SET seq = 1, line_start = 0, mac = '{mac}'"
@@ -358,6 +360,8 @@ fn audit_a_head_moved_back_without_the_key_is_refused() {
 fn audit_a_log_deleted_together_with_the_head_row_is_detected() {
     let home = home_with_three_lines();
     let out = std::process::Command::new("sqlite3")
+        // A running broker commits the audit head to the vault: wait for its lock.
+        .args(["-cmd", ".timeout 5000"])
         .arg(home.path().join("vault.db"))
         .arg("DELETE FROM audit_head")
         .output()

@@ -129,6 +129,8 @@ fn an_edited_acceptance_record_is_an_integrity_error() {
     let home = Home::new();
     home.add("openai", KEY);
     let status = std::process::Command::new("sqlite3")
+        // A running broker commits the audit head to the vault: wait for its lock.
+        .args(["-cmd", ".timeout 5000"])
         .arg(home.path().join("vault.db"))
         .arg("UPDATE provider_trust SET grants = X'0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20' WHERE provider = 'openai';")
         .status()

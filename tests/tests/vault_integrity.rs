@@ -24,6 +24,8 @@ const CLIENT_SECRET: &str = "cs-integrity-client-secret-0123456789";
 /// `sqlite3 vault.db <sql>`, as an attacker with write access to the home would.
 fn sqlite3(home: &Home, sql: &str) {
     let out = Command::new("sqlite3")
+        // A running broker commits the audit head to the vault: wait for its lock.
+        .args(["-cmd", ".timeout 5000"])
         .arg(home.path().join("vault.db"))
         .arg(sql)
         .output()
