@@ -256,3 +256,33 @@ fn a_key_from_a_command_is_fetched_on_use_and_failures_are_clear() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The Codex CLI reads its OpenAI key from `CODEX_API_KEY`: the agent finds the placeholder
+/// there too, and a real key found there is handed to the run like one in `OPENAI_API_KEY`.
+#[test]
+fn codex_finds_the_openai_placeholder_in_codex_api_key() {
+    let home = Home::new();
+    let out = run_bounded(
+        home.broker()
+            .env("CODEX_API_KEY", DOTENV_KEY)
+            .args(["run", "--", "sh", "-c", "echo \"codex=$CODEX_API_KEY\""])
+            .stdin(Stdio::null()),
+        Duration::from_secs(30),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("codex=sk-broker-placeholder-openai-"),
+        "{stdout}"
+    );
+    assert!(!contains(&out.stdout, DOTENV_KEY) && !contains(&out.stderr, DOTENV_KEY));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("CODEX_API_KEY held a real openai key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
