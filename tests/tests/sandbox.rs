@@ -646,6 +646,18 @@ fn an_interactive_agent_keeps_its_terminal_and_ctrl_c() {
             .output()
             .expect("tmux")
     };
+    // The tmux server (and the run in it) goes away even when an assertion fails.
+    struct KillServer(std::path::PathBuf);
+    impl Drop for KillServer {
+        fn drop(&mut self) {
+            let _ = Command::new("tmux")
+                .arg("-S")
+                .arg(&self.0)
+                .arg("kill-server")
+                .output();
+        }
+    }
+    let _kill_server = KillServer(socket.clone());
     let started = tmux(&[
         "new-session",
         "-d",
