@@ -97,7 +97,14 @@ impl Inner {
     /// Audit the complete lines added since the last call.
     fn drain(&self) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let Ok(mut file) = std::fs::File::open(&self.path) else {
+        // The file sits in the run's directory, which a sandboxed agent can write: a symlink
+        // put in its place must not make the broker read a file the agent cannot (the vault).
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let Ok(mut file) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&self.path)
+        else {
             return;
         };
         if file.seek(SeekFrom::Start(state.offset)).is_err() {
@@ -158,6 +165,27 @@ mod tests {
         fn record(&self, event: AuditEvent) {
             self.0.lock().expect("lock").push(event);
         }
+    }
+
+    /// The agent can write the run's directory: a symlink in the log's place (to a file the
+    /// sandbox hides from it) is not followed.
+    #[test]
+    fn a_symlink_in_place_of_the_log_is_not_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("denials.log");
+        let elsewhere = dir.path().join("hidden-from-the-agent");
+        std::fs::write(&elsewhere, "4242 192.0.2.10:443\n").expect("write");
+        let sink = Arc::new(Collect::default());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        let _guard = rt.enter();
+        let log = DenialLog::start(&path, "run-1", "curl x", sink.clone()).expect("start");
+        std::fs::remove_file(&path).expect("remove");
+        std::os::unix::fs::symlink(&elsewhere, &path).expect("symlink");
+        log.inner.drain();
+        assert!(sink.0.lock().expect("lock").is_empty(), "the symlink was followed");
     }
 
     #[test]

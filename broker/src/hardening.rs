@@ -134,21 +134,9 @@ fn overwrite_initial_env(var: &str) -> std::io::Result<()> {
 
 /// `env_start` and `env_end`, fields 50 and 51 of `/proc/self/stat`.
 fn env_block_bounds() -> std::io::Result<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
-    // Field 2 (the command name) may hold spaces and parentheses: count after the last ')'.
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .ok_or_else(|| std::io::Error::other("unreadable /proc/self/stat"))?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // `after` starts at field 3.
-    let field = |n: usize| -> std::io::Result<u64> {
-        fields
-            .get(n - 3)
-            .and_then(|f| f.parse().ok())
-            .ok_or_else(|| std::io::Error::other("no env bounds in /proc/self/stat"))
-    };
-    Ok((field(50)?, field(51)?))
+    let [start, end] = crate::procfs::stat_fields("self", [50, 51])
+        .ok_or_else(|| std::io::Error::other("no env bounds in /proc/self/stat"))?;
+    Ok((start, end))
 }
 
 /// Start this binary again with the same arguments, without the loader's variables.

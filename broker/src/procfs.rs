@@ -2,12 +2,24 @@
 //! it descends from another. Used where the broker must not take a client's word for it
 //! (the audit's pid and command, whether a process was started inside a run).
 
+/// Numeric fields of `/proc/<pid>/stat` (`pid` may be `self`), numbered as in proc(5).
+pub fn stat_fields<const N: usize>(pid: &str, fields: [usize; N]) -> Option<[u64; N]> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count after the last ')',
+    // where field 3 starts.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let values: Vec<&str> = rest.split_whitespace().collect();
+    let mut out = [0u64; N];
+    for (slot, field) in out.iter_mut().zip(fields) {
+        *slot = values.get(field.checked_sub(3)?)?.parse().ok()?;
+    }
+    Some(out)
+}
+
 /// The parent of `pid` (field 4 of `/proc/<pid>/stat`).
 pub fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count after the last ')'.
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
+    let [ppid] = stat_fields(&pid.to_string(), [4])?;
+    u32::try_from(ppid).ok()
 }
 
 /// Is `pid` `ancestor` or one of its descendants?

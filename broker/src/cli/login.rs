@@ -242,15 +242,7 @@ pub fn logout(args: LogoutArgs) -> anyhow::Result<ExitCode> {
                     &creds,
                 ));
                 // The server's error text may quote what it was sent: redacted.
-                let secrets: Vec<&[u8]> = [
-                    Some(&cred.secret),
-                    cred.refresh.as_ref(),
-                    cred.client_secret.as_ref(),
-                ]
-                .into_iter()
-                .flatten()
-                .map(|s| s.expose().as_bytes())
-                .collect();
+                let secrets = cred.secret_bytes();
                 let redacted = |text: String| crate::proxy::redact_text(text.as_bytes(), &secrets);
                 match result {
                     // RFC 7009 2.2: 200 whether or not the token was still valid.

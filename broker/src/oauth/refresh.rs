@@ -277,16 +277,7 @@ async fn refresh_tokens(
 /// endpoint's error (its description, an echoed form) may quote the refresh token or the
 /// client secret it was sent.
 fn redacted(err: &OAuthError, cred: &StoredCredential) -> String {
-    let secrets: Vec<&[u8]> = [
-        Some(&cred.secret),
-        cred.refresh.as_ref(),
-        cred.client_secret.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|s| s.expose().as_bytes())
-    .collect();
-    crate::proxy::redact_text(err.to_string().as_bytes(), &secrets)
+    crate::proxy::redact_text(err.to_string().as_bytes(), &cred.secret_bytes())
 }
 
 /// What the agent is told about a failed refresh: the kind of failure and the endpoint, nothing

@@ -131,8 +131,6 @@ pub struct Started {
     pub child: std::process::Child,
     /// The agent's pid as this process sees it (for the audit).
     pub agent_pid: u32,
-    /// `None` when sandboxed; else why not (already said on stderr).
-    pub unsandboxed: Option<String>,
 }
 
 /// Why the agent did not start sandboxed.
@@ -146,7 +144,7 @@ enum NotReady {
 
 /// Start `agent` inside the sandbox described by `plan`. `status_dir` must be a private
 /// directory the sandbox hides (the stages report there). When the machine's policy refuses
-/// the sandbox, the agent is started without it and [`Started::unsandboxed`] says why; any
+/// the sandbox, the agent is started without it (saying why on stderr); any
 /// other failure is an error and the agent does not start. The inner result is the agent's
 /// own start (a command that is not found), as `Command::spawn` reports it.
 pub fn spawn(
@@ -165,7 +163,6 @@ pub fn spawn(
                 return Ok(Ok(Started {
                     child,
                     agent_pid,
-                    unsandboxed: None,
                 }));
             }
             Err(not_ready) => {
@@ -185,7 +182,6 @@ pub fn spawn(
     Ok(agent.spawn().map(|child| Started {
         agent_pid: child.id(),
         child,
-        unsandboxed: Some(outcome),
     }))
 }
 

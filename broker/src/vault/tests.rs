@@ -759,7 +759,7 @@ fn a_vault_of_the_previous_release_is_migrated_and_keeps_every_credential() {
         ),
         (
             CredentialKind::Command,
-            "printf ghp_fixturecommandkey0123456789abcdef",
+            "printf fixture-command-output-not-a-key",
             r#"{"ttl_secs":120}"#
         )
     );
@@ -915,6 +915,20 @@ fn a_migration_that_fails_midway_changes_nothing() {
     assert_eq!((report.credentials, report.is_ok()), (4, true));
     assert_eq!(
         vault.get("github", "default").unwrap().unwrap().expose(),
-        "printf ghp_fixturecommandkey0123456789abcdef"
+        "printf fixture-command-output-not-a-key"
     );
+}
+
+/// A daemon's proof checks only against the vault it was made with, and only for its challenge.
+#[test]
+fn a_control_proof_checks_only_for_its_vault_and_challenge() {
+    let (_d1, home1) = temp_home();
+    let (_d2, home2) = temp_home();
+    let vault = Vault::open_with(&home1, &file_keys()).unwrap();
+    let other = Vault::open_with(&home2, &file_keys()).unwrap();
+    let proof = vault.prove(b"challenge-1").unwrap();
+    assert!(vault.check_proof(b"challenge-1", &proof));
+    assert!(!vault.check_proof(b"challenge-2", &proof));
+    assert!(!other.check_proof(b"challenge-1", &proof));
+    assert!(!vault.check_proof(b"challenge-1", &other.prove(b"challenge-1").unwrap()));
 }

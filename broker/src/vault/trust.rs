@@ -15,26 +15,23 @@ fn aad(provider: &str) -> Vec<u8> {
     aad
 }
 
-/// AAD of a control-socket proof (see [`Vault::prove`]).
-fn proof_aad(challenge: &[u8]) -> Vec<u8> {
-    let mut aad = b"broker control proof v1\0".to_vec();
-    aad.extend_from_slice(challenge);
-    aad
-}
+/// The label of the key that proves a daemon holds the vault (see [`Vault::prove`]).
+const PROOF_KEY_LABEL: &str = "broker control proof v1";
 
 impl Vault {
-    /// Proof that this process holds the vault's data key, for `challenge`: an AEAD tag over
-    /// it. `broker run` asks `broker serve` for one before it hands it keys, so a program of
-    /// the user's listening at the control socket's path gets nothing (see `control`).
+    /// Proof that this process holds the vault's data key, for `challenge`: an HMAC under a
+    /// key derived for this use alone (any process of the user may ask the daemon for proofs,
+    /// so the data key itself is never used for them). `broker run` asks `broker serve` for
+    /// one before it hands it keys, so a program of the user's listening at the control
+    /// socket's path gets nothing (see `control`).
     pub fn prove(&self, challenge: &[u8]) -> Result<Vec<u8>, VaultError> {
-        self.data_key
-            .seal(b"", &proof_aad(challenge))
-            .map_err(|_| VaultError::Crypto)
+        let tag = ring::hmac::sign(&self.derived_key(PROOF_KEY_LABEL), challenge);
+        Ok(tag.as_ref().to_vec())
     }
 
     /// Is `proof` a [`Vault::prove`] of `challenge` by this vault's data key?
     pub fn check_proof(&self, challenge: &[u8], proof: &[u8]) -> bool {
-        self.data_key.open(proof, &proof_aad(challenge)).is_ok()
+        ring::hmac::verify(&self.derived_key(PROOF_KEY_LABEL), challenge, proof).is_ok()
     }
 
     /// The grants accepted for `provider`, or `None` when none were ever recorded.
