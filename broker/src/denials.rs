@@ -185,7 +185,10 @@ mod tests {
         std::fs::remove_file(&path).expect("remove");
         std::os::unix::fs::symlink(&elsewhere, &path).expect("symlink");
         log.inner.drain();
-        assert!(sink.0.lock().expect("lock").is_empty(), "the symlink was followed");
+        assert!(
+            sink.0.lock().expect("lock").is_empty(),
+            "the symlink was followed"
+        );
     }
 
     #[test]

@@ -711,3 +711,67 @@ fn an_interactive_agent_keeps_its_terminal_and_ctrl_c() {
     tmux(&["kill-server"]);
     assert_eq!(status.trim(), "exit:130", "the run's status after Ctrl-C");
 }
+
+/// The agent cannot plant a broker or a shim for the user's next run: inside the sandbox both
+/// files are read-only in place, even where the user could replace them; without the sandbox
+/// it can (which shows the check bites).
+#[test]
+fn the_agent_cannot_replace_the_broker_or_the_shim() {
+    let _ = shim_lib();
+    let home = Home::new();
+    let project = tempfile::tempdir().expect("project");
+    let bin = project.path().join("bin");
+    std::fs::create_dir(&bin).expect("bin");
+    std::fs::copy(broker_integration::broker_bin(), bin.join("broker")).expect("copy broker");
+    std::fs::copy(shim_lib(), bin.join("libbroker.so")).expect("copy shim");
+    give_to_agent_user(home.path());
+    give_to_agent_user(project.path());
+    let original = std::fs::read(bin.join("libbroker.so")).expect("shim");
+    let plant = "cp /bin/true bin/broker.new && mv -f bin/broker.new bin/broker 2>/dev/null && echo BROKER-REPLACED || echo broker-kept; \
+                 (echo planted > bin/libbroker.so) 2>/dev/null && echo SHIM-REPLACED || echo shim-kept";
+    let run = |extra: &[&str]| {
+        let mut cmd = home.broker();
+        cmd.current_dir(project.path());
+        let cmd = as_agent_user(&cmd);
+        // The copy the agent's user owns, not the build's.
+        let mut planted = Command::new(if broker_integration::is_root() {
+            "setpriv"
+        } else {
+            "sh"
+        });
+        if broker_integration::is_root() {
+            planted.args(cmd.get_args().take_while(|a| *a != "--"));
+            planted.arg("--");
+        } else {
+            planted.arg("-c").arg("exec \"$@\"").arg("sh");
+        }
+        planted
+            .arg(bin.join("broker"))
+            .arg("run")
+            .args(extra)
+            .args(["--", "sh", "-c", plant]);
+        for (var, value) in cmd.get_envs() {
+            match value {
+                Some(value) => planted.env(var, value),
+                None => planted.env_remove(var),
+            };
+        }
+        planted.current_dir(project.path());
+        let out = run_bounded(planted.stdin(Stdio::null()), Duration::from_secs(60));
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let sandboxed = run(&[]);
+    assert!(
+        sandboxed.contains("broker-kept") && sandboxed.contains("shim-kept"),
+        "{sandboxed}"
+    );
+    assert_eq!(
+        std::fs::read(bin.join("libbroker.so")).expect("shim"),
+        original
+    );
+    let open = run(&["--no-sandbox"]);
+    assert!(
+        open.contains("BROKER-REPLACED") && open.contains("SHIM-REPLACED"),
+        "{open}"
+    );
+}

@@ -160,10 +160,7 @@ pub fn spawn(
         Ok(mut child) => match wait_for_status(status.path(), &mut child) {
             Ok(()) => {
                 let agent_pid = grandchild(child.id()).unwrap_or(child.id());
-                return Ok(Ok(Started {
-                    child,
-                    agent_pid,
-                }));
+                return Ok(Ok(Started { child, agent_pid }));
             }
             Err(not_ready) => {
                 let _ = child.kill();

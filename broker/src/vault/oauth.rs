@@ -36,11 +36,15 @@ impl StoredCredential {
     /// Every secret of the credential (the key or access token, the refresh token, the client
     /// secret): what an endpoint's answer must be redacted of.
     pub fn secret_bytes(&self) -> Vec<&[u8]> {
-        [Some(&self.secret), self.refresh.as_ref(), self.client_secret.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(|s| s.expose().as_bytes())
-            .collect()
+        [
+            Some(&self.secret),
+            self.refresh.as_ref(),
+            self.client_secret.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|s| s.expose().as_bytes())
+        .collect()
     }
 }
 
