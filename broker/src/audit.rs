@@ -94,6 +94,9 @@ pub enum EventKind {
     /// A connection to a run's listener without that run's ticket (another run's process, or
     /// one outside any run): refused before anything of it was read. Never holds the ticket.
     TicketRefused,
+    /// Connections refused because their run (or the broker) held as many as it may: one
+    /// line per burst of refusals, not one per connection.
+    ConnectionLimit,
 }
 
 impl EventKind {
@@ -114,6 +117,7 @@ impl EventKind {
             EventKind::AuditKeyed => "audit_keyed",
             EventKind::AuditReset => "audit_reset",
             EventKind::TicketRefused => "ticket_refused",
+            EventKind::ConnectionLimit => "connection_limit",
         }
     }
 }

@@ -58,6 +58,8 @@ pub struct InstanceSettings {
     pub home: Home,
     pub upstream: UpstreamSettings,
     pub label: String,
+    /// Timeouts and connection caps of the proxy.
+    pub limits: crate::proxy::Limits,
     /// How to unlock the vault (from the environment, or fixed by `broker demo`).
     pub keys: KeyConfig,
     /// Directory for this instance's runtime files (created 0700).
@@ -102,6 +104,7 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
         ),
         audit: Arc::new(audit),
         label: settings.label,
+        limits: settings.limits,
     })?;
     let run = open_run(&proxy, settings.run, FIRST_SLOT, &settings.runtime_dir).await?;
     Ok(Instance {

@@ -64,6 +64,7 @@ impl SelfTest {
                 }],
             },
             label: label.into(),
+            limits: crate::proxy::Limits::default(),
             keys,
             runtime_dir: home.daemon_dir(),
             run: RunSpec {

@@ -170,6 +170,32 @@ impl UpstreamArgs {
     }
 }
 
+/// The proxy's timeouts, shortened for tests (hidden: the defaults in `proxy::limits` say why
+/// they are what they are).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LimitArgs {
+    /// Seconds from TLS (or the last HTTP/1.1 response) to a complete request head.
+    #[arg(long, hide = true, value_name = "SECONDS")]
+    pub request_head_timeout: Option<f64>,
+    /// Seconds an HTTP/2 connection with no open stream is kept.
+    #[arg(long, hide = true, value_name = "SECONDS")]
+    pub idle_timeout: Option<f64>,
+}
+
+impl LimitArgs {
+    pub fn into_limits(self) -> crate::proxy::Limits {
+        let seconds = |s: f64| std::time::Duration::from_secs_f64(s.clamp(0.001, 86_400.0));
+        let mut limits = crate::proxy::Limits::default();
+        if let Some(s) = self.request_head_timeout {
+            limits.request_head_timeout = seconds(s);
+        }
+        if let Some(s) = self.idle_timeout {
+            limits.idle_timeout = seconds(s);
+        }
+        limits
+    }
+}
+
 /// The async runtime of commands that serve: two workers fit the 2-core machines agents
 /// share, and more only add context switches for a proxy that is mostly waiting.
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -241,6 +241,7 @@ fn start_embedded(
         home: home.clone(),
         upstream,
         label: spec.id.clone(),
+        limits: crate::proxy::Limits::default(),
         keys: crate::vault::KeyConfig::from_env()?,
         runtime_dir: dir.path().to_path_buf(),
         run: spec,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Args;
 
-use super::UpstreamArgs;
+use super::{LimitArgs, UpstreamArgs};
 use crate::home::{ensure_private_dir, Home};
 use crate::instance::{self, InstanceSettings, RunSpec};
 
@@ -14,6 +14,8 @@ use crate::instance::{self, InstanceSettings, RunSpec};
 pub struct ServeArgs {
     #[command(flatten)]
     pub upstream: UpstreamArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -39,12 +41,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
 
+    // Every run of the user is served from this process: it may need more descriptors than
+    // the soft limit's usual 1024 (the caps in `proxy::limits` are fitted to what it gets).
+    if let Err(err) = crate::proxy::limits::raise_descriptor_limit() {
+        tracing::warn!(%err, "cannot raise the open-file limit to its hard limit; the connection caps fit the current one");
+    }
+    let limits = args.limits.into_limits();
     let runtime = super::serve_runtime()?;
     runtime.block_on(async {
         let started = instance::start(InstanceSettings {
             home: home.clone(),
             upstream: args.upstream.into_settings()?,
             label: "serve".into(),
+            limits,
             keys: crate::vault::KeyConfig::from_env()?,
             runtime_dir: dir.clone(),
             run: RunSpec { id: "serve".into(), command: "broker serve".into(), ..RunSpec::default() },

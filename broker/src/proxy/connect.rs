@@ -18,19 +18,42 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::error::BrokerError;
-use super::listen::{peer_is_our_user, terminate_tls};
+use super::limits::{Gauge, Slot, HANDSHAKE_TIMEOUT, REFUSAL_TIMEOUT};
+use super::listen::{peer_is_our_user, refuse, terminate_tls};
 use super::{Proxy, ProxyBody, RunContext};
 use crate::audit::{AuditEvent, EventKind};
 
-pub(super) async fn accept_loop(proxy: Arc<Proxy>, run: Arc<RunContext>, listener: TcpListener) {
+pub(super) async fn accept_loop(
+    proxy: Arc<Proxy>,
+    run: Arc<RunContext>,
+    gauge: Arc<Gauge>,
+    listener: TcpListener,
+) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
+        };
+        let slot = match proxy.caps.admit(&gauge) {
+            Ok(slot) => Arc::new(slot),
+            Err(full) => {
+                refuse(&proxy, &run, peer, full, |_, _, permit| {
+                    let error = BrokerError::TooManyConnections {
+                        message: full.message(),
+                    };
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let refusal =
+                            serve_http1(stream, move |_req| error.clone().into_response());
+                        let _ = tokio::time::timeout(REFUSAL_TIMEOUT, refusal).await;
+                    });
+                });
+                continue;
+            }
         };
         let (proxy, run) = (proxy.clone(), run.clone());
         tokio::spawn(async move {
@@ -41,11 +64,16 @@ pub(super) async fn accept_loop(proxy: Arc<Proxy>, run: Arc<RunContext>, listene
                 return;
             }
             let _ = stream.set_nodelay(true);
+            let head_timeout = proxy.caps.limits.request_head_timeout;
             let service = service_fn(move |req| {
-                let (proxy, run) = (proxy.clone(), run.clone());
-                async move { Ok::<_, std::convert::Infallible>(handle(proxy, run, req, peer)) }
+                let (proxy, run, slot) = (proxy.clone(), run.clone(), slot.clone());
+                async move { Ok::<_, std::convert::Infallible>(handle(proxy, run, req, peer, slot)) }
             });
+            // The head timer (see `limits`): a client that connects and sends nothing, or half
+            // a CONNECT, is closed like one on the fake addresses.
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(head_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades()
                 .await;
@@ -53,11 +81,28 @@ pub(super) async fn accept_loop(proxy: Arc<Proxy>, run: Arc<RunContext>, listene
     }
 }
 
+/// Answer every request on a plain connection with `answer`, then close.
+async fn serve_http1(
+    stream: TcpStream,
+    answer: impl Fn(Request<Incoming>) -> Response<ProxyBody> + Send + Sync + 'static,
+) {
+    let answer = Arc::new(answer);
+    let service = service_fn(move |req| {
+        let answer = answer.clone();
+        async move { Ok::<_, std::convert::Infallible>(answer(req)) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
 fn handle(
     proxy: Arc<Proxy>,
     run: Arc<RunContext>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
+    slot: Arc<Slot>,
 ) -> Response<ProxyBody> {
     // The ticket first: without it nothing is proxied, not even an unmanaged tunnel, since
     // the run's `--deny-unlisted` and its policy are what a caller would borrow.
@@ -102,8 +147,11 @@ fn handle(
         let Ok(upgraded) = upgrade.await else { return };
         let io = TokioIo::new(upgraded);
         if managed {
-            terminate_tls(proxy, run, io, Some(host), peer).await;
+            let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+            terminate_tls(proxy, run, io, Some(host), peer, slot, deadline).await;
         } else {
+            // The tunnel keeps the connection's place under the caps while it lasts.
+            let _slot = slot;
             tunnel(io, &host, port).await;
         }
     });

@@ -61,6 +61,9 @@ pub enum BrokerError {
     BadRequest { reason: String },
     /// The audit log cannot be written, so no credential is used.
     AuditUnwritable,
+    /// The run (or the broker) holds as many client connections as it may
+    /// (`proxy::limits`); the message says which and what to do.
+    TooManyConnections { message: String },
 }
 
 impl BrokerError {
@@ -77,9 +80,9 @@ impl BrokerError {
             BrokerError::Vault { .. } | BrokerError::Integrity { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            BrokerError::CredentialSource { .. } | BrokerError::AuditUnwritable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            BrokerError::CredentialSource { .. }
+            | BrokerError::AuditUnwritable
+            | BrokerError::TooManyConnections { .. } => StatusCode::SERVICE_UNAVAILABLE,
             BrokerError::UpstreamUnreachable { .. }
             | BrokerError::UpstreamCertificate { .. }
             | BrokerError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
@@ -92,7 +95,8 @@ impl BrokerError {
             | BrokerError::NoHost
             | BrokerError::BadRequest { .. }
             | BrokerError::NotAllowed { .. }
-            | BrokerError::Unlisted { .. } => Source::Agent,
+            | BrokerError::Unlisted { .. }
+            | BrokerError::TooManyConnections { .. } => Source::Agent,
             BrokerError::UpstreamUnreachable { .. }
             | BrokerError::UpstreamCertificate { .. }
             | BrokerError::UpstreamFailed { .. } => Source::Upstream,
@@ -128,7 +132,9 @@ impl BrokerError {
             BrokerError::Vault { message } => {
                 format!("cannot read the vault: {message}; run 'broker doctor'")
             }
-            BrokerError::Integrity { message } => message.clone(),
+            BrokerError::Integrity { message } | BrokerError::TooManyConnections { message } => {
+                message.clone()
+            }
             BrokerError::NotAccepted { provider, host } => format!(
                 "the definition of provider {provider} in effect sends its key to {host}, which you have not accepted (a file in $BROKER_HOME/providers, or a changed built-in): no key was sent; review and accept it with 'broker providers trust {provider}'"
             ),

@@ -269,6 +269,10 @@ async fn forward(
     // Respond.
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
+    // Nothing of the upstream's answer but status, headers and body reaches the agent: hyper
+    // keeps an HTTP/1.1 reason phrase other than the canonical one as an extension and would
+    // send it on, and it is text the upstream chose (it may quote the key).
+    parts.extensions.clear();
     let status = parts.status.as_u16();
     let body = match pending {
         Some(p) => {

@@ -14,21 +14,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
+use tokio::time::{timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 
 use broker_contract::{decode_fake_ipv4, fake_ipv4, host_matches};
 
 use super::error::BrokerError;
+use super::limits::{self, Full, Gauge, Slot, HANDSHAKE_TIMEOUT, REFUSAL_TIMEOUT};
 use super::{ConnInfo, Proxy, RunContext};
 use crate::audit::{AuditEvent, EventKind};
 use crate::ca::LocalCa;
 
-/// How long a client may take to send its first bytes / ClientHello.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Tries at finding one free port on every fake address of a run.
 const BIND_ATTEMPTS: usize = 16;
 
@@ -84,15 +84,27 @@ impl rustls::server::ResolvesServerCert for LeafResolver {
 
 pub(super) async fn open_run(proxy: Arc<Proxy>, run: Arc<RunContext>) -> io::Result<RunListeners> {
     let (listeners, port) = bind_fake_addresses(&run)?;
+    // One count for all of the run's listeners, the CONNECT one included.
+    let gauge = proxy.caps.run_gauge();
     let mut tasks = JoinSet::new();
     for listener in listeners {
-        tasks.spawn(accept_loop(proxy.clone(), run.clone(), listener));
+        tasks.spawn(accept_loop(
+            proxy.clone(),
+            run.clone(),
+            gauge.clone(),
+            listener,
+        ));
     }
     // IPv6-only sockets cannot reach 127.77.x.x; they get [::1], classified by SNI alone.
     let port6 = match bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0)) {
         Ok(listener) => {
             let port6 = listener.local_addr()?.port();
-            tasks.spawn(accept_loop(proxy.clone(), run.clone(), listener));
+            tasks.spawn(accept_loop(
+                proxy.clone(),
+                run.clone(),
+                gauge.clone(),
+                listener,
+            ));
             port6
         }
         Err(err) => {
@@ -105,6 +117,7 @@ pub(super) async fn open_run(proxy: Arc<Proxy>, run: Arc<RunContext>) -> io::Res
     tasks.spawn(super::connect::accept_loop(
         proxy.clone(),
         run.clone(),
+        gauge,
         connect,
     ));
     Ok(RunListeners {
@@ -151,12 +164,37 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-async fn accept_loop(proxy: Arc<Proxy>, run: Arc<RunContext>, listener: TcpListener) {
+async fn accept_loop(
+    proxy: Arc<Proxy>,
+    run: Arc<RunContext>,
+    gauge: Arc<Gauge>,
+    listener: TcpListener,
+) {
     loop {
         match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(serve_connection(proxy.clone(), run.clone(), stream, peer));
-            }
+            Ok((stream, peer)) => match proxy.caps.admit(&gauge) {
+                Ok(slot) => {
+                    tokio::spawn(serve_connection(
+                        proxy.clone(),
+                        run.clone(),
+                        stream,
+                        peer,
+                        slot,
+                    ));
+                }
+                Err(full) => refuse(&proxy, &run, peer, full, |proxy, run, permit| {
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let error = BrokerError::TooManyConnections {
+                            message: full.message(),
+                        };
+                        let deadline = Instant::now() + REFUSAL_TIMEOUT;
+                        let _ =
+                            timeout_at(deadline, refuse_tls(proxy, run, stream, deadline, error))
+                                .await;
+                    });
+                }),
+            },
             Err(err) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(%err, "accept failed");
@@ -178,11 +216,71 @@ fn encoded_host(run: &RunContext, local: SocketAddr) -> Option<&str> {
         .flatten()
 }
 
+/// A connection over a cap: audited once per burst, and told why (by `tell`, given a permit)
+/// unless too many are being told already, in which case it is just closed.
+pub(super) fn refuse(
+    proxy: &Arc<Proxy>,
+    run: &Arc<RunContext>,
+    peer: SocketAddr,
+    full: Full,
+    tell: impl FnOnce(Arc<Proxy>, Arc<RunContext>, tokio::sync::OwnedSemaphorePermit),
+) {
+    if full.audit {
+        let reason = format!(
+            "connection from {peer} refused: {} (audited once per burst of refusals)",
+            full.message()
+        );
+        tracing::warn!(run = %run.id, "{reason}");
+        proxy.audit.record(AuditEvent {
+            run_id: Some(run.id.clone()),
+            pid: run.pid.get(),
+            command: Some(run.command.clone()),
+            reason: Some(reason),
+            ..AuditEvent::new(EventKind::ConnectionLimit)
+        });
+    }
+    if let Some(permit) = proxy.caps.refusal_permit() {
+        tell(proxy.clone(), run.clone(), permit);
+    }
+}
+
+/// Tell a connection over the cap why it is refused, in the only words its client reads: TLS
+/// with the leaf for its SNI, then `error` to every request, then close. Only for the run's
+/// own processes (the ticket first, as for any connection).
+async fn refuse_tls(
+    proxy: Arc<Proxy>,
+    run: Arc<RunContext>,
+    mut stream: TcpStream,
+    deadline: Instant,
+    error: BrokerError,
+) {
+    let wait = deadline.saturating_duration_since(Instant::now());
+    if super::ticket::read_preamble(&mut stream, &run.ticket, wait)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+    let Ok(start) = acceptor.await else { return };
+    let Ok(tls) = start.into_stream(proxy.tls_server.clone()).await else {
+        return;
+    };
+    let service = service_fn(move |_req| {
+        let error = error.clone();
+        async move { Ok::<_, std::convert::Infallible>(error.into_response()) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().keep_alive(false);
+    let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+}
+
 async fn serve_connection(
     proxy: Arc<Proxy>,
     run: Arc<RunContext>,
     stream: TcpStream,
     peer: SocketAddr,
+    slot: Slot,
 ) {
     let _ = stream.set_nodelay(true);
     let local = match stream.local_addr() {
@@ -192,6 +290,8 @@ async fn serve_connection(
     if !peer_is_our_user(&proxy, &run, local, peer) {
         return;
     }
+    // One deadline for the ticket, the first byte and the TLS handshake.
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     // The run's ticket comes first, before anything of the connection is looked at: a
     // process that is not of this run is not even told whether it spoke TLS.
     let mut stream = stream;
@@ -202,7 +302,7 @@ async fn serve_connection(
         return;
     }
     let mut first = [0u8; 1];
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+    match timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(1)) => {}
         _ => return,
     }
@@ -223,22 +323,25 @@ async fn serve_connection(
     }
 
     let expected = encoded_host(&run, local).map(str::to_string);
-    terminate_tls(proxy, run, stream, expected, peer).await;
+    terminate_tls(proxy, run, stream, expected, peer, Arc::new(slot), deadline).await;
 }
 
 /// TLS for a managed host, then HTTP. `expected` is the host pattern the connection was
-/// made for (from the fake address or the CONNECT target); the SNI must match it.
+/// made for (from the fake address or the CONNECT target); the SNI must match it. The
+/// handshake must be done by `deadline`; `slot` is the connection's place under the caps.
 pub(super) async fn terminate_tls<IO>(
     proxy: Arc<Proxy>,
     run: Arc<RunContext>,
     stream: IO,
     expected: Option<String>,
     peer: SocketAddr,
+    slot: Arc<Slot>,
+    deadline: Instant,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
-    let Ok(Ok(start)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await else {
+    let Ok(Ok(start)) = timeout_at(deadline, acceptor).await else {
         return;
     };
     let sni = start
@@ -265,28 +368,62 @@ pub(super) async fn terminate_tls<IO>(
             return;
         }
     }
-    let Ok(Ok(tls)) = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        start.into_stream(proxy.tls_server.clone()),
-    )
-    .await
+    let Ok(Ok(tls)) = timeout_at(deadline, start.into_stream(proxy.tls_server.clone())).await
     else {
         return;
     };
 
-    let conn = Arc::new(ConnInfo { run, sni, peer });
-    let service = service_fn(move |req| {
+    let limits = proxy.caps.limits.clone();
+    let conn = Arc::new(ConnInfo {
+        run,
+        sni,
+        peer,
+        _slot: slot,
+    });
+    let activity = Arc::new(limits::Activity::default());
+    let watched = activity.clone();
+    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
         let conn = conn.clone();
-        async move { Ok::<_, std::convert::Infallible>(super::handler::handle(proxy, conn, req).await) }
+        // An HTTP/2 request stays counted until its response body is done, for the idle
+        // timeout; HTTP/1.1 ones are timed by hyper and cost nothing here.
+        let in_flight = watched.begin(req.version());
+        async move {
+            let response = super::handler::handle(proxy, conn, req).await;
+            Ok::<_, std::convert::Infallible>(match in_flight {
+                None => response,
+                Some(in_flight) => response.map(|inner| {
+                    http_body_util::BodyExt::boxed(limits::Tracked {
+                        inner,
+                        _in_flight: in_flight,
+                    })
+                }),
+            })
+        }
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
-    if let Err(err) = builder
-        .serve_connection_with_upgrades(TokioIo::new(tls), service)
-        .await
-    {
+    let builder = http_builder(&limits);
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    let ended =
+        limits::serve_until_idle(served, &activity, &limits, |c| c.graceful_shutdown()).await;
+    if let Some(Err(err)) = ended {
         tracing::debug!(%err, "client connection ended with an error");
     }
+}
+
+/// The HTTP server for agent connections, with the limits of [`super::limits`].
+fn http_builder(limits: &limits::Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.request_head_timeout);
+    builder
+        .http2()
+        .max_concurrent_streams(limits::H2_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(limits::H2_MAX_HEADER_LIST_SIZE)
+        .max_pending_accept_reset_streams(limits::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(limits::H2_MAX_LOCAL_ERROR_RESET_STREAMS);
+    builder
 }
 
 /// Refuse (and audit) a connection from another user's process. A peer we cannot map to a

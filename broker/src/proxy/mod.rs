@@ -19,7 +19,9 @@ mod connect;
 mod decode;
 pub mod error;
 mod handler;
+pub mod limits;
 mod listen;
+mod matcher;
 mod peer;
 mod pool;
 mod record;
@@ -42,6 +44,7 @@ use crate::audit::AuditEvent;
 use crate::ca::LocalCa;
 use crate::providers::Catalog;
 
+pub use limits::Limits;
 pub use listen::RunListeners;
 pub use redact::redact_text;
 pub use upstream::{ResolveOverride, UpstreamSettings};
@@ -221,6 +224,8 @@ pub struct ProxySettings {
     pub audit: Arc<dyn AuditSink>,
     /// Label in the CA's name (run id or "serve").
     pub label: String,
+    /// Timeouts and connection caps (`Limits::default()` but in tests).
+    pub limits: Limits,
 }
 
 /// The shared state of one broker instance: its CA, the catalog, the upstream pool.
@@ -232,6 +237,7 @@ pub struct Proxy {
     credentials: Arc<dyn Credentials>,
     audit: Arc<dyn AuditSink>,
     needles: redact::NeedleCache,
+    caps: limits::Caps,
 }
 
 impl Proxy {
@@ -256,6 +262,7 @@ impl Proxy {
             credentials: settings.credentials,
             audit: settings.audit,
             needles: redact::NeedleCache::default(),
+            caps: limits::Caps::new(settings.limits),
         }))
     }
 
@@ -290,4 +297,7 @@ struct ConnInfo {
     sni: String,
     #[allow(dead_code)]
     peer: SocketAddr,
+    /// The connection's place under the caps: held as long as anything serves it (an
+    /// upgraded connection's splice holds it too).
+    _slot: Arc<limits::Slot>,
 }

@@ -9,11 +9,13 @@
 //!
 //! The secret is looked for in the forms an echo may take ([`Needles`]): as it is, in base64
 //! (an upstream quoting the `Authorization: Basic` header the broker sent holds the key in
-//! base64 of `user:key`), percent-encoded and JSON-escaped.
+//! base64 of `user:key`), in hex, and in each of these with any of its bytes percent-encoded
+//! or JSON-escaped (`\u00XX`) and with line breaks between them (base64 wrapped at 64 or 76
+//! characters): [`super::matcher`] decodes those on the fly.
 //!
 //! A gzip/deflate body reaches this layer already decoded ([`super::decode`]). Limits: a body
 //! in another coding (which the broker never offers upstream) is not inspected, and neither is
-//! an encoding not listed in [`Needles`] (hex, a base64 split across lines).
+//! an encoding not listed in [`Needles`] (a keyed transform, base32, a key cut into pieces).
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -26,7 +28,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use zeroize::Zeroizing;
 
-use super::{BoxError, ProxyBody};
+use super::{matcher, BoxError, ProxyBody};
 
 /// What the secret is replaced with (cut or repeated to the secret's length).
 const MARKER: &[u8] = b"[redacted-by-broker]";
@@ -35,70 +37,90 @@ const MARKER: &[u8] = b"[redacted-by-broker]";
 /// are short enough to turn up by chance in ordinary text.
 const MIN_ENCODED: usize = 12;
 
-/// The byte strings an echo of one secret can take, each overwritten wherever it occurs:
+/// The byte strings an echo of one secret can take, each overwritten wherever it occurs, with
+/// any of its bytes escaped and line breaks between them (see [`super::matcher`]):
 /// - the secret;
 /// - its base64, standard and URL-safe alphabets, at each of the three offsets a string can
 ///   have inside base64's 3-byte groups (`Basic base64("x-access-token:" + key)` puts the key
 ///   at offset 0, `Basic base64("user:" + key)` at 2). Only the characters that depend on the
 ///   secret alone are kept, so the match holds whatever bytes surround it; the one or two
 ///   characters cut at each end carry at most a byte of the key each;
-/// - its percent-encoding (hex digits upper- and lowercase) and JSON's optional `\/` escape, if
-///   the secret has characters those change.
-pub struct Needles(Vec<Zeroizing<Vec<u8>>>);
+/// - its hex, lower- and uppercase.
+pub struct Needles {
+    list: Vec<Zeroizing<Vec<u8>>>,
+    /// Whether escaped forms count: not for a secret shorter than [`MIN_ENCODED`].
+    decode: bool,
+}
 
 impl Needles {
     pub fn for_secret(secret: &[u8]) -> Needles {
-        let mut list: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(10);
+        let mut list: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(9);
         let mut add = |needle: Zeroizing<Vec<u8>>| {
             if !needle.is_empty() && !list.contains(&needle) {
                 list.push(needle);
             }
         };
         add(Zeroizing::new(secret.to_vec()));
-        if secret.len() >= MIN_ENCODED {
+        let decode = secret.len() >= MIN_ENCODED;
+        if decode {
             for offset in 0..3 {
                 add(base64_core(&STANDARD_NO_PAD, secret, offset));
                 add(base64_core(&URL_SAFE_NO_PAD, secret, offset));
             }
-            for upper in [true, false] {
-                add(escaped(secret, |b, out| match b {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                        out.push(b)
-                    }
-                    _ if upper => out.extend_from_slice(format!("%{b:02X}").as_bytes()),
-                    _ => out.extend_from_slice(format!("%{b:02x}").as_bytes()),
-                }));
+            for digits in [b"0123456789abcdef", b"0123456789ABCDEF"] {
+                let mut hex = Zeroizing::new(Vec::with_capacity(secret.len() * 2));
+                for &b in secret {
+                    hex.push(digits[usize::from(b >> 4)]);
+                    hex.push(digits[usize::from(b & 15)]);
+                }
+                add(hex);
             }
-            add(escaped(secret, |b, out| match b {
-                b'/' => out.extend_from_slice(b"\\/"),
-                _ => out.push(b),
-            }));
         }
-        Needles(list)
+        Needles { list, decode }
     }
 
     /// The secret itself (the first form).
     fn secret(&self) -> &[u8] {
-        self.0.first().map_or(&[], |n| n.as_slice())
+        self.list.first().map_or(&[], |n| n.as_slice())
+    }
+
+    /// Where escaped bytes could start in `bytes` (none looked for when not decoding).
+    fn escapes(&self, bytes: &[u8]) -> Vec<usize> {
+        match self.decode {
+            true => matcher::escapes(bytes),
+            false => Vec::new(),
+        }
     }
 
     /// Whether any form of the secret occurs in `bytes`.
     fn occur_in(&self, bytes: &[u8]) -> bool {
-        self.0.iter().any(|n| find(bytes, n, 0).is_some())
+        let escapes = self.escapes(bytes);
+        self.list
+            .iter()
+            .any(|n| matcher::next_match(bytes, n, 0, self.decode, &escapes).is_some())
     }
 
     /// Overwrite every occurrence of every form.
     pub(super) fn overwrite_all(&self, bytes: &mut [u8]) {
-        for needle in &self.0 {
-            overwrite_all(bytes, needle);
+        let escapes = self.escapes(bytes);
+        for needle in &self.list {
+            let mut from = 0;
+            while let Some((at, end)) =
+                matcher::next_match(bytes, needle, from, self.decode, &escapes)
+            {
+                for (i, b) in bytes[at..end].iter_mut().enumerate() {
+                    *b = MARKER[i % MARKER.len()];
+                }
+                from = end;
+            }
         }
     }
 
     /// How many bytes at the end of `bytes` might begin a form of the secret.
     pub(super) fn partial_suffix(&self, bytes: &[u8]) -> usize {
-        self.0
+        self.list
             .iter()
-            .map(|n| partial_suffix(bytes, n))
+            .map(|n| matcher::partial_len(bytes, n, self.decode))
             .max()
             .unwrap_or(0)
     }
@@ -150,18 +172,6 @@ fn base64_core(engine: &impl Engine, secret: &[u8], offset: usize) -> Zeroizing<
     let start = (8 * offset).div_ceil(6);
     let end = 8 * (offset + secret.len()) / 6;
     Zeroizing::new(encoded.as_bytes()[start..end].to_vec())
-}
-
-/// `secret` with each byte written by `write`; empty if that changes nothing (no new form).
-fn escaped(secret: &[u8], write: impl Fn(u8, &mut Vec<u8>)) -> Zeroizing<Vec<u8>> {
-    let mut out = Zeroizing::new(Vec::with_capacity(secret.len() * 3));
-    for &b in secret {
-        write(b, &mut out);
-    }
-    if out.as_slice() == secret {
-        out.clear();
-    }
-    out
 }
 
 /// Overwrite every form of the secret in header values.
@@ -320,44 +330,6 @@ impl StreamRedactor {
     }
 }
 
-/// Where `needle` next occurs in `haystack` at or after `from`. Only where its first byte is
-/// (found by memchr's SIMD scan) is the rest compared: a compare at every position made a
-/// 1 MiB response cost a million `memcmp` calls, and a full substring searcher costs more to
-/// set up than a short response takes to scan.
-fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    let &first = needle.first()?;
-    let rest = haystack.get(from..)?;
-    let last_start = rest.len().checked_sub(needle.len())?;
-    memchr::memchr_iter(first, &rest[..=last_start])
-        .find(|&at| rest[at..at + needle.len()] == *needle)
-        .map(|at| from + at)
-}
-
-fn overwrite_all(bytes: &mut [u8], secret: &[u8]) {
-    let mut from = 0;
-    while let Some(at) = find(bytes, secret, from) {
-        for (i, b) in bytes[at..at + secret.len()].iter_mut().enumerate() {
-            *b = MARKER[i % MARKER.len()];
-        }
-        from = at + secret.len();
-    }
-}
-
-/// The length of the longest suffix of `bytes` that is a proper prefix of `secret`.
-fn partial_suffix(bytes: &[u8], secret: &[u8]) -> usize {
-    let Some(&first) = secret.first() else {
-        return 0;
-    };
-    let max = secret.len().saturating_sub(1).min(bytes.len());
-    let tail = &bytes[bytes.len() - max..];
-    // Only where the secret's first byte is can a prefix of it start; the earliest such
-    // place gives the longest suffix.
-    memchr::memchr_iter(first, tail)
-        .map(|start| tail.len() - start)
-        .find(|&n| tail[tail.len() - n..] == secret[..n])
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,12 +470,12 @@ mod tests {
     #[test]
     fn partial_suffix_is_the_longest_proper_prefix_at_the_end() {
         let secret = b"abcab";
-        assert_eq!(partial_suffix(b"xxab", secret), 2);
-        assert_eq!(partial_suffix(b"xabca", secret), 4);
-        assert_eq!(partial_suffix(b"abcab", secret), 2);
-        assert_eq!(partial_suffix(b"xyz", secret), 0);
-        assert_eq!(partial_suffix(b"", secret), 0);
-        assert_eq!(partial_suffix(b"a", b""), 0);
+        assert_eq!(matcher::partial_len(b"xxab", secret, false), 2);
+        assert_eq!(matcher::partial_len(b"xabca", secret, false), 4);
+        assert_eq!(matcher::partial_len(b"abcab", secret, false), 2);
+        assert_eq!(matcher::partial_len(b"xyz", secret, false), 0);
+        assert_eq!(matcher::partial_len(b"", secret, false), 0);
+        assert_eq!(matcher::partial_len(b"a", b"", false), 0);
     }
 
     /// Every run of base64 characters in `text`, decoded at every start (lenient about padding
@@ -583,7 +555,7 @@ mod tests {
     fn a_short_key_is_looked_for_only_as_it_is() {
         // The base64 of a 4-byte key would be 5 characters long: text of any kind holds those.
         let needles = Needles::for_secret(b"k3y!");
-        assert_eq!(needles.0.len(), 1);
+        assert_eq!(needles.list.len(), 1);
         let mut body = b"azN5 k3y%21 k3y!".to_vec();
         needles.overwrite_all(&mut body);
         assert_eq!(body, b"azN5 k3y%21 [red");

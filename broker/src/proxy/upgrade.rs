@@ -68,7 +68,10 @@ pub(super) async fn bridge_upgrade(
             true => Redactor::Frames(FrameRedactor::new(needles)),
             false => Redactor::Bytes(StreamRedactor::new(needles)),
         });
+        // The splice keeps the agent connection's place under the caps while it lasts.
+        let held = conn.clone();
         tokio::spawn(async move {
+            let _held = held;
             if let (Ok(agent), Ok(upstream)) = (agent_upgrade.await, upstream_upgrade.await) {
                 let mut agent = TokioIo::new(agent);
                 let mut upstream = TokioIo::new(upstream);
@@ -82,6 +85,8 @@ pub(super) async fn bridge_upgrade(
         });
     }
     let (mut parts, body) = response.into_parts();
+    // The canonical reason phrase only (see the handler's Respond step).
+    parts.extensions.clear();
     let mut body = body.map_err(BoxError::from).boxed();
     if let Some(needles) = needles {
         // The answer to a request that carried the key is checked like any other: a refused
