@@ -40,6 +40,14 @@ const PROOF: &str = "proof ";
 
 /// Largest request line accepted (a few keys and a command line).
 const MAX_REQUEST: u64 = 256 * 1024;
+/// From accept to a complete request. `broker run` and the shim write theirs at once; a client
+/// that connects and then stalls (or sends a byte at a time) is closed after this, so it
+/// cannot hold the daemon's descriptors. The proof in between (a keyed hash) takes
+/// milliseconds.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Connections still sending their request, at once: past this, new ones are closed at once.
+/// Runs start one at a time per `broker run`; 64 pending at once is a flood, not a workload.
+const PENDING_AT_ONCE: usize = 64;
 
 /// What `broker run` asks of the daemon.
 #[derive(Serialize, Deserialize)]
@@ -186,9 +194,16 @@ pub fn bind(home: &Home) -> anyhow::Result<UnixListener> {
 /// Serve the control socket until the task is dropped.
 pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, runs_dir: PathBuf) {
     let slots = Arc::new(Mutex::new(BTreeSet::from([FIRST_SLOT])));
+    let pending = Arc::new(tokio::sync::Semaphore::new(PENDING_AT_ONCE));
     let ours = rustix::process::geteuid().as_raw();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // EMFILE and friends: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            tracing::warn!("control connection closed: {PENDING_AT_ONCE} others are still sending their requests");
             continue;
         };
         let peer_pid = match stream.peer_cred() {
@@ -200,6 +215,7 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, runs_dir: PathBuf)
         };
         tokio::spawn(handle(
             stream,
+            permit,
             peer_pid,
             proxy.clone(),
             runs_dir.clone(),
@@ -210,6 +226,7 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, runs_dir: PathBuf)
 
 async fn handle(
     stream: UnixStream,
+    permit: tokio::sync::OwnedSemaphorePermit,
     peer_pid: Option<u32>,
     proxy: Arc<Proxy>,
     runs_dir: PathBuf,
@@ -218,7 +235,11 @@ async fn handle(
     let (read, mut write) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST));
     let mut line = Zeroizing::new(String::new());
-    if reader.read_line(&mut line).await.is_err() {
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    if !matches!(
+        tokio::time::timeout_at(deadline, reader.read_line(&mut line)).await,
+        Ok(Ok(_))
+    ) {
         return;
     }
     // A client about to hand over keys asks for proof that this is the genuine daemon first.
@@ -241,14 +262,18 @@ async fn handle(
             return;
         }
         line.clear();
-        if reader.read_line(&mut line).await.is_err() {
+        if !matches!(
+            tokio::time::timeout_at(deadline, reader.read_line(&mut line)).await,
+            Ok(Ok(_))
+        ) {
             return;
         }
     }
     let from_shim = line.trim_end() == HANDOVER_MAGIC;
     let request = match from_shim {
-        true => read_handover(&mut reader, &mut line)
+        true => tokio::time::timeout_at(deadline, read_handover(&mut reader, &mut line))
             .await
+            .unwrap_or_else(|_| Err("the handover request did not arrive in time".into()))
             .and_then(|handover| from_handover(handover, &proxy, peer_pid)),
         false => serde_json::from_str::<OpenRun>(&line)
             .map_err(|_| "malformed request".into())
@@ -275,6 +300,9 @@ async fn handle(
     if write.write_all(&out).await.is_err() {
         return;
     }
+    // The request is in: the connection now lasts as long as its run (runs are bounded by
+    // their slots), and no longer counts as pending.
+    drop(permit);
     let Some((run, slot, dir, agent_pid)) = opened else {
         return;
     };

@@ -616,3 +616,6 @@ mod tests {
         assert_eq!(h["x-other"], "fine");
     }
 }
+
+#[cfg(test)]
+mod props;
