@@ -429,6 +429,11 @@ impl Serve {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

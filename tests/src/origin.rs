@@ -68,6 +68,14 @@ pub enum Reply {
     RawEcho,
     /// Drop the connection without answering.
     Reset,
+    /// A status with this HTTP/1.1 reason phrase (instead of the canonical one), extra
+    /// headers and a body: an upstream that quotes what it received in any of them.
+    Echo {
+        status: u16,
+        reason: Option<String>,
+        headers: Vec<(String, String)>,
+        body: String,
+    },
 }
 
 type Handler = Arc<dyn Fn(&OriginRequest) -> Reply + Send + Sync>;
@@ -350,6 +358,25 @@ async fn serve(
                 .expect("response"))
         }
         Reply::Reset => Err(std::io::Error::other("origin resets this request")),
+        Reply::Echo {
+            status,
+            reason,
+            headers,
+            body,
+        } => {
+            let mut response = Response::builder().status(status);
+            for (name, value) in headers {
+                response = response.header(name, value);
+            }
+            let mut response = response
+                .body(Full::new(Bytes::from(body)).boxed())
+                .expect("response");
+            if let Some(reason) = reason {
+                let reason = hyper::ext::ReasonPhrase::try_from(reason).expect("reason phrase");
+                response.extensions_mut().insert(reason);
+            }
+            Ok(response)
+        }
     }
 }
 
