@@ -132,7 +132,9 @@ fn descriptor_limit() -> usize {
 }
 
 /// Raise the soft `RLIMIT_NOFILE` to the hard limit: the default soft limit (1024) is kept
-/// low for programs that use `select`, which the broker does not. Returns the new soft limit.
+/// low for programs that use `select` (which cannot take a descriptor above 1023), and the
+/// broker does not use it. Returns the new soft limit. For `broker serve` only: a process
+/// that starts an agent would hand the raised limit down to it.
 pub fn raise_descriptor_limit() -> std::io::Result<u64> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let limit = getrlimit(Resource::Nofile);
