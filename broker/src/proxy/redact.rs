@@ -45,69 +45,102 @@ const MIN_ENCODED: usize = 12;
 ///   at offset 0, `Basic base64("user:" + key)` at 2). Only the characters that depend on the
 ///   secret alone are kept, so the match holds whatever bytes surround it; the one or two
 ///   characters cut at each end carry at most a byte of the key each;
-/// - its hex, lower- and uppercase.
+/// - its hex, in either case (and mixed).
 pub struct Needles {
-    list: Vec<Zeroizing<Vec<u8>>>,
+    /// Each form, with how it is compared.
+    list: Vec<(Zeroizing<Vec<u8>>, matcher::Mode)>,
     /// Whether escaped forms count: not for a secret shorter than [`MIN_ENCODED`].
     decode: bool,
+    /// The first byte of each needle (both cases where case does not matter).
+    firsts: matcher::ByteSet,
+    /// The length of the shortest needle.
+    shortest: usize,
 }
 
 impl Needles {
     pub fn for_secret(secret: &[u8]) -> Needles {
-        let mut list: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(9);
-        let mut add = |needle: Zeroizing<Vec<u8>>| {
-            if !needle.is_empty() && !list.contains(&needle) {
-                list.push(needle);
+        let decode = secret.len() >= MIN_ENCODED;
+        let exact = matcher::Mode {
+            decode,
+            fold_case: false,
+        };
+        let mut list: Vec<(Zeroizing<Vec<u8>>, matcher::Mode)> = Vec::with_capacity(8);
+        let mut add = |needle: Zeroizing<Vec<u8>>, mode| {
+            if !needle.is_empty() && !list.iter().any(|(n, _)| *n == needle) {
+                list.push((needle, mode));
             }
         };
-        add(Zeroizing::new(secret.to_vec()));
-        let decode = secret.len() >= MIN_ENCODED;
+        add(Zeroizing::new(secret.to_vec()), exact);
         if decode {
             for offset in 0..3 {
-                add(base64_core(&STANDARD_NO_PAD, secret, offset));
-                add(base64_core(&URL_SAFE_NO_PAD, secret, offset));
+                add(base64_core(&STANDARD_NO_PAD, secret, offset), exact);
+                add(base64_core(&URL_SAFE_NO_PAD, secret, offset), exact);
             }
-            for digits in [b"0123456789abcdef", b"0123456789ABCDEF"] {
-                let mut hex = Zeroizing::new(Vec::with_capacity(secret.len() * 2));
-                for &b in secret {
-                    hex.push(digits[usize::from(b >> 4)]);
-                    hex.push(digits[usize::from(b & 15)]);
-                }
-                add(hex);
+            // One needle, lowercase, compared without case: upper, lower and mixed hex.
+            let digits = b"0123456789abcdef";
+            let mut hex = Zeroizing::new(Vec::with_capacity(secret.len() * 2));
+            for &b in secret {
+                hex.push(digits[usize::from(b >> 4)]);
+                hex.push(digits[usize::from(b & 15)]);
             }
+            let folded = matcher::Mode {
+                decode,
+                fold_case: true,
+            };
+            add(hex, folded);
         }
-        Needles { list, decode }
+        let firsts = matcher::ByteSet::of(list.iter().flat_map(|(n, mode)| {
+            let first = n.first().copied().unwrap_or(0);
+            let other = match mode.fold_case {
+                true => first.to_ascii_uppercase(),
+                false => first,
+            };
+            [first, other]
+        }));
+        let shortest = list.iter().map(|(n, _)| n.len()).min().unwrap_or(0);
+        Needles {
+            list,
+            decode,
+            firsts,
+            shortest,
+        }
     }
 
     /// The secret itself (the first form).
     fn secret(&self) -> &[u8] {
-        self.list.first().map_or(&[], |n| n.as_slice())
+        self.list.first().map_or(&[], |(n, _)| n.as_slice())
     }
 
     /// Where escaped bytes could start in `bytes` (none looked for when not decoding).
-    fn escapes(&self, bytes: &[u8]) -> Vec<usize> {
+    fn escapes(&self, bytes: &[u8]) -> Vec<matcher::Escape> {
         match self.decode {
-            true => matcher::escapes(bytes),
+            true => matcher::escapes(bytes, &self.firsts),
             false => Vec::new(),
         }
     }
 
     /// Whether any form of the secret occurs in `bytes`.
     fn occur_in(&self, bytes: &[u8]) -> bool {
+        // Every needle byte takes at least one byte of text: shorter text (most header values)
+        // holds none, whatever its escapes.
+        if bytes.len() < self.shortest {
+            return false;
+        }
         let escapes = self.escapes(bytes);
         self.list
             .iter()
-            .any(|n| matcher::next_match(bytes, n, 0, self.decode, &escapes).is_some())
+            .any(|(n, mode)| matcher::next_match(bytes, n, 0, *mode, &escapes).is_some())
     }
 
     /// Overwrite every occurrence of every form.
     pub(super) fn overwrite_all(&self, bytes: &mut [u8]) {
+        if bytes.len() < self.shortest {
+            return;
+        }
         let escapes = self.escapes(bytes);
-        for needle in &self.list {
+        for (needle, mode) in &self.list {
             let mut from = 0;
-            while let Some((at, end)) =
-                matcher::next_match(bytes, needle, from, self.decode, &escapes)
-            {
+            while let Some((at, end)) = matcher::next_match(bytes, needle, from, *mode, &escapes) {
                 for (i, b) in bytes[at..end].iter_mut().enumerate() {
                     *b = MARKER[i % MARKER.len()];
                 }
@@ -120,7 +153,7 @@ impl Needles {
     pub(super) fn partial_suffix(&self, bytes: &[u8]) -> usize {
         self.list
             .iter()
-            .map(|n| matcher::partial_len(bytes, n, self.decode))
+            .map(|(n, mode)| matcher::partial_len(bytes, n, *mode))
             .max()
             .unwrap_or(0)
     }
@@ -256,7 +289,10 @@ impl Body for RedactedBody {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        let out = self.process(data, false);
+                        // The last chunk (a body of known length, most API answers) holds
+                        // nothing back: no tail to look for, nothing to send later.
+                        let last = self.inner.is_end_stream();
+                        let out = self.process(data, last);
                         if !out.is_empty() {
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }
@@ -470,12 +506,24 @@ mod tests {
     #[test]
     fn partial_suffix_is_the_longest_proper_prefix_at_the_end() {
         let secret = b"abcab";
-        assert_eq!(matcher::partial_len(b"xxab", secret, false), 2);
-        assert_eq!(matcher::partial_len(b"xabca", secret, false), 4);
-        assert_eq!(matcher::partial_len(b"abcab", secret, false), 2);
-        assert_eq!(matcher::partial_len(b"xyz", secret, false), 0);
-        assert_eq!(matcher::partial_len(b"", secret, false), 0);
-        assert_eq!(matcher::partial_len(b"a", b"", false), 0);
+        assert_eq!(
+            matcher::partial_len(b"xxab", secret, matcher::Mode::EXACT),
+            2
+        );
+        assert_eq!(
+            matcher::partial_len(b"xabca", secret, matcher::Mode::EXACT),
+            4
+        );
+        assert_eq!(
+            matcher::partial_len(b"abcab", secret, matcher::Mode::EXACT),
+            2
+        );
+        assert_eq!(
+            matcher::partial_len(b"xyz", secret, matcher::Mode::EXACT),
+            0
+        );
+        assert_eq!(matcher::partial_len(b"", secret, matcher::Mode::EXACT), 0);
+        assert_eq!(matcher::partial_len(b"a", b"", matcher::Mode::EXACT), 0);
     }
 
     /// Every run of base64 characters in `text`, decoded at every start (lenient about padding
@@ -619,3 +667,6 @@ mod tests {
 
 #[cfg(test)]
 mod props;
+
+#[cfg(test)]
+mod cost;

@@ -28,8 +28,9 @@ enum Form {
         mask: Vec<bool>,
         upper: bool,
     },
+    /// Hex, each digit's case from the mask (all lower, all upper, mixed).
     Hex {
-        upper: bool,
+        mask: Vec<bool>,
     },
     /// base64 of `prefix + key` (`Basic` credentials), wrapped every `width` characters from
     /// `column`, with `\n` or `\r\n`.
@@ -66,14 +67,15 @@ fn encode(key: &[u8], form: &Form) -> Vec<u8> {
         Form::Plain => key.to_vec(),
         Form::Percent { mask, upper } => escape(mask, *upper, false),
         Form::Json { mask, upper } => escape(mask, *upper, true),
-        Form::Hex { upper } => key
+        Form::Hex { mask } => key
             .iter()
-            .map(|b| match upper {
-                true => format!("{b:02X}"),
-                false => format!("{b:02x}"),
+            .flat_map(|b| format!("{b:02x}").into_bytes())
+            .enumerate()
+            .map(|(i, c)| match mask.get(i % 64).copied().unwrap_or(false) {
+                true => c.to_ascii_uppercase(),
+                false => c,
             })
-            .collect::<String>()
-            .into_bytes(),
+            .collect(),
         Form::Base64 {
             prefix,
             url_safe,
@@ -108,7 +110,12 @@ fn form() -> impl Strategy<Value = Form> {
         Just(Form::Plain),
         (mask.clone(), any::<bool>()).prop_map(|(mask, upper)| Form::Percent { mask, upper }),
         (mask, any::<bool>()).prop_map(|(mask, upper)| Form::Json { mask, upper }),
-        any::<bool>().prop_map(|upper| Form::Hex { upper }),
+        prop_oneof![
+            Just(vec![false; 64]),
+            Just(vec![true; 64]),
+            proptest::collection::vec(any::<bool>(), 64),
+        ]
+        .prop_map(|mask| Form::Hex { mask }),
         (
             "[a-z0-9_-]{0,16}:?",
             any::<bool>(),
