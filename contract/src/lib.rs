@@ -184,6 +184,45 @@ pub struct ShimConfig {
     pub ticket: Option<Ticket>,
 }
 
+/// Variables that name a CA bundle, pointed at the run's merged bundle for a program that goes
+/// through the CONNECT listener (by `broker run` for its own child, by the shim's exec hooks
+/// for a child started inside a run).
+pub const CA_BUNDLE_VARS: &[&str] = &[
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "GIT_SSL_CAINFO",
+    "NODE_EXTRA_CA_CERTS",
+    "AWS_CA_BUNDLE",
+];
+
+/// Where distributions keep the system's CA bundle (Debian/Ubuntu, Fedora/RHEL, openSUSE,
+/// Alpine/Arch, RHEL's extracted bundle), most common first.
+pub const SYSTEM_CA_BUNDLES: &[&std::ffi::CStr] = &[
+    c"/etc/ssl/certs/ca-certificates.crt",
+    c"/etc/pki/tls/certs/ca-bundle.crt",
+    c"/etc/ssl/ca-bundle.pem",
+    c"/etc/ssl/cert.pem",
+    c"/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+];
+
+/// Prefix of the bundles the shim writes next to the run CA for children on the CONNECT
+/// fallback: `<prefix><hash of the bundle merged in>.pem`.
+pub const MERGED_BUNDLE_PREFIX: &str = "ssl-ca-";
+
+/// The `HTTPS_PROXY` value for a run's CONNECT listener at `proxy_addr`: the run's ticket as
+/// the password (`http://broker:<ticket>@addr`), which curl, wget, git, Python and Go send as
+/// `Proxy-Authorization: Basic` on CONNECT. Hex digits need no percent-encoding in userinfo.
+pub fn connect_proxy_url(proxy_addr: &str, ticket: Option<&Ticket>) -> String {
+    match ticket {
+        Some(ticket) => format!(
+            "http://{TICKET_PROXY_USER}:{}@{proxy_addr}",
+            ticket.expose()
+        ),
+        None => format!("http://{proxy_addr}"),
+    }
+}
+
 impl ShimConfig {
     /// The host index (1-based) of the first pattern matching `host`.
     pub fn host_index(&self, host: &str) -> Option<u8> {

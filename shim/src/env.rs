@@ -69,10 +69,14 @@ pub fn plan_node_ca(current: Option<&OsStr>, ca_file: &Path) -> NodeCa {
         return NodeCa::SetToCa;
     };
     let current = Path::new(current);
+    // Ours: a Node bundle, or the bundle the exec hooks merged for a child on the CONNECT
+    // fallback (it holds the run CA too).
     let merged_here = current.parent() == ca_file.parent()
-        && current
-            .file_name()
-            .is_some_and(|n| n.as_bytes().starts_with(NODE_BUNDLE_PREFIX.as_bytes()));
+        && current.file_name().is_some_and(|n| {
+            [NODE_BUNDLE_PREFIX, broker_contract::MERGED_BUNDLE_PREFIX]
+                .iter()
+                .any(|prefix| n.as_bytes().starts_with(prefix.as_bytes()))
+        });
     if current == ca_file || merged_here {
         NodeCa::Keep
     } else {
@@ -95,7 +99,7 @@ pub fn merge_bundle(old: &[u8], ca: &[u8]) -> Vec<u8> {
 }
 
 /// FNV-1a, 64 bits: a stable name for the merged bundle of one old bundle path.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
@@ -340,6 +344,10 @@ mod tests {
         assert_eq!(plan_node_ca(Some(ca.as_os_str()), ca), NodeCa::Keep);
         assert_eq!(
             plan_node_ca(Some(OsStr::new("/run/broker/r1/node-ca-12.pem")), ca),
+            NodeCa::Keep
+        );
+        assert_eq!(
+            plan_node_ca(Some(OsStr::new("/run/broker/r1/ssl-ca-12.pem")), ca),
             NodeCa::Keep
         );
         assert_eq!(

@@ -18,7 +18,8 @@
 //!   key found there is replaced by its placeholder and scrubbed from `/proc/<pid>/environ`,
 //!   and with `broker serve` handed to it as this process tree's own run ([`handover`]).
 //! - **exec** (`execve`, `execv`, `execvp`, `execvpe`, `execl*`, `posix_spawn`, `posix_spawnp`): a
-//!   program that cannot load this library (musl) is started without it.
+//!   program out of this library's reach (static, Go, musl) gets the run's CONNECT fallback
+//!   (`HTTPS_PROXY` and a CA bundle), and one that cannot load it (musl) is started without it.
 //!
 //! # Why this crate needs `unsafe`
 //!
@@ -42,12 +43,12 @@
 //! # Children and what a preload cannot reach
 //!
 //! `LD_PRELOAD` and `BROKER_SHIM_CONFIG` are inherited, so every exec'd child of the agent is
-//! covered too. A glibc-built `libbroker.so` in `LD_PRELOAD` makes *dynamic musl* programs
-//! fail to start (exit 127), so the exec hooks ([`exec`]) start any program whose ELF
-//! interpreter is not glibc's without our `LD_PRELOAD` entry (it then runs unmanaged).
-//! Static binaries, Go programs (raw syscalls), io_uring, setuid programs and children started
-//! with a scrubbed environment are not reached by a preload: the broker's CONNECT proxy with
-//! `HTTPS_PROXY` is the launcher's fallback for those.
+//! covered too. Static binaries and Go programs (raw syscalls) ignore a preload, and a
+//! glibc-built `libbroker.so` makes *dynamic musl* programs fail to start (exit 127): the exec
+//! hooks ([`exec`], [`hooks::fallback`]) give such a child `HTTPS_PROXY` to the run's CONNECT
+//! listener and a CA bundle with the run CA, and start a musl one without our `LD_PRELOAD`
+//! entry. Not reached: io_uring, setuid programs, and children started with a scrubbed
+//! environment (or by a static program's own `execve`, which no preload sees).
 
 #![cfg_attr(test, allow(dead_code))]
 
@@ -96,6 +97,7 @@ fn init() {
                 env::apply(&cfg, &handed);
                 env::set(ENV_SHIM_ACTIVE, b"1");
             }
+            hooks::fallback::prepare(&cfg);
             let _ = CONFIG.set(cfg);
         }
         Err(why) => {
