@@ -341,7 +341,7 @@ fn from_handover(
             .catalog()
             .providers()
             .iter()
-            .find(|p| p.env.contains(&var));
+            .find(|p| p.key_vars().any(|v| *v == var));
         if let Some(provider) = provider {
             run_keys
                 .entry(provider.name.clone())

@@ -131,14 +131,20 @@ pub async fn open_run(
 ) -> anyhow::Result<OpenRun> {
     let catalog = proxy.catalog();
     let hosts = catalog.host_patterns();
-    let env = catalog
-        .providers()
-        .iter()
-        .filter(|p| spec.allow.as_ref().is_none_or(|a| a.contains(&p.name)))
+    let allowed = || {
+        catalog
+            .providers()
+            .iter()
+            .filter(|p| spec.allow.as_ref().is_none_or(|a| a.contains(&p.name)))
+    };
+    let env = allowed()
+        .flat_map(|p| p.env.iter().map(|var| (var.clone(), p.placeholder.clone())))
+        .collect();
+    let env_if_set = allowed()
         .flat_map(|p| {
-            p.env
+            p.env_if_set
                 .iter()
-                .map(move |var| (var.clone(), p.placeholder.clone()))
+                .map(|var| (var.clone(), p.placeholder.clone()))
         })
         .collect();
     let run_id = spec.id.clone();
@@ -185,6 +191,7 @@ pub async fn open_run(
         deny_unlisted: spec.deny_unlisted,
         hosts,
         env,
+        env_if_set,
         connect_proxy: Some(listeners.connect_addr.to_string()),
         denial_log: denials.as_ref().map(|d| d.path().to_path_buf()),
         ticket: Some(ticket),

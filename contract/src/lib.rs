@@ -173,6 +173,9 @@ pub struct ShimConfig {
     pub hosts: Vec<String>,
     /// Environment variables the agent reads, with the placeholder to put there.
     pub env: Vec<(String, String)>,
+    /// Variables that get the placeholder only when they are set (a real key there is hidden);
+    /// unset ones stay unset. See the providers' `env_if_set`.
+    pub env_if_set: Vec<(String, String)>,
     /// Address of the broker's CONNECT proxy, for children the shim cannot preload.
     pub connect_proxy: Option<String>,
     /// File (0600, in the run's private directory) where the shim appends one line per
@@ -256,6 +259,9 @@ impl ShimConfig {
         for (var, placeholder) in &self.env {
             let _ = writeln!(out, "env {var} {placeholder}");
         }
+        for (var, placeholder) in &self.env_if_set {
+            let _ = writeln!(out, "env-if-set {var} {placeholder}");
+        }
         out
     }
 
@@ -290,9 +296,13 @@ impl ShimConfig {
                 "denial-log" => cfg.denial_log = Some(PathBuf::from(value)),
                 "ticket" => cfg.ticket = Some(Ticket::parse(value).ok_or(err("bad ticket"))?),
                 "host" if !value.is_empty() => cfg.hosts.push(value.to_string()),
-                "env" => {
+                "env" | "env-if-set" => {
                     let (var, placeholder) = value.split_once(' ').ok_or(err("bad env line"))?;
-                    cfg.env.push((var.to_string(), placeholder.to_string()));
+                    let list = match key {
+                        "env" => &mut cfg.env,
+                        _ => &mut cfg.env_if_set,
+                    };
+                    list.push((var.to_string(), placeholder.to_string()));
                 }
                 _ => {}
             }
@@ -364,6 +374,7 @@ mod tests {
             deny_unlisted: true,
             hosts: vec!["api.openai.com".into(), "*.example.org".into()],
             env: vec![("OPENAI_API_KEY".into(), "sk-broker-placeholder".into())],
+            env_if_set: vec![("GOOGLE_API_KEY".into(), "AIza-placeholder".into())],
             connect_proxy: Some("127.0.0.1:40125".into()),
             denial_log: Some(PathBuf::from("/tmp/run/denials.log")),
             ticket: Some(Ticket::from_bytes(&[0xa5; TICKET_BYTES])),

@@ -139,7 +139,7 @@ fn hand_over_real_keys(
         );
     };
     let get = |k: &str| std::env::var_os(k);
-    let keys = env::real_keys(&cfg.env, &get);
+    let keys = env::real_keys(&env::managed_vars(&cfg), &get);
     // Hidden but not among `keys`: a value that cannot be sent.
     let unsendable = "its value has spaces or control characters".to_string();
     if keys.is_empty() {

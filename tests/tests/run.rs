@@ -286,3 +286,53 @@ fn codex_finds_the_openai_placeholder_in_codex_api_key() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Gemini CLI reads `GEMINI_API_KEY`; Google's SDKs read `GOOGLE_API_KEY` first and warn on
+/// every call when both are set. So only `GEMINI_API_KEY` gets the placeholder, and
+/// `GOOGLE_API_KEY` stays unset, unless the user set it: then a real key there is hidden and
+/// handed to the run like any other (the shim does the same for a bare `LD_PRELOAD`).
+#[test]
+fn gemini_gets_one_placeholder_variable_and_a_google_api_key_is_still_hidden() {
+    const GOOGLE_KEY: &str = "AIzaSyTestRealGoogleKeyForRunTest0123456";
+    let home = Home::new();
+    let script = "echo \"gemini=$GEMINI_API_KEY google=${GOOGLE_API_KEY-unset}\"";
+    let plain = run_bounded(
+        home.broker()
+            .env_remove("GOOGLE_API_KEY")
+            .env_remove("GEMINI_API_KEY")
+            .args(["run", "--", "sh", "-c", script])
+            .stdin(Stdio::null()),
+        Duration::from_secs(30),
+    );
+    let stdout = String::from_utf8_lossy(&plain.stdout);
+    assert!(
+        plain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    assert!(
+        stdout.contains("gemini=AIzaSy-broker-placeholder-gemini-")
+            && stdout.contains("google=unset"),
+        "{stdout}"
+    );
+
+    let with_key = run_bounded(
+        home.broker()
+            .env("GOOGLE_API_KEY", GOOGLE_KEY)
+            .args(["run", "--", "sh", "-c", script])
+            .stdin(Stdio::null()),
+        Duration::from_secs(30),
+    );
+    let stdout = String::from_utf8_lossy(&with_key.stdout);
+    let stderr = String::from_utf8_lossy(&with_key.stderr);
+    assert!(with_key.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("google=AIzaSy-broker-placeholder-gemini-"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("GOOGLE_API_KEY held a real gemini key"),
+        "{stderr}"
+    );
+    assert!(!contains(&with_key.stdout, GOOGLE_KEY) && !contains(&with_key.stderr, GOOGLE_KEY));
+}

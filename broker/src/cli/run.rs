@@ -70,7 +70,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut drop_vars = Vec::new();
     let mut real_key_vars = Vec::new();
     for provider in catalog.providers() {
-        for var in &provider.env {
+        for var in provider.key_vars() {
             let Ok(value) = std::env::var(var) else {
                 continue;
             };
@@ -140,6 +140,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     command.env_remove(crate::hardening::ENV_ORIGINAL_PRELOAD);
     for (var, placeholder) in &shim_config.env {
         command.env(var, placeholder);
+    }
+    // Set only where the user had set them (a real key there was taken above).
+    for (var, placeholder) in &shim_config.env_if_set {
+        if std::env::var_os(var).is_some() || real_key_vars.contains(var) {
+            command.env(var, placeholder);
+        }
     }
     match (&target, &shim) {
         (Target::Glibc, Some(lib)) => launch::preload(&mut command, lib, &shim_config_path),
