@@ -117,6 +117,7 @@ fn parent() {
         deny_unlisted: false,
         hosts: vec!["api.openai.com".into()],
         env: vec![],
+        env_if_set: vec![],
         connect_proxy: None,
         denial_log: None,
         // As the broker writes it (pass-through connects never use it).
