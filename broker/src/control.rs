@@ -250,9 +250,7 @@ async fn handle(
         true => read_handover(&mut reader, &mut line)
             .await
             .and_then(|handover| from_handover(handover, &proxy, peer_pid)),
-        false => serde_json::from_str::<OpenRun>(&line)
-            .map_err(|_| "malformed request".into())
-            .map(|request| attributed_by_the_kernel(request, peer_pid)),
+        false => parse_open_run(&line).map(|request| attributed_by_the_kernel(request, peer_pid)),
     };
     drop(line);
     let reply = match request {
@@ -308,6 +306,11 @@ async fn handle(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&slot);
+}
+
+/// A `broker run` request line. The error names no part of the line (it may hold keys).
+pub fn parse_open_run(line: &str) -> Result<OpenRun, String> {
+    serde_json::from_str::<OpenRun>(line).map_err(|_| "malformed request".into())
 }
 
 /// Read the rest of a shim's handover request (the magic line is already in `text`).

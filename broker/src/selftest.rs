@@ -149,10 +149,15 @@ impl SelfTest {
             // git over HTTPS as it talks to a forge: the placeholder in an extra header, and
             // the origin's `info/refs` answered in git's dumb-HTTP form (a ref list).
             let mut c = Command::new(git);
-            c.args(["-c", &format!("http.extraHeader={bearer}"), "ls-remote", GIT_URL])
-                .env("GIT_TERMINAL_PROMPT", "0")
-                .env("GIT_CONFIG_NOSYSTEM", "1")
-                .env("GIT_CONFIG_GLOBAL", "/dev/null");
+            c.args([
+                "-c",
+                &format!("http.extraHeader={bearer}"),
+                "ls-remote",
+                GIT_URL,
+            ])
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null");
             probes.push(self.probe(
                 "git",
                 c,

@@ -579,11 +579,15 @@ fn key_before(text: &str, offset: usize) -> Option<String> {
         return None;
     }
     let key_end = before[..eq].trim_end();
+    // The key starts after the last character that cannot be in one (which may be several
+    // bytes long: a provider file may hold any UTF-8).
     let start = key_end
-        .rfind(|c: char| {
+        .char_indices()
+        .rev()
+        .find(|&(_, c)| {
             !(c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' || c == '"')
         })
-        .map_or(0, |i| i + 1);
+        .map_or(0, |(i, c)| i + c.len_utf8());
     let key = key_end[start..].trim_matches('"');
     (!key.is_empty()).then(|| key.to_string())
 }

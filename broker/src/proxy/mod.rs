@@ -30,6 +30,39 @@ mod upgrade;
 pub mod upstream;
 mod ws_redact;
 
+/// Entry points for the fuzz targets and property tests (`fuzz/`): the response redactors,
+/// which are otherwise private to the proxy.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::sync::Arc;
+
+    /// What the streaming body redactor sends on for a body of `chunks` echoing `secret`.
+    pub fn redact_stream(secret: &[u8], chunks: &[&[u8]]) -> Vec<u8> {
+        let mut redactor = super::redact::StreamRedactor::new(Arc::new(
+            super::redact::Needles::for_secret(secret),
+        ));
+        let mut out = Vec::new();
+        for chunk in chunks {
+            redactor.feed(chunk, &mut out);
+        }
+        redactor.finish(&mut out);
+        out
+    }
+
+    /// What the WebSocket redactor sends on for upstream frame bytes arriving as `chunks`.
+    pub fn redact_ws(secret: &[u8], chunks: &[&[u8]]) -> Vec<u8> {
+        let mut redactor = super::ws_redact::FrameRedactor::new(Arc::new(
+            super::redact::Needles::for_secret(secret),
+        ));
+        let mut out = Vec::new();
+        for chunk in chunks {
+            redactor.feed(chunk, &mut out);
+        }
+        redactor.finish(&mut out);
+        out
+    }
+}
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
