@@ -72,6 +72,8 @@ pub struct Instance {
     pub shim: ShimConfig,
     pub shim_config_path: PathBuf,
     pub denials: Option<DenialLog>,
+    /// The run's DNS responder (see [`crate::dns`]); stops when dropped.
+    pub dns: Option<crate::dns::Responder>,
 }
 
 /// Run slot of the first run of every instance. Each instance listens on its own port, so
@@ -110,6 +112,7 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
         shim: run.shim,
         shim_config_path: run.shim_config_path,
         denials: run.denials,
+        dns: run.dns,
     })
 }
 
@@ -120,6 +123,9 @@ pub struct OpenRun {
     pub shim_config_path: PathBuf,
     /// With `--deny-unlisted`: the shim's refusals, moved into the audit log.
     pub denials: Option<DenialLog>,
+    /// The run's DNS responder; `None` if it could not bind (the run works without it, for
+    /// every resolver that goes through `getaddrinfo`).
+    pub dns: Option<crate::dns::Responder>,
 }
 
 /// Open a run on `proxy` in `slot`, writing its CA and shim config into `runtime_dir`.
@@ -166,10 +172,21 @@ pub async fn open_run(
         deny_unlisted: spec.deny_unlisted,
         ticket: ticket.clone(),
     };
+    let names = crate::dns::RunNames {
+        slot,
+        hosts: hosts.clone(),
+    };
     let listeners = proxy
         .open_run(run)
         .await
         .context("cannot open the broker's loopback listeners")?;
+    let dns = match crate::dns::start(names, proxy.dns_upstream()).await {
+        Ok(responder) => Some(responder),
+        Err(err) => {
+            tracing::warn!(%err, "no DNS responder for this run: resolvers that bypass getaddrinfo get real addresses");
+            None
+        }
+    };
 
     ensure_private_dir(runtime_dir)?;
     let ca_file = runtime_dir.join("ca.pem");
@@ -195,6 +212,7 @@ pub async fn open_run(
         connect_proxy: Some(listeners.connect_addr.to_string()),
         denial_log: denials.as_ref().map(|d| d.path().to_path_buf()),
         ticket: Some(ticket),
+        dns: dns.as_ref().map(|d| d.addr),
     };
     let shim_config_path = runtime_dir.join(broker_contract::DAEMON_SHIM_CONFIG_FILE);
     write_private_file(&shim_config_path, shim.render().as_bytes())?;
@@ -203,6 +221,7 @@ pub async fn open_run(
         shim,
         shim_config_path,
         denials,
+        dns,
     })
 }
 

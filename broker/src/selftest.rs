@@ -65,6 +65,7 @@ impl SelfTest {
                     port: 443,
                     addr: origin.addr,
                 }],
+                dns: Vec::new(),
             },
             label: label.into(),
             keys,

@@ -11,7 +11,7 @@ pub mod elf;
 pub mod handover;
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 /// Path of the shim config file for this run. Set by `broker run` and the launchers; inherited
@@ -185,6 +185,11 @@ pub struct ShimConfig {
     /// The run's ticket, presented on every connection to the broker. `None` only in a config
     /// of a broker older than tickets (the shim then sends no preamble).
     pub ticket: Option<Ticket>,
+    /// The run's DNS responder (UDP and TCP, loopback): the shim steers the agent's port-53
+    /// traffic there, so resolvers that bypass `getaddrinfo` (c-ares in Node's `dns.resolve*`
+    /// and in Bun) get the run's fake addresses for managed names. `None` in a config of a
+    /// broker older than the responder (port-53 traffic then passes through).
+    pub dns: Option<SocketAddr>,
 }
 
 /// Variables that name a CA bundle, pointed at the run's merged bundle for a program that goes
@@ -226,6 +231,9 @@ pub fn connect_proxy_url(proxy_addr: &str, ticket: Option<&Ticket>) -> String {
     }
 }
 
+/// The port DNS clients send to; the shim steers traffic to it (see [`ShimConfig::dns`]).
+pub const DNS_PORT: u16 = 53;
+
 impl ShimConfig {
     /// The host index (1-based) of the first pattern matching `host`.
     pub fn host_index(&self, host: &str) -> Option<u8> {
@@ -252,6 +260,9 @@ impl ShimConfig {
         }
         if let Some(ticket) = &self.ticket {
             let _ = writeln!(out, "ticket {}", ticket.expose());
+        }
+        if let Some(dns) = &self.dns {
+            let _ = writeln!(out, "dns {dns}");
         }
         for host in &self.hosts {
             let _ = writeln!(out, "host {host}");
@@ -295,6 +306,7 @@ impl ShimConfig {
                 "connect-proxy" => cfg.connect_proxy = Some(value.to_string()),
                 "denial-log" => cfg.denial_log = Some(PathBuf::from(value)),
                 "ticket" => cfg.ticket = Some(Ticket::parse(value).ok_or(err("bad ticket"))?),
+                "dns" => cfg.dns = Some(value.parse().map_err(|_| err("bad dns address"))?),
                 "host" if !value.is_empty() => cfg.hosts.push(value.to_string()),
                 "env" | "env-if-set" => {
                     let (var, placeholder) = value.split_once(' ').ok_or(err("bad env line"))?;
@@ -378,6 +390,7 @@ mod tests {
             connect_proxy: Some("127.0.0.1:40125".into()),
             denial_log: Some(PathBuf::from("/tmp/run/denials.log")),
             ticket: Some(Ticket::from_bytes(&[0xa5; TICKET_BYTES])),
+            dns: Some("127.0.0.1:40126".parse().expect("addr")),
         };
         let parsed = ShimConfig::parse(&cfg.render()).expect("parses");
         assert_eq!(parsed, cfg);
@@ -453,5 +466,17 @@ mod tests {
         );
         let unknown = format!("{CONFIG_MAGIC}\nslot 1\nport 2\nfuture-key 1\n");
         assert!(ShimConfig::parse(&unknown).is_ok());
+        let bad = format!("{CONFIG_MAGIC}\nslot 1\nport 2\ndns localhost\n");
+        assert_eq!(
+            ShimConfig::parse(&bad).expect_err("bad dns"),
+            ConfigError {
+                line: 4,
+                what: "bad dns address"
+            }
+        );
+        // A config without a responder (an older broker's) parses, with port-53 traffic
+        // left alone.
+        let old = format!("{CONFIG_MAGIC}\nslot 1\nport 2\n");
+        assert_eq!(ShimConfig::parse(&old).expect("parses").dns, None);
     }
 }

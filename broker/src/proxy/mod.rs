@@ -265,17 +265,24 @@ pub struct Proxy {
     credentials: Arc<dyn Credentials>,
     audit: Arc<dyn AuditSink>,
     needles: redact::NeedleCache,
+    /// `--dns-upstream`: where the runs' DNS responders forward; empty: `/etc/resolv.conf`.
+    dns_upstream: Vec<SocketAddr>,
 }
 
 impl Proxy {
     pub fn new(settings: ProxySettings) -> anyhow::Result<Arc<Proxy>> {
-        if settings.upstream.extra_ca.is_some() || !settings.upstream.resolve.is_empty() {
+        if settings.upstream.extra_ca.is_some()
+            || !settings.upstream.resolve.is_empty()
+            || !settings.upstream.dns.is_empty()
+        {
             tracing::warn!(
                 extra_ca = ?settings.upstream.extra_ca,
                 resolve = ?settings.upstream.resolve,
-                "test-only upstream overrides are ON (--upstream-ca / --resolve)"
+                dns = ?settings.upstream.dns,
+                "test-only upstream overrides are ON (--upstream-ca / --resolve / --dns-upstream)"
             );
         }
+        let dns_upstream = settings.upstream.dns.clone();
         let hosts = settings.catalog.host_patterns();
         let ca = Arc::new(LocalCa::new(&hosts, &settings.label)?);
         let tls_server = listen::server_config(ca.clone())?;
@@ -289,6 +296,7 @@ impl Proxy {
             credentials: settings.credentials,
             audit: settings.audit,
             needles: redact::NeedleCache::default(),
+            dns_upstream,
         }))
     }
 
@@ -308,6 +316,15 @@ impl Proxy {
     /// Where this broker's credentials come from.
     pub fn credentials(&self) -> Arc<dyn Credentials> {
         self.credentials.clone()
+    }
+
+    /// Where a run's DNS responder forwards the names it does not manage: the override, or
+    /// the system's nameservers as `/etc/resolv.conf` names them now.
+    pub fn dns_upstream(&self) -> Vec<SocketAddr> {
+        match self.dns_upstream.is_empty() {
+            true => crate::dns::upstream::system_nameservers(),
+            false => self.dns_upstream.clone(),
+        }
     }
 
     /// Open the listeners of one run and serve them until the returned handle is dropped.

@@ -34,6 +34,9 @@ pub struct UpstreamSettings {
     pub extra_ca: Option<PathBuf>,
     /// Test only: fixed addresses for hosts (`--resolve`, `BROKER_RESOLVE`).
     pub resolve: Vec<ResolveOverride>,
+    /// Test only: the nameservers the runs' DNS responders forward to, instead of
+    /// `/etc/resolv.conf`'s (`--dns-upstream`, `BROKER_DNS_UPSTREAM`).
+    pub dns: Vec<SocketAddr>,
 }
 
 /// `HOST:PORT:ADDR` (like curl's `--resolve`) or `HOST:PORT:ADDR:PORT2` (connect elsewhere).
