@@ -124,6 +124,8 @@ fn parent() {
         ticket: Some(broker_contract::Ticket::from_bytes(
             &[1; broker_contract::TICKET_BYTES],
         )),
+        // As the broker writes it: every connect and send also checks for port 53.
+        dns: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9))),
     };
     let config = dir.join("shim.conf");
     std::fs::write(&config, cfg.render()).expect("config");

@@ -60,6 +60,7 @@ pub mod config;
 pub mod decide;
 pub mod env;
 pub mod exec;
+pub mod fdtable;
 pub mod ffi;
 pub mod handover;
 pub mod hooks;
@@ -84,6 +85,7 @@ static CONSTRUCTOR: extern "C" fn() = constructor;
 
 fn init() {
     hooks::net::resolve_all();
+    hooks::dns::resolve_all();
     hooks::exec::resolve_all();
     let get = |k: &str| std::env::var_os(k);
     let location = config::locate(&get);

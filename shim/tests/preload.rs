@@ -221,6 +221,7 @@ impl World {
             denial_log: None,
             // As the broker writes it: the origin then checks the preamble on every connection.
             ticket: Some(default_ticket()),
+            dns: None,
         };
         tweak(&mut cfg);
         let mut origin = Command::new(python);

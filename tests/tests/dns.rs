@@ -1,0 +1,196 @@
+//! Name resolution that bypasses `getaddrinfo`: c-ares (Node's `dns.Resolver`, and Bun's)
+//! under `broker run` reaches a managed host through the broker, because the shim steers its
+//! port-53 traffic to the run's DNS responder. Names the run does not manage still resolve
+//! through the "system resolver" (here a local DNS server given with `--dns-upstream`).
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+
+use broker_integration::{contains, run_bounded, shim_lib, Home, Origin, TestCa};
+
+const OPENAI_KEY: &str = "sk-test-real-openai-key-for-dns-0123456789";
+
+/// The agent: resolves with c-ares against a server address where nothing listens (TEST-NET-1),
+/// so every answer it gets came through the broker; then opens TLS to the address it got for
+/// api.openai.com and sends one request with the placeholder. Runs under Node and Bun.
+const AGENT: &str = r#"
+const dns = require('node:dns');
+const tls = require('node:tls');
+const r = new dns.Resolver({ timeout: 3000, tries: 2 });
+r.setServers(['192.0.2.53']);
+r.resolve4('internal.example', (e, a) => {
+  console.log('internal=' + (e ? e.code : a.join(',')));
+  r.resolve6('api.openai.com', (e6, a6) => {
+    console.log('api6=' + (e6 ? e6.code : a6.join(',')));
+    r.resolve4('api.openai.com', (e4, addrs) => {
+      if (e4) { console.log('api4 failed: ' + e4.code); process.exit(2); }
+      console.log('api4=' + addrs.join(','));
+      const s = tls.connect({ host: addrs[0], port: 443, servername: 'api.openai.com' }, () => {
+        s.write('GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: Bearer ' +
+          process.env.OPENAI_API_KEY + '\r\nConnection: close\r\n\r\n');
+      });
+      let out = '';
+      s.on('data', (d) => { out += d; });
+      s.on('end', () => { console.log('status=' + out.split('\r\n')[0]); console.log('body=' + out.split('\r\n\r\n').slice(1).join('')); });
+      s.on('error', (err) => { console.log('tls error: ' + err.message); process.exit(3); });
+    });
+  });
+});
+"#;
+
+/// A stand-in for the system's resolver: `internal.example` is 192.0.2.7, every other name
+/// NXDOMAIN. Records the names it was asked.
+struct SystemResolver {
+    addr: SocketAddr,
+    asked: Arc<Mutex<Vec<String>>>,
+}
+
+impl SystemResolver {
+    fn start() -> SystemResolver {
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = asked.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let Ok(query) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let mut reply = Message::new();
+                reply
+                    .set_id(query.id())
+                    .set_message_type(MessageType::Response)
+                    .set_recursion_desired(query.recursion_desired())
+                    .set_recursion_available(true)
+                    .add_queries(query.queries().iter().cloned());
+                if let Some(q) = query.query() {
+                    let name = q.name().to_ascii().to_ascii_lowercase();
+                    log.lock().expect("lock").push(name.clone());
+                    match (name.as_str(), q.query_type()) {
+                        ("internal.example.", RecordType::A) => {
+                            reply.add_answer(Record::from_rdata(
+                                q.name().clone(),
+                                60,
+                                RData::A(A::new(192, 0, 2, 7)),
+                            ));
+                        }
+                        ("internal.example.", _) => {}
+                        _ => {
+                            reply.set_response_code(ResponseCode::NXDomain);
+                        }
+                    }
+                }
+                if let Ok(bytes) = reply.to_vec() {
+                    let _ = socket.send_to(&bytes, from);
+                }
+            }
+        });
+        SystemResolver { addr, asked }
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().expect("lock").clone()
+    }
+}
+
+/// Run `runtime -e AGENT` under `broker run` and check what it printed and what the origin saw.
+fn agent_reaches_the_managed_host(runtime: &[&str]) {
+    let _ = shim_lib();
+    let ca = TestCa::new();
+    let origin = Origin::bearer(&ca, "api.openai.com", OPENAI_KEY, "{\"data\":[]}");
+    let resolver = SystemResolver::start();
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let mut cmd = home.broker_run(&ca, "api.openai.com", origin.addr);
+    cmd.arg("--dns-upstream")
+        .arg(resolver.addr.to_string())
+        .arg("--")
+        .args(runtime)
+        .arg("-e")
+        .arg(AGENT);
+    let out = run_bounded(&mut cmd, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{runtime:?}: {stdout}\n{stderr}");
+    assert!(
+        !contains(&out.stdout, OPENAI_KEY) && !contains(&out.stderr, OPENAI_KEY),
+        "the agent saw the key"
+    );
+    // The managed name came from the broker's responder, as this run's fake address.
+    assert!(stdout.contains("api4=127.77.1."), "{stdout}\n{stderr}");
+    assert!(stdout.contains("api6=::ffff:127.77.1."), "{stdout}");
+    // The unmanaged name came from the system resolver, relayed unchanged.
+    assert!(stdout.contains("internal=192.0.2.7"), "{stdout}");
+    // Through the broker, with the key swapped in.
+    assert!(stdout.contains("status=HTTP/1.1 200"), "{stdout}");
+    assert!(stdout.contains("body={\"data\":[]}"), "{stdout}");
+    let requests = origin.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(
+        requests[0].header("authorization"),
+        Some(format!("Bearer {OPENAI_KEY}").as_str())
+    );
+    // The system resolver was asked about the unmanaged name only.
+    let asked = resolver.asked();
+    assert!(asked.iter().any(|n| n == "internal.example."), "{asked:?}");
+    assert!(!asked.iter().any(|n| n.contains("openai")), "{asked:?}");
+}
+
+#[test]
+fn node_dns_resolver_reaches_a_managed_host_through_the_broker() {
+    agent_reaches_the_managed_host(&["node"]);
+}
+
+/// Bun, from npm (`scripts/test` installs `@oven/bun-linux-x64` into the test clients): its
+/// `node:dns` is c-ares too.
+#[test]
+fn bun_dns_resolver_reaches_a_managed_host_through_the_broker() {
+    let Some(bun) = bun() else {
+        eprintln!(
+            "skipped: no Bun at $BROKER_TEST_NODE_MODULES/@oven/bun-linux-x64/bin/bun \
+             (run ./scripts/test with the npm registry reachable, on linux-x64)"
+        );
+        return;
+    };
+    agent_reaches_the_managed_host(&[bun.to_str().expect("utf-8 path")]);
+}
+
+fn bun() -> Option<PathBuf> {
+    let modules = PathBuf::from(std::env::var_os("BROKER_TEST_NODE_MODULES")?);
+    let bun = modules.join("@oven/bun-linux-x64/bin/bun");
+    bun.is_file().then_some(bun)
+}
+
+/// `--dns-upstream` points the agent's DNS at a server of its choosing for every name the run
+/// does not manage: like `--resolve`, it is refused to a broker started inside a run.
+#[test]
+fn dns_upstream_is_refused_inside_a_run() {
+    let home = Home::new();
+    let out = run_bounded(
+        home.broker()
+            .args(["run", "--", "sh", "-c"])
+            .arg("broker run --dns-upstream 127.0.0.1:53 -- true; echo rc=$?")
+            .env(
+                "PATH",
+                format!(
+                    "{}:/usr/bin:/bin",
+                    broker_integration::broker_bin()
+                        .parent()
+                        .expect("dir")
+                        .display()
+                ),
+            ),
+        Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("rc=1"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("--dns-upstream"), "{stderr}");
+}
