@@ -27,7 +27,8 @@ pub enum Connect {
 pub enum Bypass {
     /// Not an IPv4/IPv6 destination (unix sockets, `AF_UNSPEC` dissociation, ...).
     NotIp,
-    /// Not `SOCK_STREAM`: UDP (DNS included) and raw sockets are never touched.
+    /// Not `SOCK_STREAM`: UDP and raw sockets are not rerouted to the broker's TLS listeners
+    /// (DNS to port 53 is steered to the run's responder instead, see [`Connect::Dns`]).
     NotStream,
     /// A destination the broker does not manage, and egress is not restricted.
     Unmanaged,

@@ -11,6 +11,9 @@
 //!   address it was reached on); with `deny_unlisted`, TCP to anywhere but loopback is refused.
 //!   Everything else passes through untouched. See [`decide`]. `sendto`/`sendmsg` with
 //!   `MSG_FASTOPEN` (TCP Fast Open connects as it sends) are routed the same way.
+//! - **DNS** (`connect`/`sendto`/`sendmsg` to port 53, `recvfrom`/`recvmsg`): resolvers that
+//!   bypass `getaddrinfo` (c-ares in Node and Bun) are steered to the run's DNS responder in the
+//!   broker, which answers managed names with the fake addresses; see [`hooks::dns`].
 //! - **TLS trust**: OpenSSL's `SSL_CTX_new`/`SSL_CTX_new_ex`/`SSL_CTX_set_cert_store` and
 //!   GnuTLS's `gnutls_certificate_allocate_credentials` add the run CA to each new store; Node,
 //!   which links OpenSSL statically, gets `NODE_EXTRA_CA_CERTS` (see [`env`](mod@env)).

@@ -168,6 +168,63 @@ fn bun() -> Option<PathBuf> {
     bun.is_file().then_some(bun)
 }
 
+/// The shim's other DNS paths, from Python's raw sockets: an unconnected UDP socket
+/// (`sendto`, then `recvfrom` and `recvmsg` report the server the agent asked), and DNS over
+/// TCP (`connect` to port 53, as c-ares does for a truncated answer), with and without
+/// `--deny-unlisted`. The server asked (TEST-NET-1) does not exist.
+#[test]
+fn raw_udp_and_tcp_dns_are_steered_to_the_responder() {
+    let _ = shim_lib();
+    let resolver = SystemResolver::start();
+    let agent = r#"
+import socket, struct
+def query(name, ident):
+    labels = b''.join(bytes([len(l)]) + l.encode() for l in name.split('.'))
+    return struct.pack('>HHHHHH', ident, 0x0100, 1, 0, 0, 0) + labels + b'\0' + struct.pack('>HH', 1, 1)
+def address(reply):
+    return socket.inet_ntoa(reply[-4:]) if struct.unpack('>H', reply[6:8])[0] else 'none'
+server = ('192.0.2.53', 53)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(10)
+u.sendto(query('api.openai.com', 7), server)
+reply, source = u.recvfrom(4096)
+print('udp', address(reply), 'from %s:%d' % source)
+u.sendto(query('internal.example', 8), server)
+reply, _, _, source = u.recvmsg(4096)
+print('recvmsg', address(reply), 'from %s:%d' % source)
+t = socket.create_connection(server, timeout=10)
+q = query('api.openai.com', 9)
+t.sendall(struct.pack('>H', len(q)) + q)
+n = struct.unpack('>H', t.recv(2, socket.MSG_WAITALL))[0]
+print('tcp', address(t.recv(n, socket.MSG_WAITALL)))
+"#;
+    for deny in [false, true] {
+        let home = Home::new();
+        let mut cmd = home.broker();
+        cmd.arg("run")
+            .arg("--dns-upstream")
+            .arg(resolver.addr.to_string())
+            .stdin(std::process::Stdio::null());
+        if deny {
+            cmd.arg("--deny-unlisted");
+        }
+        cmd.args(["--", "python3", "-c", agent]);
+        let out = run_bounded(&mut cmd, Duration::from_secs(60));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "deny={deny}: {stdout}\n{stderr}");
+        assert!(
+            stdout.contains("udp 127.77.1.") && stdout.contains("from 192.0.2.53:53\nrecvmsg"),
+            "deny={deny}: {stdout}"
+        );
+        assert!(
+            stdout.contains("recvmsg 192.0.2.7 from 192.0.2.53:53"),
+            "deny={deny}: {stdout}"
+        );
+        assert!(stdout.contains("tcp 127.77.1."), "deny={deny}: {stdout}");
+    }
+}
+
 /// `--dns-upstream` points the agent's DNS at a server of its choosing for every name the run
 /// does not manage: like `--resolve`, it is refused to a broker started inside a run.
 #[test]
