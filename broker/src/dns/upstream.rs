@@ -69,12 +69,13 @@ async fn udp_exchange(server: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
     let socket = UdpSocket::bind(local).await?;
     socket.connect(server).await?;
     socket.send(query).await?;
-    let mut buf = vec![0u8; MAX_MESSAGE];
+    // Room for the largest datagram, not zeroed: `recv_buf` fills the spare capacity.
+    let mut buf = Vec::with_capacity(MAX_MESSAGE);
     loop {
-        let n = socket.recv(&mut buf).await?;
+        buf.clear();
+        let n = socket.recv_buf(&mut buf).await?;
         // The same id, else a stray datagram: wait for the real answer.
         if n >= 2 && buf[..2] == query[..2] {
-            buf.truncate(n);
             return Ok(buf);
         }
     }
