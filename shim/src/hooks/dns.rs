@@ -99,11 +99,12 @@ pub unsafe fn steer_send(
     addr: *const sockaddr,
     len: socklen_t,
 ) -> Option<(libc::sockaddr_storage, socklen_t)> {
-    let responder = crate::config()?.dns?;
+    // The port first: it rules out nearly every send, before the config is looked at.
     // SAFETY: caller's contract.
     if !unsafe { port_is_dns(addr, len) } || !DNS_SERVERS.fits(fd) {
         return None;
     }
+    let responder = crate::config()?.dns?;
     // The shim's own sends (and the real resolver's, under the getaddrinfo hook) pass.
     let _guard = Guard::enter()?;
     contain(|| {
