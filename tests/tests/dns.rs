@@ -12,7 +12,7 @@ use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
 
-use broker_integration::{contains, run_bounded, shim_lib, Home, Origin, TestCa};
+use broker_integration::{contains, run_bounded, shim_lib, Home, Origin, Serve, TestCa};
 
 const OPENAI_KEY: &str = "sk-test-real-openai-key-for-dns-0123456789";
 
@@ -223,6 +223,81 @@ print('tcp', address(t.recv(n, socket.MSG_WAITALL)))
         );
         assert!(stdout.contains("tcp 127.77.1."), "deny={deny}: {stdout}");
     }
+}
+
+/// `broker serve` gives every run its own responder: a run joined to the daemon and a bare
+/// preload (the daemon's own run) each get their run's fake address, and the rest is forwarded
+/// to the daemon's `--dns-upstream`.
+#[test]
+fn runs_of_broker_serve_each_answer_with_their_own_addresses() {
+    let lib = shim_lib();
+    let ca = TestCa::new();
+    let resolver = SystemResolver::start();
+    let home = Home::new();
+    let mut cmd = home.broker();
+    cmd.arg("serve")
+        .arg("--upstream-ca")
+        .arg(&ca.pem_path)
+        .arg("--dns-upstream")
+        .arg(resolver.addr.to_string());
+    let serve = Serve::spawn(&home, cmd);
+    assert!(
+        serve.config.dns.is_some(),
+        "the daemon's config names its responder"
+    );
+    let agent = r#"
+import os, socket, struct
+def query(name, ident):
+    labels = b''.join(bytes([len(l)]) + l.encode() for l in name.split('.'))
+    return struct.pack('>HHHHHH', ident, 0x0100, 1, 0, 0, 0) + labels + b'\0' + struct.pack('>HH', 1, 1)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(10)
+u.connect(('192.0.2.53', 53))
+for name in ['api.openai.com', 'internal.example']:
+    u.send(query(name, 5))
+    reply = u.recv(4096)
+    print(name, socket.inet_ntoa(reply[-4:]))
+config = os.environ.get('BROKER_SHIM_CONFIG') or os.path.join(os.environ['BROKER_HOME'], 'run', 'shim.conf')
+print([l for l in open(config).read().splitlines() if l.startswith('slot ')][0])
+"#;
+    // A run joined to the daemon (no upstream overrides: `broker run` joins it).
+    let mut joined = home.broker();
+    joined
+        .args(["run", "--", "python3", "-c", agent])
+        .stdin(std::process::Stdio::null());
+    // A bare preload: the daemon's own run.
+    let mut bare = std::process::Command::new("python3");
+    broker_integration::scrub(&mut bare);
+    bare.env("BROKER_HOME", home.path())
+        .env("LD_PRELOAD", &lib)
+        .args(["-c", agent])
+        .stdin(std::process::Stdio::null());
+    let mut slots = Vec::new();
+    for (what, cmd) in [("joined", &mut joined), ("bare", &mut bare)] {
+        let out = run_bounded(cmd, Duration::from_secs(60));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{what}: {stdout}\n{stderr}");
+        let slot: u8 = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("slot "))
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{what}: no slot in {stdout}"));
+        assert!(
+            stdout.contains(&format!("api.openai.com 127.77.{slot}.1\n")),
+            "{what}: {stdout}"
+        );
+        assert!(
+            stdout.contains("internal.example 192.0.2.7\n"),
+            "{what}: {stdout}"
+        );
+        slots.push(slot);
+    }
+    assert_eq!(
+        slots[1], serve.config.slot,
+        "the bare preload uses the daemon's run"
+    );
+    assert_ne!(slots[0], slots[1], "the joined run has a slot of its own");
 }
 
 /// `--dns-upstream` points the agent's DNS at a server of its choosing for every name the run
