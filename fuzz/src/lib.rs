@@ -6,7 +6,8 @@
 //! The invariants, beyond "never panics on any input":
 //! - parsers that render what they parse give it back unchanged (shim config, handover);
 //! - the placeholder swap puts the secret only where the provider's route says it goes;
-//! - the redactors never let the secret out, however the upstream cuts its bytes.
+//! - the redactors never let the secret out, however the upstream cuts its bytes;
+//! - the DNS responder answers only with the run's fake addresses, under the query's id.
 
 use broker::providers::{Catalog, Injection, Provider};
 use broker_contract::handover::{Handover, HandoverReply};
@@ -24,6 +25,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("swap", swap),
     ("redact_stream", redact_stream),
     ("redact_ws", redact_ws),
+    ("dns_message", dns_message),
 ];
 
 /// The shim's config file: parsed, rendered and parsed again, the same config.
@@ -306,4 +308,43 @@ fn messages_of(mut wire: &[u8]) -> Vec<Vec<u8>> {
         wire = &wire[head + len..];
     }
     messages
+}
+
+/// A datagram to a run's DNS responder (any local process can send one): an answer made by
+/// the responder parses, carries the query's id, and holds no address but the run's fake
+/// ones; a forwarded query keeps the id.
+pub fn dns_message(data: &[u8]) {
+    use broker::dns::answer::{answer_addresses, decide, Action, RunNames};
+    let names = RunNames {
+        slot: 9,
+        hosts: vec!["api.openai.com".into(), "*.openai.azure.com".into()],
+    };
+    match decide(&names, data) {
+        Action::Answer(reply) => {
+            assert_eq!(
+                reply.get(..2),
+                data.get(..2),
+                "the answer keeps the query's id"
+            );
+            let addresses = answer_addresses(&reply).expect("an answer made here parses");
+            for ip in addresses {
+                let v4 = match ip {
+                    std::net::IpAddr::V4(v4) => Some(v4),
+                    std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+                };
+                assert!(
+                    v4.is_some_and(|v4| v4.octets()[..3] == [127, 77, 9]),
+                    "answered {ip}, not a fake address of the run"
+                );
+            }
+        }
+        Action::Forward(query) => {
+            assert_eq!(
+                query.get(..2),
+                data.get(..2),
+                "a forwarded query keeps its id"
+            );
+        }
+        Action::Drop => {}
+    }
 }

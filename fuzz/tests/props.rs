@@ -95,4 +95,48 @@ proptest! {
         broker_fuzz::control_request(text.as_bytes());
         broker_fuzz::audit_log(text.as_bytes());
     }
+
+    /// Any datagram to the DNS responder: answers made there hold only the run's addresses.
+    #[test]
+    fn the_dns_responder_answers_only_with_fake_addresses(
+        data in proptest::collection::vec(any::<u8>(), 0..300),
+    ) {
+        broker_fuzz::dns_message(&data);
+    }
+
+    /// Well-formed queries about managed and other names, of any type, class and flags.
+    #[test]
+    fn the_dns_responder_answers_queries_with_fake_addresses_only(
+        id in any::<u16>(),
+        flags in any::<u16>(),
+        questions in proptest::collection::vec(
+            (
+                prop::sample::select(vec![
+                    "api.openai.com", "API.OPENAI.COM", "res1.openai.azure.com",
+                    "a.b.openai.azure.com", "example.org", "openai.com",
+                ]),
+                prop_oneof![Just(1u16), Just(28), Just(65), Just(255), any::<u16>()],
+                prop::sample::select(vec![1u16, 3, 255, 254]),
+            ),
+            0..3,
+        ),
+        tail in proptest::collection::vec(any::<u8>(), 0..16),
+    ) {
+        let mut data = Vec::new();
+        data.extend_from_slice(&id.to_be_bytes());
+        data.extend_from_slice(&flags.to_be_bytes());
+        data.extend_from_slice(&(questions.len() as u16).to_be_bytes());
+        data.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        for (name, qtype, qclass) in &questions {
+            for label in name.split('.') {
+                data.push(label.len() as u8);
+                data.extend_from_slice(label.as_bytes());
+            }
+            data.push(0);
+            data.extend_from_slice(&qtype.to_be_bytes());
+            data.extend_from_slice(&qclass.to_be_bytes());
+        }
+        data.extend_from_slice(&tail);
+        broker_fuzz::dns_message(&data);
+    }
 }
