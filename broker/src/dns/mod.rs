@@ -14,7 +14,7 @@
 //! (which only say that a run exists, and which only this uid with the run's ticket can use),
 //! and the system resolver's answers, which any local process gets by asking that resolver
 //! itself. It is never reachable from another machine, so it cannot be an open resolver or an
-//! amplifier; concurrent forwards are capped so a flood costs bounded memory.
+//! amplifier; concurrent forwards and TCP clients are capped so a flood costs bounded memory.
 
 pub mod answer;
 pub mod upstream;
@@ -34,6 +34,8 @@ pub use answer::RunNames;
 /// Forwarded queries in flight at once, per run; datagrams past it are dropped (the client
 /// retries), so a flood costs bounded memory and sockets.
 const MAX_IN_FLIGHT: usize = 256;
+/// TCP clients served at once, per run (a resolver opens one per server at most).
+const MAX_TCP_CLIENTS: usize = 64;
 /// A TCP client that sends nothing for this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Tries at finding one port free for both UDP and TCP.
@@ -126,11 +128,26 @@ async fn serve_udp(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
 }
 
 async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
+    let clients = Arc::new(Semaphore::new(MAX_TCP_CLIENTS));
     loop {
-        let Ok((stream, _peer)) = listener.accept().await else {
+        let stream = match listener.accept().await {
+            Ok((stream, _peer)) => stream,
+            Err(err) => {
+                // Out of descriptors, say: wait a little instead of spinning on the error.
+                tracing::debug!(%err, "dns: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Past the cap the connection is closed at once (dropped): the client retries.
+        let Ok(permit) = clients.clone().try_acquire_owned() else {
             continue;
         };
-        tokio::spawn(serve_tcp_client(stream, shared.clone()));
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            serve_tcp_client(stream, shared).await;
+        });
     }
 }
 
