@@ -67,6 +67,10 @@ struct Agent {
     files: Vec<(&'static str, String)>,
     /// What the agent must not print (warnings broker's environment must not cause).
     must_not_print: Vec<&'static str>,
+    /// Run the agent under `strace` and fail on a DNS query for the provider's host: a
+    /// resolver that bypasses the shim, and so the broker. Off only for a static program started directly: `broker run` must see the
+    /// program itself to give it the CONNECT fallback.
+    trace: bool,
 }
 
 /// The real key for `provider`.
@@ -156,7 +160,18 @@ fn drive(agent: Agent) {
             .expect("config file");
         }
         let mut cmd = home.broker_run(&ca, provider.host(), fake.origin.addr);
-        cmd.arg("--").arg(&program).args(&agent.args);
+        cmd.arg("--");
+        let trace_file = agent_home.path().join("out").join("trace");
+        if agent.trace {
+            // Every process's sends, bytes in hex, for DNS queries (see `bypasses`).
+            let strace = broker_integration::which("strace")
+                .expect("strace is needed to check that no request went around the broker");
+            cmd.arg(strace)
+                .args(["-f", "-qq", "-xx", "-s", "256", "-o"])
+                .arg(&trace_file)
+                .args(["-e", "trace=connect,sendto,sendmsg,sendmmsg,write,writev"]);
+        }
+        cmd.arg(&program).args(&agent.args);
         cmd.current_dir(&project);
         // A throwaway HOME: the agent's settings, caches and state stay in it.
         let h = agent_home.path();
@@ -254,6 +269,17 @@ fn drive(agent: Agent) {
             "{case}: the agent did not print the fake provider's answer\n{report}"
         );
         assert_eq!(run.status, Some(0), "{case}: exit status\n{report}");
+        if agent.trace {
+            let trace = std::fs::read(&trace_file).expect("strace output");
+            let around = bypasses(&trace, provider.host());
+            assert!(
+                around.is_empty(),
+                "{case}: the agent resolved {} itself, around the shim's getaddrinfo (its \
+                 requests there go around the broker):\n{}\n{report}",
+                provider.host(),
+                around.join("\n")
+            );
+        }
         for text in &agent.must_not_print {
             assert!(
                 !run.stdout.contains(text) && !run.stderr.contains(text),
@@ -449,6 +475,49 @@ fn inspect(pid: u32) -> Option<Proc> {
     })
 }
 
+/// DNS queries for the provider's `host` in strace's record of the agent (`-xx`: every
+/// string's bytes as `\xNN`): a resolver of the agent's own, which the shim's `getaddrinfo`
+/// never saw, so the request it was for goes to the provider's real address with the
+/// placeholder, around the broker (here, with no outside network, it fails silently). Each
+/// as the strace line, decoded and cut short. (Connections to other hosts go out directly,
+/// as they should: opencode, for one, fetches from the npm registry.)
+fn bypasses(trace: &[u8], host: &str) -> Vec<String> {
+    // The hostname as a DNS query carries it: length-prefixed labels.
+    let mut wire = Vec::new();
+    for label in host.split('.') {
+        wire.push(label.len() as u8);
+        wire.extend_from_slice(label.as_bytes());
+    }
+    trace
+        .split(|&b| b == b'\n')
+        .map(unhex)
+        .filter(|line| line.windows(wire.len()).any(|w| w == wire.as_slice()))
+        .map(|line| String::from_utf8_lossy(&line).chars().take(300).collect())
+        .collect()
+}
+
+/// `\xNN` escapes (strace's `-xx`) decoded into bytes.
+fn unhex(line: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(line.len());
+    let mut i = 0;
+    while i < line.len() {
+        if line[i] == b'\\' && line.get(i + 1) == Some(&b'x') {
+            if let Some(byte) = line
+                .get(i + 2..i + 4)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(byte);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(line[i]);
+        i += 1;
+    }
+    out
+}
+
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
@@ -456,7 +525,7 @@ fn args(list: &[&str]) -> Vec<String> {
 const PROMPT: &str = "Reply with the single word pong.";
 
 /// Codex: `exec` is its non-interactive mode; the throwaway project is no git repo.
-fn codex_agent(program: &'static str) -> Agent {
+fn codex_agent(program: &'static str, trace: bool) -> Agent {
     Agent {
         name: "codex",
         provider: Provider::OpenAi,
@@ -471,6 +540,7 @@ fn codex_agent(program: &'static str) -> Agent {
                 .into(),
         )],
         must_not_print: vec![],
+        trace,
     }
 }
 
@@ -479,7 +549,7 @@ fn codex_agent(program: &'static str) -> Agent {
 #[test]
 #[ignore = "needs the shim's exec hook to give a static child (Codex's musl binary, started by its node launcher) HTTPS_PROXY and the run's CA bundle (issue 18, the lead's)"]
 fn codex() {
-    drive(codex_agent("agents/node_modules/.bin/codex"));
+    drive(codex_agent("agents/node_modules/.bin/codex", true));
 }
 
 /// Codex's static musl binary started directly: `broker run` sees a static program and
@@ -489,6 +559,7 @@ fn codex() {
 fn codex_binary_started_directly() {
     drive(codex_agent(
         "agents/node_modules/@openai/codex-linux-x64/vendor/x86_64-unknown-linux-musl/bin/codex",
+        false,
     ));
 }
 
@@ -511,6 +582,7 @@ fn claude_code() {
         ],
         files: vec![],
         must_not_print: vec![],
+        trace: true,
     });
 }
 
@@ -538,6 +610,7 @@ fn gemini_agent(must_not_print: Vec<&'static str>) -> Agent {
             .into(),
         )],
         must_not_print,
+        trace: true,
     }
 }
 
@@ -574,6 +647,7 @@ fn opencode() {
         ],
         files: vec![],
         must_not_print: vec![],
+        trace: true,
     });
 }
 
@@ -589,6 +663,7 @@ fn llm() {
         env: vec![("LLM_USER_PATH", "{HOME}/.llm".into())],
         files: vec![],
         must_not_print: vec![],
+        trace: true,
     });
 }
 
@@ -621,5 +696,37 @@ fn aider() {
         ],
         files: vec![],
         must_not_print: vec![],
+        trace: true,
     });
+}
+
+/// The bypass check finds what it looks for in real strace output: `getent hosts` resolves
+/// with glibc's own DNS client (no shim here), so its queries carry the hostname, and only
+/// that hostname's.
+#[test]
+fn the_bypass_check_sees_a_dns_query() {
+    let Some(strace) = broker_integration::which("strace") else {
+        panic!("strace is needed to check that no request went around the broker");
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let trace = dir.path().join("trace");
+    Command::new(strace)
+        .args(["-f", "-qq", "-xx", "-s", "256", "-o"])
+        .arg(&trace)
+        .args(["-e", "trace=connect,sendto,sendmsg,sendmmsg,write,writev"])
+        .args(["getent", "hosts", "api.anthropic.com"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("strace");
+    let trace = std::fs::read(&trace).expect("trace");
+    let found = bypasses(&trace, "api.anthropic.com");
+    assert!(
+        found.iter().any(|l| l.contains("send")),
+        "no DNS query found: {found:#?}"
+    );
+    assert!(
+        bypasses(&trace, "api.openai.com").is_empty(),
+        "a query for another host matched"
+    );
 }
