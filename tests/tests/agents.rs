@@ -547,7 +547,6 @@ fn codex_agent(program: &'static str, trace: bool) -> Agent {
 /// Codex through its npm launcher (`codex` is `bin/codex.js`, which starts the package's
 /// static musl binary): the way npm users start it.
 #[test]
-#[ignore = "needs the shim's exec hook to give a static child (Codex's musl binary, started by its node launcher) HTTPS_PROXY and the run's CA bundle (issue 18, the lead's)"]
 fn codex() {
     drive(codex_agent("agents/node_modules/.bin/codex", true));
 }
@@ -587,8 +586,9 @@ fn claude_code() {
 }
 
 /// Gemini CLI's prompt mode, with the API key as its auth.
-fn gemini_agent(must_not_print: Vec<&'static str>) -> Agent {
-    Agent {
+#[test]
+fn gemini_cli() {
+    drive(Agent {
         name: "gemini",
         provider: Provider::Gemini,
         program: "agents/node_modules/.bin/gemini",
@@ -609,24 +609,11 @@ fn gemini_agent(must_not_print: Vec<&'static str>) -> Agent {
 }"#
             .into(),
         )],
-        must_not_print,
+        // It warns on every run when both of Google's variables are set, as they were when
+        // broker put placeholders in both.
+        must_not_print: vec!["Both GOOGLE_API_KEY and GEMINI_API_KEY are set"],
         trace: true,
-    }
-}
-
-#[test]
-fn gemini_cli() {
-    drive(gemini_agent(vec![]));
-}
-
-/// Gemini CLI warns on every run when both of Google's variables are set, as they are when
-/// both hold placeholders: the broker should give it one.
-#[test]
-#[ignore = "needs the provider env var fix (issue 18, the lead's): broker sets both GEMINI_API_KEY and GOOGLE_API_KEY"]
-fn gemini_cli_does_not_warn_about_two_keys() {
-    drive(gemini_agent(vec![
-        "Both GOOGLE_API_KEY and GEMINI_API_KEY are set",
-    ]));
+    });
 }
 
 /// opencode's `run`, with OpenAI as its provider.
