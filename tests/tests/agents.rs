@@ -11,7 +11,11 @@
 //!   from `/proc/<pid>/environ`, as an attacker with the agent's uid could) or command line
 //!   holds the real key, and the agent's own processes hold the placeholder in the
 //!   provider's variable;
-//! - nothing the agent printed holds the key.
+//! - nothing the agent printed holds the key;
+//! - every request the fake provider answered is one audited credential use;
+//! - no process resolved the provider's hostname itself (a DNS query for it, seen by
+//!   `strace`): a resolver that bypasses the shim's `getaddrinfo` sends its requests around
+//!   the broker, with the placeholder.
 //!
 //! Each agent gets a throwaway HOME, with its telemetry, update checks and anything else
 //! that would reach past the fake provider turned off by its own variables or config files:
@@ -28,7 +32,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use broker_integration::fake_llm::{FakeLlm, Provider};
-use broker_integration::{contains, preset_ca_vars, shim_lib, target_dir, Home, TestCa};
+use broker_integration::{
+    contains, count_events, preset_ca_vars, shim_lib, target_dir, Home, TestCa,
+};
 
 // Throwaway keys in each provider's real format (never printed: messages name the key's
 // presence, not its value).
@@ -312,6 +318,19 @@ fn drive(agent: Agent) {
                 }
             }
         }
+        // Every request the fake answered used the key once, and the audit says so (the
+        // broker writes it in batches, a moment after the request).
+        let total = fake.requests().len();
+        let audit = home.audit_until(|a| count_events(a, "credential_use") >= total);
+        assert_eq!(
+            count_events(&audit, "credential_use"),
+            total,
+            "{case}: credential uses audited, against requests the fake provider answered\n{report}"
+        );
+        assert!(
+            !audit.contains(key),
+            "{case}: the real key is in the audit log"
+        );
         let mut programs = BTreeMap::<&str, usize>::new();
         for p in &agent_procs {
             *programs.entry(p.exe.as_str()).or_default() += 1;
