@@ -216,7 +216,14 @@ fn drive(agent: Agent) {
             if preset { "preset" } else { "scrubbed" }
         );
         let requests: Vec<_> = fake.requests().into_iter().skip(before).collect();
-        let paths: Vec<String> = fake.paths().into_iter().skip(before).collect();
+        // What the CLI asked for, and where it carried the key (never the key itself).
+        let paths: Vec<String> = fake
+            .paths()
+            .into_iter()
+            .skip(before)
+            .zip(&requests)
+            .map(|(path, req)| format!("{path} [{}]", provider.credential_summary(req, key)))
+            .collect();
         println!("{case}: requests to the fake provider: {paths:#?}");
         // For finding out what a new version of a CLI sends: each request's body, to files.
         if let Some(dir) = std::env::var_os("BROKER_TEST_AGENTS_DUMP") {
