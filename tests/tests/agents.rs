@@ -501,12 +501,14 @@ fn inspect(pid: u32) -> Option<Proc> {
     })
 }
 
-/// DNS queries for the provider's `host` in strace's record of the agent (`-xx`: every
-/// string's bytes as `\xNN`): a resolver of the agent's own, which the shim's `getaddrinfo`
-/// never saw, so the request it was for goes to the provider's real address with the
-/// placeholder, around the broker (here, with no outside network, it fails silently). Each
-/// as the strace line, decoded and cut short. (Connections to other hosts go out directly,
-/// as they should: opencode, for one, fetches from the npm registry.)
+/// DNS queries for the provider's `host` sent to port 53, in strace's record of the agent
+/// (`-xx`: every string's bytes as `\xNN`): a resolver of the agent's own, which the
+/// shim's `getaddrinfo` never saw, asked a real DNS server (a loopback stub such as
+/// systemd-resolved's counts), so the request it was for goes to the provider's real
+/// address with the placeholder, around the broker (here, with no outside network, it fails
+/// silently). A query the shim steers to the broker shows the broker's port instead. Each as
+/// the strace line, decoded and cut short. (Connections to other hosts go out directly, as
+/// they should: opencode, for one, fetches from the npm registry.)
 fn bypasses(trace: &[u8], host: &str) -> Vec<String> {
     // The hostname as a DNS query carries it: length-prefixed labels.
     let mut wire = Vec::new();
@@ -514,12 +516,45 @@ fn bypasses(trace: &[u8], host: &str) -> Vec<String> {
         wire.push(label.len() as u8);
         wire.extend_from_slice(label.as_bytes());
     }
-    trace
-        .split(|&b| b == b'\n')
-        .map(unhex)
-        .filter(|line| line.windows(wire.len()).any(|w| w == wire.as_slice()))
-        .map(|line| String::from_utf8_lossy(&line).chars().take(300).collect())
-        .collect()
+    // The port each socket was last connected to, by fd (threads share their fds; a number
+    // reused by another process is overwritten by its own connect first).
+    let mut connected: BTreeMap<u64, Option<u16>> = BTreeMap::new();
+    let mut found = Vec::new();
+    for line in trace.split(|&b| b == b'\n') {
+        let line = unhex(line);
+        let text = String::from_utf8_lossy(&line);
+        // "<pid> <syscall>(<fd>, ..."
+        let Some((call, rest)) = text
+            .trim_start_matches(|c: char| c.is_ascii_digit() || c == ' ')
+            .split_once('(')
+        else {
+            continue;
+        };
+        let fd = rest
+            .split(',')
+            .next()
+            .and_then(|f| f.trim().parse::<u64>().ok());
+        let port = text
+            .split_once("_port=htons(")
+            .and_then(|(_, p)| p.split(')').next())
+            .and_then(|p| p.parse::<u16>().ok());
+        if call == "connect" {
+            if let Some(fd) = fd {
+                connected.insert(fd, port);
+            }
+            continue;
+        }
+        if !line.windows(wire.len()).any(|w| w == wire.as_slice()) {
+            continue;
+        }
+        // The destination named in the send itself, else the socket's.
+        let to = port.or_else(|| fd.and_then(|fd| connected.get(&fd).copied().flatten()));
+        // Unknown (a socket connected before the trace began) counts as a real resolver.
+        if to.is_none_or(|p| p == 53) {
+            found.push(text.chars().take(300).collect());
+        }
+    }
+    found
 }
 
 /// `\xNN` escapes (strace's `-xx`) decoded into bytes.
@@ -714,8 +749,8 @@ fn aider() {
 }
 
 /// The bypass check finds what it looks for in real strace output: `getent hosts` resolves
-/// with glibc's own DNS client (no shim here), so its queries carry the hostname, and only
-/// that hostname's.
+/// with glibc's own DNS client (no shim here), so its queries to port 53 carry the hostname,
+/// and only that hostname's.
 #[test]
 fn the_bypass_check_sees_a_dns_query() {
     let Some(strace) = broker_integration::which("strace") else {
@@ -741,5 +776,12 @@ fn the_bypass_check_sees_a_dns_query() {
     assert!(
         bypasses(&trace, "api.openai.com").is_empty(),
         "a query for another host matched"
+    );
+    // The same queries steered to a responder on another port (as the shim would steer them
+    // to the broker) are not a bypass.
+    let steered = String::from_utf8_lossy(&trace).replace("htons(53)", "htons(40053)");
+    assert!(
+        bypasses(steered.as_bytes(), "api.anthropic.com").is_empty(),
+        "a query to a port other than 53 matched"
     );
 }
