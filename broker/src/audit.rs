@@ -727,10 +727,19 @@ pub fn verify(
             reason: format!("{} is not a regular file", path.display()),
         });
     }
+    verify_reader(io::BufReader::new(file), key, head)
+}
+
+/// [`verify`] over the log's bytes from `reader` (the file, opened and checked by `verify`).
+pub fn verify_reader(
+    reader: impl io::BufRead,
+    key: Option<&hmac::Key>,
+    head: Option<&AuditHead>,
+) -> Result<VerifyReport, AuditBroken> {
     // A head at seq 0 is a new vault's: no line needs to be there.
     let head = head.filter(|h| h.seq > 0);
     let mut walker = Walker::from_start(key, head.cloned());
-    let end = walker.walk(io::BufReader::new(file))?;
+    let end = walker.walk(reader)?;
     if end.torn.is_some() {
         return Err(AuditBroken {
             line: walker.line + 1,

@@ -275,9 +275,7 @@ async fn handle(
             .await
             .unwrap_or_else(|_| Err("the handover request did not arrive in time".into()))
             .and_then(|handover| from_handover(handover, &proxy, peer_pid)),
-        false => serde_json::from_str::<OpenRun>(&line)
-            .map_err(|_| "malformed request".into())
-            .map(|request| attributed_by_the_kernel(request, peer_pid)),
+        false => parse_open_run(&line).map(|request| attributed_by_the_kernel(request, peer_pid)),
     };
     drop(line);
     let reply = match request {
@@ -338,6 +336,11 @@ async fn handle(
         .remove(&slot);
 }
 
+/// A `broker run` request line. The error names no part of the line (it may hold keys).
+pub fn parse_open_run(line: &str) -> Result<OpenRun, String> {
+    serde_json::from_str::<OpenRun>(line).map_err(|_| "malformed request".into())
+}
+
 /// Read the rest of a shim's handover request (the magic line is already in `text`).
 async fn read_handover<R: tokio::io::AsyncBufRead + Unpin>(
     reader: &mut R,
@@ -369,7 +372,7 @@ fn from_handover(
             .catalog()
             .providers()
             .iter()
-            .find(|p| p.env.contains(&var));
+            .find(|p| p.key_vars().any(|v| *v == var));
         if let Some(provider) = provider {
             run_keys
                 .entry(provider.name.clone())

@@ -74,6 +74,8 @@ pub struct Instance {
     pub shim: ShimConfig,
     pub shim_config_path: PathBuf,
     pub denials: Option<DenialLog>,
+    /// The run's DNS responder (see [`crate::dns`]); stops when dropped.
+    pub dns: Option<crate::dns::Responder>,
 }
 
 /// Run slot of the first run of every instance. Each instance listens on its own port, so
@@ -113,6 +115,7 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
         shim: run.shim,
         shim_config_path: run.shim_config_path,
         denials: run.denials,
+        dns: run.dns,
     })
 }
 
@@ -123,6 +126,9 @@ pub struct OpenRun {
     pub shim_config_path: PathBuf,
     /// With `--deny-unlisted`: the shim's refusals, moved into the audit log.
     pub denials: Option<DenialLog>,
+    /// The run's DNS responder; `None` if it could not bind (the run works without it, for
+    /// every resolver that goes through `getaddrinfo`).
+    pub dns: Option<crate::dns::Responder>,
 }
 
 /// Open a run on `proxy` in `slot`, writing its CA and shim config into `runtime_dir`.
@@ -134,14 +140,20 @@ pub async fn open_run(
 ) -> anyhow::Result<OpenRun> {
     let catalog = proxy.catalog();
     let hosts = catalog.host_patterns();
-    let env = catalog
-        .providers()
-        .iter()
-        .filter(|p| spec.allow.as_ref().is_none_or(|a| a.contains(&p.name)))
+    let allowed = || {
+        catalog
+            .providers()
+            .iter()
+            .filter(|p| spec.allow.as_ref().is_none_or(|a| a.contains(&p.name)))
+    };
+    let env = allowed()
+        .flat_map(|p| p.env.iter().map(|var| (var.clone(), p.placeholder.clone())))
+        .collect();
+    let env_if_set = allowed()
         .flat_map(|p| {
-            p.env
+            p.env_if_set
                 .iter()
-                .map(move |var| (var.clone(), p.placeholder.clone()))
+                .map(|var| (var.clone(), p.placeholder.clone()))
         })
         .collect();
     let run_id = spec.id.clone();
@@ -163,10 +175,21 @@ pub async fn open_run(
         deny_unlisted: spec.deny_unlisted,
         ticket: ticket.clone(),
     };
+    let names = crate::dns::RunNames {
+        slot,
+        hosts: hosts.clone(),
+    };
     let listeners = proxy
         .open_run(run)
         .await
         .context("cannot open the broker's loopback listeners")?;
+    let dns = match crate::dns::start(names, proxy.dns_upstream()).await {
+        Ok(responder) => Some(responder),
+        Err(err) => {
+            tracing::warn!(%err, "no DNS responder for this run: resolvers that bypass getaddrinfo get real addresses");
+            None
+        }
+    };
 
     ensure_private_dir(runtime_dir)?;
     let ca_file = runtime_dir.join("ca.pem");
@@ -188,9 +211,11 @@ pub async fn open_run(
         deny_unlisted: spec.deny_unlisted,
         hosts,
         env,
+        env_if_set,
         connect_proxy: Some(listeners.connect_addr.to_string()),
         denial_log: denials.as_ref().map(|d| d.path().to_path_buf()),
         ticket: Some(ticket),
+        dns: dns.as_ref().map(|d| d.addr),
     };
     let shim_config_path = runtime_dir.join(broker_contract::DAEMON_SHIM_CONFIG_FILE);
     write_private_file(&shim_config_path, shim.render().as_bytes())?;
@@ -199,6 +224,7 @@ pub async fn open_run(
         shim,
         shim_config_path,
         denials,
+        dns,
     })
 }
 

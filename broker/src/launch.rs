@@ -97,25 +97,20 @@ mod tests {
     }
 }
 
-/// Variables that name a CA bundle, set for a program routed through the CONNECT listener.
-pub const CA_BUNDLE_VARS: &[&str] = &[
-    "SSL_CERT_FILE",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-    "GIT_SSL_CAINFO",
-    "NODE_EXTRA_CA_CERTS",
-    "AWS_CA_BUNDLE",
-];
+pub use broker_contract::CA_BUNDLE_VARS;
 
-/// The system bundle the merged bundle starts from: `$SSL_CERT_FILE` when set, else Debian's.
+/// The system bundle the merged bundle starts from: `$SSL_CERT_FILE` when set, else the
+/// distribution's.
 fn system_bundle() -> Option<Vec<u8>> {
     let configured = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
     configured
         .into_iter()
-        .chain([
-            PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
-            PathBuf::from("/etc/pki/tls/certs/ca-bundle.crt"),
-        ])
+        .chain(
+            broker_contract::SYSTEM_CA_BUNDLES
+                .iter()
+                .filter_map(|p| p.to_str().ok())
+                .map(PathBuf::from),
+        )
         .find_map(|p| std::fs::read(p).ok())
 }
 
@@ -127,6 +122,9 @@ fn system_bundle() -> Option<Vec<u8>> {
 /// curl, wget, git, Python (requests, httpx, aiohttp) and Go send it as `Proxy-Authorization:
 /// Basic` on CONNECT, which the listener requires. It is in the child's environment, which
 /// only the child's own tree (and the user, outside a sandbox) can read, like the shim config.
+///
+/// The shim's exec hooks give the same variables to such a program started from inside a run
+/// (`shim/src/hooks/exec.rs`).
 pub fn via_connect_proxy(
     command: &mut Command,
     proxy_addr: &str,
@@ -144,23 +142,9 @@ pub fn via_connect_proxy(
     for var in CA_BUNDLE_VARS {
         command.env(var, &path);
     }
-    let url = connect_proxy_url(proxy_addr, ticket);
+    let url = broker_contract::connect_proxy_url(proxy_addr, ticket);
     command.env("HTTPS_PROXY", &url).env("https_proxy", &url);
-    command.env_remove("LD_PRELOAD").env_remove(ENV_SHIM_CONFIG);
     Ok(())
-}
-
-/// The `HTTPS_PROXY` value for a run's CONNECT listener at `proxy_addr`.
-pub fn connect_proxy_url(proxy_addr: &str, ticket: Option<&broker_contract::Ticket>) -> String {
-    match ticket {
-        // Hex digits need no percent-encoding in a URL's userinfo.
-        Some(ticket) => format!(
-            "http://{}:{}@{proxy_addr}",
-            broker_contract::TICKET_PROXY_USER,
-            ticket.expose()
-        ),
-        None => format!("http://{proxy_addr}"),
-    }
 }
 
 /// Whether a program can take `libbroker.so` (a glibc build) in `LD_PRELOAD`.
@@ -168,9 +152,15 @@ pub fn connect_proxy_url(proxy_addr: &str, ticket: Option<&broker_contract::Tick
 pub enum Target {
     /// A dynamically linked glibc program (or a script run by one).
     Glibc,
-    /// Static, musl, or otherwise not a glibc program: preloading would do nothing or make it
-    /// fail to start; it gets the proxy variables instead.
-    NotPreloadable(String),
+    /// Static, musl, Go, or otherwise out of the shim's reach: it gets the proxy variables.
+    NotPreloadable {
+        /// What the program is, for the one line `broker run` prints.
+        why: String,
+        /// `LD_PRELOAD` stays, for the program's glibc children: a static or Go program
+        /// ignores it (or loads it harmlessly), while a dynamic musl program would fail to
+        /// start with a glibc library in it.
+        keep_preload: bool,
+    },
 }
 
 /// Look at `program` (resolved on `PATH`), following `#!` to the interpreter.
@@ -188,13 +178,12 @@ pub fn inspect_target(program: &Path) -> Target {
 }
 
 fn inspect_file(path: &Path, depth: u8) -> Target {
-    use broker_contract::elf;
-    // 1 KiB holds the headers (and the interpreter path) of ordinary programs.
-    let Ok(head) = read_head(path, 1024) else {
+    use broker_contract::elf::{self, Reach, Unreachable};
+    let Ok(head) = read_head(path, elf::HEAD_BYTES as u64) else {
         return Target::Glibc;
     };
-    match elf::inspect(&head) {
-        elf::Target::Script { interp, arg } if depth < 4 => {
+    let unreachable = match elf::reach(&head) {
+        Reach::Script { interp, arg } if depth < 4 => {
             let interp = PathBuf::from(String::from_utf8_lossy(interp).into_owned());
             let interp = if interp.ends_with("env") {
                 match arg
@@ -207,20 +196,27 @@ fn inspect_file(path: &Path, depth: u8) -> Target {
             } else {
                 interp
             };
-            inspect_file(&interp, depth + 1)
-        }
-        elf::Target::Static => {
-            Target::NotPreloadable(format!("{} is statically linked", path.display()))
-        }
-        elf::Target::Dynamic { interp } if !elf::is_glibc_loader(interp) => {
-            Target::NotPreloadable(format!(
-                "{} is linked against {} (not glibc)",
-                path.display(),
-                String::from_utf8_lossy(elf::basename(interp))
-            ))
+            return inspect_file(&interp, depth + 1);
         }
         // glibc programs, and anything unrecognised: the preload is harmless there.
-        _ => Target::Glibc,
+        Reach::Script { .. } | Reach::Preload => return Target::Glibc,
+        Reach::Proxy(unreachable) => unreachable,
+    };
+    let why = match unreachable {
+        Unreachable::Static => format!("{} is statically linked", path.display()),
+        Unreachable::Go => format!(
+            "{} is a Go program (it makes its own system calls)",
+            path.display()
+        ),
+        Unreachable::Loader(interp) => format!(
+            "{} is linked against {} (not glibc)",
+            path.display(),
+            String::from_utf8_lossy(elf::basename(interp))
+        ),
+    };
+    Target::NotPreloadable {
+        why,
+        keep_preload: unreachable.keeps_preload(),
     }
 }
 
@@ -257,7 +253,7 @@ mod target_tests {
         let path = dir.path().join("static");
         std::fs::write(&path, elf).expect("write");
         assert!(
-            matches!(inspect_target(&path), Target::NotPreloadable(why) if why.contains("statically linked"))
+            matches!(inspect_target(&path), Target::NotPreloadable { why, keep_preload: true } if why.contains("statically linked"))
         );
     }
 }

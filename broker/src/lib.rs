@@ -11,6 +11,7 @@ pub mod control;
 pub mod credential_command;
 pub mod credentials;
 pub mod denials;
+pub mod dns;
 pub mod form;
 pub mod hardening;
 pub mod home;

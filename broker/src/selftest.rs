@@ -26,6 +26,9 @@ use crate::vault::{CredentialKind, KeyConfig, KeySource, Vault};
 /// The host the origin plays.
 pub const HOST: &str = "api.openai.com";
 const URL: &str = "https://api.openai.com/v1/models";
+/// The repository the git probe lists; the origin answers its `info/refs` with [`GIT_REF`].
+const GIT_URL: &str = "https://api.openai.com/broker-self-test.git";
+const GIT_REF: &str = "8c7a1e0f4b3d2c1a0f9e8d7c6b5a493827161504\trefs/heads/main\n";
 /// A client that hangs is a failed check, not a hung command.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -62,6 +65,7 @@ impl SelfTest {
                     port: 443,
                     addr: origin.addr,
                 }],
+                dns: Vec::new(),
             },
             label: label.into(),
             limits: crate::proxy::Limits::default(),
@@ -142,6 +146,26 @@ impl SelfTest {
                 "fetch('{URL}',{{headers:{{authorization:'Bearer '+process.env.OPENAI_API_KEY}}}}).then(async r=>{{console.log(await r.text());process.exit(r.ok?0:1)}}).catch(e=>{{console.error(String(e));process.exit(2)}})"
             ));
             probes.push(self.probe("node", c, "node -e 'fetch(...)'", &shim));
+        }
+        if let Some(git) = launch::which("git") {
+            // git over HTTPS as it talks to a forge: the placeholder in an extra header, and
+            // the origin's `info/refs` answered in git's dumb-HTTP form (a ref list).
+            let mut c = Command::new(git);
+            c.args([
+                "-c",
+                &format!("http.extraHeader={bearer}"),
+                "ls-remote",
+                GIT_URL,
+            ])
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null");
+            probes.push(self.probe(
+                "git",
+                c,
+                &format!("git -c http.extraHeader=\"Authorization: Bearer $OPENAI_API_KEY\" ls-remote {GIT_URL}"),
+                &shim,
+            ));
         }
         if let Some(wget) = launch::which("wget") {
             let mut c = Command::new(wget);
@@ -357,7 +381,10 @@ async fn answer(
         .to_string();
     let ok = auth == format!("Bearer {key}");
     seen.lock().unwrap_or_else(|p| p.into_inner()).push(auth);
-    let (status, body) = if ok {
+    let git = req.uri().path().ends_with(".git/info/refs");
+    let (status, body) = if ok && git {
+        (http::StatusCode::OK, GIT_REF)
+    } else if ok {
         (
             http::StatusCode::OK,
             r#"{"object":"list","data":[{"id":"demo-model","object":"model"}]}"#,
@@ -372,7 +399,10 @@ async fn answer(
     *response.status_mut() = status;
     response.headers_mut().insert(
         "content-type",
-        http::HeaderValue::from_static("application/json"),
+        http::HeaderValue::from_static(match git {
+            true => "text/plain",
+            false => "application/json",
+        }),
     );
     Ok(response)
 }

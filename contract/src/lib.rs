@@ -11,7 +11,7 @@ pub mod elf;
 pub mod handover;
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 /// Path of the shim config file for this run. Set by `broker run` and the launchers; inherited
@@ -173,6 +173,9 @@ pub struct ShimConfig {
     pub hosts: Vec<String>,
     /// Environment variables the agent reads, with the placeholder to put there.
     pub env: Vec<(String, String)>,
+    /// Variables that get the placeholder only when they are set (a real key there is hidden);
+    /// unset ones stay unset. See the providers' `env_if_set`.
+    pub env_if_set: Vec<(String, String)>,
     /// Address of the broker's CONNECT proxy, for children the shim cannot preload.
     pub connect_proxy: Option<String>,
     /// File (0600, in the run's private directory) where the shim appends one line per
@@ -182,7 +185,54 @@ pub struct ShimConfig {
     /// The run's ticket, presented on every connection to the broker. `None` only in a config
     /// of a broker older than tickets (the shim then sends no preamble).
     pub ticket: Option<Ticket>,
+    /// The run's DNS responder (UDP and TCP, loopback): the shim steers the agent's port-53
+    /// traffic there, so resolvers that bypass `getaddrinfo` (c-ares in Node's `dns.resolve*`
+    /// and in Bun) get the run's fake addresses for managed names. `None` in a config of a
+    /// broker older than the responder (port-53 traffic then passes through).
+    pub dns: Option<SocketAddr>,
 }
+
+/// Variables that name a CA bundle, pointed at the run's merged bundle for a program that goes
+/// through the CONNECT listener (by `broker run` for its own child, by the shim's exec hooks
+/// for a child started inside a run).
+pub const CA_BUNDLE_VARS: &[&str] = &[
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "GIT_SSL_CAINFO",
+    "NODE_EXTRA_CA_CERTS",
+    "AWS_CA_BUNDLE",
+];
+
+/// Where distributions keep the system's CA bundle (Debian/Ubuntu, Fedora/RHEL, openSUSE,
+/// Alpine/Arch, RHEL's extracted bundle), most common first.
+pub const SYSTEM_CA_BUNDLES: &[&std::ffi::CStr] = &[
+    c"/etc/ssl/certs/ca-certificates.crt",
+    c"/etc/pki/tls/certs/ca-bundle.crt",
+    c"/etc/ssl/ca-bundle.pem",
+    c"/etc/ssl/cert.pem",
+    c"/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+];
+
+/// Prefix of the bundles the shim writes next to the run CA for children on the CONNECT
+/// fallback: `<prefix><hash of the bundle merged in>.pem`.
+pub const MERGED_BUNDLE_PREFIX: &str = "ssl-ca-";
+
+/// The `HTTPS_PROXY` value for a run's CONNECT listener at `proxy_addr`: the run's ticket as
+/// the password (`http://broker:<ticket>@addr`), which curl, wget, git, Python and Go send as
+/// `Proxy-Authorization: Basic` on CONNECT. Hex digits need no percent-encoding in userinfo.
+pub fn connect_proxy_url(proxy_addr: &str, ticket: Option<&Ticket>) -> String {
+    match ticket {
+        Some(ticket) => format!(
+            "http://{TICKET_PROXY_USER}:{}@{proxy_addr}",
+            ticket.expose()
+        ),
+        None => format!("http://{proxy_addr}"),
+    }
+}
+
+/// The port DNS clients send to; the shim steers traffic to it (see [`ShimConfig::dns`]).
+pub const DNS_PORT: u16 = 53;
 
 impl ShimConfig {
     /// The host index (1-based) of the first pattern matching `host`.
@@ -211,11 +261,17 @@ impl ShimConfig {
         if let Some(ticket) = &self.ticket {
             let _ = writeln!(out, "ticket {}", ticket.expose());
         }
+        if let Some(dns) = &self.dns {
+            let _ = writeln!(out, "dns {dns}");
+        }
         for host in &self.hosts {
             let _ = writeln!(out, "host {host}");
         }
         for (var, placeholder) in &self.env {
             let _ = writeln!(out, "env {var} {placeholder}");
+        }
+        for (var, placeholder) in &self.env_if_set {
+            let _ = writeln!(out, "env-if-set {var} {placeholder}");
         }
         out
     }
@@ -250,10 +306,15 @@ impl ShimConfig {
                 "connect-proxy" => cfg.connect_proxy = Some(value.to_string()),
                 "denial-log" => cfg.denial_log = Some(PathBuf::from(value)),
                 "ticket" => cfg.ticket = Some(Ticket::parse(value).ok_or(err("bad ticket"))?),
+                "dns" => cfg.dns = Some(value.parse().map_err(|_| err("bad dns address"))?),
                 "host" if !value.is_empty() => cfg.hosts.push(value.to_string()),
-                "env" => {
+                "env" | "env-if-set" => {
                     let (var, placeholder) = value.split_once(' ').ok_or(err("bad env line"))?;
-                    cfg.env.push((var.to_string(), placeholder.to_string()));
+                    let list = match key {
+                        "env" => &mut cfg.env,
+                        _ => &mut cfg.env_if_set,
+                    };
+                    list.push((var.to_string(), placeholder.to_string()));
                 }
                 _ => {}
             }
@@ -325,9 +386,11 @@ mod tests {
             deny_unlisted: true,
             hosts: vec!["api.openai.com".into(), "*.example.org".into()],
             env: vec![("OPENAI_API_KEY".into(), "sk-broker-placeholder".into())],
+            env_if_set: vec![("GOOGLE_API_KEY".into(), "AIza-placeholder".into())],
             connect_proxy: Some("127.0.0.1:40125".into()),
             denial_log: Some(PathBuf::from("/tmp/run/denials.log")),
             ticket: Some(Ticket::from_bytes(&[0xa5; TICKET_BYTES])),
+            dns: Some("127.0.0.1:40126".parse().expect("addr")),
         };
         let parsed = ShimConfig::parse(&cfg.render()).expect("parses");
         assert_eq!(parsed, cfg);
@@ -403,5 +466,17 @@ mod tests {
         );
         let unknown = format!("{CONFIG_MAGIC}\nslot 1\nport 2\nfuture-key 1\n");
         assert!(ShimConfig::parse(&unknown).is_ok());
+        let bad = format!("{CONFIG_MAGIC}\nslot 1\nport 2\ndns localhost\n");
+        assert_eq!(
+            ShimConfig::parse(&bad).expect_err("bad dns"),
+            ConfigError {
+                line: 4,
+                what: "bad dns address"
+            }
+        );
+        // A config without a responder (an older broker's) parses, with port-53 traffic
+        // left alone.
+        let old = format!("{CONFIG_MAGIC}\nslot 1\nport 2\n");
+        assert_eq!(ShimConfig::parse(&old).expect("parses").dns, None);
     }
 }

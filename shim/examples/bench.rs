@@ -8,6 +8,8 @@
 //! config, managed host `api.openai.com`) and prints, as medians over several rounds:
 //! - pass-through `connect()` (to an unmanaged loopback address: the common case for every
 //!   connection a program makes that the broker does not manage), UDP and TCP;
+//! - a pass-through `sendto()` + `recvfrom()` pair (a datagram to the socket itself, with
+//!   addresses: what the DNS hooks add to every datagram that is not DNS);
 //! - `posix_spawn` of `/bin/true` and waiting for it: with the preload, the exec hook and the
 //!   child's constructor (every process of an agent's process tree pays this once);
 //! - `SSL_CTX_new()` through the global symbol (with the preload: the hook, which resolves the
@@ -30,6 +32,7 @@ use std::time::{Duration, Instant};
 
 const ROUNDS: usize = 7;
 const UDP_CONNECTS: u32 = 200_000;
+const DATAGRAMS: u32 = 100_000;
 const TCP_CONNECTS: u32 = 3_000;
 const SSL_CTXS: u32 = 2_000;
 const SPAWNS: u32 = 200;
@@ -60,6 +63,7 @@ fn shim_so() -> PathBuf {
 #[derive(Default, Clone, Copy)]
 struct Sample {
     udp_ns: f64,
+    datagram_ns: f64,
     tcp_ns: f64,
     ssl_ns: f64,
     ssl_first_ns: f64,
@@ -117,12 +121,15 @@ fn parent() {
         deny_unlisted: false,
         hosts: vec!["api.openai.com".into()],
         env: vec![],
+        env_if_set: vec![],
         connect_proxy: None,
         denial_log: None,
         // As the broker writes it (pass-through connects never use it).
         ticket: Some(broker_contract::Ticket::from_bytes(
             &[1; broker_contract::TICKET_BYTES],
         )),
+        // As the broker writes it: every connect and send also checks for port 53.
+        dns: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9))),
     };
     let config = dir.join("shim.conf");
     std::fs::write(&config, cfg.render()).expect("config");
@@ -189,8 +196,9 @@ fn parent() {
         "", "no preload", "preload", "ratio"
     );
     type Field = fn(&Sample) -> f64;
-    let rows: [(&str, Field); 5] = [
+    let rows: [(&str, Field); 6] = [
         ("connect() UDP, unmanaged loopback", |s| s.udp_ns),
+        ("sendto() + recvfrom() UDP, to itself", |s| s.datagram_ns),
         ("connect() TCP, unmanaged loopback", |s| s.tcp_ns),
         ("SSL_CTX_new() (+ CA added with preload)", |s| s.ssl_ns),
         ("SSL_CTX_new() first call (CA parsed)", |s| s.ssl_first_ns),
@@ -229,6 +237,7 @@ fn parse_sample(text: &str) -> Sample {
         let v: f64 = v.trim().parse().unwrap_or(f64::NAN);
         match k {
             "udp_ns" => s.udp_ns = v,
+            "datagram_ns" => s.datagram_ns = v,
             "tcp_ns" => s.tcp_ns = v,
             "ssl_ns" => s.ssl_ns = v,
             "ssl_first_ns" => s.ssl_first_ns = v,
@@ -245,6 +254,7 @@ fn parse_sample(text: &str) -> Sample {
 
 fn child() {
     println!("udp_ns {:.1}", udp_connect_ns());
+    println!("datagram_ns {:.1}", datagram_ns());
     println!("tcp_ns {:.1}", tcp_connect_ns());
     let (first, each) = ssl_ctx_new_ns();
     println!("ssl_first_ns {first:.1}");
@@ -366,6 +376,55 @@ fn udp_connect_ns() -> f64 {
         let t = start.elapsed();
         libc::close(fd);
         per_op(t, UDP_CONNECTS)
+    }
+}
+
+/// One byte sent with `sendto()` to the socket's own address and read back with `recvfrom()`
+/// asking for the source: the two calls every datagram a program sends and receives with an
+/// address goes through (with the preload, the DNS hooks' port check and fd-table lookup).
+fn datagram_ns() -> f64 {
+    // SAFETY: plain socket/bind/getsockname/sendto/recvfrom/close calls on buffers and
+    // sockaddrs that outlive them.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        assert!(fd >= 0, "socket");
+        let mut me = loopback(0);
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(
+            libc::bind(fd, std::ptr::addr_of!(me).cast(), len),
+            0,
+            "bind"
+        );
+        assert_eq!(
+            libc::getsockname(fd, std::ptr::addr_of_mut!(me).cast(), &mut len),
+            0,
+            "getsockname"
+        );
+        let mut buf = [0u8; 16];
+        let start = Instant::now();
+        for _ in 0..DATAGRAMS {
+            libc::sendto(
+                fd,
+                buf.as_ptr().cast(),
+                1,
+                0,
+                std::ptr::addr_of!(me).cast(),
+                len,
+            );
+            let mut from: libc::sockaddr_in = std::mem::zeroed();
+            let mut from_len = len;
+            libc::recvfrom(
+                fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                std::ptr::addr_of_mut!(from).cast(),
+                &mut from_len,
+            );
+        }
+        let t = start.elapsed();
+        libc::close(fd);
+        per_op(t, DATAGRAMS)
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
-use broker_contract::{decode_fake_ipv4, fake_ipv4, ShimConfig};
+use broker_contract::{decode_fake_ipv4, fake_ipv4, ShimConfig, DNS_PORT};
 
 /// What to do with one `connect()`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +16,10 @@ pub enum Connect {
     Bypass(Bypass),
     /// Fail with `ECONNREFUSED` without connecting anywhere.
     Refuse(Refuse),
+    /// DNS (port 53, UDP or TCP): call the real `connect` with the run's DNS responder
+    /// instead, without a ticket (plain DNS), and remember the original server for the fd so
+    /// answers can be reported as coming from it ([`reply_source`]).
+    Dns(SocketAddr),
 }
 
 /// Why a connect is left alone.
@@ -23,7 +27,8 @@ pub enum Connect {
 pub enum Bypass {
     /// Not an IPv4/IPv6 destination (unix sockets, `AF_UNSPEC` dissociation, ...).
     NotIp,
-    /// Not `SOCK_STREAM`: UDP (DNS included) and raw sockets are never touched.
+    /// Not `SOCK_STREAM`: UDP and raw sockets are not rerouted to the broker's TLS listeners
+    /// (DNS to port 53 is steered to the run's responder instead, see [`Connect::Dns`]).
     NotStream,
     /// A destination the broker does not manage, and egress is not restricted.
     Unmanaged,
@@ -104,12 +109,78 @@ pub fn decide_connect(
                 }
             }
         }
-        None if !cfg.deny_unlisted => Connect::Bypass(Bypass::Unmanaged),
-        None if is_local(dest.ip()) => Connect::Bypass(Bypass::Local),
-        None => match facts().stream {
-            true => Connect::Refuse(Refuse::Unlisted),
-            false => Connect::Bypass(Bypass::NotStream),
+        None => match (cfg.dns, dest.port()) {
+            (Some(responder), DNS_PORT) => {
+                let facts = facts();
+                match dns_target(responder, dest, facts.v6only) {
+                    Some(to) => Connect::Dns(to),
+                    None => unmanaged(cfg, dest, || facts),
+                }
+            }
+            _ => unmanaged(cfg, dest, facts),
         },
+    }
+}
+
+/// A destination the broker does not manage: refused only under `deny_unlisted`, for TCP
+/// to somewhere other than this host.
+fn unmanaged(cfg: &ShimConfig, dest: SocketAddr, facts: impl FnOnce() -> SocketFacts) -> Connect {
+    if !cfg.deny_unlisted {
+        return Connect::Bypass(Bypass::Unmanaged);
+    }
+    if is_local(dest.ip()) {
+        return Connect::Bypass(Bypass::Local);
+    }
+    match facts().stream {
+        true => Connect::Refuse(Refuse::Unlisted),
+        false => Connect::Bypass(Bypass::NotStream),
+    }
+}
+
+/// Where DNS traffic to `dest` (port 53) goes instead: the run's `responder`, in the family of
+/// the agent's socket (v4-mapped for an `AF_INET6` socket). `None` for an `IPV6_V6ONLY`
+/// socket, which cannot reach the IPv4 responder (its traffic passes through), and for the
+/// responder itself.
+pub fn dns_target(responder: SocketAddr, dest: SocketAddr, v6only: bool) -> Option<SocketAddr> {
+    let SocketAddr::V4(r) = responder else {
+        return None; // the broker binds it on 127.0.0.1
+    };
+    if dest.port() != DNS_PORT || as_v4(dest.ip()) == Some(*r.ip()) && dest.port() == r.port() {
+        return None;
+    }
+    match dest {
+        SocketAddr::V4(_) => Some(responder),
+        SocketAddr::V6(_) if v6only => None,
+        SocketAddr::V6(_) => {
+            Some(SocketAddrV6::new(r.ip().to_ipv6_mapped(), r.port(), 0, 0).into())
+        }
+    }
+}
+
+/// The source address to report for a datagram a steered DNS socket received from `from`:
+/// the server the agent sent to (`original`), in `from`'s family, when `from` is the run's
+/// responder; `None` (report `from` as it is) for anything else. c-ares (Node, Bun) and
+/// glibc's resolver drop an answer whose source is not the server they asked.
+pub fn reply_source(
+    responder: SocketAddr,
+    from: SocketAddr,
+    original: SocketAddr,
+) -> Option<SocketAddr> {
+    let from_responder = as_v4(from.ip()) == as_v4(responder.ip())
+        && as_v4(from.ip()).is_some()
+        && from.port() == responder.port();
+    if !from_responder {
+        return None;
+    }
+    match (from, original) {
+        (SocketAddr::V4(_), SocketAddr::V4(_)) | (SocketAddr::V6(_), SocketAddr::V6(_)) => {
+            Some(original)
+        }
+        (SocketAddr::V6(_), SocketAddr::V4(o)) => {
+            Some(SocketAddrV6::new(o.ip().to_ipv6_mapped(), o.port(), 0, 0).into())
+        }
+        // An AF_INET socket cannot have sent to an IPv6 server.
+        (SocketAddr::V4(_), SocketAddr::V6(_)) => None,
     }
 }
 
@@ -152,9 +223,12 @@ mod tests {
             port6: 40001,
             deny_unlisted,
             hosts: vec!["api.openai.com".into(), "*.example.org".into()],
+            dns: Some(RESPONDER.parse().expect("addr")),
             ..Default::default()
         }
     }
+
+    const RESPONDER: &str = "127.0.0.1:40053";
 
     const TCP: SocketFacts = SocketFacts {
         stream: true,
@@ -251,12 +325,20 @@ mod tests {
             Connect::Refuse(Refuse::Unlisted)
         );
         assert_eq!(
-            decide_connect(&c, addr("[::ffff:8.8.8.8]:53"), || TCP),
+            decide_connect(&c, addr("[::ffff:8.8.8.8]:443"), || TCP),
             Connect::Refuse(Refuse::Unlisted)
         );
+        let no_dns = ShimConfig {
+            dns: None,
+            ..cfg(true)
+        };
         assert_eq!(
-            decide_connect(&c, addr("8.8.8.8:53"), || UDP),
+            decide_connect(&no_dns, addr("8.8.8.8:53"), || UDP),
             Connect::Bypass(Bypass::NotStream)
+        );
+        assert_eq!(
+            decide_connect(&no_dns, addr("8.8.8.8:53"), || TCP),
+            Connect::Refuse(Refuse::Unlisted)
         );
         assert_eq!(
             decide_connect(&c, addr("[::ffff:127.0.0.1]:80"), never),
@@ -266,6 +348,94 @@ mod tests {
             decide_connect(&c, addr("0.0.0.0:80"), never),
             Connect::Bypass(Bypass::Local)
         );
+    }
+
+    #[test]
+    fn dns_goes_to_the_responder_over_udp_and_tcp() {
+        let to: SocketAddr = RESPONDER.parse().expect("addr");
+        for deny in [false, true] {
+            for facts in [UDP, TCP] {
+                assert_eq!(
+                    decide_connect(&cfg(deny), addr("10.0.0.2:53"), || facts),
+                    Connect::Dns(to)
+                );
+            }
+        }
+        assert_eq!(
+            decide_connect(&cfg(false), addr("[2001:db8::53]:53"), || UDP),
+            Connect::Dns("[::ffff:127.0.0.1]:40053".parse().expect("addr"))
+        );
+        // A v6-only socket cannot reach the responder: left alone, or refused as any TCP.
+        assert_eq!(
+            decide_connect(&cfg(false), addr("[2001:db8::53]:53"), || TCP6ONLY),
+            Connect::Bypass(Bypass::Unmanaged)
+        );
+        assert_eq!(
+            decide_connect(&cfg(true), addr("[2001:db8::53]:53"), || TCP6ONLY),
+            Connect::Refuse(Refuse::Unlisted)
+        );
+        // Other ports, no responder in the config: untouched, and the socket is not asked.
+        assert_eq!(
+            decide_connect(&cfg(false), addr("10.0.0.2:5353"), never),
+            Connect::Bypass(Bypass::Unmanaged)
+        );
+        let old = ShimConfig {
+            dns: None,
+            ..cfg(false)
+        };
+        assert_eq!(
+            decide_connect(&old, addr("10.0.0.2:53"), never),
+            Connect::Bypass(Bypass::Unmanaged)
+        );
+        // A fake address of this run on port 53 is still the broker's TCP listener.
+        assert_eq!(
+            decide_connect(&cfg(false), addr("127.77.7.1:53"), || TCP),
+            Connect::Redirect("127.77.7.1:40000".parse().expect("addr"))
+        );
+    }
+
+    #[test]
+    fn dns_target_never_loops_to_itself() {
+        let r: SocketAddr = RESPONDER.parse().expect("addr");
+        assert_eq!(
+            dns_target(r, "127.0.0.1:40053".parse().expect("a"), false),
+            None
+        );
+        assert_eq!(
+            dns_target(r, "127.0.0.53:53".parse().expect("a"), false),
+            Some(r)
+        );
+        assert_eq!(
+            dns_target(r, "1.1.1.1:443".parse().expect("a"), false),
+            None
+        );
+    }
+
+    #[test]
+    fn replies_from_the_responder_name_the_original_server() {
+        let r: SocketAddr = RESPONDER.parse().expect("addr");
+        let server: SocketAddr = "10.0.0.2:53".parse().expect("addr");
+        assert_eq!(reply_source(r, r, server), Some(server));
+        // An AF_INET6 socket sees the responder v4-mapped and gets the server v4-mapped.
+        assert_eq!(
+            reply_source(r, "[::ffff:127.0.0.1]:40053".parse().expect("a"), server),
+            Some("[::ffff:10.0.0.2]:53".parse().expect("a"))
+        );
+        let server6: SocketAddr = "[2001:db8::53]:53".parse().expect("addr");
+        assert_eq!(
+            reply_source(r, "[::ffff:127.0.0.1]:40053".parse().expect("a"), server6),
+            Some(server6)
+        );
+        // Anything else is reported as it is.
+        assert_eq!(
+            reply_source(r, "127.0.0.1:40054".parse().expect("a"), server),
+            None
+        );
+        assert_eq!(
+            reply_source(r, "10.0.0.9:53".parse().expect("a"), server),
+            None
+        );
+        assert_eq!(reply_source(r, r, server6), None);
     }
 
     #[test]

@@ -28,17 +28,29 @@ pub enum Placeholder {
     Hide { var: String, placeholder: String },
 }
 
+/// The managed variables of a run: `(variable, placeholder, set when unset)`. The config's
+/// `env` ones are set when unset; its `env_if_set` ones only replaced when set.
+pub fn managed_vars(cfg: &ShimConfig) -> Vec<(String, String, bool)> {
+    let set = cfg.env.iter().map(|(v, p)| (v.clone(), p.clone(), true));
+    let if_set = cfg
+        .env_if_set
+        .iter()
+        .map(|(v, p)| (v.clone(), p.clone(), false));
+    set.chain(if_set).collect()
+}
+
 /// Plan the placeholder variables. A variable already holding its placeholder, or empty
 /// (deliberately cleared), is left alone.
 pub fn plan_placeholders(
-    env: &[(String, String)],
+    env: &[(String, String, bool)],
     get: &dyn Fn(&str) -> Option<OsString>,
 ) -> Vec<Placeholder> {
     env.iter()
-        .filter_map(|(var, placeholder)| {
+        .filter_map(|(var, placeholder, set_when_unset)| {
             let (var, placeholder) = (var.clone(), placeholder.clone());
             let value = get(&var);
             let action = match &value {
+                None if !set_when_unset => None,
                 None => Some(Placeholder::Set { var, placeholder }),
                 Some(v) if v.is_empty() || v == OsStr::new(&placeholder) => None,
                 Some(_) => Some(Placeholder::Hide { var, placeholder }),
@@ -69,10 +81,14 @@ pub fn plan_node_ca(current: Option<&OsStr>, ca_file: &Path) -> NodeCa {
         return NodeCa::SetToCa;
     };
     let current = Path::new(current);
+    // Ours: a Node bundle, or the bundle the exec hooks merged for a child on the CONNECT
+    // fallback (it holds the run CA too).
     let merged_here = current.parent() == ca_file.parent()
-        && current
-            .file_name()
-            .is_some_and(|n| n.as_bytes().starts_with(NODE_BUNDLE_PREFIX.as_bytes()));
+        && current.file_name().is_some_and(|n| {
+            [NODE_BUNDLE_PREFIX, broker_contract::MERGED_BUNDLE_PREFIX]
+                .iter()
+                .any(|prefix| n.as_bytes().starts_with(prefix.as_bytes()))
+        });
     if current == ca_file || merged_here {
         NodeCa::Keep
     } else {
@@ -95,7 +111,7 @@ pub fn merge_bundle(old: &[u8], ca: &[u8]) -> Vec<u8> {
 }
 
 /// FNV-1a, 64 bits: a stable name for the merged bundle of one old bundle path.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
@@ -134,7 +150,7 @@ fn write_node_bundle(old: &Path, ca_file: &Path) -> std::io::Result<PathBuf> {
 /// Values that cannot travel in a handover line (see [`value_fits`]) are left out: they are
 /// still hidden, just not handed over.
 pub fn real_keys(
-    env: &[(String, String)],
+    env: &[(String, String, bool)],
     get: &dyn Fn(&str) -> Option<OsString>,
 ) -> Vec<(String, String)> {
     plan_placeholders(env, get)
@@ -169,7 +185,7 @@ pub struct Handed {
 /// reading.
 pub unsafe fn apply(cfg: &ShimConfig, handed: &Handed) {
     let get = |k: &str| std::env::var_os(k);
-    for action in plan_placeholders(&cfg.env, &get) {
+    for action in plan_placeholders(&managed_vars(cfg), &get) {
         match action {
             Placeholder::Set { var, placeholder } => {
                 // SAFETY: single-threaded, per this function's contract.
@@ -285,12 +301,38 @@ fn original_env_block() -> Option<(usize, usize)> {
 mod tests {
     use super::*;
 
-    /// `A_KEY`..`D_KEY` with placeholders `ph-a`..`ph-d`.
-    fn four_managed_vars() -> Vec<(String, String)> {
+    /// `A_KEY`..`D_KEY` with placeholders `ph-a`..`ph-d`, all set when unset.
+    fn four_managed_vars() -> Vec<(String, String, bool)> {
         ["a", "b", "c", "d"]
             .iter()
-            .map(|x| (format!("{}_KEY", x.to_uppercase()), format!("ph-{x}")))
+            .map(|x| (format!("{}_KEY", x.to_uppercase()), format!("ph-{x}"), true))
             .collect()
+    }
+
+    #[test]
+    fn if_set_variables_are_hidden_but_never_added() {
+        let cfg = ShimConfig {
+            env: vec![("GEMINI_API_KEY".into(), "ph-g".into())],
+            env_if_set: vec![
+                ("GOOGLE_API_KEY".into(), "ph-g".into()),
+                ("OTHER_KEY".into(), "ph-o".into()),
+            ],
+            ..ShimConfig::default()
+        };
+        let get = |k: &str| (k == "OTHER_KEY").then(|| OsString::from("real"));
+        assert_eq!(
+            plan_placeholders(&managed_vars(&cfg), &get),
+            vec![
+                Placeholder::Set {
+                    var: "GEMINI_API_KEY".into(),
+                    placeholder: "ph-g".into()
+                },
+                Placeholder::Hide {
+                    var: "OTHER_KEY".into(),
+                    placeholder: "ph-o".into()
+                },
+            ]
+        );
     }
 
     #[test]
@@ -340,6 +382,10 @@ mod tests {
         assert_eq!(plan_node_ca(Some(ca.as_os_str()), ca), NodeCa::Keep);
         assert_eq!(
             plan_node_ca(Some(OsStr::new("/run/broker/r1/node-ca-12.pem")), ca),
+            NodeCa::Keep
+        );
+        assert_eq!(
+            plan_node_ca(Some(OsStr::new("/run/broker/r1/ssl-ca-12.pem")), ca),
             NodeCa::Keep
         );
         assert_eq!(

@@ -8,7 +8,7 @@
 //! a child gets the environment without our entry in `LD_PRELOAD`. It runs unmanaged: its
 //! connections are not rerouted (requests to managed hosts carry only placeholders).
 
-pub use broker_contract::elf::{inspect, is_glibc_loader, Target};
+pub use broker_contract::elf::{reach, Reach, HEAD_BYTES};
 
 fn basename(path: &[u8]) -> &[u8] {
     path.rsplit(|&c| c == b'/').next().unwrap_or(path)

@@ -11,6 +11,9 @@
 //!   address it was reached on); with `deny_unlisted`, TCP to anywhere but loopback is refused.
 //!   Everything else passes through untouched. See [`decide`]. `sendto`/`sendmsg` with
 //!   `MSG_FASTOPEN` (TCP Fast Open connects as it sends) are routed the same way.
+//! - **DNS** (`connect`/`sendto`/`sendmsg` to port 53, `recvfrom`/`recvmsg`): resolvers that
+//!   bypass `getaddrinfo` (c-ares in Node and Bun) are steered to the run's DNS responder in the
+//!   broker, which answers managed names with the fake addresses; see [`hooks::dns`].
 //! - **TLS trust**: OpenSSL's `SSL_CTX_new`/`SSL_CTX_new_ex`/`SSL_CTX_set_cert_store` and
 //!   GnuTLS's `gnutls_certificate_allocate_credentials` add the run CA to each new store; Node,
 //!   which links OpenSSL statically, gets `NODE_EXTRA_CA_CERTS` (see [`env`](mod@env)).
@@ -18,7 +21,8 @@
 //!   key found there is replaced by its placeholder and scrubbed from `/proc/<pid>/environ`,
 //!   and with `broker serve` handed to it as this process tree's own run ([`handover`]).
 //! - **exec** (`execve`, `execv`, `execvp`, `execvpe`, `execl*`, `posix_spawn`, `posix_spawnp`): a
-//!   program that cannot load this library (musl) is started without it.
+//!   program out of this library's reach (static, Go, musl) gets the run's CONNECT fallback
+//!   (`HTTPS_PROXY` and a CA bundle), and one that cannot load it (musl) is started without it.
 //!
 //! # Why this crate needs `unsafe`
 //!
@@ -42,12 +46,12 @@
 //! # Children and what a preload cannot reach
 //!
 //! `LD_PRELOAD` and `BROKER_SHIM_CONFIG` are inherited, so every exec'd child of the agent is
-//! covered too. A glibc-built `libbroker.so` in `LD_PRELOAD` makes *dynamic musl* programs
-//! fail to start (exit 127), so the exec hooks ([`exec`]) start any program whose ELF
-//! interpreter is not glibc's without our `LD_PRELOAD` entry (it then runs unmanaged).
-//! Static binaries, Go programs (raw syscalls), io_uring, setuid programs and children started
-//! with a scrubbed environment are not reached by a preload: the broker's CONNECT proxy with
-//! `HTTPS_PROXY` is the launcher's fallback for those.
+//! covered too. Static binaries and Go programs (raw syscalls) ignore a preload, and a
+//! glibc-built `libbroker.so` makes *dynamic musl* programs fail to start (exit 127): the exec
+//! hooks ([`exec`], [`hooks::fallback`]) give such a child `HTTPS_PROXY` to the run's CONNECT
+//! listener and a CA bundle with the run CA, and start a musl one without our `LD_PRELOAD`
+//! entry. Not reached: io_uring, setuid programs, and children started with a scrubbed
+//! environment (or by a static program's own `execve`, which no preload sees).
 
 #![cfg_attr(test, allow(dead_code))]
 
@@ -59,6 +63,7 @@ pub mod config;
 pub mod decide;
 pub mod env;
 pub mod exec;
+pub mod fdtable;
 pub mod ffi;
 pub mod handover;
 pub mod hooks;
@@ -83,6 +88,7 @@ static CONSTRUCTOR: extern "C" fn() = constructor;
 
 fn init() {
     hooks::net::resolve_all();
+    hooks::dns::resolve_all();
     hooks::exec::resolve_all();
     let get = |k: &str| std::env::var_os(k);
     let location = config::locate(&get);
@@ -96,6 +102,7 @@ fn init() {
                 env::apply(&cfg, &handed);
                 env::set(ENV_SHIM_ACTIVE, b"1");
             }
+            hooks::fallback::prepare(&cfg);
             let _ = CONFIG.set(cfg);
         }
         Err(why) => {
@@ -137,7 +144,7 @@ fn hand_over_real_keys(
         );
     };
     let get = |k: &str| std::env::var_os(k);
-    let keys = env::real_keys(&cfg.env, &get);
+    let keys = env::real_keys(&env::managed_vars(&cfg), &get);
     // Hidden but not among `keys`: a value that cannot be sent.
     let unsendable = "its value has spaces or control characters".to_string();
     if keys.is_empty() {

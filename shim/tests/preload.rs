@@ -216,10 +216,12 @@ impl World {
             deny_unlisted: false,
             hosts: vec![HOST.into(), "*.example.org".into()],
             env: vec![("OPENAI_API_KEY".into(), PLACEHOLDER.into())],
+            env_if_set: vec![],
             connect_proxy: None,
             denial_log: None,
             // As the broker writes it: the origin then checks the preamble on every connection.
             ticket: Some(default_ticket()),
+            dns: None,
         };
         tweak(&mut cfg);
         let mut origin = Command::new(python);

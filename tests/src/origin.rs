@@ -66,6 +66,14 @@ pub enum Reply {
     /// Accept any other upgrade (`Upgrade: <protocol>`) and echo the raw bytes; to the line
     /// `whoami` it answers `you are <Authorization>` in two writes cut inside the key.
     RawEcho,
+    /// A status and a JSON body.
+    Json(u16, String),
+    /// 200 `text/event-stream`, each string sent as its own body chunk (a streamed model
+    /// answer).
+    Events(Vec<String>),
+    /// Accept a WebSocket upgrade; to every text message, answer with each of these strings
+    /// as a text message of its own (a model answer streamed over a WebSocket).
+    WebSocketEvents(Vec<String>),
     /// Drop the connection without answering.
     Reset,
     /// A status with this HTTP/1.1 reason phrase (instead of the canonical one), extra
@@ -236,6 +244,62 @@ async fn serve(
             .header("etag", "\"v1\"")
             .body(Full::new(Bytes::from(body)).boxed())
             .expect("response")),
+        Reply::Json(status, text) => Ok(Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(text)).boxed())
+            .expect("response")),
+        Reply::Events(events) => {
+            let stream = futures_util::stream::iter(
+                events
+                    .into_iter()
+                    .map(|e| Ok::<_, Infallible>(Frame::data(Bytes::from(e)))),
+            );
+            Ok(Response::builder()
+                .header("content-type", "text/event-stream")
+                .header("cache-control", "no-cache")
+                .body(BodyExt::boxed(StreamBody::new(stream)))
+                .expect("response"))
+        }
+        Reply::WebSocketEvents(events) => {
+            let key = request
+                .header("sec-websocket-key")
+                .unwrap_or_default()
+                .to_string();
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            tokio::spawn(async move {
+                use tokio_tungstenite::tungstenite::Message;
+                let Ok(upgraded) = upgrade.await else { return };
+                let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    tokio_tungstenite::tungstenite::protocol::Role::Server,
+                    None,
+                )
+                .await;
+                let (mut sink, mut stream) = ws.split();
+                while let Some(Ok(msg)) = stream.next().await {
+                    if msg.is_close() {
+                        break;
+                    }
+                    if !msg.is_text() {
+                        continue;
+                    }
+                    for event in &events {
+                        if sink.send(Message::text(event.clone())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            Ok(Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-accept", accept)
+                .body(Full::new(Bytes::new()).boxed())
+                .expect("response"))
+        }
         Reply::Sse {
             count,
             delivered,

@@ -166,6 +166,20 @@ import (
 )
 
 func main() {
+	// Only whether they are set: the proxy URL holds the run's ticket.
+	fmt.Fprintln(os.Stderr, "agent env: HTTPS_PROXY set:", os.Getenv("HTTPS_PROXY") != "",
+		"LD_PRELOAD set:", os.Getenv("LD_PRELOAD") != "")
+	// An unmanaged host first (the test's own CA): tunnelled untouched, verified with the
+	// bundle the agent had, merged with the run CA.
+	if len(os.Args) > 1 {
+		resp, err := http.Get(os.Args[1])
+		if err != nil {
+			fmt.Println("unmanaged error:", err)
+			os.Exit(5)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		fmt.Println("unmanaged:", resp.StatusCode, string(body))
+	}
 	req, _ := http.NewRequest("GET", "https://api.openai.com/v1/models", nil)
 	req.Header.Set("Authorization", "Bearer "+os.Getenv("OPENAI_API_KEY"))
 	resp, err := http.DefaultClient.Do(req)
@@ -181,20 +195,22 @@ func main() {
 }
 "#;
 
-#[test]
-fn a_static_go_binary_goes_through_the_connect_fallback() {
+/// Build [`GO_AGENT`] into `dir` (static with `cgo: false`, else a dynamic glibc program);
+/// `None` (and a SKIP line) without a Go toolchain.
+fn build_go_agent(dir: &std::path::Path, cgo: bool) -> Option<std::path::PathBuf> {
     let Some(go) = broker_integration::which("go") else {
-        eprintln!("SKIP: no Go toolchain (apt-get install golang-go); the static-binary case is not tested here");
-        return;
+        eprintln!(
+            "SKIP: no Go toolchain (apt-get install golang-go); the Go cases are not tested here"
+        );
+        return None;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("main.go"), GO_AGENT).expect("write");
+    std::fs::write(dir.join("main.go"), GO_AGENT).expect("write");
     let cache = broker_integration::target_dir().join("go-cache");
-    let bin = dir.path().join("static-agent");
+    let bin = dir.join(if cgo { "dynamic-agent" } else { "static-agent" });
     let mut build = Command::new(go);
     build
-        .current_dir(dir.path())
-        .env("CGO_ENABLED", "0")
+        .current_dir(dir)
+        .env("CGO_ENABLED", if cgo { "1" } else { "0" })
         .env("GOCACHE", &cache)
         .env("GOPATH", cache.join("gopath"))
         .env("GO111MODULE", "off")
@@ -207,6 +223,15 @@ fn a_static_go_binary_goes_through_the_connect_fallback() {
         "go build: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    Some(bin)
+}
+
+#[test]
+fn a_static_go_binary_goes_through_the_connect_fallback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(bin) = build_go_agent(dir.path(), false) else {
+        return;
+    };
 
     let ca = TestCa::new();
     let origin = openai_origin(&ca);
@@ -230,10 +255,112 @@ fn a_static_go_binary_goes_through_the_connect_fallback() {
         stdout.starts_with("200 models held: sk-broker-placeholder-openai"),
         "{stdout}"
     );
-    assert!(stderr.contains("statically linked"), "{stderr}");
+    assert!(stderr.contains("is a Go program"), "{stderr}");
     assert!(!contains(&out.stdout, OPENAI_KEY));
     assert_eq!(
         origin.requests()[0].header("authorization"),
         Some(format!("Bearer {OPENAI_KEY}").as_str())
     );
+}
+
+/// How a Go agent is started inside a run, each by a process that has the shim loaded: its
+/// exec hooks must give the Go child the CONNECT fallback (the Codex CLI's case: a Node
+/// launcher that starts a static Rust binary).
+const STARTERS: &[(&str, &[&str])] = &[
+    ("sh (execve)", &["sh", "-c", "exec \"$0\" \"$@\""]),
+    ("python (vfork + execve)", &["python3", "-c", "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"]),
+    ("node (libuv spawn)", &["node", "-e", "const r = require('child_process').spawnSync(process.argv[1], process.argv.slice(2), {stdio: 'inherit'}); process.exit(r.status ?? 1)"]),
+];
+
+/// `broker run -- <starter> <agent> [unmanaged url]` with the agent's CA variables as `ca_vars`
+/// sets them; asserts the agent reached both hosts and held only the placeholder.
+fn go_agent_started_inside_a_run(bin: &std::path::Path, ca_vars: &dyn Fn(&mut Command, &TestCa)) {
+    let ca = TestCa::new();
+    let origin = openai_origin(&ca);
+    let unmanaged = Origin::start(&ca, &["localhost"], |req| {
+        Reply::Text(
+            200,
+            format!("untouched, auth {:?}", req.header("authorization")),
+        )
+    });
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let unmanaged_url = format!("https://localhost:{}/", unmanaged.addr.port());
+    for (name, starter) in STARTERS {
+        if broker_integration::which(starter[0]).is_none() {
+            eprintln!("SKIP: {name}: no {} on PATH", starter[0]);
+            continue;
+        }
+        let mut cmd = home.broker();
+        ca_vars(&mut cmd, &ca);
+        cmd.args(["run", "--upstream-ca"])
+            .arg(&ca.pem_path)
+            .args([
+                "--resolve",
+                &format!("api.openai.com:443:{}", origin.addr),
+                "--",
+            ])
+            .args(*starter)
+            .arg(bin)
+            .arg(&unmanaged_url)
+            .stdin(Stdio::null());
+        let out = run_bounded(&mut cmd, Duration::from_secs(60));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {stdout}\n{stderr}");
+        assert!(
+            stdout.contains("unmanaged: 200 untouched, auth None"),
+            "{name}: the unmanaged host through the tunnel: {stdout}\n{stderr}"
+        );
+        assert!(
+            stdout.contains("200 models held: sk-broker-placeholder-openai"),
+            "{name}: {stdout}\n{stderr}"
+        );
+        // static and Go programs keep the preload for their own glibc children
+        assert!(
+            stderr.contains("HTTPS_PROXY set: true LD_PRELOAD set: true"),
+            "{name}: {stderr}"
+        );
+        assert!(!contains(&out.stdout, OPENAI_KEY) && !contains(&out.stderr, OPENAI_KEY));
+    }
+    let seen = origin.requests();
+    assert_eq!(seen.len(), STARTERS.len(), "one model call per starter");
+    for req in seen {
+        assert_eq!(
+            req.header("authorization"),
+            Some(format!("Bearer {OPENAI_KEY}").as_str())
+        );
+    }
+}
+
+#[test]
+fn a_go_binary_started_by_a_preloaded_process_gets_the_connect_fallback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(bin) = build_go_agent(dir.path(), false) else {
+        return;
+    };
+    // The agent's own CA file (a corporate bundle, here the test CA that signed the unmanaged
+    // origin) is merged with the run CA, not replaced.
+    go_agent_started_inside_a_run(&bin, &|cmd, ca| {
+        broker_integration::scrub(cmd);
+        cmd.env("SSL_CERT_FILE", &ca.pem_path);
+    });
+}
+
+#[test]
+fn a_dynamic_go_binary_is_reached_through_the_connect_fallback_too() {
+    // cgo: a glibc program that loads libbroker.so, but Go's own connect() never calls libc's.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(bin) = build_go_agent(dir.path(), true) else {
+        return;
+    };
+    let head = std::fs::read(&bin).expect("read agent");
+    assert!(
+        head.windows(b"ld-linux".len()).any(|w| w == b"ld-linux"),
+        "a dynamic glibc Go program"
+    );
+    go_agent_started_inside_a_run(&bin, &|cmd, ca| {
+        broker_integration::preset_ca_vars(cmd);
+        cmd.env("SSL_CERT_FILE", &ca.pem_path);
+    });
 }

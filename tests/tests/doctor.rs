@@ -31,7 +31,7 @@ fn doctor_passes_on_a_healthy_home_and_self_tests_each_runtime() {
     assert_eq!(status("libbroker.so").as_deref(), Some("ok"));
     assert_eq!(status("self-test: curl").as_deref(), Some("ok"), "{stdout}");
     // Every runtime found on this machine passes; none is silently missing from the table.
-    for name in ["curl", "python3", "node", "wget"] {
+    for name in ["curl", "python3", "node", "git", "wget"] {
         let s = status(&format!("self-test: {name}")).expect("each runtime is listed");
         assert!(s == "ok" || s == "skip", "{name}: {s}");
     }

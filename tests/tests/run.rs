@@ -286,3 +286,112 @@ fn codex_finds_the_openai_placeholder_in_codex_api_key() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Gemini CLI reads `GEMINI_API_KEY`; Google's SDKs read `GOOGLE_API_KEY` first and warn on
+/// every call when both are set. So only `GEMINI_API_KEY` gets the placeholder, and
+/// `GOOGLE_API_KEY` stays unset, unless the user set it: then a real key there is hidden and
+/// handed to the run like any other (the shim does the same for a bare `LD_PRELOAD`).
+#[test]
+fn gemini_gets_one_placeholder_variable_and_a_google_api_key_is_still_hidden() {
+    const GOOGLE_KEY: &str = "AIzaSyTestRealGoogleKeyForRunTest0123456";
+    let home = Home::new();
+    let script = "echo \"gemini=$GEMINI_API_KEY google=${GOOGLE_API_KEY-unset}\"";
+    let plain = run_bounded(
+        home.broker()
+            .env_remove("GOOGLE_API_KEY")
+            .env_remove("GEMINI_API_KEY")
+            .args(["run", "--", "sh", "-c", script])
+            .stdin(Stdio::null()),
+        Duration::from_secs(30),
+    );
+    let stdout = String::from_utf8_lossy(&plain.stdout);
+    assert!(
+        plain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    assert!(
+        stdout.contains("gemini=AIzaSy-broker-placeholder-gemini-")
+            && stdout.contains("google=unset"),
+        "{stdout}"
+    );
+
+    let with_key = run_bounded(
+        home.broker()
+            .env("GOOGLE_API_KEY", GOOGLE_KEY)
+            .args(["run", "--", "sh", "-c", script])
+            .stdin(Stdio::null()),
+        Duration::from_secs(30),
+    );
+    let stdout = String::from_utf8_lossy(&with_key.stdout);
+    let stderr = String::from_utf8_lossy(&with_key.stderr);
+    assert!(with_key.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("google=AIzaSy-broker-placeholder-gemini-"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("GOOGLE_API_KEY held a real gemini key"),
+        "{stderr}"
+    );
+    assert!(!contains(&with_key.stdout, GOOGLE_KEY) && !contains(&with_key.stderr, GOOGLE_KEY));
+}
+
+/// With only an OpenAI key stored, git and curl reach github.com (a managed host) as they
+/// would without broker: the broker forwards their anonymous requests untouched, no 401 of
+/// its own, with `--deny-unlisted` too (a provider's hosts are always allowed). git speaks the
+/// dumb HTTP protocol to this origin (a `text/plain` ref list), which `ls-remote` accepts.
+#[test]
+fn git_and_curl_reach_github_unchanged_when_no_github_credential_is_stored() {
+    const REF: &str = "1f0e3dad99908345f7439f8ffabdffc4b6f2d2e8";
+    let ca = TestCa::new();
+    let github = Origin::start(&ca, &["github.com"], |req| {
+        match (req.header("authorization"), req.target.as_str()) {
+            (Some(_), _) => broker_integration::Reply::Text(401, "unexpected credential".into()),
+            (None, t) if t.starts_with("/any/public-repo.git/info/refs") => {
+                broker_integration::Reply::Text(200, format!("{REF}\trefs/heads/main\n"))
+            }
+            (None, _) => broker_integration::Reply::Text(200, "github front page".into()),
+        }
+    });
+    let origin = openai_origin(&ca, OPENAI_KEY);
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let script = "git ls-remote https://github.com/any/public-repo.git && \
+                  curl -sS --fail-with-body https://github.com/";
+    for (preset, deny) in [(false, false), (true, false), (false, true)] {
+        let mut cmd = home.broker_run(&ca, "api.openai.com", origin.addr);
+        cmd.args(["--resolve", &format!("github.com:443:{}", github.addr)]);
+        if deny {
+            cmd.arg("--deny-unlisted");
+        }
+        cmd.args(["--", "sh", "-c", script])
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null");
+        if preset {
+            broker_integration::preset_ca_vars(&mut cmd);
+        }
+        let out = run_bounded(&mut cmd, Duration::from_secs(60));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "preset={preset} deny={deny}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("{REF}\trefs/heads/main")),
+            "{stdout}"
+        );
+        assert!(stdout.contains("github front page"), "{stdout}");
+    }
+    let seen = github.requests();
+    assert!(seen.len() >= 6, "{seen:?}");
+    assert!(seen.iter().all(|r| r.header("authorization").is_none()));
+    let audit = std::fs::read_to_string(home.path().join("audit.jsonl")).unwrap_or_default();
+    assert_eq!(
+        broker_integration::count_events(&audit, "credential_use"),
+        0,
+        "no credential was used: {audit}"
+    );
+}

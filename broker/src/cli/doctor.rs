@@ -310,7 +310,7 @@ fn self_tests() -> Vec<Check> {
                 result.detail,
             ));
         }
-        for missing in ["curl", "python3", "node", "wget"]
+        for missing in ["curl", "python3", "node", "git", "wget"]
             .iter()
             .filter(|n| !found.contains(n))
         {

@@ -147,11 +147,20 @@ pub struct UpstreamArgs {
         value_name = "HOST:PORT:ADDR"
     )]
     pub resolve: Vec<crate::proxy::ResolveOverride>,
+    /// Forward the agent's DNS queries for unmanaged names to ADDR:PORT instead of the
+    /// nameservers of /etc/resolv.conf (logged when on; refused inside a run).
+    #[arg(
+        long,
+        env = "BROKER_DNS_UPSTREAM",
+        value_delimiter = ',',
+        value_name = "ADDR:PORT"
+    )]
+    pub dns_upstream: Vec<std::net::SocketAddr>,
 }
 
 impl UpstreamArgs {
     pub fn is_empty(&self) -> bool {
-        self.upstream_ca.is_none() && self.resolve.is_empty()
+        self.upstream_ca.is_none() && self.resolve.is_empty() && self.dns_upstream.is_empty()
     }
 
     /// The settings, or an error when overrides were given to a process started inside a run.
@@ -159,13 +168,14 @@ impl UpstreamArgs {
         if !self.is_empty() {
             if let Some(why) = crate::hardening::inside_run() {
                 anyhow::bail!(
-                    "--upstream-ca and --resolve (BROKER_UPSTREAM_CA, BROKER_RESOLVE) are not taken from a process started inside a broker run ({why}): a program the agent starts could point a credential at a server of its own. Give them to a broker started outside any run."
+                    "--upstream-ca, --resolve and --dns-upstream (BROKER_UPSTREAM_CA, BROKER_RESOLVE, BROKER_DNS_UPSTREAM) are not taken from a process started inside a broker run ({why}): a program the agent starts could point a credential at a server of its own. Give them to a broker started outside any run."
                 );
             }
         }
         Ok(crate::proxy::UpstreamSettings {
             extra_ca: self.upstream_ca,
             resolve: self.resolve,
+            dns: self.dns_upstream,
         })
     }
 }

@@ -70,7 +70,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut drop_vars = Vec::new();
     let mut real_key_vars = Vec::new();
     for provider in catalog.providers() {
-        for var in &provider.env {
+        for var in provider.key_vars() {
             let Ok(value) = std::env::var(var) else {
                 continue;
             };
@@ -141,16 +141,29 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     for (var, placeholder) in &shim_config.env {
         command.env(var, placeholder);
     }
+    // Set only where the user had set them (a real key there was taken above).
+    for (var, placeholder) in &shim_config.env_if_set {
+        if std::env::var_os(var).is_some() || real_key_vars.contains(var) {
+            command.env(var, placeholder);
+        }
+    }
     match (&target, &shim) {
         (Target::Glibc, Some(lib)) => launch::preload(&mut command, lib, &shim_config_path),
         (Target::Glibc, None) => bail!(
             "libbroker.so not found next to the broker binary (or in $BROKER_SHIM_LIB): build the workspace ('cargo build --workspace') or set BROKER_SHIM_LIB"
         ),
-        (Target::NotPreloadable(why), _) => {
-            // The glibc shim would crash a musl program and do nothing for a static one: such
-            // a program goes through the CONNECT listener instead.
+        (Target::NotPreloadable { why, keep_preload }, _) => {
+            // The glibc shim would crash a musl program and do nothing for a static or Go one:
+            // such a program goes through the CONNECT listener instead. Where the preload is
+            // harmless it stays, so the program's glibc children are still covered.
             let proxy = shim_config.connect_proxy.as_deref().context("the broker offers no CONNECT listener")?;
             let dir = shim_config_path.parent().unwrap_or(std::path::Path::new("."));
+            match (keep_preload, &shim) {
+                (true, Some(lib)) => launch::preload(&mut command, lib, &shim_config_path),
+                _ => {
+                    command.env_remove("LD_PRELOAD").env_remove(broker_contract::ENV_SHIM_CONFIG);
+                }
+            }
             launch::via_connect_proxy(&mut command, proxy, shim_config.ticket.as_ref(), &shim_config.ca_file, dir)?;
             eprintln!("broker: {why}: it cannot take libbroker.so, so it gets HTTPS_PROXY={proxy} and a CA bundle instead");
         }

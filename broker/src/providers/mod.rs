@@ -222,7 +222,7 @@ impl Catalog {
                         ),
                     ));
                 }
-                if let Some(var) = p.env.iter().find(|v| earlier.env.contains(v)) {
+                if let Some(var) = p.key_vars().find(|v| earlier.key_vars().any(|e| e == *v)) {
                     return Err(ProviderError::conflict_at(
                         p,
                         "env",
@@ -376,8 +376,12 @@ pub struct Provider {
     /// Lowercase id: `openai`.
     pub name: String,
     pub display_name: String,
-    /// Env vars the official SDK/CLI reads the key from.
+    /// Env vars the official SDK/CLI reads the key from: set to the placeholder in every run.
     pub env: Vec<String>,
+    /// Env vars that may hold the key but need not be set (a client reads another of `env`
+    /// too, and warns when both are set): a value there is replaced by the placeholder, and
+    /// left unset otherwise.
+    pub env_if_set: Vec<String>,
     /// What the agent holds instead of the key.
     pub placeholder: String,
     /// Regex the real key (and the placeholder) must match, whole.
@@ -404,6 +408,7 @@ impl PartialEq for Provider {
         self.name == other.name
             && self.display_name == other.display_name
             && self.env == other.env
+            && self.env_if_set == other.env_if_set
             && self.placeholder == other.placeholder
             && self.key_pattern == other.key_pattern
             && self.auth == other.auth
@@ -414,6 +419,11 @@ impl PartialEq for Provider {
 }
 
 impl Provider {
+    /// Every env var that may hold this provider's key: `env`, then `env_if_set`.
+    pub fn key_vars(&self) -> impl Iterator<Item = &String> {
+        self.env.iter().chain(&self.env_if_set)
+    }
+
     /// Parse and validate one provider definition. `origin` is what errors name as the file
     /// (a path for custom files).
     pub fn from_toml(text: &str, origin: impl Into<Origin>) -> Result<Provider, ProviderError> {

@@ -20,6 +20,8 @@ struct RawProvider {
     display_name: Option<String>,
     #[serde(default)]
     env: Vec<Spanned<String>>,
+    #[serde(default)]
+    env_if_set: Vec<Spanned<String>>,
     placeholder: Spanned<String>,
     key_pattern: Spanned<String>,
     auth: Option<Spanned<AuthKind>>,
@@ -136,19 +138,25 @@ pub(super) fn parse_provider(text: &str, origin: Origin) -> Result<Provider, Pro
     }
 
     let mut env = Vec::with_capacity(raw.env.len());
-    for var in &raw.env {
-        let v = var.get_ref();
-        if !valid_env_name(v) {
-            return Err(cx.err(
-                Some(var.span()),
-                "env",
-                format!("'{v}' is not a valid environment variable name"),
-            ));
+    let mut env_if_set = Vec::with_capacity(raw.env_if_set.len());
+    for (field, list) in [("env", &raw.env), ("env_if_set", &raw.env_if_set)] {
+        for var in list {
+            let v = var.get_ref();
+            if !valid_env_name(v) {
+                return Err(cx.err(
+                    Some(var.span()),
+                    field,
+                    format!("'{v}' is not a valid environment variable name"),
+                ));
+            }
+            if env.contains(v) || env_if_set.contains(v) {
+                return Err(cx.err(Some(var.span()), field, format!("'{v}' is listed twice")));
+            }
+            match field {
+                "env" => env.push(v.clone()),
+                _ => env_if_set.push(v.clone()),
+            }
         }
-        if env.contains(v) {
-            return Err(cx.err(Some(var.span()), "env", format!("'{v}' is listed twice")));
-        }
-        env.push(v.clone());
     }
 
     let key_pattern = raw.key_pattern.get_ref();
@@ -234,6 +242,7 @@ pub(super) fn parse_provider(text: &str, origin: Origin) -> Result<Provider, Pro
         name: name.clone(),
         display_name: raw.display_name.unwrap_or_else(|| name.clone()),
         env,
+        env_if_set,
         placeholder: placeholder.clone(),
         key_pattern: key_pattern.clone(),
         auth,
@@ -570,11 +579,15 @@ fn key_before(text: &str, offset: usize) -> Option<String> {
         return None;
     }
     let key_end = before[..eq].trim_end();
+    // The key starts after the last character that cannot be in one (which may be several
+    // bytes long: a provider file may hold any UTF-8).
     let start = key_end
-        .rfind(|c: char| {
+        .char_indices()
+        .rev()
+        .find(|&(_, c)| {
             !(c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' || c == '"')
         })
-        .map_or(0, |i| i + 1);
+        .map_or(0, |(i, c)| i + c.len_utf8());
     let key = key_end[start..].trim_matches('"');
     (!key.is_empty()).then(|| key.to_string())
 }

@@ -882,3 +882,16 @@ fn placeholder_index_marks_every_provider_whose_placeholder_occurs() {
     assert_eq!(marks("a"), [false, false, false, false]);
     assert_eq!(marks(""), [false, false, false, false]);
 }
+
+/// Found by the property tests (fuzz/tests/props.rs): a file with a non-ASCII character just
+/// before a key made the error's "which key" lookup slice inside that character and panic.
+#[test]
+fn errors_in_files_with_non_ascii_text_are_reported_not_panics() {
+    let err = parse("\"\u{b01}=A ").expect_err("not a provider");
+    assert!(!err.to_string().is_empty());
+    let err = parse("name = \"é\"\nplaceholder=ü").expect_err("not a provider");
+    assert!(
+        err.to_string().contains(":2:") && err.to_string().contains("placeholder"),
+        "{err}"
+    );
+}

@@ -32,6 +32,39 @@ mod upgrade;
 pub mod upstream;
 mod ws_redact;
 
+/// Entry points for the fuzz targets and property tests (`fuzz/`): the response redactors,
+/// which are otherwise private to the proxy.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::sync::Arc;
+
+    /// What the streaming body redactor sends on for a body of `chunks` echoing `secret`.
+    pub fn redact_stream(secret: &[u8], chunks: &[&[u8]]) -> Vec<u8> {
+        let mut redactor = super::redact::StreamRedactor::new(Arc::new(
+            super::redact::Needles::for_secret(secret),
+        ));
+        let mut out = Vec::new();
+        for chunk in chunks {
+            redactor.feed(chunk, &mut out);
+        }
+        redactor.finish(&mut out);
+        out
+    }
+
+    /// What the WebSocket redactor sends on for upstream frame bytes arriving as `chunks`.
+    pub fn redact_ws(secret: &[u8], chunks: &[&[u8]]) -> Vec<u8> {
+        let mut redactor = super::ws_redact::FrameRedactor::new(Arc::new(
+            super::redact::Needles::for_secret(secret),
+        ));
+        let mut out = Vec::new();
+        for chunk in chunks {
+            redactor.feed(chunk, &mut out);
+        }
+        redactor.finish(&mut out);
+        out
+    }
+}
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -238,17 +271,24 @@ pub struct Proxy {
     audit: Arc<dyn AuditSink>,
     needles: redact::NeedleCache,
     caps: limits::Caps,
+    /// `--dns-upstream`: where the runs' DNS responders forward; empty: `/etc/resolv.conf`.
+    dns_upstream: Vec<SocketAddr>,
 }
 
 impl Proxy {
     pub fn new(settings: ProxySettings) -> anyhow::Result<Arc<Proxy>> {
-        if settings.upstream.extra_ca.is_some() || !settings.upstream.resolve.is_empty() {
+        if settings.upstream.extra_ca.is_some()
+            || !settings.upstream.resolve.is_empty()
+            || !settings.upstream.dns.is_empty()
+        {
             tracing::warn!(
                 extra_ca = ?settings.upstream.extra_ca,
                 resolve = ?settings.upstream.resolve,
-                "test-only upstream overrides are ON (--upstream-ca / --resolve)"
+                dns = ?settings.upstream.dns,
+                "test-only upstream overrides are ON (--upstream-ca / --resolve / --dns-upstream)"
             );
         }
+        let dns_upstream = settings.upstream.dns.clone();
         let hosts = settings.catalog.host_patterns();
         let ca = Arc::new(LocalCa::new(&hosts, &settings.label)?);
         let tls_server = listen::server_config(ca.clone())?;
@@ -263,6 +303,7 @@ impl Proxy {
             audit: settings.audit,
             needles: redact::NeedleCache::default(),
             caps: limits::Caps::new(settings.limits),
+            dns_upstream,
         }))
     }
 
@@ -282,6 +323,15 @@ impl Proxy {
     /// Where this broker's credentials come from.
     pub fn credentials(&self) -> Arc<dyn Credentials> {
         self.credentials.clone()
+    }
+
+    /// Where a run's DNS responder forwards the names it does not manage: the override, or
+    /// the system's nameservers as `/etc/resolv.conf` names them now.
+    pub fn dns_upstream(&self) -> Vec<SocketAddr> {
+        match self.dns_upstream.is_empty() {
+            true => crate::dns::upstream::system_nameservers(),
+            false => self.dns_upstream.clone(),
+        }
     }
 
     /// Open the listeners of one run and serve them until the returned handle is dropped.

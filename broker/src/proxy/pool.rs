@@ -464,6 +464,7 @@ mod tests {
                 port: 443,
                 addr: origin.addr,
             }],
+            dns: Vec::new(),
         }));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

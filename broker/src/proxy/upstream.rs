@@ -34,6 +34,9 @@ pub struct UpstreamSettings {
     pub extra_ca: Option<PathBuf>,
     /// Test only: fixed addresses for hosts (`--resolve`, `BROKER_RESOLVE`).
     pub resolve: Vec<ResolveOverride>,
+    /// Test only: the nameservers the runs' DNS responders forward to, instead of
+    /// `/etc/resolv.conf`'s (`--dns-upstream`, `BROKER_DNS_UPSTREAM`).
+    pub dns: Vec<SocketAddr>,
 }
 
 /// `HOST:PORT:ADDR` (like curl's `--resolve`) or `HOST:PORT:ADDR:PORT2` (connect elsewhere).
@@ -213,16 +216,9 @@ fn classify_tls(err: io::Error) -> ConnectError {
 /// could be pointed at a server of the agent's. Another CA for upstreams (a TLS-intercepting
 /// corporate proxy) is given with `--upstream-ca`, which is refused inside a run.
 fn system_roots() -> Vec<rustls_pki_types::CertificateDer<'static>> {
-    /// Debian/Ubuntu, Fedora/RHEL, openSUSE, Alpine/Arch/macOS-like, RHEL's extracted bundle.
-    const BUNDLES: &[&str] = &[
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-        "/etc/ssl/ca-bundle.pem",
-        "/etc/ssl/cert.pem",
-        "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
-    ];
-    let file = BUNDLES
+    let file = broker_contract::SYSTEM_CA_BUNDLES
         .iter()
+        .filter_map(|p| p.to_str().ok())
         .map(std::path::Path::new)
         .find(|p| p.is_file());
     let dir = std::path::Path::new("/etc/ssl/certs");

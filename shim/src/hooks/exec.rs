@@ -1,5 +1,7 @@
-//! exec hooks: a child that cannot load a glibc `libbroker.so` (a dynamic musl program) gets
-//! the environment without our `LD_PRELOAD` entry; see [`crate::exec`].
+//! exec hooks: a child the shim cannot reach (static, Go, musl; see
+//! [`broker_contract::elf::reach`]) gets the run's CONNECT fallback in its environment
+//! ([`super::fallback`]), and one that cannot load a glibc `libbroker.so` (a dynamic musl
+//! program) the environment without our `LD_PRELOAD` entry; see [`crate::exec`].
 //!
 //! Hooked: `execve`, `execv`, `execvpe`, `execvp`, `posix_spawn`, `posix_spawnp`, and the
 //! variadic `execl`, `execle`, `execlp` (in C, `execl.c`: glibc's own build an argv and call
@@ -13,7 +15,8 @@
 
 use std::ffi::{c_char, c_int, CStr};
 
-use crate::exec::{self, Target};
+use super::fallback;
+use crate::exec::{self, Reach};
 use crate::ffi::{contain, environ, Guard, RealFn};
 
 pub static REAL_EXECVE: RealFn = RealFn::new(c"execve");
@@ -66,16 +69,15 @@ type SpawnFn = unsafe extern "C" fn(
 
 /// Environments with more entries than this are passed on unchanged.
 const MAX_ENV: usize = 1024;
-/// Bytes read from the start of an exec'd file.
-const HEAD: usize = 1024;
-const PATH_MAX: usize = 4096;
+pub const PATH_MAX: usize = 4096;
 
 /// Stack space for one decision; lives in the hook's frame until the real call returns.
 struct Scratch {
     envp: [*const c_char; MAX_ENV + 1],
     preload: [u8; PATH_MAX],
-    head: [u8; HEAD],
+    head: [u8; exec::HEAD_BYTES],
     script: [u8; PATH_MAX],
+    fallback: fallback::Buffers,
 }
 
 impl Scratch {
@@ -83,8 +85,9 @@ impl Scratch {
         Scratch {
             envp: [std::ptr::null(); MAX_ENV + 1],
             preload: [0; PATH_MAX],
-            head: [0; HEAD],
+            head: [0; exec::HEAD_BYTES],
             script: [0; PATH_MAX],
+            fallback: fallback::Buffers::default(),
         }
     }
 }
@@ -130,7 +133,7 @@ fn read_head<'a>(path: &[u8], buf: &'a mut [u8]) -> &'a [u8] {
 }
 
 /// Copy `parts` and a NUL into `out`; the written bytes including the NUL.
-fn join_into<'a>(parts: &[&[u8]], out: &'a mut [u8]) -> Option<&'a [u8]> {
+pub fn join_into<'a>(parts: &[&[u8]], out: &'a mut [u8]) -> Option<&'a [u8]> {
     let mut len = 0;
     for p in parts {
         out.get_mut(len..len + p.len())?.copy_from_slice(p);
@@ -192,31 +195,40 @@ fn search_path<'a>(file: &[u8], out: &'a mut [u8]) -> Option<&'a [u8]> {
     found.map(|n| &out[..n])
 }
 
-/// Must this program start without our `LD_PRELOAD` entry? Follows one `#!` (and
-/// `/usr/bin/env NAME`).
-fn must_drop(path: &[u8], s: &mut Scratch) -> bool {
+/// How an exec'd program is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// It loads `libbroker.so`: the environment as it is.
+    Preload,
+    /// Out of the shim's reach: the CONNECT fallback, and our `LD_PRELOAD` entry kept (static,
+    /// Go: for their glibc children) or dropped (another loader would fail to start).
+    Proxy { keep_preload: bool },
+}
+
+/// Classify the program at `path`, following one `#!` (and `/usr/bin/env NAME`).
+fn kind(path: &[u8], s: &mut Scratch) -> Kind {
     let Scratch { head, script, .. } = s;
-    let target = exec::inspect(read_head(path, head));
-    let interp_path = match target {
-        Target::Dynamic { interp } => return !exec::is_glibc_loader(interp),
-        Target::Static | Target::Unknown => return false,
-        Target::Script { interp, arg } => match (interp.ends_with(b"/env"), arg) {
+    let proxy = |keep_preload| Kind::Proxy { keep_preload };
+    let interp_path = match exec::reach(read_head(path, head)) {
+        Reach::Preload => return Kind::Preload,
+        Reach::Proxy(why) => return proxy(why.keeps_preload()),
+        Reach::Script { interp, arg } => match (interp.ends_with(b"/env"), arg) {
             (true, Some(name)) if !name.starts_with(b"-") => search_path(name, script),
             (true, _) => None,
             (false, _) => join_into(&[interp], script),
         },
     };
     let Some(interp_path) = interp_path else {
-        return false;
+        return Kind::Preload;
     };
-    match exec::inspect(read_head(interp_path, head)) {
-        Target::Dynamic { interp } => !exec::is_glibc_loader(interp),
-        _ => false,
+    match exec::reach(read_head(interp_path, head)) {
+        Reach::Proxy(why) => proxy(why.keeps_preload()),
+        Reach::Preload | Reach::Script { .. } => Kind::Preload,
     }
 }
 
 /// The environment to exec `path` (NUL-terminated) with: `envp` itself, or a copy in `s`
-/// without our `LD_PRELOAD` entry.
+/// with the CONNECT fallback's variables and without our `LD_PRELOAD` entry where it must go.
 ///
 /// # Safety
 /// `envp` as in [`find_preload`]; the result borrows from `envp` and `s`.
@@ -225,34 +237,58 @@ unsafe fn env_for(path: &[u8], envp: Argv, s: &mut Scratch) -> Argv {
     let Some((index, value)) = (unsafe { find_preload(envp) }) else {
         return envp;
     };
-    if !exec::preload_names_shim(value) || !must_drop(path, s) {
+    if !exec::preload_names_shim(value) {
         return envp;
     }
-    const NAME: &[u8] = b"LD_PRELOAD=";
-    s.preload[..NAME.len()].copy_from_slice(NAME);
-    let Some(n) = exec::strip_preload(value, &mut s.preload[NAME.len()..PATH_MAX - 1]) else {
+    let Kind::Proxy { keep_preload } = kind(path, s) else {
         return envp;
     };
-    s.preload[NAME.len() + n] = 0;
-    let mut out = 0;
-    let mut i = 0;
-    loop {
-        // SAFETY: caller's contract (NULL-terminated array).
-        let entry = unsafe { *envp.add(i) };
-        if entry.is_null() {
-            break;
-        }
-        if out == MAX_ENV {
+    let fallback = fallback::get();
+    // Our entry: kept as it is, rewritten without us, or left out (nothing else in it).
+    let preload: Option<*const c_char> = if keep_preload {
+        if fallback.is_none() {
             return envp;
         }
-        if i != index {
-            s.envp[out] = entry;
-            out += 1;
-        } else if n > 0 {
-            s.envp[out] = s.preload.as_ptr().cast();
+        // SAFETY: `index` is an entry of the NULL-terminated array (found above).
+        Some(unsafe { *envp.add(index) })
+    } else {
+        const NAME: &[u8] = b"LD_PRELOAD=";
+        s.preload[..NAME.len()].copy_from_slice(NAME);
+        let Some(n) = exec::strip_preload(value, &mut s.preload[NAME.len()..PATH_MAX - 1]) else {
+            return envp;
+        };
+        s.preload[NAME.len() + n] = 0;
+        (n > 0).then_some(s.preload.as_ptr().cast())
+    };
+    let mut out = 0;
+    let mut full = false;
+    let mut push = |entry: *const c_char| match s.envp.get_mut(out) {
+        Some(slot) if out < MAX_ENV => {
+            *slot = entry;
             out += 1;
         }
-        i += 1;
+        _ => full = true,
+    };
+    // SAFETY: caller's contract (NULL-terminated array of NUL-terminated strings).
+    for (i, entry) in unsafe { fallback::iter_env(envp) }.enumerate() {
+        if i == index {
+            if let Some(preload) = preload {
+                push(preload);
+            }
+        } else if fallback.is_none() || !fallback::replaces(entry) {
+            push(entry.as_ptr().cast());
+        }
+    }
+    if let Some(fallback) = fallback {
+        // SAFETY: as above.
+        fallback.entries(
+            unsafe { fallback::iter_env(envp) },
+            &mut s.fallback,
+            &mut push,
+        );
+    }
+    if full {
+        return envp;
     }
     s.envp[out] = std::ptr::null();
     s.envp.as_ptr()

@@ -1,5 +1,6 @@
 //! libc hooks: `connect`/`__connect`, TCP Fast Open sends (`sendto`/`sendmsg` with
-//! `MSG_FASTOPEN`) and the resolver entry points.
+//! `MSG_FASTOPEN`), sends to a DNS server (steered to the run's responder, see `dns.rs`) and
+//! the resolver entry points.
 //!
 //! Each hook converts its pointers, asks [`crate::decide`], and makes exactly one real call as
 //! its last step, so `errno` and the return value are the real function's, with one exception:
@@ -206,6 +207,8 @@ enum Route {
     Broker(SocketAddr, Option<[u8; TICKET_PREAMBLE_LEN]>),
     /// Refused (`ECONNREFUSED`).
     Refused,
+    /// The run's DNS responder, as plain DNS (no ticket).
+    Dns(SocketAddr),
 }
 
 /// The routing shared by `connect`, `__connect` and TCP Fast Open sends.
@@ -217,8 +220,14 @@ unsafe fn route(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Route {
     // restricted and a destination outside 127.77.0.0/16. Checked on the raw bytes, before the
     // guard and the unwind frame; [`decide::decide_connect`] stays the source of truth.
     let cfg = match crate::config() {
-        // SAFETY: caller's contract.
-        Some(cfg) if cfg.deny_unlisted || unsafe { maybe_fake(addr, len) } => cfg,
+        // SAFETY: caller's contract (all three).
+        Some(cfg)
+            if cfg.deny_unlisted
+                || unsafe { maybe_fake(addr, len) }
+                || cfg.dns.is_some() && unsafe { super::dns::port_is_dns(addr, len) } =>
+        {
+            cfg
+        }
         _ => return Route::AsAsked,
     };
     let decision = Guard::enter().and_then(|_guard| {
@@ -234,6 +243,15 @@ unsafe fn route(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Route {
     });
     match decision {
         Some(Connect::Redirect(to)) => Route::Broker(to, cfg.ticket.as_ref().map(|t| t.preamble())),
+        // Steered DNS: the server is remembered for the answers' source (see `dns.rs`); a
+        // socket past the fd table could not have it, so its DNS passes through.
+        Some(Connect::Dns(to)) => {
+            // SAFETY: caller's contract.
+            match unsafe { read_sockaddr(addr, len) } {
+                Some(dest) if super::dns::DNS_SERVERS.set(fd, dest) => Route::Dns(to),
+                _ => Route::AsAsked,
+            }
+        }
         Some(Connect::Refuse(_)) => Route::Refused,
         Some(Connect::Bypass(_)) | None => Route::AsAsked,
     }
@@ -272,6 +290,11 @@ unsafe fn connect_via(real: &RealFn, fd: c_int, addr: *const sockaddr, len: sock
         Route::Refused => {
             set_errno(libc::ECONNREFUSED);
             -1
+        }
+        Route::Dns(to) => {
+            let (storage, slen) = write_sockaddr(to);
+            // SAFETY: `real` is connect(2); a complete sockaddr that outlives the call.
+            unsafe { real(fd, std::ptr::addr_of!(storage).cast(), slen) }
         }
         // SAFETY: the agent's own arguments, unchanged.
         Route::AsAsked => unsafe { real(fd, addr, len) },
@@ -461,12 +484,18 @@ pub unsafe extern "C" fn sendto(
     // SAFETY: the address came from dlsym for a function with this exact signature.
     let real: SendtoFn = unsafe { std::mem::transmute::<usize, SendtoFn>(real) };
     if flags & libc::MSG_FASTOPEN == 0 {
+        // A datagram to a DNS server goes to the run's responder (see `dns.rs`).
+        // SAFETY: the agent passed `len` readable bytes at `addr` (sendto's contract).
+        if let Some((storage, slen)) = unsafe { super::dns::steer_send(fd, addr, len) } {
+            // SAFETY: the agent's buffer, and a complete sockaddr that outlives the call.
+            return unsafe { real(fd, buf, n, flags, std::ptr::addr_of!(storage).cast(), slen) };
+        }
         // SAFETY: the agent's own arguments, unchanged.
         return unsafe { real(fd, buf, n, flags, addr, len) };
     }
     // SAFETY: the agent passed `len` readable bytes at `addr` (sendto's contract).
     match unsafe { route(fd, addr, len) } {
-        Route::Broker(to, None) => {
+        Route::Broker(to, None) | Route::Dns(to) => {
             let (storage, slen) = write_sockaddr(to);
             // SAFETY: the agent's buffer, and a complete sockaddr that outlives the call.
             unsafe { real(fd, buf, n, flags, std::ptr::addr_of!(storage).cast(), slen) }
@@ -502,9 +531,32 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
     };
     // SAFETY: the address came from dlsym for a function with this exact signature.
     let real: SendmsgFn = unsafe { std::mem::transmute::<usize, SendmsgFn>(real) };
-    if flags & libc::MSG_FASTOPEN == 0 || msg.is_null() {
+    if msg.is_null() {
         // SAFETY: the agent's own arguments, unchanged.
         return unsafe { real(fd, msg, flags) };
+    }
+    if flags & libc::MSG_FASTOPEN == 0 {
+        // SAFETY: `msg` is non-null and points at the agent's msghdr (sendmsg's contract),
+        // whose `msg_name` holds `msg_namelen` readable bytes or is null.
+        let steered = unsafe {
+            super::dns::steer_send(
+                fd,
+                (*msg).msg_name.cast::<sockaddr>().cast_const(),
+                (*msg).msg_namelen,
+            )
+        };
+        return match steered {
+            // SAFETY: a copy of the agent's msghdr (plain data) pointing at our sockaddr,
+            // which outlives the call; the agent's own msghdr is not modified.
+            Some((mut storage, slen)) => unsafe {
+                let mut copy = msg.read();
+                copy.msg_name = std::ptr::addr_of_mut!(storage).cast();
+                copy.msg_namelen = slen;
+                real(fd, &copy, flags)
+            },
+            // SAFETY: the agent's own arguments, unchanged.
+            None => unsafe { real(fd, msg, flags) },
+        };
     }
     // SAFETY: `msg` is non-null and points at the agent's msghdr (sendmsg's contract), whose
     // `msg_name` holds `msg_namelen` readable bytes or is null.
@@ -530,7 +582,7 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
             },
             _ => -1,
         },
-        Route::Broker(to, None) => {
+        Route::Broker(to, None) | Route::Dns(to) => {
             let (mut storage, slen) = write_sockaddr(to);
             // SAFETY: a copy of the agent's msghdr (plain data) pointing at our sockaddr,
             // which outlives the call; the agent's own msghdr is not modified.
