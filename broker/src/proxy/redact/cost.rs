@@ -43,7 +43,9 @@ fn small_last_workload(needles: &Arc<Needles>, headers: &HeaderMap) -> usize {
         let mut h = headers.clone();
         redact_headers(&mut h, needles);
         let mut b = body(needles);
-        sent += b.process(Bytes::from_static(JSON_BODY.as_bytes()), true).len();
+        sent += b
+            .process(Bytes::from_static(JSON_BODY.as_bytes()), true)
+            .len();
     }
     sent
 }
@@ -80,7 +82,10 @@ fn cost_small_last_json_workload() {
     headers.insert("content-type", "application/json".parse().expect("v"));
     headers.insert("content-length", "82".parse().expect("v"));
     headers.insert("date", "Fri, 04 Dec 2026 07:00:00 GMT".parse().expect("v"));
-    assert_eq!(small_last_workload(&needles, &headers), ROUNDS * JSON_BODY.len());
+    assert_eq!(
+        small_last_workload(&needles, &headers),
+        ROUNDS * JSON_BODY.len()
+    );
 }
 
 #[test]
