@@ -217,20 +217,46 @@ fn cuts_and_text(data: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-/// The streaming body redactor: a body made of `data`'s text with `SECRET` put in for every
-/// `KEY` in it, cut anywhere; the secret never comes out whole, and the output keeps the
-/// body's length.
+/// The forms of [`SECRET`] an upstream's echo may take, each with the token that puts it in a
+/// fuzzed body: as it is, every byte percent-encoded, hex (both cases), JSON `\u00XX`, base64.
+fn secret_forms() -> Vec<(&'static str, Vec<u8>)> {
+    use base64::Engine as _;
+    let key = SECRET.as_bytes();
+    let each = |f: &dyn Fn(u8) -> String| key.iter().map(|&b| f(b)).collect::<String>();
+    vec![
+        ("KEYPCT", each(&|b| format!("%{b:02X}")).into_bytes()),
+        ("KEYHEX", each(&|b| format!("{b:02x}")).into_bytes()),
+        ("KEYUHEX", each(&|b| format!("{b:02X}")).into_bytes()),
+        ("KEYJSON", each(&|b| format!("\\u00{b:02x}")).into_bytes()),
+        (
+            "KEYB64",
+            base64::engine::general_purpose::STANDARD
+                .encode(key)
+                .into_bytes(),
+        ),
+        ("KEY", key.to_vec()),
+    ]
+}
+
+/// The streaming body redactor: a body made of `data`'s text with each token of
+/// [`secret_forms`] replaced by its form of the secret, cut anywhere: no form comes out whole,
+/// and the output keeps the body's length.
 pub fn redact_stream(data: &[u8]) {
     let (cuts, text) = cuts_and_text(data);
-    let body = String::from_utf8_lossy(text)
-        .replace("KEY", SECRET)
-        .into_bytes();
+    let forms = secret_forms();
+    let mut body = String::from_utf8_lossy(text).into_owned();
+    for (token, form) in &forms {
+        body = body.replace(token, &String::from_utf8_lossy(form));
+    }
+    let body = body.into_bytes();
     let out = broker::proxy::fuzzing::redact_stream(SECRET.as_bytes(), &chunked(&body, cuts));
     assert_eq!(out.len(), body.len(), "the body changed length");
-    assert!(
-        !out.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
-        "the secret came out"
-    );
+    for (token, form) in &forms {
+        assert!(
+            !out.windows(form.len()).any(|w| w == form.as_slice()),
+            "the secret came out ({token})"
+        );
+    }
 }
 
 /// The WebSocket redactor: unmasked server frames built from `data` (each `\n`-separated
