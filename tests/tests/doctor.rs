@@ -123,7 +123,23 @@ fn doctor_self_tests_each_agent_cli_on_path() {
             panic!("{check} is not listed:\n{stdout}");
         };
         assert_eq!(status, "ok", "{check}: {detail}\n{stdout}");
-        assert!(detail.contains("carried the real key"), "{check}: {detail}");
+        assert!(
+            detail.contains("got the made-up key on"),
+            "{check}: {detail}"
+        );
+        // The requests it made (listed in the detail) include a model call.
+        assert!(
+            [
+                "POST /v1/responses",
+                "GET /v1/responses (websocket)",
+                "POST /v1/chat/completions",
+                "POST /v1/messages",
+                "generateContent",
+            ]
+            .iter()
+            .any(|call| detail.contains(call)),
+            "{check}: no model call listed: {detail}"
+        );
     }
 }
 

@@ -406,21 +406,44 @@ fn agent_verdict(
         )
     } else {
         format!(
-            "model call answered; {} request(s) to {} carried the real key ({}, {:.1}s)",
-            to_provider.len(),
+            "answered in {:.1}s; {} got the made-up key on: {} ({})",
+            out.took.as_secs_f64(),
             provider.host(),
+            summary(&to_provider),
             if via_connect {
-                "CONNECT listener"
+                "started on the CONNECT fallback"
             } else {
-                "libbroker.so"
+                "started under libbroker.so"
             },
-            out.took.as_secs_f64()
         )
     };
     (
         !leaked && !to_provider.is_empty() && without_key == 0 && answered && out.success,
         detail,
     )
+}
+
+/// What a CLI asked for: each `METHOD path` (the query cut off) once, with a count when it
+/// asked more than once.
+fn summary(requests: &[&Seen]) -> String {
+    let mut asked: Vec<(String, usize)> = Vec::new();
+    for seen in requests {
+        let path = seen.target.split('?').next().unwrap_or_default();
+        let ws = if seen.websocket { " (websocket)" } else { "" };
+        let line = format!("{} {path}{ws}", seen.method);
+        match asked.iter_mut().find(|(l, _)| *l == line) {
+            Some((_, n)) => *n += 1,
+            None => asked.push((line, 1)),
+        }
+    }
+    asked
+        .into_iter()
+        .map(|(line, n)| match n {
+            1 => line,
+            n => format!("{line} x{n}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One program to run as the agent.

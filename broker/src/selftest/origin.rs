@@ -29,6 +29,8 @@ pub struct Seen {
     pub method: String,
     /// Path and query.
     pub target: String,
+    /// Whether it asked for a WebSocket.
+    pub websocket: bool,
     /// Its `Authorization` header, if any (for `broker demo` to show what arrived).
     pub authorization: Option<String>,
     /// Whether it carried the real key of its host's provider where that provider's clients
@@ -178,6 +180,7 @@ async fn answer(
         host: host.clone(),
         method: request.method.clone(),
         target: request.target.clone(),
+        websocket: request.header("upgrade").is_some(),
         authorization: request.header("authorization").map(str::to_string),
         real_key,
     });
