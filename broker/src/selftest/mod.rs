@@ -23,7 +23,7 @@ use crate::instance::{self, Instance, InstanceSettings, RunSpec};
 use crate::launch;
 use crate::proxy::{ResolveOverride, UpstreamSettings};
 use crate::vault::{CredentialKind, KeyConfig, KeySource, Vault};
-use agents::{AgentCli, AGENTS};
+use agents::AGENTS;
 use fake_llm::Provider;
 pub use origin::{Origin, Seen, GIT_URL};
 
@@ -232,73 +232,6 @@ impl SelfTest {
         }
     }
 
-    /// `agent` (found at `program`) making one model call, started as `broker run` starts an
-    /// agent: every placeholder in its environment, and the shim (or, for a program the shim
-    /// cannot reach, the CONNECT listener) attached the same way. In a throwaway HOME under
-    /// the self-test's scratch directory, with its telemetry and update checks off.
-    fn agent_probe(&self, agent: &'static AgentCli, program: &Path, lib: &Path) -> Probe {
-        let shown = format!("{} {}", agent.name, agent.args.join(" "));
-        let prepared = || -> anyhow::Result<(Command, Option<String>)> {
-            let home = self.scratch.join("agents").join(agent.name);
-            let project = home.join("project");
-            std::fs::create_dir_all(&project)?;
-            let h = home.to_string_lossy();
-            for (file, text) in agent.files {
-                let path = home.join(file);
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                std::fs::write(&path, text.replace("{HOME}", &h))?;
-            }
-            let mut c = Command::new(program);
-            c.args(agent.args).current_dir(&project);
-            for var in agents::REDIRECTING_VARS {
-                c.env_remove(var);
-            }
-            c.env("HOME", &home)
-                .env("XDG_CONFIG_HOME", home.join(".config"))
-                .env("XDG_DATA_HOME", home.join(".local/share"))
-                .env("XDG_STATE_HOME", home.join(".local/state"))
-                .env("XDG_CACHE_HOME", home.join(".cache"))
-                // No colours or terminal tricks in captured output.
-                .env("NO_COLOR", "1")
-                .env("TERM", "dumb");
-            for (var, value) in agent.env {
-                c.env(var, value.replace("{HOME}", &h));
-            }
-            let shim = &self.instance.shim;
-            for (var, placeholder) in &shim.env {
-                c.env(var, placeholder);
-            }
-            // A real key of the user's there must not reach the CLI; and Gemini CLI warns
-            // when both of Google's variables are set.
-            for (var, _) in &shim.env_if_set {
-                c.env_remove(var);
-            }
-            launch::scrub_broker_secrets(&mut c);
-            let target = launch::inspect_target(program);
-            let via = launch::attach(
-                &mut c,
-                &target,
-                Some(lib),
-                shim,
-                &self.instance.shim_config_path,
-            )?;
-            Ok((c, via))
-        };
-        let (command, via) = match prepared() {
-            Ok((c, via)) => (Ok(c), via),
-            Err(err) => (Err(format!("{err:#}")), None),
-        };
-        Probe {
-            name: agent.name,
-            command,
-            shown,
-            transparent: true,
-            agent: Some((agent.provider, via)),
-        }
-    }
-
     /// Run one probe (blocking) and check both halves of the promise.
     pub fn check(&self, probe: Probe) -> ProbeResult {
         let before = self.origin.received().len();
@@ -354,7 +287,7 @@ impl SelfTest {
                 (swapped && !leaked && out.success, detail)
             }
             Some((provider, ref via)) => {
-                agent_verdict(provider, via.is_some(), &received, &out, leaked)
+                agents::verdict(provider, via.is_some(), &received, &out, leaked)
             }
         };
         ProbeResult {
@@ -366,84 +299,6 @@ impl SelfTest {
             took: Some(out.took),
         }
     }
-}
-
-/// An agent CLI passed when it printed the fake provider's answer (which the origin gives
-/// only for the real key), every request it made to its provider carried the real key, it
-/// exited 0, and nothing it printed holds a key.
-fn agent_verdict(
-    provider: Provider,
-    via_connect: bool,
-    received: &[Seen],
-    out: &Finished,
-    leaked: bool,
-) -> (bool, String) {
-    let to_provider: Vec<&Seen> = received
-        .iter()
-        .filter(|s| s.host == provider.host())
-        .collect();
-    let without_key = to_provider.iter().filter(|s| !s.real_key).count();
-    let answered = out.stdout.contains(provider.answer());
-    let detail = if leaked {
-        "the agent printed a real key".to_string()
-    } else if to_provider.is_empty() {
-        format!(
-            "nothing reached {}: {}",
-            provider.host(),
-            first_line(&out.stderr, &out.stdout)
-        )
-    } else if without_key > 0 {
-        format!(
-            "{without_key} of {} requests reached {} without the real key",
-            to_provider.len(),
-            provider.host()
-        )
-    } else if !answered || !out.success {
-        format!(
-            "the agent did not print the answer or failed ({}): {}",
-            if out.success { "exit 0" } else { "failed" },
-            first_line(&out.stderr, &out.stdout)
-        )
-    } else {
-        format!(
-            "answered in {:.1}s; {} got the made-up key on: {} ({})",
-            out.took.as_secs_f64(),
-            provider.host(),
-            summary(&to_provider),
-            if via_connect {
-                "started on the CONNECT fallback"
-            } else {
-                "started under libbroker.so"
-            },
-        )
-    };
-    (
-        !leaked && !to_provider.is_empty() && without_key == 0 && answered && out.success,
-        detail,
-    )
-}
-
-/// What a CLI asked for: each `METHOD path` (the query cut off) once, with a count when it
-/// asked more than once.
-fn summary(requests: &[&Seen]) -> String {
-    let mut asked: Vec<(String, usize)> = Vec::new();
-    for seen in requests {
-        let path = seen.target.split('?').next().unwrap_or_default();
-        let ws = if seen.websocket { " (websocket)" } else { "" };
-        let line = format!("{} {path}{ws}", seen.method);
-        match asked.iter_mut().find(|(l, _)| *l == line) {
-            Some((_, n)) => *n += 1,
-            None => asked.push((line, 1)),
-        }
-    }
-    asked
-        .into_iter()
-        .map(|(line, n)| match n {
-            1 => line,
-            n => format!("{line} x{n}"),
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// One program to run as the agent.
@@ -471,7 +326,7 @@ pub struct ProbeResult {
     pub took: Option<Duration>,
 }
 
-fn first_line<'a>(a: &'a str, b: &'a str) -> &'a str {
+pub(crate) fn first_line<'a>(a: &'a str, b: &'a str) -> &'a str {
     a.lines()
         .chain(b.lines())
         .find(|l| !l.trim().is_empty())
@@ -479,11 +334,11 @@ fn first_line<'a>(a: &'a str, b: &'a str) -> &'a str {
 }
 
 /// What a probe's program did.
-struct Finished {
-    success: bool,
-    stdout: String,
-    stderr: String,
-    took: Duration,
+pub(crate) struct Finished {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+    pub took: Duration,
 }
 
 /// Run `command` with its output in files under `dir` (not pipes: a grandchild left behind

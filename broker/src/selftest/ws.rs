@@ -147,10 +147,10 @@ mod tests {
         out.extend(masked(b"lo"));
         out.extend([0x88, 0x80]);
         out.extend_from_slice(&mask);
-        client.write_all(&out).await.unwrap();
+        client.write_all(&out).await.expect("write");
         let mut got = Vec::new();
-        client.read_to_end(&mut got).await.unwrap();
+        client.read_to_end(&mut got).await.expect("read");
         assert_eq!(got, b"\x81\x03one\x81\x03two\x88\x00");
-        task.await.unwrap().unwrap();
+        task.await.expect("task").expect("serve");
     }
 }
