@@ -147,6 +147,50 @@ pub fn via_connect_proxy(
     Ok(())
 }
 
+/// Make `command` (whose program is `target`) use the run of `shim_config`, as `broker run`
+/// does: `libbroker.so` preloaded for a glibc program; for one the shim cannot reach, the
+/// run's CONNECT listener and a CA bundle (with the preload kept where it is harmless, for the
+/// program's glibc children). Returns the line to tell the user in the second case.
+pub fn attach(
+    command: &mut Command,
+    target: &Target,
+    shim: Option<&Path>,
+    shim_config: &broker_contract::ShimConfig,
+    shim_config_path: &Path,
+) -> anyhow::Result<Option<String>> {
+    use anyhow::Context as _;
+    match (target, shim) {
+        (Target::Glibc, Some(lib)) => {
+            preload(command, lib, shim_config_path);
+            Ok(None)
+        }
+        (Target::Glibc, None) => anyhow::bail!(
+            "libbroker.so not found next to the broker binary (or in $BROKER_SHIM_LIB): build the workspace ('cargo build --workspace') or set BROKER_SHIM_LIB"
+        ),
+        (Target::NotPreloadable { why, keep_preload }, _) => {
+            // The glibc shim would crash a musl program and do nothing for a static or Go one:
+            // such a program goes through the CONNECT listener instead.
+            let proxy = shim_config
+                .connect_proxy
+                .as_deref()
+                .context("the broker offers no CONNECT listener")?;
+            let dir = shim_config_path.parent().unwrap_or(Path::new("."));
+            match (keep_preload, shim) {
+                (true, Some(lib)) => preload(command, lib, shim_config_path),
+                _ => {
+                    command
+                        .env_remove("LD_PRELOAD")
+                        .env_remove(ENV_SHIM_CONFIG);
+                }
+            }
+            via_connect_proxy(command, proxy, shim_config.ticket.as_ref(), &shim_config.ca_file, dir)?;
+            Ok(Some(format!(
+                "{why}: it cannot take libbroker.so, so it gets HTTPS_PROXY={proxy} and a CA bundle instead"
+            )))
+        }
+    }
+}
+
 /// Whether a program can take `libbroker.so` (a glibc build) in `LD_PRELOAD`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {

@@ -907,3 +907,17 @@ pub fn v1_audit_line(seq: u64, prev: &str, provider: &str) -> String {
     let hash = sha256(&body);
     format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1])
 }
+
+/// Where `scripts/test` installs the agent CLIs (`target/clients`, or
+/// `$BROKER_TEST_AGENT_CLIENTS`), or `Err` with the reason they are not there (a registry
+/// was unreachable), for the test to skip on.
+pub fn agent_clients() -> Result<PathBuf, String> {
+    let dir = std::env::var_os("BROKER_TEST_AGENT_CLIENTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().parent().expect("target").join("clients"));
+    // scripts/test writes this file, with its reason, when a registry was unreachable.
+    if let Ok(reason) = std::fs::read_to_string(dir.join("agents-skipped")) {
+        return Err(reason.trim().to_string());
+    }
+    Ok(dir)
+}

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use broker_integration::fake_llm::{FakeLlm, Provider};
 use broker_integration::{
-    contains, count_events, preset_ca_vars, shim_lib, target_dir, Home, TestCa,
+    agent_clients, contains, count_events, preset_ca_vars, shim_lib, Home, TestCa,
 };
 
 // Throwaway keys in each provider's real format (never printed: messages name the key's
@@ -44,20 +44,6 @@ const GEMINI_KEY: &str = "AIzaSyAgentsTest0gemini0Jd8Qn3Tv5Wb2Xk";
 
 /// How long one agent run may take: a debug broker, a cold Node or Python start.
 const RUN_TIMEOUT: Duration = Duration::from_secs(240);
-
-/// Where `scripts/test` installs the agent CLIs (`target/clients`), or `None` with the
-/// reason the test is skipped. Fails the test when `scripts/test` ran (it sets
-/// `BROKER_TEST_AGENT_CLIENTS`) and neither installed them nor said why not.
-fn clients() -> Result<PathBuf, String> {
-    let dir = std::env::var_os("BROKER_TEST_AGENT_CLIENTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().parent().expect("target").join("clients"));
-    // scripts/test writes this file, with its reason, when a registry was unreachable.
-    if let Ok(reason) = std::fs::read_to_string(dir.join("agents-skipped")) {
-        return Err(reason.trim().to_string());
-    }
-    Ok(dir)
-}
 
 /// One agent CLI: how to start it for one model call, and what it needs in its HOME.
 struct Agent {
@@ -101,7 +87,7 @@ fn is_model_call(path: &str) -> bool {
 /// The shared driver: run `agent` under `broker run` twice (CA variables scrubbed, then
 /// preset) against a fake provider, and check everything the module doc lists.
 fn drive(agent: Agent) {
-    let clients = match clients() {
+    let clients = match agent_clients() {
         Ok(dir) => dir,
         Err(reason) => {
             println!(

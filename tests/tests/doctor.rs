@@ -2,7 +2,40 @@
 
 use std::time::Duration;
 
-use broker_integration::{run_bounded, Home, Serve, TestCa};
+use broker_integration::{agent_clients, run_bounded, Home, Serve, TestCa};
+
+/// The agent CLIs `broker doctor` self-tests when it finds them on `PATH`.
+const AGENTS: [&str; 6] = ["claude", "codex", "gemini", "opencode", "aider", "llm"];
+
+/// `broker doctor --json` for `home` with `path` as `PATH`: the checks, each as (name,
+/// status, detail), and the whole output. Fails when the output holds one of the self-test's
+/// made-up keys (its prefixes are fixed; the rest is random).
+fn doctor_json(home: &Home, path: &std::ffi::OsStr) -> (Vec<(String, String, String)>, String) {
+    let out = run_bounded(
+        home.broker().args(["doctor", "--json"]).env("PATH", path),
+        Duration::from_secs(600),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for prefix in ["sk-demo-", "sk-ant-demo-", "AIzaDemo-"] {
+        assert!(
+            !stdout.contains(prefix) && !stderr.contains(prefix),
+            "doctor printed a made-up key of its self-test ({prefix}...)"
+        );
+    }
+    let checks: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"));
+    let checks = checks
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|c| {
+            let field = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+            (field("check"), field("status"), field("detail"))
+        })
+        .collect();
+    (checks, stdout)
+}
 
 #[test]
 fn doctor_passes_on_a_healthy_home_and_self_tests_each_runtime() {
@@ -31,9 +64,82 @@ fn doctor_passes_on_a_healthy_home_and_self_tests_each_runtime() {
     assert_eq!(status("libbroker.so").as_deref(), Some("ok"));
     assert_eq!(status("self-test: curl").as_deref(), Some("ok"), "{stdout}");
     // Every runtime found on this machine passes; none is silently missing from the table.
-    for name in ["curl", "python3", "node", "git", "wget"] {
+    for name in ["curl", "python3", "node", "git", "wget"]
+        .into_iter()
+        .chain(AGENTS)
+    {
         let s = status(&format!("self-test: {name}")).expect("each runtime is listed");
         assert!(s == "ok" || s == "skip", "{name}: {s}");
+    }
+}
+
+/// With the agent CLIs that `scripts/test` installs on `PATH`, doctor runs each making one
+/// model call against its self-test origin, and each passes: it printed the fake provider's
+/// answer, every request reached the origin with the made-up key, and it printed no key.
+#[test]
+fn doctor_self_tests_each_agent_cli_on_path() {
+    let clients = match agent_clients() {
+        Ok(dir) => dir,
+        Err(reason) => {
+            println!("SKIP: the agent CLIs are not installed: {reason}");
+            eprintln!("SKIP: the agent CLIs are not installed: {reason}");
+            return;
+        }
+    };
+    let dirs = [
+        clients.join("agents/node_modules/.bin"),
+        clients.join("agents-venv/llm/bin"),
+        clients.join("agents-venv/aider-chat/bin"),
+    ];
+    if let Some(missing) = dirs.iter().find(|d| !d.is_dir()) {
+        assert!(
+            std::env::var_os("BROKER_TEST_AGENT_CLIENTS").is_none(),
+            "{} is missing although scripts/test installed the agent CLIs into {}",
+            missing.display(),
+            clients.display()
+        );
+        let why = format!(
+            "SKIP: {} is not there (./scripts/test installs the agent CLIs)",
+            missing.display()
+        );
+        println!("{why}");
+        eprintln!("{why}");
+        return;
+    }
+    // After the machine's own directories: the venvs' python3 must not stand in for the
+    // system's in the python3 probe.
+    let path = std::env::join_paths(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).chain(dirs),
+    )
+    .expect("PATH");
+    let home = Home::new();
+    let started = std::time::Instant::now();
+    let (checks, stdout) = doctor_json(&home, &path);
+    println!("broker doctor took {:.0?}:\n{stdout}", started.elapsed());
+    for name in AGENTS {
+        let check = format!("self-test: {name}");
+        let found = checks.iter().find(|(c, _, _)| *c == check);
+        let Some((_, status, detail)) = found else {
+            panic!("{check} is not listed:\n{stdout}");
+        };
+        assert_eq!(status, "ok", "{check}: {detail}\n{stdout}");
+        assert!(
+            detail.contains("got the made-up key on"),
+            "{check}: {detail}"
+        );
+        // The requests it made (listed in the detail) include a model call.
+        assert!(
+            [
+                "POST /v1/responses",
+                "GET /v1/responses (websocket)",
+                "POST /v1/chat/completions",
+                "POST /v1/messages",
+                "generateContent",
+            ]
+            .iter()
+            .any(|call| detail.contains(call)),
+            "{check}: no model call listed: {detail}"
+        );
     }
 }
 

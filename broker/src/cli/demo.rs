@@ -76,10 +76,11 @@ async fn demo(scratch: &std::path::Path) -> anyhow::Result<ExitCode> {
     );
     println!("   {held:<width$}   Authorization: {received}");
     println!();
-    println!(
-        "   the agent got: {}",
-        result.stdout.lines().next().unwrap_or("(no output)")
-    );
+    // The fake provider's model list is one long JSON line: its start shows what arrived.
+    let got = result.stdout.lines().next().unwrap_or("(no output)");
+    let shown: String = got.chars().take(100).collect();
+    let more = if shown.len() < got.len() { "…" } else { "" };
+    println!("   the agent got: {shown}{more}");
 
     if result.ok {
         println!("\nok: the origin got the real key; the agent only ever held the placeholder.");

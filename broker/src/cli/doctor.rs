@@ -291,7 +291,7 @@ fn audit_check(home: &Home) -> Check {
     }
 }
 
-/// The offline self-test of every client runtime found on this machine.
+/// The offline self-test of every client runtime and agent CLI found on this machine.
 fn self_tests() -> Vec<Check> {
     let run = || -> anyhow::Result<Vec<Check>> {
         let dir = tempfile::Builder::new()
@@ -300,8 +300,9 @@ fn self_tests() -> Vec<Check> {
         let runtime = super::runtime()?;
         let test = std::sync::Arc::new(runtime.block_on(SelfTest::start(dir.path(), "doctor"))?);
         let mut checks = Vec::new();
-        let found: Vec<&str> = test.probes().iter().map(|p| p.name).collect();
-        for probe in test.probes() {
+        let probes = test.probes();
+        let found: Vec<&str> = probes.iter().map(|p| p.name).collect();
+        for probe in probes {
             let name = format!("self-test: {}", probe.name);
             let result = test.check(probe);
             checks.push(check(
@@ -310,15 +311,19 @@ fn self_tests() -> Vec<Check> {
                 result.detail,
             ));
         }
-        for missing in ["curl", "python3", "node", "git", "wget"]
-            .iter()
+        let clients = ["curl", "python3", "node", "git", "wget"];
+        let agents = crate::selftest::agents::AGENTS.iter().map(|a| a.name);
+        for missing in clients
+            .into_iter()
+            .chain(agents)
             .filter(|n| !found.contains(n))
         {
-            checks.push(check(
-                format!("self-test: {missing}"),
-                Status::Skip,
-                "not installed",
-            ));
+            // Only curl runs without the shim (pointed at the broker explicitly).
+            let why = match crate::launch::which(missing) {
+                Some(_) => "libbroker.so not found: only curl runs without it",
+                None => "not installed",
+            };
+            checks.push(check(format!("self-test: {missing}"), Status::Skip, why));
         }
         drop(test);
         drop(runtime);

@@ -15,7 +15,7 @@ use super::UpstreamArgs;
 use crate::control;
 use crate::home::{ensure_private_dir, Home};
 use crate::instance::{self, Instance, InstanceSettings, RunSpec};
-use crate::launch::{self, Target};
+use crate::launch;
 use crate::providers::Catalog;
 use crate::proxy::{AgentPid, RunKeys};
 use broker_contract::ShimConfig;
@@ -147,26 +147,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             command.env(var, placeholder);
         }
     }
-    match (&target, &shim) {
-        (Target::Glibc, Some(lib)) => launch::preload(&mut command, lib, &shim_config_path),
-        (Target::Glibc, None) => bail!(
-            "libbroker.so not found next to the broker binary (or in $BROKER_SHIM_LIB): build the workspace ('cargo build --workspace') or set BROKER_SHIM_LIB"
-        ),
-        (Target::NotPreloadable { why, keep_preload }, _) => {
-            // The glibc shim would crash a musl program and do nothing for a static or Go one:
-            // such a program goes through the CONNECT listener instead. Where the preload is
-            // harmless it stays, so the program's glibc children are still covered.
-            let proxy = shim_config.connect_proxy.as_deref().context("the broker offers no CONNECT listener")?;
-            let dir = shim_config_path.parent().unwrap_or(std::path::Path::new("."));
-            match (keep_preload, &shim) {
-                (true, Some(lib)) => launch::preload(&mut command, lib, &shim_config_path),
-                _ => {
-                    command.env_remove("LD_PRELOAD").env_remove(broker_contract::ENV_SHIM_CONFIG);
-                }
-            }
-            launch::via_connect_proxy(&mut command, proxy, shim_config.ticket.as_ref(), &shim_config.ca_file, dir)?;
-            eprintln!("broker: {why}: it cannot take libbroker.so, so it gets HTTPS_PROXY={proxy} and a CA bundle instead");
-        }
+    if let Some(why) = launch::attach(
+        &mut command,
+        &target,
+        shim.as_deref(),
+        &shim_config,
+        &shim_config_path,
+    )? {
+        eprintln!("broker: {why}");
     }
 
     let spawned = if args.no_sandbox {

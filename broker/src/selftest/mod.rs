@@ -1,46 +1,54 @@
 //! An offline, end-to-end check of the whole flow, used by `broker demo` and `broker doctor`:
-//! a local TLS origin playing `api.openai.com` that accepts only a made-up key, a throwaway
-//! vault holding that key, a broker instance pointed at the origin, and real clients (curl,
-//! python3, node, wget) run as the agent under `libbroker.so` with the placeholder.
+//! a local TLS origin playing the providers' API hosts (`api.openai.com`, `api.anthropic.com`,
+//! `generativelanguage.googleapis.com`) that accepts only made-up keys, a throwaway vault
+//! holding those keys, a broker instance pointed at the origin, and real programs run as the
+//! agent under `libbroker.so` with the placeholders: clients (curl, python3, node, git, wget)
+//! and the agent CLIs found on `PATH` (claude, codex, gemini, opencode, aider, llm), each
+//! making one model call that the origin's fake provider answers ([`fake_llm`]).
 
-use std::net::SocketAddr;
+pub mod agents;
+pub mod fake_llm;
+mod origin;
+mod ws;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::home::{write_private_file, Home};
+use crate::home::Home;
 use crate::instance::{self, Instance, InstanceSettings, RunSpec};
 use crate::launch;
 use crate::proxy::{ResolveOverride, UpstreamSettings};
 use crate::vault::{CredentialKind, KeyConfig, KeySource, Vault};
+use agents::AGENTS;
+use fake_llm::Provider;
+pub use origin::{Origin, Seen, GIT_URL};
 
-/// The host the origin plays.
+/// The host the clients' probes call.
 pub const HOST: &str = "api.openai.com";
 const URL: &str = "https://api.openai.com/v1/models";
-/// The repository the git probe lists; the origin answers its `info/refs` with [`GIT_REF`].
-const GIT_URL: &str = "https://api.openai.com/broker-self-test.git";
-const GIT_REF: &str = "8c7a1e0f4b3d2c1a0f9e8d7c6b5a493827161504\trefs/heads/main\n";
 /// A client that hangs is a failed check, not a hung command.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+/// An agent CLI starts a Node or Python runtime and loads a lot of code before its one
+/// model call: a minute, and it is a failed check.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A running self-test: origin, vault and broker, in a throwaway home under `scratch`.
 pub struct SelfTest {
     pub origin: Origin,
     pub instance: Instance,
     pub home: Home,
-    /// The made-up key the origin accepts.
+    /// The made-up OpenAI key the origin accepts.
     pub key: String,
     /// What the agent holds in `OPENAI_API_KEY`.
     pub placeholder: String,
+    /// The made-up key of every provider the origin plays.
+    keys: origin::Keys,
+    /// Where each probe gets a directory of its own (a throwaway HOME, its output).
+    scratch: PathBuf,
 }
 
 impl SelfTest {
@@ -51,20 +59,29 @@ impl SelfTest {
             source: Some(KeySource::File),
             passphrase: None,
         };
-        let key = made_up_key()?;
-        let origin = Origin::start(scratch, key.clone()).await?;
+        let made_up: Vec<(Provider, String)> = Provider::ALL
+            .into_iter()
+            .map(|p| Ok((p, made_up_key(p)?)))
+            .collect::<anyhow::Result<_>>()?;
+        let made_up = Arc::new(made_up);
+        let origin = Origin::start(scratch, made_up.clone()).await?;
         let vault = Vault::open_with(&home, &keys)?;
-        vault.put("openai", "default", &key, CredentialKind::ApiKey)?;
+        for (provider, key) in made_up.iter() {
+            vault.put(provider.name(), "default", key, CredentialKind::ApiKey)?;
+        }
         drop(vault);
         let instance = instance::start(InstanceSettings {
             home: home.clone(),
             upstream: UpstreamSettings {
                 extra_ca: Some(origin.ca_file.clone()),
-                resolve: vec![ResolveOverride {
-                    host: HOST.into(),
-                    port: 443,
-                    addr: origin.addr,
-                }],
+                resolve: Provider::ALL
+                    .iter()
+                    .map(|p| ResolveOverride {
+                        host: p.host().into(),
+                        port: 443,
+                        addr: origin.addr,
+                    })
+                    .collect(),
                 dns: Vec::new(),
             },
             label: label.into(),
@@ -85,12 +102,19 @@ impl SelfTest {
             .find(|(var, _)| var == "OPENAI_API_KEY")
             .map(|(_, p)| p.clone())
             .context("the catalog has no OPENAI_API_KEY placeholder")?;
+        let key = made_up
+            .iter()
+            .find(|(p, _)| *p == Provider::OpenAi)
+            .map(|(_, k)| k.clone())
+            .context("no OpenAI key")?;
         Ok(SelfTest {
             origin,
             instance,
             home,
             key,
             placeholder,
+            keys: made_up,
+            scratch: scratch.to_path_buf(),
         })
     }
 
@@ -177,6 +201,13 @@ impl SelfTest {
                 &shim,
             ));
         }
+        if let Some(lib) = &shim {
+            for agent in AGENTS {
+                if let Some(program) = launch::which(agent.name) {
+                    probes.push(self.agent_probe(agent, &program, lib));
+                }
+            }
+        }
         probes
     }
 
@@ -194,215 +225,175 @@ impl SelfTest {
         }
         Probe {
             name,
-            command,
+            command: Ok(command),
             shown: shown.to_string(),
             transparent: shim.is_some(),
+            agent: None,
         }
     }
 
     /// Run one probe (blocking) and check both halves of the promise.
     pub fn check(&self, probe: Probe) -> ProbeResult {
         let before = self.origin.received().len();
-        let output = run_bounded(probe.command);
-        let received = self.origin.received();
-        let origin_auth = received.get(before).cloned();
-        let (ok, stdout, detail) = match output {
-            Ok(out) => {
-                let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-                let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-                let leaked = stdout.contains(&self.key) || stderr.contains(&self.key);
+        let (timeout, out_dir) = match probe.agent {
+            Some(_) => (AGENT_TIMEOUT, self.scratch.join("agents").join(probe.name)),
+            None => (PROBE_TIMEOUT, self.scratch.join("probes").join(probe.name)),
+        };
+        let output = probe
+            .command
+            .map_err(anyhow::Error::msg)
+            .and_then(|c| run_bounded(c, &out_dir, timeout));
+        let received: Vec<Seen> = self.origin.received().into_iter().skip(before).collect();
+        let origin_auth = received.first().and_then(|s| s.authorization.clone());
+        let Ok(out) = output else {
+            let err = output.err().map(|e| format!("{e:#}")).unwrap_or_default();
+            return ProbeResult {
+                name: probe.name,
+                ok: false,
+                detail: err,
+                origin_auth,
+                stdout: String::new(),
+                took: None,
+            };
+        };
+        let leaked = self
+            .keys
+            .iter()
+            .any(|(_, key)| out.stdout.contains(key.as_str()) || out.stderr.contains(key.as_str()));
+        let (ok, detail) = match probe.agent {
+            None => {
                 let swapped =
                     origin_auth.as_deref() == Some(format!("Bearer {}", self.key).as_str());
                 let detail = if leaked {
                     "the agent saw the real key".to_string()
-                } else if origin_auth.is_none() {
+                } else if received.is_empty() {
                     format!(
                         "nothing reached the origin: {}",
-                        first_line(&stderr, &stdout)
+                        first_line(&out.stderr, &out.stdout)
                     )
                 } else if !swapped {
                     "the origin did not get the real key".to_string()
-                } else if !out.status.success() {
-                    format!("the client failed: {}", first_line(&stderr, &stdout))
+                } else if !out.success {
+                    format!(
+                        "the client failed: {}",
+                        first_line(&out.stderr, &out.stdout)
+                    )
                 } else if probe.transparent {
                     "swap verified through libbroker.so".to_string()
                 } else {
                     "swap verified (client pointed at the broker; libbroker.so not found)"
                         .to_string()
                 };
-                (swapped && !leaked && out.status.success(), stdout, detail)
+                (swapped && !leaked && out.success, detail)
             }
-            Err(err) => (false, String::new(), err.to_string()),
+            Some((provider, ref via)) => {
+                agents::verdict(provider, via.is_some(), &received, &out, leaked)
+            }
         };
         ProbeResult {
             name: probe.name,
             ok,
             detail,
             origin_auth,
-            stdout,
+            stdout: out.stdout,
+            took: Some(out.took),
         }
     }
 }
 
-/// One client to run as the agent.
+/// One program to run as the agent.
 pub struct Probe {
     pub name: &'static str,
-    command: Command,
+    /// The command, or why it could not be prepared.
+    command: Result<Command, String>,
     /// How the command reads to a person (with `$OPENAI_API_KEY` unexpanded).
     pub shown: String,
     /// Under libbroker.so (true) or pointed at the broker explicitly.
     pub transparent: bool,
+    /// For an agent CLI: its provider, and the note when it went through the CONNECT
+    /// listener.
+    agent: Option<(Provider, Option<String>)>,
 }
 
 pub struct ProbeResult {
     pub name: &'static str,
     pub ok: bool,
     pub detail: String,
-    /// The `Authorization` the origin received, if anything arrived.
+    /// The `Authorization` the origin received first, if anything arrived.
     pub origin_auth: Option<String>,
     pub stdout: String,
+    /// How long the program ran.
+    pub took: Option<Duration>,
 }
 
-fn first_line<'a>(a: &'a str, b: &'a str) -> &'a str {
+pub(crate) fn first_line<'a>(a: &'a str, b: &'a str) -> &'a str {
     a.lines()
         .chain(b.lines())
         .find(|l| !l.trim().is_empty())
         .unwrap_or("(no output)")
 }
 
-fn run_bounded(mut command: Command) -> anyhow::Result<std::process::Output> {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot start the client")?;
-    let deadline = std::time::Instant::now() + PROBE_TIMEOUT;
-    while child.try_wait()?.is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            anyhow::bail!("timed out after {}s", PROBE_TIMEOUT.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(child.wait_with_output()?)
+/// What a probe's program did.
+pub(crate) struct Finished {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+    pub took: Duration,
 }
 
-/// A random, made-up key in OpenAI's format.
-fn made_up_key() -> anyhow::Result<String> {
+/// Run `command` with its output in files under `dir` (not pipes: a grandchild left behind
+/// would hold a pipe open), in a process group of its own that is killed when it is done or
+/// out of time (so nothing it started outlives the self-test).
+fn run_bounded(mut command: Command, dir: &Path, timeout: Duration) -> anyhow::Result<Finished> {
+    use std::os::unix::process::CommandExt as _;
+    std::fs::create_dir_all(dir)?;
+    let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));
+    let started = Instant::now();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path)?)
+        .stderr(std::fs::File::create(&err_path)?)
+        .process_group(0)
+        .spawn()
+        .context("cannot start the client")?;
+    let group = rustix::process::Pid::from_raw(child.id() as i32);
+    let kill_group = || {
+        if let Some(group) = group {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
+    };
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > timeout {
+            kill_group();
+            let _ = child.wait();
+            anyhow::bail!("timed out after {}s", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = started.elapsed();
+    kill_group();
+    Ok(Finished {
+        success: status.success(),
+        stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
+        took,
+    })
+}
+
+/// A random, made-up key in `provider`'s format (its catalog's `key_pattern`).
+fn made_up_key(provider: Provider) -> anyhow::Result<String> {
     use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 12];
+    let mut bytes = [0u8; 16];
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| anyhow::anyhow!("no randomness"))?;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!("sk-demo-{hex}"))
-}
-
-/// The stand-in for api.openai.com: its own CA, a TLS listener on 127.0.0.1:0.
-pub struct Origin {
-    pub addr: SocketAddr,
-    pub ca_file: PathBuf,
-    received: Arc<Mutex<Vec<String>>>,
-}
-
-impl Origin {
-    async fn start(scratch: &Path, key: String) -> anyhow::Result<Origin> {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-        let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "broker self-test origin CA");
-        let ca = ca_params.self_signed(&ca_key)?;
-        let leaf_key = KeyPair::generate()?;
-        let leaf =
-            CertificateParams::new(vec![HOST.to_string()])?.signed_by(&leaf_key, &ca, &ca_key)?;
-        let ca_file = scratch.join("origin-ca.pem");
-        write_private_file(&ca_file, ca.pem().as_bytes())?;
-
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-        )?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let seen = received.clone();
-        let key = Arc::new(key);
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, seen, key) = (acceptor.clone(), seen.clone(), key.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service = service_fn(move |req| answer(req, seen.clone(), key.clone()));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
-        Ok(Origin {
-            addr,
-            ca_file,
-            received,
-        })
-    }
-
-    /// The `Authorization` header of every request so far.
-    pub fn received(&self) -> Vec<String> {
-        self.received
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
-
-async fn answer(
-    req: Request<Incoming>,
-    seen: Arc<Mutex<Vec<String>>>,
-    key: Arc<String>,
-) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
-    let auth = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let ok = auth == format!("Bearer {key}");
-    seen.lock().unwrap_or_else(|p| p.into_inner()).push(auth);
-    let git = req.uri().path().ends_with(".git/info/refs");
-    let (status, body) = if ok && git {
-        (http::StatusCode::OK, GIT_REF)
-    } else if ok {
-        (
-            http::StatusCode::OK,
-            r#"{"object":"list","data":[{"id":"demo-model","object":"model"}]}"#,
-        )
-    } else {
-        (
-            http::StatusCode::UNAUTHORIZED,
-            r#"{"error":{"message":"Incorrect API key provided"}}"#,
-        )
-    };
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static(match git {
-            true => "text/plain",
-            false => "application/json",
-        }),
-    );
-    Ok(response)
+    Ok(match provider {
+        Provider::OpenAi => format!("sk-demo-{}", &hex[..24]),
+        Provider::Anthropic => format!("sk-ant-demo-{hex}"),
+        Provider::Gemini => format!("AIzaDemo-{hex}"),
+    })
 }
