@@ -15,7 +15,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -286,7 +286,8 @@ impl FaultIo {
             Fault::None => Poll::Ready(Ok(())),
             Fault::Garbage => {
                 ready!(Pin::new(&mut self.inner).poll_write(cx, GARBAGE))?;
-                self.fault.store(Fault::GarbageSent as u8, Ordering::Relaxed);
+                self.fault
+                    .store(Fault::GarbageSent as u8, Ordering::Relaxed);
                 self.poll_fault(cx)
             }
             Fault::GarbageSent => {

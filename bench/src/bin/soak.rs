@@ -35,8 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use broker_bench::client::{self, Target};
 use broker_bench::origin::{
-    HOST, JSON_PATH, REAL_KEY, SOAK_ECHO, SOAK_GARBAGE, SOAK_RESET, SOAK_SHORT, SOAK_STALL,
-    SOAK_WS,
+    HOST, JSON_PATH, REAL_KEY, SOAK_ECHO, SOAK_GARBAGE, SOAK_RESET, SOAK_SHORT, SOAK_STALL, SOAK_WS,
 };
 use broker_bench::procs::{self, OriginProc, Serve};
 use serde_json::json;
@@ -180,11 +179,17 @@ fn needles() -> Vec<(&'static str, Vec<u8>)> {
         ("raw", key.to_vec()),
         (
             "hex",
-            key.iter().map(|b| format!("{b:02x}")).collect::<String>().into_bytes(),
+            key.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+                .into_bytes(),
         ),
         (
             "HEX",
-            key.iter().map(|b| format!("{b:02X}")).collect::<String>().into_bytes(),
+            key.iter()
+                .map(|b| format!("{b:02X}"))
+                .collect::<String>()
+                .into_bytes(),
         ),
     ];
     for (name, engine) in [
@@ -407,7 +412,7 @@ async fn request_loop(ctx: Arc<Ctx>, h2: bool, streams: usize, seed: u64) {
 
 /// SSE: a stream of 10 events 20 ms apart, over h1 and h2 in turn; all 10 must arrive.
 async fn sse_loop(ctx: Arc<Ctx>, seed: u64) {
-    let mut h2 = seed % 2 == 0;
+    let mut h2 = seed & 1 == 0;
     const EVENTS: usize = 10;
     let path = format!("/v1/sse?n={EVENTS}&gap_ms=20");
     while !ctx.stopped() {
@@ -476,10 +481,7 @@ async fn ws_loop(ctx: Arc<Ctx>) {
                     }
                 };
                 ctx.check("ws message", reply.as_bytes());
-                anyhow::ensure!(
-                    i == 10 || reply == text,
-                    "echo {reply:?} for {text:?}"
-                );
+                anyhow::ensure!(i == 10 || reply == text, "echo {reply:?} for {text:?}");
             }
             ws.close(None).await?;
             anyhow::Ok(())
@@ -505,7 +507,11 @@ async fn slowloris(ctx: Arc<Ctx>, id: usize) {
             if id % 2 == 1 {
                 let mut tls = client::connect_tls(&ctx.target, false).await?;
                 ctx.stats.slow_opened.fetch_add(1, Ordering::Relaxed);
-                let bytes = head.as_bytes().iter().copied().chain(std::iter::repeat(b'a'));
+                let bytes = head
+                    .as_bytes()
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat(b'a'));
                 let mut buf = [0u8; 4096];
                 for b in bytes {
                     tokio::select! {
@@ -902,8 +908,7 @@ fn run(opts: Opts) -> anyhow::Result<bool> {
     if alive {
         loop {
             after = fds(pid, listen_port, origin_port).unwrap_or_default();
-            if fd_verdict(baseline.total, after).is_none()
-                || settle_start.elapsed() >= opts.settle
+            if fd_verdict(baseline.total, after).is_none() || settle_start.elapsed() >= opts.settle
             {
                 break;
             }
@@ -919,7 +924,9 @@ fn run(opts: Opts) -> anyhow::Result<bool> {
         failures.push("the broker died".into());
     }
     let settled_in = settle_start.elapsed().as_secs_f64();
-    let rss_after = procs::rss_kib(pid).map(|k| k as f64 / 1024.0).unwrap_or(0.0);
+    let rss_after = procs::rss_kib(pid)
+        .map(|k| k as f64 / 1024.0)
+        .unwrap_or(0.0);
     let (first_peak, last_peak, slope, grew) = rss_verdict(&rss_samples);
     if grew {
         failures.push(format!(
@@ -960,7 +967,12 @@ fn run(opts: Opts) -> anyhow::Result<bool> {
     let ok = snapshot(&ctx.stats.ok);
     let faults = snapshot(&ctx.stats.faults);
     let errors = snapshot(&ctx.stats.errors);
-    let slow_closed = ctx.stats.slow_closed.lock().map(|v| v.clone()).unwrap_or_default();
+    let slow_closed = ctx
+        .stats
+        .slow_closed
+        .lock()
+        .map(|v| v.clone())
+        .unwrap_or_default();
     let slow_median = {
         let mut v = slow_closed.clone();
         v.sort_unstable();
@@ -976,10 +988,25 @@ fn run(opts: Opts) -> anyhow::Result<bool> {
     println!("\nsoak summary");
     println!("  load ran          {load_secs:.0} s on {cores} cores; load average {load_start} at start, {load_end} at end; hypervisor steal {}",
         steal.map_or("unknown".into(), |s| format!("{s:.1}%")));
-    println!("  broker CPU        {cpu_used:.0} s ({:.0}% of one core)", 100.0 * cpu_used / load_secs.max(1.0));
-    println!("  requests ok       {ok_total} ({:.0}/s): {}", ok_total as f64 / load_secs.max(1.0), fmt_map(&ok));
-    println!("  faults answered   {}: {}", total(&faults), fmt_map(&faults));
-    println!("  errors            {}: {}", total(&errors), fmt_map(&errors));
+    println!(
+        "  broker CPU        {cpu_used:.0} s ({:.0}% of one core)",
+        100.0 * cpu_used / load_secs.max(1.0)
+    );
+    println!(
+        "  requests ok       {ok_total} ({:.0}/s): {}",
+        ok_total as f64 / load_secs.max(1.0),
+        fmt_map(&ok)
+    );
+    println!(
+        "  faults answered   {}: {}",
+        total(&faults),
+        fmt_map(&faults)
+    );
+    println!(
+        "  errors            {}: {}",
+        total(&errors),
+        fmt_map(&errors)
+    );
     println!(
         "  slowloris         {} opened, {} closed by the broker (median held {})",
         ctx.stats.slow_opened.load(Ordering::Relaxed),
@@ -1050,16 +1077,23 @@ mod tests {
         assert_eq!(find_leak(&needles, without_raw.as_bytes()), Some("base64"));
         use base64::Engine as _;
         for prefix in ["", "u", "us", "user:"] {
-            let encoded = base64::engine::general_purpose::STANDARD
-                .encode(format!("{prefix}{REAL_KEY}"));
+            let encoded =
+                base64::engine::general_purpose::STANDARD.encode(format!("{prefix}{REAL_KEY}"));
             assert!(
                 find_leak(&needles, encoded.as_bytes()).is_some(),
                 "base64 after {prefix:?}"
             );
-            let url = base64::engine::general_purpose::URL_SAFE.encode(format!("{prefix}{REAL_KEY}"));
-            assert!(find_leak(&needles, url.as_bytes()).is_some(), "base64url after {prefix:?}");
+            let url =
+                base64::engine::general_purpose::URL_SAFE.encode(format!("{prefix}{REAL_KEY}"));
+            assert!(
+                find_leak(&needles, url.as_bytes()).is_some(),
+                "base64url after {prefix:?}"
+            );
         }
-        assert_eq!(find_leak(&needles, b"you are Bearer [redacted-by-broker]"), None);
+        assert_eq!(
+            find_leak(&needles, b"you are Bearer [redacted-by-broker]"),
+            None
+        );
     }
 
     #[test]
@@ -1072,15 +1106,50 @@ mod tests {
         // A steady leak of 0.05 MiB/s: fails.
         assert!(rss_verdict(&series(&|t| 20.0 + 0.05 * t)).3);
         // Grew a lot but came back down at the end (falling): passes.
-        assert!(!rss_verdict(&series(&|t| if t < 1500.0 { 20.0 + 0.05 * t } else { 30.0 })).3);
+        assert!(
+            !rss_verdict(&series(&|t| if t < 1500.0 {
+                20.0 + 0.05 * t
+            } else {
+                30.0
+            }))
+            .3
+        );
     }
 
     #[test]
     fn descriptors_left_open_fail() {
-        let clean = Fds { total: 70, agent: 0, upstream: 10 };
+        let clean = Fds {
+            total: 70,
+            agent: 0,
+            upstream: 10,
+        };
         assert_eq!(fd_verdict(58, clean), None);
-        assert!(fd_verdict(58, Fds { total: 71, agent: 1, upstream: 10 }).is_some());
-        assert!(fd_verdict(58, Fds { total: 100, agent: 0, upstream: 10 }).is_some());
-        assert!(fd_verdict(58, Fds { total: 200, agent: 0, upstream: 65 }).is_some());
+        assert!(fd_verdict(
+            58,
+            Fds {
+                total: 71,
+                agent: 1,
+                upstream: 10
+            }
+        )
+        .is_some());
+        assert!(fd_verdict(
+            58,
+            Fds {
+                total: 100,
+                agent: 0,
+                upstream: 10
+            }
+        )
+        .is_some());
+        assert!(fd_verdict(
+            58,
+            Fds {
+                total: 200,
+                agent: 0,
+                upstream: 65
+            }
+        )
+        .is_some());
     }
 }
