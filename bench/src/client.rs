@@ -28,7 +28,7 @@ pub struct Target {
     pub preamble: Option<[u8; broker_contract::TICKET_PREAMBLE_LEN]>,
 }
 
-enum Sender {
+pub enum Sender {
     H1(http1::SendRequest<Empty<Bytes>>),
     H2(http2::SendRequest<Empty<Bytes>>),
 }
@@ -44,11 +44,8 @@ fn tls(target: &Target, h2: bool, resume: bool) -> Arc<rustls::ClientConfig> {
     Arc::new(config)
 }
 
-async fn connect(
-    target: &Target,
-    config: Arc<rustls::ClientConfig>,
-    h2: bool,
-) -> anyhow::Result<Sender> {
+/// TCP to the target and, for the broker, the run's ticket first, as the shim sends it.
+pub async fn connect_tcp(target: &Target) -> anyhow::Result<tokio::net::TcpStream> {
     let tcp = tokio::net::TcpStream::connect(target.addr)
         .await
         .with_context(|| format!("connect {}", target.addr))?;
@@ -60,6 +57,33 @@ async fn connect(
         let sent = rustix::net::send(&tcp, preamble, flags).context("ticket")?;
         anyhow::ensure!(sent == preamble.len(), "ticket: short write");
     }
+    Ok(tcp)
+}
+
+/// A TLS connection to the target for [`HOST`], offering h2 or HTTP/1.1 only.
+pub async fn connect_tls(
+    target: &Target,
+    h2: bool,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = connect_tcp(target).await?;
+    let name = rustls_pki_types::ServerName::try_from(HOST)?;
+    tokio_rustls::TlsConnector::from(tls(target, h2, true))
+        .connect(name, tcp)
+        .await
+        .context("tls")
+}
+
+/// A connection ready for requests (h2 or HTTP/1.1), with session resumption.
+pub async fn connect_sender(target: &Target, h2: bool) -> anyhow::Result<Sender> {
+    connect(target, tls(target, h2, true), h2).await
+}
+
+async fn connect(
+    target: &Target,
+    config: Arc<rustls::ClientConfig>,
+    h2: bool,
+) -> anyhow::Result<Sender> {
+    let tcp = connect_tcp(target).await?;
     let name = rustls_pki_types::ServerName::try_from(HOST)?;
     let stream = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
@@ -84,6 +108,45 @@ impl Sender {
         let status = response.status().as_u16();
         response.into_body().collect().await?;
         Ok(status)
+    }
+
+    /// One request for `path`: the status, and every byte received (the head's header lines
+    /// and the body), for a caller that checks what came back.
+    pub async fn fetch(&mut self, path: &str, auth: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+        let response = self.send(path, auth).await?;
+        let status = response.status().as_u16();
+        let mut bytes = Vec::new();
+        for (name, value) in response.headers() {
+            bytes.extend_from_slice(name.as_str().as_bytes());
+            bytes.extend_from_slice(b": ");
+            bytes.extend_from_slice(value.as_bytes());
+            bytes.extend_from_slice(b"\r\n");
+        }
+        let mut body = response.into_body();
+        while let Some(frame) = body.frame().await {
+            if let Some(data) = frame?.data_ref() {
+                bytes.extend_from_slice(data);
+            }
+        }
+        Ok((status, bytes))
+    }
+
+    /// Another handle on an h2 connection, for a concurrent stream (`None` for HTTP/1.1,
+    /// which takes one request at a time).
+    pub fn try_clone(&self) -> Option<Sender> {
+        match self {
+            Sender::H1(_) => None,
+            Sender::H2(s) => Some(Sender::H2(s.clone())),
+        }
+    }
+
+    /// Whether a request can go out on this connection now (an HTTP/1.1 one that carried a
+    /// broken answer is closed).
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
     }
 
     async fn send(

@@ -14,10 +14,7 @@
 //! Everything stays on this machine: loopback, plus (as root, with netem) a network namespace
 //! and veth pair of its own for the 20 ms round-trip leg, removed when the run ends.
 
-mod client;
-mod netem;
-mod origin;
-mod procs;
+use broker_bench::{client, netem, origin, procs};
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};

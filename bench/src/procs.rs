@@ -33,6 +33,16 @@ pub fn snapshot_binaries(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// For a program that runs only `broker` (the soak), from wherever it was built: copy it
+/// into `dir` and use it from there.
+pub fn snapshot_from(broker: &Path, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::copy(broker, dir.join("broker"))
+        .with_context(|| format!("copy {}", broker.display()))?;
+    let _ = BIN_DIR.set(dir.to_path_buf());
+    Ok(())
+}
+
 fn bin_dir() -> anyhow::Result<PathBuf> {
     match BIN_DIR.get() {
         Some(dir) => Ok(dir.clone()),
@@ -58,6 +68,16 @@ pub struct OriginProc {
 impl OriginProc {
     /// `prefix` wraps the command (e.g. `ip netns exec NS`).
     pub fn start(dir: &Path, listen: &str, prefix: &[&str]) -> anyhow::Result<OriginProc> {
+        OriginProc::start_with(dir, listen, prefix, &[])
+    }
+
+    /// [`OriginProc::start`] with more arguments for `bench origin` (`--stall-secs S`).
+    pub fn start_with(
+        dir: &Path,
+        listen: &str,
+        prefix: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<OriginProc> {
         std::fs::create_dir_all(dir)?;
         let exe = std::env::current_exe()?;
         let mut cmd = match prefix.split_first() {
@@ -71,6 +91,7 @@ impl OriginProc {
         cmd.args(["origin", "--dir"])
             .arg(dir)
             .args(["--listen", listen])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -94,6 +115,16 @@ impl OriginProc {
 impl OriginProc {
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Requests the origin answered 401 because they lacked the real key (swaps that did not
+    /// happen), from the count it keeps in its directory.
+    pub fn refused(&self) -> u64 {
+        let dir = self.ca_pem_path.parent().unwrap_or(Path::new("."));
+        std::fs::read_to_string(dir.join("refused"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
     }
 }
 
@@ -181,6 +212,11 @@ impl Serve {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// How the process ended, if it has.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// The fake address the shim hands the agent for [`HOST`], with the broker's port.
