@@ -163,12 +163,21 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 )
 
 func main() {
 	// Only whether they are set: the proxy URL holds the run's ticket.
 	fmt.Fprintln(os.Stderr, "agent env: HTTPS_PROXY set:", os.Getenv("HTTPS_PROXY") != "",
 		"LD_PRELOAD set:", os.Getenv("LD_PRELOAD") != "")
+	// A glibc child of this program loads libbroker.so again: its constructor sets
+	// BROKER_SHIM_ACTIVE=1 where it found the run's config (cleared here first, since the
+	// value inherited from this program's own parent would say 1 anyway).
+	child := exec.Command("sh", "-c", "echo $BROKER_SHIM_ACTIVE")
+	child.Env = append(os.Environ(), "BROKER_SHIM_ACTIVE=")
+	if out, err := child.Output(); err == nil {
+		fmt.Fprintf(os.Stderr, "glibc child shim active: %s", out)
+	}
 	// An unmanaged host first (the test's own CA): tunnelled untouched, verified with the
 	// bundle the agent had, merged with the run CA.
 	if len(os.Args) > 1 {
@@ -320,6 +329,10 @@ fn go_agent_started_inside_a_run(bin: &std::path::Path, ca_vars: &dyn Fn(&mut Co
         assert!(
             stderr.contains("HTTPS_PROXY set: true LD_PRELOAD set: true"),
             "{name}: {stderr}"
+        );
+        assert!(
+            stderr.contains("glibc child shim active: 1"),
+            "{name}: the Go program's glibc child is not under the shim: {stderr}"
         );
         assert!(!contains(&out.stdout, OPENAI_KEY) && !contains(&out.stderr, OPENAI_KEY));
     }
