@@ -48,10 +48,10 @@ static SELF_MEM: Mutex<Option<std::fs::File>> = Mutex::new(None);
 pub fn protect_process() {
     // Decide before anything is stripped: the preload is one of the signs.
     let _ = inside_run();
-    if let Some(var) = LOADER_VARS
-        .iter()
-        .find(|v| std::env::var_os(v).is_some_and(|p| !p.is_empty()))
-    {
+    if let Some(var) = LOADER_VARS.iter().find(|v| {
+        std::env::var_os(v)
+            .is_some_and(|p| !p.is_empty() && !(**v == "LD_PRELOAD" && only_valgrind(&p)))
+    }) {
         restart_without_preload(var);
     }
     let mem = std::fs::OpenOptions::new()
@@ -137,6 +137,55 @@ fn env_block_bounds() -> std::io::Result<(u64, u64)> {
     let [start, end] = crate::procfs::stat_fields("self", [50, 51])
         .ok_or_else(|| std::io::Error::other("no env bounds in /proc/self/stat"))?;
     Ok((start, end))
+}
+
+/// Whether `preload` names only valgrind's own libraries (`vgpreload_<tool>-<platform>.so`),
+/// each a root-owned file that no one else can write, in directories only root can write.
+///
+/// Valgrind puts these in `LD_PRELOAD` of the program it runs, and the broker cannot restart
+/// out of them: the program runs inside valgrind's process (`/proc/self/exe` is valgrind's),
+/// so `scripts/bench-instructions` could not count the broker's instructions. They are let
+/// through because the restart exists to keep out a library the agent *wrote*, and a file
+/// that only root can write is not one; and a broker run under valgrind is in the hands of
+/// whoever started valgrind, who gets no more from it than from starting `broker` itself
+/// (the vault opens only with the master key's source, which that user has or has not
+/// anyway). Anything else in the list, or any `LD_AUDIT`, still means a restart.
+fn only_valgrind(preload: &std::ffi::OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    // ld.so separates entries with colons or spaces.
+    let mut entries = preload
+        .as_bytes()
+        .split(|&b| b == b':' || b == b' ')
+        .filter(|e| !e.is_empty())
+        .peekable();
+    entries.peek().is_some()
+        && entries.all(|entry| {
+            let path = std::path::Path::new(std::ffi::OsStr::from_bytes(entry));
+            is_valgrind_name(path) && only_root_can_write(path)
+        })
+}
+
+fn is_valgrind_name(path: &std::path::Path) -> bool {
+    path.is_absolute()
+        && path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("vgpreload_") && n.ends_with(".so"))
+}
+
+/// The file, after symlinks, and every directory above it are owned by root and not
+/// writable by group or others.
+fn only_root_can_write(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(real) = std::fs::canonicalize(path) else {
+        return false;
+    };
+    real.ancestors()
+        .all(|p| std::fs::metadata(p).is_ok_and(|m| root_only_writable(m.uid(), m.mode())))
+}
+
+fn root_only_writable(owner_uid: u32, mode: u32) -> bool {
+    owner_uid == 0 && mode & 0o022 == 0
 }
 
 /// Start this binary again with the same arguments, without the loader's variables.
@@ -228,6 +277,42 @@ mod tests {
     fn the_env_block_bounds_are_read_from_stat() {
         let (start, end) = env_block_bounds().expect("bounds");
         assert!(start > 0 && end > start);
+    }
+
+    #[test]
+    fn only_root_installed_valgrind_preloads_are_let_through() {
+        use std::ffi::OsStr;
+        assert!(root_only_writable(0, 0o100755));
+        assert!(!root_only_writable(1000, 0o100755), "another owner");
+        assert!(!root_only_writable(0, 0o100775), "group-writable");
+        assert!(
+            !root_only_writable(0, 0o41777),
+            "a sticky world-writable directory (/tmp)"
+        );
+        assert!(is_valgrind_name(
+            "/usr/libexec/valgrind/vgpreload_core-amd64-linux.so".as_ref()
+        ));
+        assert!(
+            !is_valgrind_name("vgpreload_core-amd64-linux.so".as_ref()),
+            "relative"
+        );
+        assert!(!is_valgrind_name("/usr/lib/libbroker.so".as_ref()));
+        assert!(!only_valgrind(OsStr::new("")));
+        assert!(!only_valgrind(OsStr::new(" : ")));
+        // A lookalike in a directory anyone can write (/tmp): its owner is irrelevant.
+        let dir = tempfile::tempdir_in("/tmp").expect("tempdir");
+        let fake = dir.path().join("vgpreload_core-amd64-linux.so");
+        std::fs::write(&fake, b"").expect("write");
+        assert!(!only_valgrind(fake.as_os_str()));
+        let installed = "/usr/libexec/valgrind/vgpreload_core-amd64-linux.so";
+        if std::path::Path::new(installed).exists() {
+            assert!(only_valgrind(OsStr::new(installed)));
+            let mixed = format!("{installed}:{}", fake.display());
+            assert!(
+                !only_valgrind(OsStr::new(&mixed)),
+                "one foreign entry spoils the list"
+            );
+        }
     }
 
     #[test]
