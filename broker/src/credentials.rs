@@ -123,6 +123,23 @@ impl Credentials for VaultCredentials {
         self.keys_seen.get(provider, profile)
     }
 
+    /// Rows that pass their integrity check (a row that does not is never used). No vault
+    /// yet: nothing is stored. A vault that cannot be read here: unknown.
+    fn stored(&self) -> Option<Vec<(String, String)>> {
+        let vault = match self.vault() {
+            Ok(Some(vault)) => vault,
+            Ok(None) => return Some(Vec::new()),
+            Err(_) => return None,
+        };
+        let rows = vault.list().ok()?;
+        Some(
+            rows.into_iter()
+                .filter(|row| row.integrity_ok)
+                .map(|row| (row.provider, row.profile))
+                .collect(),
+        )
+    }
+
     /// Only API keys are cached: a current cache entry means there is nothing to renew. Right
     /// after a lookup that is the answer for every API key; anything else may renew (OAuth
     /// tokens refresh, commands run again).

@@ -119,6 +119,92 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
     })
 }
 
+/// The (provider, profile) pairs with a stored credential, or `None` if unknown.
+async fn stored_credentials(proxy: &Arc<Proxy>) -> Option<Vec<(String, String)>> {
+    let credentials = proxy.credentials();
+    tokio::task::spawn_blocking(move || credentials.stored())
+        .await
+        .unwrap_or(None)
+}
+
+/// Which variables a run's agent gets its providers' placeholders in: `env` (set when unset)
+/// for the providers the run has a credential for, `env_if_set` (only a real key there is
+/// replaced) for the rest.
+///
+/// Only providers with a credential get placeholders set: with a catalog of a hundred
+/// providers, an agent given every placeholder would pick a provider it has no key for
+/// (aider and llm choose their model by which key is set), and tools that send a token
+/// variable when it is set (`npm` through `.npmrc`, `twine`, `gh`) would send a placeholder
+/// instead of falling back to their own login. A real key the agent was started with is
+/// still replaced and handed over, for any provider. `stored: None` (the vault could not be
+/// read) sets every provider's variables, as before there was a choice.
+fn placeholder_env(
+    catalog: &Catalog,
+    allow: Option<&[String]>,
+    profiles: &HashMap<String, String>,
+    default_profile: &str,
+    handed: &dyn Fn(&str) -> bool,
+    stored: Option<&[(String, String)]>,
+) -> (Vec<(String, String)>, Vec<(String, String)>) {
+    let profile_for = |name: &str| profiles.get(name).map_or(default_profile, String::as_str);
+    let (mut env, mut env_if_set) = (Vec::new(), Vec::new());
+    let allowed = catalog
+        .providers()
+        .iter()
+        .filter(|p| allow.is_none_or(|a| a.contains(&p.name)));
+    for p in allowed {
+        let has_credential = handed(&p.name)
+            || stored.is_none_or(|rows| {
+                rows.iter()
+                    .any(|(name, profile)| *name == p.name && *profile == profile_for(&p.name))
+            });
+        let placeholder = |var: &String| (var.clone(), p.placeholder.clone());
+        match has_credential {
+            true => env.extend(p.env.iter().map(placeholder)),
+            false => env_if_set.extend(p.env.iter().map(placeholder)),
+        }
+        env_if_set.extend(p.env_if_set.iter().map(placeholder));
+    }
+    (env, env_if_set)
+}
+
+/// How often `broker serve` looks for credentials added or removed since it wrote its shim
+/// config: a bare preload started a moment after `broker add` should get the placeholder.
+/// One look is a read of the vault's rows (no secret is decrypted beyond the integrity check).
+const PLACEHOLDER_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keep the placeholders of `broker serve`'s own run (the one bare preloads use: every
+/// provider, default profiles, no handed keys) in step with the vault, rewriting its shim
+/// config (temp file + rename) when they change. Aborted with the returned handle.
+pub fn keep_placeholders_current(
+    proxy: Arc<Proxy>,
+    mut shim: ShimConfig,
+    path: PathBuf,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(PLACEHOLDER_REFRESH).await;
+            let stored = stored_credentials(&proxy).await;
+            let (env, env_if_set) = placeholder_env(
+                proxy.catalog(),
+                None,
+                &HashMap::new(),
+                "default",
+                &|_| false,
+                stored.as_deref(),
+            );
+            if env == shim.env && env_if_set == shim.env_if_set {
+                continue;
+            }
+            shim.env = env;
+            shim.env_if_set = env_if_set;
+            if let Err(err) = write_private_file(&path, shim.render().as_bytes()) {
+                tracing::warn!(%err, path = %path.display(), "cannot update the shim config's placeholders");
+            }
+        }
+    })
+}
+
 /// One open run: its listeners and the shim config written for it.
 pub struct OpenRun {
     pub listeners: RunListeners,
@@ -140,22 +226,19 @@ pub async fn open_run(
 ) -> anyhow::Result<OpenRun> {
     let catalog = proxy.catalog();
     let hosts = catalog.host_patterns();
-    let allowed = || {
-        catalog
-            .providers()
-            .iter()
-            .filter(|p| spec.allow.as_ref().is_none_or(|a| a.contains(&p.name)))
+    let stored = stored_credentials(proxy).await;
+    let default_profile = match spec.default_profile.as_str() {
+        "" => "default",
+        profile => profile,
     };
-    let env = allowed()
-        .flat_map(|p| p.env.iter().map(|var| (var.clone(), p.placeholder.clone())))
-        .collect();
-    let env_if_set = allowed()
-        .flat_map(|p| {
-            p.env_if_set
-                .iter()
-                .map(|var| (var.clone(), p.placeholder.clone()))
-        })
-        .collect();
+    let (env, env_if_set) = placeholder_env(
+        catalog,
+        spec.allow.as_deref(),
+        &spec.profiles,
+        default_profile,
+        &|name| spec.run_keys.0.contains_key(name),
+        stored.as_deref(),
+    );
     let run_id = spec.id.clone();
     let ticket = new_ticket()?;
     let run = RunContext {

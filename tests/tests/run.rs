@@ -295,6 +295,8 @@ fn codex_finds_the_openai_placeholder_in_codex_api_key() {
 fn gemini_gets_one_placeholder_variable_and_a_google_api_key_is_still_hidden() {
     const GOOGLE_KEY: &str = "AIzaSyTestRealGoogleKeyForRunTest0123456";
     let home = Home::new();
+    // A stored key: placeholders go only to providers the run has a credential for.
+    home.add("gemini", "AIzaSyTestStoredGeminiKeyForRunTest01234");
     let script = "echo \"gemini=$GEMINI_API_KEY google=${GOOGLE_API_KEY-unset}\"";
     let plain = run_bounded(
         home.broker()
@@ -335,6 +337,79 @@ fn gemini_gets_one_placeholder_variable_and_a_google_api_key_is_still_hidden() {
         "{stderr}"
     );
     assert!(!contains(&with_key.stdout, GOOGLE_KEY) && !contains(&with_key.stderr, GOOGLE_KEY));
+}
+
+/// With a catalog of a hundred providers, an agent gets placeholders only for the providers
+/// its run has a credential for (stored under the run's profile, or handed to the run): the
+/// others' variables stay unset, so a tool that picks a provider by which key is set, or
+/// sends a token variable when it is set, behaves as without broker. A real key the agent
+/// is started with is still taken, for any provider in the catalog.
+#[test]
+fn only_providers_with_a_credential_get_placeholders() {
+    let home = Home::new();
+    home.add("openai", "sk-test-stored-openai-key-for-placeholders-0123");
+    let work_key = "sk-ant-api03-test-stored-anthropic-work-profile-0123";
+    let out = home.run_with_stdin(&["add", "anthropic", "--profile", "work"], work_key);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tavily_key = format!("tvly-test{}", "Real7".repeat(6));
+    let script = "for v in OPENAI_API_KEY ANTHROPIC_API_KEY TAVILY_API_KEY NPM_TOKEN TWINE_PASSWORD; do eval \"echo $v=\\${$v-unset}\"; done";
+    let run = |profile: Option<&str>, tavily: bool| {
+        let mut cmd = home.broker();
+        for var in [
+            "OPENAI_API_KEY",
+            "ANTHROPIC_API_KEY",
+            "TAVILY_API_KEY",
+            "NPM_TOKEN",
+            "TWINE_PASSWORD",
+        ] {
+            cmd.env_remove(var);
+        }
+        if tavily {
+            cmd.env("TAVILY_API_KEY", &tavily_key);
+        }
+        cmd.arg("run");
+        if let Some(profile) = profile {
+            cmd.args(["--profile", profile]);
+        }
+        let out = run_bounded(
+            cmd.args(["--", "sh", "-c", script]).stdin(Stdio::null()),
+            Duration::from_secs(30),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!contains(&out.stdout, &tavily_key) && !contains(&out.stderr, &tavily_key));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let plain = run(None, false);
+    for expected in [
+        "OPENAI_API_KEY=sk-broker-placeholder-openai-",
+        "ANTHROPIC_API_KEY=unset",
+        "TAVILY_API_KEY=unset",
+        "NPM_TOKEN=unset",
+        "TWINE_PASSWORD=unset",
+    ] {
+        assert!(plain.contains(expected), "{expected} in {plain}");
+    }
+    // `--profile work`: the anthropic key stored there counts, the default openai one not.
+    let work = run(Some("work"), false);
+    assert!(
+        work.contains("ANTHROPIC_API_KEY=sk-ant-api03-broker-placeholder"),
+        "{work}"
+    );
+    assert!(work.contains("OPENAI_API_KEY=unset"), "{work}");
+    // A real Tavily key in the environment is replaced and handed to the run.
+    let handed = run(None, true);
+    assert!(
+        handed.contains("TAVILY_API_KEY=tvly-broker-placeholder-tavily-"),
+        "{handed}"
+    );
 }
 
 /// With only an OpenAI key stored, git and curl reach github.com (a managed host) as they

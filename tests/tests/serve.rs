@@ -371,6 +371,47 @@ fn a_bare_preload_finds_the_running_daemon() {
     assert_eq!(origin.requests().len(), 2);
 }
 
+/// A bare preload gets a provider's placeholder only while a credential for it is stored,
+/// and the daemon notices a `broker add` (or `remove`) made while it runs, within seconds,
+/// without a restart.
+#[test]
+fn a_bare_preload_gets_placeholders_for_keys_added_while_the_daemon_runs() {
+    let ca = TestCa::new();
+    let home = Home::new();
+    let _serve = Serve::start(&home, &ca, &[]);
+    let script = "echo \"openai=${OPENAI_API_KEY-unset}\"";
+    let agent_sees = || {
+        let mut cmd = bare_preload(&home, script, false);
+        cmd.env_remove("OPENAI_API_KEY");
+        let out = run_bounded(&mut cmd, Duration::from_secs(30));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let wait_for = |expected: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let seen = agent_sees();
+            if seen.starts_with(expected) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still {seen}, not {expected}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert_eq!(agent_sees(), "openai=unset");
+    home.add("openai", OPENAI_KEY);
+    wait_for("openai=sk-broker-placeholder-openai-");
+    home.broker_ok(&["remove", "openai"]);
+    wait_for("openai=unset");
+}
+
 const DOTENV_KEY: &str = "sk-test-dotenv-key-for-serve-handover-0123456789";
 
 /// The agent of the handover test: calls the API with the key from its environment, has a
@@ -501,10 +542,14 @@ fn a_bare_preload_hands_a_real_key_to_the_daemon_for_its_own_tree_only() {
         );
     }
 
-    // Another agent of the same user, started without the key, cannot use it.
+    // Another agent of the same user, started without the key, cannot use it, even with the
+    // placeholder (which it does not get in its environment: no openai key is stored).
     let mut cmd = bare_preload(
         &home,
-        "curl -sS -o /dev/null -w '%{http_code}' https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"",
+        &format!(
+            "curl -sS -o /dev/null -w '%{{http_code}}' https://api.openai.com/v1/models -H \"Authorization: Bearer {}\"",
+            home.placeholder("openai")
+        ),
         false,
     );
     let out = run_bounded(&mut cmd, Duration::from_secs(30));

@@ -61,6 +61,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await?;
         let control = crate::control::bind(&home)?;
         let control_task = tokio::spawn(crate::control::serve(control, started.proxy.clone(), dir.clone()));
+        let placeholders = instance::keep_placeholders_current(
+            started.proxy.clone(),
+            started.shim.clone(),
+            started.shim_config_path.clone(),
+        );
         eprintln!(
             "broker serve: ready (port {}, {} managed hosts); agents: LD_PRELOAD=libbroker.so CMD, or broker run -- CMD",
             started.shim.port,
@@ -68,6 +73,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
         super::wait_for_shutdown().await;
         control_task.abort();
+        placeholders.abort();
         instance::remove_quietly(&crate::control::socket_path(&home));
         instance::remove_quietly(&started.shim_config_path);
         eprintln!("broker serve: stopped");

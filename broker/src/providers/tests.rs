@@ -895,3 +895,131 @@ fn errors_in_files_with_non_ascii_text_are_reported_not_panics() {
         "{err}"
     );
 }
+
+/// Every wildcard host of a built-in, and why a key may go to any one label under it: the
+/// labels there are the provider's own endpoints or its customers' resources on the
+/// provider's own service, where no customer runs code that could read a request. A wildcard
+/// under a domain where customers do run code (`*.supabase.co`, `*.vercel.app`,
+/// `*.workers.dev`, `*.herokuapp.com`) would hand the key to whoever names a project there:
+/// such APIs are custom providers for one host. Adding a wildcard means adding it here.
+const REVIEWED_WILDCARDS: &[(&str, &str)] = &[
+    (
+        "*.openai.azure.com",
+        "Azure OpenAI resources: <resource>.openai.azure.com",
+    ),
+    (
+        "*.cognitiveservices.azure.com",
+        "Azure AI services resources",
+    ),
+    (
+        "*.api.mailchimp.com",
+        "Mailchimp's data centres: us1.api.mailchimp.com",
+    ),
+    (
+        "*.algolia.net",
+        "Algolia application hosts: <APPID>-dsn.algolia.net",
+    ),
+    (
+        "*.algolianet.com",
+        "Algolia's fallback hosts: <APPID>-1.algolianet.com",
+    ),
+];
+
+/// Domains whose labels belong to different owners (public suffixes, and hosting where
+/// customers name a subdomain and run code on it): a wildcard directly under one of these
+/// would be wider than one provider.
+const SHARED_SUFFIXES: &[&str] = &[
+    "co.uk",
+    "com.au",
+    "co.jp",
+    "com.br",
+    "azurewebsites.net",
+    "cloudapp.net",
+    "herokuapp.com",
+    "vercel.app",
+    "workers.dev",
+    "pages.dev",
+    "netlify.app",
+    "github.io",
+    "appspot.com",
+    "cloudfront.net",
+    "amazonaws.com",
+    "supabase.co",
+    "web.app",
+    "firebaseapp.com",
+    "fly.dev",
+    "onrender.com",
+    "ngrok.io",
+    "ngrok-free.app",
+    "azure.com",
+    "googleapis.com",
+    "run.app",
+];
+
+/// The catalog's invariants (issue 22): more than a hundred providers; hosts are names, never
+/// IP addresses; a wildcard stands for one label, under a reviewed domain of three labels or
+/// one label under a reviewed domain that is the provider's own (never `*.com`, `*.co.uk`
+/// or a hosting domain); patterns compile (the parser refuses those that do not)
+/// and accept the provider's own placeholder, which must still say what it is.
+///
+/// The placeholder *matches* the key pattern on purpose (the parser enforces it): SDKs that
+/// check a key's shape before sending (OpenAI's, Anthropic's, the Vercel AI SDK's) must
+/// accept it, and a smuggled real key is told from the placeholder by comparing with the
+/// placeholder itself, not by the pattern.
+#[test]
+fn the_builtin_catalog_keeps_its_invariants() {
+    let catalog = Catalog::builtin();
+    assert!(
+        catalog.providers().len() >= 100,
+        "{} built-in providers",
+        catalog.providers().len()
+    );
+    for p in catalog.providers() {
+        for pattern in p.host_patterns() {
+            let host = pattern.strip_prefix("*.").unwrap_or(pattern);
+            assert!(
+                host.parse::<std::net::IpAddr>().is_err(),
+                "{}: {pattern} is an IP address",
+                p.name
+            );
+            assert!(
+                host.split('.').count() >= 2
+                    && host.split('.').all(|l| !l.is_empty()
+                        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')),
+                "{}: {pattern} is not a host name",
+                p.name
+            );
+            assert!(
+                !host.contains('*'),
+                "{}: {pattern}: a wildcard only as the first label",
+                p.name
+            );
+            if pattern.starts_with("*.") {
+                assert!(
+                    REVIEWED_WILDCARDS.iter().any(|(w, _)| *w == pattern),
+                    "{}: wildcard {pattern} is not in REVIEWED_WILDCARDS",
+                    p.name
+                );
+                assert!(
+                    !SHARED_SUFFIXES.contains(&host),
+                    "{}: {pattern} is wider than one label under the provider's domain",
+                    p.name
+                );
+            }
+        }
+        assert!(p.key_matches(&p.placeholder), "{}", p.name);
+        assert!(
+            p.placeholder
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b)),
+            "{}: placeholder outside the URL-unreserved characters",
+            p.name
+        );
+    }
+    for (w, _) in REVIEWED_WILDCARDS {
+        assert!(
+            catalog.host_patterns().iter().any(|h| h == w),
+            "REVIEWED_WILDCARDS lists {w}, which no built-in uses"
+        );
+    }
+}

@@ -116,6 +116,13 @@ pub trait Credentials: Send + Sync + 'static {
         None
     }
 
+    /// The (provider, profile) pairs that have a credential stored, for deciding which
+    /// placeholders a run's agent gets; `None` when that cannot be known (every provider's
+    /// variables are then set). Blocks: it may open the vault.
+    fn stored(&self) -> Option<Vec<(String, String)>> {
+        None
+    }
+
     /// A secret known to be current without blocking (no I/O beyond a non-blocking check), if any:
     /// tried before [`Credentials::lookup`], which runs on a blocking thread.
     fn cached(&self, _provider: &str, _profile: &str) -> Option<Zeroizing<String>> {
