@@ -48,10 +48,13 @@ static SELF_MEM: Mutex<Option<std::fs::File>> = Mutex::new(None);
 pub fn protect_process() {
     // Decide before anything is stripped: the preload is one of the signs.
     let _ = inside_run();
-    if let Some(var) = LOADER_VARS.iter().find(|v| {
-        std::env::var_os(v)
-            .is_some_and(|p| !p.is_empty() && !(**v == "LD_PRELOAD" && only_valgrind(&p)))
-    }) {
+    let foreign = |var: &str| {
+        std::env::var_os(var).is_some_and(|p| {
+            let valgrinds_own = var == "LD_PRELOAD" && only_valgrind(&p);
+            !p.is_empty() && !valgrinds_own
+        })
+    };
+    if let Some(var) = LOADER_VARS.iter().copied().find(|var| foreign(var)) {
         restart_without_preload(var);
     }
     let mem = std::fs::OpenOptions::new()

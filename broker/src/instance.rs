@@ -127,6 +127,9 @@ async fn stored_credentials(proxy: &Arc<Proxy>) -> Option<Vec<(String, String)>>
         .unwrap_or(None)
 }
 
+/// (variable, placeholder) pairs of a shim config's `env` or `env-if-set` lines.
+type VarPlaceholders = Vec<(String, String)>;
+
 /// Which variables a run's agent gets its providers' placeholders in: `env` (set when unset)
 /// for the providers the run has a credential for, `env_if_set` (only a real key there is
 /// replaced) for the rest.
@@ -145,7 +148,7 @@ fn placeholder_env(
     default_profile: &str,
     handed: &dyn Fn(&str) -> bool,
     stored: Option<&[(String, String)]>,
-) -> (Vec<(String, String)>, Vec<(String, String)>) {
+) -> (VarPlaceholders, VarPlaceholders) {
     let profile_for = |name: &str| profiles.get(name).map_or(default_profile, String::as_str);
     let (mut env, mut env_if_set) = (Vec::new(), Vec::new());
     let allowed = catalog
