@@ -123,8 +123,10 @@ impl Credentials for VaultCredentials {
         self.keys_seen.get(provider, profile)
     }
 
-    /// Rows that pass their integrity check (a row that does not is never used). No vault
-    /// yet: nothing is stored. A vault that cannot be read here: unknown.
+    /// Every row, whether or not it passes its integrity check: a row edited outside broker
+    /// still gets its placeholder, so the agent's request reaches the broker and gets the
+    /// integrity error that tells the user what happened (the row itself is never used). No
+    /// vault yet: nothing is stored. A vault that cannot be read here: unknown.
     fn stored(&self) -> Option<Vec<(String, String)>> {
         let vault = match self.vault() {
             Ok(Some(vault)) => vault,
@@ -134,7 +136,6 @@ impl Credentials for VaultCredentials {
         let rows = vault.list().ok()?;
         Some(
             rows.into_iter()
-                .filter(|row| row.integrity_ok)
                 .map(|row| (row.provider, row.profile))
                 .collect(),
         )
