@@ -19,6 +19,7 @@ pub mod instance;
 mod key_cache;
 pub mod launch;
 pub mod oauth;
+pub mod policy;
 pub mod procfs;
 pub mod providers;
 pub mod proxy;

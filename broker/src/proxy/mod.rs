@@ -195,6 +195,8 @@ pub struct RunContext {
     /// The run's secret ticket: every connection to its listeners must present it (the
     /// preamble on the fake addresses, `Proxy-Authorization` on the CONNECT listener).
     pub ticket: broker_contract::Ticket,
+    /// The run's policy (`crate::policy`), compiled when the run opened.
+    pub policy: Arc<crate::policy::RunPolicy>,
 }
 
 /// The agent's pid, for the audit. Shared and settable because the run opens (listeners,
@@ -259,6 +261,8 @@ pub struct ProxySettings {
     pub label: String,
     /// Timeouts and connection caps (`Limits::default()` but in tests).
     pub limits: Limits,
+    /// `$BROKER_HOME/policy.toml`, read as each run opens.
+    pub policy_file: Option<std::path::PathBuf>,
 }
 
 /// The shared state of one broker instance: its CA, the catalog, the upstream pool.
@@ -273,6 +277,7 @@ pub struct Proxy {
     caps: limits::Caps,
     /// `--dns-upstream`: where the runs' DNS responders forward; empty: `/etc/resolv.conf`.
     dns_upstream: Vec<SocketAddr>,
+    policy_file: Option<std::path::PathBuf>,
 }
 
 impl Proxy {
@@ -292,7 +297,10 @@ impl Proxy {
         let hosts = settings.catalog.host_patterns();
         let ca = Arc::new(LocalCa::new(&hosts, &settings.label)?);
         let tls_server = listen::server_config(ca.clone())?;
-        let connector = upstream::UpstreamConnector::new(settings.upstream);
+        let connector = upstream::UpstreamConnector::new(
+            settings.upstream,
+            settings.catalog.private_address_hosts(),
+        );
         let pool = pool::UpstreamPool::new(connector);
         Ok(Arc::new(Proxy {
             ca,
@@ -304,6 +312,7 @@ impl Proxy {
             needles: redact::NeedleCache::default(),
             caps: limits::Caps::new(settings.limits),
             dns_upstream,
+            policy_file: settings.policy_file,
         }))
     }
 
@@ -331,6 +340,14 @@ impl Proxy {
         match self.dns_upstream.is_empty() {
             true => crate::dns::upstream::system_nameservers(),
             false => self.dns_upstream.clone(),
+        }
+    }
+
+    /// `$BROKER_HOME/policy.toml`, parsed against this broker's catalog, if there is one.
+    pub fn home_policy(&self) -> Result<Option<crate::policy::Layer>, crate::policy::PolicyError> {
+        match &self.policy_file {
+            Some(path) => crate::policy::load_file(path, &self.catalog),
+            None => Ok(None),
         }
     }
 
