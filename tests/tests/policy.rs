@@ -49,7 +49,7 @@ fn run_script(home: &Home, ca: &TestCa, origin: &Origin, args: &[&str], script: 
 /// A curl line printing `<tag> <status> <body>` for `method path` with the placeholder.
 fn curl(tag: &str, method: &str, path: &str, extra: &str) -> String {
     format!(
-        "printf '%s ' {tag}; curl -sS --path-as-is -X {method} -H \"Authorization: Bearer $OPENAI_API_KEY\" {extra} -w ' %{{http_code}}\\n' 'https://api.openai.com{path}'; echo\n"
+        "printf '%s ' {tag}; curl -sS --path-as-is -X {method} -H \"Authorization: Bearer $OPENAI_API_KEY\" {extra} -w '|%{{http_code}}' 'https://api.openai.com{path}' | tr -d '\\n'; echo\n"
     )
 }
 
@@ -60,7 +60,7 @@ fn result<'a>(stdout: &'a str, tag: &str) -> (u16, &'a str) {
         .find(|l| l.starts_with(&format!("{tag} ")))
         .unwrap_or_else(|| panic!("no line for {tag}: {stdout}"));
     let rest = &line[tag.len() + 1..];
-    let (body, status) = rest.rsplit_once(' ').unwrap_or(("", rest));
+    let (body, status) = rest.rsplit_once('|').unwrap_or(("", rest));
     (status.trim().parse().unwrap_or(0), body)
 }
 
@@ -72,6 +72,19 @@ fn stdout_of(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }
 
 const RULES: &str = r#"
@@ -182,10 +195,14 @@ fn a_smuggled_key_is_refused_and_audited_without_its_value() {
             "smuggled",
             "GET",
             "/v1/models",
-            &format!("-H 'Authorization: Bearer {SMUGGLED}'")
+            "-H \"Authorization: Bearer $FOUND_IN_A_FILE\""
         )
     );
-    let out = run_script(&home, &ca, &origin, &[], &script);
+    // From the environment, not the command line (which the audit records as the agent's).
+    let mut cmd = home.broker_run(&ca, "api.openai.com", origin.addr);
+    cmd.env("FOUND_IN_A_FILE", SMUGGLED)
+        .args(["--", "sh", "-c", &script]);
+    let out = run_bounded(&mut cmd, Duration::from_secs(120));
     let stdout = stdout_of(&out);
     assert_eq!(result(&stdout, "placeholder").0, 200, "{stdout}");
     let (status, body) = result(&stdout, "smuggled");
@@ -197,9 +214,14 @@ fn a_smuggled_key_is_refused_and_audited_without_its_value() {
     assert_eq!(origin.requests().len(), 1, "the smuggled key never left");
     let audit = home.audit_until(|a| count_events(a, "real_key_from_agent") >= 1);
     assert_eq!(count_events(&audit, "real_key_from_agent"), 1, "{audit}");
+    let on_disk: Vec<String> = walk(home.path())
+        .into_iter()
+        .filter(|p| std::fs::read(p).is_ok_and(|b| contains(&b, SMUGGLED)))
+        .map(|p| p.display().to_string())
+        .collect();
     assert!(
-        !contains(&home.all_bytes(), SMUGGLED),
-        "the smuggled key is on disk"
+        on_disk.is_empty(),
+        "the smuggled key is on disk: {on_disk:?}"
     );
     assert!(!contains(&out.stderr, SMUGGLED));
 }
@@ -208,7 +230,7 @@ fn a_smuggled_key_is_refused_and_audited_without_its_value() {
 fn require_placeholder_refuses_requests_without_it() {
     let (ca, origin, home) = setup(Some("[providers.openai]\nrequire_placeholder = true\n"));
     let script = format!(
-        "{}printf 'bare '; curl -sS -w ' %{{http_code}}\\n' https://api.openai.com/v1/models; echo\n",
+        "{}printf 'bare '; curl -sS -w '|%{{http_code}}' https://api.openai.com/v1/models | tr -d '\\n'; echo\n",
         curl("placeholder", "GET", "/v1/models", "")
     );
     let stdout = stdout_of(&run_script(&home, &ca, &origin, &[], &script));
@@ -242,12 +264,13 @@ fn budgets_answer_429_at_the_right_count_and_413_for_large_bodies() {
         "once per burst: {audit}"
     );
 
-    // A run's own policy file: a total, and a body size (known length, and streamed).
+    // A run's own policy file: a total, and a body size (known length, and streamed). A body
+    // refused for its length before it is sent is not counted; a streamed one was admitted.
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("run-policy.toml");
     std::fs::write(
         &file,
-        "[run]\nmax_requests = 3\n[providers.openai]\nmax_body_bytes = 64\n",
+        "[run]\nmax_requests = 2\n[providers.openai]\nmax_body_bytes = 64\n",
     )
     .expect("write");
     let big = dir.path().join("big");
@@ -295,7 +318,7 @@ fn budgets_answer_429_at_the_right_count_and_413_for_large_bodies() {
     assert_eq!(result(&stdout, "streamed").0, 413, "{stdout}");
     let (status, body) = result(&stdout, "fourth");
     assert_eq!(status, 429, "{stdout}");
-    assert!(body.contains("3 requests in all"), "{body}");
+    assert!(body.contains("2 requests in all"), "{body}");
 }
 
 #[test]

@@ -80,9 +80,11 @@ impl Rule {
                 "**" if i + 1 == parts.len() => Segment::Rest,
                 "**" => return Err(format!("'{pattern}': '**' may only be the last segment")),
                 "" if i + 1 == parts.len() => Segment::Literal(String::new()),
-                literal if literal.contains('*') => return Err(format!(
+                literal if literal.contains('*') => {
+                    return Err(format!(
                     "'{pattern}': '*' stands for a whole segment ('/v1/files/*'), not part of one"
-                )),
+                ))
+                }
                 literal => Segment::Literal(literal.to_string()),
             };
             segments.push(segment);
