@@ -110,6 +110,10 @@ pub enum EventKind {
     /// The broker refused to connect a provider host resolving to a loopback, private,
     /// link-local or metadata address (the SSRF guard).
     UpstreamAddressRefused,
+    /// A request whose rule asks for approval was approved (`broker approve`).
+    ApprovalGranted,
+    /// A request whose rule asks for approval was denied, or not answered in time.
+    ApprovalRefused,
 }
 
 impl EventKind {
@@ -136,6 +140,8 @@ impl EventKind {
             EventKind::BudgetExceeded => "budget_exceeded",
             EventKind::RealKeyFromAgent => "real_key_from_agent",
             EventKind::UpstreamAddressRefused => "upstream_address_refused",
+            EventKind::ApprovalGranted => "approval_granted",
+            EventKind::ApprovalRefused => "approval_refused",
         }
     }
 }

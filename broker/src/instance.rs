@@ -80,6 +80,8 @@ pub struct Instance {
     pub denials: Option<DenialLog>,
     /// The run's DNS responder (see [`crate::dns`]); stops when dropped.
     pub dns: Option<crate::dns::Responder>,
+    /// Where `broker approve` reaches this broker; removed when dropped.
+    pub approvals: Option<crate::approvals::Listener>,
 }
 
 /// Run slot of the first run of every instance. Each instance listens on its own port, so
@@ -114,6 +116,13 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
         policy_file: Some(home.root().join(crate::policy::HOME_POLICY_FILE)),
     })?;
     let run = open_run(&proxy, settings.run, FIRST_SLOT, &settings.runtime_dir).await?;
+    let approvals = match crate::approvals::listen(&home, proxy.approvals().clone()) {
+        Ok(listener) => Some(listener),
+        Err(err) => {
+            tracing::warn!(%err, "no socket for broker approve: requests whose rule asks for approval will time out");
+            None
+        }
+    };
     Ok(Instance {
         proxy,
         listeners: run.listeners,
@@ -121,6 +130,7 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
         shim_config_path: run.shim_config_path,
         denials: run.denials,
         dns: run.dns,
+        approvals,
     })
 }
 

@@ -3,6 +3,7 @@
 //! The request pipeline, in order (see `proxy`): accept -> classify -> look up credential ->
 //! swap -> forward -> respond -> audit.
 
+pub mod approvals;
 pub mod audit;
 pub mod audit_queue;
 pub mod ca;

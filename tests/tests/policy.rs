@@ -496,3 +496,111 @@ fn the_ssrf_guard_refuses_private_addresses_unless_the_provider_allows_them() {
         "only the allowed provider reached it"
     );
 }
+
+/// `broker approve` from a second process: a request held by an `approve = "each"` rule is
+/// approved, then one denied; an `approve = "once-per-run"` rule asks once; one nobody answers
+/// times out. The agent itself cannot answer: `broker approve` refuses inside a run, and the
+/// sockets are hidden from its sandbox.
+#[test]
+fn approvals_are_granted_denied_and_timed_out_from_another_process() {
+    let (ca, origin, home) = setup(Some(
+        r#"
+[providers.openai]
+allow = [
+  "GET /v1/models",
+  { rule = "DELETE /v1/files/*", approve = "each" },
+  { rule = "POST /v1/files", approve = "once-per-run" },
+]
+approve_timeout = 60
+"#,
+    ));
+    let broker = broker_integration::broker_bin();
+    let script = format!(
+        "({a}) &\nsleep 1\n{b} approve >/dev/null 2>&1; echo self-approve $?\n\
+         python3 -c \"import glob,os; print('sockets-seen', len(glob.glob(os.environ['BROKER_HOME']+'/run/approvals-*.sock')))\"\n\
+         wait\n{d}{p1}{p2}",
+        // One whole line, however it interleaves with the lines printed meanwhile.
+        a = "r=$(curl -sS -X DELETE -H \"Authorization: Bearer $OPENAI_API_KEY\" -w '|%{http_code}' https://api.openai.com/v1/files/a | tr -d '\\n'); echo \"a $r\"",
+        b = broker.display(),
+        d = curl("b", "DELETE", "/v1/files/b", ""),
+        p1 = curl("p1", "POST", "/v1/files", ""),
+        p2 = curl("p2", "POST", "/v1/files", ""),
+    );
+    let mut cmd = home.broker_run(&ca, "api.openai.com", origin.addr);
+    cmd.args(["--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().expect("broker run");
+    let mut answered = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while answered.len() < 3 && std::time::Instant::now() < deadline {
+        let out = home.broker_ok(&["approve", "--json"]);
+        let waiting: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+        for w in waiting {
+            let id = w["id"].as_str().expect("id").to_string();
+            if answered.contains(&id) {
+                continue;
+            }
+            assert_eq!(w["host"], "api.openai.com");
+            assert!(
+                w["command"].as_str().is_some_and(|c| c.contains("sh")),
+                "{w}"
+            );
+            let path = w["path"].as_str().expect("path");
+            let deny = path == "/v1/files/b";
+            let mut args = vec!["approve", id.as_str()];
+            if deny {
+                args.push("--deny");
+            }
+            let out = home.broker_ok(&args);
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                said.starts_with(if deny { "denied" } else { "approved" }),
+                "{said}"
+            );
+            answered.push(id);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().expect("wait");
+    let stdout = stdout_of(&out);
+    assert_eq!(answered.len(), 3, "three requests waited: {stdout}");
+    assert_eq!(
+        result(&stdout, "a"),
+        (200, "DELETE /v1/files/a"),
+        "{stdout}"
+    );
+    let (status, body) = result(&stdout, "b");
+    assert_eq!(status, 403, "{stdout}");
+    assert!(body.contains("denied with broker approve"), "{body}");
+    assert_eq!(result(&stdout, "p1").0, 200, "{stdout}");
+    assert_eq!(result(&stdout, "p2").0, 200, "once per run: {stdout}");
+    assert!(stdout.contains("self-approve 1"), "{stdout}");
+    assert!(stdout.contains("sockets-seen 0"), "{stdout}");
+    let audit = home.audit_until(|a| count_events(a, "approval_granted") >= 2);
+    assert_eq!(count_events(&audit, "approval_granted"), 2, "{audit}");
+    assert_eq!(count_events(&audit, "approval_refused"), 1, "{audit}");
+
+    // Nobody answers: refused when the (run's own, shorter) timeout passes.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("short.toml");
+    std::fs::write(&file, "[providers.openai]\napprove_timeout = 1\n").expect("write");
+    let out = run_script(
+        &home,
+        &ca,
+        &origin,
+        &["--policy", file.to_str().expect("path")],
+        &curl("late", "DELETE", "/v1/files/c", ""),
+    );
+    let stdout = stdout_of(&out);
+    let (status, body) = result(&stdout, "late");
+    assert_eq!(status, 403, "{stdout}");
+    assert!(body.contains("got no answer"), "{body}");
+    assert!(
+        !origin
+            .requests()
+            .iter()
+            .any(|r| r.target.ends_with("/b") || r.target.ends_with("/c")),
+        "refused requests never left"
+    );
+}

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod approve;
 pub mod audit;
 pub mod ca;
 pub mod credentials;
@@ -50,6 +51,8 @@ pub enum Command {
     Login(login::LoginArgs),
     /// Revoke a provider's OAuth tokens (where it can) and remove them from the vault.
     Logout(login::LogoutArgs),
+    /// List the requests waiting for approval (a policy rule with `approve`), or answer one.
+    Approve(approve::ApproveArgs),
     /// Show the audit log (`--json`, `--since`, `--follow`), or `verify` its hash chain.
     Audit(audit::AuditArgs),
     /// List the providers broker knows, or show one.
@@ -107,6 +110,7 @@ pub fn main() -> ExitCode {
         Command::Login(args) => login::login(args),
         Command::Logout(args) => login::logout(args),
         Command::Audit(args) => audit::run(args),
+        Command::Approve(args) => approve::run(args),
         Command::Providers(args) => providers::run(args),
         Command::Run(args) => run::run(args),
         Command::Serve(args) => serve::run(args),

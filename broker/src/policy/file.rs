@@ -36,6 +36,8 @@ pub struct ProviderRules {
     pub require_placeholder: bool,
     pub encoded_slashes: bool,
     pub limits: Limits,
+    /// How long a request waits for `broker approve` (`approve_timeout`, seconds).
+    pub approve_timeout: Option<std::time::Duration>,
 }
 
 #[derive(Deserialize)]
@@ -59,7 +61,8 @@ struct RawProfile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawProvider {
-    allow: Option<Vec<Spanned<String>>>,
+    allow: Option<Vec<Spanned<RawAllow>>>,
+    approve_timeout: Option<Spanned<u64>>,
     #[serde(default)]
     require_placeholder: bool,
     #[serde(default)]
@@ -67,6 +70,21 @@ struct RawProvider {
     requests_per_minute: Option<Spanned<u32>>,
     max_requests: Option<u64>,
     max_body_bytes: Option<u64>,
+}
+
+/// `"METHOD /path"`, or `{ rule = "METHOD /path", approve = "each" }`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawAllow {
+    Rule(String),
+    Table(RawAllowTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAllowTable {
+    rule: String,
+    approve: String,
 }
 
 #[derive(Deserialize)]
@@ -182,12 +200,34 @@ fn providers(
             None => None,
             Some(list) => {
                 let mut rules = Vec::with_capacity(list.len());
-                for text in list {
-                    rules.push(Rule::parse(text.get_ref()).map_err(|why| {
-                        cx.err(Some(text.span()), &format!("{field}.allow"), why)
-                    })?);
+                for entry in list {
+                    let field = format!("{field}.allow");
+                    let rule = match entry.get_ref() {
+                        RawAllow::Rule(text) => Rule::parse(text),
+                        RawAllow::Table(t) => Rule::parse(&t.rule).and_then(|mut r| {
+                            r.approve = super::rules::Approve::parse(&t.approve)?;
+                            Ok(r)
+                        }),
+                    };
+                    rules.push(rule.map_err(|why| cx.err(Some(entry.span()), &field, why))?);
                 }
                 Some(rules)
+            }
+        };
+        let approve_timeout = match &p.approve_timeout {
+            None => None,
+            Some(s) if (1..=crate::approvals::MAX_TIMEOUT.as_secs()).contains(s.get_ref()) => {
+                Some(std::time::Duration::from_secs(*s.get_ref()))
+            }
+            Some(s) => {
+                return Err(cx.err(
+                    Some(s.span()),
+                    &format!("{field}.approve_timeout"),
+                    format!(
+                        "seconds from 1 to {}",
+                        crate::approvals::MAX_TIMEOUT.as_secs()
+                    ),
+                ))
             }
         };
         out.insert(
@@ -196,6 +236,7 @@ fn providers(
                 allow,
                 require_placeholder: p.require_placeholder,
                 encoded_slashes: p.encoded_slashes,
+                approve_timeout,
                 limits: limits(
                     cx,
                     &field,

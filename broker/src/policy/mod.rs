@@ -27,7 +27,7 @@ use crate::audit::EventKind;
 use crate::providers::Catalog;
 use budget::{Budget, Over};
 pub use file::{Layer, PolicyError};
-use rules::Rule;
+use rules::{Approve, Rule};
 
 /// The policy file every run of this home is bound by.
 pub const HOME_POLICY_FILE: &str = "policy.toml";
@@ -112,6 +112,24 @@ pub struct RunPolicy {
     run_max_body: Option<(u64, String)>,
     /// When each (kind, provider) burst of refusals was last audited.
     bursts: Mutex<Vec<(EventKind, String, Instant)>>,
+    /// The `once-per-run` rules already approved in this run.
+    approved: Mutex<Vec<String>>,
+}
+
+/// A request the rules allow: the path that goes upstream, and whether it must wait for
+/// `broker approve` first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowed {
+    pub path: String,
+    pub approval: Option<Approval>,
+}
+
+/// An approval a request needs: under which rule (with its file and table), how, how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approval {
+    pub rule: String,
+    pub each: bool,
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -122,6 +140,7 @@ struct ProviderPolicy {
     encoded_slashes: bool,
     budgets: Vec<Budget>,
     max_body: Option<(u64, String)>,
+    approve_timeout: Option<Duration>,
 }
 
 /// Why a request is refused, and how the agent is told.
@@ -139,6 +158,8 @@ pub enum RefusalKind {
     PlaceholderRequired,
     /// Over a requests budget (429).
     Budget,
+    /// Its rule asks for approval, and it was denied or not given in time (403).
+    NotApproved,
     /// Its body is larger than allowed (413).
     BodyTooLarge,
 }
@@ -193,6 +214,9 @@ impl RunPolicy {
                 }
                 p.require_placeholder |= rules.require_placeholder;
                 p.encoded_slashes |= rules.encoded_slashes;
+                if let Some(t) = rules.approve_timeout {
+                    p.approve_timeout = Some(p.approve_timeout.map_or(t, |old| old.min(t)));
+                }
                 if rules.limits.counts_requests() {
                     p.budgets.push(Budget::new(source.clone(), &rules.limits));
                 }
@@ -209,14 +233,16 @@ impl RunPolicy {
         self.providers.is_empty() && self.run_budgets.is_empty() && self.run_max_body.is_none()
     }
 
-    /// Authorize: the rules for `provider`. `Ok(Some(path))`: allowed, and `path` (the
-    /// normalised one) is what goes upstream; `Ok(None)`: no rules for the provider.
+    /// Authorize: the rules for `provider`. `Ok(Some(allowed))`: allowed, `allowed.path` (the
+    /// normalised path) is what goes upstream, and `allowed.approval` says whether a matching
+    /// rule asks for approval (the strictest of the layers'); `Ok(None)`: no rules for the
+    /// provider.
     pub fn check_rules(
         &self,
         provider: &str,
         method: &str,
         path: &str,
-    ) -> Result<Option<String>, Refusal> {
+    ) -> Result<Option<Allowed>, Refusal> {
         let Some(p) = self.providers.get(provider) else {
             return Ok(None);
         };
@@ -230,20 +256,54 @@ impl RunPolicy {
                 why.reason()
             ),
         })?;
+        let mut approval: Option<Approval> = None;
         for (source, rules) in &p.rule_sets {
-            if !rules.iter().any(|r| r.allows(method, &normal)) {
-                let listed: Vec<String> = rules.iter().take(6).map(Rule::to_string).collect();
-                let more = if rules.len() > 6 { ", ..." } else { "" };
-                return Err(Refusal {
+            if let Some(rule) = rules.iter().find(|r| r.allows(method, &normal)) {
+                let stricter = approval
+                    .as_ref()
+                    .is_none_or(|a| !a.each && rule.approve == Approve::Each);
+                if rule.approve != Approve::No && stricter {
+                    approval = Some(Approval {
+                        rule: format!("{rule} ({source})"),
+                        each: rule.approve == Approve::Each,
+                        timeout: p
+                            .approve_timeout
+                            .unwrap_or(crate::approvals::DEFAULT_TIMEOUT),
+                    });
+                }
+                continue;
+            }
+            let listed: Vec<String> = rules.iter().take(6).map(Rule::to_string).collect();
+            let more = if rules.len() > 6 { ", ..." } else { "" };
+            return Err(Refusal {
                     kind: RefusalKind::Rules,
                     message: format!(
                         "policy: {method} {normal} to {provider} is not allowed by {source} (it allows: {}{more})",
                         if listed.is_empty() { "nothing".to_string() } else { listed.join(", ") }
                     ),
                 });
-            }
         }
-        Ok(Some(normal))
+        Ok(Some(Allowed {
+            path: normal,
+            approval,
+        }))
+    }
+
+    /// Does `approval` still need an answer in this run (a `once-per-run` rule answered
+    /// before does not)?
+    pub fn needs_asking(&self, approval: &Approval) -> bool {
+        approval.each || !self.lock_approved().contains(&approval.rule)
+    }
+
+    /// Remember that `approval` was granted (for a `once-per-run` rule).
+    pub fn granted(&self, approval: &Approval) {
+        if !approval.each {
+            self.lock_approved().push(approval.rule.clone());
+        }
+    }
+
+    fn lock_approved(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.approved.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// `require_placeholder`: refused when the provider demands the placeholder and the
@@ -375,7 +435,8 @@ mod tests {
         ]);
         let p = RunPolicy::compile(&l, |_| "default", None);
         assert_eq!(
-            p.check_rules("openai", "GET", "/v1/./models"),
+            p.check_rules("openai", "GET", "/v1/./models")
+                .map(|a| a.map(|a| a.path)),
             Ok(Some("/v1/models".into()))
         );
         let e = p
@@ -451,6 +512,44 @@ mod tests {
             ..RunPolicySpec::default()
         };
         assert!(bad.layers(&Catalog::builtin()).is_err());
+    }
+
+    #[test]
+    fn approvals_come_from_the_matching_rule_and_once_per_run_is_remembered() {
+        let l = layers(&[r#"
+[providers.openai]
+allow = [
+  "GET /v1/models",
+  { rule = "DELETE /v1/files/*", approve = "each" },
+  { rule = "POST /v1/files", approve = "once-per-run" },
+]
+approve_timeout = 5
+"#]);
+        let p = RunPolicy::compile(&l, |_| "default", None);
+        let allowed = |m, path| {
+            p.check_rules("openai", m, path)
+                .expect("ok")
+                .expect("rules")
+        };
+        assert_eq!(allowed("GET", "/v1/models").approval, None);
+        let each = allowed("DELETE", "/v1/files/x").approval.expect("asks");
+        assert!(each.each && each.timeout == Duration::from_secs(5));
+        assert!(each.rule.contains("DELETE /v1/files/*") && each.rule.contains("f0"));
+        let once = allowed("POST", "/v1/files").approval.expect("asks");
+        assert!(p.needs_asking(&once));
+        p.granted(&once);
+        assert!(!p.needs_asking(&once), "asked once per run");
+        p.granted(&each);
+        assert!(p.needs_asking(&each), "asked each time");
+        for bad in [
+            "[providers.openai]\nallow = [{ rule = \"GET /v1\", approve = \"always\" }]\n",
+            "[providers.openai]\nallow = [{ rule = \"GET /v1\", aprove = \"each\" }]\n",
+            "[providers.openai]\napprove_timeout = 0\n",
+            "[providers.openai]\napprove_timeout = 3601\n",
+        ] {
+            let e = file::parse(bad, "p.toml", &Catalog::builtin()).expect_err(bad);
+            assert!(e.0.starts_with("p.toml:2:"), "{e}");
+        }
     }
 
     #[test]

@@ -10,10 +10,36 @@ use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
+    /// Whether a request this rule allows waits for `broker approve`.
+    pub approve: Approve,
     methods: Option<Vec<String>>,
     segments: Vec<Segment>,
     /// As written, for messages.
     text: String,
+}
+
+/// `approve = "once-per-run" | "each"` on a rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Approve {
+    #[default]
+    No,
+    /// The first request the rule allows in a run waits for approval; the rest of the run's
+    /// requests under it do not.
+    OncePerRun,
+    /// Every request the rule allows waits for approval.
+    Each,
+}
+
+impl Approve {
+    pub fn parse(text: &str) -> Result<Approve, String> {
+        match text {
+            "once-per-run" => Ok(Approve::OncePerRun),
+            "each" => Ok(Approve::Each),
+            other => Err(format!(
+                "'{other}' is not an approval: \"once-per-run\" or \"each\""
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +139,7 @@ impl Rule {
             Err(why) => return Err(format!("'{pattern}': {}", why.reason())),
         }
         Ok(Rule {
+            approve: Approve::No,
             methods,
             segments,
             text: text.to_string(),

@@ -87,7 +87,9 @@ impl BrokerError {
             | BrokerError::NotAccepted { .. }
             | BrokerError::RealKeyFromAgent { .. } => StatusCode::FORBIDDEN,
             BrokerError::Policy(refusal) => match refusal.kind {
-                RefusalKind::Rules | RefusalKind::PlaceholderRequired => StatusCode::FORBIDDEN,
+                RefusalKind::Rules
+                | RefusalKind::PlaceholderRequired
+                | RefusalKind::NotApproved => StatusCode::FORBIDDEN,
                 RefusalKind::Budget => StatusCode::TOO_MANY_REQUESTS,
                 RefusalKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             },

@@ -158,6 +158,7 @@ async fn forward(
         findings.own_placeholder,
         started,
     )
+    .await
     .map_err(|e| (e, provider_name.clone()))?;
     for foreign in &findings.foreign {
         proxy.audit.record(event(
@@ -363,8 +364,9 @@ pub(super) fn redacted_answer(
 /// `require_placeholder`, budgets and body size. Allowed, a request under rules goes upstream
 /// with its normalised path (what was checked is what is sent). Returns the body limit to
 /// enforce while streaming (a body of unknown length under `max_body_bytes`). Under
-/// `--policy-mode audit` nothing is refused; what would have been is audited.
-fn authorize(
+/// `--policy-mode audit` nothing is refused; what would have been is audited. A request whose
+/// rule asks for approval waits here for `broker approve` (`crate::approvals`).
+async fn authorize(
     proxy: &Proxy,
     conn: &ConnInfo,
     provider: &str,
@@ -394,10 +396,17 @@ fn authorize(
                 .map(|()| normal)
         });
     match verdict {
-        Ok(Some(normal)) if normal != parts.uri.path() => {
-            parts.uri = with_path(&parts.uri, &normal)?;
+        Ok(Some(allowed)) => {
+            if allowed.path != parts.uri.path() {
+                parts.uri = with_path(&parts.uri, &allowed.path)?;
+            }
+            if let Some(approval) = allowed.approval {
+                if policy.mode == crate::policy::Mode::Enforce && policy.needs_asking(&approval) {
+                    approve(proxy, conn, provider, parts, started, &approval).await?;
+                }
+            }
         }
-        Ok(_) => {}
+        Ok(None) => {}
         Err(refusal) => {
             let (method, uri) = (parts.method.clone(), parts.uri.clone());
             let error = refused(proxy, conn, provider, &method, &uri, started, refusal);
@@ -414,6 +423,75 @@ fn authorize(
         .map(|(max, _)| max))
 }
 
+/// Hold the request until `broker approve` answers, or the rule's timeout passes; audited
+/// either way (approvals are paced by a person: every one is a line).
+async fn approve(
+    proxy: &Proxy,
+    conn: &ConnInfo,
+    provider: &str,
+    parts: &http::request::Parts,
+    started: Instant,
+    approval: &crate::policy::Approval,
+) -> Result<(), BrokerError> {
+    use crate::approvals::{Ask, Outcome};
+    let outcome = proxy
+        .approvals
+        .ask(Ask {
+            run: conn.run.id.clone(),
+            command: conn.run.command.clone(),
+            method: parts.method.to_string(),
+            host: conn.sni.clone(),
+            path: parts.uri.path().to_string(),
+            rule: approval.rule.clone(),
+            agent: conn.run.pid.get(),
+            timeout: approval.timeout,
+        })
+        .await;
+    let (kind, refusal) = match outcome {
+        Outcome::Granted => (EventKind::ApprovalGranted, None),
+        Outcome::Denied => (
+            EventKind::ApprovalRefused,
+            Some(format!("policy: {} {} to {provider} was denied with broker approve (rule {})", parts.method, parts.uri.path(), approval.rule)),
+        ),
+        Outcome::TimedOut => (
+            EventKind::ApprovalRefused,
+            Some(format!(
+                "policy: {} {} to {provider} waited {} s for 'broker approve' and got no answer (rule {})",
+                parts.method,
+                parts.uri.path(),
+                approval.timeout.as_secs(),
+                approval.rule
+            )),
+        ),
+    };
+    proxy.audit.record(event(
+        conn,
+        kind,
+        Some(provider.to_string()),
+        None,
+        parts.method.as_str(),
+        parts.uri.path(),
+        if refusal.is_some() { 403 } else { 0 },
+        0,
+        started,
+        Some(
+            refusal
+                .clone()
+                .unwrap_or_else(|| format!("approved (rule {})", approval.rule)),
+        ),
+    ));
+    match refusal {
+        None => {
+            conn.run.policy.granted(approval);
+            Ok(())
+        }
+        Some(message) => Err(BrokerError::Policy(crate::policy::Refusal {
+            kind: crate::policy::RefusalKind::NotApproved,
+            message,
+        })),
+    }
+}
+
 /// Audit a policy refusal (once per burst), or under `--policy-mode audit` what would have
 /// been one; the error the agent gets when the policy is enforced.
 fn refused(
@@ -428,7 +506,9 @@ fn refused(
     use crate::policy::{Mode, RefusalKind};
     let kind = match (conn.run.policy.mode, refusal.kind) {
         (Mode::Audit, _) => EventKind::PolicyWouldDeny,
-        (_, RefusalKind::Rules | RefusalKind::PlaceholderRequired) => EventKind::PolicyDenied,
+        (_, RefusalKind::Rules | RefusalKind::PlaceholderRequired | RefusalKind::NotApproved) => {
+            EventKind::PolicyDenied
+        }
         (_, RefusalKind::Budget | RefusalKind::BodyTooLarge) => EventKind::BudgetExceeded,
     };
     let error = BrokerError::Policy(refusal);

@@ -278,6 +278,8 @@ pub struct Proxy {
     /// `--dns-upstream`: where the runs' DNS responders forward; empty: `/etc/resolv.conf`.
     dns_upstream: Vec<SocketAddr>,
     policy_file: Option<std::path::PathBuf>,
+    /// Requests waiting for `broker approve` (`crate::approvals`).
+    approvals: Arc<crate::approvals::Approvals>,
 }
 
 impl Proxy {
@@ -313,6 +315,7 @@ impl Proxy {
             caps: limits::Caps::new(settings.limits),
             dns_upstream,
             policy_file: settings.policy_file,
+            approvals: crate::approvals::Approvals::new(),
         }))
     }
 
@@ -341,6 +344,11 @@ impl Proxy {
             true => crate::dns::upstream::system_nameservers(),
             false => self.dns_upstream.clone(),
         }
+    }
+
+    /// The requests of this broker waiting for `broker approve`.
+    pub fn approvals(&self) -> &Arc<crate::approvals::Approvals> {
+        &self.approvals
     }
 
     /// `$BROKER_HOME/policy.toml`, parsed against this broker's catalog, if there is one.
