@@ -341,7 +341,30 @@ fn dry_run_refuses_nothing_and_audits_what_it_would_have() {
     let audit = home.audit_until(|a| count_events(a, "policy_would_deny") >= 1);
     assert_eq!(count_events(&audit, "policy_would_deny"), 1, "{audit}");
     assert_eq!(count_events(&audit, "policy_denied"), 0, "{audit}");
-    assert!(audit.contains("POST /v1/responses"), "{audit}");
+    assert!(audit.contains("/v1/responses"), "{audit}");
+
+    // The session as a starting policy, which, applied, lets the same session through.
+    let suggested = home.broker_ok(&["policy", "suggest"]);
+    let text = String::from_utf8_lossy(&suggested.stdout).into_owned();
+    assert!(
+        text.contains("\"GET /v1/models\"") && text.contains("\"POST /v1/responses\""),
+        "{text}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("suggested.toml");
+    std::fs::write(&file, &text).expect("write");
+    home.broker_ok(&["policy", "check", file.to_str().expect("path")]);
+    let stdout = stdout_of(&run_script(
+        &home,
+        &ca,
+        &origin,
+        &["--policy", file.to_str().expect("path")],
+        &script,
+    ));
+    assert_eq!(result(&stdout, "allowed").0, 200, "{stdout}");
+    assert_eq!(result(&stdout, "unlisted").0, 200, "{stdout}");
+    let audit = home.audit_until(|a| count_events(a, "credential_use") >= 4);
+    assert_eq!(count_events(&audit, "policy_denied"), 0, "{audit}");
 }
 
 #[test]

@@ -16,6 +16,7 @@ pub mod credentials;
 pub mod demo;
 pub mod doctor;
 pub mod login;
+pub mod policy;
 pub mod providers;
 pub mod rekey;
 pub mod run;
@@ -53,6 +54,8 @@ pub enum Command {
     Logout(login::LogoutArgs),
     /// List the requests waiting for approval (a policy rule with `approve`), or answer one.
     Approve(approve::ApproveArgs),
+    /// Check a policy file, or suggest one from what a run did (`suggest`).
+    Policy(policy::PolicyArgs),
     /// Show the audit log (`--json`, `--since`, `--follow`), or `verify` its hash chain.
     Audit(audit::AuditArgs),
     /// List the providers broker knows, or show one.
@@ -111,6 +114,7 @@ pub fn main() -> ExitCode {
         Command::Logout(args) => login::logout(args),
         Command::Audit(args) => audit::run(args),
         Command::Approve(args) => approve::run(args),
+        Command::Policy(args) => policy::run(args),
         Command::Providers(args) => providers::run(args),
         Command::Run(args) => run::run(args),
         Command::Serve(args) => serve::run(args),
