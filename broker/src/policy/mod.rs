@@ -120,7 +120,8 @@ pub struct RunPolicy {
 /// `broker approve` first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allowed {
-    pub path: String,
+    /// The normalised path, when it differs from the request's (which then must be rewritten).
+    pub path: Option<String>,
     pub approval: Option<Approval>,
 }
 
@@ -283,10 +284,11 @@ impl RunPolicy {
                     ),
                 });
         }
-        Ok(Some(Allowed {
-            path: normal,
-            approval,
-        }))
+        let path = match normal {
+            std::borrow::Cow::Borrowed(_) => None,
+            std::borrow::Cow::Owned(normal) => Some(normal),
+        };
+        Ok(Some(Allowed { path, approval }))
     }
 
     /// Does `approval` still need an answer in this run (a `once-per-run` rule answered
@@ -437,7 +439,7 @@ mod tests {
         assert_eq!(
             p.check_rules("openai", "GET", "/v1/./models")
                 .map(|a| a.map(|a| a.path)),
-            Ok(Some("/v1/models".into()))
+            Ok(Some(Some("/v1/models".into())))
         );
         let e = p
             .check_rules("openai", "POST", "/v1/responses")

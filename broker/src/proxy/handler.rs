@@ -397,8 +397,8 @@ async fn authorize(
         });
     match verdict {
         Ok(Some(allowed)) => {
-            if allowed.path != parts.uri.path() {
-                parts.uri = with_path(&parts.uri, &allowed.path)?;
+            if let Some(normal) = &allowed.path {
+                parts.uri = with_path(&parts.uri, normal)?;
             }
             if let Some(approval) = allowed.approval {
                 if policy.mode == crate::policy::Mode::Enforce && policy.needs_asking(&approval) {
