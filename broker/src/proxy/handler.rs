@@ -148,9 +148,10 @@ async fn forward(
                 Some("a value matching the provider's key pattern, not the placeholder, where the key goes (the value is not recorded)".into()),
             ));
         }
+        drain(body, &parts.headers).await;
         return Err((error, provider_name));
     }
-    let body_limit = authorize(
+    let body_limit = match authorize(
         proxy,
         conn,
         &provider.name,
@@ -159,7 +160,13 @@ async fn forward(
         started,
     )
     .await
-    .map_err(|e| (e, provider_name.clone()))?;
+    {
+        Ok(limit) => limit,
+        Err(error) => {
+            drain(body, &parts.headers).await;
+            return Err((error, provider_name));
+        }
+    };
     for foreign in &findings.foreign {
         proxy.audit.record(event(
             conn,
@@ -662,6 +669,23 @@ fn path_in_prefix(path: &str, prefix: &str) -> bool {
         || path
             .strip_prefix(prefix)
             .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Most of a refused request's body read (and dropped) before the refusal is sent, and how
+/// long that may take.
+const DRAIN_LIMIT: usize = 1024 * 1024;
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Read and drop what the agent is sending of a request the broker refuses before it went
+/// upstream. Answered while its body is still arriving, the connection is closed with the body
+/// unread, the kernel resets it, and the client may see the reset instead of the refusal. A
+/// client waiting for `100 Continue` is not asked for its body.
+async fn drain(body: Incoming, headers: &HeaderMap) {
+    if body.is_end_stream() || headers.contains_key(header::EXPECT) {
+        return;
+    }
+    let limited = http_body_util::Limited::new(body, DRAIN_LIMIT);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, limited.collect()).await;
 }
 
 /// Largest request body kept for a retry after a refreshed token.
