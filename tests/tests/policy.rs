@@ -627,3 +627,83 @@ approve_timeout = 60
         "refused requests never left"
     );
 }
+
+/// The agent answering its own request, outside the sandbox (`--no-sandbox`), as an ordinary
+/// uid: it can reach the approval socket there, and speaks the protocol itself rather than
+/// through `broker approve` (which refuses inside a run); the broker refuses the answer because
+/// the process asking descends from the agent. The user's own `broker approve` then answers.
+#[test]
+fn an_agent_outside_the_sandbox_cannot_approve_its_own_request() {
+    use broker_integration::{as_agent_user, give_to_agent_user};
+    const ATTACK: &str = r#"
+import glob, json, os, socket
+def ask(path, line):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.sendall((line + "\n").encode())
+    return json.loads(s.makefile().readline())
+socks = glob.glob(os.environ["BROKER_HOME"] + "/run/approvals-*.sock")
+print("sockets-seen", len(socks), flush=True)
+for path in socks:
+    for item in ask(path, "list").get("waiting", []):
+        print("self-answer", json.dumps(ask(path, "approve " + item["id"])), flush=True)
+"#;
+    let (ca, origin, home) = setup(Some(
+        "[providers.openai]\nallow = [{ rule = \"DELETE /v1/files/*\", approve = \"each\" }]\n",
+    ));
+    let project = tempfile::tempdir().expect("project");
+    std::fs::write(project.path().join("attack.py"), ATTACK).expect("script");
+    std::fs::copy(&ca.pem_path, project.path().join("ca.pem")).expect("ca");
+    give_to_agent_user(home.path());
+    give_to_agent_user(project.path());
+    let script = "(r=$(curl -sS -X DELETE -H \"Authorization: Bearer $OPENAI_API_KEY\" -w '|%{http_code}' https://api.openai.com/v1/files/a | tr -d '\\n'); echo \"a $r\") &\n\
+                  sleep 2\npython3 attack.py\nwait\n";
+    let mut cmd = home.broker();
+    cmd.current_dir(project.path())
+        .args(["run", "--no-sandbox", "--upstream-ca"])
+        .arg(project.path().join("ca.pem"))
+        .arg("--resolve")
+        .arg(format!("api.openai.com:443:{}", origin.addr))
+        .args(["--", "sh", "-c", script]);
+    let child = as_agent_user(&cmd)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("broker run");
+    // The user answers from outside the run, once the agent has tried (its line is printed
+    // before the user's answer can arrive: the request waits 60 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut denied = false;
+    while !denied && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        let mut list = home.broker();
+        list.args(["approve", "--json"]);
+        let out = run_bounded(&mut as_agent_user(&list), Duration::from_secs(30));
+        let waiting: Vec<serde_json::Value> =
+            serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(id) = waiting.first().and_then(|w| w["id"].as_str()) {
+            // Give the agent's attempt time to happen first.
+            std::thread::sleep(Duration::from_secs(3));
+            let mut deny = home.broker();
+            deny.args(["approve", id, "--deny"]);
+            let out = run_bounded(&mut as_agent_user(&deny), Duration::from_secs(30));
+            denied = out.status.success();
+        }
+    }
+    let out = child.wait_with_output().expect("wait");
+    let stdout = stdout_of(&out);
+    assert!(denied, "the user's answer was taken: {stdout}");
+    assert!(
+        stdout.contains("sockets-seen 1"),
+        "outside the sandbox it sees the socket: {stdout}"
+    );
+    assert!(
+        stdout.contains("self-answer") && stdout.contains("cannot answer for itself"),
+        "{stdout}"
+    );
+    let (status, body) = result(&stdout, "a");
+    assert_eq!(status, 403, "{stdout}");
+    assert!(body.contains("denied with broker approve"), "{body}");
+    assert!(origin.requests().is_empty(), "nothing reached the origin");
+}
