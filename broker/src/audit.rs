@@ -97,6 +97,23 @@ pub enum EventKind {
     /// Connections refused because their run (or the broker) held as many as it may: one
     /// line per burst of refusals, not one per connection.
     ConnectionLimit,
+    /// A request refused by the run's method/path rules or `require_placeholder` (one line
+    /// per burst of refusals).
+    PolicyDenied,
+    /// Under `--policy-mode audit`: a request the policy would have refused, let through.
+    PolicyWouldDeny,
+    /// A request over a budget of the run's policy (requests a minute, in all, body size).
+    BudgetExceeded,
+    /// A request to a managed host carrying, where the key goes, a real-looking key instead of
+    /// the placeholder: refused. The value itself is never recorded.
+    RealKeyFromAgent,
+    /// The broker refused to connect a provider host resolving to a loopback, private,
+    /// link-local or metadata address (the SSRF guard).
+    UpstreamAddressRefused,
+    /// A request whose rule asks for approval was approved (`broker approve`).
+    ApprovalGranted,
+    /// A request whose rule asks for approval was denied, or not answered in time.
+    ApprovalRefused,
 }
 
 impl EventKind {
@@ -118,6 +135,13 @@ impl EventKind {
             EventKind::AuditReset => "audit_reset",
             EventKind::TicketRefused => "ticket_refused",
             EventKind::ConnectionLimit => "connection_limit",
+            EventKind::PolicyDenied => "policy_denied",
+            EventKind::PolicyWouldDeny => "policy_would_deny",
+            EventKind::BudgetExceeded => "budget_exceeded",
+            EventKind::RealKeyFromAgent => "real_key_from_agent",
+            EventKind::UpstreamAddressRefused => "upstream_address_refused",
+            EventKind::ApprovalGranted => "approval_granted",
+            EventKind::ApprovalRefused => "approval_refused",
         }
     }
 }

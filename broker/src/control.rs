@@ -60,6 +60,9 @@ pub struct OpenRun {
     /// Keys from the launcher's environment, for this run only (never stored).
     #[serde(default)]
     pub run_keys: HashMap<String, String>,
+    /// The run's own policy layers; the daemon adds its home's `policy.toml` under them.
+    #[serde(default)]
+    pub policy: Option<crate::policy::RunPolicySpec>,
 }
 
 impl Drop for OpenRun {
@@ -389,6 +392,7 @@ fn from_handover(
         pid,
         command: pid.map(crate::procfs::command_line).unwrap_or_default(),
         run_keys,
+        policy: None,
     })
 }
 
@@ -446,6 +450,7 @@ async fn open(
         pid: agent_pid.clone(),
         command: std::mem::take(&mut request.command),
         run_keys: RunKeys(keys),
+        policy: request.policy.take().unwrap_or_default(),
     };
     match instance::open_run(proxy, spec, slot, &dir).await {
         Ok(run) => {

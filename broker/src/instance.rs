@@ -32,6 +32,9 @@ pub struct RunSpec {
     /// Keys handed to this run only (a real key found in the launcher's environment), used
     /// before the vault and never stored.
     pub run_keys: RunKeys,
+    /// The run's own policy layers (`--policy`, `--allow P:M:/path`, `--policy-mode`), on top
+    /// of `$BROKER_HOME/policy.toml`.
+    pub policy: crate::policy::RunPolicySpec,
 }
 
 impl RunSpec {
@@ -49,6 +52,7 @@ impl RunSpec {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.to_string()))
                 .collect(),
+            policy: Some(self.policy.clone()),
         }
     }
 }
@@ -76,6 +80,8 @@ pub struct Instance {
     pub denials: Option<DenialLog>,
     /// The run's DNS responder (see [`crate::dns`]); stops when dropped.
     pub dns: Option<crate::dns::Responder>,
+    /// Where `broker approve` reaches this broker; removed when dropped.
+    pub approvals: Option<crate::approvals::Listener>,
 }
 
 /// Run slot of the first run of every instance. Each instance listens on its own port, so
@@ -107,8 +113,16 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
         audit: Arc::new(audit),
         label: settings.label,
         limits: settings.limits,
+        policy_file: Some(home.root().join(crate::policy::HOME_POLICY_FILE)),
     })?;
     let run = open_run(&proxy, settings.run, FIRST_SLOT, &settings.runtime_dir).await?;
+    let approvals = match crate::approvals::listen(&home, proxy.approvals().clone()) {
+        Ok(listener) => Some(listener),
+        Err(err) => {
+            tracing::warn!(%err, "no socket for broker approve: requests whose rule asks for approval will time out");
+            None
+        }
+    };
     Ok(Instance {
         proxy,
         listeners: run.listeners,
@@ -116,6 +130,7 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
         shim_config_path: run.shim_config_path,
         denials: run.denials,
         dns: run.dns,
+        approvals,
     })
 }
 
@@ -243,6 +258,28 @@ pub async fn open_run(
         stored.as_deref(),
     );
     let run_id = spec.id.clone();
+    let default_profile = if spec.default_profile.is_empty() {
+        "default".to_string()
+    } else {
+        spec.default_profile
+    };
+    // The policy is compiled once, here: the home file is read when the run opens (so an
+    // edit applies to the next run), the run's own layers come with it.
+    let mut layers = Vec::new();
+    if let Some(home_policy) = proxy.home_policy()? {
+        layers.push(home_policy);
+    }
+    layers.extend(spec.policy.layers(catalog)?);
+    let policy = crate::policy::RunPolicy::compile(
+        &layers,
+        |provider| {
+            spec.profiles
+                .get(provider)
+                .map(String::as_str)
+                .unwrap_or(&default_profile)
+        },
+        spec.policy.mode,
+    );
     let ticket = new_ticket()?;
     let run = RunContext {
         id: spec.id,
@@ -250,11 +287,8 @@ pub async fn open_run(
         hosts: hosts.clone(),
         allow: spec.allow,
         profiles: spec.profiles,
-        default_profile: if spec.default_profile.is_empty() {
-            "default".into()
-        } else {
-            spec.default_profile
-        },
+        default_profile,
+        policy: Arc::new(policy),
         pid: spec.pid,
         command: spec.command.clone(),
         run_keys: spec.run_keys,

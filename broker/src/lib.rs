@@ -3,6 +3,7 @@
 //! The request pipeline, in order (see `proxy`): accept -> classify -> look up credential ->
 //! swap -> forward -> respond -> audit.
 
+pub mod approvals;
 pub mod audit;
 pub mod audit_queue;
 pub mod ca;
@@ -19,6 +20,7 @@ pub mod instance;
 mod key_cache;
 pub mod launch;
 pub mod oauth;
+pub mod policy;
 pub mod procfs;
 pub mod providers;
 pub mod proxy;

@@ -9,12 +9,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod approve;
 pub mod audit;
 pub mod ca;
 pub mod credentials;
 pub mod demo;
 pub mod doctor;
 pub mod login;
+pub mod policy;
 pub mod providers;
 pub mod rekey;
 pub mod run;
@@ -50,6 +52,10 @@ pub enum Command {
     Login(login::LoginArgs),
     /// Revoke a provider's OAuth tokens (where it can) and remove them from the vault.
     Logout(login::LogoutArgs),
+    /// List the requests waiting for approval (a policy rule with `approve`), or answer one.
+    Approve(approve::ApproveArgs),
+    /// Check a policy file, or suggest one from what a run did (`suggest`).
+    Policy(policy::PolicyArgs),
     /// Show the audit log (`--json`, `--since`, `--follow`), or `verify` its hash chain.
     Audit(audit::AuditArgs),
     /// List the providers broker knows, or show one.
@@ -107,6 +113,8 @@ pub fn main() -> ExitCode {
         Command::Login(args) => login::login(args),
         Command::Logout(args) => login::logout(args),
         Command::Audit(args) => audit::run(args),
+        Command::Approve(args) => approve::run(args),
+        Command::Policy(args) => policy::run(args),
         Command::Providers(args) => providers::run(args),
         Command::Run(args) => run::run(args),
         Command::Serve(args) => serve::run(args),

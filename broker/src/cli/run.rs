@@ -23,9 +23,18 @@ use std::path::PathBuf;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Only these providers (comma-separated); default: every provider.
-    #[arg(long, value_delimiter = ',', value_name = "PROVIDER")]
+    /// Only these providers (comma-separated); default: every provider. PROVIDER:METHOD:/path
+    /// (`openai:POST:/v1/responses`) also limits that provider to the methods and paths so
+    /// listed (see README, "Policy").
+    #[arg(long, value_delimiter = ',', value_name = "PROVIDER[:METHOD:/path]")]
     pub allow: Vec<String>,
+    /// A policy file for this run, on top of $BROKER_HOME/policy.toml (it can only narrow it).
+    #[arg(long, value_name = "FILE")]
+    pub policy: Vec<PathBuf>,
+    /// `audit`: refuse nothing the policy would refuse, and audit it as policy_would_deny
+    /// (to write rules from a real session); `enforce` (the default, or the files' `mode`).
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    pub policy_mode: Option<crate::policy::Mode>,
     /// Use this profile's credentials (default: "default").
     #[arg(long, default_value = "default")]
     pub profile: String,
@@ -56,12 +65,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     home.ensure()
         .with_context(|| format!("cannot create {}", home.root().display()))?;
     let catalog = Catalog::load(&home)?;
-    for name in &args.allow {
-        if catalog.get(name).is_none() {
-            bail!("--allow {name}: unknown provider (see 'broker providers')");
-        }
-    }
-    let allow = (!args.allow.is_empty()).then(|| args.allow.clone());
+    let (providers, policy) = run_policy(&args, &catalog, &home)?;
+    let allow = (!providers.is_empty()).then_some(providers);
     let allowed = |name: &str| allow.as_ref().is_none_or(|a| a.iter().any(|p| p == name));
 
     // A real key in our own environment (a shell that sourced a .env) must not reach the
@@ -115,6 +120,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         pid: AgentPid::new(Some(std::process::id())),
         command: command_line,
         run_keys: RunKeys(run_keys),
+        policy,
     };
     let agent_pid = spec.pid.clone();
     let upstream_overrides = !args.upstream.is_empty();
@@ -201,6 +207,48 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     drop(broker);
     drop(runtime);
     Ok(exit_code(status))
+}
+
+fn parse_mode(text: &str) -> Result<crate::policy::Mode, String> {
+    crate::policy::Mode::parse(text)
+}
+
+/// The providers `--allow` names (each once) and the run's own policy layers, checked here so a
+/// mistake is told before anything starts (the broker serving the run checks them again, with
+/// `$BROKER_HOME/policy.toml` under them).
+fn run_policy(
+    args: &RunArgs,
+    catalog: &Catalog,
+    home: &Home,
+) -> anyhow::Result<(Vec<String>, crate::policy::RunPolicySpec)> {
+    let mut providers: Vec<String> = Vec::new();
+    let mut spec = crate::policy::RunPolicySpec {
+        mode: args.policy_mode,
+        ..Default::default()
+    };
+    for entry in &args.allow {
+        let name = match entry.split_once(':') {
+            Some((name, _)) => {
+                spec.allow_rules.push(entry.clone());
+                name
+            }
+            None => entry.as_str(),
+        };
+        if catalog.get(name).is_none() {
+            bail!("--allow {entry}: unknown provider '{name}' (see 'broker providers')");
+        }
+        if !providers.iter().any(|p| p == name) {
+            providers.push(name.to_string());
+        }
+    }
+    for path in &args.policy {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--policy {}: cannot read it", path.display()))?;
+        spec.files.push((path.display().to_string(), text));
+    }
+    spec.layers(catalog)?;
+    crate::policy::load_file(&home.root().join(crate::policy::HOME_POLICY_FILE), catalog)?;
+    Ok((providers, spec))
 }
 
 /// The broker serving this run: a running `broker serve` it joined, or its own.

@@ -87,7 +87,8 @@ pub struct Answer {
 
 impl EndpointClient {
     pub fn new(upstream: UpstreamSettings) -> EndpointClient {
-        let https = Client::builder(TokioExecutor::new()).build(UpstreamConnector::new(upstream));
+        let https =
+            Client::builder(TokioExecutor::new()).build(UpstreamConnector::unguarded(upstream));
         let http = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
         EndpointClient { https, http }
     }

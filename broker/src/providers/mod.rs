@@ -430,6 +430,16 @@ impl Catalog {
         wildcard
     }
 
+    /// The host patterns of providers whose hosts may resolve to private addresses
+    /// (`private_addresses = true`), for the SSRF guard.
+    pub fn private_address_hosts(&self) -> Vec<String> {
+        self.providers
+            .iter()
+            .filter(|p| p.private_addresses)
+            .flat_map(|p| p.host_patterns().map(str::to_string))
+            .collect()
+    }
+
     /// Every route host pattern, deduplicated, in definition order.
     pub fn host_patterns(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
@@ -501,6 +511,9 @@ pub struct Provider {
     pub oauth: Option<OAuthConfig>,
     /// Where the user gets a key.
     pub docs_url: Option<String>,
+    /// Its hosts may resolve to loopback, private, link-local or metadata addresses (a custom
+    /// provider for an internal API); otherwise the broker refuses to connect there.
+    pub private_addresses: bool,
     /// `key_pattern`, anchored at both ends and compiled.
     #[serde(skip)]
     key_regex: Regex,
@@ -525,6 +538,7 @@ impl PartialEq for Provider {
             && self.routes == other.routes
             && self.oauth == other.oauth
             && self.docs_url == other.docs_url
+            && self.private_addresses == other.private_addresses
     }
 }
 
@@ -659,7 +673,7 @@ impl Route {
     pub fn new(hosts: Vec<HostSpec>, credential: Vec<Injection>, inject: InjectMode) -> Route {
         let grants = hosts
             .iter()
-            .map(|spec| trust::grant(spec, &credential, inject).into())
+            .map(|spec| trust::grant(spec, &credential, inject, false).into())
             .collect();
         Route {
             hosts,
@@ -667,6 +681,16 @@ impl Route {
             inject,
             grants,
         }
+    }
+
+    /// Mark the route's hosts as reachable at private addresses: that is part of what the
+    /// user accepts for the key (a definition that gains it needs `broker providers trust`).
+    pub fn allow_private_addresses(&mut self) {
+        self.grants = self
+            .hosts
+            .iter()
+            .map(|spec| trust::grant(spec, &self.credential, self.inject, true).into())
+            .collect();
     }
 }
 

@@ -28,6 +28,10 @@ struct RawProvider {
     docs_url: Option<Spanned<String>>,
     routes: Spanned<Vec<Spanned<RawRoute>>>,
     oauth: Option<Spanned<RawOAuth>>,
+    /// The provider's hosts may resolve to loopback, private or link-local addresses (an
+    /// internal API): the broker's SSRF guard lets them through.
+    #[serde(default)]
+    private_addresses: bool,
 }
 
 #[derive(Deserialize)]
@@ -224,6 +228,11 @@ pub(super) fn parse_provider(text: &str, origin: Origin) -> Result<Provider, Pro
         }
         routes.push(route);
     }
+    if raw.private_addresses {
+        for route in &mut routes {
+            route.allow_private_addresses();
+        }
+    }
 
     let oauth = match &raw.oauth {
         Some(o) => Some(parse_oauth(&cx, o)?),
@@ -249,6 +258,7 @@ pub(super) fn parse_provider(text: &str, origin: Origin) -> Result<Provider, Pro
         routes,
         oauth,
         docs_url,
+        private_addresses: raw.private_addresses,
         key_regex,
         origin,
         text: Arc::from(text),

@@ -15,14 +15,23 @@ use std::collections::BTreeSet;
 
 use super::{Catalog, HostSpec, InjectMode, Injection, Provider};
 
-/// The grant of `spec` in a route with these placements and policy.
-pub fn grant(spec: &HostSpec, credential: &[Injection], inject: InjectMode) -> String {
-    serde_json::json!({
+/// The grant of `spec` in a route with these placements and policy; `private`: its host may
+/// be reached at a private address (only then in the grant, so older grants stay valid).
+pub fn grant(
+    spec: &HostSpec,
+    credential: &[Injection],
+    inject: InjectMode,
+    private: bool,
+) -> String {
+    let mut grant = serde_json::json!({
         "host": spec.to_string(),
         "credential": credential,
         "inject": inject,
-    })
-    .to_string()
+    });
+    if private {
+        grant["private_addresses"] = serde_json::Value::Bool(true);
+    }
+    grant.to_string()
 }
 
 /// Every grant of `provider`, in definition order.
@@ -62,11 +71,17 @@ pub fn describe(grant: &str) -> String {
         })
         .unwrap_or_default();
     let always = value["inject"].as_str() == Some("always");
+    let private = value["private_addresses"].as_bool() == Some(true);
     format!(
-        "{host} ({}{})",
+        "{host} ({}{}{})",
         placements.join(", "),
         if always {
             ", added to every request"
+        } else {
+            ""
+        },
+        if private {
+            ", also at private addresses"
         } else {
             ""
         }

@@ -7,6 +7,7 @@ use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
 use super::ProxyBody;
+use crate::policy::RefusalKind;
 
 /// Where the failure came from (pingora's `ErrorSource`): the agent's request, the upstream,
 /// or the broker's own state.
@@ -64,6 +65,16 @@ pub enum BrokerError {
     /// The run (or the broker) holds as many client connections as it may
     /// (`proxy::limits`); the message says which and what to do.
     TooManyConnections { message: String },
+    /// The run's policy refuses the request (rules, `require_placeholder`, a budget, a body
+    /// size): the message names the rule or budget.
+    Policy(crate::policy::Refusal),
+    /// The request carries a real-looking key where the provider's key goes, not the
+    /// placeholder: an agent should never hold one, so it is refused (the value is never
+    /// repeated).
+    RealKeyFromAgent { provider: String, host: String },
+    /// The upstream host resolved only to addresses the broker does not connect to (loopback,
+    /// private, link-local, metadata; the SSRF guard).
+    UpstreamAddressRefused { host: String, reason: String },
 }
 
 impl BrokerError {
@@ -73,7 +84,16 @@ impl BrokerError {
             BrokerError::NoHost | BrokerError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             BrokerError::NotAllowed { .. }
             | BrokerError::Unlisted { .. }
-            | BrokerError::NotAccepted { .. } => StatusCode::FORBIDDEN,
+            | BrokerError::NotAccepted { .. }
+            | BrokerError::RealKeyFromAgent { .. } => StatusCode::FORBIDDEN,
+            BrokerError::Policy(refusal) => match refusal.kind {
+                RefusalKind::Rules
+                | RefusalKind::PlaceholderRequired
+                | RefusalKind::NotApproved => StatusCode::FORBIDDEN,
+                RefusalKind::Budget => StatusCode::TOO_MANY_REQUESTS,
+                RefusalKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            },
+            BrokerError::UpstreamAddressRefused { .. } => StatusCode::BAD_GATEWAY,
             BrokerError::NoCredential { .. } | BrokerError::LoginExpired { .. } => {
                 StatusCode::UNAUTHORIZED
             }
@@ -96,7 +116,10 @@ impl BrokerError {
             | BrokerError::BadRequest { .. }
             | BrokerError::NotAllowed { .. }
             | BrokerError::Unlisted { .. }
-            | BrokerError::TooManyConnections { .. } => Source::Agent,
+            | BrokerError::TooManyConnections { .. }
+            | BrokerError::Policy(_)
+            | BrokerError::RealKeyFromAgent { .. } => Source::Agent,
+            BrokerError::UpstreamAddressRefused { .. } => Source::Broker,
             BrokerError::UpstreamUnreachable { .. }
             | BrokerError::UpstreamCertificate { .. }
             | BrokerError::UpstreamFailed { .. } => Source::Upstream,
@@ -154,6 +177,13 @@ impl BrokerError {
                 format!("upstream {host} failed: {reason}")
             }
             BrokerError::BadRequest { reason } => format!("bad request: {reason}"),
+            BrokerError::Policy(refusal) => refusal.message.clone(),
+            BrokerError::RealKeyFromAgent { provider, host } => format!(
+                "the request to {host} carries a real {provider} key where the broker puts the key, not the placeholder: refused, since an agent should never hold one (give the agent the placeholder; store the key with 'broker add {provider}')"
+            ),
+            BrokerError::UpstreamAddressRefused { host, reason } => format!(
+                "upstream {host} resolves to {reason}, where the broker does not send requests (SSRF guard): for an internal API set private_addresses = true in its provider file, or pin the address with --resolve; nothing was sent"
+            ),
             BrokerError::AuditUnwritable => "the audit log cannot be written (a full disk?), and the broker uses no credential it cannot audit: see broker serve's log, free space, and the request can be sent again".to_string(),
         }
     }

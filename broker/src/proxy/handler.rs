@@ -62,6 +62,8 @@ fn audit_kind(error: &BrokerError) -> Option<EventKind> {
         BrokerError::NotAllowed { .. } | BrokerError::NoCredential { .. } => {
             Some(EventKind::Denial)
         }
+        BrokerError::UpstreamAddressRefused { .. } => Some(EventKind::UpstreamAddressRefused),
+        // Policy refusals and smuggled keys are audited where they are found, once per burst.
         _ => None,
     }
 }
@@ -122,6 +124,49 @@ async fn forward(
             findings.foreign.push(provider.name.clone());
         }
     }
+    // Authorize: a real key where the placeholder belongs, then the run's policy.
+    if swap::carries_real_key(provider, route, &parts.headers, &parts.uri) {
+        let error = BrokerError::RealKeyFromAgent {
+            provider: provider.name.clone(),
+            host: conn.sni.clone(),
+        };
+        if conn
+            .run
+            .policy
+            .starts_burst(EventKind::RealKeyFromAgent, &provider.name, Instant::now())
+        {
+            proxy.audit.record(event(
+                conn,
+                EventKind::RealKeyFromAgent,
+                provider_name.clone(),
+                None,
+                method.as_str(),
+                path,
+                error.status().as_u16(),
+                0,
+                started,
+                Some("a value matching the provider's key pattern, not the placeholder, where the key goes (the value is not recorded)".into()),
+            ));
+        }
+        drain(body, &parts.headers).await;
+        return Err((error, provider_name));
+    }
+    let body_limit = match authorize(
+        proxy,
+        conn,
+        &provider.name,
+        &mut parts,
+        findings.own_placeholder,
+        started,
+    )
+    .await
+    {
+        Ok(limit) => limit,
+        Err(error) => {
+            drain(body, &parts.headers).await;
+            return Err((error, provider_name));
+        }
+    };
     for foreign in &findings.foreign {
         proxy.audit.record(event(
             conn,
@@ -218,11 +263,19 @@ async fn forward(
     // needs the request again, so a small body is buffered (large or streamed bodies are not
     // retried). No copy is kept when the secret cannot be renewed.
     let retryable = pending.is_some() && renewable;
+    let body = match body_limit {
+        // A body of unknown length under `max_body_bytes`: cut off (and the request failed)
+        // once it grows past it.
+        Some(max) => {
+            http_body_util::Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX)).boxed()
+        }
+        None => body.map_err(BoxError::from).boxed(),
+    };
     let (body, replay) = match retryable {
         true => buffer_if_small(body)
             .await
             .map_err(|e| (e, provider_name.clone()))?,
-        false => (body.map_err(BoxError::from).boxed(), None),
+        false => (body, None),
     };
     let resend = replay.map(|bytes| {
         (
@@ -235,6 +288,13 @@ async fn forward(
     let req = Request::from_parts(parts, body);
     let mut response = match proxy.pool.send(&conn.sni, port, req).await {
         Ok(response) => response,
+        Err(e) if body_limit.is_some() && over_body_limit(&e) => {
+            let refusal = policy_body_refusal(conn, &provider.name);
+            return Err((
+                refused(proxy, conn, &provider.name, method, uri, started, refusal),
+                provider_name.clone(),
+            ));
+        }
         Err(e) => {
             let error = unanswered(proxy, conn, pending, e);
             return Err((error, provider_name.clone()));
@@ -305,6 +365,216 @@ pub(super) fn redacted_answer(
         }
     };
     redact::RedactedBody::wrap(body, needles)
+}
+
+/// Authorize: the run's policy (`crate::policy`) for this request: its method/path rules,
+/// `require_placeholder`, budgets and body size. Allowed, a request under rules goes upstream
+/// with its normalised path (what was checked is what is sent). Returns the body limit to
+/// enforce while streaming (a body of unknown length under `max_body_bytes`). Under
+/// `--policy-mode audit` nothing is refused; what would have been is audited. A request whose
+/// rule asks for approval waits here for `broker approve` (`crate::approvals`).
+async fn authorize(
+    proxy: &Proxy,
+    conn: &ConnInfo,
+    provider: &str,
+    parts: &mut http::request::Parts,
+    has_placeholder: bool,
+    started: Instant,
+) -> Result<Option<u64>, BrokerError> {
+    let policy = &conn.run.policy;
+    if policy.is_empty() {
+        return Ok(None);
+    }
+    let method = parts.method.as_str();
+    let length = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let verdict = policy
+        .check_rules(provider, method, parts.uri.path())
+        .and_then(|normal| {
+            policy
+                .check_placeholder(provider, has_placeholder)
+                .map(|()| normal)
+        })
+        .and_then(|normal| {
+            policy
+                .charge(provider, length, Instant::now())
+                .map(|()| normal)
+        });
+    match verdict {
+        Ok(Some(allowed)) => {
+            if let Some(normal) = &allowed.path {
+                parts.uri = with_path(&parts.uri, normal)?;
+            }
+            if let Some(approval) = allowed.approval {
+                if policy.mode == crate::policy::Mode::Enforce && policy.needs_asking(&approval) {
+                    approve(proxy, conn, provider, parts, started, &approval).await?;
+                }
+            }
+        }
+        Ok(None) => {}
+        Err(refusal) => {
+            let (method, uri) = (parts.method.clone(), parts.uri.clone());
+            let error = refused(proxy, conn, provider, &method, &uri, started, refusal);
+            if policy.mode == crate::policy::Mode::Enforce {
+                return Err(error);
+            }
+            return Ok(None);
+        }
+    }
+    let streaming = length.is_none() && policy.mode == crate::policy::Mode::Enforce;
+    Ok(policy
+        .max_body(provider)
+        .filter(|_| streaming)
+        .map(|(max, _)| max))
+}
+
+/// Hold the request until `broker approve` answers, or the rule's timeout passes; audited
+/// either way (approvals are paced by a person: every one is a line).
+async fn approve(
+    proxy: &Proxy,
+    conn: &ConnInfo,
+    provider: &str,
+    parts: &http::request::Parts,
+    started: Instant,
+    approval: &crate::policy::Approval,
+) -> Result<(), BrokerError> {
+    use crate::approvals::{Ask, Outcome};
+    let outcome = proxy
+        .approvals
+        .ask(Ask {
+            run: conn.run.id.clone(),
+            command: conn.run.command.clone(),
+            method: parts.method.to_string(),
+            host: conn.sni.clone(),
+            path: parts.uri.path().to_string(),
+            rule: approval.rule.clone(),
+            agent: conn.run.pid.get(),
+            timeout: approval.timeout,
+        })
+        .await;
+    let (kind, refusal) = match outcome {
+        Outcome::Granted => (EventKind::ApprovalGranted, None),
+        Outcome::Denied => (
+            EventKind::ApprovalRefused,
+            Some(format!("policy: {} {} to {provider} was denied with broker approve (rule {})", parts.method, parts.uri.path(), approval.rule)),
+        ),
+        Outcome::TimedOut => (
+            EventKind::ApprovalRefused,
+            Some(format!(
+                "policy: {} {} to {provider} waited {} s for 'broker approve' and got no answer (rule {})",
+                parts.method,
+                parts.uri.path(),
+                approval.timeout.as_secs(),
+                approval.rule
+            )),
+        ),
+    };
+    proxy.audit.record(event(
+        conn,
+        kind,
+        Some(provider.to_string()),
+        None,
+        parts.method.as_str(),
+        parts.uri.path(),
+        if refusal.is_some() { 403 } else { 0 },
+        0,
+        started,
+        Some(
+            refusal
+                .clone()
+                .unwrap_or_else(|| format!("approved (rule {})", approval.rule)),
+        ),
+    ));
+    match refusal {
+        None => {
+            conn.run.policy.granted(approval);
+            Ok(())
+        }
+        Some(message) => Err(BrokerError::Policy(crate::policy::Refusal {
+            kind: crate::policy::RefusalKind::NotApproved,
+            message,
+        })),
+    }
+}
+
+/// Audit a policy refusal (once per burst), or under `--policy-mode audit` what would have
+/// been one; the error the agent gets when the policy is enforced.
+fn refused(
+    proxy: &Proxy,
+    conn: &ConnInfo,
+    provider: &str,
+    method: &Method,
+    uri: &Uri,
+    started: Instant,
+    refusal: crate::policy::Refusal,
+) -> BrokerError {
+    use crate::policy::{Mode, RefusalKind};
+    let kind = match (conn.run.policy.mode, refusal.kind) {
+        (Mode::Audit, _) => EventKind::PolicyWouldDeny,
+        (_, RefusalKind::Rules | RefusalKind::PlaceholderRequired | RefusalKind::NotApproved) => {
+            EventKind::PolicyDenied
+        }
+        (_, RefusalKind::Budget | RefusalKind::BodyTooLarge) => EventKind::BudgetExceeded,
+    };
+    let error = BrokerError::Policy(refusal);
+    if conn.run.policy.starts_burst(kind, provider, Instant::now()) {
+        proxy.audit.record(event(
+            conn,
+            kind,
+            Some(provider.to_string()),
+            None,
+            method.as_str(),
+            uri.path(),
+            error.status().as_u16(),
+            0,
+            started,
+            Some(error.message()),
+        ));
+    }
+    error
+}
+
+/// The refusal of a streamed body that grew past the provider's `max_body_bytes`.
+fn policy_body_refusal(conn: &ConnInfo, provider: &str) -> crate::policy::Refusal {
+    let (max, source) = conn
+        .run
+        .policy
+        .max_body(provider)
+        .unwrap_or((0, "the policy"));
+    crate::policy::body_too_large(provider, max, source)
+}
+
+/// Did sending fail because the request body went over its `Limited` cap?
+fn over_body_limit(err: &SendError) -> bool {
+    let SendError::Http(err) = err else {
+        return false;
+    };
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        if e.downcast_ref::<http_body_util::LengthLimitError>()
+            .is_some()
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// `uri` with its path replaced (the query kept).
+fn with_path(uri: &Uri, path: &str) -> Result<Uri, BrokerError> {
+    let bad = || BrokerError::BadRequest {
+        reason: "the request target cannot be rebuilt with its normalised path".into(),
+    };
+    let mut parts = uri.clone().into_parts();
+    let target = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_string(),
+    };
+    parts.path_and_query = Some(target.parse().map_err(|_| bad())?);
+    Uri::from_parts(parts).map_err(|_| bad())
 }
 
 /// Refuse the credential where the definition in effect sends it somewhere the user has not
@@ -401,14 +671,31 @@ fn path_in_prefix(path: &str, prefix: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
+/// Most of a refused request's body read (and dropped) before the refusal is sent, and how
+/// long that may take.
+const DRAIN_LIMIT: usize = 1024 * 1024;
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Read and drop what the agent is sending of a request the broker refuses before it went
+/// upstream. Answered while its body is still arriving, the connection is closed with the body
+/// unread, the kernel resets it, and the client may see the reset instead of the refusal. A
+/// client waiting for `100 Continue` is not asked for its body.
+async fn drain(body: Incoming, headers: &HeaderMap) {
+    if body.is_end_stream() || headers.contains_key(header::EXPECT) {
+        return;
+    }
+    let limited = http_body_util::Limited::new(body, DRAIN_LIMIT);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, limited.collect()).await;
+}
+
 /// Largest request body kept for a retry after a refreshed token.
 const REPLAY_LIMIT: u64 = 64 * 1024;
 
 /// The body to send, and a copy to resend if it is small and of known size.
-async fn buffer_if_small(body: Incoming) -> Result<(ProxyBody, Option<Bytes>), BrokerError> {
+async fn buffer_if_small(body: ProxyBody) -> Result<(ProxyBody, Option<Bytes>), BrokerError> {
     let small = body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= REPLAY_LIMIT);
     if !small {
-        return Ok((body.map_err(BoxError::from).boxed(), None));
+        return Ok((body, None));
     }
     let bytes = body
         .collect()
@@ -576,6 +863,10 @@ pub(super) fn upstream_error(host: &str, err: SendError) -> BrokerError {
 pub(super) fn connect_error(host: &str, err: &ConnectError) -> BrokerError {
     match err {
         ConnectError::Certificate(reason) => BrokerError::UpstreamCertificate {
+            host: host.to_string(),
+            reason: reason.clone(),
+        },
+        ConnectError::AddressRefused(reason) => BrokerError::UpstreamAddressRefused {
             host: host.to_string(),
             reason: reason.clone(),
         },

@@ -202,6 +202,8 @@ pub struct RunContext {
     /// The run's secret ticket: every connection to its listeners must present it (the
     /// preamble on the fake addresses, `Proxy-Authorization` on the CONNECT listener).
     pub ticket: broker_contract::Ticket,
+    /// The run's policy (`crate::policy`), compiled when the run opened.
+    pub policy: Arc<crate::policy::RunPolicy>,
 }
 
 /// The agent's pid, for the audit. Shared and settable because the run opens (listeners,
@@ -266,6 +268,8 @@ pub struct ProxySettings {
     pub label: String,
     /// Timeouts and connection caps (`Limits::default()` but in tests).
     pub limits: Limits,
+    /// `$BROKER_HOME/policy.toml`, read as each run opens.
+    pub policy_file: Option<std::path::PathBuf>,
 }
 
 /// The shared state of one broker instance: its CA, the catalog, the upstream pool.
@@ -280,6 +284,9 @@ pub struct Proxy {
     caps: limits::Caps,
     /// `--dns-upstream`: where the runs' DNS responders forward; empty: `/etc/resolv.conf`.
     dns_upstream: Vec<SocketAddr>,
+    policy_file: Option<std::path::PathBuf>,
+    /// Requests waiting for `broker approve` (`crate::approvals`).
+    approvals: Arc<crate::approvals::Approvals>,
 }
 
 impl Proxy {
@@ -299,7 +306,10 @@ impl Proxy {
         let hosts = settings.catalog.host_patterns();
         let ca = Arc::new(LocalCa::new(&hosts, &settings.label)?);
         let tls_server = listen::server_config(ca.clone())?;
-        let connector = upstream::UpstreamConnector::new(settings.upstream);
+        let connector = upstream::UpstreamConnector::new(
+            settings.upstream,
+            settings.catalog.private_address_hosts(),
+        );
         let pool = pool::UpstreamPool::new(connector);
         Ok(Arc::new(Proxy {
             ca,
@@ -311,6 +321,8 @@ impl Proxy {
             needles: redact::NeedleCache::default(),
             caps: limits::Caps::new(settings.limits),
             dns_upstream,
+            policy_file: settings.policy_file,
+            approvals: crate::approvals::Approvals::new(),
         }))
     }
 
@@ -338,6 +350,19 @@ impl Proxy {
         match self.dns_upstream.is_empty() {
             true => crate::dns::upstream::system_nameservers(),
             false => self.dns_upstream.clone(),
+        }
+    }
+
+    /// The requests of this broker waiting for `broker approve`.
+    pub fn approvals(&self) -> &Arc<crate::approvals::Approvals> {
+        &self.approvals
+    }
+
+    /// `$BROKER_HOME/policy.toml`, parsed against this broker's catalog, if there is one.
+    pub fn home_policy(&self) -> Result<Option<crate::policy::Layer>, crate::policy::PolicyError> {
+        match &self.policy_file {
+            Some(path) => crate::policy::load_file(path, &self.catalog),
+            None => Ok(None),
         }
     }
 

@@ -457,15 +457,18 @@ mod tests {
         second: Request<ProxyBody>,
     ) -> (Result<Bytes, String>, usize) {
         let origin = closing_origin();
-        let pool = UpstreamPool::new(UpstreamConnector::new(UpstreamSettings {
-            extra_ca: Some(origin.ca_file.path().to_path_buf()),
-            resolve: vec![ResolveOverride {
-                host: HOST.into(),
-                port: 443,
-                addr: origin.addr,
-            }],
-            dns: Vec::new(),
-        }));
+        let pool = UpstreamPool::new(UpstreamConnector::new(
+            UpstreamSettings {
+                extra_ca: Some(origin.ca_file.path().to_path_buf()),
+                resolve: vec![ResolveOverride {
+                    host: HOST.into(),
+                    port: 443,
+                    addr: origin.addr,
+                }],
+                dns: Vec::new(),
+            },
+            Vec::new(),
+        ));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -4,8 +4,10 @@
 //!
 //! Rules that keep the promise:
 //! - only the injection points of the route the request is classified to are ever touched;
-//! - a value that is not exactly the placeholder is left alone (a real key the agent somehow
-//!   holds passes through unchanged: the broker never overwrites a credential it did not place);
+//! - a value that is not exactly the placeholder is left alone: the broker never overwrites a
+//!   credential it did not place. One that looks like a real key of the provider (its
+//!   `key_pattern`) is refused by the handler instead ([`carries_real_key`]): an agent should
+//!   never hold one;
 //! - `inject = "always"` adds the credential only where the request carries none.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -68,6 +70,29 @@ pub fn inspect(
         .map(|(other, _)| other.name.clone())
         .collect();
     findings
+}
+
+/// Does the request carry, at one of the route's injection points, a value that is not the
+/// placeholder but matches the provider's key pattern (a real key the agent got hold of)?
+/// Values equal to the placeholder are skipped before the pattern is tried, so a request that
+/// carries the placeholder costs one comparison per point.
+pub fn carries_real_key(
+    provider: &Provider,
+    route: &Route,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> bool {
+    let real = |value: &str| value != provider.placeholder && provider.key_matches(value);
+    route.credential.iter().any(|point| match point {
+        Injection::Header { name, scheme } => headers.get_all(name.as_str()).iter().any(|v| {
+            match header_credential(v, scheme.as_ref()) {
+                Some(HeaderCredential::Plain { token, .. }) => real(token),
+                Some(HeaderCredential::Basic { user, pass }) => real(&user) || real(&pass),
+                None => false,
+            }
+        }),
+        Injection::Query { param } => query_values(uri, param).any(|v| real(&v)),
+    })
 }
 
 /// Put `secret` where the placeholder is (or, for `inject = "always"`, at the first injection
@@ -402,6 +427,40 @@ mod tests {
         let mut uri: Uri = uri.parse().expect("uri");
         let changed = apply(&p, &route, &mut map, &mut uri, SECRET).expect("apply");
         (changed, map, uri)
+    }
+
+    #[test]
+    fn real_keys_at_injection_points_are_recognised() {
+        let p = Catalog::builtin().get("openai").expect("openai").clone();
+        let route = p.routes[0].clone();
+        let check = |headers: &[(&str, &str)], uri: &str| {
+            let mut map = HeaderMap::new();
+            for (k, v) in headers {
+                map.append(
+                    HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                    v.parse().expect("value"),
+                );
+            }
+            carries_real_key(&p, &route, &map, &uri.parse().expect("uri"))
+        };
+        let real = "sk-realLookingKey0123456789abcdef";
+        assert!(check(
+            &[("authorization", &format!("Bearer {real}"))],
+            "/v1/models"
+        ));
+        assert!(!check(
+            &[("authorization", &format!("Bearer {}", p.placeholder))],
+            "/v1/models"
+        ));
+        assert!(!check(
+            &[("authorization", "Bearer not-a-key")],
+            "/v1/models"
+        ));
+        assert!(!check(
+            &[("x-other", &format!("Bearer {real}"))],
+            "/v1/models"
+        ));
+        assert!(!check(&[], "/v1/models"));
     }
 
     #[test]

@@ -4,6 +4,13 @@
 //! Two test-only overrides exist, both off by default and logged loudly when on:
 //! `--upstream-ca FILE` adds a CA to the roots, `--resolve HOST:PORT:ADDR[:PORT2]` pins where a
 //! host is reached. Neither disables verification.
+//!
+//! The SSRF guard: an address the system resolver returns for a provider host is connected to
+//! only if it is a public one (`address_class`); loopback, private, link-local (cloud metadata
+//! at 169.254.169.254 included), CGNAT, unique-local (fd00:ec2::254) and the like are refused,
+//! unless the provider says `private_addresses = true` or the operator pinned the address with
+//! `--resolve`. The address checked is the address connected to: nothing is resolved twice,
+//! so a name that answers once public and once private (DNS rebinding) gains nothing.
 
 use std::future::Future;
 use std::io;
@@ -94,6 +101,9 @@ pub enum ConnectError {
     Roots(String),
     #[error("bad upstream URI")]
     BadUri,
+    /// Every address the host resolved to is one the guard refuses: which, and why.
+    #[error("{0}")]
+    AddressRefused(String),
 }
 
 /// The hyper connector for upstreams. Cheap to clone.
@@ -104,6 +114,10 @@ pub struct UpstreamConnector {
 
 struct Inner {
     settings: UpstreamSettings,
+    /// Host patterns whose provider allows private addresses (`private_addresses = true`).
+    private_hosts: Vec<String>,
+    /// Whether the SSRF guard applies (not to OAuth token endpoints: see `unguarded`).
+    guard: bool,
     alpn: Vec<Vec<u8>>,
     /// Built on first use: loading the system roots costs milliseconds that `broker run`
     /// should not pay at start.
@@ -115,11 +129,29 @@ impl UpstreamConnector {
     /// per second than one multiplexed h2 connection on the 2-core machines measured
     /// (`scripts/bench`, keep-alive leg: about a quarter more); WebSocket upgrades need
     /// http/1.1 anyway; and the agent still speaks h2 to the broker when it wants to.
-    pub fn new(settings: UpstreamSettings) -> UpstreamConnector {
+    pub fn new(settings: UpstreamSettings, private_hosts: Vec<String>) -> UpstreamConnector {
         UpstreamConnector {
             inner: Arc::new(Inner {
                 settings,
+                private_hosts,
+                guard: true,
                 alpn: vec![b"http/1.1".to_vec()],
+                tls: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// A connector without the SSRF guard, for OAuth token endpoints: their URLs come from
+    /// provider definitions and the user's config (a login server on this machine is common
+    /// in development), and no agent request is sent through it.
+    pub fn unguarded(settings: UpstreamSettings) -> UpstreamConnector {
+        let connector = UpstreamConnector::new(settings, Vec::new());
+        UpstreamConnector {
+            inner: Arc::new(Inner {
+                settings: connector.inner.settings.clone(),
+                private_hosts: Vec::new(),
+                guard: false,
+                alpn: connector.inner.alpn.clone(),
                 tls: OnceLock::new(),
             }),
         }
@@ -142,6 +174,7 @@ impl UpstreamConnector {
             .iter()
             .find(|o| o.port == port && o.host.eq_ignore_ascii_case(host))
         {
+            // Pinned by the operator: explicit, so the guard does not apply.
             return Ok(vec![o.addr]);
         }
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
@@ -151,7 +184,29 @@ impl UpstreamConnector {
         if addrs.is_empty() {
             return Err(ConnectError::Resolve(host.to_string()));
         }
-        Ok(addrs)
+        let private_ok = !self.inner.guard
+            || self
+                .inner
+                .private_hosts
+                .iter()
+                .any(|pattern| broker_contract::host_matches(pattern, host));
+        if private_ok {
+            return Ok(addrs);
+        }
+        // Only the public ones; these exact addresses are the ones connected to.
+        let public: Vec<SocketAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| address_class(a.ip()).is_none())
+            .collect();
+        if public.is_empty() {
+            let refused: Vec<String> = addrs
+                .iter()
+                .map(|a| format!("{} ({})", a.ip(), address_class(a.ip()).unwrap_or("?")))
+                .collect();
+            return Err(ConnectError::AddressRefused(refused.join(", ")));
+        }
+        Ok(public)
     }
 
     /// Connect and handshake to `host:port`.
@@ -193,6 +248,76 @@ impl UpstreamConnector {
         tokio::time::timeout(CONNECT_TIMEOUT, work)
             .await
             .map_err(|_| ConnectError::Timeout)?
+    }
+}
+
+/// What kind of address `ip` is, when it is one the broker does not send requests to
+/// unasked; `None` for a public address. IPv4 inside IPv6 (mapped, NAT64, 6to4) is judged as
+/// the IPv4 address it carries.
+pub fn address_class(ip: std::net::IpAddr) -> Option<&'static str> {
+    use std::net::{IpAddr, Ipv4Addr};
+    let v4_class = |v4: Ipv4Addr| -> Option<&'static str> {
+        let [a, b, c, d] = v4.octets();
+        match (a, b, c, d) {
+            (169, 254, 169, 254) => Some("a cloud metadata address"),
+            (100, 100, 100, 200) => Some("a cloud metadata address"),
+            (0, ..) => Some("'this network'"),
+            (127, ..) => Some("loopback"),
+            (10, ..) => Some("a private address"),
+            (172, 16..=31, ..) => Some("a private address"),
+            (192, 168, ..) => Some("a private address"),
+            (169, 254, ..) => Some("link-local"),
+            (100, 64..=127, ..) => Some("CGNAT shared address space"),
+            (192, 0, 0, _) => Some("IETF protocol assignments"),
+            (198, 18..=19, ..) => Some("benchmarking address space"),
+            (224..=255, ..) => Some("multicast or reserved"),
+            _ => None,
+        }
+    };
+    match ip {
+        IpAddr::V4(v4) => v4_class(v4),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return v4_class(v4);
+            }
+            if v6.is_loopback() {
+                return Some("loopback");
+            }
+            if v6.is_unspecified() {
+                return Some("the unspecified address");
+            }
+            match s[0] {
+                // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) carry an IPv4 address.
+                0x64 if s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] => v4_class(Ipv4Addr::new(
+                    (s[6] >> 8) as u8,
+                    s[6] as u8,
+                    (s[7] >> 8) as u8,
+                    s[7] as u8,
+                )),
+                0x2002 => v4_class(Ipv4Addr::new(
+                    (s[1] >> 8) as u8,
+                    s[1] as u8,
+                    (s[2] >> 8) as u8,
+                    s[2] as u8,
+                )),
+                0xfd00 if s[1] == 0xec2 && s[2..7] == [0, 0, 0, 0, 0] && s[7] == 0x254 => {
+                    Some("a cloud metadata address")
+                }
+                x if x & 0xfe00 == 0xfc00 => Some("a unique-local (private) address"),
+                x if x & 0xffc0 == 0xfe80 => Some("link-local"),
+                x if x & 0xff00 == 0xff00 => Some("multicast"),
+                // IPv4-compatible (deprecated) ::a.b.c.d.
+                0 if s[1..6] == [0, 0, 0, 0, 0] => v4_class(Ipv4Addr::new(
+                    (s[6] >> 8) as u8,
+                    s[6] as u8,
+                    (s[7] >> 8) as u8,
+                    s[7] as u8,
+                ))
+                .or(Some("an IPv4-compatible address")),
+                _ => None,
+            }
+        }
     }
 }
 
@@ -337,6 +462,54 @@ impl hyper::rt::Write for UpstreamIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guard_knows_private_from_public() {
+        for (ip, refused) in [
+            ("127.0.0.1", true),
+            ("127.8.9.10", true),
+            ("10.1.2.3", true),
+            ("172.16.0.1", true),
+            ("172.31.255.255", true),
+            ("172.32.0.1", false),
+            ("192.168.1.1", true),
+            ("169.254.169.254", true),
+            ("169.254.1.1", true),
+            ("100.64.0.1", true),
+            ("100.100.100.200", true),
+            ("100.128.0.1", false),
+            ("0.0.0.0", true),
+            ("224.0.0.1", true),
+            ("255.255.255.255", true),
+            ("8.8.8.8", false),
+            ("104.18.7.192", false),
+            ("::1", true),
+            ("::", true),
+            ("::ffff:127.0.0.1", true),
+            ("::ffff:169.254.169.254", true),
+            ("::ffff:8.8.8.8", false),
+            ("64:ff9b::a9fe:a9fe", true),
+            ("64:ff9b::808:808", false),
+            ("2002:7f00:1::", true),
+            ("fd00:ec2::254", true),
+            ("fd12::1", true),
+            ("fe80::1", true),
+            ("ff02::1", true),
+            ("::127.0.0.1", true),
+            ("2606:4700::6810:7c0", false),
+        ] {
+            let addr: std::net::IpAddr = ip.parse().expect("ip");
+            assert_eq!(address_class(addr).is_some(), refused, "{ip}");
+        }
+        assert_eq!(
+            address_class("169.254.169.254".parse().expect("ip")),
+            Some("a cloud metadata address")
+        );
+        assert_eq!(
+            address_class("fd00:ec2::254".parse().expect("ip")),
+            Some("a cloud metadata address")
+        );
+    }
 
     #[test]
     fn resolve_override_forms() {

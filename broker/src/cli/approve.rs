@@ -1,0 +1,97 @@
+//! `broker approve [ID] [--deny]`: list the requests waiting for an approval (run, command,
+//! method, host, path, the rule that asks), or answer one. Talks to every broker of this
+//! `BROKER_HOME` (`approvals::sockets`); see `crate::approvals` for who may answer.
+
+use std::process::ExitCode;
+
+use anyhow::bail;
+use clap::Args;
+
+use crate::approvals::{self, Reply};
+use crate::home::Home;
+
+#[derive(Debug, Args)]
+pub struct ApproveArgs {
+    /// The request to answer (as listed); without it, list the waiting requests.
+    pub id: Option<String>,
+    /// Deny the request instead of approving it.
+    #[arg(long, requires = "id")]
+    pub deny: bool,
+    /// Print the list as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: ApproveArgs) -> anyhow::Result<ExitCode> {
+    // An agent must not answer for itself: not from inside a run (its variables, or a
+    // `broker run`/sandbox above it). The broker checks the process tree too.
+    if let Some(why) = crate::hardening::inside_run() {
+        bail!("broker approve is refused inside a broker run ({why}): approve from a terminal of your own");
+    }
+    let home = Home::from_env()?;
+    let sockets = approvals::sockets(&home);
+    match args.id {
+        None => list(&sockets, args.json),
+        Some(id) => answer(&sockets, &id, !args.deny),
+    }
+}
+
+fn list(sockets: &[(u32, std::path::PathBuf)], json: bool) -> anyhow::Result<ExitCode> {
+    let mut waiting = Vec::new();
+    for (_, path) in sockets {
+        // A stale socket (a broker that died) answers nothing: skipped.
+        if let Ok(Reply::Waiting { waiting: some }) = approvals::request(path, "list") {
+            waiting.extend(some);
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&waiting)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if waiting.is_empty() {
+        println!("no request is waiting for approval");
+    }
+    for w in &waiting {
+        println!(
+            "{}  {} {}{}  run {} ({}), waiting {}s of {}s\n    rule: {}",
+            w.id, w.method, w.host, w.path, w.run, w.command, w.waited, w.timeout, w.rule
+        );
+    }
+    if !waiting.is_empty() {
+        println!("answer with 'broker approve ID' or 'broker approve ID --deny'");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn answer(
+    sockets: &[(u32, std::path::PathBuf)],
+    id: &str,
+    approve: bool,
+) -> anyhow::Result<ExitCode> {
+    let Some(pid) = id
+        .split_once('.')
+        .and_then(|(pid, _)| pid.parse::<u32>().ok())
+    else {
+        bail!("'{id}' is not a request id (see 'broker approve')");
+    };
+    let Some((_, path)) = sockets.iter().find(|(p, _)| *p == pid) else {
+        bail!("no broker with process id {pid} is running for this BROKER_HOME (see 'broker approve')");
+    };
+    let line = format!("{} {id}", if approve { "approve" } else { "deny" });
+    match approvals::request(path, &line)? {
+        Reply::Answered { request } => {
+            println!(
+                "{} {} {} {}{} (run {})",
+                if approve { "approved" } else { "denied" },
+                request.id,
+                request.method,
+                request.host,
+                request.path,
+                request.run
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Reply::Error { error } => bail!("{error}"),
+        Reply::Waiting { .. } => bail!("the broker answered something else"),
+    }
+}
