@@ -244,25 +244,21 @@ pub async fn open_run(
 ) -> anyhow::Result<OpenRun> {
     let catalog = proxy.catalog();
     let hosts = catalog.host_patterns();
-    let stored = stored_credentials(proxy).await;
-    let default_profile = match spec.default_profile.as_str() {
-        "" => "default",
-        profile => profile,
-    };
-    let (env, env_if_set) = placeholder_env(
-        catalog,
-        spec.allow.as_deref(),
-        &spec.profiles,
-        default_profile,
-        &|name| spec.run_keys.0.contains_key(name),
-        stored.as_deref(),
-    );
     let run_id = spec.id.clone();
     let default_profile = if spec.default_profile.is_empty() {
         "default".to_string()
     } else {
         spec.default_profile
     };
+    let stored = stored_credentials(proxy).await;
+    let (env, env_if_set) = placeholder_env(
+        catalog,
+        spec.allow.as_deref(),
+        &spec.profiles,
+        &default_profile,
+        &|name| spec.run_keys.0.contains_key(name),
+        stored.as_deref(),
+    );
     // The policy is compiled once, here: the home file is read when the run opens (so an
     // edit applies to the next run), the run's own layers come with it.
     let mut layers = Vec::new();
