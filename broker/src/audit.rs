@@ -97,6 +97,11 @@ pub enum EventKind {
     /// Connections refused because their run (or the broker) held as many as it may: one
     /// line per burst of refusals, not one per connection.
     ConnectionLimit,
+    /// A system broker refused a uid not on its access list (or not the uid that opened the
+    /// run it reached): one line per uid per burst, with the count of the others.
+    UidRefused,
+    /// A system broker's admin request (add, remove) was refused: not an admin uid.
+    AdminRefused,
 }
 
 impl EventKind {
@@ -118,6 +123,8 @@ impl EventKind {
             EventKind::AuditReset => "audit_reset",
             EventKind::TicketRefused => "ticket_refused",
             EventKind::ConnectionLimit => "connection_limit",
+            EventKind::UidRefused => "uid_refused",
+            EventKind::AdminRefused => "admin_refused",
         }
     }
 }
@@ -151,6 +158,9 @@ pub struct AuditEvent {
     /// The agent's command (program name and arguments as launched).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+    /// The client's uid, as the kernel reported it (a system broker, which several users share).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -186,6 +196,7 @@ impl AuditEvent {
             run_id: None,
             pid: None,
             command: None,
+            uid: None,
             provider: None,
             profile: None,
             host: None,
@@ -1299,6 +1310,7 @@ mod tests {
             let keys = KeyConfig {
                 source: Some(KeySource::File),
                 passphrase: None,
+                system_key_file: None,
             };
             let vault = Vault::open_with(&home, &keys).unwrap();
             let path = home.audit_path();
