@@ -397,7 +397,7 @@ fn a_system_broker_serves_its_allowed_uids_and_nothing_of_it_is_theirs() {
     // A key from the agent's own environment (a .env) is handed to the broker for that process
     // tree: the origin gets it, the agent keeps only the placeholder.
     let out = run_bounded(
-        &mut bare_preload(
+        bare_preload(
             &agent,
             &root,
             "echo key=$GROQ_API_KEY; curl -sS --fail-with-body https://api.groq.com/openai/v1/models -H \"Authorization: Bearer $GROQ_API_KEY\"",
@@ -532,7 +532,7 @@ fn a_system_broker_serves_its_allowed_uids_and_nothing_of_it_is_theirs() {
     assert!(audit.contains(&format!("\"uid\":{}", other.uid)));
     // Its handover is refused too, in the shim's one stderr line.
     let out = run_bounded(
-        &mut bare_preload(&other, &root, "true", false)
+        bare_preload(&other, &root, "true", false)
             .env("OPENAI_API_KEY", "sk-other-user-key-0123456789abcdef01"),
         Duration::from_secs(30),
     );

@@ -7,7 +7,7 @@
 //! admin can do to keys is add, replace and remove them: denial of service, never theft.
 
 use std::io::{BufRead as _, BufReader, Write as _};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -128,15 +128,13 @@ pub(crate) async fn answer(
             "uid {} is not an administrator of the system broker: admins are root and [access] admin_users/admin_groups in /etc/broker/config.toml",
             peer.uid
         );
-        if changes {
-            if access.audit_refusal(peer.uid).is_some() {
-                proxy.audit().record(AuditEvent {
-                    uid: Some(peer.uid),
-                    pid: peer.pid,
-                    reason: Some(why.clone()),
-                    ..AuditEvent::new(EventKind::AdminRefused)
-                });
-            }
+        if changes && access.audit_refusal(peer.uid).is_some() {
+            proxy.audit().record(AuditEvent {
+                uid: Some(peer.uid),
+                pid: peer.pid,
+                reason: Some(why.clone()),
+                ..AuditEvent::new(EventKind::AdminRefused)
+            });
         }
         return AdminReply::error(why);
     }
@@ -266,10 +264,7 @@ pub fn request(socket: &Path, request: &AdminRequest) -> anyhow::Result<AdminRep
 /// its directory, which must pass [`super::ownership::system_broker_uid`] (made by root
 /// for the broker's user), or be root.
 fn check_server(stream: &std::os::unix::net::UnixStream, socket: &Path) -> anyhow::Result<()> {
-    let dir = socket
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(PathBuf::new);
+    let dir = socket.parent().map(Path::to_path_buf).unwrap_or_default();
     let expected = super::ownership::system_broker_uid(&dir)?;
     let cred = rustix::net::sockopt::socket_peercred(stream)?;
     let uid = cred.uid.as_raw();

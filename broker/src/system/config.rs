@@ -201,19 +201,19 @@ mod tests {
     #[test]
     fn mistakes_are_named() {
         assert!(SystemConfig::parse("[access]\nuser = [\"x\"]\n")
-            .unwrap_err()
+            .expect_err("refused")
             .contains("unknown field"));
         let cfg =
             SystemConfig::parse("[access]\nusers = [\"nobody-like-this\"]\n").expect("parses");
         assert!(cfg
             .resolve(&db(), &|_| true)
-            .unwrap_err()
+            .expect_err("refused")
             .contains("no user 'nobody-like-this'"));
         let cfg = SystemConfig::parse("[[policy]]\nusers = [\"alice\"]\nproviders = [\"nope\"]\n")
             .expect("parses");
         assert!(cfg
             .resolve(&db(), &|_| false)
-            .unwrap_err()
+            .expect_err("refused")
             .contains("unknown provider 'nope'"));
     }
 }
