@@ -343,6 +343,27 @@ fn a_system_broker_serves_its_allowed_uids_and_nothing_of_it_is_theirs() {
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains(OPENAI_KEY));
 
+    // `broker doctor` says which broker a bare preload would use, and what each uid may do.
+    let doctor = |user: &TestUser| -> String {
+        let mut cmd = user.command(broker_bin_for_agent_user());
+        cmd.args(["doctor", "--no-self-test", "--json"])
+            .env(broker_contract::ENV_SYSTEM_RUN, root.run_dir());
+        String::from_utf8_lossy(&run_bounded(&mut cmd, Duration::from_secs(60)).stdout).into_owned()
+    };
+    let shown = doctor(&agent);
+    assert!(shown.contains("uses the system broker"), "{shown}");
+    assert!(
+        shown.contains(&format!("uid {} may use its credentials", agent.uid)),
+        "{shown}"
+    );
+    assert!(doctor(&admin).contains("use and administer it"));
+    let shown = doctor(&other);
+    assert!(
+        shown.contains(&format!("uid {} is not on its access list", other.uid)),
+        "{shown}"
+    );
+    assert!(shown.contains("finds no broker it may use"), "{shown}");
+
     // The agent's bare preload: curl, Python and Node, CA variables scrubbed and preset.
     let mut served = 0;
     for (client, script) in [("curl", CURL), ("python", PYTHON), ("node", NODE)] {
