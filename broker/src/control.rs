@@ -13,7 +13,7 @@
 //! connection: when the client exits, or is killed, the daemon closes the run's listeners and
 //! removes its files. Nothing to leak, nothing to sweep.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -45,6 +45,11 @@ const MAX_REQUEST: u64 = 256 * 1024;
 /// cannot hold the daemon's descriptors. The proof in between (a keyed hash) takes
 /// milliseconds.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Runs of the system broker one uid may hold at once (each `.env` handover is one): the
+/// 249 slots are shared by every allowed uid, and one uid must not take them all.
+const RUNS_PER_UID: usize = 16;
+/// The run slots in use, with the uid owning each (a system broker's handover runs).
+type Slots = std::collections::BTreeMap<u8, Option<u32>>;
 /// Connections still sending their request, at once: past this, new ones are closed at once.
 /// Runs start one at a time per `broker run`; 64 pending at once is a flood, not a workload.
 const PENDING_AT_ONCE: usize = 64;
@@ -218,7 +223,7 @@ pub async fn serve(
     runs_dir: PathBuf,
     admin: Option<Arc<crate::system::admin::AdminContext>>,
 ) {
-    let slots = Arc::new(Mutex::new(BTreeSet::from([FIRST_SLOT])));
+    let slots = Arc::new(Mutex::new(Slots::from([(FIRST_SLOT, None)])));
     let pending = Arc::new(tokio::sync::Semaphore::new(PENDING_AT_ONCE));
     let ours = rustix::process::geteuid().as_raw();
     loop {
@@ -267,7 +272,7 @@ async fn handle(
     peer: ControlPeer,
     proxy: Arc<Proxy>,
     runs_dir: PathBuf,
-    slots: Arc<Mutex<BTreeSet<u8>>>,
+    slots: Arc<Mutex<Slots>>,
     admin: Option<Arc<crate::system::admin::AdminContext>>,
 ) {
     let peer_pid = peer.pid;
@@ -500,7 +505,7 @@ fn attributed_by_the_kernel(mut request: OpenRun, peer_pid: Option<u32>) -> Open
 async fn open(
     proxy: &Arc<Proxy>,
     runs_dir: &Path,
-    slots: &Mutex<BTreeSet<u8>>,
+    slots: &Mutex<Slots>,
     mut request: OpenRun,
 ) -> Result<(Reply, (instance::OpenRun, u8, PathBuf, AgentPid)), String> {
     if let Some(allow) = &request.allow {
@@ -510,10 +515,18 @@ async fn open(
     }
     let slot = {
         let mut used = slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(owner) = request.owner {
+            let held = used.values().filter(|o| **o == Some(owner)).count();
+            if held >= RUNS_PER_UID {
+                return Err(format!(
+                    "uid {owner} already holds {held} runs of the system broker, the most one uid may: each process tree started with a real key in its environment holds one while it runs"
+                ));
+            }
+        }
         let free = (FIRST_SLOT + 1..=250)
-            .find(|s| !used.contains(s))
+            .find(|s| !used.contains_key(s))
             .ok_or("too many runs")?;
-        used.insert(free);
+        used.insert(free, request.owner);
         free
     };
     let run_id = format!("serve-run-{slot}-{}", request.pid.unwrap_or(0));

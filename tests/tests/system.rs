@@ -568,6 +568,42 @@ fn a_system_broker_serves_its_allowed_uids_and_nothing_of_it_is_theirs() {
         "no request of the refused uid reached the origin"
     );
 
+    // One uid may hold 16 handover runs at once; the 17th is refused with the reason.
+    let mut holders: Vec<Child> = (0..16)
+        .map(|_| {
+            bare_preload(&agent, &root, "exec sleep 60", false)
+                .env("GROQ_API_KEY", GROQ_KEY)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn a run holder")
+        })
+        .collect();
+    let runs = root.run_dir().join("runs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(&runs).map_or(0, |d| d.count()) < 16 {
+        assert!(
+            Instant::now() < deadline,
+            "16 runs did not open: {}",
+            broker.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = run_bounded(
+        bare_preload(&agent, &root, "true", false).env("GROQ_API_KEY", GROQ_KEY),
+        Duration::from_secs(30),
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already holds 16 runs"),
+        "{}",
+        text(&out)
+    );
+    for holder in &mut holders {
+        let _ = holder.kill();
+        let _ = holder.wait();
+    }
+
     // No key anywhere the agent can read.
     for file in [
         root.run_dir().join("shim.conf"),
