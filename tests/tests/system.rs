@@ -568,6 +568,48 @@ fn a_system_broker_serves_its_allowed_uids_and_nothing_of_it_is_theirs() {
         "no request of the refused uid reached the origin"
     );
 
+    // The CONNECT fallback (what Go and static programs get): the same uid check and policy.
+    let shared = broker_contract::ShimConfig::parse(
+        &std::fs::read_to_string(root.run_dir().join("shim.conf")).expect("shim.conf"),
+    )
+    .expect("parses");
+    let proxy = broker_contract::connect_proxy_url(
+        shared.connect_proxy.as_deref().expect("a CONNECT listener"),
+        shared.ticket.as_ref(),
+    );
+    let placeholder = shared
+        .env
+        .iter()
+        .find(|(var, _)| var == "OPENAI_API_KEY")
+        .map(|(_, p)| p.clone())
+        .expect("placeholder");
+    let through_connect = |user: &TestUser| -> Output {
+        let mut cmd = user.command("/usr/bin/curl");
+        cmd.args(["-sS", "--fail-with-body", "--proxy", &proxy, "--cacert"])
+            .arg(&shared.ca_file)
+            .args(["https://api.openai.com/v1/models", "-H"])
+            .arg(format!("Authorization: Bearer {placeholder}"));
+        run_bounded(&mut cmd, Duration::from_secs(30))
+    };
+    let out = through_connect(&agent);
+    assert!(
+        out.status.success() && out.stdout == b"ok",
+        "CONNECT as the agent: {}",
+        text(&out)
+    );
+    let out = through_connect(&other);
+    assert!(
+        !out.status.success(),
+        "CONNECT as a uid not on the list: {}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(openai.requests().len(), served + 2);
+
     // One uid may hold 16 handover runs at once; the 17th is refused with the reason.
     let mut holders: Vec<Child> = (0..16)
         .map(|_| {
