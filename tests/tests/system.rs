@@ -646,6 +646,49 @@ fn a_system_broker_serves_its_allowed_uids_and_nothing_of_it_is_theirs() {
         let _ = holder.wait();
     }
 
+    // The admin removes the key: the agent's next call is told who can add one.
+    let out = admin_cli(&["remove", "openai", "--system"], "");
+    assert!(out.status.success(), "admin remove: {}", text(&out));
+    let out = run_bounded(
+        &mut bare_preload(&agent, &root, "curl -sS -i https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"", false),
+        Duration::from_secs(30),
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("401")
+            && shown.contains("an administrator runs 'broker add openai --system'"),
+        "{}",
+        text(&out)
+    );
+    let audit = root.audit_until("credential_removed", 1);
+    assert!(audit.contains(&format!("\"uid\":{}", admin.uid)), "{audit}");
+
+    // Installing again keeps the config and the key as they are.
+    let config_before = std::fs::read(root.etc_dir().join("config.toml")).expect("config");
+    let key_before = std::fs::read(root.etc_dir().join("master.key")).expect("key");
+    let out = run_bounded(
+        Command::new(broker_integration::broker_bin())
+            .args([
+                "system",
+                "install",
+                "--no-unit",
+                "--user",
+                &broker_name,
+                "--root",
+            ])
+            .arg(&root.0),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "install again: {}", text(&out));
+    assert_eq!(
+        std::fs::read(root.etc_dir().join("config.toml")).expect("config"),
+        config_before
+    );
+    assert_eq!(
+        std::fs::read(root.etc_dir().join("master.key")).expect("key"),
+        key_before
+    );
+
     // No key anywhere the agent can read.
     for file in [
         root.run_dir().join("shim.conf"),
