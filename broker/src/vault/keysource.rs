@@ -382,6 +382,44 @@ mod tests {
     }
 
     #[test]
+    fn a_system_key_file_is_read_only_when_no_one_else_can() {
+        use std::os::unix::fs::chown;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        fs::write(&path, new_key_file_text().unwrap().as_bytes()).unwrap();
+        // Our group may read it (0640 root:broker, as the broker sees it); others may not.
+        let group = rustix::process::getegid().as_raw();
+        chown(&path, None, Some(group)).unwrap();
+        for (mode, ok) in [
+            (0o600, true),
+            (0o640, true),
+            (0o400, true),
+            (0o644, false),
+            (0o660, false),
+            (0o604, false),
+        ] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let read = read_system_key_file(&path);
+            assert_eq!(read.is_ok(), ok, "mode {mode:o}: {:?}", read.err());
+        }
+        // Readable by a group that is not ours: refused.
+        if rustix::process::geteuid().is_root() {
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+            chown(&path, None, Some(group + 4242)).unwrap();
+            let err = read_system_key_file(&path).unwrap_err();
+            assert!(
+                err.to_string().contains("lets others read or change it"),
+                "{err}"
+            );
+        }
+        // Missing: an error that says who makes it, never a new key.
+        let missing = dir.path().join("nope.key");
+        let err = read_system_key_file(&missing).unwrap_err();
+        assert!(err.to_string().contains("broker system install"), "{err}");
+        assert!(!missing.exists());
+    }
+
+    #[test]
     fn key_source_names() {
         for s in [KeySource::Passphrase, KeySource::Keyring, KeySource::File] {
             assert_eq!(KeySource::parse(s.as_str()), Some(s));
