@@ -114,6 +114,11 @@ pub enum EventKind {
     ApprovalGranted,
     /// A request whose rule asks for approval was denied, or not answered in time.
     ApprovalRefused,
+    /// A system broker refused a uid not on its access list (or not the uid that opened the
+    /// run it reached): one line per uid per burst, with the count of the others.
+    UidRefused,
+    /// A system broker's admin request (add, remove) was refused: not an admin uid.
+    AdminRefused,
 }
 
 impl EventKind {
@@ -142,6 +147,8 @@ impl EventKind {
             EventKind::UpstreamAddressRefused => "upstream_address_refused",
             EventKind::ApprovalGranted => "approval_granted",
             EventKind::ApprovalRefused => "approval_refused",
+            EventKind::UidRefused => "uid_refused",
+            EventKind::AdminRefused => "admin_refused",
         }
     }
 }
@@ -175,6 +182,9 @@ pub struct AuditEvent {
     /// The agent's command (program name and arguments as launched).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+    /// The client's uid, as the kernel reported it (a system broker, which several users share).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -210,6 +220,7 @@ impl AuditEvent {
             run_id: None,
             pid: None,
             command: None,
+            uid: None,
             provider: None,
             profile: None,
             host: None,
@@ -1323,6 +1334,7 @@ mod tests {
             let keys = KeyConfig {
                 source: Some(KeySource::File),
                 passphrase: None,
+                system_key_file: None,
             };
             let vault = Vault::open_with(&home, &keys).unwrap();
             let path = home.audit_path();

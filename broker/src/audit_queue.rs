@@ -282,6 +282,7 @@ mod tests {
         let keys = crate::vault::KeyConfig {
             source: Some(crate::vault::KeySource::File),
             passphrase: None,
+            system_key_file: None,
         };
         let vault = Vault::open_with(&home, &keys).unwrap_or_else(|e| panic!("{e}"));
         std::fs::create_dir_all(home.audit_path()).unwrap_or_else(|e| panic!("{e}"));

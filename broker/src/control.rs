@@ -13,7 +13,7 @@
 //! connection: when the client exits, or is killed, the daemon closes the run's listeners and
 //! removes its files. Nothing to leak, nothing to sweep.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -45,6 +45,11 @@ const MAX_REQUEST: u64 = 256 * 1024;
 /// cannot hold the daemon's descriptors. The proof in between (a keyed hash) takes
 /// milliseconds.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Runs of the system broker one uid may hold at once (each `.env` handover is one): the
+/// 249 slots are shared by every allowed uid, and one uid must not take them all.
+const RUNS_PER_UID: usize = 16;
+/// The run slots in use, with the uid owning each (a system broker's handover runs).
+type Slots = std::collections::BTreeMap<u8, Option<u32>>;
 /// Connections still sending their request, at once: past this, new ones are closed at once.
 /// Runs start one at a time per `broker run`; 64 pending at once is a flood, not a workload.
 const PENDING_AT_ONCE: usize = 64;
@@ -63,6 +68,10 @@ pub struct OpenRun {
     /// The run's own policy layers; the daemon adds its home's `policy.toml` under them.
     #[serde(default)]
     pub policy: Option<crate::policy::RunPolicySpec>,
+    /// A system broker's handover run: the uid that opened it, the only one it serves. Set
+    /// by the daemon from `SO_PEERCRED`, never taken from the request.
+    #[serde(skip)]
+    pub owner: Option<u32>,
 }
 
 impl Drop for OpenRun {
@@ -187,16 +196,37 @@ fn verify_daemon(
 
 /// Bind the control socket (removing a stale one: the caller holds the daemon lock).
 pub fn bind(home: &Home) -> anyhow::Result<UnixListener> {
-    let path = socket_path(home);
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    bind_at(&socket_path(home), 0o600)
+}
+
+/// Bind a control socket at `path` with `mode`: 0600 for a user's daemon; 0666 for the
+/// system broker, whose every connection's uid is checked against the access list (the
+/// mode only lets other uids ask).
+pub fn bind_at(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }
 
-/// Serve the control socket until the task is dropped.
-pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, runs_dir: PathBuf) {
-    let slots = Arc::new(Mutex::new(BTreeSet::from([FIRST_SLOT])));
+/// Who is at the other end of a control connection, as the kernel says.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ControlPeer {
+    pub pid: Option<u32>,
+    pub uid: u32,
+    /// On a system broker: what the access list lets this uid do (`None`: nothing).
+    pub role: Option<crate::system::access::Role>,
+}
+
+/// Serve the control socket until the task is dropped. `admin` is a system broker's vault
+/// access for its admins' requests (`None` for a user's daemon, which takes none).
+pub async fn serve(
+    listener: UnixListener,
+    proxy: Arc<Proxy>,
+    runs_dir: PathBuf,
+    admin: Option<Arc<crate::system::admin::AdminContext>>,
+) {
+    let slots = Arc::new(Mutex::new(Slots::from([(FIRST_SLOT, None)])));
     let pending = Arc::new(tokio::sync::Semaphore::new(PENDING_AT_ONCE));
     let ours = rustix::process::geteuid().as_raw();
     loop {
@@ -209,9 +239,20 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, runs_dir: PathBuf)
             tracing::warn!("control connection closed: {PENDING_AT_ONCE} others are still sending their requests");
             continue;
         };
-        let peer_pid = match stream.peer_cred() {
-            Ok(cred) if cred.uid() == ours => cred.pid().and_then(|p| u32::try_from(p).ok()),
-            other => {
+        let peer = match (stream.peer_cred(), proxy.access()) {
+            (Ok(cred), None) if cred.uid() == ours => ControlPeer {
+                pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
+                uid: cred.uid(),
+                role: None,
+            },
+            // A system broker answers every uid, if only to say no: the refusal is told in
+            // the client's own format once its request line shows which that is.
+            (Ok(cred), Some(access)) => ControlPeer {
+                pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
+                uid: cred.uid(),
+                role: access.role(cred.uid()),
+            },
+            (other, _) => {
                 tracing::warn!(peer = ?other.map(|c| c.uid()), "control connection from another uid refused");
                 continue;
             }
@@ -219,10 +260,11 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, runs_dir: PathBuf)
         tokio::spawn(handle(
             stream,
             permit,
-            peer_pid,
+            peer,
             proxy.clone(),
             runs_dir.clone(),
             slots.clone(),
+            admin.clone(),
         ));
     }
 }
@@ -230,11 +272,13 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, runs_dir: PathBuf)
 async fn handle(
     stream: UnixStream,
     permit: tokio::sync::OwnedSemaphorePermit,
-    peer_pid: Option<u32>,
+    peer: ControlPeer,
     proxy: Arc<Proxy>,
     runs_dir: PathBuf,
-    slots: Arc<Mutex<BTreeSet<u8>>>,
+    slots: Arc<Mutex<Slots>>,
+    admin: Option<Arc<crate::system::admin::AdminContext>>,
 ) {
+    let peer_pid = peer.pid;
     let (read, mut write) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST));
     let mut line = Zeroizing::new(String::new());
@@ -245,8 +289,32 @@ async fn handle(
     ) {
         return;
     }
+    // An admin's request to a system broker: one JSON line after the magic line.
+    if line.trim_end() == crate::system::admin::ADMIN_MAGIC {
+        line.clear();
+        let answer = match tokio::time::timeout_at(deadline, reader.read_line(&mut line)).await {
+            Ok(Ok(_)) => crate::system::admin::answer(&proxy, admin.as_deref(), peer, &line).await,
+            _ => crate::system::admin::AdminReply::error("the request did not arrive in time"),
+        };
+        drop(line);
+        let _ = write.write_all(&answer.render()).await;
+        return;
+    }
+    // A system broker serves only the uids of its access list.
+    let refused = match proxy.access() {
+        Some(access) if peer.role.is_none() => {
+            let refusal = crate::system::access::AccessPolicy::refusal(peer.uid);
+            crate::proxy::record_uid_refusal(&proxy, access, None, peer.uid, &refusal);
+            Some(refusal)
+        }
+        _ => None,
+    };
     // A client about to hand over keys asks for proof that this is the genuine daemon first.
-    if let Some(challenge) = line.trim_end().strip_prefix(PROVE) {
+    if let Some(challenge) = line
+        .trim_end()
+        .strip_prefix(PROVE)
+        .filter(|_| refused.is_none())
+    {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD;
         let Ok(challenge) = b64.decode(challenge) else {
@@ -273,12 +341,34 @@ async fn handle(
         }
     }
     let from_shim = line.trim_end() == HANDOVER_MAGIC;
-    let request = match from_shim {
-        true => tokio::time::timeout_at(deadline, read_handover(&mut reader, &mut line))
+    let system = proxy.access().is_some();
+    let request = match (from_shim, refused) {
+        // The whole request is read first, so the refusal reaches the shim (its keys are
+        // wiped unread).
+        (true, Some(refusal)) => {
+            let handover = tokio::time::timeout_at(deadline, read_handover(&mut reader, &mut line)).await;
+            if let Ok(Ok(mut handover)) = handover {
+                use zeroize::Zeroize as _;
+                handover.keys.iter_mut().for_each(|(_, value)| value.zeroize());
+            }
+            Err(refusal)
+        }
+        (false, Some(refusal)) => Err(refusal),
+        (true, None) => tokio::time::timeout_at(deadline, read_handover(&mut reader, &mut line))
             .await
             .unwrap_or_else(|_| Err("the handover request did not arrive in time".into()))
-            .and_then(|handover| from_handover(handover, &proxy, peer_pid)),
-        false => parse_open_run(&line).map(|request| attributed_by_the_kernel(request, peer_pid)),
+            .and_then(|handover| from_handover(handover, &proxy, peer_pid))
+            .map(|mut request| {
+                // On a system broker, the handed keys are for the uid that handed them.
+                request.owner = system.then_some(peer.uid);
+                request
+            }),
+        (false, None) if system => Err(
+            "the system broker opens runs only for a bare LD_PRELOAD=libbroker.so (its shim's handover); `broker run` uses a broker of your own".into(),
+        ),
+        (false, None) => {
+            parse_open_run(&line).map(|request| attributed_by_the_kernel(request, peer_pid))
+        }
     };
     drop(line);
     let reply = match request {
@@ -393,6 +483,7 @@ fn from_handover(
         command: pid.map(crate::procfs::command_line).unwrap_or_default(),
         run_keys,
         policy: None,
+        owner: None,
     })
 }
 
@@ -418,7 +509,7 @@ fn attributed_by_the_kernel(mut request: OpenRun, peer_pid: Option<u32>) -> Open
 async fn open(
     proxy: &Arc<Proxy>,
     runs_dir: &Path,
-    slots: &Mutex<BTreeSet<u8>>,
+    slots: &Mutex<Slots>,
     mut request: OpenRun,
 ) -> Result<(Reply, (instance::OpenRun, u8, PathBuf, AgentPid)), String> {
     if let Some(allow) = &request.allow {
@@ -428,10 +519,18 @@ async fn open(
     }
     let slot = {
         let mut used = slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(owner) = request.owner {
+            let held = used.values().filter(|o| **o == Some(owner)).count();
+            if held >= RUNS_PER_UID {
+                return Err(format!(
+                    "uid {owner} already holds {held} runs of the system broker, the most one uid may: each process tree started with a real key in its environment holds one while it runs"
+                ));
+            }
+        }
         let free = (FIRST_SLOT + 1..=250)
-            .find(|s| !used.contains(s))
+            .find(|s| !used.contains_key(s))
             .ok_or("too many runs")?;
-        used.insert(free);
+        used.insert(free, request.owner);
         free
     };
     let run_id = format!("serve-run-{slot}-{}", request.pid.unwrap_or(0));
@@ -451,6 +550,7 @@ async fn open(
         command: std::mem::take(&mut request.command),
         run_keys: RunKeys(keys),
         policy: request.policy.take().unwrap_or_default(),
+        owner: request.owner,
     };
     match instance::open_run(proxy, spec, slot, &dir).await {
         Ok(run) => {

@@ -98,9 +98,31 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Create `dir` (and parents) with mode 0755, owned by us: a system broker's runtime
+/// directory, which its users read and only it writes.
+pub fn ensure_shared_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+}
+
+/// [`write_private_file`], but readable by everyone (0644): the files a system broker's
+/// users' shims read.
+pub fn write_shared_file(path: &Path, contents: &[u8]) -> io::Result<()> {
+    write_file_with_mode(path, contents, 0o644)
+}
+
 /// Write `contents` to `path` with mode 0600, atomically (temp file + rename), so a crash
 /// never leaves a half-written file behind.
 pub fn write_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
+    write_file_with_mode(path, contents, 0o600)
+}
+
+/// Write `contents` to `path` atomically, with `mode` set before the rename (so the file
+/// never appears with other permissions).
+fn write_file_with_mode(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -117,5 +139,8 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
         .open(&tmp)?;
     f.write_all(contents)?;
     f.sync_all()?;
+    if mode != 0o600 {
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+    }
     fs::rename(&tmp, path)
 }

@@ -35,6 +35,8 @@ pub struct RunSpec {
     /// The run's own policy layers (`--policy`, `--allow P:M:/path`, `--policy-mode`), on top
     /// of `$BROKER_HOME/policy.toml`.
     pub policy: crate::policy::RunPolicySpec,
+    /// A system broker's run that only this uid may use (it handed the run's keys).
+    pub owner: Option<u32>,
 }
 
 impl RunSpec {
@@ -53,6 +55,7 @@ impl RunSpec {
                 .map(|(k, v)| (k.clone(), v.to_string()))
                 .collect(),
             policy: Some(self.policy.clone()),
+            owner: self.owner,
         }
     }
 }
@@ -66,9 +69,18 @@ pub struct InstanceSettings {
     pub limits: crate::proxy::Limits,
     /// How to unlock the vault (from the environment, or fixed by `broker demo`).
     pub keys: KeyConfig,
-    /// Directory for this instance's runtime files (created 0700).
+    /// Directory for this instance's runtime files (created 0700; 0755 for a system broker).
     pub runtime_dir: PathBuf,
     pub run: RunSpec,
+    /// A system broker: its access list and its catalog (built-ins and root-owned
+    /// definitions only). `None`: a broker of this user, with the home's catalog.
+    pub system: Option<SystemSettings>,
+}
+
+/// What makes an instance a system broker (see [`crate::system`]).
+pub struct SystemSettings {
+    pub access: Arc<crate::system::access::AccessPolicy>,
+    pub catalog: Catalog,
 }
 
 /// A started instance. Dropping it stops its listeners.
@@ -92,7 +104,10 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
     let home = settings.home;
     home.ensure()
         .with_context(|| format!("cannot create BROKER_HOME {}", home.root().display()))?;
-    let catalog = Arc::new(Catalog::load(&home)?);
+    let (catalog, access) = match settings.system {
+        Some(system) => (Arc::new(system.catalog), Some(system.access)),
+        None => (Arc::new(Catalog::load(&home)?), None),
+    };
     // The vault is unlocked at start (created on first use): the audit log is keyed by it, and
     // checked against the head it keeps before any credential is used.
     let vault = Arc::new(
@@ -114,6 +129,7 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
         label: settings.label,
         limits: settings.limits,
         policy_file: Some(home.root().join(crate::policy::HOME_POLICY_FILE)),
+        access,
     })?;
     let run = open_run(&proxy, settings.run, FIRST_SLOT, &settings.runtime_dir).await?;
     let approvals = match crate::approvals::listen(&home, proxy.approvals().clone()) {
@@ -290,6 +306,7 @@ pub async fn open_run(
         run_keys: spec.run_keys,
         deny_unlisted: spec.deny_unlisted,
         ticket: ticket.clone(),
+        owner: spec.owner,
     };
     let names = crate::dns::RunNames {
         slot,
@@ -307,9 +324,21 @@ pub async fn open_run(
         }
     };
 
-    ensure_private_dir(runtime_dir)?;
+    // A system broker's runtime files are read by its users' shims, as another uid: the
+    // directory is 0755 and the files 0644 (the broker's user alone writes them). What they
+    // hold: the CA certificate (public), the listeners' ports and the run's ticket, which is
+    // no use to another uid since every connection's uid is checked first.
+    let shared = proxy.access().is_some();
+    let write_file = |path: &Path, contents: &[u8]| match shared {
+        true => crate::home::write_shared_file(path, contents),
+        false => write_private_file(path, contents),
+    };
+    match shared {
+        true => crate::home::ensure_shared_dir(runtime_dir)?,
+        false => ensure_private_dir(runtime_dir)?,
+    }
     let ca_file = runtime_dir.join("ca.pem");
-    write_private_file(&ca_file, proxy.ca().cert_pem().as_bytes())?;
+    write_file(&ca_file, proxy.ca().cert_pem().as_bytes())?;
     let denials = match spec.deny_unlisted {
         true => Some(DenialLog::start(
             &runtime_dir.join("denials.log"),
@@ -334,7 +363,7 @@ pub async fn open_run(
         dns: dns.as_ref().map(|d| d.addr),
     };
     let shim_config_path = runtime_dir.join(broker_contract::DAEMON_SHIM_CONFIG_FILE);
-    write_private_file(&shim_config_path, shim.render().as_bytes())?;
+    write_file(&shim_config_path, shim.render().as_bytes())?;
     Ok(OpenRun {
         listeners,
         shim,

@@ -26,6 +26,7 @@ pub mod providers;
 pub mod proxy;
 pub mod sandbox;
 pub mod selftest;
+pub mod system;
 #[cfg(test)]
 mod test_rng;
 pub mod vault;

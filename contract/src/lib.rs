@@ -26,6 +26,16 @@ pub const ENV_SHIM_ACTIVE: &str = "BROKER_SHIM_ACTIVE";
 pub const DAEMON_SHIM_CONFIG_FILE: &str = "shim.conf";
 /// File name of the control socket of `broker serve`, inside its runtime directory.
 pub const DAEMON_CONTROL_SOCKET: &str = "control.sock";
+/// Runtime directory of the system broker (`broker serve --system`, under its own user):
+/// its shim config, CA and control socket. Created by root, owned by the broker's user, 0755:
+/// agents read the config there, and a bare `LD_PRELOAD=libbroker.so` falls back to it when
+/// the user has no `broker serve` of their own.
+pub const SYSTEM_RUN_DIR: &str = "/run/broker";
+/// Where a process looks for the system broker's runtime directory instead of
+/// [`SYSTEM_RUN_DIR`] (tests, and installs under another prefix). It moves only where this
+/// process looks, which its own environment decides anyway (as [`ENV_SHIM_CONFIG`] does);
+/// the directory must still pass the shim's ownership checks.
+pub const ENV_SYSTEM_RUN: &str = "BROKER_SYSTEM_RUN";
 /// First line of every shim config file; the number is the format version.
 pub const CONFIG_MAGIC: &str = "broker-shim-config 1";
 

@@ -75,15 +75,39 @@ pub enum NodeCa {
     Merge { old: PathBuf },
 }
 
-/// Plan `NODE_EXTRA_CA_CERTS` for a run CA at `ca_file`.
-pub fn plan_node_ca(current: Option<&OsStr>, ca_file: &Path) -> NodeCa {
+/// Where this process writes the CA bundles it merges (Node's, and those for children on
+/// the CONNECT fallback): next to the run CA when this user owns that directory (a run of
+/// `broker run` or of this user's `broker serve`), else a private directory of this user's
+/// (the system broker's `/run/broker` is not the agent's to write, and a root process must not
+/// leave root-only files there): `$XDG_RUNTIME_DIR/broker-shim`, else `/tmp/broker-shim-<uid>`,
+/// made 0700 and used only if it is this user's own directory, not a link.
+pub fn bundle_dir(ca_file: &Path, get: &dyn Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let ca_dir = ca_file.parent().filter(|d| !d.as_os_str().is_empty())?;
+    if std::fs::metadata(ca_dir).is_ok_and(|m| m.uid() == uid) {
+        return Some(ca_dir.to_owned());
+    }
+    let dir = match get("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        Some(runtime) => PathBuf::from(runtime).join("broker-shim"),
+        None => PathBuf::from(format!("/tmp/broker-shim-{uid}")),
+    };
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+    let meta = std::fs::symlink_metadata(&dir).ok()?;
+    (meta.is_dir() && meta.uid() == uid && meta.mode() & 0o077 == 0).then_some(dir)
+}
+
+/// Plan `NODE_EXTRA_CA_CERTS` for a run CA at `ca_file`, with merged bundles in `bundles`
+/// (see [`bundle_dir`]).
+pub fn plan_node_ca(current: Option<&OsStr>, ca_file: &Path, bundles: Option<&Path>) -> NodeCa {
     let Some(current) = current.filter(|c| !c.is_empty()) else {
         return NodeCa::SetToCa;
     };
     let current = Path::new(current);
     // Ours: a Node bundle, or the bundle the exec hooks merged for a child on the CONNECT
     // fallback (it holds the run CA too).
-    let merged_here = current.parent() == ca_file.parent()
+    let merged_here = (current.parent() == ca_file.parent() || current.parent() == bundles)
         && current.file_name().is_some_and(|n| {
             [NODE_BUNDLE_PREFIX, broker_contract::MERGED_BUNDLE_PREFIX]
                 .iter()
@@ -120,10 +144,9 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
 /// The merged Node bundle for `old`, next to the run CA: written once per run (its name
 /// derives from `old`'s path), atomically (temp file + rename), 0600. Every process of the run
 /// that sees the same `old` reuses it.
-fn write_node_bundle(old: &Path, ca_file: &Path) -> std::io::Result<PathBuf> {
+fn write_node_bundle(old: &Path, ca_file: &Path, dir: &Path) -> std::io::Result<PathBuf> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let dir = ca_file.parent().unwrap_or(Path::new("."));
     let name = format!(
         "{NODE_BUNDLE_PREFIX}{:016x}.pem",
         fnv1a(old.as_os_str().as_bytes())
@@ -217,11 +240,19 @@ pub unsafe fn apply(cfg: &ShimConfig, handed: &Handed) {
     if cfg.ca_file.as_os_str().is_empty() {
         return;
     }
-    match plan_node_ca(get(NODE_EXTRA_CA_CERTS).as_deref(), &cfg.ca_file) {
+    let current = get(NODE_EXTRA_CA_CERTS);
+    let bundles = match current.as_ref().is_some_and(|c| !c.is_empty()) {
+        true => bundle_dir(&cfg.ca_file, &get),
+        false => None,
+    };
+    match plan_node_ca(current.as_deref(), &cfg.ca_file, bundles.as_deref()) {
         NodeCa::Keep => {}
         // SAFETY: single-threaded, per this function's contract.
         NodeCa::SetToCa => unsafe { set(NODE_EXTRA_CA_CERTS, cfg.ca_file.as_os_str().as_bytes()) },
-        NodeCa::Merge { old } => match write_node_bundle(&old, &cfg.ca_file) {
+        NodeCa::Merge { old } => match bundles
+            .ok_or_else(|| std::io::Error::other("no directory of this user's to write it in"))
+            .and_then(|dir| write_node_bundle(&old, &cfg.ca_file, &dir))
+        {
             // SAFETY: single-threaded, per this function's contract.
             Ok(merged) => unsafe { set(NODE_EXTRA_CA_CERTS, merged.as_os_str().as_bytes()) },
             Err(e) => crate::log::line(&format!(
@@ -377,26 +408,42 @@ mod tests {
     #[test]
     fn node_ca_set_kept_or_merged() {
         let ca = Path::new("/run/broker/r1/ca.pem");
-        assert_eq!(plan_node_ca(None, ca), NodeCa::SetToCa);
-        assert_eq!(plan_node_ca(Some(OsStr::new("")), ca), NodeCa::SetToCa);
-        assert_eq!(plan_node_ca(Some(ca.as_os_str()), ca), NodeCa::Keep);
+        assert_eq!(plan_node_ca(None, ca, None), NodeCa::SetToCa);
         assert_eq!(
-            plan_node_ca(Some(OsStr::new("/run/broker/r1/node-ca-12.pem")), ca),
+            plan_node_ca(Some(OsStr::new("")), ca, None),
+            NodeCa::SetToCa
+        );
+        assert_eq!(plan_node_ca(Some(ca.as_os_str()), ca, None), NodeCa::Keep);
+        assert_eq!(
+            plan_node_ca(Some(OsStr::new("/run/broker/r1/node-ca-12.pem")), ca, None),
             NodeCa::Keep
         );
         assert_eq!(
-            plan_node_ca(Some(OsStr::new("/run/broker/r1/ssl-ca-12.pem")), ca),
+            plan_node_ca(Some(OsStr::new("/run/broker/r1/ssl-ca-12.pem")), ca, None),
             NodeCa::Keep
         );
         assert_eq!(
-            plan_node_ca(Some(OsStr::new("/etc/ssl/certs/ca-certificates.crt")), ca),
+            plan_node_ca(
+                Some(OsStr::new("/etc/ssl/certs/ca-certificates.crt")),
+                ca,
+                None
+            ),
             NodeCa::Merge {
                 old: "/etc/ssl/certs/ca-certificates.crt".into()
             }
         );
+        // a bundle this user merged for the system broker's run, in its own directory
+        assert_eq!(
+            plan_node_ca(
+                Some(OsStr::new("/tmp/broker-shim-7/node-ca-12.pem")),
+                ca,
+                Some(Path::new("/tmp/broker-shim-7"))
+            ),
+            NodeCa::Keep
+        );
         // a bundle merged for another run is merged again, not trusted as ours
         assert_eq!(
-            plan_node_ca(Some(OsStr::new("/run/broker/r0/node-ca-12.pem")), ca),
+            plan_node_ca(Some(OsStr::new("/run/broker/r0/node-ca-12.pem")), ca, None),
             NodeCa::Merge {
                 old: "/run/broker/r0/node-ca-12.pem".into()
             }
@@ -418,7 +465,12 @@ mod tests {
         let (old, ca) = (dir.join("system.pem"), dir.join("ca.pem"));
         std::fs::write(&old, "OLD").expect("write");
         std::fs::write(&ca, "CA\n").expect("write");
-        let merged = write_node_bundle(&old, &ca).expect("merged");
+        assert_eq!(
+            bundle_dir(&ca, &|_| None).as_deref(),
+            Some(dir.as_path()),
+            "ours"
+        );
+        let merged = write_node_bundle(&old, &ca, &dir).expect("merged");
         assert_eq!(merged.parent(), Some(dir.as_path()));
         assert_eq!(std::fs::read(&merged).expect("read"), b"OLD\nCA\n");
         let mode = std::fs::metadata(&merged)
@@ -426,10 +478,31 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(plan_node_ca(Some(merged.as_os_str()), &ca), NodeCa::Keep);
+        assert_eq!(
+            plan_node_ca(Some(merged.as_os_str()), &ca, None),
+            NodeCa::Keep
+        );
         // written once per run: a second process reuses the same file
-        assert_eq!(write_node_bundle(&old, &ca).expect("again"), merged);
+        assert_eq!(write_node_bundle(&old, &ca, &dir).expect("again"), merged);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bundles_for_a_ca_in_another_users_directory_go_to_a_private_one_of_ours() {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let runtime = std::env::temp_dir().join(format!("broker-shim-rt-{}", std::process::id()));
+        std::fs::create_dir_all(&runtime).expect("dir");
+        let get = |k: &str| (k == "XDG_RUNTIME_DIR").then(|| runtime.clone().into_os_string());
+        // /etc is root's: a CA there is not in a directory of ours (unless we are root).
+        let dir = bundle_dir(Path::new("/etc/ca.pem"), &get).expect("a directory");
+        // SAFETY: getuid has no preconditions and cannot fail.
+        if unsafe { libc::getuid() } != 0 {
+            assert_eq!(dir, runtime.join("broker-shim"));
+            let meta = std::fs::metadata(&dir).expect("meta");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+            assert_eq!(meta.uid(), unsafe { libc::getuid() });
+        }
+        let _ = std::fs::remove_dir_all(&runtime);
     }
 
     #[test]

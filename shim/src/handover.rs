@@ -37,14 +37,14 @@ const MAX_REPLY: usize = 4096;
 pub fn open_run(
     socket: &Path,
     keys: Vec<(String, String)>,
-    my_uid: u32,
+    receivers: &[Option<u32>],
 ) -> Result<PathBuf, String> {
     let mut request = Handover { keys };
     let mut text = request.render();
     for (_, value) in &mut request.keys {
         value.zeroize();
     }
-    let result = exchange(socket, &text, my_uid);
+    let result = exchange(socket, &text, receivers);
     text.zeroize();
     let (stream, reply) = result?;
     match HandoverReply::parse(&reply) {
@@ -59,7 +59,11 @@ pub fn open_run(
     }
 }
 
-fn exchange(socket: &Path, request: &str, my_uid: u32) -> Result<(UnixStream, String), String> {
+fn exchange(
+    socket: &Path,
+    request: &str,
+    receivers: &[Option<u32>],
+) -> Result<(UnixStream, String), String> {
     let io = |what: &str, e: std::io::Error| format!("{what} {}: {e}", socket.display());
     // A connect to a Unix socket whose listener's backlog is full would wait; the daemon
     // accepts in a loop, so this only happens to a daemon that is stuck, which the read
@@ -69,10 +73,10 @@ fn exchange(socket: &Path, request: &str, my_uid: u32) -> Result<(UnixStream, St
         .set_read_timeout(Some(TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(TIMEOUT)))
         .map_err(|e| io("cannot set a timeout on", e))?;
-    // The keys go only to a daemon of this user (or root): never to a socket someone else
-    // planted where we looked.
+    // The keys go only to a daemon of this user (or root), or to the system broker's user:
+    // never to a socket someone else planted where we looked.
     match peer_uid(&stream) {
-        Some(uid) if uid == my_uid || uid == 0 => {}
+        Some(uid) if receivers.contains(&Some(uid)) => {}
         Some(_) => return Err(format!("{} belongs to another user", socket.display())),
         None => return Err(format!("cannot tell who listens on {}", socket.display())),
     }

@@ -55,6 +55,7 @@
 
 #![cfg_attr(test, allow(dead_code))]
 
+use std::path::Path;
 use std::sync::OnceLock;
 
 use broker_contract::{ShimConfig, DAEMON_CONTROL_SOCKET, ENV_SHIM_ACTIVE, ENV_SHIM_CONFIG};
@@ -94,9 +95,19 @@ fn init() {
     let location = config::locate(&get);
     // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
-    match config::load(&location, uid) {
+    let trust = config::Trust::new(uid, config::system_run_dir(&get));
+    // No `broker serve` of this user: the system broker's, if there is one.
+    let (location, loaded) = match config::load(&location, &trust) {
+        Err(config::LoadError::Missing(config::Location::Daemon(_))) => {
+            let system = trust.system_location();
+            let loaded = config::load(&system, &trust);
+            (system, loaded)
+        }
+        loaded => (location, loaded),
+    };
+    match loaded {
         Ok(cfg) => {
-            let (cfg, handed) = hand_over_real_keys(cfg, &location, uid);
+            let (cfg, handed) = hand_over_real_keys(cfg, &location, &trust);
             // SAFETY: the constructor runs before `main`, with the process's only thread.
             unsafe {
                 env::apply(&cfg, &handed);
@@ -130,9 +141,15 @@ fn init() {
 fn hand_over_real_keys(
     cfg: ShimConfig,
     location: &config::Location,
-    uid: u32,
+    trust: &config::Trust,
 ) -> (ShimConfig, env::Handed) {
-    let config::Location::Daemon(daemon_config) = location else {
+    // Who may receive the keys: a daemon of this user (or root), or the system broker.
+    let (daemon_config, receivers) = match location {
+        config::Location::Daemon(path) => (path.as_path(), [Some(trust.my_uid), Some(0)]),
+        config::Location::System(path) => (path.as_path(), [trust.system_uid(), Some(0)]),
+        _ => (Path::new(""), [None, None]),
+    };
+    if daemon_config.as_os_str().is_empty() {
         let why_not = "this process belongs to a run started by `broker run` or a launcher, \
                        which takes keys from its own environment only";
         return (
@@ -158,8 +175,8 @@ fn hand_over_real_keys(
     }
     let vars: Vec<String> = keys.iter().map(|(var, _)| var.clone()).collect();
     let socket = daemon_config.with_file_name(DAEMON_CONTROL_SOCKET);
-    let opened = handover::open_run(&socket, keys, uid).and_then(|path| {
-        let run_config = config::load(&config::Location::Explicit(path.clone()), uid)
+    let opened = handover::open_run(&socket, keys, &receivers).and_then(|path| {
+        let run_config = config::load(&config::Location::Explicit(path.clone()), trust)
             .map_err(|e| e.to_string())?;
         Ok((path, run_config))
     });

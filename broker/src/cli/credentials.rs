@@ -14,6 +14,7 @@ use zeroize::Zeroizing;
 use crate::audit::{Audit, AuditEvent, EventKind};
 use crate::home::Home;
 use crate::providers::{Catalog, Provider};
+use crate::system::admin::{AdminReply, AdminRequest};
 use crate::vault::{CredentialInfo, CredentialKind, PutOutcome, Vault, MAX_SECRET_LEN};
 
 #[derive(Debug, Args)]
@@ -45,6 +46,10 @@ pub struct AddArgs {
         requires = "from_command"
     )]
     pub ttl: u64,
+    /// The system broker's vault (`broker serve --system`), over its control socket: as root
+    /// or an admin uid of /etc/broker/config.toml.
+    #[arg(long)]
+    pub system: bool,
     /// Catches a secret given on the command line, to refuse it without echoing it.
     #[arg(hide = true, num_args = 0.., allow_hyphen_values = true, trailing_var_arg = true)]
     pub stray: Vec<String>,
@@ -55,6 +60,10 @@ pub struct ListArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// The system broker's vault (`broker serve --system`), over its control socket: as root
+    /// or an admin uid of /etc/broker/config.toml.
+    #[arg(long)]
+    pub system: bool,
 }
 
 #[derive(Debug, Args)]
@@ -65,6 +74,9 @@ pub struct ShowArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Refused: the system broker never shows a credential, not even masked.
+    #[arg(long)]
+    pub system: bool,
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +84,10 @@ pub struct RemoveArgs {
     pub provider: String,
     #[arg(long, default_value = "default")]
     pub profile: String,
+    /// The system broker's vault (`broker serve --system`), over its control socket: as root
+    /// or an admin uid of /etc/broker/config.toml.
+    #[arg(long)]
+    pub system: bool,
 }
 
 pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
@@ -84,6 +100,9 @@ pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
              exposed (shell history) and rotate it",
             p = printable_name(&args.provider)
         );
+    }
+    if args.system {
+        return add_to_system(&args);
     }
     let home = home()?;
     let catalog = Catalog::load(&home)?;
@@ -141,11 +160,18 @@ pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
-    let home = home()?;
-    let infos = if Vault::exists(&home) {
-        Vault::open(&home)?.list()?
+    let infos = if args.system {
+        match system_request(&AdminRequest::List)? {
+            AdminReply::Ok { credentials, .. } => credentials,
+            AdminReply::Error { error } => bail!("the system broker refused: {error}"),
+        }
     } else {
-        Vec::new()
+        let home = home()?;
+        if Vault::exists(&home) {
+            Vault::open(&home)?.list()?
+        } else {
+            Vec::new()
+        }
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&infos)?);
@@ -188,6 +214,9 @@ pub fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
+    if args.system {
+        bail!("the system broker never shows a credential, not even masked: `broker list --system` lists what it holds");
+    }
     let home = home()?;
     if !Vault::exists(&home) {
         bail!("{}", missing(&args.provider, &args.profile));
@@ -226,6 +255,19 @@ pub fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn remove(args: RemoveArgs) -> anyhow::Result<ExitCode> {
+    if args.system {
+        let request = AdminRequest::Remove {
+            provider: args.provider.clone(),
+            profile: args.profile.clone(),
+        };
+        return match system_request(&request)? {
+            AdminReply::Ok { message, .. } => {
+                eprintln!("{message}");
+                Ok(ExitCode::SUCCESS)
+            }
+            AdminReply::Error { error } => bail!("the system broker refused: {error}"),
+        };
+    }
     let home = home()?;
     if !Vault::exists(&home) {
         bail!("{}", missing(&args.provider, &args.profile));
@@ -246,6 +288,36 @@ pub fn remove(args: RemoveArgs) -> anyhow::Result<ExitCode> {
         args.provider, args.profile
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `broker add --system`: the secret goes over the system broker's control socket (read
+/// from stdin or a no-echo prompt, like any other), and the broker checks it against its own
+/// catalog, the one that decides where it goes.
+fn add_to_system(args: &AddArgs) -> anyhow::Result<ExitCode> {
+    if args.from_command.is_some() {
+        bail!("--from-command is not available with --system: the command would run as the broker's user; store the key itself");
+    }
+    crate::vault::check_name("profile", &args.profile)?;
+    let secret = read_secret_for(&args.provider)?;
+    let request = AdminRequest::Add {
+        provider: args.provider.clone(),
+        profile: args.profile.clone(),
+        secret: secret.to_string(),
+        force: args.force,
+    };
+    drop(secret);
+    match system_request(&request)? {
+        AdminReply::Ok { message, .. } => {
+            eprintln!("{message}");
+            Ok(ExitCode::SUCCESS)
+        }
+        AdminReply::Error { error } => bail!("the system broker refused: {error}"),
+    }
+}
+
+fn system_request(request: &AdminRequest) -> anyhow::Result<AdminReply> {
+    let socket = crate::system::client_run_dir().join(broker_contract::DAEMON_CONTROL_SOCKET);
+    crate::system::admin::request(&socket, request)
 }
 
 /// `broker show --json`: metadata and the masked form only.
@@ -373,6 +445,20 @@ fn read_secret(provider: &Provider) -> anyhow::Result<Zeroizing<String>> {
             "no secret given: pipe it on stdin, e.g. `pass show {0} | broker add {0}`",
             provider.name
         );
+    }
+    Ok(secret)
+}
+
+/// [`read_secret`] for a provider this process may not know (the system broker's catalog
+/// decides; it checks the key's format).
+fn read_secret_for(provider: &str) -> anyhow::Result<Zeroizing<String>> {
+    let name = printable_name(provider);
+    let secret = read_hidden(
+        &format!("{name} key for the system broker (input hidden): "),
+        "the secret",
+    )?;
+    if secret.is_empty() {
+        bail!("no secret given: pipe it on stdin, e.g. `pass show {name} | broker add {name} --system`");
     }
     Ok(secret)
 }

@@ -6,6 +6,7 @@
 //! failed.
 
 use std::os::unix::fs::PermissionsExt as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
@@ -133,6 +134,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
             ),
         },
     );
+    checks.extend(preload_checks(&home));
     if !args.no_self_test {
         checks.extend(self_tests());
     }
@@ -157,6 +159,117 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The system broker, and which broker a bare `LD_PRELOAD=libbroker.so` in this environment
+/// would use: the shim's own order (`BROKER_SHIM_CONFIG`, this user's `broker serve`, the
+/// system broker), with the shim's trust rules.
+fn preload_checks(home: &Home) -> Vec<Check> {
+    use crate::system::admin::{self, AdminReply, AdminRequest};
+    let run_dir = crate::system::client_run_dir();
+    let config = run_dir.join(broker_contract::DAEMON_SHIM_CONFIG_FILE);
+    let me = rustix::process::getuid().as_raw();
+    let (system, system_usable) = if !config.exists() {
+        (
+            check(
+                "system broker",
+                Status::Skip,
+                format!(
+                    "none at {} (`broker system install` sets one up)",
+                    run_dir.display()
+                ),
+            ),
+            false,
+        )
+    } else {
+        match crate::system::ownership::system_broker_uid(&run_dir) {
+            Err(why) => (
+                check(
+                    "system broker",
+                    Status::Fail,
+                    format!("{why}: shims will not trust it"),
+                ),
+                false,
+            ),
+            Ok(uid) => {
+                let socket = run_dir.join(broker_contract::DAEMON_CONTROL_SOCKET);
+                match admin::request(&socket, &AdminRequest::Whoami) {
+                    Ok(AdminReply::Ok { message, .. }) if message == "refused" => (
+                        check(
+                            "system broker",
+                            Status::Warn,
+                            format!(
+                                "running as uid {uid} at {}, but uid {me} is not on its access list (/etc/broker/config.toml)",
+                                run_dir.display()
+                            ),
+                        ),
+                        false,
+                    ),
+                    Ok(AdminReply::Ok { message, .. }) => (
+                        check(
+                            "system broker",
+                            Status::Ok,
+                            format!(
+                                "running as uid {uid} at {}; uid {me} may {}",
+                                run_dir.display(),
+                                if message == "admin" {
+                                    "use and administer it (`broker add --system`)"
+                                } else {
+                                    "use its credentials"
+                                }
+                            ),
+                        ),
+                        true,
+                    ),
+                    Ok(AdminReply::Error { error }) => {
+                        (check("system broker", Status::Fail, error), false)
+                    }
+                    Err(err) => (
+                        check("system broker", Status::Fail, format!("{err:#}")),
+                        false,
+                    ),
+                }
+            }
+        }
+    };
+    let user_config = home
+        .daemon_dir()
+        .join(broker_contract::DAEMON_SHIM_CONFIG_FILE);
+    let preload = if let Some(explicit) = std::env::var_os(broker_contract::ENV_SHIM_CONFIG) {
+        check(
+            "bare preload",
+            Status::Ok,
+            format!(
+                "uses the run named by BROKER_SHIM_CONFIG ({})",
+                PathBuf::from(explicit).display()
+            ),
+        )
+    } else if user_config.exists() {
+        check(
+            "bare preload",
+            Status::Ok,
+            format!(
+                "uses this user's `broker serve` ({})",
+                user_config.display()
+            ),
+        )
+    } else if system_usable {
+        check(
+            "bare preload",
+            Status::Ok,
+            format!(
+                "uses the system broker ({}): no `broker serve` of this user is running",
+                config.display()
+            ),
+        )
+    } else {
+        check(
+            "bare preload",
+            Status::Warn,
+            "finds no broker it may use: nothing is rerouted and managed hosts get only placeholders (start `broker serve`, or use `broker run`)",
+        )
+    };
+    vec![system, preload]
 }
 
 fn home_check(home: &Home) -> Check {

@@ -21,6 +21,7 @@ pub mod providers;
 pub mod rekey;
 pub mod run;
 pub mod serve;
+pub mod system;
 
 /// Keeps API keys out of AI agents: the agent holds placeholders, the broker swaps in the
 /// real credential on requests to that credential's own hosts.
@@ -62,8 +63,11 @@ pub enum Command {
     Providers(providers::ProvidersArgs),
     /// Run an agent with placeholders and libbroker.so, the broker embedded in this process.
     Run(run::RunArgs),
-    /// Run the broker as a long-lived daemon for this user.
+    /// Run the broker as a long-lived daemon for this user (or, with --system, for the uids
+    /// of /etc/broker/config.toml, as its own user).
     Serve(serve::ServeArgs),
+    /// Set up the system broker: `broker system install` (as root), `broker system unit`.
+    System(system::SystemArgs),
     /// Check the vault, audit log, providers, CA and shim, and self-test each client runtime.
     Doctor(doctor::DoctorArgs),
     /// The CA of the running `broker serve`.
@@ -118,6 +122,7 @@ pub fn main() -> ExitCode {
         Command::Providers(args) => providers::run(args),
         Command::Run(args) => run::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::System(args) => system::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Ca(args) => ca::run(args),

@@ -121,6 +121,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         command: command_line,
         run_keys: RunKeys(run_keys),
         policy,
+        owner: None,
     };
     let agent_pid = spec.pid.clone();
     let upstream_overrides = !args.upstream.is_empty();
@@ -294,6 +295,7 @@ fn start_embedded(
         keys: crate::vault::KeyConfig::from_env()?,
         runtime_dir: dir.path().to_path_buf(),
         run: spec,
+        system: None,
     }))?;
     Ok(RunBroker::Embedded {
         instance: Box::new(instance),

@@ -11,14 +11,31 @@ use crate::home::{ensure_private_dir, Home};
 use crate::instance::{self, InstanceSettings, RunSpec};
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "With --system: the system broker, run as its own user (see `broker system install`). \
+It reads /etc/broker/config.toml (root's: who may use it, who administers it, per-uid policy), \
+/etc/broker/providers/, the master key from $CREDENTIALS_DIRECTORY/master.key, /etc/broker/master.key \
+or BROKER_PASSPHRASE; keeps its vault and audit in /var/lib/broker; and serves agents from /run/broker."
+)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub upstream: UpstreamArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// Serve every uid of the access list in /etc/broker/config.toml, as the system broker
+    /// (run it as its own user, not root).
+    #[arg(long)]
+    pub system: bool,
+    /// Put the system broker's /etc, /var/lib and /run under DIR (for tests; never read from
+    /// the environment).
+    #[arg(long, requires = "system", value_name = "DIR")]
+    pub system_root: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if args.system {
+        return run_system(args);
+    }
     let home = Home::from_env()?;
     home.ensure()
         .with_context(|| format!("cannot create {}", home.root().display()))?;
@@ -57,10 +74,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             keys: crate::vault::KeyConfig::from_env()?,
             runtime_dir: dir.clone(),
             run: RunSpec { id: "serve".into(), command: "broker serve".into(), ..RunSpec::default() },
+            system: None,
         })
         .await?;
         let control = crate::control::bind(&home)?;
-        let control_task = tokio::spawn(crate::control::serve(control, started.proxy.clone(), dir.clone()));
+        let control_task = tokio::spawn(crate::control::serve(
+            control,
+            started.proxy.clone(),
+            dir.clone(),
+            None,
+        ));
         let placeholders = instance::keep_placeholders_current(
             started.proxy.clone(),
             started.shim.clone(),
@@ -77,6 +100,78 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         instance::remove_quietly(&crate::control::socket_path(&home));
         instance::remove_quietly(&started.shim_config_path);
         eprintln!("broker serve: stopped");
+        anyhow::Ok(())
+    })?;
+    drop(lock);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `broker serve --system`: see [`crate::system`].
+fn run_system(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let paths = match args.system_root {
+        Some(root) => crate::system::SystemPaths::under(root),
+        None => crate::system::SystemPaths::default(),
+    };
+    let start = crate::system::start::prepare(&paths)?;
+    let run_dir = paths.run_dir();
+    let lock_path = run_dir.join("serve.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        anyhow::bail!(
+            "another system broker is already running on {}",
+            run_dir.display()
+        );
+    }
+    // Runs of a broker that died: their listeners are gone with it.
+    let _ = std::fs::remove_dir_all(paths.runs_dir());
+    if let Err(err) = crate::proxy::limits::raise_descriptor_limit() {
+        tracing::warn!(%err, "cannot raise the open-file limit to its hard limit; the connection caps fit the current one");
+    }
+    let limits = args.limits.into_limits();
+    let runtime = super::serve_runtime()?;
+    let admin = std::sync::Arc::new(crate::system::admin::AdminContext {
+        home: start.home.clone(),
+        keys: start.keys.clone(),
+    });
+    runtime.block_on(async {
+        let started = instance::start(InstanceSettings {
+            home: start.home.clone(),
+            upstream: args.upstream.into_settings()?,
+            label: "system".into(),
+            limits,
+            keys: start.keys,
+            runtime_dir: run_dir.clone(),
+            run: RunSpec { id: "system".into(), command: "bare preload".into(), ..RunSpec::default() },
+            system: Some(instance::SystemSettings {
+                access: start.access,
+                catalog: start.catalog,
+            }),
+        })
+        .await?;
+        let control = crate::control::bind_at(&paths.control_socket(), 0o666)?;
+        let control_task = tokio::spawn(crate::control::serve(
+            control,
+            started.proxy.clone(),
+            paths.runs_dir(),
+            Some(admin),
+        ));
+        eprintln!(
+            "broker serve --system: ready (uid {}, port {}, {} managed hosts); agents of the allowed uids: LD_PRELOAD=libbroker.so CMD",
+            rustix::process::geteuid().as_raw(),
+            started.shim.port,
+            started.shim.hosts.len()
+        );
+        super::wait_for_shutdown().await;
+        control_task.abort();
+        instance::remove_quietly(&paths.control_socket());
+        instance::remove_quietly(&started.shim_config_path);
+        let _ = std::fs::remove_dir_all(paths.runs_dir());
+        eprintln!("broker serve --system: stopped");
         anyhow::Ok(())
     })?;
     drop(lock);

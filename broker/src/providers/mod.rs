@@ -274,8 +274,13 @@ impl Catalog {
     /// A custom provider with a built-in's name replaces that built-in. A missing directory
     /// is not an error; a malformed file is, naming the file, line and field.
     pub fn load(home: &Home) -> Result<Catalog, ProviderError> {
+        Catalog::load_from(&home.providers_dir())
+    }
+
+    /// The built-ins plus every `*.toml` in `dir` (see [`Catalog::load`]).
+    pub fn load_from(dir: &Path) -> Result<Catalog, ProviderError> {
         let mut providers = Catalog::builtin().providers;
-        for custom in read_custom_dir(&home.providers_dir())? {
+        for custom in read_custom_dir(dir)? {
             if let Some(dup) = providers
                 .iter()
                 .find(|p| p.name == custom.name && !p.origin.is_builtin())

@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::error::BrokerError;
 use super::limits::{Gauge, Slot, HANDSHAKE_TIMEOUT, REFUSAL_TIMEOUT};
-use super::listen::{peer_is_our_user, refuse, terminate_tls};
+use super::listen::{check_peer, refuse, terminate_tls, PeerVerdict};
 use super::{Proxy, ProxyBody, RunContext};
 use crate::audit::{AuditEvent, EventKind};
 
@@ -60,13 +60,20 @@ pub(super) async fn accept_loop(
             let Ok(local) = stream.local_addr() else {
                 return;
             };
-            if !peer_is_our_user(&proxy, &run, local, peer) {
-                return;
-            }
+            let peer_id = match check_peer(&proxy, &run, local, peer) {
+                PeerVerdict::Admit(peer_id) => peer_id,
+                PeerVerdict::Drop => return,
+                PeerVerdict::Refuse(error) => {
+                    let refusal = serve_http1(stream, move |_req| error.clone().into_response());
+                    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, refusal).await;
+                    return;
+                }
+            };
             let _ = stream.set_nodelay(true);
             let head_timeout = proxy.caps.limits.request_head_timeout;
             let service = service_fn(move |req| {
                 let (proxy, run, slot) = (proxy.clone(), run.clone(), slot.clone());
+                let peer = (peer, peer_id.clone());
                 async move { Ok::<_, std::convert::Infallible>(handle(proxy, run, req, peer, slot)) }
             });
             // The head timer (see `limits`): a client that connects and sends nothing, or half
@@ -101,7 +108,7 @@ fn handle(
     proxy: Arc<Proxy>,
     run: Arc<RunContext>,
     mut req: Request<Incoming>,
-    peer: SocketAddr,
+    (peer, peer_id): (SocketAddr, super::PeerId),
     slot: Arc<Slot>,
 ) -> Response<ProxyBody> {
     // The ticket first: without it nothing is proxied, not even an unmanaged tunnel, since
@@ -148,7 +155,7 @@ fn handle(
         let io = TokioIo::new(upgraded);
         if managed {
             let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
-            terminate_tls(proxy, run, io, Some(host), peer, slot, deadline).await;
+            terminate_tls(proxy, run, io, Some(host), (peer, peer_id), slot, deadline).await;
         } else {
             // The tunnel keeps the connection's place under the caps while it lasts.
             let _slot = slot;

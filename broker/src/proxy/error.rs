@@ -36,6 +36,13 @@ pub enum BrokerError {
     NoHost,
     /// The run was started without this provider in `--allow`.
     NotAllowed { provider: String },
+    /// A system broker's policy does not give this uid the provider (`/etc/broker/config.toml`).
+    NotAllowedForUid { provider: String, uid: u32 },
+    /// A system broker has no credential for the provider/profile: only an admin can add one.
+    NoSystemCredential { provider: String, profile: String },
+    /// A system broker refused the connection's uid (not on its access list, or not the
+    /// uid that opened the run); the message says which and what to do.
+    UidRefused { message: String },
     /// `--deny-unlisted`: the destination is not one of the run's providers.
     Unlisted { host: String },
     /// No credential stored for the provider/profile.
@@ -83,6 +90,8 @@ impl BrokerError {
             BrokerError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             BrokerError::NoHost | BrokerError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             BrokerError::NotAllowed { .. }
+            | BrokerError::NotAllowedForUid { .. }
+            | BrokerError::UidRefused { .. }
             | BrokerError::Unlisted { .. }
             | BrokerError::NotAccepted { .. }
             | BrokerError::RealKeyFromAgent { .. } => StatusCode::FORBIDDEN,
@@ -94,9 +103,9 @@ impl BrokerError {
                 RefusalKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             },
             BrokerError::UpstreamAddressRefused { .. } => StatusCode::BAD_GATEWAY,
-            BrokerError::NoCredential { .. } | BrokerError::LoginExpired { .. } => {
-                StatusCode::UNAUTHORIZED
-            }
+            BrokerError::NoCredential { .. }
+            | BrokerError::NoSystemCredential { .. }
+            | BrokerError::LoginExpired { .. } => StatusCode::UNAUTHORIZED,
             BrokerError::Vault { .. } | BrokerError::Integrity { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -115,6 +124,8 @@ impl BrokerError {
             | BrokerError::NoHost
             | BrokerError::BadRequest { .. }
             | BrokerError::NotAllowed { .. }
+            | BrokerError::NotAllowedForUid { .. }
+            | BrokerError::UidRefused { .. }
             | BrokerError::Unlisted { .. }
             | BrokerError::TooManyConnections { .. }
             | BrokerError::Policy(_)
@@ -124,6 +135,7 @@ impl BrokerError {
             | BrokerError::UpstreamCertificate { .. }
             | BrokerError::UpstreamFailed { .. } => Source::Upstream,
             BrokerError::NoCredential { .. }
+            | BrokerError::NoSystemCredential { .. }
             | BrokerError::NotAccepted { .. }
             | BrokerError::Vault { .. }
             | BrokerError::Integrity { .. }
@@ -143,6 +155,16 @@ impl BrokerError {
             BrokerError::NotAllowed { provider } => format!(
                 "provider '{provider}' is not allowed in this run: add it with --allow {provider}"
             ),
+            BrokerError::NotAllowedForUid { provider, uid } => format!(
+                "provider '{provider}' is not allowed for uid {uid} by the system broker's policy: an administrator can allow it in [[policy]] in /etc/broker/config.toml"
+            ),
+            BrokerError::NoSystemCredential { provider, profile } if profile == "default" => format!(
+                "no credential for {provider} in the system broker: an administrator runs 'broker add {provider} --system'"
+            ),
+            BrokerError::NoSystemCredential { provider, profile } => format!(
+                "no credential for {provider} (profile {profile}) in the system broker: an administrator runs 'broker add {provider} --profile {profile} --system'"
+            ),
+            BrokerError::UidRefused { message } => message.clone(),
             BrokerError::Unlisted { host } => format!(
                 "connections to {host} are refused: this run only reaches its providers (--deny-unlisted)"
             ),

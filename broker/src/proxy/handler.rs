@@ -36,6 +36,7 @@ pub(super) async fn handle(
     match forward(&proxy, &conn, req, &method, &uri, started).await {
         Ok(response) => response,
         Err((error, provider)) => {
+            let error = for_system_broker(&conn, error);
             if let Some(kind) = audit_kind(&error) {
                 proxy.audit.record(event(
                     &conn,
@@ -55,13 +56,31 @@ pub(super) async fn handle(
     }
 }
 
+/// On a system broker, a refusal names what its users can do: the policy that kept a provider
+/// from this uid, the admin who adds a key.
+fn for_system_broker(conn: &ConnInfo, error: BrokerError) -> BrokerError {
+    let Some(uid) = conn.audit_uid() else {
+        return error;
+    };
+    match error {
+        BrokerError::NotAllowed { provider } if conn.run.allows(&provider) => {
+            BrokerError::NotAllowedForUid { provider, uid }
+        }
+        BrokerError::NoCredential { provider, profile } => {
+            BrokerError::NoSystemCredential { provider, profile }
+        }
+        other => other,
+    }
+}
+
 /// Which refusals are audited (denials and anomalies, not upstream outages).
 fn audit_kind(error: &BrokerError) -> Option<EventKind> {
     match error {
         BrokerError::Misdirected { .. } => Some(EventKind::SniHostMismatch),
-        BrokerError::NotAllowed { .. } | BrokerError::NoCredential { .. } => {
-            Some(EventKind::Denial)
-        }
+        BrokerError::NotAllowed { .. }
+        | BrokerError::NotAllowedForUid { .. }
+        | BrokerError::NoCredential { .. }
+        | BrokerError::NoSystemCredential { .. } => Some(EventKind::Denial),
         BrokerError::UpstreamAddressRefused { .. } => Some(EventKind::UpstreamAddressRefused),
         // Policy refusals and smuggled keys are audited where they are found, once per burst.
         _ => None,
@@ -99,7 +118,7 @@ async fn forward(
         )
     })?;
     let provider_name = Some(provider.name.clone());
-    if !conn.run.allows(&provider.name) {
+    if !conn.allows(&provider.name) {
         return Err((
             BrokerError::NotAllowed {
                 provider: provider.name.clone(),
@@ -186,7 +205,7 @@ async fn forward(
     }
 
     // Look up and swap.
-    let profile = conn.run.profile_for(&provider.name).to_string();
+    let profile = conn.profile_for(&provider.name).to_string();
     let mut pending = None;
     // Could a 401 be answered with a fresher secret? Not for a key handed to the run (not the
     // vault's to refresh) nor for a cached API key (nothing to renew).

@@ -25,9 +25,10 @@ use broker_contract::{decode_fake_ipv4, fake_ipv4, host_matches};
 
 use super::error::BrokerError;
 use super::limits::{self, Full, Gauge, Slot, HANDSHAKE_TIMEOUT, REFUSAL_TIMEOUT};
-use super::{ConnInfo, Proxy, RunContext};
+use super::{ConnInfo, PeerId, Proxy, RunContext};
 use crate::audit::{AuditEvent, EventKind};
 use crate::ca::LocalCa;
+use crate::system::access::AccessPolicy;
 
 /// Tries at finding one free port on every fake address of a run.
 const BIND_ATTEMPTS: usize = 16;
@@ -287,9 +288,18 @@ async fn serve_connection(
         Ok(local) => local,
         Err(_) => return,
     };
-    if !peer_is_our_user(&proxy, &run, local, peer) {
-        return;
-    }
+    let peer_id = match check_peer(&proxy, &run, local, peer) {
+        PeerVerdict::Admit(peer_id) => peer_id,
+        PeerVerdict::Drop => return,
+        PeerVerdict::Refuse(error) => {
+            // Told in TLS, like a connection over the caps: a few at a time, briefly.
+            if let Some(_permit) = proxy.caps.refusal_permit() {
+                let deadline = Instant::now() + REFUSAL_TIMEOUT;
+                let _ = timeout_at(deadline, refuse_tls(proxy, run, stream, deadline, error)).await;
+            }
+            return;
+        }
+    };
     // One deadline for the ticket, the first byte and the TLS handshake.
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     // The run's ticket comes first, before anything of the connection is looked at: a
@@ -323,7 +333,16 @@ async fn serve_connection(
     }
 
     let expected = encoded_host(&run, local).map(str::to_string);
-    terminate_tls(proxy, run, stream, expected, peer, Arc::new(slot), deadline).await;
+    terminate_tls(
+        proxy,
+        run,
+        stream,
+        expected,
+        (peer, peer_id),
+        Arc::new(slot),
+        deadline,
+    )
+    .await;
 }
 
 /// TLS for a managed host, then HTTP. `expected` is the host pattern the connection was
@@ -334,7 +353,7 @@ pub(super) async fn terminate_tls<IO>(
     run: Arc<RunContext>,
     stream: IO,
     expected: Option<String>,
-    peer: SocketAddr,
+    (peer, peer_id): (SocketAddr, PeerId),
     slot: Arc<Slot>,
     deadline: Instant,
 ) where
@@ -378,6 +397,7 @@ pub(super) async fn terminate_tls<IO>(
         run,
         sni,
         peer,
+        peer_id,
         _slot: slot,
     });
     let activity = Arc::new(limits::Activity::default());
@@ -426,33 +446,96 @@ fn http_builder(limits: &limits::Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Refuse (and audit) a connection from another user's process. A peer we cannot map to a
-/// uid is refused too: failing closed is the point.
-pub(super) fn peer_is_our_user(
+/// What to do with a connection, by the uid that owns its other end.
+pub(super) enum PeerVerdict {
+    /// Serve it, as this uid (under its policy on a system broker).
+    Admit(PeerId),
+    /// Refuse it, telling the client why where the protocol allows (a system broker's
+    /// users: a 403 with `x-broker-error`). Already audited.
+    Refuse(BrokerError),
+    /// Close it without a word (a broker of one user: other uids learn nothing). Already
+    /// audited.
+    Drop,
+}
+
+/// Who is at the other end of `peer`, and may it be served? A peer that cannot be mapped to
+/// a uid is refused too: failing closed is the point.
+pub(super) fn check_peer(
     proxy: &Proxy,
     run: &RunContext,
     local: SocketAddr,
     peer: SocketAddr,
-) -> bool {
-    let ours = rustix::process::geteuid().as_raw();
-    let uid = super::peer::peer_uid(local, peer);
-    if matches!(uid, Ok(Some(uid)) if uid == ours) {
-        return true;
-    }
-    let reason = match uid {
-        Ok(Some(uid)) => {
-            format!("connection from uid {uid} refused: the broker serves only uid {ours}")
+) -> PeerVerdict {
+    let uid = match super::peer::peer_uid(local, peer) {
+        Ok(Some(uid)) => uid,
+        found => {
+            let reason = match found {
+                Err(err) => format!("connection refused: cannot read /proc/net/tcp: {err}"),
+                _ => {
+                    "connection refused: its owner could not be found in /proc/net/tcp".to_string()
+                }
+            };
+            tracing::warn!(%peer, "{reason}");
+            proxy.audit.record(AuditEvent {
+                run_id: Some(run.id.clone()),
+                reason: Some(reason),
+                ..AuditEvent::new(EventKind::Denial)
+            });
+            return PeerVerdict::Drop;
         }
-        Ok(None) => "connection refused: its owner could not be found in /proc/net/tcp".to_string(),
-        Err(err) => format!("connection refused: cannot read /proc/net/tcp: {err}"),
     };
-    tracing::warn!(%peer, "{reason}");
-    proxy.audit.record(AuditEvent {
-        run_id: Some(run.id.clone()),
-        reason: Some(reason),
-        ..AuditEvent::new(EventKind::Denial)
-    });
-    false
+    let Some(access) = proxy.access() else {
+        let ours = rustix::process::geteuid().as_raw();
+        if uid == ours {
+            return PeerVerdict::Admit(PeerId { uid, policy: None });
+        }
+        let reason =
+            format!("connection from uid {uid} refused: the broker serves only uid {ours}");
+        tracing::warn!(%peer, "{reason}");
+        proxy.audit.record(AuditEvent {
+            run_id: Some(run.id.clone()),
+            reason: Some(reason),
+            ..AuditEvent::new(EventKind::Denial)
+        });
+        return PeerVerdict::Drop;
+    };
+    let refusal = match (access.role(uid), run.owner) {
+        (None, _) => AccessPolicy::refusal(uid),
+        (Some(_), Some(owner)) if owner != uid => format!(
+            "uid {uid} may not use this run of the system broker: it belongs to uid {owner}, whose process handed it keys"
+        ),
+        (Some(_), _) => {
+            return PeerVerdict::Admit(PeerId {
+                uid,
+                policy: Some(access.policy_for(uid)),
+            })
+        }
+    };
+    record_uid_refusal(proxy, access, Some(&run.id), uid, &refusal);
+    PeerVerdict::Refuse(BrokerError::UidRefused { message: refusal })
+}
+
+/// Audit a refused uid: the first refusal of a burst, with the count since the last line.
+pub(crate) fn record_uid_refusal(
+    proxy: &Proxy,
+    access: &AccessPolicy,
+    run_id: Option<&str>,
+    uid: u32,
+    refusal: &str,
+) {
+    if let Some(since) = access.audit_refusal(uid) {
+        tracing::warn!(uid, "{refusal}");
+        let more = match since {
+            0 => String::new(),
+            n => format!(" ({n} more refusals of this uid since the last line)"),
+        };
+        proxy.audit.record(AuditEvent {
+            run_id: run_id.map(str::to_string),
+            uid: Some(uid),
+            reason: Some(format!("{refusal}{more}")),
+            ..AuditEvent::new(EventKind::UidRefused)
+        });
+    }
 }
 
 /// Answer every request on a plain connection with `error`, then close.

@@ -76,8 +76,10 @@ use zeroize::Zeroizing;
 use crate::audit::AuditEvent;
 use crate::ca::LocalCa;
 use crate::providers::Catalog;
+use crate::system::access::{AccessPolicy, UidPolicy};
 
 pub use limits::Limits;
+pub(crate) use listen::record_uid_refusal;
 pub use listen::RunListeners;
 pub use redact::redact_text;
 pub use upstream::{ResolveOverride, UpstreamSettings};
@@ -204,6 +206,9 @@ pub struct RunContext {
     pub ticket: broker_contract::Ticket,
     /// The run's policy (`crate::policy`), compiled when the run opened.
     pub policy: Arc<crate::policy::RunPolicy>,
+    /// The only uid whose connections this run serves, when it is not every uid the broker
+    /// admits: a system broker's run opened by a shim's handover belongs to that shim's uid.
+    pub owner: Option<u32>,
 }
 
 /// The agent's pid, for the audit. Shared and settable because the run opens (listeners,
@@ -270,6 +275,9 @@ pub struct ProxySettings {
     pub limits: Limits,
     /// `$BROKER_HOME/policy.toml`, read as each run opens.
     pub policy_file: Option<std::path::PathBuf>,
+    /// `None`: only the broker's own uid may connect. `Some`: a system broker, which admits
+    /// the uids of its access list, each under its own policy.
+    pub access: Option<Arc<AccessPolicy>>,
 }
 
 /// The shared state of one broker instance: its CA, the catalog, the upstream pool.
@@ -287,6 +295,8 @@ pub struct Proxy {
     policy_file: Option<std::path::PathBuf>,
     /// Requests waiting for `broker approve` (`crate::approvals`).
     approvals: Arc<crate::approvals::Approvals>,
+    /// See [`ProxySettings::access`].
+    access: Option<Arc<AccessPolicy>>,
 }
 
 impl Proxy {
@@ -323,6 +333,7 @@ impl Proxy {
             dns_upstream,
             policy_file: settings.policy_file,
             approvals: crate::approvals::Approvals::new(),
+            access: settings.access,
         }))
     }
 
@@ -337,6 +348,11 @@ impl Proxy {
 
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    /// The access list of a system broker; `None` for a broker that serves its own uid only.
+    pub fn access(&self) -> Option<&Arc<AccessPolicy>> {
+        self.access.as_ref()
     }
 
     /// Where this broker's credentials come from.
@@ -379,7 +395,42 @@ struct ConnInfo {
     sni: String,
     #[allow(dead_code)]
     peer: SocketAddr,
+    /// Who is at the other end, as the kernel says.
+    peer_id: PeerId,
     /// The connection's place under the caps: held as long as anything serves it (an
     /// upgraded connection's splice holds it too).
     _slot: Arc<limits::Slot>,
+}
+
+/// The uid of an admitted connection, and (system broker) the policy it is served under.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerId {
+    pub uid: u32,
+    /// `Some` on a system broker: what this uid may use.
+    pub policy: Option<Arc<UidPolicy>>,
+}
+
+impl ConnInfo {
+    /// The run allows `provider`, and so does the uid's policy on a system broker.
+    fn allows(&self, provider: &str) -> bool {
+        self.run.allows(provider)
+            && self
+                .peer_id
+                .policy
+                .as_ref()
+                .is_none_or(|p| p.allows(provider))
+    }
+
+    /// The profile a request for `provider` uses: on a system broker the uid's policy says.
+    fn profile_for(&self, provider: &str) -> &str {
+        match &self.peer_id.policy {
+            Some(policy) => &policy.profile,
+            None => self.run.profile_for(provider),
+        }
+    }
+
+    /// The uid, for the audit of a system broker (where several users share it).
+    fn audit_uid(&self) -> Option<u32> {
+        self.peer_id.policy.as_ref().map(|_| self.peer_id.uid)
+    }
 }

@@ -67,6 +67,7 @@ pub(super) fn event(
         run_id: Some(conn.run.id.clone()),
         pid: conn.run.pid.get(),
         command: Some(conn.run.command.clone()),
+        uid: conn.audit_uid(),
         provider,
         profile,
         host: Some(conn.sni.clone()),

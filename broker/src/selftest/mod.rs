@@ -58,6 +58,7 @@ impl SelfTest {
         let keys = KeyConfig {
             source: Some(KeySource::File),
             passphrase: None,
+            system_key_file: None,
         };
         let made_up: Vec<(Provider, String)> = Provider::ALL
             .into_iter()
@@ -93,6 +94,7 @@ impl SelfTest {
                 command: format!("broker {label}"),
                 ..RunSpec::default()
             },
+            system: None,
         })
         .await?;
         let placeholder = instance

@@ -92,6 +92,10 @@ pub struct KeyConfig {
     pub source: Option<KeySource>,
     /// `BROKER_PASSPHRASE`.
     pub passphrase: Option<Zeroizing<String>>,
+    /// A system broker's key file, made by root (`/etc/broker/master.key`, 0640 root:broker,
+    /// or systemd's `$CREDENTIALS_DIRECTORY/master.key`): the key source `file` reads this one,
+    /// and never creates it. `None`: `$BROKER_HOME/master.key`, created on first use.
+    pub system_key_file: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for KeyConfig {
@@ -99,6 +103,7 @@ impl fmt::Debug for KeyConfig {
         f.debug_struct("KeyConfig")
             .field("source", &self.source)
             .field("passphrase", &self.passphrase.as_ref().map(|_| "***"))
+            .field("system_key_file", &self.system_key_file)
             .finish()
     }
 }
@@ -110,6 +115,7 @@ impl KeyConfig {
             source: KeySource::from_env()?,
             // Taken out of the environment at start (see `hardening`).
             passphrase: crate::hardening::secret_env(ENV_PASSPHRASE).filter(|p| !p.is_empty()),
+            system_key_file: None,
         })
     }
 }
@@ -148,6 +154,57 @@ pub fn read_key_file(path: &Path) -> Result<Option<Zeroizing<[u8; KEY_LEN]>>, Va
             path: path.to_owned(),
             reason: "it does not hold a base64-encoded 32-byte key".into(),
         })
+}
+
+/// Read a system broker's key file: made by root or handed over by systemd (owned by us),
+/// readable by no one else but our group (`0640 root:broker`), writable by no one but its
+/// owner. Missing is an error: the system broker never makes its own key (root does, at
+/// install), so a key it could not read is never silently replaced.
+pub fn read_system_key_file(path: &Path) -> Result<Zeroizing<[u8; KEY_LEN]>, VaultError> {
+    let mut file = fs::File::open(path).map_err(|e| VaultError::KeyFileInvalid {
+        path: path.to_owned(),
+        reason: format!(
+            "{e}; `broker system install` (as root) makes it, or start the broker with LoadCredential=master.key or BROKER_PASSPHRASE"
+        ),
+    })?;
+    let meta = file.metadata().map_err(|e| VaultError::io(path, e))?;
+    let mode = meta.permissions().mode() & 0o777;
+    let ours = rustix::process::geteuid().as_raw();
+    let group_ok = mode & 0o070 == 0
+        || (mode & 0o030 == 0 && meta.gid() == rustix::process::getegid().as_raw());
+    if mode & 0o007 != 0 || !group_ok {
+        return Err(VaultError::KeyFileInvalid {
+            path: path.to_owned(),
+            reason: format!(
+                "mode {mode:o} (group {}) lets others read or change it: `chown root:<broker's group> {p} && chmod 0640 {p}`, and consider the stored credentials exposed",
+                meta.gid(),
+                p = path.display()
+            ),
+        });
+    }
+    if meta.uid() != 0 && meta.uid() != ours {
+        return Err(VaultError::KeyFileInvalid {
+            path: path.to_owned(),
+            reason: format!(
+                "it belongs to uid {}: it must be root's (or ours, from systemd)",
+                meta.uid()
+            ),
+        });
+    }
+    let mut text = Zeroizing::new(String::new());
+    file.read_to_string(&mut text)
+        .map_err(|e| VaultError::io(path, e))?;
+    decode_key(text.trim()).ok_or_else(|| VaultError::KeyFileInvalid {
+        path: path.to_owned(),
+        reason: "it does not hold a base64-encoded 32-byte key".into(),
+    })
+}
+
+/// A new random master key, as a key file holds it (base64 and a newline), for
+/// `broker system install`.
+pub fn new_key_file_text() -> Result<Zeroizing<String>, VaultError> {
+    let key = super::crypto::random_key().map_err(|_| VaultError::Crypto)?;
+    Ok(Zeroizing::new(format!("{}\n", encode_key(&key).as_str())))
 }
 
 /// Create the key file (0600, created exclusively so an existing key is never overwritten).
@@ -322,6 +379,44 @@ mod tests {
             read_key_file(&path),
             Err(VaultError::KeyFileInvalid { .. })
         ));
+    }
+
+    #[test]
+    fn a_system_key_file_is_read_only_when_no_one_else_can() {
+        use std::os::unix::fs::chown;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        fs::write(&path, new_key_file_text().unwrap().as_bytes()).unwrap();
+        // Our group may read it (0640 root:broker, as the broker sees it); others may not.
+        let group = rustix::process::getegid().as_raw();
+        chown(&path, None, Some(group)).unwrap();
+        for (mode, ok) in [
+            (0o600, true),
+            (0o640, true),
+            (0o400, true),
+            (0o644, false),
+            (0o660, false),
+            (0o604, false),
+        ] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let read = read_system_key_file(&path);
+            assert_eq!(read.is_ok(), ok, "mode {mode:o}: {:?}", read.err());
+        }
+        // Readable by a group that is not ours: refused.
+        if rustix::process::geteuid().is_root() {
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+            chown(&path, None, Some(group + 4242)).unwrap();
+            let err = read_system_key_file(&path).unwrap_err();
+            assert!(
+                err.to_string().contains("lets others read or change it"),
+                "{err}"
+            );
+        }
+        // Missing: an error that says who makes it, never a new key.
+        let missing = dir.path().join("nope.key");
+        let err = read_system_key_file(&missing).unwrap_err();
+        assert!(err.to_string().contains("broker system install"), "{err}");
+        assert!(!missing.exists());
     }
 
     #[test]

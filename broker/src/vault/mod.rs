@@ -42,7 +42,10 @@ use crate::home::Home;
 pub use audit_head::{AuditHead, AuditHeadStore};
 use crypto::{KdfParams, RowFormat, SealingKey, DATA_KEY_AAD, DATA_KEY_AAD_V1, KEY_LEN};
 use keysource::KeyringLookup;
-pub use keysource::{KeyConfig, KeySource, ENV_KEY_SOURCE, ENV_PASSPHRASE, KEYRING_TIMEOUT};
+pub use keysource::{
+    new_key_file_text, read_system_key_file, KeyConfig, KeySource, ENV_KEY_SOURCE, ENV_PASSPHRASE,
+    KEYRING_TIMEOUT,
+};
 pub use oauth::{LockedCredential, StoredCredential, TokenUpdate};
 
 /// How long a write waits for another process's transaction before giving up.
@@ -226,7 +229,7 @@ impl fmt::Debug for Secret {
 }
 
 /// A stored credential without its secret.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CredentialInfo {
     pub provider: String,
     pub profile: String,
@@ -785,6 +788,10 @@ fn unlock_raw(
                 })
             }
         },
+        KeySource::File if keys.system_key_file.is_some() => {
+            let path = keys.system_key_file.as_deref().unwrap_or(Path::new(""));
+            keysource::read_system_key_file(path)?
+        }
         KeySource::File => {
             let key_file = home.key_file_path();
             let current = keysource::read_key_file(&key_file)?;
@@ -945,6 +952,8 @@ fn new_master_key(home: &Home, keys: &KeyConfig) -> Result<NewMaster, VaultError
     let source = match keys.source {
         Some(s) => s,
         None if pass.is_some() => KeySource::Passphrase,
+        // A system broker: root's key file, never a keyring (it has no session).
+        None if keys.system_key_file.is_some() => KeySource::File,
         None => {
             match keyring_master(home) {
                 Ok(key) => return Ok((KeySource::Keyring, key, None, None)),
@@ -967,6 +976,11 @@ fn new_master_key(home: &Home, keys: &KeyConfig) -> Result<NewMaster, VaultError
         KeySource::Keyring => keyring_master(home)
             .map(|key| (KeySource::Keyring, key, None, None))
             .map_err(|reason| VaultError::KeyringUnusable { reason }),
+        KeySource::File if keys.system_key_file.is_some() => {
+            let path = keys.system_key_file.as_deref().unwrap_or(Path::new(""));
+            let key = keysource::read_system_key_file(path)?;
+            Ok((KeySource::File, key, None, None))
+        }
         KeySource::File => {
             let path = home.key_file_path();
             let key = match keysource::read_key_file(&path)? {

@@ -242,6 +242,7 @@ mod tests {
         let keys = KeyConfig {
             source: Some(KeySource::File),
             passphrase: None,
+            system_key_file: None,
         };
         let vault = Vault::open_with(&home, &keys).expect("open");
         (dir, vault)

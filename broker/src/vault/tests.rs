@@ -8,6 +8,7 @@ fn file_keys() -> KeyConfig {
     KeyConfig {
         source: Some(KeySource::File),
         passphrase: None,
+        system_key_file: None,
     }
 }
 
@@ -15,6 +16,7 @@ fn pass_keys(p: &str) -> KeyConfig {
     KeyConfig {
         source: None,
         passphrase: Some(Zeroizing::new(p.to_string())),
+        system_key_file: None,
     }
 }
 
@@ -228,6 +230,7 @@ fn forced_passphrase_source_needs_a_passphrase() {
     let keys = KeyConfig {
         source: Some(KeySource::Passphrase),
         passphrase: None,
+        system_key_file: None,
     };
     assert!(matches!(
         Vault::open_with(&home, &keys),

@@ -10,7 +10,7 @@
 //! to merge from the child's `SSL_CERT_FILE`, and write the merged file once per run.
 
 use std::ffi::{c_char, CStr, CString};
-use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::sync::OnceLock;
 
 use broker_contract::{ShimConfig, CA_BUNDLE_VARS, MERGED_BUNDLE_PREFIX, SYSTEM_CA_BUNDLES};
@@ -23,7 +23,8 @@ pub struct Fallback {
     proxy: [CString; 2],
     /// The run CA, NUL-terminated.
     ca_file: CString,
-    /// The run's directory (the CA's), where merged bundles go.
+    /// Where merged bundles go: the run's directory (the CA's), or this user's own (see
+    /// `env::bundle_dir`).
     dir: Vec<u8>,
 }
 
@@ -42,13 +43,16 @@ pub fn prepare(cfg: &ShimConfig) {
     ) else {
         return;
     };
-    let Some(dir) = cfg.ca_file.parent().filter(|d| !d.as_os_str().is_empty()) else {
+    // Merged bundles go where this user may write (see `env::bundle_dir`): next to the run CA,
+    // or, for the system broker's runs, a private directory of this user's.
+    let get = |k: &str| std::env::var_os(k);
+    let Some(dir) = crate::env::bundle_dir(&cfg.ca_file, &get) else {
         return;
     };
     let _ = FALLBACK.set(Fallback {
         proxy: [upper, lower],
         ca_file,
-        dir: dir.as_os_str().as_bytes().to_vec(),
+        dir: dir.into_os_string().into_vec(),
     });
 }
 
