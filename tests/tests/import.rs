@@ -718,29 +718,34 @@ fn a_rewrapped_stdio_server_starts_under_broker_run_with_the_placeholder() {
             }
         }
     });
-    let mut call = |msg: serde_json::Value| -> serde_json::Value {
+    // Newline-delimited JSON-RPC, as the MCP stdio transport speaks it.
+    let send = |stdin: &mut std::process::ChildStdin, msg: serde_json::Value| {
         writeln!(stdin, "{msg}").expect("write");
         stdin.flush().expect("flush");
+    };
+    let receive = || -> serde_json::Value {
         let line = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("an answer from the server");
         serde_json::from_str(&line).expect("JSON-RPC")
     };
-    let init = call(
+    send(
+        &mut stdin,
         serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "test", "version": "1"}}}),
     );
+    let init = receive();
     assert_eq!(init["result"]["serverInfo"]["name"], "models", "{init}");
-    writeln!(
-        stdin,
-        "{}",
-        serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"})
-    )
-    .expect("write");
-    let answer = call(
+    send(
+        &mut stdin,
+        serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    );
+    send(
+        &mut stdin,
         serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
         "params": {"name": "fetch_models", "arguments": {}}}),
     );
+    let answer = receive();
     let report: serde_json::Value = serde_json::from_str(
         answer["result"]["content"][0]["text"]
             .as_str()

@@ -34,7 +34,11 @@ pub fn assignments(text: &str) -> Vec<Assignment> {
     while pos < bytes.len() {
         let line_end = memchr::memchr(b'\n', &bytes[pos..]).map_or(bytes.len(), |i| pos + i);
         let mut next = (line_end + 1).min(bytes.len());
-        if let Some(found) = assignment_at(text, pos, line_end, line) {
+        let Ok(found) = assignment_at(text, pos, line_end, line) else {
+            // `NAME="...` never closed: the rest of the file is that value.
+            break;
+        };
+        if let Some(found) = found {
             // A quoted value may run past this line: continue after its closing quote's line.
             if found.value_span.end > line_end {
                 let close = found.value_span.end;
@@ -42,9 +46,6 @@ pub fn assignments(text: &str) -> Vec<Assignment> {
                     memchr::memchr(b'\n', &bytes[close..]).map_or(bytes.len(), |i| close + i + 1);
             }
             out.push(found);
-        } else if unterminated_quote(text, pos, line_end) {
-            // `NAME="...` never closed: the rest of the file is that value.
-            break;
         }
         line += text[pos..next].matches('\n').count();
         pos = next;
@@ -52,8 +53,14 @@ pub fn assignments(text: &str) -> Vec<Assignment> {
     out
 }
 
-/// The assignment on the line `text[start..line_end]`, if it is one.
-fn assignment_at(text: &str, start: usize, line_end: usize, line: usize) -> Option<Assignment> {
+/// The assignment on the line `text[start..line_end]`, if it is one; `Err` for one whose
+/// quoted value is never closed.
+fn assignment_at(
+    text: &str,
+    start: usize,
+    line_end: usize,
+    line: usize,
+) -> Result<Option<Assignment>, Unterminated> {
     let bytes = text.as_bytes();
     let mut i = skip_blanks(bytes, start, line_end);
     if text[i..line_end].starts_with("export") {
@@ -67,7 +74,7 @@ fn assignment_at(text: &str, start: usize, line_end: usize, line: usize) -> Opti
         .get(i)
         .is_some_and(|b| b.is_ascii_alphabetic() || *b == b'_')
     {
-        return None;
+        return Ok(None);
     }
     while i < line_end && (bytes[i].is_ascii_alphanumeric() || matches!(bytes[i], b'_' | b'.')) {
         i += 1;
@@ -75,12 +82,12 @@ fn assignment_at(text: &str, start: usize, line_end: usize, line: usize) -> Opti
     let name = &text[name_start..i];
     i = skip_blanks(bytes, i, line_end);
     if bytes.get(i) != Some(&b'=') || i >= line_end {
-        return None;
+        return Ok(None);
     }
     i = skip_blanks(bytes, i + 1, line_end);
     let (value_span, quoted) = match bytes.get(i) {
         Some(&q @ (b'\'' | b'"' | b'`')) if i < line_end => {
-            let close = closing_quote(bytes, i + 1, q)?;
+            let close = closing_quote(bytes, i + 1, q).ok_or(Unterminated)?;
             (i + 1..close, Some(q))
         }
         _ => (i..unquoted_end(bytes, i, line_end), None),
@@ -89,14 +96,17 @@ fn assignment_at(text: &str, start: usize, line_end: usize, line: usize) -> Opti
     let multiline = value.contains('\n');
     let escaped = quoted == Some(b'"') && value.contains('\\');
     let reference = quoted != Some(b'\'') && value.contains('$');
-    Some(Assignment {
+    Ok(Some(Assignment {
         line,
         name: name.to_string(),
         value: value.to_string(),
         value_span,
         literal: !multiline && !escaped && !reference,
-    })
+    }))
 }
+
+/// A quoted value that is never closed.
+struct Unterminated;
 
 fn skip_blanks(bytes: &[u8], mut i: usize, end: usize) -> usize {
     while i < end && matches!(bytes[i], b' ' | b'\t') {
@@ -131,16 +141,6 @@ fn unquoted_end(bytes: &[u8], start: usize, line_end: usize) -> usize {
         end -= 1;
     }
     end
-}
-
-/// Does the line open a quoted value that is never closed?
-fn unterminated_quote(text: &str, start: usize, line_end: usize) -> bool {
-    let line = &text[start..line_end];
-    let Some(eq) = line.find('=') else {
-        return false;
-    };
-    let value = line[eq + 1..].trim_start_matches([' ', '\t']);
-    value.starts_with(['"', '\'', '`'])
 }
 
 #[cfg(test)]
@@ -192,6 +192,9 @@ mod tests {
     #[test]
     fn not_assignments() {
         assert!(assignments("just text\n=value\n1X=2\nexport\n").is_empty());
+        // A shell line with a quote after an `=` that is not an assignment is skipped.
+        let got = names_and_values("alias ll='ls -l'\nexport K=v\n");
+        assert_eq!(got.len(), 1, "{got:?}");
         // An unterminated quote swallows the rest: nothing after it is taken for a line.
         let got = names_and_values("A='open\nB=2\n");
         assert!(got.is_empty(), "{got:?}");
