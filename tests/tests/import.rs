@@ -242,6 +242,17 @@ fn dotenv_import_is_a_dry_run_then_rewrites_in_place_and_undoes() {
         "says where the backup is:\n{stdout}"
     );
 
+    // An agent under `broker run` cannot read the backup: $BROKER_HOME is hidden from it.
+    let mut agent = user.home.broker();
+    agent
+        .args(["run", "--", "cat"])
+        .arg(&files[0])
+        .current_dir(user.project())
+        .stdin(Stdio::null());
+    let out = run_bounded(&mut agent, Duration::from_secs(60));
+    assert!(!out.status.success(), "the agent read the backup:\n{}", text(&out));
+    assert_no_keys_in(&out, &k.imported());
+
     // Again: nothing to do, no new backup, the file as it was.
     let out = user.import_ok(&[".env", "--apply"]);
     assert!(
