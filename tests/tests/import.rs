@@ -250,7 +250,11 @@ fn dotenv_import_is_a_dry_run_then_rewrites_in_place_and_undoes() {
         .current_dir(user.project())
         .stdin(Stdio::null());
     let out = run_bounded(&mut agent, Duration::from_secs(60));
-    assert!(!out.status.success(), "the agent read the backup:\n{}", text(&out));
+    assert!(
+        !out.status.success(),
+        "the agent read the backup:\n{}",
+        text(&out)
+    );
     assert_no_keys_in(&out, &k.imported());
 
     // Again: nothing to do, no new backup, the file as it was.

@@ -257,6 +257,14 @@ fn finish(
     plans: Vec<FilePlan>,
     keys: Vec<FoundKey>,
 ) -> anyhow::Result<ExitCode> {
+    // A file named twice (or by two names) is imported once.
+    let mut plans = plans;
+    let mut seen = Vec::new();
+    plans.retain(|p| {
+        let first = !seen.contains(&p.target);
+        seen.push(p.target.clone());
+        first
+    });
     let keys = store::dedupe(keys)?;
     let vault = open_vault(home, common.apply)?;
     let steps = store::plan(vault.as_ref(), keys, &common.profile, common.replace)?;
@@ -496,7 +504,8 @@ fn from_env(home: &Home, common: &CommonArgs) -> anyhow::Result<ExitCode> {
     for line in &exports {
         writeln!(out, "{line}")?;
     }
-    writeln!(err, "stored {} key(s) (profile {}). This command cannot change your shell: eval the lines above (`eval \"$(broker import .env --from-env --apply)\"` does both), and remove the keys from where your shell sets them:", steps.len(), common.profile)?;
+    let stored = steps.iter().filter(|s| s.storing != Storing::Same).count();
+    writeln!(err, "stored {stored} key(s) (profile {}; {} already there). This command cannot change your shell: eval the lines above (`eval \"$(broker import .env --from-env --apply)\"` does both), and remove the keys from where your shell sets them:", common.profile, steps.len() - stored)?;
     let names: Vec<&str> = exports
         .iter()
         .filter_map(|l| l.strip_prefix("export ")?.split('=').next())

@@ -127,3 +127,41 @@ pub fn conflict_message(provider: &str, profile: &str) -> String {
         "a different {provider} credential is already stored (profile {profile}): nothing was changed. Pass --replace to overwrite it, or --profile NAME to keep both (then `broker run --profile NAME`)"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zeroize::Zeroizing;
+
+    fn found(provider: &str, secret: &str) -> FoundKey {
+        FoundKey {
+            provider: provider.into(),
+            secret: Zeroizing::new(secret.into()),
+        }
+    }
+
+    #[test]
+    fn one_key_per_provider_and_the_error_names_no_key() {
+        let same = dedupe(vec![
+            found("openai", "k1"),
+            found("openai", "k1"),
+            found("groq", "k2"),
+        ])
+        .expect("same key twice is one key");
+        assert_eq!(same.len(), 2);
+        let err = dedupe(vec![
+            found("openai", "first-secret"),
+            found("openai", "other-secret"),
+        ])
+        .expect_err("two keys for one provider")
+        .to_string();
+        assert!(err.contains("openai") && err.contains("--profile"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn without_a_vault_everything_is_added() {
+        let steps = plan(None, vec![found("openai", "k")], "default", false).expect("plan");
+        assert_eq!(steps[0].storing, Storing::Add);
+    }
+}
