@@ -697,6 +697,16 @@ fn a_rewrapped_stdio_server_starts_under_broker_run_with_the_placeholder() {
     let now: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
     let server = &now["mcpServers"]["models"];
+    // Rewrapped, or the server below would call the real api.openai.com with the placeholder.
+    let broker = std::fs::canonicalize(broker_integration::broker_bin()).expect("broker path");
+    assert_eq!(
+        server["command"],
+        broker.to_str().expect("utf-8 path"),
+        "{now}"
+    );
+    assert_eq!(server["args"][0], "run", "{now}");
+    assert_eq!(server["args"][1], "--", "{now}");
+    assert_eq!(server["args"][2], "python3", "{now}");
     let mut cmd = Command::new(server["command"].as_str().expect("command"));
     scrub(&mut cmd);
     cmd.args(
