@@ -16,6 +16,7 @@ pub mod dns;
 pub mod form;
 pub mod hardening;
 pub mod home;
+pub mod import;
 pub mod instance;
 mod key_cache;
 pub mod launch;

@@ -15,6 +15,7 @@ pub mod ca;
 pub mod credentials;
 pub mod demo;
 pub mod doctor;
+pub mod import;
 pub mod login;
 pub mod policy;
 pub mod providers;
@@ -46,6 +47,9 @@ pub enum Command {
     Show(credentials::ShowArgs),
     /// Remove a stored credential.
     Remove(credentials::RemoveArgs),
+    /// Move literal keys from .env files, the shell's environment or MCP client configs into
+    /// the vault, leaving placeholders (a dry run unless --apply).
+    Import(import::ImportArgs),
     /// Move the vault's master key to another source, or replace it (a new passphrase, a new
     /// key file).
     Rekey(rekey::RekeyArgs),
@@ -113,6 +117,7 @@ pub fn main() -> ExitCode {
         Command::List(args) => credentials::list(args),
         Command::Show(args) => credentials::show(args),
         Command::Remove(args) => credentials::remove(args),
+        Command::Import(args) => import::run(args),
         Command::Rekey(args) => rekey::run(args),
         Command::Login(args) => login::login(args),
         Command::Logout(args) => login::logout(args),
