@@ -97,6 +97,10 @@ pub enum EventKind {
     /// Connections refused because their run (or the broker) held as many as it may: one
     /// line per burst of refusals, not one per connection.
     ConnectionLimit,
+    /// A request to a provider's host carried a credential that looks like a real key of that
+    /// provider instead of the placeholder (an AWS request signed with a real access key id):
+    /// refused, the key not used.
+    RealKeyFromAgent,
 }
 
 impl EventKind {
@@ -118,6 +122,7 @@ impl EventKind {
             EventKind::AuditReset => "audit_reset",
             EventKind::TicketRefused => "ticket_refused",
             EventKind::ConnectionLimit => "connection_limit",
+            EventKind::RealKeyFromAgent => "real_key_from_agent",
         }
     }
 }

@@ -161,12 +161,13 @@ fn placeholder_env(
                 rows.iter()
                     .any(|(name, profile)| *name == p.name && *profile == profile_for(&p.name))
             });
-        let placeholder = |var: &String| (var.clone(), p.placeholder.clone());
+        // An AWS credential's secret variable goes with its key id's; its session token's is
+        // only ever replaced where set (`Provider::env_placeholders`).
         match has_credential {
-            true => env.extend(p.env.iter().map(placeholder)),
-            false => env_if_set.extend(p.env.iter().map(placeholder)),
+            true => env.extend(p.env_placeholders()),
+            false => env_if_set.extend(p.env_placeholders()),
         }
-        env_if_set.extend(p.env_if_set.iter().map(placeholder));
+        env_if_set.extend(p.env_if_set_placeholders());
     }
     (env, env_if_set)
 }

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod audit;
+pub mod aws;
 pub mod ca;
 pub mod credentials;
 pub mod demo;

@@ -59,6 +59,8 @@ pub enum BrokerError {
     UpstreamFailed { host: String, reason: String },
     /// The agent sent something the broker cannot forward.
     BadRequest { reason: String },
+    /// A signed request (AWS SigV4) that was not signed with the placeholder credential.
+    Signature { reason: String },
     /// The audit log cannot be written, so no credential is used.
     AuditUnwritable,
     /// The run (or the broker) holds as many client connections as it may
@@ -73,7 +75,8 @@ impl BrokerError {
             BrokerError::NoHost | BrokerError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             BrokerError::NotAllowed { .. }
             | BrokerError::Unlisted { .. }
-            | BrokerError::NotAccepted { .. } => StatusCode::FORBIDDEN,
+            | BrokerError::NotAccepted { .. }
+            | BrokerError::Signature { .. } => StatusCode::FORBIDDEN,
             BrokerError::NoCredential { .. } | BrokerError::LoginExpired { .. } => {
                 StatusCode::UNAUTHORIZED
             }
@@ -94,6 +97,7 @@ impl BrokerError {
             BrokerError::Misdirected { .. }
             | BrokerError::NoHost
             | BrokerError::BadRequest { .. }
+            | BrokerError::Signature { .. }
             | BrokerError::NotAllowed { .. }
             | BrokerError::Unlisted { .. }
             | BrokerError::TooManyConnections { .. } => Source::Agent,
@@ -154,6 +158,7 @@ impl BrokerError {
                 format!("upstream {host} failed: {reason}")
             }
             BrokerError::BadRequest { reason } => format!("bad request: {reason}"),
+            BrokerError::Signature { reason } => format!("refused: {reason}"),
             BrokerError::AuditUnwritable => "the audit log cannot be written (a full disk?), and the broker uses no credential it cannot audit: see broker serve's log, free space, and the request can be sent again".to_string(),
         }
     }

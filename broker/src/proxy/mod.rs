@@ -25,6 +25,7 @@ mod matcher;
 mod peer;
 mod pool;
 mod record;
+pub mod sigv4;
 mod redact;
 pub mod swap;
 mod ticket;
@@ -280,6 +281,8 @@ pub struct Proxy {
     caps: limits::Caps,
     /// `--dns-upstream`: where the runs' DNS responders forward; empty: `/etc/resolv.conf`.
     dns_upstream: Vec<SocketAddr>,
+    /// The short-lived credentials of AWS roles the broker assumed (`sigv4::assume`).
+    aws_roles: sigv4::assume::RoleCache,
 }
 
 impl Proxy {
@@ -311,6 +314,7 @@ impl Proxy {
             needles: redact::NeedleCache::default(),
             caps: limits::Caps::new(settings.limits),
             dns_upstream,
+            aws_roles: sigv4::assume::RoleCache::default(),
         }))
     }
 
