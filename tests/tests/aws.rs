@@ -18,8 +18,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use broker_integration::{
-    contains, count_events, preset_ca_vars, run_bounded, shim_lib, target_dir, Home, Origin,
-    Reply, TestCa,
+    contains, count_events, preset_ca_vars, run_bounded, shim_lib, target_dir, Home, Origin, Reply,
+    TestCa,
 };
 
 const PLACEHOLDER_ID: &str = "AKIABROKERPLACEHOLDR";
@@ -166,7 +166,10 @@ fn agent_env(cmd: &mut Command, bin: &Path) {
     cmd.env("PATH", path)
         .env("AWS_DEFAULT_REGION", REGION)
         .env("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/aws-credentials",
+        )
         .env("AWS_EC2_METADATA_DISABLED", "true");
 }
 
@@ -205,9 +208,7 @@ fn check_run(label: &str, out: &std::process::Output, home: &Home, secret: &str)
     );
     assert!(out.status.success(), "{}: {context}", out.status);
     assert!(
-        stdout
-            .lines()
-            .any(|l| l == format!("id={PLACEHOLDER_ID}")),
+        stdout.lines().any(|l| l == format!("id={PLACEHOLDER_ID}")),
         "the agent did not hold the placeholder id: {context}"
     );
     stdout
@@ -223,16 +224,31 @@ fn boto3_and_the_aws_cli_work_through_the_broker_with_only_placeholders() {
         "sts.us-west-2.amazonaws.com".to_string(),
         "s3.us-west-2.amazonaws.com".to_string(),
     ];
-    hosts.extend(buckets.iter().map(|b| format!("{b}.s3.us-west-2.amazonaws.com")));
+    hosts.extend(
+        buckets
+            .iter()
+            .map(|b| format!("{b}.s3.us-west-2.amazonaws.com")),
+    );
     let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
-    let moto = Moto::start(&bin, &ca, &["*.s3.us-west-2.amazonaws.com", "s3.us-west-2.amazonaws.com", "sts.us-west-2.amazonaws.com"]);
+    let moto = Moto::start(
+        &bin,
+        &ca,
+        &[
+            "*.s3.us-west-2.amazonaws.com",
+            "s3.us-west-2.amazonaws.com",
+            "sts.us-west-2.amazonaws.com",
+        ],
+    );
     let (id, secret) = moto.bootstrap(&bin, &ca);
     let home = Home::new();
     add_aws(&home, &id, &secret);
 
     // boto3, with the machine's CA variables scrubbed and then preset.
     for (preset, bucket) in [(false, buckets[0]), (true, buckets[1])] {
-        let label = format!("boto3 (CA variables {})", if preset { "preset" } else { "scrubbed" });
+        let label = format!(
+            "boto3 (CA variables {})",
+            if preset { "preset" } else { "scrubbed" }
+        );
         let mut cmd = broker_run(&home, &ca, &bin, moto.port, &hosts);
         if preset {
             preset_ca_vars(&mut cmd);
@@ -243,12 +259,18 @@ fn boto3_and_the_aws_cli_work_through_the_broker_with_only_placeholders() {
             .arg(bucket);
         let out = run_bounded(&mut cmd, Duration::from_secs(240));
         let stdout = check_run(&label, &out, &home, &secret);
-        let context = format!("{label}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let context = format!(
+            "{label}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(
             stdout.contains(&format!("secret={PLACEHOLDER_SECRET}")),
             "{context}"
         );
-        assert!(!stdout.contains(&id), "the agent saw the real key id: {context}");
+        assert!(
+            !stdout.contains(&id),
+            "the agent saw the real key id: {context}"
+        );
         assert!(stdout.contains("small=hello from the agent"), "{context}");
         assert!(stdout.contains("big-sha256-match=True"), "{context}");
         assert!(stdout.contains("listed=big.bin,small.txt"), "{context}");
@@ -296,7 +318,10 @@ fn without_the_broker_the_placeholders_are_refused_by_moto() {
     cmd.args(["-c", call])
         .env("AWS_ACCESS_KEY_ID", PLACEHOLDER_ID)
         .env("AWS_SECRET_ACCESS_KEY", PLACEHOLDER_SECRET)
-        .env("AWS_ENDPOINT_URL", format!("https://127.0.0.1:{}", moto.port))
+        .env(
+            "AWS_ENDPOINT_URL",
+            format!("https://127.0.0.1:{}", moto.port),
+        )
         .env("AWS_CA_BUNDLE", &ca.pem_path)
         .stdin(Stdio::null());
     let out = run_bounded(&mut cmd, Duration::from_secs(120));
@@ -310,14 +335,19 @@ fn without_the_broker_the_placeholders_are_refused_by_moto() {
 
 /// A local origin for a presigned URL's bucket: it records what it gets and answers 200.
 fn presign_origin(ca: &TestCa, host: &str) -> Origin {
-    Origin::start(ca, &[host], |_| Reply::Text(200, "presigned-object-body".into()))
+    Origin::start(ca, &[host], |_| {
+        Reply::Text(200, "presigned-object-body".into())
+    })
 }
 
 #[test]
 fn a_presigned_url_is_resigned_and_a_smuggled_real_key_refused() {
     let Some(bin) = aws_bin() else { return };
     let _ = shim_lib();
-    let (id, secret) = ("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY");
+    let (id, secret) = (
+        "AKIAIOSFODNN7EXAMPLE",
+        "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+    );
     // botocore presigns with the global name and the region in the scope.
     let host = "presign-bucket.s3.amazonaws.com";
     let ca = TestCa::new();
@@ -345,14 +375,24 @@ curl -sS -o /dev/null -w 'smuggled-status=%{{http_code}}\n' "$smuggled"
         .lines()
         .find_map(|l| l.strip_prefix("url="))
         .expect("url");
-    assert!(url.contains(&format!("X-Amz-Credential={PLACEHOLDER_ID}")), "{url}");
+    assert!(
+        url.contains(&format!("X-Amz-Credential={PLACEHOLDER_ID}")),
+        "{url}"
+    );
     assert!(stdout.contains("presigned-object-body"), "{stdout}");
     assert!(stdout.contains("smuggled-status=403"), "{stdout}");
 
     let received = origin.requests();
-    assert_eq!(received.len(), 1, "only the placeholder's URL reached the origin");
+    assert_eq!(
+        received.len(),
+        1,
+        "only the placeholder's URL reached the origin"
+    );
     let target = &received[0].target;
-    assert!(target.contains(&format!("X-Amz-Credential={id}%2F")), "{target}");
+    assert!(
+        target.contains(&format!("X-Amz-Credential={id}%2F")),
+        "{target}"
+    );
     assert!(!target.contains(PLACEHOLDER_ID), "{target}");
     let verdict = run_bounded(
         Command::new(bin.join("python3"))
@@ -405,7 +445,11 @@ aws sts get-caller-identity --query Arn --output text
         "the requests were not signed with the role's credentials: {stdout}"
     );
     let audit = home.audit_until(|a| count_events(a, "credential_use") >= 2);
-    assert_eq!(count_events(&audit, "refresh"), 1, "one AssumeRole for both: {audit}");
+    assert_eq!(
+        count_events(&audit, "refresh"),
+        1,
+        "one AssumeRole for both: {audit}"
+    );
     assert_eq!(count_events(&audit, "credential_use"), 2, "{audit}");
 }
 

@@ -27,8 +27,10 @@ pub fn read_credential(
                 .context("cannot read the secret access key")?,
         );
         let token = Zeroizing::new(
-            rpassword::prompt_password("AWS session token, for temporary credentials (Enter for none): ")
-                .context("cannot read the session token")?,
+            rpassword::prompt_password(
+                "AWS session token, for temporary credentials (Enter for none): ",
+            )
+            .context("cannot read the session token")?,
         );
         AwsCredential::new(&id, &secret, Some(&token))
     } else {
@@ -41,7 +43,13 @@ pub fn read_credential(
         None => Ok(c),
     });
     let credential = credential.map_err(|e| {
-        anyhow::anyhow!("{e}; nothing was stored (see {})", provider.docs_url.as_deref().unwrap_or("the AWS IAM console"))
+        anyhow::anyhow!(
+            "{e}; nothing was stored (see {})",
+            provider
+                .docs_url
+                .as_deref()
+                .unwrap_or("the AWS IAM console")
+        )
     })?;
     if credential.access_key_id == provider.placeholder {
         bail!("that is broker's placeholder access key id, not a real one (it is what agents see in AWS_ACCESS_KEY_ID)");
@@ -86,7 +94,9 @@ fn parse_lines(text: &str) -> anyhow::Result<Parsed> {
     }
     match (id, secret) {
         (Some(id), Some(secret)) => Ok((id, secret, token)),
-        _ => bail!("stdin needs both aws_access_key_id and aws_secret_access_key; nothing was stored"),
+        _ => bail!(
+            "stdin needs both aws_access_key_id and aws_secret_access_key; nothing was stored"
+        ),
     }
 }
 
@@ -97,12 +107,18 @@ mod tests {
     #[test]
     fn lines_and_credentials_file_forms() {
         let (id, secret, token) = parse_lines("AKIAIOSFODNN7EXAMPLE\nsecret\n").expect("two lines");
-        assert_eq!((id.as_str(), secret.as_str(), token), ("AKIAIOSFODNN7EXAMPLE", "secret", None));
+        assert_eq!(
+            (id.as_str(), secret.as_str(), token),
+            ("AKIAIOSFODNN7EXAMPLE", "secret", None)
+        );
         let (_, _, token) = parse_lines("id\nsecret\ntoken\n").expect("three lines");
         assert_eq!(token.as_deref().map(|t| t.as_str()), Some("token"));
         let file = "[default]\naws_access_key_id = AKID\naws_secret_access_key=SECRET\nregion = us-east-1\n";
         let (id, secret, token) = parse_lines(file).expect("file form");
-        assert_eq!((id.as_str(), secret.as_str(), token), ("AKID", "SECRET", None));
+        assert_eq!(
+            (id.as_str(), secret.as_str(), token),
+            ("AKID", "SECRET", None)
+        );
         assert!(parse_lines("only-one-line").is_err());
         assert!(parse_lines("aws_access_key_id = AKID\n").is_err());
     }

@@ -140,9 +140,9 @@ fn store(
         CredentialKind::ApiKey,
     )?;
     drop(secret);
-    super::providers::accept_on_store(&home, &vault, provider, "broker add")?;
+    super::providers::accept_on_store(home, &vault, provider, "broker add")?;
     audit(
-        &home,
+        home,
         &vault,
         EventKind::CredentialAdded,
         &provider.name,

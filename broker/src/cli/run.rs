@@ -321,7 +321,9 @@ fn take_aws_env(
         return None;
     }
     let secret = Zeroizing::new(std::env::var(&config.secret_env).unwrap_or_default());
-    let token = std::env::var(&config.session_token_env).ok().map(Zeroizing::new);
+    let token = std::env::var(&config.session_token_env)
+        .ok()
+        .map(Zeroizing::new);
     let mut vars = vec![id_var.clone(), config.secret_env.clone()];
     if token.is_some() {
         vars.push(config.session_token_env.clone());

@@ -568,7 +568,10 @@ impl Provider {
             .map(|var| (var.clone(), self.placeholder.clone()))
             .collect();
         if let Some(s) = &self.aws_sigv4 {
-            out.push((s.session_token_env.clone(), s.session_token_placeholder.clone()));
+            out.push((
+                s.session_token_env.clone(),
+                s.session_token_placeholder.clone(),
+            ));
         }
         out
     }

@@ -248,7 +248,15 @@ pub(super) fn parse_provider(text: &str, origin: Origin) -> Result<Provider, Pro
         ));
     }
 
-    let aws_sigv4 = parse_sigv4(&cx, raw.aws_sigv4.as_ref(), auth, raw.auth.as_ref(), &env, &env_if_set, placeholder)?;
+    let aws_sigv4 = parse_sigv4(
+        &cx,
+        raw.aws_sigv4.as_ref(),
+        auth,
+        raw.auth.as_ref(),
+        &env,
+        &env_if_set,
+        placeholder,
+    )?;
 
     Ok(Provider {
         name: name.clone(),
@@ -299,10 +307,17 @@ fn parse_sigv4(
     };
     let r = raw.get_ref();
     let mut seen: Vec<&str> = env.iter().chain(env_if_set).map(String::as_str).collect();
-    for (field, var) in [("aws_sigv4.secret_env", &r.secret_env), ("aws_sigv4.session_token_env", &r.session_token_env)] {
+    for (field, var) in [
+        ("aws_sigv4.secret_env", &r.secret_env),
+        ("aws_sigv4.session_token_env", &r.session_token_env),
+    ] {
         let v = var.get_ref();
         if !valid_env_name(v) {
-            return Err(cx.err(Some(var.span()), field, format!("'{v}' is not a valid environment variable name")));
+            return Err(cx.err(
+                Some(var.span()),
+                field,
+                format!("'{v}' is not a valid environment variable name"),
+            ));
         }
         if seen.contains(&v.as_str()) {
             return Err(cx.err(Some(var.span()), field, format!("'{v}' is listed twice")));
@@ -312,11 +327,18 @@ fn parse_sigv4(
     let mut placeholders = vec![placeholder];
     for (field, p) in [
         ("aws_sigv4.secret_placeholder", &r.secret_placeholder),
-        ("aws_sigv4.session_token_placeholder", &r.session_token_placeholder),
+        (
+            "aws_sigv4.session_token_placeholder",
+            &r.session_token_placeholder,
+        ),
     ] {
         check_placeholder(p.get_ref()).map_err(|why| cx.err(Some(p.span()), field, why))?;
         if placeholders.contains(&p.get_ref().as_str()) {
-            return Err(cx.err(Some(p.span()), field, "must differ from the provider's other placeholders"));
+            return Err(cx.err(
+                Some(p.span()),
+                field,
+                "must differ from the provider's other placeholders",
+            ));
         }
         placeholders.push(p.get_ref());
     }

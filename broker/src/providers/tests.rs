@@ -1048,7 +1048,10 @@ fn aws_sigv4_providers_have_their_own_placeholders_per_variable() {
     assert_eq!(
         p.env_placeholders(),
         vec![
-            ("CLOUD_KEY_ID".to_string(), "AKIABROKERPLACEHOLD2".to_string()),
+            (
+                "CLOUD_KEY_ID".to_string(),
+                "AKIABROKERPLACEHOLD2".to_string()
+            ),
             (
                 "CLOUD_SECRET".to_string(),
                 "brokerPlaceholderSecretAccessKey00000002".to_string()
@@ -1070,9 +1073,15 @@ fn aws_sigv4_providers_have_their_own_placeholders_per_variable() {
     assert!(err(&without_table).contains("needs an [aws_sigv4] table"));
     let without_auth = AWS_LIKE.replace("auth = \"aws_sigv4\"\n", "");
     assert!(err(&without_auth).contains("needs auth = \"aws_sigv4\""));
-    let same = AWS_LIKE.replace("broker-placeholder-cloud-session-token", "brokerPlaceholderSecretAccessKey00000002");
+    let same = AWS_LIKE.replace(
+        "broker-placeholder-cloud-session-token",
+        "brokerPlaceholderSecretAccessKey00000002",
+    );
     assert!(err(&same).contains("must differ"));
-    let twice = AWS_LIKE.replace("session_token_env = \"CLOUD_TOKEN\"", "session_token_env = \"CLOUD_KEY_ID\"");
+    let twice = AWS_LIKE.replace(
+        "session_token_env = \"CLOUD_TOKEN\"",
+        "session_token_env = \"CLOUD_KEY_ID\"",
+    );
     assert!(err(&twice).contains("listed twice"));
 }
 
@@ -1080,7 +1089,9 @@ fn aws_sigv4_providers_have_their_own_placeholders_per_variable() {
 fn the_aws_builtin_covers_regional_and_bucket_hosts_one_label_deep() {
     let catalog = Catalog::builtin();
     let aws = catalog.get("aws").expect("aws");
-    assert!(crate::proxy::sigv4::credential::looks_like_key_id(&aws.placeholder));
+    assert!(crate::proxy::sigv4::credential::looks_like_key_id(
+        &aws.placeholder
+    ));
     assert!(aws.placeholder.contains("BROKER"));
     let secret = &aws.aws_sigv4.as_ref().expect("sigv4").secret_placeholder;
     assert_eq!(secret.len(), 40);
@@ -1095,10 +1106,17 @@ fn the_aws_builtin_covers_regional_and_bucket_hosts_one_label_deep() {
         "bucket.s3.eu-central-1.amazonaws.com",
         "dynamodb.ap-southeast-2.amazonaws.com",
     ] {
-        let (p, _) = catalog.route_for_host(host).unwrap_or_else(|| panic!("{host}"));
+        let (p, _) = catalog
+            .route_for_host(host)
+            .unwrap_or_else(|| panic!("{host}"));
         assert_eq!(p.name, "aws", "{host}");
     }
-    for host in ["amazonaws.com", "a.b.c.amazonaws.com", "amazonaws.com.evil.example", "s3.amazonaws.com.cn"] {
+    for host in [
+        "amazonaws.com",
+        "a.b.c.amazonaws.com",
+        "amazonaws.com.evil.example",
+        "s3.amazonaws.com.cn",
+    ] {
         assert!(catalog.route_for_host(host).is_none(), "{host}");
     }
     for pattern in aws.host_patterns() {

@@ -32,8 +32,13 @@ const MAX_ANSWER: usize = 64 * 1024;
 /// The role credentials of each stored credential, by `(provider, profile, role)`.
 #[derive(Default)]
 pub struct RoleCache {
-    slots: std::sync::Mutex<HashMap<(String, String, String), Arc<tokio::sync::Mutex<Option<Held>>>>>,
+    slots: std::sync::Mutex<HashMap<RoleKey, Slot>>,
 }
+
+/// `(provider, profile, role ARN)`.
+type RoleKey = (String, String, String);
+/// The credentials held for one role, locked while they are fetched.
+type Slot = Arc<tokio::sync::Mutex<Option<Held>>>;
 
 struct Held {
     credential: AwsCredential,
@@ -43,7 +48,7 @@ struct Held {
 }
 
 impl RoleCache {
-    fn slot(&self, key: (String, String, String)) -> Arc<tokio::sync::Mutex<Option<Held>>> {
+    fn slot(&self, key: RoleKey) -> Slot {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.entry(key).or_default().clone()
     }
@@ -142,7 +147,11 @@ async fn assume(
     }
     let request = builder
         .header("authorization", authorization.as_str())
-        .body(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed())
+        .body(
+            Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
         .map_err(|e| failed(e.to_string()))?;
     let response = proxy
         .pool
@@ -163,7 +172,8 @@ async fn assume(
         let code = tag(&text, "Code").unwrap_or_default();
         return Err(failed(format!("STS answered {status} {code}")));
     }
-    let field = |name: &str| tag(&text, name).ok_or_else(|| failed(format!("no {name} in STS's answer")));
+    let field =
+        |name: &str| tag(&text, name).ok_or_else(|| failed(format!("no {name} in STS's answer")));
     let credential = AwsCredential::new(
         &field("AccessKeyId")?,
         &field("SecretAccessKey")?,
@@ -171,8 +181,9 @@ async fn assume(
     )
     .map_err(|e| failed(e.to_string()))?;
     let expiration = field("Expiration")?;
-    let expires = time::OffsetDateTime::parse(&expiration, &time::format_description::well_known::Rfc3339)
-        .map_err(|_| failed("an Expiration that is not a date".into()))?;
+    let expires =
+        time::OffsetDateTime::parse(&expiration, &time::format_description::well_known::Rfc3339)
+            .map_err(|_| failed("an Expiration that is not a date".into()))?;
     let lifetime = Duration::try_from(expires - now).unwrap_or(Duration::ZERO);
     Ok((credential, lifetime))
 }
@@ -201,8 +212,14 @@ mod tests {
     #[test]
     fn sts_answers_are_read_by_tag() {
         let xml = "<AssumeRoleResponse><AssumeRoleResult><Credentials><AccessKeyId>ASIAXXXXXXXXXXXXXXXX</AccessKeyId>\n<Expiration>2026-12-04T12:00:00Z</Expiration></Credentials></AssumeRoleResult></AssumeRoleResponse>";
-        assert_eq!(tag(xml, "AccessKeyId").as_deref(), Some("ASIAXXXXXXXXXXXXXXXX"));
-        assert_eq!(tag(xml, "Expiration").as_deref(), Some("2026-12-04T12:00:00Z"));
+        assert_eq!(
+            tag(xml, "AccessKeyId").as_deref(),
+            Some("ASIAXXXXXXXXXXXXXXXX")
+        );
+        assert_eq!(
+            tag(xml, "Expiration").as_deref(),
+            Some("2026-12-04T12:00:00Z")
+        );
         assert_eq!(tag(xml, "SessionToken"), None);
         assert_eq!(tag("<Code>AccessDenied", "Code"), None);
     }

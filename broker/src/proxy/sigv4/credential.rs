@@ -129,7 +129,7 @@ pub fn looks_like_key_id(id: &str) -> bool {
 /// `arn:<partition>:iam::<12 digits>:role/<path and name>`.
 fn looks_like_role_arn(arn: &str) -> bool {
     let parts: Vec<&str> = arn.splitn(6, ':').collect();
-    let [ "arn", partition, "iam", "", account, resource] = parts[..] else {
+    let ["arn", partition, "iam", "", account, resource] = parts[..] else {
         return false;
     };
     partition.starts_with("aws")
@@ -152,7 +152,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_checks() {
-        let c = AwsCredential::new(ID, SECRET, Some("tok en")).unwrap_err();
+        let c = AwsCredential::new(ID, SECRET, Some("tok en")).expect_err("an error");
         assert_eq!(c, CredentialError::Token);
         let c = AwsCredential::new(ID, SECRET, Some("token")).expect("valid");
         assert_eq!(AwsCredential::decode(&c.encode()).expect("decode"), c);
@@ -175,11 +175,26 @@ mod tests {
     #[test]
     fn role_arns_are_checked() {
         let c = AwsCredential::new(ID, SECRET, None).expect("valid");
-        let with = c.clone().with_role_arn("arn:aws:iam::123456789012:role/agent-role").expect("arn");
+        let with = c
+            .clone()
+            .with_role_arn("arn:aws:iam::123456789012:role/agent-role")
+            .expect("arn");
         assert_eq!(AwsCredential::decode(&with.encode()).expect("decode"), with);
-        assert!(c.clone().with_role_arn("arn:aws-us-gov:iam::123456789012:role/a/b").is_ok());
-        for bad in ["role/x", "arn:aws:iam::123:role/x", "arn:aws:iam::123456789012:user/x", "arn:aws:iam::123456789012:role/"] {
-            assert_eq!(c.clone().with_role_arn(bad), Err(CredentialError::RoleArn), "{bad}");
+        assert!(c
+            .clone()
+            .with_role_arn("arn:aws-us-gov:iam::123456789012:role/a/b")
+            .is_ok());
+        for bad in [
+            "role/x",
+            "arn:aws:iam::123:role/x",
+            "arn:aws:iam::123456789012:user/x",
+            "arn:aws:iam::123456789012:role/",
+        ] {
+            assert_eq!(
+                c.clone().with_role_arn(bad),
+                Err(CredentialError::RoleArn),
+                "{bad}"
+            );
         }
     }
 

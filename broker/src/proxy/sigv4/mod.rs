@@ -40,7 +40,9 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 
 use super::error::BrokerError;
-use super::handler::{accepted, lookup, origin_form, redacted_answer, strip_hop_by_hop, unanswered};
+use super::handler::{
+    accepted, lookup, origin_form, redacted_answer, strip_hop_by_hop, unanswered,
+};
 use super::record::{event, AuditedBody, Pending};
 use super::{decode, BoxError, ConnInfo, Proxy, ProxyBody};
 use crate::audit::EventKind;
@@ -98,14 +100,22 @@ pub(super) async fn forward(
         // Anonymous: nothing to swap, forwarded as it came.
         Ok(None) => {
             let body = body.map_err(BoxError::from).boxed();
-            return send(proxy, conn, port, parts, body, None).await.map_err(fail);
+            return send(proxy, conn, port, parts, body, None)
+                .await
+                .map_err(fail);
         }
-        Err(e) => return Err(fail(refusal(proxy, conn, provider, method, uri, started, e))),
+        Err(e) => {
+            return Err(fail(refusal(
+                proxy, conn, provider, method, uri, started, e,
+            )))
+        }
     };
     if signed.access_key != provider.placeholder {
         let looks_real = provider.key_matches(&signed.access_key);
         let e = SignError::NotPlaceholder { looks_real };
-        return Err(fail(refusal(proxy, conn, provider, method, uri, started, e)));
+        return Err(fail(refusal(
+            proxy, conn, provider, method, uri, started, e,
+        )));
     }
     if !proxy.audit.writable() {
         return Err(fail(BrokerError::AuditUnwritable));
@@ -141,7 +151,9 @@ pub(super) async fn forward(
         Payload::Hashed { hash, .. } => hash.clone(),
     };
     if let Err(e) = request::verify(&parts, &signed, &config.secret_placeholder, &payload_hash) {
-        return Err(fail(refusal(proxy, conn, provider, method, uri, started, e)));
+        return Err(fail(refusal(
+            proxy, conn, provider, method, uri, started, e,
+        )));
     }
 
     // Swap: what the broker changes on the way is changed before the new signature covers it.
@@ -154,9 +166,11 @@ pub(super) async fn forward(
         &real,
         &payload_hash,
     )
-    .map_err(|e| fail(BrokerError::BadRequest {
-        reason: e.to_string(),
-    }))?;
+    .map_err(|e| {
+        fail(BrokerError::BadRequest {
+            reason: e.to_string(),
+        })
+    })?;
     let body = match payload {
         Payload::Unsigned(_) => body,
         Payload::Hashed { body, .. } => Full::new(body).map_err(|never| match never {}).boxed(),
@@ -256,7 +270,10 @@ pub(super) enum ReadError {
 }
 
 /// All of `body`, refused past `max` bytes.
-pub(super) async fn read_bounded(mut body: ProxyBody, max: usize) -> Result<bytes::Bytes, ReadError> {
+pub(super) async fn read_bounded(
+    mut body: ProxyBody,
+    max: usize,
+) -> Result<bytes::Bytes, ReadError> {
     let mut out = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ReadError::Body(e.to_string()))?;

@@ -77,9 +77,9 @@ pub fn find(headers: &HeaderMap, uri: &Uri) -> Result<Option<Signed>, SignError>
     }
     let query = uri.query().unwrap_or("");
     match query_param(query, Q_ALGORITHM) {
-        None if query_param(query, "AWSAccessKeyId").is_some() => {
-            Err(SignError::Unsupported("signature version 2 (AWSAccessKeyId)".into()))
-        }
+        None if query_param(query, "AWSAccessKeyId").is_some() => Err(SignError::Unsupported(
+            "signature version 2 (AWSAccessKeyId)".into(),
+        )),
         None => Ok(None),
         Some(alg) if alg == ALGORITHM => parse_presigned(query).map(Some),
         Some(alg) => Err(SignError::Unsupported(format!("X-Amz-Algorithm {alg}"))),
@@ -105,7 +105,8 @@ fn parse_authorization(text: &str, headers: &HeaderMap) -> Result<Signed, SignEr
             _ => {}
         }
     }
-    let missing = |what: &str| SignError::Malformed(format!("the Authorization header has no {what}"));
+    let missing =
+        |what: &str| SignError::Malformed(format!("the Authorization header has no {what}"));
     let (access_key, scope) = parse_credential(credential.ok_or_else(|| missing("Credential"))?)?;
     let amz_date = headers
         .get(DATE_HEADER)
@@ -152,10 +153,14 @@ fn signed(
         .map(str::to_ascii_lowercase)
         .collect();
     if !signed_headers.iter().any(|h| h == "host") {
-        return Err(SignError::Malformed("SigV4 signs the host header; this request does not".into()));
+        return Err(SignError::Malformed(
+            "SigV4 signs the host header; this request does not".into(),
+        ));
     }
     if signature.len() != 64 || !signature.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(SignError::Malformed("the signature is not 64 hex digits".into()));
+        return Err(SignError::Malformed(
+            "the signature is not 64 hex digits".into(),
+        ));
     }
     let date_ok = amz_date.len() == 16
         && amz_date.get(..8) == Some(scope.date.as_str())
@@ -179,12 +184,18 @@ fn signed(
 /// `AKID/YYYYMMDD/region/service/aws4_request`.
 fn parse_credential(text: &str) -> Result<(String, Scope), SignError> {
     let parts: Vec<&str> = text.split('/').collect();
-    let bad = || SignError::Malformed("the SigV4 Credential is not key/date/region/service/aws4_request".into());
+    let bad = || {
+        SignError::Malformed(
+            "the SigV4 Credential is not key/date/region/service/aws4_request".into(),
+        )
+    };
     let [key, date, region, service, "aws4_request"] = parts[..] else {
         return Err(bad());
     };
     let label_ok = |s: &str| {
-        !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
     let date_ok = date.len() == 8 && date.bytes().all(|b| b.is_ascii_digit());
     if key.is_empty() || !date_ok || !label_ok(region) || !label_ok(service) {
@@ -236,12 +247,20 @@ pub fn canonical_request(
 fn host_value(parts: &Parts) -> Option<String> {
     match parts.headers.get(HOST) {
         Some(v) => Some(signer::canonical_header_value(v.as_bytes())),
-        None => parts.uri.authority().map(|a| a.as_str().to_ascii_lowercase()),
+        None => parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_ascii_lowercase()),
     }
 }
 
 /// Does the request's signature verify with `secret`?
-pub fn verify(parts: &Parts, sig: &Signed, secret: &str, payload_hash: &str) -> Result<(), SignError> {
+pub fn verify(
+    parts: &Parts,
+    sig: &Signed,
+    secret: &str,
+    payload_hash: &str,
+) -> Result<(), SignError> {
     let canonical = canonical_request(parts, sig, payload_hash)?;
     let key = signer::signing_key(secret, &sig.scope);
     let expected = signer::signature(
@@ -337,8 +356,9 @@ pub fn resign(
 }
 
 fn sensitive(text: &str) -> Result<HeaderValue, SignError> {
-    let mut value = HeaderValue::from_str(text)
-        .map_err(|_| SignError::Malformed("the stored credential cannot be sent in a header".into()))?;
+    let mut value = HeaderValue::from_str(text).map_err(|_| {
+        SignError::Malformed("the stored credential cannot be sent in a header".into())
+    })?;
     value.set_sensitive(true);
     Ok(value)
 }
@@ -360,10 +380,17 @@ fn set_params(query: &str, updates: &[(&str, Option<&str>)]) -> String {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, _) = pair.split_once('=').unwrap_or((pair, ""));
         let decoded = signer::percent_decode(k);
-        match updates.iter().position(|(name, _)| name.as_bytes() == decoded) {
+        match updates
+            .iter()
+            .position(|(name, _)| name.as_bytes() == decoded)
+        {
             Some(i) => {
                 if let (false, Some(value)) = (done[i], updates[i].1) {
-                    out.push(format!("{}={}", updates[i].0, signer::uri_encode(value.as_bytes(), false)));
+                    out.push(format!(
+                        "{}={}",
+                        updates[i].0,
+                        signer::uri_encode(value.as_bytes(), false)
+                    ));
                 }
                 done[i] = true;
             }
@@ -372,7 +399,10 @@ fn set_params(query: &str, updates: &[(&str, Option<&str>)]) -> String {
     }
     for (i, (name, value)) in updates.iter().enumerate() {
         if let (false, Some(value)) = (done[i], value) {
-            out.push(format!("{name}={}", signer::uri_encode(value.as_bytes(), false)));
+            out.push(format!(
+                "{name}={}",
+                signer::uri_encode(value.as_bytes(), false)
+            ));
         }
     }
     out.join("&")
@@ -390,5 +420,6 @@ fn with_query(uri: &Uri, query: &str) -> Result<Uri, SignError> {
             .parse()
             .map_err(|_| SignError::Malformed("the request target cannot be rebuilt".into()))?,
     );
-    Uri::from_parts(parts).map_err(|_| SignError::Malformed("the request target cannot be rebuilt".into()))
+    Uri::from_parts(parts)
+        .map_err(|_| SignError::Malformed("the request target cannot be rebuilt".into()))
 }

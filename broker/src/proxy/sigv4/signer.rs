@@ -23,7 +23,10 @@ pub struct Scope {
 
 impl Scope {
     pub fn render(&self) -> String {
-        format!("{}/{}/{}/aws4_request", self.date, self.region, self.service)
+        format!(
+            "{}/{}/{}/aws4_request",
+            self.date, self.region, self.service
+        )
     }
 }
 

@@ -29,7 +29,11 @@ fn sign_header(parts: &mut Parts, id: &str, secret: &str, service: &str, payload
     parts
         .headers
         .insert("x-amz-date", HeaderValue::from_static(DATE));
-    let mut names: Vec<String> = parts.headers.keys().map(|k| k.as_str().to_string()).collect();
+    let mut names: Vec<String> = parts
+        .headers
+        .keys()
+        .map(|k| k.as_str().to_string())
+        .collect();
     names.sort();
     names.dedup();
     let sig = request::Signed {
@@ -83,13 +87,18 @@ fn a_header_signed_request_is_checked_and_resigned_for_the_upstream() {
         ],
     );
     sign_header(&mut p, PH_ID, PH_SECRET, "sts", &body_hash);
-    let signed = request::find(&p.headers, &p.uri).expect("find").expect("signed");
+    let signed = request::find(&p.headers, &p.uri)
+        .expect("find")
+        .expect("signed");
     assert_eq!(signed.access_key, PH_ID);
     assert_eq!(signed.scope, scope("sts"));
     request::verify(&p, &signed, PH_SECRET, &body_hash).expect("placeholder signature");
 
     let seed = request::resign(&mut p, &signed, PH_TOKEN, &real(None), &body_hash).expect("resign");
-    let auth = p.headers["authorization"].to_str().expect("text").to_string();
+    let auth = p.headers["authorization"]
+        .to_str()
+        .expect("text")
+        .to_string();
     assert!(auth.contains(&format!("Credential={REAL_ID}/")), "{auth}");
     assert!(auth.ends_with(&seed));
     assert!(p.headers["authorization"].is_sensitive());
@@ -102,7 +111,11 @@ fn a_header_signed_request_is_checked_and_resigned_for_the_upstream() {
 
 #[test]
 fn a_tampered_request_or_another_secret_does_not_verify() {
-    let mut p = parts("GET", "/bucket/key?x=1", &[("host", "s3.us-east-1.amazonaws.com")]);
+    let mut p = parts(
+        "GET",
+        "/bucket/key?x=1",
+        &[("host", "s3.us-east-1.amazonaws.com")],
+    );
     sign_header(&mut p, PH_ID, PH_SECRET, "s3", "UNSIGNED-PAYLOAD");
     assert_eq!(verifies(&p, PH_SECRET, "UNSIGNED-PAYLOAD"), Ok(()));
     assert_eq!(
@@ -116,9 +129,10 @@ fn a_tampered_request_or_another_secret_does_not_verify() {
         Err(SignError::BadSignature)
     );
     let mut rehosted = p.clone();
-    rehosted
-        .headers
-        .insert("host", HeaderValue::from_static("s3.eu-west-1.amazonaws.com"));
+    rehosted.headers.insert(
+        "host",
+        HeaderValue::from_static("s3.eu-west-1.amazonaws.com"),
+    );
     assert_eq!(
         verifies(&rehosted, PH_SECRET, "UNSIGNED-PAYLOAD"),
         Err(SignError::BadSignature)
@@ -134,9 +148,17 @@ fn the_session_token_is_added_replaced_or_removed() {
     // The stored credential has a token; the agent sent none: the broker adds it, signed.
     let mut p = parts("GET", "/", &[("host", "sts.amazonaws.com")]);
     sign_header(&mut p, PH_ID, PH_SECRET, "sts", signer::EMPTY_SHA256);
-    let signed = request::find(&p.headers, &p.uri).expect("find").expect("signed");
-    request::resign(&mut p, &signed, PH_TOKEN, &real(Some("real-token")), signer::EMPTY_SHA256)
-        .expect("resign");
+    let signed = request::find(&p.headers, &p.uri)
+        .expect("find")
+        .expect("signed");
+    request::resign(
+        &mut p,
+        &signed,
+        PH_TOKEN,
+        &real(Some("real-token")),
+        signer::EMPTY_SHA256,
+    )
+    .expect("resign");
     assert_eq!(p.headers["x-amz-security-token"], "real-token");
     assert!(p.headers["authorization"]
         .to_str()
@@ -148,10 +170,15 @@ fn the_session_token_is_added_replaced_or_removed() {
     let mut p = parts(
         "GET",
         "/",
-        &[("host", "sts.amazonaws.com"), ("x-amz-security-token", PH_TOKEN)],
+        &[
+            ("host", "sts.amazonaws.com"),
+            ("x-amz-security-token", PH_TOKEN),
+        ],
     );
     sign_header(&mut p, PH_ID, PH_SECRET, "sts", signer::EMPTY_SHA256);
-    let signed = request::find(&p.headers, &p.uri).expect("find").expect("signed");
+    let signed = request::find(&p.headers, &p.uri)
+        .expect("find")
+        .expect("signed");
     request::resign(&mut p, &signed, PH_TOKEN, &real(None), signer::EMPTY_SHA256).expect("resign");
     assert!(p.headers.get("x-amz-security-token").is_none());
     verifies(&p, REAL_SECRET, signer::EMPTY_SHA256).expect("upstream accepts");
@@ -160,10 +187,15 @@ fn the_session_token_is_added_replaced_or_removed() {
     let mut p = parts(
         "GET",
         "/",
-        &[("host", "sts.amazonaws.com"), ("x-amz-security-token", "agents-own")],
+        &[
+            ("host", "sts.amazonaws.com"),
+            ("x-amz-security-token", "agents-own"),
+        ],
     );
     sign_header(&mut p, PH_ID, PH_SECRET, "sts", signer::EMPTY_SHA256);
-    let signed = request::find(&p.headers, &p.uri).expect("find").expect("signed");
+    let signed = request::find(&p.headers, &p.uri)
+        .expect("find")
+        .expect("signed");
     assert_eq!(
         request::resign(&mut p, &signed, PH_TOKEN, &real(None), signer::EMPTY_SHA256),
         Err(SignError::ForeignToken)
@@ -176,7 +208,11 @@ fn presign(path: &str, id: &str, secret: &str, extra: &str) -> Parts {
     let query = format!(
         "{extra}X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={credential}&X-Amz-Date={DATE}&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
     );
-    let mut p = parts("GET", &format!("{path}?{query}"), &[("host", "bkt.s3.us-east-1.amazonaws.com")]);
+    let mut p = parts(
+        "GET",
+        &format!("{path}?{query}"),
+        &[("host", "bkt.s3.us-east-1.amazonaws.com")],
+    );
     let canonical = signer::canonical_request(
         "GET",
         path,
@@ -185,28 +221,57 @@ fn presign(path: &str, id: &str, secret: &str, extra: &str) -> Parts {
         "UNSIGNED-PAYLOAD",
     );
     let key = signer::signing_key(secret, &scope("s3"));
-    let signature = signer::signature(&key, &signer::string_to_sign(DATE, &scope("s3"), &canonical));
-    p.uri = format!("{path}?{query}&X-Amz-Signature={signature}").parse().expect("uri");
+    let signature = signer::signature(
+        &key,
+        &signer::string_to_sign(DATE, &scope("s3"), &canonical),
+    );
+    p.uri = format!("{path}?{query}&X-Amz-Signature={signature}")
+        .parse()
+        .expect("uri");
     p
 }
 
 #[test]
 fn a_presigned_url_is_checked_and_resigned_in_its_query() {
-    let mut p = presign("/key%20one.txt", PH_ID, PH_SECRET, "response-content-type=text%2Fplain&");
-    let signed = request::find(&p.headers, &p.uri).expect("find").expect("signed");
+    let mut p = presign(
+        "/key%20one.txt",
+        PH_ID,
+        PH_SECRET,
+        "response-content-type=text%2Fplain&",
+    );
+    let signed = request::find(&p.headers, &p.uri)
+        .expect("find")
+        .expect("signed");
     assert_eq!(signed.location, Location::Query);
     request::verify(&p, &signed, PH_SECRET, "UNSIGNED-PAYLOAD").expect("placeholder signature");
-    request::resign(&mut p, &signed, PH_TOKEN, &real(Some("tok/en+")), "UNSIGNED-PAYLOAD")
-        .expect("resign");
+    request::resign(
+        &mut p,
+        &signed,
+        PH_TOKEN,
+        &real(Some("tok/en+")),
+        "UNSIGNED-PAYLOAD",
+    )
+    .expect("resign");
     let query = p.uri.query().expect("query").to_string();
-    assert!(query.starts_with("response-content-type=text%2Fplain&"), "{query}");
-    assert!(query.contains(&format!("X-Amz-Credential={REAL_ID}%2F")), "{query}");
-    assert!(query.contains("X-Amz-Security-Token=tok%2Fen%2B"), "{query}");
+    assert!(
+        query.starts_with("response-content-type=text%2Fplain&"),
+        "{query}"
+    );
+    assert!(
+        query.contains(&format!("X-Amz-Credential={REAL_ID}%2F")),
+        "{query}"
+    );
+    assert!(
+        query.contains("X-Amz-Security-Token=tok%2Fen%2B"),
+        "{query}"
+    );
     assert!(!query.contains(PH_ID));
     verifies(&p, REAL_SECRET, "UNSIGNED-PAYLOAD").expect("the upstream accepts it");
 
     let other = presign("/k", REAL_ID, REAL_SECRET, "");
-    let signed = request::find(&other.headers, &other.uri).expect("find").expect("signed");
+    let signed = request::find(&other.headers, &other.uri)
+        .expect("find")
+        .expect("signed");
     assert_eq!(signed.access_key, REAL_ID, "the handler refuses this id");
 }
 
@@ -225,21 +290,45 @@ fn malformed_and_unsupported_signatures_are_errors_not_panics() {
         find("AWS4-ECDSA-P256-SHA256 Credential=a"),
         Err(SignError::Unsupported(_))
     ));
-    assert!(matches!(find("AWS4-HMAC-SHA256"), Err(SignError::Unsupported(_))));
-    assert!(matches!(find("AWS4-HMAC-SHA256 Credential=x"), Err(SignError::Malformed(_))));
+    assert!(matches!(
+        find("AWS4-HMAC-SHA256"),
+        Err(SignError::Unsupported(_))
+    ));
+    assert!(matches!(
+        find("AWS4-HMAC-SHA256 Credential=x"),
+        Err(SignError::Malformed(_))
+    ));
     let sig = "0".repeat(64);
-    let ok = format!("AWS4-HMAC-SHA256 Credential={PH_ID}/{}, SignedHeaders=host;x-amz-date, Signature={sig}", scope("s3").render());
+    let ok = format!(
+        "AWS4-HMAC-SHA256 Credential={PH_ID}/{}, SignedHeaders=host;x-amz-date, Signature={sig}",
+        scope("s3").render()
+    );
     assert!(find(&ok).expect("parses").is_some());
     let no_host = ok.replace("SignedHeaders=host;", "SignedHeaders=");
     assert!(matches!(find(&no_host), Err(SignError::Malformed(_))));
     let other_day = ok.replace(&DATE[..8], "20250101");
     assert!(matches!(find(&other_day), Err(SignError::Malformed(_))));
     let p = parts("GET", "/?AWSAccessKeyId=AKIA&Signature=x", &[("host", "h")]);
-    assert!(matches!(request::find(&p.headers, &p.uri), Err(SignError::Unsupported(_))));
+    assert!(matches!(
+        request::find(&p.headers, &p.uri),
+        Err(SignError::Unsupported(_))
+    ));
     let p = parts("GET", "/public/object", &[("host", "h")]);
     assert_eq!(request::find(&p.headers, &p.uri), Ok(None));
     let mut rng = crate::test_rng::Rng::new(22);
-    let pieces = ["AWS4-HMAC-SHA256 ", "Credential=", "/", ",", "SignedHeaders=", "host", ";", "Signature=", sig.as_str(), "=", " "];
+    let pieces = [
+        "AWS4-HMAC-SHA256 ",
+        "Credential=",
+        "/",
+        ",",
+        "SignedHeaders=",
+        "host",
+        ";",
+        "Signature=",
+        sig.as_str(),
+        "=",
+        " ",
+    ];
     for _ in 0..2000 {
         let text = rng.text(&pieces, 10);
         if let Ok(value) = HeaderValue::from_str(&text) {
@@ -260,9 +349,13 @@ fn malformed_and_unsupported_signatures_are_errors_not_panics() {
 #[test]
 #[ignore = "needs SIGV4_TEST_SUITE pointing at the aws-signing-test-suite/v4 directory"]
 fn official_test_suite() {
-    let dir = std::env::var("SIGV4_TEST_SUITE").expect("SIGV4_TEST_SUITE is the suite's v4 directory");
+    let dir =
+        std::env::var("SIGV4_TEST_SUITE").expect("SIGV4_TEST_SUITE is the suite's v4 directory");
     let mut cases = 0;
-    let mut entries: Vec<_> = std::fs::read_dir(&dir).expect("suite dir").flatten().collect();
+    let mut entries: Vec<_> = std::fs::read_dir(&dir)
+        .expect("suite dir")
+        .flatten()
+        .collect();
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let case = entry.path();
@@ -270,11 +363,17 @@ fn official_test_suite() {
             continue;
         }
         let read = |name: &str| std::fs::read_to_string(case.join(name)).unwrap_or_default();
-        let context: serde_json::Value = serde_json::from_str(&read("context.json")).expect("context");
+        let context: serde_json::Value =
+            serde_json::from_str(&read("context.json")).expect("context");
         let name = entry.file_name().to_string_lossy().into_owned();
-        let secret = context["credentials"]["secret_access_key"].as_str().expect("secret");
+        let secret = context["credentials"]["secret_access_key"]
+            .as_str()
+            .expect("secret");
         let timestamp = context["timestamp"].as_str().expect("timestamp");
-        let amz_date: String = timestamp.chars().filter(|c| *c != '-' && *c != ':').collect();
+        let amz_date: String = timestamp
+            .chars()
+            .filter(|c| *c != '-' && *c != ':')
+            .collect();
         let scope = Scope {
             date: amz_date[..8].to_string(),
             region: context["region"].as_str().expect("region").into(),
@@ -287,7 +386,8 @@ fn official_test_suite() {
             ("query-canonical-request.txt", "query-signature.txt"),
         ] {
             let canonical = read(canonical);
-            let sig = signer::signature(&key, &signer::string_to_sign(&amz_date, &scope, &canonical));
+            let sig =
+                signer::signature(&key, &signer::string_to_sign(&amz_date, &scope, &canonical));
             assert_eq!(sig, read(expected).trim(), "{name}: {expected}");
         }
         // The canonical request built from the raw request.
@@ -329,7 +429,10 @@ fn canonical_from_raw(raw: &str, context: &serde_json::Value, amz_date: &str) ->
         headers.push(("x-amz-content-sha256".into(), payload.clone()));
     }
     let token = context["credentials"]["token"].as_str();
-    if let (Some(token), false) = (token, context["omit_session_token"].as_bool().unwrap_or(false)) {
+    if let (Some(token), false) = (
+        token,
+        context["omit_session_token"].as_bool().unwrap_or(false),
+    ) {
         headers.push(("x-amz-security-token".into(), token.into()));
     }
     // Sorted by name, a repeated header's values joined in order.
