@@ -186,6 +186,13 @@ pub(super) async fn forward(
             },
         ),
     };
+    tracing::debug!(
+        service = %signed.scope.service,
+        region = %signed.scope.region,
+        presigned = signed.location == Location::Query,
+        payload = %payload_hash.get(..34).unwrap_or(&payload_hash),
+        "SigV4 request checked and signed again"
+    );
     let pending = Pending {
         kind: EventKind::CredentialUse,
         provider: provider.name.clone(),
