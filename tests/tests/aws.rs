@@ -307,11 +307,40 @@ aws sts get-caller-identity --query Arn --output text
 }
 
 #[test]
-fn without_the_broker_the_placeholders_are_refused_by_moto() {
+fn placeholders_alone_are_refused_by_moto_and_a_real_key_in_the_environment_is_handed_over() {
     let Some(bin) = aws_bin() else { return };
+    let _ = shim_lib();
     let ca = TestCa::new();
     let moto = Moto::start(&bin, &ca, &["sts.us-west-2.amazonaws.com"]);
-    let _ = moto.bootstrap(&bin, &ca);
+    let (id, secret) = moto.bootstrap(&bin, &ca);
+
+    // A shell that exported a real key: `broker run` takes it for the run (nothing stored)
+    // and the agent gets the placeholders.
+    let home = Home::new();
+    let agent = r#"echo "id=$AWS_ACCESS_KEY_ID"; echo "secret=$AWS_SECRET_ACCESS_KEY"
+aws sts get-caller-identity --query Arn --output text"#;
+    let mut cmd = broker_run(
+        &home,
+        &ca,
+        &bin,
+        moto.port,
+        &["sts.us-west-2.amazonaws.com"],
+    );
+    cmd.env("AWS_ACCESS_KEY_ID", &id)
+        .env("AWS_SECRET_ACCESS_KEY", &secret)
+        .args(["--", "sh", "-c", agent]);
+    let out = run_bounded(&mut cmd, Duration::from_secs(120));
+    let stdout = check_run("handed over", &out, &home, &secret);
+    assert!(
+        stdout.contains(&format!("secret={PLACEHOLDER_SECRET}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("arn:aws:iam::123456789012:user/agent"),
+        "{stdout}"
+    );
+
+    // Without the broker, the placeholders are what moto gets, and it refuses them.
     let call = "import boto3; print(boto3.client('sts').get_caller_identity()['Arn'])";
     let mut cmd = Command::new(bin.join("python3"));
     agent_env(&mut cmd, &bin);
