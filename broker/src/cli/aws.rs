@@ -3,8 +3,8 @@
 //!
 //! On stdin, either the values one per line (access key id, secret access key, optional
 //! session token) or `name = value` lines as in `~/.aws/credentials`
-//! (`aws_access_key_id`, `aws_secret_access_key`, `aws_session_token`; other lines such as a
-//! `[profile]` header are ignored).
+//! (`aws_access_key_id`, `aws_secret_access_key`, `aws_session_token`; of several profiles,
+//! `[default]`, else the first).
 
 use std::io::IsTerminal as _;
 
@@ -63,8 +63,25 @@ type Parsed = (String, Zeroizing<String>, Option<Zeroizing<String>>);
 fn parse_lines(text: &str) -> anyhow::Result<Parsed> {
     let (mut id, mut secret, mut token) = (None, None, None);
     let mut plain: Vec<&str> = Vec::new();
+    // A credentials file with several profiles: its [default] one, else its first.
+    let has_default = text.lines().any(|l| l.trim() == "[default]");
+    let mut section: Option<&str> = None;
+    let mut sections_seen = 0;
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        if line.starts_with('[') || line.starts_with('#') {
+        if line.starts_with('[') {
+            section = Some(line);
+            sections_seen += 1;
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let wanted = match section {
+            None => true,
+            Some(name) if has_default => name == "[default]",
+            Some(_) => sections_seen == 1,
+        };
+        if !wanted {
             continue;
         }
         match line.split_once('=') {
@@ -119,6 +136,11 @@ mod tests {
             (id.as_str(), secret.as_str(), token),
             ("AKID", "SECRET", None)
         );
+        let two = "[work]\naws_access_key_id = WORK\naws_secret_access_key = W\n[default]\naws_access_key_id = DEF\naws_secret_access_key = D\n";
+        let (id, secret, _) = parse_lines(two).expect("default profile");
+        assert_eq!((id.as_str(), secret.as_str()), ("DEF", "D"));
+        let (id, _, _) = parse_lines(&two.replace("[default]", "[other]")).expect("first profile");
+        assert_eq!(id, "WORK");
         assert!(parse_lines("only-one-line").is_err());
         assert!(parse_lines("aws_access_key_id = AKID\n").is_err());
     }

@@ -923,6 +923,129 @@ const REVIEWED_WILDCARDS: &[(&str, &str)] = &[
     (
         "*.algolianet.com",
         "Algolia's fallback hosts: <APPID>-1.algolianet.com",
+    ),    (
+        "*.s3.amazonaws.com",
+        "S3 buckets by their global name (AWS's storage service, no customer code)",
+    ),
+    (
+        "*.us-east-1.amazonaws.com",
+        "AWS service endpoints in us-east-1: <service>.us-east-1, <service>-fips.us-east-1",
+    ),
+    (
+        "*.s3.us-east-1.amazonaws.com",
+        "S3 buckets in us-east-1, by virtual-host name",
+    ),
+    (
+        "*.us-east-2.amazonaws.com",
+        "AWS service endpoints in us-east-2: <service>.us-east-2, <service>-fips.us-east-2",
+    ),
+    (
+        "*.s3.us-east-2.amazonaws.com",
+        "S3 buckets in us-east-2, by virtual-host name",
+    ),
+    (
+        "*.us-west-1.amazonaws.com",
+        "AWS service endpoints in us-west-1: <service>.us-west-1, <service>-fips.us-west-1",
+    ),
+    (
+        "*.s3.us-west-1.amazonaws.com",
+        "S3 buckets in us-west-1, by virtual-host name",
+    ),
+    (
+        "*.us-west-2.amazonaws.com",
+        "AWS service endpoints in us-west-2: <service>.us-west-2, <service>-fips.us-west-2",
+    ),
+    (
+        "*.s3.us-west-2.amazonaws.com",
+        "S3 buckets in us-west-2, by virtual-host name",
+    ),
+    (
+        "*.ca-central-1.amazonaws.com",
+        "AWS service endpoints in ca-central-1: <service>.ca-central-1, <service>-fips.ca-central-1",
+    ),
+    (
+        "*.s3.ca-central-1.amazonaws.com",
+        "S3 buckets in ca-central-1, by virtual-host name",
+    ),
+    (
+        "*.eu-west-1.amazonaws.com",
+        "AWS service endpoints in eu-west-1: <service>.eu-west-1, <service>-fips.eu-west-1",
+    ),
+    (
+        "*.s3.eu-west-1.amazonaws.com",
+        "S3 buckets in eu-west-1, by virtual-host name",
+    ),
+    (
+        "*.eu-west-2.amazonaws.com",
+        "AWS service endpoints in eu-west-2: <service>.eu-west-2, <service>-fips.eu-west-2",
+    ),
+    (
+        "*.s3.eu-west-2.amazonaws.com",
+        "S3 buckets in eu-west-2, by virtual-host name",
+    ),
+    (
+        "*.eu-west-3.amazonaws.com",
+        "AWS service endpoints in eu-west-3: <service>.eu-west-3, <service>-fips.eu-west-3",
+    ),
+    (
+        "*.s3.eu-west-3.amazonaws.com",
+        "S3 buckets in eu-west-3, by virtual-host name",
+    ),
+    (
+        "*.eu-central-1.amazonaws.com",
+        "AWS service endpoints in eu-central-1: <service>.eu-central-1, <service>-fips.eu-central-1",
+    ),
+    (
+        "*.s3.eu-central-1.amazonaws.com",
+        "S3 buckets in eu-central-1, by virtual-host name",
+    ),
+    (
+        "*.eu-north-1.amazonaws.com",
+        "AWS service endpoints in eu-north-1: <service>.eu-north-1, <service>-fips.eu-north-1",
+    ),
+    (
+        "*.s3.eu-north-1.amazonaws.com",
+        "S3 buckets in eu-north-1, by virtual-host name",
+    ),
+    (
+        "*.ap-northeast-1.amazonaws.com",
+        "AWS service endpoints in ap-northeast-1: <service>.ap-northeast-1, <service>-fips.ap-northeast-1",
+    ),
+    (
+        "*.s3.ap-northeast-1.amazonaws.com",
+        "S3 buckets in ap-northeast-1, by virtual-host name",
+    ),
+    (
+        "*.ap-southeast-1.amazonaws.com",
+        "AWS service endpoints in ap-southeast-1: <service>.ap-southeast-1, <service>-fips.ap-southeast-1",
+    ),
+    (
+        "*.s3.ap-southeast-1.amazonaws.com",
+        "S3 buckets in ap-southeast-1, by virtual-host name",
+    ),
+    (
+        "*.ap-southeast-2.amazonaws.com",
+        "AWS service endpoints in ap-southeast-2: <service>.ap-southeast-2, <service>-fips.ap-southeast-2",
+    ),
+    (
+        "*.s3.ap-southeast-2.amazonaws.com",
+        "S3 buckets in ap-southeast-2, by virtual-host name",
+    ),
+    (
+        "*.ap-south-1.amazonaws.com",
+        "AWS service endpoints in ap-south-1: <service>.ap-south-1, <service>-fips.ap-south-1",
+    ),
+    (
+        "*.s3.ap-south-1.amazonaws.com",
+        "S3 buckets in ap-south-1, by virtual-host name",
+    ),
+    (
+        "*.sa-east-1.amazonaws.com",
+        "AWS service endpoints in sa-east-1: <service>.sa-east-1, <service>-fips.sa-east-1",
+    ),
+    (
+        "*.s3.sa-east-1.amazonaws.com",
+        "S3 buckets in sa-east-1, by virtual-host name",
     ),
 ];
 
@@ -1023,6 +1146,7 @@ fn the_builtin_catalog_keeps_its_invariants() {
             "REVIEWED_WILDCARDS lists {w}, which no built-in uses"
         );
     }
+}
 
 const AWS_LIKE: &str = r#"name = "cloud"
 env = ["CLOUD_KEY_ID"]
@@ -1102,7 +1226,7 @@ fn the_aws_builtin_covers_regional_and_bucket_hosts_one_label_deep() {
         "bucket.s3.amazonaws.com",
         "sts.us-west-2.amazonaws.com",
         "sts-fips.us-east-1.amazonaws.com",
-        "s3-fips.us-gov-west-1.amazonaws.com",
+        "s3-fips.us-east-2.amazonaws.com",
         "bucket.s3.eu-central-1.amazonaws.com",
         "dynamodb.ap-southeast-2.amazonaws.com",
     ] {
@@ -1114,15 +1238,20 @@ fn the_aws_builtin_covers_regional_and_bucket_hosts_one_label_deep() {
     for host in [
         "amazonaws.com",
         "a.b.c.amazonaws.com",
+        "customer-host.amazonaws.com",
         "amazonaws.com.evil.example",
         "s3.amazonaws.com.cn",
     ] {
         assert!(catalog.route_for_host(host).is_none(), "{host}");
     }
     for pattern in aws.host_patterns() {
-        let rest = pattern.strip_prefix("*.").expect("wildcards only");
+        let rest = pattern.strip_prefix("*.").unwrap_or(pattern);
         assert!(!rest.contains('*'), "{pattern}");
-        assert!(rest.ends_with("amazonaws.com"), "{pattern}");
+        assert!(rest.ends_with(".amazonaws.com"), "{pattern}");
+        assert_ne!(
+            rest, "amazonaws.com",
+            "never a wildcard over every AWS host"
+        );
     }
     assert!(
         catalog.host_patterns().len() <= broker_contract::MAX_HOSTS,
