@@ -459,17 +459,29 @@ fn from_handover(
     pid: Option<u32>,
 ) -> Result<OpenRun, String> {
     let mut run_keys = HashMap::new();
-    for (var, value) in std::mem::take(&mut handover.keys) {
-        let value = Zeroizing::new(value);
+    let handed: Vec<(String, Zeroizing<String>)> = std::mem::take(&mut handover.keys)
+        .into_iter()
+        .map(|(var, value)| (var, Zeroizing::new(value)))
+        .collect();
+    for (var, value) in &handed {
         let provider = proxy
             .catalog()
             .providers()
             .iter()
-            .find(|p| p.key_vars().any(|v| *v == var));
+            .find(|p| p.key_vars().any(|v| v == var));
         if let Some(provider) = provider {
+            if provider.aws_sigv4.is_some() {
+                // An AWS credential is several variables, made one value below.
+                continue;
+            }
             run_keys
                 .entry(provider.name.clone())
                 .or_insert_with(|| value.to_string());
+        }
+    }
+    for provider in proxy.catalog().providers() {
+        if let Some(credential) = handed_aws_credential(provider, &handed) {
+            run_keys.entry(provider.name.clone()).or_insert(credential);
         }
     }
     if run_keys.is_empty() {
@@ -485,6 +497,30 @@ fn from_handover(
         policy: None,
         owner: None,
     })
+}
+
+/// An AWS credential from handed variables: the access key id's and the secret's (and the
+/// session token's, if handed), in the vault's form.
+fn handed_aws_credential(
+    provider: &crate::providers::Provider,
+    handed: &[(String, Zeroizing<String>)],
+) -> Option<String> {
+    let config = provider.aws_sigv4.as_ref()?;
+    let get = |var: &str| {
+        handed
+            .iter()
+            .find(|(v, _)| v == var)
+            .map(|(_, value)| value.as_str())
+    };
+    let id = get(provider.env.first()?)?;
+    let secret = get(&config.secret_env)?;
+    let credential = crate::proxy::sigv4::credential::AwsCredential::new(
+        id,
+        secret,
+        get(&config.session_token_env),
+    )
+    .ok()?;
+    Some(credential.encode().to_string())
 }
 
 /// The pid and command of a `broker run` request, from the kernel rather than the request:
@@ -573,6 +609,31 @@ async fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handed_aws_variables_make_one_credential() {
+        let catalog = crate::providers::Catalog::builtin();
+        let aws = catalog.get("aws").expect("aws");
+        let handed = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, Zeroizing<String>)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), Zeroizing::new(v.to_string())))
+                .collect();
+            handed_aws_credential(aws, &vars)
+        };
+        let id = ("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE");
+        let secret = (
+            "AWS_SECRET_ACCESS_KEY",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        );
+        let stored = handed(&[id, secret, ("AWS_SESSION_TOKEN", "tok")]).expect("credential");
+        let credential =
+            crate::proxy::sigv4::credential::AwsCredential::decode(&stored).expect("decodes");
+        assert_eq!(credential.access_key_id, id.1);
+        assert_eq!(credential.session_token.as_deref(), Some("tok"));
+        assert_eq!(handed(&[id]), None, "no secret, no credential");
+        assert_eq!(handed(&[secret]), None, "no id, no credential");
+    }
 
     /// The daemon parses what any process of the user sends: random requests either parse into
     /// keys that survive a round trip or fail with a line number, and never panic.

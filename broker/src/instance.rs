@@ -192,12 +192,13 @@ fn placeholder_env(
                 rows.iter()
                     .any(|(name, profile)| *name == p.name && *profile == profile_for(&p.name))
             });
-        let placeholder = |var: &String| (var.clone(), p.placeholder.clone());
+        // An AWS credential's secret variable goes with its key id's; its session token's is
+        // only ever replaced where set (`Provider::env_placeholders`).
         match has_credential {
-            true => env.extend(p.env.iter().map(placeholder)),
-            false => env_if_set.extend(p.env.iter().map(placeholder)),
+            true => env.extend(p.env_placeholders()),
+            false => env_if_set.extend(p.env_placeholders()),
         }
-        env_if_set.extend(p.env_if_set.iter().map(placeholder));
+        env_if_set.extend(p.env_if_set_placeholders());
     }
     (env, env_if_set)
 }
@@ -251,6 +252,41 @@ pub struct OpenRun {
     pub dns: Option<crate::dns::Responder>,
 }
 
+/// The host patterns a run manages: every provider's, but a signing provider's (AWS) only
+/// when the run has a credential for it. Without one there is nothing to sign with, so AWS
+/// traffic goes on directly as it did before broker managed it (an SDK using its own
+/// `~/.aws/credentials`), and a run that does not use AWS does not pay its patterns: each is a
+/// fake address and a listener (a descriptor) per run. `stored: None` (the vault could not be
+/// read) keeps every host, as `placeholder_env` keeps every placeholder.
+fn run_hosts(
+    catalog: &Catalog,
+    profiles: &HashMap<String, String>,
+    default_profile: &str,
+    handed: &dyn Fn(&str) -> bool,
+    stored: Option<&[(String, String)]>,
+) -> Vec<String> {
+    let profile_for = |name: &str| profiles.get(name).map_or(default_profile, String::as_str);
+    let unused: Vec<&str> = catalog
+        .providers()
+        .iter()
+        .filter(|p| p.aws_sigv4.is_some())
+        .filter(|p| {
+            !handed(&p.name)
+                && stored.is_some_and(|rows| {
+                    !rows
+                        .iter()
+                        .any(|(name, profile)| *name == p.name && *profile == profile_for(&p.name))
+                })
+        })
+        .flat_map(|p| p.host_patterns())
+        .collect();
+    catalog
+        .host_patterns()
+        .into_iter()
+        .filter(|h| !unused.contains(&h.as_str()))
+        .collect()
+}
+
 /// Open a run on `proxy` in `slot`, writing its CA and shim config into `runtime_dir`.
 pub async fn open_run(
     proxy: &Arc<Proxy>,
@@ -259,7 +295,6 @@ pub async fn open_run(
     runtime_dir: &Path,
 ) -> anyhow::Result<OpenRun> {
     let catalog = proxy.catalog();
-    let hosts = catalog.host_patterns();
     let run_id = spec.id.clone();
     let default_profile = if spec.default_profile.is_empty() {
         "default".to_string()
@@ -267,6 +302,13 @@ pub async fn open_run(
         spec.default_profile
     };
     let stored = stored_credentials(proxy).await;
+    let hosts = run_hosts(
+        catalog,
+        &spec.profiles,
+        &default_profile,
+        &|name| spec.run_keys.0.contains_key(name),
+        stored.as_deref(),
+    );
     let (env, env_if_set) = placeholder_env(
         catalog,
         spec.allow.as_deref(),
@@ -388,4 +430,35 @@ fn new_ticket() -> anyhow::Result<broker_contract::Ticket> {
 /// Remove a runtime file, ignoring a file that is already gone.
 pub fn remove_quietly(path: &Path) {
     let _ = std::fs::remove_file(path);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aws_hosts_are_managed_only_with_an_aws_credential() {
+        let catalog = crate::providers::Catalog::builtin();
+        let none = HashMap::new();
+        let is_aws = |h: &String| h.ends_with("amazonaws.com");
+        let without = run_hosts(&catalog, &none, "default", &|_| false, Some(&[]));
+        assert!(!without.iter().any(is_aws), "no credential, no AWS hosts");
+        assert!(
+            without.iter().any(|h| h == "api.openai.com"),
+            "other providers' hosts are always managed"
+        );
+        let stored = [("aws".to_string(), "default".to_string())];
+        let with = run_hosts(&catalog, &none, "default", &|_| false, Some(&stored));
+        assert!(with.iter().any(is_aws));
+        assert_eq!(with.len(), catalog.host_patterns().len());
+        let handed = run_hosts(&catalog, &none, "default", &|name| name == "aws", Some(&[]));
+        assert!(handed.iter().any(is_aws));
+        let other_profile = run_hosts(&catalog, &none, "work", &|_| false, Some(&stored));
+        assert!(
+            !other_profile.iter().any(is_aws),
+            "the run's profile has none"
+        );
+        let unreadable = run_hosts(&catalog, &none, "default", &|_| false, None);
+        assert_eq!(unreadable.len(), catalog.host_patterns().len());
+    }
 }

@@ -115,6 +115,17 @@ impl TestCa {
         let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
         (vec![cert.der().clone()], key_der)
     }
+
+    /// A server certificate and key for `names` as PEM text, for origins that read files
+    /// (moto's `--ssl-cert`/`--ssl-key`).
+    pub fn leaf_pem(&self, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate().expect("key");
+        let params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        let cert = params.signed_by(&key, &self.cert, &self.key).expect("leaf");
+        (cert.pem(), key.serialize_pem())
+    }
 }
 
 impl Default for TestCa {

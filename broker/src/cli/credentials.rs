@@ -50,6 +50,10 @@ pub struct AddArgs {
     /// or an admin uid of /etc/broker/config.toml.
     #[arg(long)]
     pub system: bool,
+    /// aws only: a role the broker assumes with this credential (STS AssumeRole), signing
+    /// requests with the role's short-lived credentials, fetched again before they expire.
+    #[arg(long, value_name = "ARN")]
+    pub role_arn: Option<String>,
     /// Catches a secret given on the command line, to refuse it without echoing it.
     #[arg(hide = true, num_args = 0.., allow_hyphen_values = true, trailing_var_arg = true)]
     pub stray: Vec<String>,
@@ -112,6 +116,13 @@ pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
     if let Some(command) = &args.from_command {
         return add_command(&home, provider, &args, command);
     }
+    if provider.auth == crate::providers::AuthKind::AwsSigv4 {
+        let secret = super::aws::read_credential(provider, args.role_arn.as_deref())?;
+        return store(&home, provider, &args, secret);
+    }
+    if args.role_arn.is_some() {
+        bail!("--role-arn is for the aws provider only");
+    }
     let secret = read_secret(provider)?;
     if provider.is_placeholder(&secret) {
         bail!(
@@ -129,7 +140,18 @@ pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
         );
     }
 
-    let vault = Vault::open(&home)?;
+    store(&home, provider, &args, secret)
+}
+
+/// Seal `secret` as `provider`'s credential (profile from `args`), accept the provider's
+/// hosts for it, and audit the addition.
+fn store(
+    home: &Home,
+    provider: &Provider,
+    args: &AddArgs,
+    secret: Zeroizing<String>,
+) -> anyhow::Result<ExitCode> {
+    let vault = Vault::open(home)?;
     let outcome = vault.put(
         &provider.name,
         &args.profile,
@@ -137,9 +159,9 @@ pub fn add(args: AddArgs) -> anyhow::Result<ExitCode> {
         CredentialKind::ApiKey,
     )?;
     drop(secret);
-    super::providers::accept_on_store(&home, &vault, provider, "broker add")?;
+    super::providers::accept_on_store(home, &vault, provider, "broker add")?;
     audit(
-        &home,
+        home,
         &vault,
         EventKind::CredentialAdded,
         &provider.name,

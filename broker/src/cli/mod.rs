@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 pub mod approve;
 pub mod audit;
+pub mod aws;
 pub mod ca;
 pub mod credentials;
 pub mod demo;

@@ -75,6 +75,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut drop_vars = Vec::new();
     let mut real_key_vars = Vec::new();
     for provider in catalog.providers() {
+        if provider.aws_sigv4.is_some() {
+            if let Some(vars) = take_aws_env(provider, allowed(&provider.name), &mut run_keys) {
+                real_key_vars.extend(vars);
+            }
+            continue;
+        }
         for var in provider.key_vars() {
             let Ok(value) = std::env::var(var) else {
                 continue;
@@ -349,6 +355,44 @@ pub(crate) async fn forward_signals(pid: u32) {
 }
 
 /// `broker run` started inside a run (the agent, or a program it started, runs `broker run`):
+/// A real AWS credential in our environment (`AWS_ACCESS_KEY_ID` with an `AKIA`/`ASIA` id and
+/// `AWS_SECRET_ACCESS_KEY`, maybe `AWS_SESSION_TOKEN`): for an allowed provider it becomes
+/// the run's credential, as one value. Returns the variables that held real values (the agent
+/// gets placeholders there), or `None` when there is no real credential.
+fn take_aws_env(
+    provider: &crate::providers::Provider,
+    allowed: bool,
+    run_keys: &mut HashMap<String, Zeroizing<String>>,
+) -> Option<Vec<String>> {
+    let config = provider.aws_sigv4.as_ref()?;
+    let id_var = provider.env.first()?;
+    let id = std::env::var(id_var).ok()?;
+    if id == provider.placeholder || !provider.key_matches(&id) {
+        return None;
+    }
+    let secret = Zeroizing::new(std::env::var(&config.secret_env).unwrap_or_default());
+    let token = std::env::var(&config.session_token_env)
+        .ok()
+        .map(Zeroizing::new);
+    let mut vars = vec![id_var.clone(), config.secret_env.clone()];
+    if token.is_some() {
+        vars.push(config.session_token_env.clone());
+    }
+    let name = &provider.name;
+    if !allowed {
+        eprintln!("broker: {id_var} held a real {name} credential and {name} is not in --allow: removed from the agent's environment");
+        return Some(vars);
+    }
+    match crate::proxy::sigv4::credential::AwsCredential::new(&id, &secret, token.as_deref().map(String::as_str)) {
+        Ok(credential) => {
+            eprintln!("broker: {id_var} and {} held a real {name} credential: this run uses it through the broker and the agent gets placeholders (store it with 'broker add {name}')", config.secret_env);
+            run_keys.entry(name.clone()).or_insert_with(|| credential.encode());
+        }
+        Err(e) => eprintln!("broker: {id_var} held a real {name} access key id, but the credential is not usable ({e}): the agent gets placeholders; store it with 'broker add {name}'"),
+    }
+    Some(vars)
+}
+
 /// the command joins the enclosing run, whose shim and placeholders it inherits, under that
 /// run's policy. A nested run of its own could not reach the vault in a sandbox anyway, and
 /// outside one it must not get to choose its own upstream settings.

@@ -184,6 +184,7 @@ const BUILTIN: &[(&str, &str)] = builtin_files![
     "openweather",
     "polygon",
     "alphavantage",
+    "aws",
 ];
 
 /// All providers broker knows, validated as a whole (unique names, hosts, placeholders).
@@ -514,6 +515,9 @@ pub struct Provider {
     pub auth: AuthKind,
     pub routes: Vec<Route>,
     pub oauth: Option<OAuthConfig>,
+    /// For `auth = "aws_sigv4"`: the secret's and session token's variables and placeholders
+    /// (the access key id's are `env` and `placeholder`).
+    pub aws_sigv4: Option<Sigv4Config>,
     /// Where the user gets a key.
     pub docs_url: Option<String>,
     /// Its hosts may resolve to loopback, private, link-local or metadata addresses (a custom
@@ -542,15 +546,53 @@ impl PartialEq for Provider {
             && self.auth == other.auth
             && self.routes == other.routes
             && self.oauth == other.oauth
+            && self.aws_sigv4 == other.aws_sigv4
             && self.docs_url == other.docs_url
             && self.private_addresses == other.private_addresses
     }
 }
 
 impl Provider {
-    /// Every env var that may hold this provider's key: `env`, then `env_if_set`.
+    /// Every env var that may hold this provider's key: `env`, then `env_if_set`, then an AWS
+    /// credential's secret and session token variables.
     pub fn key_vars(&self) -> impl Iterator<Item = &String> {
-        self.env.iter().chain(&self.env_if_set)
+        let sigv4 = self
+            .aws_sigv4
+            .iter()
+            .flat_map(|s| [&s.secret_env, &s.session_token_env]);
+        self.env.iter().chain(&self.env_if_set).chain(sigv4)
+    }
+
+    /// `(variable, placeholder)` for the variables every run sets: `env` with the placeholder,
+    /// and an AWS credential's secret variable with its own.
+    pub fn env_placeholders(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .env
+            .iter()
+            .map(|var| (var.clone(), self.placeholder.clone()))
+            .collect();
+        if let Some(s) = &self.aws_sigv4 {
+            out.push((s.secret_env.clone(), s.secret_placeholder.clone()));
+        }
+        out
+    }
+
+    /// `(variable, placeholder)` for the variables set only where already set: `env_if_set`,
+    /// and an AWS session token's variable (a real token there is hidden; the broker adds
+    /// the stored credential's own).
+    pub fn env_if_set_placeholders(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .env_if_set
+            .iter()
+            .map(|var| (var.clone(), self.placeholder.clone()))
+            .collect();
+        if let Some(s) = &self.aws_sigv4 {
+            out.push((
+                s.session_token_env.clone(),
+                s.session_token_placeholder.clone(),
+            ));
+        }
+        out
     }
 
     /// Parse and validate one provider definition. `origin` is what errors name as the file
@@ -647,6 +689,21 @@ pub enum AuthKind {
     ApiKey,
     #[serde(rename = "oauth2")]
     OAuth2,
+    /// AWS Signature Version 4: the agent signs with placeholder credentials and the broker
+    /// signs again with the real ones (`proxy::sigv4`); needs an `[aws_sigv4]` table.
+    #[serde(rename = "aws_sigv4")]
+    AwsSigv4,
+}
+
+/// The placeholders of an AWS credential besides the access key id. TOML:
+/// `[aws_sigv4]` with `secret_env`, `secret_placeholder`, `session_token_env`,
+/// `session_token_placeholder`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Sigv4Config {
+    pub secret_env: String,
+    pub secret_placeholder: String,
+    pub session_token_env: String,
+    pub session_token_placeholder: String,
 }
 
 impl fmt::Display for AuthKind {
@@ -654,6 +711,7 @@ impl fmt::Display for AuthKind {
         f.write_str(match self {
             AuthKind::ApiKey => "api_key",
             AuthKind::OAuth2 => "oauth2",
+            AuthKind::AwsSigv4 => "aws_sigv4",
         })
     }
 }

@@ -10,7 +10,7 @@ use toml::Spanned;
 
 use super::{
     AuthKind, ClientAuth, Grant, HostSpec, InjectMode, Injection, OAuthConfig, Origin, Provider,
-    ProviderError, Route, Scheme,
+    ProviderError, Route, Scheme, Sigv4Config,
 };
 
 #[derive(Deserialize)]
@@ -32,6 +32,16 @@ struct RawProvider {
     /// internal API): the broker's SSRF guard lets them through.
     #[serde(default)]
     private_addresses: bool,
+    aws_sigv4: Option<Spanned<RawSigv4>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSigv4 {
+    secret_env: Spanned<String>,
+    secret_placeholder: Spanned<String>,
+    session_token_env: Spanned<String>,
+    session_token_placeholder: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -247,6 +257,16 @@ pub(super) fn parse_provider(text: &str, origin: Origin) -> Result<Provider, Pro
         ));
     }
 
+    let aws_sigv4 = parse_sigv4(
+        &cx,
+        raw.aws_sigv4.as_ref(),
+        auth,
+        raw.auth.as_ref(),
+        &env,
+        &env_if_set,
+        placeholder,
+    )?;
+
     Ok(Provider {
         name: name.clone(),
         display_name: raw.display_name.unwrap_or_else(|| name.clone()),
@@ -257,12 +277,87 @@ pub(super) fn parse_provider(text: &str, origin: Origin) -> Result<Provider, Pro
         auth,
         routes,
         oauth,
+        aws_sigv4,
         docs_url,
         private_addresses: raw.private_addresses,
         key_regex,
         origin,
         text: Arc::from(text),
     })
+}
+
+/// The `[aws_sigv4]` table: present exactly when `auth = "aws_sigv4"`, its variables not
+/// among the provider's others, its placeholders valid and distinct.
+fn parse_sigv4(
+    cx: &Ctx<'_>,
+    raw: Option<&Spanned<RawSigv4>>,
+    auth: AuthKind,
+    auth_span: Option<&Spanned<AuthKind>>,
+    env: &[String],
+    env_if_set: &[String],
+    placeholder: &str,
+) -> Result<Option<Sigv4Config>, ProviderError> {
+    let raw = match (auth, raw) {
+        (AuthKind::AwsSigv4, Some(raw)) => raw,
+        (AuthKind::AwsSigv4, None) => {
+            return Err(cx.err(
+                auth_span.map(Spanned::span),
+                "auth",
+                "auth = \"aws_sigv4\" needs an [aws_sigv4] table (secret_env, secret_placeholder, session_token_env, session_token_placeholder)",
+            ))
+        }
+        (_, Some(raw)) => {
+            return Err(cx.err(
+                Some(raw.span()),
+                "aws_sigv4",
+                "an [aws_sigv4] table needs auth = \"aws_sigv4\"",
+            ))
+        }
+        (_, None) => return Ok(None),
+    };
+    let r = raw.get_ref();
+    let mut seen: Vec<&str> = env.iter().chain(env_if_set).map(String::as_str).collect();
+    for (field, var) in [
+        ("aws_sigv4.secret_env", &r.secret_env),
+        ("aws_sigv4.session_token_env", &r.session_token_env),
+    ] {
+        let v = var.get_ref();
+        if !valid_env_name(v) {
+            return Err(cx.err(
+                Some(var.span()),
+                field,
+                format!("'{v}' is not a valid environment variable name"),
+            ));
+        }
+        if seen.contains(&v.as_str()) {
+            return Err(cx.err(Some(var.span()), field, format!("'{v}' is listed twice")));
+        }
+        seen.push(v);
+    }
+    let mut placeholders = vec![placeholder];
+    for (field, p) in [
+        ("aws_sigv4.secret_placeholder", &r.secret_placeholder),
+        (
+            "aws_sigv4.session_token_placeholder",
+            &r.session_token_placeholder,
+        ),
+    ] {
+        check_placeholder(p.get_ref()).map_err(|why| cx.err(Some(p.span()), field, why))?;
+        if placeholders.contains(&p.get_ref().as_str()) {
+            return Err(cx.err(
+                Some(p.span()),
+                field,
+                "must differ from the provider's other placeholders",
+            ));
+        }
+        placeholders.push(p.get_ref());
+    }
+    Ok(Some(Sigv4Config {
+        secret_env: r.secret_env.get_ref().clone(),
+        secret_placeholder: r.secret_placeholder.get_ref().clone(),
+        session_token_env: r.session_token_env.get_ref().clone(),
+        session_token_placeholder: r.session_token_placeholder.get_ref().clone(),
+    }))
 }
 
 fn parse_route(cx: &Ctx<'_>, raw: &Spanned<RawRoute>) -> Result<Route, ProviderError> {

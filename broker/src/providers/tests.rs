@@ -6,8 +6,9 @@ use super::*;
 /// The regex the repository's leak scanner runs: no placeholder may look like a leaked key.
 const LEAK_SCANNER: &str = r"(sk-[A-Za-z0-9]{20,}|ghp_[A-Za-z0-9]{30,}|sk_live_[A-Za-z0-9]{10,})";
 
-/// Providers whose placeholder cannot spell "broker" (their CLI warns on any other format).
-const PLACEHOLDER_WITHOUT_WORD: &[&str] = &["sentry"];
+/// Providers whose placeholder cannot spell "broker" in lower case (their CLI warns on any
+/// other format; an AWS access key id is upper case: `AKIABROKERPLACEHOLDR`).
+const PLACEHOLDER_WITHOUT_WORD: &[&str] = &["sentry", "aws"];
 
 fn parse(text: &str) -> Result<Provider, ProviderError> {
     Provider::from_toml(text, "/home/u/.local/share/broker/providers/acme.toml")
@@ -922,6 +923,129 @@ const REVIEWED_WILDCARDS: &[(&str, &str)] = &[
     (
         "*.algolianet.com",
         "Algolia's fallback hosts: <APPID>-1.algolianet.com",
+    ),    (
+        "*.s3.amazonaws.com",
+        "S3 buckets by their global name (AWS's storage service, no customer code)",
+    ),
+    (
+        "*.us-east-1.amazonaws.com",
+        "AWS service endpoints in us-east-1: <service>.us-east-1, <service>-fips.us-east-1",
+    ),
+    (
+        "*.s3.us-east-1.amazonaws.com",
+        "S3 buckets in us-east-1, by virtual-host name",
+    ),
+    (
+        "*.us-east-2.amazonaws.com",
+        "AWS service endpoints in us-east-2: <service>.us-east-2, <service>-fips.us-east-2",
+    ),
+    (
+        "*.s3.us-east-2.amazonaws.com",
+        "S3 buckets in us-east-2, by virtual-host name",
+    ),
+    (
+        "*.us-west-1.amazonaws.com",
+        "AWS service endpoints in us-west-1: <service>.us-west-1, <service>-fips.us-west-1",
+    ),
+    (
+        "*.s3.us-west-1.amazonaws.com",
+        "S3 buckets in us-west-1, by virtual-host name",
+    ),
+    (
+        "*.us-west-2.amazonaws.com",
+        "AWS service endpoints in us-west-2: <service>.us-west-2, <service>-fips.us-west-2",
+    ),
+    (
+        "*.s3.us-west-2.amazonaws.com",
+        "S3 buckets in us-west-2, by virtual-host name",
+    ),
+    (
+        "*.ca-central-1.amazonaws.com",
+        "AWS service endpoints in ca-central-1: <service>.ca-central-1, <service>-fips.ca-central-1",
+    ),
+    (
+        "*.s3.ca-central-1.amazonaws.com",
+        "S3 buckets in ca-central-1, by virtual-host name",
+    ),
+    (
+        "*.eu-west-1.amazonaws.com",
+        "AWS service endpoints in eu-west-1: <service>.eu-west-1, <service>-fips.eu-west-1",
+    ),
+    (
+        "*.s3.eu-west-1.amazonaws.com",
+        "S3 buckets in eu-west-1, by virtual-host name",
+    ),
+    (
+        "*.eu-west-2.amazonaws.com",
+        "AWS service endpoints in eu-west-2: <service>.eu-west-2, <service>-fips.eu-west-2",
+    ),
+    (
+        "*.s3.eu-west-2.amazonaws.com",
+        "S3 buckets in eu-west-2, by virtual-host name",
+    ),
+    (
+        "*.eu-west-3.amazonaws.com",
+        "AWS service endpoints in eu-west-3: <service>.eu-west-3, <service>-fips.eu-west-3",
+    ),
+    (
+        "*.s3.eu-west-3.amazonaws.com",
+        "S3 buckets in eu-west-3, by virtual-host name",
+    ),
+    (
+        "*.eu-central-1.amazonaws.com",
+        "AWS service endpoints in eu-central-1: <service>.eu-central-1, <service>-fips.eu-central-1",
+    ),
+    (
+        "*.s3.eu-central-1.amazonaws.com",
+        "S3 buckets in eu-central-1, by virtual-host name",
+    ),
+    (
+        "*.eu-north-1.amazonaws.com",
+        "AWS service endpoints in eu-north-1: <service>.eu-north-1, <service>-fips.eu-north-1",
+    ),
+    (
+        "*.s3.eu-north-1.amazonaws.com",
+        "S3 buckets in eu-north-1, by virtual-host name",
+    ),
+    (
+        "*.ap-northeast-1.amazonaws.com",
+        "AWS service endpoints in ap-northeast-1: <service>.ap-northeast-1, <service>-fips.ap-northeast-1",
+    ),
+    (
+        "*.s3.ap-northeast-1.amazonaws.com",
+        "S3 buckets in ap-northeast-1, by virtual-host name",
+    ),
+    (
+        "*.ap-southeast-1.amazonaws.com",
+        "AWS service endpoints in ap-southeast-1: <service>.ap-southeast-1, <service>-fips.ap-southeast-1",
+    ),
+    (
+        "*.s3.ap-southeast-1.amazonaws.com",
+        "S3 buckets in ap-southeast-1, by virtual-host name",
+    ),
+    (
+        "*.ap-southeast-2.amazonaws.com",
+        "AWS service endpoints in ap-southeast-2: <service>.ap-southeast-2, <service>-fips.ap-southeast-2",
+    ),
+    (
+        "*.s3.ap-southeast-2.amazonaws.com",
+        "S3 buckets in ap-southeast-2, by virtual-host name",
+    ),
+    (
+        "*.ap-south-1.amazonaws.com",
+        "AWS service endpoints in ap-south-1: <service>.ap-south-1, <service>-fips.ap-south-1",
+    ),
+    (
+        "*.s3.ap-south-1.amazonaws.com",
+        "S3 buckets in ap-south-1, by virtual-host name",
+    ),
+    (
+        "*.sa-east-1.amazonaws.com",
+        "AWS service endpoints in sa-east-1: <service>.sa-east-1, <service>-fips.sa-east-1",
+    ),
+    (
+        "*.s3.sa-east-1.amazonaws.com",
+        "S3 buckets in sa-east-1, by virtual-host name",
     ),
 ];
 
@@ -1022,4 +1146,115 @@ fn the_builtin_catalog_keeps_its_invariants() {
             "REVIEWED_WILDCARDS lists {w}, which no built-in uses"
         );
     }
+}
+
+const AWS_LIKE: &str = r#"name = "cloud"
+env = ["CLOUD_KEY_ID"]
+placeholder = "AKIABROKERPLACEHOLD2"
+key_pattern = '^AKIA[A-Z0-9]{16}$'
+auth = "aws_sigv4"
+
+[aws_sigv4]
+secret_env = "CLOUD_SECRET"
+secret_placeholder = "brokerPlaceholderSecretAccessKey00000002"
+session_token_env = "CLOUD_TOKEN"
+session_token_placeholder = "broker-placeholder-cloud-session-token"
+
+[[routes]]
+hosts = ["*.cloud.example"]
+credential = [{ header = "authorization" }]
+"#;
+
+#[test]
+fn aws_sigv4_providers_have_their_own_placeholders_per_variable() {
+    let p = parse(AWS_LIKE).expect("parses");
+    assert_eq!(p.auth, AuthKind::AwsSigv4);
+    assert_eq!(
+        p.env_placeholders(),
+        vec![
+            (
+                "CLOUD_KEY_ID".to_string(),
+                "AKIABROKERPLACEHOLD2".to_string()
+            ),
+            (
+                "CLOUD_SECRET".to_string(),
+                "brokerPlaceholderSecretAccessKey00000002".to_string()
+            ),
+        ]
+    );
+    assert_eq!(
+        p.env_if_set_placeholders(),
+        vec![(
+            "CLOUD_TOKEN".to_string(),
+            "broker-placeholder-cloud-session-token".to_string()
+        )]
+    );
+    let vars: Vec<&String> = p.key_vars().collect();
+    assert_eq!(vars, ["CLOUD_KEY_ID", "CLOUD_SECRET", "CLOUD_TOKEN"]);
+
+    let without_table = AWS_LIKE.split("[aws_sigv4]").next().expect("head").to_string()
+        + "[[routes]]\nhosts = [\"*.cloud.example\"]\ncredential = [{ header = \"authorization\" }]\n";
+    assert!(err(&without_table).contains("needs an [aws_sigv4] table"));
+    let without_auth = AWS_LIKE.replace("auth = \"aws_sigv4\"\n", "");
+    assert!(err(&without_auth).contains("needs auth = \"aws_sigv4\""));
+    let same = AWS_LIKE.replace(
+        "broker-placeholder-cloud-session-token",
+        "brokerPlaceholderSecretAccessKey00000002",
+    );
+    assert!(err(&same).contains("must differ"));
+    let twice = AWS_LIKE.replace(
+        "session_token_env = \"CLOUD_TOKEN\"",
+        "session_token_env = \"CLOUD_KEY_ID\"",
+    );
+    assert!(err(&twice).contains("listed twice"));
+}
+
+#[test]
+fn the_aws_builtin_covers_regional_and_bucket_hosts_one_label_deep() {
+    let catalog = Catalog::builtin();
+    let aws = catalog.get("aws").expect("aws");
+    assert!(crate::proxy::sigv4::credential::looks_like_key_id(
+        &aws.placeholder
+    ));
+    assert!(aws.placeholder.contains("BROKER"));
+    let secret = &aws.aws_sigv4.as_ref().expect("sigv4").secret_placeholder;
+    assert_eq!(secret.len(), 40);
+    assert!(secret.contains("broker") && secret.contains("Placeholder"));
+    for host in [
+        "sts.amazonaws.com",
+        "s3.amazonaws.com",
+        "bucket.s3.amazonaws.com",
+        "sts.us-west-2.amazonaws.com",
+        "sts-fips.us-east-1.amazonaws.com",
+        "s3-fips.us-east-2.amazonaws.com",
+        "bucket.s3.eu-central-1.amazonaws.com",
+        "dynamodb.ap-southeast-2.amazonaws.com",
+    ] {
+        let (p, _) = catalog
+            .route_for_host(host)
+            .unwrap_or_else(|| panic!("{host}"));
+        assert_eq!(p.name, "aws", "{host}");
+    }
+    for host in [
+        "amazonaws.com",
+        "a.b.c.amazonaws.com",
+        "customer-host.amazonaws.com",
+        "amazonaws.com.evil.example",
+        "s3.amazonaws.com.cn",
+    ] {
+        assert!(catalog.route_for_host(host).is_none(), "{host}");
+    }
+    for pattern in aws.host_patterns() {
+        let rest = pattern.strip_prefix("*.").unwrap_or(pattern);
+        assert!(!rest.contains('*'), "{pattern}");
+        assert!(rest.ends_with(".amazonaws.com"), "{pattern}");
+        assert_ne!(
+            rest, "amazonaws.com",
+            "never a wildcard over every AWS host"
+        );
+    }
+    assert!(
+        catalog.host_patterns().len() <= broker_contract::MAX_HOSTS,
+        "the catalog's hosts must fit a run's fake addresses"
+    );
 }

@@ -67,6 +67,8 @@ pub enum BrokerError {
     UpstreamFailed { host: String, reason: String },
     /// The agent sent something the broker cannot forward.
     BadRequest { reason: String },
+    /// A signed request (AWS SigV4) that was not signed with the placeholder credential.
+    Signature { reason: String },
     /// The audit log cannot be written, so no credential is used.
     AuditUnwritable,
     /// The run (or the broker) holds as many client connections as it may
@@ -94,7 +96,8 @@ impl BrokerError {
             | BrokerError::UidRefused { .. }
             | BrokerError::Unlisted { .. }
             | BrokerError::NotAccepted { .. }
-            | BrokerError::RealKeyFromAgent { .. } => StatusCode::FORBIDDEN,
+            | BrokerError::RealKeyFromAgent { .. }
+            | BrokerError::Signature { .. } => StatusCode::FORBIDDEN,
             BrokerError::Policy(refusal) => match refusal.kind {
                 RefusalKind::Rules
                 | RefusalKind::PlaceholderRequired
@@ -123,6 +126,7 @@ impl BrokerError {
             BrokerError::Misdirected { .. }
             | BrokerError::NoHost
             | BrokerError::BadRequest { .. }
+            | BrokerError::Signature { .. }
             | BrokerError::NotAllowed { .. }
             | BrokerError::NotAllowedForUid { .. }
             | BrokerError::UidRefused { .. }
@@ -206,6 +210,7 @@ impl BrokerError {
             BrokerError::UpstreamAddressRefused { host, reason } => format!(
                 "upstream {host} resolves to {reason}, where the broker does not send requests (SSRF guard): for an internal API set private_addresses = true in its provider file, or pin the address with --resolve; nothing was sent"
             ),
+            BrokerError::Signature { reason } => format!("refused: {reason}"),
             BrokerError::AuditUnwritable => "the audit log cannot be written (a full disk?), and the broker uses no credential it cannot audit: see broker serve's log, free space, and the request can be sent again".to_string(),
         }
     }

@@ -23,7 +23,7 @@ use super::upstream::ConnectError;
 use super::{redact, swap};
 use super::{BoxError, ConnInfo, Proxy, ProxyBody};
 use crate::audit::EventKind;
-use crate::providers::Provider;
+use crate::providers::{AuthKind, Provider};
 
 pub(super) async fn handle(
     proxy: Arc<Proxy>,
@@ -202,6 +202,14 @@ async fn forward(
                 conn.sni
             )),
         ));
+    }
+
+    // AWS: the swap is a check of the agent's SigV4 signature and a new one (`sigv4`).
+    if provider.auth == AuthKind::AwsSigv4 {
+        return super::sigv4::forward(
+            proxy, conn, provider, route, spec_index, port, parts, body, method, uri, started,
+        )
+        .await;
     }
 
     // Look up and swap.
@@ -598,7 +606,7 @@ fn with_path(uri: &Uri, path: &str) -> Result<Uri, BrokerError> {
 
 /// Refuse the credential where the definition in effect sends it somewhere the user has not
 /// accepted (`providers::trust`).
-async fn accepted(
+pub(super) async fn accepted(
     proxy: &Arc<Proxy>,
     provider: &Provider,
     route: &crate::providers::Route,
@@ -643,7 +651,7 @@ async fn accepted(
 
 /// The secret, and whether it was read just now (`false`: a cached API key, current and with
 /// nothing to renew).
-async fn lookup(
+pub(super) async fn lookup(
     proxy: &Arc<Proxy>,
     provider: &Provider,
     profile: &str,
@@ -769,7 +777,7 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
 
 /// The request target as sent to the upstream: path and query only (an h2 request, or an
 /// absolute-form h1 one, also carries scheme and authority). Shares the bytes, no copy.
-fn origin_form(uri: &mut Uri) {
+pub(super) fn origin_form(uri: &mut Uri) {
     if uri.scheme().is_some() || uri.authority().is_some() {
         let path = uri
             .path_and_query()
@@ -791,7 +799,7 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 
 /// Remove hop-by-hop headers (RFC 9110 7.6.1), and any header named in `Connection`.
 /// For an upgrade, `Connection: upgrade` and `Upgrade` are kept.
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Names, not strings: a string is parsed into a name on every call.
     const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
     const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");

@@ -26,6 +26,7 @@ mod peer;
 mod pool;
 mod record;
 mod redact;
+pub mod sigv4;
 pub mod swap;
 mod ticket;
 mod upgrade;
@@ -297,6 +298,8 @@ pub struct Proxy {
     approvals: Arc<crate::approvals::Approvals>,
     /// See [`ProxySettings::access`].
     access: Option<Arc<AccessPolicy>>,
+    /// The short-lived credentials of AWS roles the broker assumed (`sigv4::assume`).
+    aws_roles: sigv4::assume::RoleCache,
 }
 
 impl Proxy {
@@ -334,6 +337,7 @@ impl Proxy {
             policy_file: settings.policy_file,
             approvals: crate::approvals::Approvals::new(),
             access: settings.access,
+            aws_roles: sigv4::assume::RoleCache::default(),
         }))
     }
 
