@@ -208,36 +208,53 @@ fn placeholder_env(
 /// One look is a read of the vault's rows (no secret is decrypted beyond the integrity check).
 const PLACEHOLDER_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Keep the placeholders of `broker serve`'s own run (the one bare preloads use: every
-/// provider, default profiles, no handed keys) in step with the vault, rewriting its shim
-/// config (temp file + rename) when they change. Aborted with the returned handle.
+/// Keep the placeholders of the run bare preloads use (`broker serve`'s own, or the system
+/// broker's: every provider, default profiles, no handed keys) in step with the vault,
+/// looking every [`PLACEHOLDER_REFRESH`]; the system broker's admin requests also refresh at
+/// once ([`refresh_placeholders`]) before they answer. Aborted with the returned handle.
 pub fn keep_placeholders_current(
     proxy: Arc<Proxy>,
-    mut shim: ShimConfig,
+    shim: ShimConfig,
     path: PathBuf,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        *proxy.daemon_shim.lock().await = Some((shim, path));
         loop {
             tokio::time::sleep(PLACEHOLDER_REFRESH).await;
-            let stored = stored_credentials(&proxy).await;
-            let (env, env_if_set) = placeholder_env(
-                proxy.catalog(),
-                None,
-                &HashMap::new(),
-                "default",
-                &|_| false,
-                stored.as_deref(),
-            );
-            if env == shim.env && env_if_set == shim.env_if_set {
-                continue;
-            }
-            shim.env = env;
-            shim.env_if_set = env_if_set;
-            if let Err(err) = write_private_file(&path, shim.render().as_bytes()) {
-                tracing::warn!(%err, path = %path.display(), "cannot update the shim config's placeholders");
-            }
+            refresh_placeholders(&proxy).await;
         }
     })
+}
+
+/// Rewrite the bare-preload run's shim config (temp file + rename) if the vault's
+/// credentials changed which variables get placeholders. A no-op where nothing keeps them.
+pub async fn refresh_placeholders(proxy: &Arc<Proxy>) {
+    let stored = stored_credentials(proxy).await;
+    let mut slot = proxy.daemon_shim.lock().await;
+    let Some((shim, path)) = slot.as_mut() else {
+        return;
+    };
+    let (env, env_if_set) = placeholder_env(
+        proxy.catalog(),
+        None,
+        &HashMap::new(),
+        "default",
+        &|_| false,
+        stored.as_deref(),
+    );
+    if env == shim.env && env_if_set == shim.env_if_set {
+        return;
+    }
+    shim.env = env;
+    shim.env_if_set = env_if_set;
+    // The system broker's config is for its allowed uids to read (see `open_run`).
+    let written = match proxy.access().is_some() {
+        true => crate::home::write_shared_file(path, shim.render().as_bytes()),
+        false => write_private_file(path, shim.render().as_bytes()),
+    };
+    if let Err(err) = written {
+        tracing::warn!(%err, path = %path.display(), "cannot update the shim config's placeholders");
+    }
 }
 
 /// One open run: its listeners and the shim config written for it.

@@ -78,7 +78,7 @@ pub struct CommonArgs {
     #[arg(long)]
     pub replace: bool,
     /// Also take VAR as holding PROVIDER's key (repeatable): for variables no provider
-    /// names, e.g. --map GITHUB_PERSONAL_ACCESS_TOKEN=github. The value must still match
+    /// names, e.g. --map MY_GH_TOKEN=github. The value must still match
     /// the provider's key pattern.
     #[arg(long, value_name = "VAR=PROVIDER")]
     pub map: Vec<String>,

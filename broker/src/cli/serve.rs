@@ -160,6 +160,11 @@ fn run_system(args: ServeArgs) -> anyhow::Result<ExitCode> {
             paths.runs_dir(),
             Some(admin),
         ));
+        let placeholders = instance::keep_placeholders_current(
+            started.proxy.clone(),
+            started.shim.clone(),
+            started.shim_config_path.clone(),
+        );
         eprintln!(
             "broker serve --system: ready (uid {}, port {}, {} managed hosts); agents of the allowed uids: LD_PRELOAD=libbroker.so CMD",
             rustix::process::geteuid().as_raw(),
@@ -168,6 +173,7 @@ fn run_system(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
         super::wait_for_shutdown().await;
         control_task.abort();
+        placeholders.abort();
         instance::remove_quietly(&paths.control_socket());
         instance::remove_quietly(&started.shim_config_path);
         let _ = std::fs::remove_dir_all(paths.runs_dir());

@@ -300,6 +300,11 @@ pub struct Proxy {
     access: Option<Arc<AccessPolicy>>,
     /// The short-lived credentials of AWS roles the broker assumed (`sigv4::assume`).
     aws_roles: sigv4::assume::RoleCache,
+    /// The shim config of the run bare preloads use (`broker serve`'s, the system broker's)
+    /// and where it is written, once [`crate::instance::keep_placeholders_current`] keeps
+    /// its placeholders in step with the vault.
+    pub(crate) daemon_shim:
+        tokio::sync::Mutex<Option<(broker_contract::ShimConfig, std::path::PathBuf)>>,
 }
 
 impl Proxy {
@@ -338,6 +343,7 @@ impl Proxy {
             approvals: crate::approvals::Approvals::new(),
             access: settings.access,
             aws_roles: sigv4::assume::RoleCache::default(),
+            daemon_shim: tokio::sync::Mutex::new(None),
         }))
     }
 

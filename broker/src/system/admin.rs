@@ -138,11 +138,15 @@ pub(crate) async fn answer(
         }
         return AdminReply::error(why);
     }
-    let proxy = proxy.clone();
+    let applying = proxy.clone();
     let (home, keys) = (admin.home.clone(), admin.keys.clone());
-    tokio::task::spawn_blocking(move || apply(&proxy, &home, &keys, peer, request))
+    let reply = tokio::task::spawn_blocking(move || apply(&applying, &home, &keys, peer, request))
         .await
-        .unwrap_or_else(|_| AdminReply::error("the admin request crashed; see the broker's log"))
+        .unwrap_or_else(|_| AdminReply::error("the admin request crashed; see the broker's log"));
+    // A key added or removed changes which placeholders bare preloads get: the config says
+    // so before the admin hears back, so an agent started right after sees it.
+    crate::instance::refresh_placeholders(proxy).await;
+    reply
 }
 
 /// Carry out an admin's request on the vault (blocking).
