@@ -651,10 +651,20 @@ fn a_system_broker_serves_its_allowed_uids_and_nothing_of_it_is_theirs() {
     let out = admin_cli(&["remove", "openai", "--system"], "");
     assert!(out.status.success(), "admin remove: {}", text(&out));
     let out = run_bounded(
-        &mut bare_preload(&agent, &root, "echo \"openai=${OPENAI_API_KEY-unset}\"", false),
+        &mut bare_preload(
+            &agent,
+            &root,
+            "echo \"openai=${OPENAI_API_KEY-unset}\"",
+            false,
+        ),
         Duration::from_secs(30),
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "openai=unset", "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "openai=unset",
+        "{}",
+        text(&out)
+    );
     let out = run_bounded(
         &mut bare_preload(&agent, &root, "curl -sS -i https://api.openai.com/v1/models -H \"Authorization: Bearer sk-broker-placeholder-openai-0000000000000000\"", false),
         Duration::from_secs(30),

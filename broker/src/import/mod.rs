@@ -92,7 +92,9 @@ impl<'a> Recognizer<'a> {
         let mut pairs = Vec::new();
         for entry in map {
             let Some((var, provider)) = entry.split_once('=') else {
-                anyhow::bail!("--map takes VAR=PROVIDER (e.g. --map MY_GH_TOKEN=github), got {entry:?}");
+                anyhow::bail!(
+                    "--map takes VAR=PROVIDER (e.g. --map MY_GH_TOKEN=github), got {entry:?}"
+                );
             };
             if catalog.get(provider).is_none() {
                 anyhow::bail!("--map {var}={provider}: unknown provider (see `broker providers`)");
