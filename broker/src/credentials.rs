@@ -125,20 +125,15 @@ impl Credentials for VaultCredentials {
 
     /// Every row, whether or not it passes its integrity check: a row edited outside broker
     /// still gets its placeholder, so the agent's request reaches the broker and gets the
-    /// integrity error that tells the user what happened (the row itself is never used). No
-    /// vault yet: nothing is stored. A vault that cannot be read here: unknown.
+    /// integrity error that tells the user what happened (the row itself is never used).
+    /// Read without decrypting anything ([`Vault::stored_names`]), since `broker serve` asks
+    /// every 2 s. No vault yet: nothing is stored. A vault that cannot be read here: unknown.
     fn stored(&self) -> Option<Vec<(String, String)>> {
-        let vault = match self.vault() {
-            Ok(Some(vault)) => vault,
-            Ok(None) => return Some(Vec::new()),
-            Err(_) => return None,
-        };
-        let rows = vault.list().ok()?;
-        Some(
-            rows.into_iter()
-                .map(|row| (row.provider, row.profile))
-                .collect(),
-        )
+        match self.vault() {
+            Ok(Some(vault)) => vault.stored_names().ok(),
+            Ok(None) => Some(Vec::new()),
+            Err(_) => None,
+        }
     }
 
     /// Only API keys are cached: a current cache entry means there is nothing to renew. Right

@@ -205,7 +205,7 @@ fn placeholder_env(
 
 /// How often `broker serve` looks for credentials added or removed since it wrote its shim
 /// config: a bare preload started a moment after `broker add` should get the placeholder.
-/// One look is a read of the vault's rows (no secret is decrypted beyond the integrity check).
+/// One look is a read of the vault's row names (no secret is decrypted).
 const PLACEHOLDER_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Keep the placeholders of the run bare preloads use (`broker serve`'s own, or the system

@@ -42,27 +42,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let dir = home.daemon_dir();
     ensure_private_dir(&dir)?;
 
-    // One daemon per BROKER_HOME: the lock is released by the kernel when we die, so a crash
-    // never leaves a stale lock behind.
-    let lock_path = dir.join("serve.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    if lock.try_lock().is_err() {
-        anyhow::bail!(
+    let lock = lock_daemon(&dir, || {
+        format!(
             "another 'broker serve' is already running for {} (stop it first, or set BROKER_HOME)",
             home.root().display()
-        );
-    }
-
-    // Every run of the user is served from this process: it may need more descriptors than
-    // the soft limit's usual 1024 (the caps in `proxy::limits` are fitted to what it gets).
-    if let Err(err) = crate::proxy::limits::raise_descriptor_limit() {
-        tracing::warn!(%err, "cannot raise the open-file limit to its hard limit; the connection caps fit the current one");
-    }
+        )
+    })?;
+    raise_descriptor_limit();
     let limits = args.limits.into_limits();
     let runtime = super::serve_runtime()?;
     runtime.block_on(async {
@@ -114,24 +100,15 @@ fn run_system(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let start = crate::system::start::prepare(&paths)?;
     let run_dir = paths.run_dir();
-    let lock_path = run_dir.join("serve.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    if lock.try_lock().is_err() {
-        anyhow::bail!(
+    let lock = lock_daemon(&run_dir, || {
+        format!(
             "another system broker is already running on {}",
             run_dir.display()
-        );
-    }
+        )
+    })?;
     // Runs of a broker that died: their listeners are gone with it.
     let _ = std::fs::remove_dir_all(paths.runs_dir());
-    if let Err(err) = crate::proxy::limits::raise_descriptor_limit() {
-        tracing::warn!(%err, "cannot raise the open-file limit to its hard limit; the connection caps fit the current one");
-    }
+    raise_descriptor_limit();
     let limits = args.limits.into_limits();
     let runtime = super::serve_runtime()?;
     let admin = std::sync::Arc::new(crate::system::admin::AdminContext {
@@ -182,4 +159,31 @@ fn run_system(args: ServeArgs) -> anyhow::Result<ExitCode> {
     })?;
     drop(lock);
     Ok(ExitCode::SUCCESS)
+}
+
+/// One daemon per directory: `serve.lock` in `dir`, held until the returned file is dropped.
+/// The kernel releases it when the process dies, so a crash never leaves a stale lock.
+fn lock_daemon(
+    dir: &std::path::Path,
+    busy: impl FnOnce() -> String,
+) -> anyhow::Result<std::fs::File> {
+    let lock_path = dir.join("serve.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        anyhow::bail!(busy());
+    }
+    Ok(lock)
+}
+
+/// Every run is served from this process: it may need more descriptors than the soft limit's
+/// usual 1024 (the caps in `proxy::limits` are fitted to what it gets).
+fn raise_descriptor_limit() {
+    if let Err(err) = crate::proxy::limits::raise_descriptor_limit() {
+        tracing::warn!(%err, "cannot raise the open-file limit to its hard limit; the connection caps fit the current one");
+    }
 }

@@ -427,6 +427,17 @@ impl Vault {
             .transpose()
     }
 
+    /// The (provider, profile) of every row, without opening any (no secret is decrypted, no
+    /// integrity check made): which providers have a credential, for the placeholders a run's
+    /// agent gets. A row edited outside broker is listed like the others; using it fails.
+    pub fn stored_names(&self) -> Result<Vec<(String, String)>, VaultError> {
+        let conn = self.lock();
+        Ok(row::read_all(&conn)?
+            .into_iter()
+            .map(|row| (row.provider, row.profile))
+            .collect())
+    }
+
     /// Every stored credential, sorted by provider then profile, each with whether it passes
     /// its integrity check. No secret leaves the vault.
     pub fn list(&self) -> Result<Vec<CredentialInfo>, VaultError> {
