@@ -149,9 +149,7 @@ struct Parser<'a> {
 
 impl Parser<'_> {
     fn error(&self, message: &'static str) -> ParseError {
-        let before = &self.text[..self.at.min(self.text.len())];
-        let line = before.matches('\n').count() + 1;
-        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        let (line, column) = crate::providers::line_col(self.text, self.at);
         ParseError {
             line,
             column,

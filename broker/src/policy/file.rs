@@ -12,7 +12,7 @@ use toml::Spanned;
 use super::budget::Limits;
 use super::rules::Rule;
 use super::Mode;
-use crate::providers::Catalog;
+use crate::providers::{line_col, Catalog};
 
 /// One parsed file.
 #[derive(Debug, Clone, Default)]
@@ -274,13 +274,6 @@ fn limits(
 }
 
 /// 1-based line and column (in characters) of byte `offset`.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = text.get(..offset.min(text.len())).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, before[start..].chars().count() + 1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use crate::home::Home;
 
 mod parse;
+pub(crate) use parse::line_col;
 pub mod trust;
 
 /// The built-in definitions, compiled in. One line per provider; the file name is the origin

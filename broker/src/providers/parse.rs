@@ -665,7 +665,9 @@ fn toml_error(cx: &Ctx<'_>, e: &toml::de::Error) -> ProviderError {
 }
 
 /// 1-based line and column (in characters) of byte `offset`.
-pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
+/// 1-based line and column (in characters) of byte `offset` in `text`, for error messages;
+/// shared by every parser of a user-edited file (providers, policy, imported JSON).
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = text.get(..offset).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
