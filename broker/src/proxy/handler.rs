@@ -353,12 +353,22 @@ async fn forward(
         }
     }
 
-    // Respond.
+    Ok(to_agent(proxy, conn, pending, response))
+}
+
+/// Respond: the upstream's answer as the agent gets it (here and in `sigv4`). Nothing of it
+/// but status, headers and body reaches the agent: hyper keeps an HTTP/1.1 reason phrase
+/// other than the canonical one as an extension and would send it on, and it is text the
+/// upstream chose (it may quote the key). An answer to a request that carried the key is
+/// redacted and audited when its body ends.
+pub(super) fn to_agent(
+    proxy: &Arc<Proxy>,
+    conn: &Arc<ConnInfo>,
+    pending: Option<Pending>,
+    response: Response<ProxyBody>,
+) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    // Nothing of the upstream's answer but status, headers and body reaches the agent: hyper
-    // keeps an HTTP/1.1 reason phrase other than the canonical one as an extension and would
-    // send it on, and it is text the upstream chose (it may quote the key).
     parts.extensions.clear();
     let status = parts.status.as_u16();
     let body = match pending {
@@ -369,7 +379,7 @@ async fn forward(
         }
         None => body,
     };
-    Ok(Response::from_parts(parts, body))
+    Response::from_parts(parts, body)
 }
 
 /// Respond/redact: the answer to a request that carried the key, with every form of the key

@@ -40,10 +40,8 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 
 use super::error::BrokerError;
-use super::handler::{
-    accepted, lookup, origin_form, redacted_answer, strip_hop_by_hop, unanswered,
-};
-use super::record::{event, AuditedBody, Pending};
+use super::handler::{accepted, lookup, origin_form, strip_hop_by_hop, unanswered};
+use super::record::{event, Pending};
 use super::{decode, BoxError, ConnInfo, Proxy, ProxyBody};
 use crate::audit::EventKind;
 use crate::providers::{Provider, Route};
@@ -357,17 +355,5 @@ async fn send(
         Ok(response) => response,
         Err(e) => return Err(unanswered(proxy, conn, pending, e)),
     };
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers, false);
-    parts.extensions.clear();
-    let status = parts.status.as_u16();
-    let body = match pending {
-        Some(p) => {
-            let needles = proxy.needles.get(p.secret.as_bytes());
-            let body = redacted_answer(&mut parts.headers, body, needles, &conn.sni);
-            AuditedBody::wrap(body, proxy.clone(), conn.clone(), p, status)
-        }
-        None => body,
-    };
-    Ok(Response::from_parts(parts, body))
+    Ok(super::handler::to_agent(proxy, conn, pending, response))
 }
