@@ -26,6 +26,8 @@ pub struct OriginRequest {
     pub method: String,
     /// Path and query, exactly as received.
     pub target: String,
+    /// The host the request named: h2's `:authority`, else h1's `Host` header.
+    pub authority: String,
     pub version: http::Version,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
@@ -211,6 +213,17 @@ async fn serve(
             .uri
             .path_and_query()
             .map(|p| p.to_string())
+            .unwrap_or_default(),
+        authority: parts
+            .uri
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+            })
             .unwrap_or_default(),
         version: parts.version,
         headers: parts
