@@ -98,10 +98,16 @@ struct Provider {
 fn provider(home: &Home, name: &str) -> Provider {
     let out = home.broker_ok(&["providers", "show", name, "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("providers json");
-    let placeholder = json["placeholder"].as_str().expect("placeholder").to_string();
+    let placeholder = json["placeholder"]
+        .as_str()
+        .expect("placeholder")
+        .to_string();
     // Same length and character classes as the placeholder, so it fits the key pattern.
     let key = placeholder.replace("placeholder", "realsecret1");
-    assert_ne!(key, placeholder, "{name}'s placeholder has no 'placeholder' in it");
+    assert_ne!(
+        key, placeholder,
+        "{name}'s placeholder has no 'placeholder' in it"
+    );
     let hosts = json["routes"]
         .as_array()
         .expect("routes")
@@ -139,7 +145,10 @@ fn drive(cases: &[Case], agent: impl Fn(&Case) -> Command) {
     let only = std::env::var("BROKER_TEST_SDK_ONLY").ok();
     let cases: Vec<&Case> = cases
         .iter()
-        .filter(|c| only.as_deref().is_none_or(|o| o.split(',').any(|n| n == c.name)))
+        .filter(|c| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|n| n == c.name))
+        })
         .collect();
     let ca = TestCa::new();
     let home = Home::new();
@@ -177,12 +186,17 @@ fn drive(cases: &[Case], agent: impl Fn(&Case) -> Command) {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let ca_vars = if presets { "preset" } else { "scrubbed" };
         if stdout.contains(&provider.key) || stderr.contains(&provider.key) {
-            failures.push(format!("{}: the agent's output held the real key", case.name));
+            failures.push(format!(
+                "{}: the agent's output held the real key",
+                case.name
+            ));
             continue;
         }
         let requests = &origin.requests()[before..];
         let placeholder_sent = requests.iter().any(|r| {
-            r.headers.iter().any(|(_, v)| v.contains(&provider.placeholder))
+            r.headers
+                .iter()
+                .any(|(_, v)| v.contains(&provider.placeholder))
                 || r.target.contains(&provider.placeholder)
         });
         let real_key_sent = requests.iter().any(|r| {
