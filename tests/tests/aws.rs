@@ -14,8 +14,8 @@
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use broker_integration::{
     contains, count_events, preset_ca_vars, run_bounded, shim_lib, target_dir, Home, Origin, Reply,
@@ -481,6 +481,127 @@ aws sts get-caller-identity --query Arn --output text
     );
     assert_eq!(count_events(&audit, "credential_use"), 2, "{audit}");
 }
+
+/// How long the fake STS below makes role credentials last. The broker fetches new ones
+/// `min(5 min, lifetime / 2)` before they expire, so here after 15 s.
+const SHORT_ROLE_LIFETIME: time::Duration = time::Duration::seconds(30);
+
+/// The access key id of the `n`th role credential the fake STS hands out (20 characters).
+fn role_key_id(n: usize) -> String {
+    format!("ASIAROLETESTKEY{n:05}")
+}
+
+#[test]
+fn role_credentials_are_fetched_again_before_they_expire() {
+    // STS never gives less than 15 minutes, so moto cannot show a refresh in a test's time: a
+    // local origin plays STS (its AssumeRole answers last 30 s) and records every request.
+    // Whether the signatures verify is the moto tests' business; this one checks which
+    // credential signed what, and when the broker went back to STS.
+    let Some(bin) = aws_bin() else { return };
+    let _ = shim_lib();
+    let ca = TestCa::new();
+    let hosts = ["sts.amazonaws.com", "sts.us-west-2.amazonaws.com"];
+    let issued: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let sts = {
+        let issued = issued.clone();
+        Origin::start(&ca, &hosts, move |req| {
+            let body = String::from_utf8_lossy(&req.body);
+            if !body.contains("Action=AssumeRole") {
+                return Reply::Text(200, CALLER_IDENTITY.into());
+            }
+            let mut issued = issued.lock().expect("lock");
+            let expires = time::OffsetDateTime::now_utc() + SHORT_ROLE_LIFETIME;
+            issued.push(Instant::now());
+            let n = issued.len();
+            let expiration = expires
+                .replace_nanosecond(0)
+                .expect("nanosecond")
+                .format(&time::format_description::well_known::Rfc3339)
+                .expect("rfc3339");
+            Reply::Text(
+                200,
+                format!(
+                    "<AssumeRoleResponse><AssumeRoleResult><Credentials>\
+                     <AccessKeyId>{}</AccessKeyId>\
+                     <SecretAccessKey>roleSecretAccessKeyForTheTest{n:011}</SecretAccessKey>\
+                     <SessionToken>role-session-token-{n}</SessionToken>\
+                     <Expiration>{expiration}</Expiration>\
+                     </Credentials></AssumeRoleResult></AssumeRoleResponse>",
+                    role_key_id(n)
+                ),
+            )
+        })
+    };
+    let (id, secret) = (
+        "AKIAROLEBASEKEY00001",
+        "roleBaseSecretAccessKeyForTheTest0000001",
+    );
+    let home = Home::new();
+    add_aws_with(
+        &home,
+        id,
+        secret,
+        &["--role-arn", "arn:aws:iam::123456789012:role/agent-role"],
+    );
+    // The second call comes after the refresh point (15 s) and well before the first
+    // credentials expire (30 s).
+    let agent = r#"set -e
+echo "id=$AWS_ACCESS_KEY_ID"
+aws sts get-caller-identity --query Arn --output text
+sleep 17
+aws sts get-caller-identity --query Arn --output text
+"#;
+    let mut cmd = broker_run(&home, &ca, &bin, sts.addr.port(), &hosts);
+    cmd.args(["--", "sh", "-c", agent]);
+    let out = run_bounded(&mut cmd, Duration::from_secs(180));
+    check_run("refreshed role", &out, &home, secret);
+
+    let requests = sts.requests();
+    let signer = |r: &broker_integration::OriginRequest| {
+        r.header("authorization")
+            .and_then(|a| a.split("Credential=").nth(1))
+            .and_then(|c| c.split('/').next())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let sequence: Vec<(bool, String)> = requests
+        .iter()
+        .map(|r| {
+            let assume = String::from_utf8_lossy(&r.body).contains("Action=AssumeRole");
+            (assume, signer(r))
+        })
+        .collect();
+    assert_eq!(
+        sequence,
+        vec![
+            (true, id.to_string()),
+            (false, role_key_id(1)),
+            (true, id.to_string()),
+            (false, role_key_id(2)),
+        ],
+        "expected AssumeRole (signed with the stored key), a call with the role's first \
+         credentials, AssumeRole again, a call with the second ones"
+    );
+    assert_eq!(
+        requests[3].header("x-amz-security-token"),
+        Some("role-session-token-2"),
+        "the second call did not carry the new session token"
+    );
+    let issued = issued.lock().expect("lock");
+    let first_expires_at = issued[0] + Duration::try_from(SHORT_ROLE_LIFETIME).expect("positive");
+    assert!(
+        issued[1] < first_expires_at,
+        "the broker went back to STS only after the first credentials had expired"
+    );
+    let audit = home.audit_until(|a| count_events(a, "credential_use") >= 2);
+    assert_eq!(count_events(&audit, "refresh"), 2, "{audit}");
+}
+
+const CALLER_IDENTITY: &str = "<GetCallerIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
+<GetCallerIdentityResult><Arn>arn:aws:sts::123456789012:assumed-role/agent-role/broker-default</Arn>\
+<UserId>AROAEXAMPLE:broker-default</UserId><Account>123456789012</Account></GetCallerIdentityResult>\
+<ResponseMetadata><RequestId>00000000-0000-0000-0000-000000000000</RequestId></ResponseMetadata>\
+</GetCallerIdentityResponse>";
 
 #[test]
 fn a_streaming_signed_upload_is_resigned_chunk_by_chunk() {
