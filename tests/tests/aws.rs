@@ -482,6 +482,60 @@ aws sts get-caller-identity --query Arn --output text
     assert_eq!(count_events(&audit, "credential_use"), 2, "{audit}");
 }
 
+#[test]
+fn a_static_go_agent_signing_by_hand_goes_through_the_connect_fallback() {
+    // The shim cannot reach a Go program: `broker run` gives it HTTPS_PROXY (the run's CONNECT
+    // listener) instead, and the re-signing must work there too. moto checks the signature.
+    let Some(bin) = aws_bin() else { return };
+    let Some(go) = broker_integration::which("go") else {
+        eprintln!("SKIP: no Go toolchain (apt-get install golang-go)");
+        return;
+    };
+    let _ = shim_lib();
+    let work = tempfile::tempdir().expect("tempdir");
+    let agent = work.path().join("sts-agent");
+    let cache = target_dir().join("go-cache");
+    let mut build = Command::new(go);
+    build
+        .current_dir(work.path())
+        .env("CGO_ENABLED", "0")
+        .env("GOCACHE", &cache)
+        .env("GOPATH", cache.join("gopath"))
+        .env("GO111MODULE", "off")
+        .args(["build", "-o"])
+        .arg(&agent)
+        .arg(script("sts_agent.go"));
+    let out = run_bounded(&mut build, Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "go build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let ca = TestCa::new();
+    let hosts = ["sts.us-west-2.amazonaws.com"];
+    let moto = Moto::start(&bin, &ca, &hosts);
+    let (id, secret) = moto.bootstrap(&bin, &ca);
+    let home = Home::new();
+    add_aws(&home, &id, &secret);
+    let mut cmd = broker_run(&home, &ca, &bin, moto.port, &hosts);
+    cmd.arg("--").arg(&agent);
+    let out = run_bounded(&mut cmd, Duration::from_secs(120));
+    let stdout = check_run("Go agent", &out, &home, &secret);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is a Go program"), "{stderr}");
+    assert!(
+        stdout.contains("arn:aws:iam::123456789012:user/agent"),
+        "STS did not know the Go agent as the stored key's user: {stdout}"
+    );
+    assert!(
+        !stdout.contains(&id),
+        "the agent saw the real key id: {stdout}"
+    );
+    let audit = home.audit_until(|a| count_events(a, "credential_use") >= 1);
+    assert_eq!(count_events(&audit, "credential_use"), 1, "{audit}");
+}
+
 /// How long the fake STS below makes role credentials last. The broker fetches new ones
 /// `min(5 min, lifetime / 2)` before they expire, so here after 15 s.
 const SHORT_ROLE_LIFETIME: time::Duration = time::Duration::seconds(30);
