@@ -680,4 +680,15 @@ fn a_streaming_signed_upload_is_resigned_chunk_by_chunk() {
     let stdout = check_run("streaming", &out, &home, &secret);
     assert!(stdout.contains("put-status=200"), "{stdout}");
     assert!(stdout.contains("streaming-roundtrip-ok"), "{stdout}");
+
+    // The same with a signed checksum trailer after the last chunk.
+    let mut cmd = broker_run(&home, &ca, &bin, moto.port, &hosts);
+    cmd.arg("--")
+        .arg(bin.join("python3"))
+        .arg(script("streaming_put.py"))
+        .args(["stream-bucket", "trailed.bin", "1048576", "trailer"]);
+    let out = run_bounded(&mut cmd, Duration::from_secs(180));
+    let stdout = check_run("streaming with a signed trailer", &out, &home, &secret);
+    assert!(stdout.contains("put-status=200"), "{stdout}");
+    assert!(stdout.contains("streaming-roundtrip-ok"), "{stdout}");
 }

@@ -13,12 +13,13 @@
 //! The payload hash is kept as the agent sent it:
 //! - `UNSIGNED-PAYLOAD` and `STREAMING-UNSIGNED-PAYLOAD-TRAILER` (botocore's S3 uploads over
 //!   HTTPS, with a checksum trailer that no signature covers): the body streams through as is;
-//! - `STREAMING-AWS4-HMAC-SHA256-PAYLOAD`: every chunk's signature is checked on the
-//!   placeholder chain and replaced by one of the real chain, chunk by chunk (`chunked`);
+//! - `STREAMING-AWS4-HMAC-SHA256-PAYLOAD` (and `-TRAILER`, whose trailing headers carry a
+//!   signature of their own at the end of the chain): every chunk's signature is checked on
+//!   the placeholder chain and replaced by one of the real chain, chunk by chunk (`chunked`);
 //! - a SHA-256 of the body (explicit in `x-amz-content-sha256`, or implicit, as every service
 //!   but S3 signs): the body is read first, up to [`MAX_HASHED_BODY`], and its hash checked;
-//! - `STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER` and `STREAMING-AWS4-ECDSA-*` (signed
-//!   trailers, SigV4a) are refused with a clear error, as are SigV2 and SigV4a.
+//! - `STREAMING-AWS4-ECDSA-*` (SigV4a) is refused with a clear error, as are SigV2 and SigV4a
+//!   headers.
 //!
 //! A request with no signature at all (a public S3 object) goes on as it came, like a request
 //! without a placeholder to any other provider.
@@ -57,6 +58,7 @@ pub const MAX_HASHED_BODY: usize = 16 * 1024 * 1024;
 const UNSIGNED: &str = "UNSIGNED-PAYLOAD";
 const STREAMING_UNSIGNED_TRAILER: &str = "STREAMING-UNSIGNED-PAYLOAD-TRAILER";
 const STREAMING_SIGNED: &str = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD";
+const STREAMING_SIGNED_TRAILER: &str = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER";
 
 type Failure = (BrokerError, Option<String>);
 
@@ -65,7 +67,7 @@ enum Payload {
     /// Not covered by the signature: streamed through.
     Unsigned(String),
     /// Chunk signatures chained on the request's: re-signed as it streams.
-    StreamingSigned,
+    StreamingSigned { trailer: bool },
     /// A SHA-256 of the whole body: read, checked, sent from memory.
     Hashed { hash: String, body: bytes::Bytes },
 }
@@ -145,7 +147,8 @@ pub(super) async fn forward(
     let (payload, body) = payload(&parts, &signed, body).await.map_err(fail)?;
     let payload_hash = match &payload {
         Payload::Unsigned(hash) => hash.clone(),
-        Payload::StreamingSigned => STREAMING_SIGNED.to_string(),
+        Payload::StreamingSigned { trailer: false } => STREAMING_SIGNED.to_string(),
+        Payload::StreamingSigned { trailer: true } => STREAMING_SIGNED_TRAILER.to_string(),
         Payload::Hashed { hash, .. } => hash.clone(),
     };
     if let Err(e) = request::verify(&parts, &signed, &config.secret_placeholder, &payload_hash) {
@@ -172,7 +175,7 @@ pub(super) async fn forward(
     let body = match payload {
         Payload::Unsigned(_) => body,
         Payload::Hashed { body, .. } => Full::new(body).map_err(|never| match never {}).boxed(),
-        Payload::StreamingSigned => chunked::resign_body(
+        Payload::StreamingSigned { trailer } => chunked::resign_body(
             body,
             chunked::Chains {
                 amz_date: signed.amz_date.clone(),
@@ -181,6 +184,7 @@ pub(super) async fn forward(
                 placeholder_seed: signed.signature.clone(),
                 real_key: signer::signing_key(&real.secret_access_key, &signed.scope),
                 real_seed: seed,
+                trailer,
             },
         ),
     };
@@ -229,10 +233,13 @@ async fn payload(
         Some(UNSIGNED) | Some(STREAMING_UNSIGNED_TRAILER) => {
             Ok((Payload::Unsigned(declared.clone().unwrap_or_default()), streamed))
         }
-        Some(STREAMING_SIGNED) => Ok((Payload::StreamingSigned, streamed)),
+        Some(STREAMING_SIGNED) => Ok((Payload::StreamingSigned { trailer: false }, streamed)),
+        Some(STREAMING_SIGNED_TRAILER) => {
+            Ok((Payload::StreamingSigned { trailer: true }, streamed))
+        }
         Some(other) if other.starts_with("STREAMING-") => Err(BrokerError::BadRequest {
             reason: format!(
-                "the payload signing '{}' is not supported by the broker: use UNSIGNED-PAYLOAD, {STREAMING_SIGNED} or {STREAMING_UNSIGNED_TRAILER}",
+                "the payload signing '{}' is not supported by the broker: use UNSIGNED-PAYLOAD, {STREAMING_SIGNED}, {STREAMING_SIGNED_TRAILER} or {STREAMING_UNSIGNED_TRAILER}",
                 other.chars().take(64).collect::<String>()
             ),
         }),

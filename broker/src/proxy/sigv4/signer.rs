@@ -90,6 +90,23 @@ pub fn chunk_signature(
     signature(key, &to_sign)
 }
 
+/// The signature of an `aws-chunked` body's trailing headers (`x-amz-trailer-signature`),
+/// chained on the final chunk's: `canonical` is their `name:value\n` lines.
+pub fn trailer_signature(
+    key: &hmac::Key,
+    amz_date: &str,
+    scope: &Scope,
+    previous: &str,
+    canonical: &str,
+) -> String {
+    let to_sign = format!(
+        "AWS4-HMAC-SHA256-TRAILER\n{amz_date}\n{}\n{previous}\n{}",
+        scope.render(),
+        sha256_hex(canonical.as_bytes())
+    );
+    signature(key, &to_sign)
+}
+
 /// Constant-time comparison of two signatures (hex text).
 pub fn same_signature(a: &str, b: &str) -> bool {
     use subtle::ConstantTimeEq as _;
