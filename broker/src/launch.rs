@@ -144,7 +144,58 @@ pub fn via_connect_proxy(
     }
     let url = broker_contract::connect_proxy_url(proxy_addr, ticket);
     command.env("HTTPS_PROXY", &url).env("https_proxy", &url);
+    // No host may skip the broker's listener: a managed host in NO_PROXY (as
+    // `exempt_managed_hosts` puts them there for preloaded programs) would go out directly with
+    // the placeholder. The listener tunnels the hosts it does not manage directly, which is
+    // what the user's own NO_PROXY entries asked for.
+    command.env_remove("NO_PROXY").env_remove("no_proxy");
     Ok(())
+}
+
+/// The proxy variables that send a client's https through a proxy.
+const PROXY_VARS: [&str; 4] = ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"];
+
+/// For a preloaded program whose environment names a proxy (a corporate `HTTPS_PROXY` from the
+/// user's shell): add the run's managed hosts to `NO_PROXY` and `no_proxy`. Otherwise the
+/// program would send a managed host's request to that proxy (a CONNECT the shim never sees,
+/// to a host it never resolves), and the provider would get the placeholder. With them
+/// exempted, managed hosts reach the broker and everything else still goes to the proxy.
+/// The broker's own proxy setting (`upstream_proxy`) is never put here.
+///
+/// `*.example.com` becomes `.example.com`, which clients (curl, Python, Go, Node's
+/// `NODE_USE_ENV_PROXY`) read as every name under it: a little wider than the pattern's one
+/// label, so such a name the run does not manage also skips the proxy.
+pub fn exempt_managed_hosts(
+    command: &mut Command,
+    hosts: &[String],
+    env: &dyn Fn(&str) -> Option<std::ffi::OsString>,
+) {
+    let set = |name: &str| env(name).is_some_and(|v| !v.is_empty());
+    if hosts.is_empty() || !PROXY_VARS.iter().any(|v| set(v)) {
+        return;
+    }
+    let existing = env("no_proxy")
+        .filter(|v| !v.is_empty())
+        .or_else(|| env("NO_PROXY"))
+        .map(|v| v.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut entries: Vec<String> = existing
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_string)
+        .collect();
+    for host in hosts {
+        let entry = match host.strip_prefix('*') {
+            Some(domain) => domain.to_string(),
+            None => host.clone(),
+        };
+        if !entries.contains(&entry) {
+            entries.push(entry);
+        }
+    }
+    let value = entries.join(",");
+    command.env("NO_PROXY", &value).env("no_proxy", &value);
 }
 
 /// Make `command` (whose program is `target`) use the run of `shim_config`, as `broker run`
@@ -162,6 +213,7 @@ pub fn attach(
     match (target, shim) {
         (Target::Glibc, Some(lib)) => {
             preload(command, lib, shim_config_path);
+            exempt_managed_hosts(command, &shim_config.hosts, &|name| std::env::var_os(name));
             Ok(None)
         }
         (Target::Glibc, None) => anyhow::bail!(
