@@ -95,6 +95,47 @@ mod tests {
             "/opt/broker/libbroker.so:/usr/lib/libjemalloc.so"
         );
     }
+
+    #[test]
+    fn managed_hosts_join_no_proxy_only_when_a_proxy_is_set() {
+        let hosts = [
+            "api.openai.com".to_string(),
+            "*.openai.azure.com".to_string(),
+        ];
+        let no_proxy_of = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let mut command = Command::new("true");
+            exempt_managed_hosts(&mut command, &hosts, &|name| {
+                vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.into())
+            });
+            let get = |name: &str| {
+                command
+                    .get_envs()
+                    .find(|(k, _)| *k == name)
+                    .and_then(|(_, v)| v.map(|v| v.to_string_lossy().into_owned()))
+            };
+            let (upper, lower) = (get("NO_PROXY"), get("no_proxy"));
+            assert_eq!(upper, lower);
+            upper
+        };
+        assert_eq!(no_proxy_of(&[]), None);
+        assert_eq!(no_proxy_of(&[("HTTPS_PROXY", "")]), None);
+        assert_eq!(
+            no_proxy_of(&[("https_proxy", "http://corp:3128")]).as_deref(),
+            Some("api.openai.com,.openai.azure.com")
+        );
+        assert_eq!(
+            no_proxy_of(&[
+                ("ALL_PROXY", "http://corp:3128"),
+                ("NO_PROXY", "localhost, api.openai.com,.corp")
+            ])
+            .as_deref(),
+            Some("localhost,api.openai.com,.corp,.openai.azure.com")
+        );
+    }
 }
 
 pub use broker_contract::CA_BUNDLE_VARS;
@@ -190,7 +231,7 @@ pub fn exempt_managed_hosts(
             Some(domain) => domain.to_string(),
             None => host.clone(),
         };
-        if !entries.contains(&entry) {
+        if !entry.is_empty() && !entries.contains(&entry) {
             entries.push(entry);
         }
     }

@@ -249,8 +249,9 @@ impl UpstreamConnector {
     /// is the same either way: verified for `host`, end to end.
     pub async fn connect(&self, host: &str, port: u16) -> Result<UpstreamIo, ConnectError> {
         let tls = self.tls_config()?;
+        let via = self.proxy_for(host, port);
         let work = async {
-            let tcp = match self.proxy_for(host, port) {
+            let tcp = match via {
                 Some(proxy) => proxy.tunnel(host, port).await?,
                 None => self.connect_direct(host, port).await?,
             };
@@ -268,7 +269,13 @@ impl UpstreamConnector {
         };
         tokio::time::timeout(CONNECT_TIMEOUT, work)
             .await
-            .map_err(|_| ConnectError::Timeout)?
+            .map_err(|_| match via {
+                Some(proxy) => ConnectError::Proxy(format!(
+                    "timed out after {}s through the upstream proxy {proxy}",
+                    CONNECT_TIMEOUT.as_secs()
+                )),
+                None => ConnectError::Timeout,
+            })?
     }
 }
 

@@ -156,9 +156,11 @@ impl UpstreamProxy {
                 let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
                 let mut pair = Zeroizing::new(percent_decode(user)?);
                 pair.push(':');
-                pair.push_str(&percent_decode(password)?);
-                let encoded = base64::engine::general_purpose::STANDARD.encode(pair.as_bytes());
-                Some(Zeroizing::new(format!("Basic {encoded}")))
+                pair.push_str(&Zeroizing::new(percent_decode(password)?));
+                let mut header = Zeroizing::new(String::from("Basic "));
+                base64::engine::general_purpose::STANDARD
+                    .encode_string(pair.as_bytes(), &mut header);
+                Some(header)
             }
             None => None,
         };
