@@ -266,3 +266,125 @@ fn a_proxy_that_cannot_be_reached_or_refuses_connect_is_a_clear_502() {
     let audit = home.audit_until(|a| count_events(a, "upstream_proxy_failed") >= 2);
     assert_eq!(count_events(&audit, "upstream_proxy_failed"), 2, "{audit}");
 }
+
+#[test]
+fn broker_serve_takes_https_proxy_for_websocket_upgrades_too() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let ca = TestCa::new();
+    let origin = Origin::start(&ca, &["api.openai.com"], |_| Reply::WebSocketEcho);
+    let proxy = ConnectProxy::start(&[("api.openai.com:443", origin.addr)], None);
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let placeholder = home.placeholder("openai");
+    let mut cmd = home.broker();
+    cmd.arg("serve")
+        .arg("--upstream-ca")
+        .arg(&ca.pem_path)
+        .env("HTTPS_PROXY", proxy.url(None));
+    let serve = broker_integration::Serve::spawn(&home, cmd);
+    let ca_pem = serve.ca_pem();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let tcp = broker_integration::connect_as_shim(serve.addr_for("api.openai.com"))
+            .await
+            .expect("connect");
+        let tls = tokio_rustls::TlsConnector::from(broker_integration::client_tls(
+            &ca_pem,
+            &[b"http/1.1"],
+        ))
+        .connect(
+            rustls_pki_types::ServerName::try_from("api.openai.com").expect("name"),
+            tcp,
+        )
+        .await
+        .expect("tls");
+        let request = http::Request::builder()
+            .uri("wss://api.openai.com/v1/realtime")
+            .header("host", "api.openai.com")
+            .header("authorization", format!("Bearer {placeholder}"))
+            .header(
+                "sec-websocket-key",
+                tokio_tungstenite::tungstenite::handshake::client::generate_key(),
+            )
+            .header("sec-websocket-version", "13")
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .expect("request");
+        let (mut ws, response) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::client_async(request, tls),
+        )
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+        assert_eq!(response.status(), 101);
+        ws.send(Message::text("through two tunnels"))
+            .await
+            .expect("send");
+        let echoed = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("echo in time")
+            .expect("a message")
+            .expect("ok");
+        assert_eq!(
+            echoed.into_text().expect("text").as_str(),
+            "through two tunnels"
+        );
+    });
+    assert_eq!(
+        origin.requests()[0].header("authorization"),
+        Some(format!("Bearer {OPENAI_KEY}").as_str())
+    );
+    let tunnels = proxy.tunnels();
+    assert_eq!(tunnels.len(), 1, "{tunnels:?}");
+    assert_eq!(tunnels[0].target, "api.openai.com:443");
+}
+
+#[test]
+fn a_proxy_url_the_broker_cannot_use_stops_it_at_start_without_showing_the_password() {
+    let home = Home::new();
+    for (url, expected) in [
+        (
+            "socks5://corp-user:pr0xy-pa55word-never-shown@proxy.corp:1080",
+            "socks5://",
+        ),
+        (
+            "http://corp-user:pr0xy-pa55word-never-shown@proxy.corp",
+            "needs a host and a port",
+        ),
+    ] {
+        let out = run_bounded(
+            home.broker()
+                .env("HTTPS_PROXY", url)
+                .args(["run", "--", "true"])
+                .stdin(Stdio::null()),
+            Duration::from_secs(30),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{url}: {stderr}");
+        assert!(
+            stderr.contains("HTTPS_PROXY: ") && stderr.contains(expected),
+            "{stderr}"
+        );
+        assert!(!stderr.contains(PROXY_PASSWORD), "{stderr}");
+    }
+    // upstream_proxy = "" in config.toml: no proxy, whatever the environment says.
+    write_config(&home, "upstream_proxy = \"\"\n");
+    let out = run_bounded(
+        home.broker()
+            .env("HTTPS_PROXY", "socks5://proxy.corp:1080")
+            .args(["run", "--", "true"])
+            .stdin(Stdio::null()),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
