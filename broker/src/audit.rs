@@ -110,6 +110,9 @@ pub enum EventKind {
     /// The broker refused to connect a provider host resolving to a loopback, private,
     /// link-local or metadata address (the SSRF guard).
     UpstreamAddressRefused,
+    /// The upstream proxy (`upstream_proxy`, `HTTPS_PROXY`) could not be reached, or refused
+    /// the broker's credentials or CONNECT: nothing was sent.
+    UpstreamProxyFailed,
     /// A request whose rule asks for approval was approved (`broker approve`).
     ApprovalGranted,
     /// A request whose rule asks for approval was denied, or not answered in time.
@@ -145,6 +148,7 @@ impl EventKind {
             EventKind::BudgetExceeded => "budget_exceeded",
             EventKind::RealKeyFromAgent => "real_key_from_agent",
             EventKind::UpstreamAddressRefused => "upstream_address_refused",
+            EventKind::UpstreamProxyFailed => "upstream_proxy_failed",
             EventKind::ApprovalGranted => "approval_granted",
             EventKind::ApprovalRefused => "approval_refused",
             EventKind::UidRefused => "uid_refused",

@@ -95,6 +95,47 @@ mod tests {
             "/opt/broker/libbroker.so:/usr/lib/libjemalloc.so"
         );
     }
+
+    #[test]
+    fn managed_hosts_join_no_proxy_only_when_a_proxy_is_set() {
+        let hosts = [
+            "api.openai.com".to_string(),
+            "*.openai.azure.com".to_string(),
+        ];
+        let no_proxy_of = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let mut command = Command::new("true");
+            exempt_managed_hosts(&mut command, &hosts, &|name| {
+                vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.into())
+            });
+            let get = |name: &str| {
+                command
+                    .get_envs()
+                    .find(|(k, _)| *k == name)
+                    .and_then(|(_, v)| v.map(|v| v.to_string_lossy().into_owned()))
+            };
+            let (upper, lower) = (get("NO_PROXY"), get("no_proxy"));
+            assert_eq!(upper, lower);
+            upper
+        };
+        assert_eq!(no_proxy_of(&[]), None);
+        assert_eq!(no_proxy_of(&[("HTTPS_PROXY", "")]), None);
+        assert_eq!(
+            no_proxy_of(&[("https_proxy", "http://corp:3128")]).as_deref(),
+            Some("api.openai.com,.openai.azure.com")
+        );
+        assert_eq!(
+            no_proxy_of(&[
+                ("ALL_PROXY", "http://corp:3128"),
+                ("NO_PROXY", "localhost, api.openai.com,.corp")
+            ])
+            .as_deref(),
+            Some("localhost,api.openai.com,.corp,.openai.azure.com")
+        );
+    }
 }
 
 pub use broker_contract::CA_BUNDLE_VARS;
@@ -144,7 +185,58 @@ pub fn via_connect_proxy(
     }
     let url = broker_contract::connect_proxy_url(proxy_addr, ticket);
     command.env("HTTPS_PROXY", &url).env("https_proxy", &url);
+    // No host may skip the broker's listener: a managed host in NO_PROXY (as
+    // `exempt_managed_hosts` puts them there for preloaded programs) would go out directly with
+    // the placeholder. The listener tunnels the hosts it does not manage directly, which is
+    // what the user's own NO_PROXY entries asked for.
+    command.env_remove("NO_PROXY").env_remove("no_proxy");
     Ok(())
+}
+
+/// The proxy variables that send a client's https through a proxy.
+const PROXY_VARS: [&str; 4] = ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"];
+
+/// For a preloaded program whose environment names a proxy (a corporate `HTTPS_PROXY` from the
+/// user's shell): add the run's managed hosts to `NO_PROXY` and `no_proxy`. Otherwise the
+/// program would send a managed host's request to that proxy (a CONNECT the shim never sees,
+/// to a host it never resolves), and the provider would get the placeholder. With them
+/// exempted, managed hosts reach the broker and everything else still goes to the proxy.
+/// The broker's own proxy setting (`upstream_proxy`) is never put here.
+///
+/// `*.example.com` becomes `.example.com`, which clients (curl, Python, Go, Node's
+/// `NODE_USE_ENV_PROXY`) read as every name under it: a little wider than the pattern's one
+/// label, so such a name the run does not manage also skips the proxy.
+pub fn exempt_managed_hosts(
+    command: &mut Command,
+    hosts: &[String],
+    env: &dyn Fn(&str) -> Option<std::ffi::OsString>,
+) {
+    let set = |name: &str| env(name).is_some_and(|v| !v.is_empty());
+    if hosts.is_empty() || !PROXY_VARS.iter().any(|v| set(v)) {
+        return;
+    }
+    let existing = env("no_proxy")
+        .filter(|v| !v.is_empty())
+        .or_else(|| env("NO_PROXY"))
+        .map(|v| v.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut entries: Vec<String> = existing
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_string)
+        .collect();
+    for host in hosts {
+        let entry = match host.strip_prefix('*') {
+            Some(domain) => domain.to_string(),
+            None => host.clone(),
+        };
+        if !entry.is_empty() && !entries.contains(&entry) {
+            entries.push(entry);
+        }
+    }
+    let value = entries.join(",");
+    command.env("NO_PROXY", &value).env("no_proxy", &value);
 }
 
 /// Make `command` (whose program is `target`) use the run of `shim_config`, as `broker run`
@@ -162,6 +254,7 @@ pub fn attach(
     match (target, shim) {
         (Target::Glibc, Some(lib)) => {
             preload(command, lib, shim_config_path);
+            exempt_managed_hosts(command, &shim_config.hosts, &|name| std::env::var_os(name));
             Ok(None)
         }
         (Target::Glibc, None) => anyhow::bail!(

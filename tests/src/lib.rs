@@ -6,6 +6,7 @@
 //! Everything listens on port 0; upstream hostnames are the real ones (`api.openai.com`),
 //! pinned for the broker with `--resolve` and trusted with `--upstream-ca`.
 
+pub mod connect_proxy;
 pub mod fake_llm;
 pub mod origin;
 

@@ -377,3 +377,24 @@ fn a_dynamic_go_binary_is_reached_through_the_connect_fallback_too() {
         cmd.env("SSL_CERT_FILE", &ca.pem_path);
     });
 }
+
+#[test]
+fn a_go_binary_started_inside_a_run_behind_a_corporate_proxy_still_reaches_the_broker() {
+    // The user's shell exports a corporate proxy: `broker run` lists the managed hosts in the
+    // preloaded starter's NO_PROXY (so its own requests reach the broker), and the Go child,
+    // which only the CONNECT listener reaches, must not inherit that list.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(bin) = build_go_agent(dir.path(), false) else {
+        return;
+    };
+    let corporate = broker_integration::connect_proxy::ConnectProxy::start(&[], None);
+    go_agent_started_inside_a_run(&bin, &|cmd, ca| {
+        broker_integration::scrub(cmd);
+        cmd.env("SSL_CERT_FILE", &ca.pem_path)
+            .env("HTTPS_PROXY", corporate.url(None))
+            .env("NO_PROXY", "localhost")
+            .env_remove("no_proxy");
+    });
+    // api.openai.com is pinned with --resolve, so the broker reaches it directly too.
+    assert_eq!(corporate.tunnels(), Vec::new());
+}

@@ -118,7 +118,7 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
         open_browser: !args.no_browser,
         timeout: Duration::from_secs(args.timeout.max(1)),
     };
-    let client = EndpointClient::new(args.upstream.into_settings()?);
+    let client = EndpointClient::new(args.upstream.into_settings(Some(&home))?);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -220,7 +220,7 @@ pub fn logout(args: LogoutArgs) -> anyhow::Result<ExitCode> {
     let revoke_url = meta.as_ref().and_then(|m| m.revoke_url.clone());
     match (&meta, &revoke_url) {
         (Some(meta), Some(url)) => {
-            let client = EndpointClient::new(args.upstream.into_settings()?);
+            let client = EndpointClient::new(args.upstream.into_settings(Some(&home))?);
             let creds = ClientCredentials {
                 client_id: &meta.client_id,
                 auth: meta.client_auth,

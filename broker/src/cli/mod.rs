@@ -183,7 +183,12 @@ impl UpstreamArgs {
     }
 
     /// The settings, or an error when overrides were given to a process started inside a run.
-    pub fn into_settings(self) -> anyhow::Result<crate::proxy::UpstreamSettings> {
+    /// `home`: the broker's home, whose `config.toml` may name an upstream proxy (`None` for
+    /// the system broker, which takes one from its environment only; see `upstream_proxy`).
+    pub fn into_settings(
+        self,
+        home: Option<&crate::home::Home>,
+    ) -> anyhow::Result<crate::proxy::UpstreamSettings> {
         if !self.is_empty() {
             if let Some(why) = crate::hardening::inside_run() {
                 anyhow::bail!(
@@ -195,6 +200,10 @@ impl UpstreamArgs {
             extra_ca: self.upstream_ca,
             resolve: self.resolve,
             dns: self.dns_upstream,
+            proxy: crate::proxy::UpstreamProxy::configured(home)?.map(|proxy| {
+                tracing::info!(%proxy, "upstreams are reached through this proxy");
+                std::sync::Arc::new(proxy)
+            }),
         })
     }
 }

@@ -131,7 +131,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let agent_pid = spec.pid.clone();
     let upstream_overrides = !args.upstream.is_empty();
-    let upstream = args.upstream.into_settings()?;
+    let upstream = args.upstream.into_settings(Some(&home))?;
     let mut broker = if args.embedded || upstream_overrides {
         start_embedded(&runtime, &home, upstream, spec)?
     } else {
@@ -399,7 +399,7 @@ fn take_aws_env(
 fn run_in_enclosing_run(args: &RunArgs, why: &str) -> anyhow::Result<ExitCode> {
     use std::os::unix::process::CommandExt as _;
     // Overrides are refused, not silently dropped (this says why).
-    args.upstream.clone().into_settings()?;
+    args.upstream.clone().into_settings(None)?;
     eprintln!(
         "broker: already inside a broker run ({why}): {} runs in that run, under its policy",
         args.command[0].to_string_lossy()

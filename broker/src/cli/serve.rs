@@ -54,7 +54,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let started = instance::start(InstanceSettings {
             home: home.clone(),
-            upstream: args.upstream.into_settings()?,
+            upstream: args.upstream.into_settings(Some(&home))?,
             label: "serve".into(),
             limits,
             keys: crate::vault::KeyConfig::from_env()?,
@@ -118,7 +118,7 @@ fn run_system(args: ServeArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let started = instance::start(InstanceSettings {
             home: start.home.clone(),
-            upstream: args.upstream.into_settings()?,
+            upstream: args.upstream.into_settings(None)?,
             label: "system".into(),
             limits,
             keys: start.keys,

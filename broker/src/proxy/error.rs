@@ -61,6 +61,9 @@ pub enum BrokerError {
     LoginExpired { provider: String },
     /// Could not connect to the upstream.
     UpstreamUnreachable { host: String, reason: String },
+    /// The upstream proxy (`upstream_proxy`, `HTTPS_PROXY`) could not be reached or refused:
+    /// the reason names it, never its password.
+    UpstreamProxy { host: String, reason: String },
     /// The upstream's certificate failed verification.
     UpstreamCertificate { host: String, reason: String },
     /// The upstream connection broke mid-request.
@@ -116,6 +119,7 @@ impl BrokerError {
             | BrokerError::AuditUnwritable
             | BrokerError::TooManyConnections { .. } => StatusCode::SERVICE_UNAVAILABLE,
             BrokerError::UpstreamUnreachable { .. }
+            | BrokerError::UpstreamProxy { .. }
             | BrokerError::UpstreamCertificate { .. }
             | BrokerError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
         }
@@ -136,6 +140,7 @@ impl BrokerError {
             | BrokerError::RealKeyFromAgent { .. } => Source::Agent,
             BrokerError::UpstreamAddressRefused { .. } => Source::Broker,
             BrokerError::UpstreamUnreachable { .. }
+            | BrokerError::UpstreamProxy { .. }
             | BrokerError::UpstreamCertificate { .. }
             | BrokerError::UpstreamFailed { .. } => Source::Upstream,
             BrokerError::NoCredential { .. }
@@ -195,6 +200,9 @@ impl BrokerError {
             }
             BrokerError::UpstreamUnreachable { host, reason } => {
                 format!("cannot reach upstream {host}: {reason}")
+            }
+            BrokerError::UpstreamProxy { host, reason } => {
+                format!("cannot reach upstream {host}: {reason}; nothing was sent")
             }
             BrokerError::UpstreamCertificate { host, reason } => format!(
                 "upstream {host} presented a certificate that failed verification ({reason}); the request was not sent"

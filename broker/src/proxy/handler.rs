@@ -82,6 +82,8 @@ fn audit_kind(error: &BrokerError) -> Option<EventKind> {
         | BrokerError::NoCredential { .. }
         | BrokerError::NoSystemCredential { .. } => Some(EventKind::Denial),
         BrokerError::UpstreamAddressRefused { .. } => Some(EventKind::UpstreamAddressRefused),
+        // A proxy that refuses the broker is a setting to fix, not an outage to wait out.
+        BrokerError::UpstreamProxy { .. } => Some(EventKind::UpstreamProxyFailed),
         // Policy refusals and smuggled keys are audited where they are found, once per burst.
         _ => None,
     }
@@ -904,6 +906,10 @@ pub(super) fn connect_error(host: &str, err: &ConnectError) -> BrokerError {
             reason: reason.clone(),
         },
         ConnectError::AddressRefused(reason) => BrokerError::UpstreamAddressRefused {
+            host: host.to_string(),
+            reason: reason.clone(),
+        },
+        ConnectError::Proxy(reason) => BrokerError::UpstreamProxy {
             host: host.to_string(),
             reason: reason.clone(),
         },

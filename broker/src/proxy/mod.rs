@@ -31,6 +31,7 @@ pub mod swap;
 mod ticket;
 mod upgrade;
 pub mod upstream;
+pub mod upstream_proxy;
 mod ws_redact;
 
 /// Entry points for the fuzz targets and property tests (`fuzz/`): the response redactors,
@@ -84,6 +85,7 @@ pub(crate) use listen::record_uid_refusal;
 pub use listen::RunListeners;
 pub use redact::redact_text;
 pub use upstream::{ResolveOverride, UpstreamSettings};
+pub use upstream_proxy::UpstreamProxy;
 
 /// Errors in bodies crossing the proxy (either side may break mid-stream).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -466,6 +466,7 @@ mod tests {
                     addr: origin.addr,
                 }],
                 dns: Vec::new(),
+                proxy: None,
             },
             Vec::new(),
         ));

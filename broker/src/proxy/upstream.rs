@@ -31,6 +31,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use super::upstream_proxy::UpstreamProxy;
+
 /// How long connecting (TCP + TLS) to an upstream may take before the agent gets a 502.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -44,6 +46,9 @@ pub struct UpstreamSettings {
     /// Test only: the nameservers the runs' DNS responders forward to, instead of
     /// `/etc/resolv.conf`'s (`--dns-upstream`, `BROKER_DNS_UPSTREAM`).
     pub dns: Vec<SocketAddr>,
+    /// The proxy upstreams are reached through, if the network needs one
+    /// (`upstream_proxy` in config.toml, `HTTPS_PROXY`): see `upstream_proxy`.
+    pub proxy: Option<Arc<UpstreamProxy>>,
 }
 
 /// `HOST:PORT:ADDR` (like curl's `--resolve`) or `HOST:PORT:ADDR:PORT2` (connect elsewhere).
@@ -104,6 +109,10 @@ pub enum ConnectError {
     /// Every address the host resolved to is one the guard refuses: which, and why.
     #[error("{0}")]
     AddressRefused(String),
+    /// The upstream proxy could not be reached, refused the credentials or the CONNECT: the
+    /// message names the proxy (never its password) and what it said.
+    #[error("{0}")]
+    Proxy(String),
 }
 
 /// The hyper connector for upstreams. Cheap to clone.
@@ -209,29 +218,42 @@ impl UpstreamConnector {
         Ok(public)
     }
 
-    /// Connect and handshake to `host:port`.
+    /// The proxy to reach `host:port` through: none when there is none, for a host in its
+    /// `NO_PROXY`, and for a host the operator pinned with `--resolve` (reached at that address).
+    fn proxy_for(&self, host: &str, port: u16) -> Option<&UpstreamProxy> {
+        let settings = &self.inner.settings;
+        let proxy = settings.proxy.as_deref()?;
+        let pinned = settings
+            .resolve
+            .iter()
+            .any(|o| o.port == port && o.host.eq_ignore_ascii_case(host));
+        (!pinned && !proxy.bypasses(host)).then_some(proxy)
+    }
+
+    /// A TCP connection to `host:port` itself, to an address the guard allows.
+    async fn connect_direct(&self, host: &str, port: u16) -> Result<TcpStream, ConnectError> {
+        let addrs = self.resolve(host, port).await?;
+        let mut last = None;
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(ConnectError::Connect(last.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "no address")
+        })))
+    }
+
+    /// Connect and handshake to `host:port`, through the upstream proxy if there is one. TLS
+    /// is the same either way: verified for `host`, end to end.
     pub async fn connect(&self, host: &str, port: u16) -> Result<UpstreamIo, ConnectError> {
         let tls = self.tls_config()?;
+        let via = self.proxy_for(host, port);
         let work = async {
-            let addrs = self.resolve(host, port).await?;
-            let mut last = None;
-            let mut tcp = None;
-            for addr in addrs {
-                match TcpStream::connect(addr).await {
-                    Ok(s) => {
-                        tcp = Some(s);
-                        break;
-                    }
-                    Err(e) => last = Some(e),
-                }
-            }
-            let tcp = match tcp {
-                Some(tcp) => tcp,
-                None => {
-                    return Err(ConnectError::Connect(last.unwrap_or_else(|| {
-                        io::Error::new(io::ErrorKind::NotFound, "no address")
-                    })))
-                }
+            let tcp = match via {
+                Some(proxy) => proxy.tunnel(host, port).await?,
+                None => self.connect_direct(host, port).await?,
             };
             let _ = tcp.set_nodelay(true);
             let name = ServerName::try_from(host.to_string()).map_err(|_| ConnectError::BadUri)?;
@@ -247,7 +269,13 @@ impl UpstreamConnector {
         };
         tokio::time::timeout(CONNECT_TIMEOUT, work)
             .await
-            .map_err(|_| ConnectError::Timeout)?
+            .map_err(|_| match via {
+                Some(proxy) => ConnectError::Proxy(format!(
+                    "timed out after {}s through the upstream proxy {proxy}",
+                    CONNECT_TIMEOUT.as_secs()
+                )),
+                None => ConnectError::Timeout,
+            })?
     }
 }
 

@@ -84,6 +84,7 @@ impl SelfTest {
                     })
                     .collect(),
                 dns: Vec::new(),
+                proxy: None,
             },
             label: label.into(),
             limits: crate::proxy::Limits::default(),

@@ -83,14 +83,18 @@ impl Default for Buffers {
     }
 }
 
-/// Does the environment entry `entry` hold a variable the fallback sets?
+/// Does the environment entry `entry` hold a variable the fallback sets (or removes)?
 pub fn replaces(entry: &[u8]) -> bool {
     let Some(eq) = entry.iter().position(|&c| c == b'=') else {
         return false;
     };
     let name = &entry[..eq];
+    // NO_PROXY goes too: `broker run` lists the managed hosts there for preloaded programs,
+    // and this one must send them to the CONNECT listener (see `launch::via_connect_proxy`).
     name == b"HTTPS_PROXY"
         || name == b"https_proxy"
+        || name == b"NO_PROXY"
+        || name == b"no_proxy"
         || CA_BUNDLE_VARS.iter().any(|v| v.as_bytes() == name)
 }
 
@@ -397,6 +401,8 @@ mod tests {
         assert!(replaces(b"HTTPS_PROXY=http://corp:3128"));
         assert!(replaces(b"https_proxy="));
         assert!(replaces(b"CURL_CA_BUNDLE=/x"));
+        assert!(replaces(b"NO_PROXY=.openai.com"));
+        assert!(replaces(b"no_proxy=api.github.com"));
         assert!(!replaces(b"HTTP_PROXY=http://corp"));
         assert!(!replaces(b"SSL_CERT_FILEX=/x"));
         assert!(!replaces(b"NO_EQUALS"));
