@@ -49,8 +49,12 @@ fn main() {
         let cpu_before = cpu_ns();
         let started = Instant::now();
         for _ in 0..rounds {
-            let verdict =
-                policy.check_rules(black_box("openai"), black_box(method), black_box(path));
+            let verdict = policy.check_rules(
+                black_box("openai"),
+                black_box(method),
+                black_box(path),
+                None,
+            );
             let charged = policy.charge("openai", Some(512), Instant::now());
             black_box((verdict.is_ok(), charged.is_ok()));
         }

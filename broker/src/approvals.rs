@@ -14,6 +14,8 @@
 //! An agent outside the sandbox (`--no-sandbox`, a bare preload) that drops the run's variables
 //! and leaves the agent's process tree is not recognised (README, threat model).
 //!
+//! A desktop notification says a request waits, where one can be shown (`crate::notify`).
+//!
 //! The protocol is one line each way: `list`, `approve ID` or `deny ID`, answered by a JSON line.
 
 use std::path::{Path, PathBuf};
@@ -102,24 +104,27 @@ impl Approvals {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let timeout = ask.timeout.min(MAX_TIMEOUT);
+        let view = Waiting {
+            id: format!("{}.{n}", self.pid),
+            run: ask.run,
+            command: ask.command,
+            method: ask.method,
+            host: ask.host,
+            path: ask.path,
+            rule: ask.rule,
+            waited: 0,
+            timeout: timeout.as_secs(),
+        };
+        let notice = view.clone();
         self.lock().push(Entry {
             n,
-            view: Waiting {
-                id: format!("{}.{n}", self.pid),
-                run: ask.run,
-                command: ask.command,
-                method: ask.method,
-                host: ask.host,
-                path: ask.path,
-                rule: ask.rule,
-                waited: 0,
-                timeout: timeout.as_secs(),
-            },
+            view,
             since: Instant::now(),
             agent: ask.agent,
             answer: Some(tx),
         });
         let _gone = Remove { approvals: self, n };
+        crate::notify::approval_waiting(&notice);
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(true)) => Outcome::Granted,
             Ok(_) => Outcome::Denied,

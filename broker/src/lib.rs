@@ -20,6 +20,7 @@ pub mod import;
 pub mod instance;
 mod key_cache;
 pub mod launch;
+pub mod notify;
 pub mod oauth;
 pub mod policy;
 pub mod procfs;

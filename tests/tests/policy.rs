@@ -707,3 +707,360 @@ for path in socks:
     assert!(body.contains("denied with broker approve"), "{body}");
     assert!(origin.requests().is_empty(), "nothing reached the origin");
 }
+
+/// Each query trick, sent raw by curl: what the origin must receive, or `None` when the broker
+/// must refuse it.
+const QUERY_TRICKS: &[(&str, Option<&str>)] = &[
+    ("/v1/models", Some("/v1/models")),
+    ("/v1/models?limit=1", None),
+    ("/v1/models?&", Some("/v1/models")),
+    ("/v1/files?purpose=batch", Some("/v1/files?purpose=batch")),
+    (
+        "/v1/files?limit=10&purpose=fine-tune",
+        Some("/v1/files?limit=10&purpose=fine-tune"),
+    ),
+    (
+        "/v1/files?purpose=batch&purpose=fine-tune",
+        Some("/v1/files?purpose=batch&purpose=fine-tune"),
+    ),
+    // Decoded, checked, and sent in the canonical form.
+    ("/v1/files?purpose=b%61tch", Some("/v1/files?purpose=batch")),
+    (
+        "/v1/files?%70urpose=batch&&limit=a+b",
+        Some("/v1/files?purpose=batch&limit=a%20b"),
+    ),
+    // An encoded '&' or '=' is data inside a value: sent on still encoded.
+    (
+        "/v1/files?limit=1%26admin%3D1",
+        Some("/v1/files?limit=1%26admin%3D1"),
+    ),
+    ("/v1/files?purpose=assistants", None),
+    ("/v1/files?Purpose=batch", None),
+    ("/v1/files?purpose=batch&admin=1", None),
+    ("/v1/files?admin=1&purpose=batch", None),
+    ("/v1/files?purpose=batch%26admin%3D1", None),
+    ("/v1/files?purpose%3Dbatch", None),
+    ("/v1/files?purpose=batch;admin=1", None),
+    ("/v1/files?limit=1;admin=1", None),
+    ("/v1/files?purpose=batch&purpose=assistants", None),
+    ("/v1/files?purpose=assistants&purpose=batch", None),
+    ("/v1/files?purpose=%2562atch", None),
+    ("/v1/files?limit=%zz", None),
+];
+
+/// Query-parameter rules through the real broker: names and values decoded before they are
+/// compared, `;` and encoded separators, repeated parameters; what is allowed reaches the
+/// origin in the canonical form, what is not never does.
+#[test]
+fn query_rules_hold_against_separator_and_encoding_tricks() {
+    let (ca, origin, home) = setup(Some(
+        r#"
+[providers.openai]
+allow = ["GET /v1/models?", "GET /v1/files?purpose=batch|fine-tune&limit=*"]
+"#,
+    ));
+    let mut script = String::new();
+    for (i, (target, _)) in QUERY_TRICKS.iter().enumerate() {
+        script.push_str(&curl(&format!("q{i}"), "GET", target, "-g"));
+    }
+    // Python's http.client sends the target as it is given, too.
+    script.push_str(
+        "python3 -c \"import http.client,os,ssl\n\
+c=http.client.HTTPSConnection('api.openai.com',context=ssl.create_default_context())\n\
+c.request('GET','/v1/files?purpose=batch;purpose=assistants',headers={'Authorization':'Bearer '+os.environ['OPENAI_API_KEY']})\n\
+r=c.getresponse(); print('py',r.status,r.getheader('x-broker-error'))\"\n",
+    );
+    let stdout = stdout_of(&run_script(&home, &ca, &origin, &[], &script));
+    let mut forwarded = Vec::new();
+    for (i, (target, want)) in QUERY_TRICKS.iter().enumerate() {
+        let (status, body) = result(&stdout, &format!("q{i}"));
+        match want {
+            Some(sent) => {
+                assert_eq!(
+                    (status, body),
+                    (200, format!("GET {sent}").as_str()),
+                    "{target}: {stdout}"
+                );
+                forwarded.push(format!("GET {sent}"));
+            }
+            None => assert_eq!(status, 403, "{target} got {status} {body}"),
+        }
+    }
+    let seen: Vec<String> = origin
+        .requests()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.target))
+        .collect();
+    assert_eq!(seen, forwarded, "nothing refused reached the origin");
+    let py = stdout
+        .lines()
+        .find(|l| l.starts_with("py "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(py.starts_with("py 403") && py.contains("raw ';'"), "{py}");
+    assert!(
+        !py.contains("assistants"),
+        "the query is never quoted: {py}"
+    );
+}
+
+/// Approval rules from `--allow` flags, in a run joined to `broker serve`: the daemon holds
+/// the request, a second process answers with `broker approve` (one approved, one denied).
+#[test]
+fn allow_flags_ask_for_approval_in_a_run_joined_to_serve() {
+    let (ca, origin, home) = setup(None);
+    let mut serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
+    let script = format!(
+        "{}{}{}",
+        curl("a", "DELETE", "/v1/files/a", ""),
+        curl("b", "DELETE", "/v1/files/b", ""),
+        curl("models", "GET", "/v1/models?", "-g"),
+    );
+    let mut cmd: Command = home.broker();
+    cmd.args([
+        "run",
+        "--allow",
+        "openai:GET:/v1/models?,openai:DELETE:/v1/files/*:approve=each",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().expect("broker run");
+    let mut answered: Vec<String> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while answered.len() < 2 && std::time::Instant::now() < deadline {
+        let out = home.broker_ok(&["approve", "--json"]);
+        let waiting: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+        for w in waiting {
+            let id = w["id"].as_str().expect("id").to_string();
+            if answered.contains(&id) {
+                continue;
+            }
+            assert!(
+                w["rule"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("DELETE /v1/files/*") && r.contains("--allow")),
+                "{w}"
+            );
+            assert!(
+                w["run"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("serve-run-")),
+                "held by the daemon: {w}"
+            );
+            let deny = w["path"] == "/v1/files/b";
+            let mut args = vec!["approve", id.as_str()];
+            if deny {
+                args.push("--deny");
+            }
+            home.broker_ok(&args);
+            answered.push(id);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().expect("wait");
+    let stdout = stdout_of(&out);
+    assert_eq!(answered.len(), 2, "two requests waited: {stdout}");
+    assert_eq!(
+        result(&stdout, "a"),
+        (200, "DELETE /v1/files/a"),
+        "{stdout}"
+    );
+    let (status, body) = result(&stdout, "b");
+    assert_eq!(status, 403, "{stdout}");
+    assert!(body.contains("denied with broker approve"), "{body}");
+    assert_eq!(
+        result(&stdout, "models").0,
+        200,
+        "no approval asked: {stdout}"
+    );
+    let audit = home.audit_until(|a| count_events(a, "approval_refused") >= 1);
+    assert_eq!(count_events(&audit, "approval_granted"), 1, "{audit}");
+    assert_eq!(count_events(&audit, "approval_refused"), 1, "{audit}");
+    assert!(serve.is_running());
+}
+
+/// A request waiting for approval is announced on the desktop where there is one: a fake
+/// `notify-send` first on the broker's PATH records what it is given (the text `broker
+/// approve` needs, never the key); without a session bus, nothing is run.
+#[test]
+fn a_waiting_request_is_announced_on_the_desktop_where_there_is_one() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (ca, origin, home) = setup(Some(
+        "[providers.openai]\nallow = [{ rule = \"DELETE /v1/files/*\", approve = \"each\" }]\napprove_timeout = 1\n",
+    ));
+    let bin = tempfile::tempdir().expect("bin");
+    let log = bin.path().join("notified");
+    let fake = bin.path().join("notify-send");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done >> '{}'\n",
+            log.display()
+        ),
+    )
+    .expect("fake notify-send");
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for (tag, bus) in [("bus", true), ("nobus", false)] {
+        let mut cmd = home.broker_run(&ca, "api.openai.com", origin.addr);
+        cmd.env("PATH", &path).env_remove("XDG_RUNTIME_DIR");
+        if bus {
+            cmd.env("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent/bus");
+        } else {
+            cmd.env_remove("DBUS_SESSION_BUS_ADDRESS");
+        }
+        cmd.args(["--", "sh", "-c", &curl(tag, "DELETE", "/v1/files/f", "")]);
+        let stdout = stdout_of(&run_bounded(&mut cmd, Duration::from_secs(120)));
+        let (status, body) = result(&stdout, tag);
+        assert_eq!(status, 403, "{stdout}");
+        assert!(body.contains("got no answer"), "{body}");
+    }
+    let notified = std::fs::read_to_string(&log).expect("notify-send was run");
+    assert_eq!(
+        notified.matches("waits for approval").count(),
+        1,
+        "once, and only where there is a bus: {notified}"
+    );
+    let lines: Vec<&str> = notified.lines().collect();
+    assert_eq!(
+        lines.get(..4),
+        Some(
+            &[
+                "--app-name=broker",
+                "--urgency=critical",
+                "--",
+                "broker: DELETE to api.openai.com waits for approval"
+            ][..]
+        ),
+        "{notified}"
+    );
+    assert!(
+        notified.contains("DELETE /v1/files/f")
+            && notified.contains("broker approve ")
+            && notified.contains("DELETE /v1/files/*"),
+        "{notified}"
+    );
+    assert!(!notified.contains(OPENAI_KEY), "{notified}");
+}
+
+/// The SSRF guard on the system resolver's answers: `broker serve` runs in a mount namespace of
+/// its own whose /etc/hosts answers a provider's hosts with 127.0.0.1 and 169.254.169.254 (no
+/// `--resolve`: a pinned address is the operator's explicit choice, README "SSRF guard"). Both
+/// are refused and audited, nothing is sent; with `private_addresses = true` the loopback one
+/// is served. Needs root for the namespace, as CI runs.
+#[test]
+fn the_ssrf_guard_refuses_loopback_and_metadata_answers_of_the_resolver() {
+    const KEY: &str = "acme-real-key-0123456789";
+    if !broker_integration::is_root() {
+        eprintln!("skipped: a mount namespace for /etc/hosts needs root (CI runs as root)");
+        return;
+    }
+    let ca = TestCa::new();
+    let expected = format!("Bearer {KEY}");
+    let origin = Origin::start(&ca, &["api.acme.test"], move |req| {
+        if req.header("authorization") == Some(expected.as_str()) {
+            Reply::Text(200, "internal api".into())
+        } else {
+            Reply::Text(401, "no valid key".into())
+        }
+    });
+    let port = origin.addr.port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = dir.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n127.0.0.1 api.acme.test\n169.254.169.254 metadata.acme.test\n",
+    )
+    .expect("hosts");
+    let send = |serve: &Serve, host: &str| {
+        broker_integration::send(
+            serve.addr_for(host),
+            host,
+            &serve.ca_pem(),
+            false,
+            broker_integration::get(
+                host,
+                "/v1/things",
+                &[("authorization", "Bearer acme-broker-placeholder-0000")],
+            ),
+        )
+        .expect("send")
+    };
+    for private in [false, true] {
+        let home = Home::new();
+        let providers = home.path().join("providers");
+        std::fs::create_dir_all(&providers).expect("mkdir");
+        std::fs::write(
+            providers.join("acme.toml"),
+            format!(
+                "name = \"acme\"\nenv = [\"ACME_API_KEY\"]\nplaceholder = \"acme-broker-placeholder-0000\"\n\
+                 key_pattern = '^acme-[A-Za-z0-9-]{{8,}}$'\n{}\n[[routes]]\n\
+                 hosts = [\"api.acme.test:{port}\", \"metadata.acme.test:{port}\"]\n\
+                 credential = [{{ header = \"authorization\", scheme = \"bearer\" }}]\n",
+                if private { "private_addresses = true" } else { "" }
+            ),
+        )
+        .expect("provider");
+        home.add("acme", KEY);
+        // `broker serve` (upstream CA trusted, nothing pinned) with its own /etc/hosts.
+        let broker = {
+            let mut b = home.broker();
+            b.arg("serve").arg("--upstream-ca").arg(&ca.pem_path);
+            b
+        };
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+            .arg(&hosts)
+            .arg(broker.get_program())
+            .args(broker.get_args());
+        for (var, value) in broker.get_envs() {
+            match value {
+                Some(value) => cmd.env(var, value),
+                None => cmd.env_remove(var),
+            };
+        }
+        let serve = Serve::spawn(&home, cmd);
+        if private {
+            let response = send(&serve, "api.acme.test");
+            assert_eq!(response.status, 200, "{}", response.text());
+            assert_eq!(response.text(), "internal api");
+            continue;
+        }
+        for (host, says) in [
+            ("api.acme.test", "127.0.0.1 (loopback)"),
+            (
+                "metadata.acme.test",
+                "169.254.169.254 (a cloud metadata address)",
+            ),
+        ] {
+            let response = send(&serve, host);
+            assert_eq!(response.status, 502, "{host}: {}", response.text());
+            let error = response.header("x-broker-error").unwrap_or_default();
+            assert!(
+                error.contains(says) && error.contains("SSRF guard"),
+                "{host}: {error}"
+            );
+        }
+        let audit = home.audit_until(|a| count_events(a, "upstream_address_refused") >= 2);
+        assert_eq!(
+            count_events(&audit, "upstream_address_refused"),
+            2,
+            "{audit}"
+        );
+        assert!(audit.contains("metadata.acme.test"), "{audit}");
+    }
+    assert_eq!(
+        origin.requests().len(),
+        1,
+        "only the provider that allows private addresses reached it"
+    );
+}

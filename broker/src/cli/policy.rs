@@ -150,14 +150,16 @@ mod tests {
         let text = suggest(&audit, None).expect("suggest");
         let layer = crate::policy::file::parse(&text, "s.toml", &Catalog::builtin()).expect(&text);
         let p = crate::policy::RunPolicy::compile(&[layer], |_| "default", None);
-        assert!(p.check_rules("openai", "POST", "/v1/responses").is_ok());
-        assert!(p.check_rules("github", "GET", "/repos/a/b").is_ok());
+        assert!(p
+            .check_rules("openai", "POST", "/v1/responses", None)
+            .is_ok());
+        assert!(p.check_rules("github", "GET", "/repos/a/b", None).is_ok());
         assert!(
-            p.check_rules("openai", "GET", "/v1/models").is_err(),
+            p.check_rules("openai", "GET", "/v1/models", None).is_err(),
             "run r1's"
         );
         assert!(
-            p.check_rules("openai", "DELETE", "/v1/x").is_err(),
+            p.check_rules("openai", "DELETE", "/v1/x", None).is_err(),
             "a denial is no use"
         );
         assert!(

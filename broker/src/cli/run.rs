@@ -25,8 +25,14 @@ use std::path::PathBuf;
 pub struct RunArgs {
     /// Only these providers (comma-separated); default: every provider. PROVIDER:METHOD:/path
     /// (`openai:POST:/v1/responses`) also limits that provider to the methods and paths so
-    /// listed (see README, "Policy").
-    #[arg(long, value_delimiter = ',', value_name = "PROVIDER[:METHOD:/path]")]
+    /// listed; `/path?name=value|other&limit=*` to these query parameters (`/path?`: none);
+    /// a `:approve=each` or `:approve=once-per-run` suffix holds what the rule allows for
+    /// `broker approve` (see README, "Policy").
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "PROVIDER[:METHOD:/path[?QUERY][:approve=each|once-per-run]]"
+    )]
     pub allow: Vec<String>,
     /// A policy file for this run, on top of $BROKER_HOME/policy.toml (it can only narrow it).
     #[arg(long, value_name = "FILE")]

@@ -15,6 +15,7 @@
 pub mod budget;
 pub mod file;
 pub mod path;
+pub mod query;
 pub mod rules;
 
 use std::collections::HashMap;
@@ -116,12 +117,15 @@ pub struct RunPolicy {
     approved: Mutex<Vec<String>>,
 }
 
-/// A request the rules allow: the path that goes upstream, and whether it must wait for
-/// `broker approve` first.
+/// A request the rules allow: the path (and query) that goes upstream, and whether it must
+/// wait for `broker approve` first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allowed {
     /// The normalised path, when it differs from the request's (which then must be rewritten).
     pub path: Option<String>,
+    /// The canonical query (`query`), when a rule that allowed the request constrains the
+    /// query and the request's differs from it: what was checked is what is sent.
+    pub query: Option<String>,
     pub approval: Option<Approval>,
 }
 
@@ -235,14 +239,15 @@ impl RunPolicy {
     }
 
     /// Authorize: the rules for `provider`. `Ok(Some(allowed))`: allowed, `allowed.path` (the
-    /// normalised path) is what goes upstream, and `allowed.approval` says whether a matching
-    /// rule asks for approval (the strictest of the layers'); `Ok(None)`: no rules for the
-    /// provider.
+    /// normalised path) and `allowed.query` are what go upstream, and `allowed.approval` says
+    /// whether a matching rule asks for approval (the strictest of the layers'); `Ok(None)`:
+    /// no rules for the provider. `query` is the request's, without its `?`.
     pub fn check_rules(
         &self,
         provider: &str,
         method: &str,
         path: &str,
+        query: Option<&str>,
     ) -> Result<Option<Allowed>, Refusal> {
         let Some(p) = self.providers.get(provider) else {
             return Ok(None);
@@ -257,9 +262,12 @@ impl RunPolicy {
                 why.reason()
             ),
         })?;
+        let query = query::RequestQuery::new(query);
+        let mut query_checked = false;
         let mut approval: Option<Approval> = None;
         for (source, rules) in &p.rule_sets {
-            if let Some(rule) = rules.iter().find(|r| r.allows(method, &normal)) {
+            if let Some(rule) = rules.iter().find(|r| r.allows(method, &normal, &query)) {
+                query_checked |= rule.constrains_query();
                 let stricter = approval
                     .as_ref()
                     .is_none_or(|a| !a.each && rule.approve == Approve::Each);
@@ -276,10 +284,19 @@ impl RunPolicy {
             }
             let listed: Vec<String> = rules.iter().take(6).map(Rule::to_string).collect();
             let more = if rules.len() > 6 { ", ..." } else { "" };
+            // The query is never quoted (it is the agent's, and may hold anything), only
+            // described, and only when a rule of this layer looks at it.
+            let query_note = rules
+                .iter()
+                .any(Rule::constrains_query)
+                .then(|| query.describe())
+                .flatten()
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default();
             return Err(Refusal {
                     kind: RefusalKind::Rules,
                     message: format!(
-                        "policy: {method} {normal} to {provider} is not allowed by {source} (it allows: {}{more})",
+                        "policy: {method} {normal}{query_note} to {provider} is not allowed by {source} (it allows: {}{more})",
                         if listed.is_empty() { "nothing".to_string() } else { listed.join(", ") }
                     ),
                 });
@@ -288,7 +305,16 @@ impl RunPolicy {
             std::borrow::Cow::Borrowed(_) => None,
             std::borrow::Cow::Owned(normal) => Some(normal),
         };
-        Ok(Some(Allowed { path, approval }))
+        let query = if query_checked {
+            query.rewritten()
+        } else {
+            None
+        };
+        Ok(Some(Allowed {
+            path,
+            query,
+            approval,
+        }))
     }
 
     /// Does `approval` still need an answer in this run (a `once-per-run` rule answered
@@ -437,30 +463,70 @@ mod tests {
         ]);
         let p = RunPolicy::compile(&l, |_| "default", None);
         assert_eq!(
-            p.check_rules("openai", "GET", "/v1/./models")
+            p.check_rules("openai", "GET", "/v1/./models", None)
                 .map(|a| a.map(|a| a.path)),
             Ok(Some(Some("/v1/models".into())))
         );
         let e = p
-            .check_rules("openai", "POST", "/v1/responses")
+            .check_rules("openai", "POST", "/v1/responses", None)
             .expect_err("second layer");
         assert!(e.message.contains("f1 [providers.openai]"), "{}", e.message);
-        assert!(p.check_rules("openai", "GET", "/v1/files").is_err());
-        assert_eq!(p.check_rules("github", "DELETE", "/repos/x"), Ok(None));
+        assert!(p.check_rules("openai", "GET", "/v1/files", None).is_err());
+        assert_eq!(
+            p.check_rules("github", "DELETE", "/repos/x", None),
+            Ok(None)
+        );
         let e = p
-            .check_rules("openai", "GET", "/v1/models/..;/x/../../admin")
+            .check_rules("openai", "GET", "/v1/models/..;/x/../../admin", None)
             .expect_err("x");
         assert_eq!(e.kind, RefusalKind::Rules);
+    }
+
+    #[test]
+    fn query_rules_rewrite_only_what_they_checked() {
+        let l = layers(&[
+            "[providers.openai]\nallow = [\"GET /v1/models?\", \"GET /v1/files?purpose=batch&limit=*\", \"GET /v1/x\"]\n",
+        ]);
+        let p = RunPolicy::compile(&l, |_| "default", None);
+        let allowed = |path, query| p.check_rules("openai", "GET", path, query);
+        assert_eq!(
+            allowed("/v1/models", None).map(|a| a.map(|a| a.query)),
+            Ok(Some(None))
+        );
+        let e = allowed("/v1/models", Some("sk-abc=1")).expect_err("no query allowed");
+        assert!(
+            e.message.contains("(its query has 1 parameter)") && !e.message.contains("sk-abc"),
+            "the query is described, never quoted: {}",
+            e.message
+        );
+        let e = allowed("/v1/files", Some("purpose=batch;admin=1")).expect_err("raw ;");
+        assert!(e.message.contains("raw ';'"), "{}", e.message);
+        assert_eq!(
+            allowed("/v1/files", Some("purpose=b%61tch&&limit=1+2")).map(|a| a.map(|a| a.query)),
+            Ok(Some(Some("purpose=batch&limit=1%202".into())))
+        );
+        assert_eq!(
+            allowed("/v1/files", Some("purpose=batch&limit=2")).map(|a| a.map(|a| a.query)),
+            Ok(Some(None)),
+            "already canonical"
+        );
+        assert_eq!(
+            allowed("/v1/x", Some("anything=%zz;")).map(|a| a.map(|a| a.query)),
+            Ok(Some(None)),
+            "a rule without '?' leaves the query alone"
+        );
     }
 
     #[test]
     fn profile_tables_apply_to_their_profile_only() {
         let l = layers(&["[profiles.ci.providers.openai]\nallow = [\"GET /v1/models\"]\n"]);
         let ci = RunPolicy::compile(&l, |_| "ci", None);
-        assert!(ci.check_rules("openai", "POST", "/v1/responses").is_err());
+        assert!(ci
+            .check_rules("openai", "POST", "/v1/responses", None)
+            .is_err());
         let other = RunPolicy::compile(&l, |_| "default", None);
         assert_eq!(
-            other.check_rules("openai", "POST", "/v1/responses"),
+            other.check_rules("openai", "POST", "/v1/responses", None),
             Ok(None)
         );
     }
@@ -500,9 +566,11 @@ mod tests {
         };
         let l = spec.layers(&Catalog::builtin()).expect("layers");
         let p = RunPolicy::compile(&l, |_| "default", None);
-        assert!(p.check_rules("openai", "POST", "/v1/responses").is_ok());
+        assert!(p
+            .check_rules("openai", "POST", "/v1/responses", None)
+            .is_ok());
         let e = p
-            .check_rules("openai", "GET", "/v1/models")
+            .check_rules("openai", "GET", "/v1/models", None)
             .expect_err("not allowed");
         assert!(
             e.message.contains("--allow [providers.openai]"),
@@ -529,7 +597,7 @@ approve_timeout = 5
 "#]);
         let p = RunPolicy::compile(&l, |_| "default", None);
         let allowed = |m, path| {
-            p.check_rules("openai", m, path)
+            p.check_rules("openai", m, path, None)
                 .expect("ok")
                 .expect("rules")
         };

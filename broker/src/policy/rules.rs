@@ -1,4 +1,5 @@
-//! One method/path rule: `"POST /v1/responses"`, `"GET|HEAD /v1/files/*"`, `"* /v1/**"`.
+//! One method/path rule: `"POST /v1/responses"`, `"GET|HEAD /v1/files/*"`, `"* /v1/**"`, and
+//! optionally what query it allows after a `?` (`"GET /v1/models?"`: none; see `query`).
 //!
 //! Methods are upper case (`GET`), several joined by `|`, or `*` for any. The path pattern is
 //! matched segment by segment against the normalised path (`path`): a literal segment matches
@@ -8,12 +9,16 @@
 
 use std::fmt;
 
+use super::query::{QueryRule, RequestQuery};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     /// Whether a request this rule allows waits for `broker approve`.
     pub approve: Approve,
     methods: Option<Vec<String>>,
     segments: Vec<Segment>,
+    /// `None`: the rule says nothing about the query (written without `?`).
+    query: Option<QueryRule>,
     /// As written, for messages.
     text: String,
 }
@@ -59,18 +64,27 @@ impl Rule {
         Rule::from_parts(methods, pattern.trim(), text.trim())
     }
 
-    /// `PROVIDER:METHODS:PATH`, as given to `--allow`: the provider and the rule.
+    /// `PROVIDER:METHODS:PATH[:approve=each|once-per-run]`, as given to `--allow`: the
+    /// provider and the rule.
     pub fn parse_flag(text: &str) -> Result<(String, Rule), String> {
-        let mut parts = text.splitn(3, ':');
+        let (rule_text, approve) = match text.rsplit_once(":approve=") {
+            Some((rule, how)) => (
+                rule,
+                Approve::parse(how).map_err(|why| format!("--allow '{text}': {why}"))?,
+            ),
+            None => (text, Approve::No),
+        };
+        let mut parts = rule_text.splitn(3, ':');
         let (Some(provider), Some(methods), Some(pattern)) =
             (parts.next(), parts.next(), parts.next())
         else {
             return Err(format!(
-                "--allow '{text}': expected PROVIDER or PROVIDER:METHOD:/path (e.g. openai:POST:/v1/responses)"
+                "--allow '{text}': expected PROVIDER or PROVIDER:METHOD:/path[:approve=each|once-per-run] (e.g. openai:POST:/v1/responses)"
             ));
         };
-        let rule = Rule::from_parts(methods, pattern, &format!("{methods} {pattern}"))
+        let mut rule = Rule::from_parts(methods, pattern, &format!("{methods} {pattern}"))
             .map_err(|why| format!("--allow '{text}': {why}"))?;
+        rule.approve = approve;
         Ok((provider.to_string(), rule))
     }
 
@@ -89,6 +103,10 @@ impl Rule {
                 }
                 Some(out)
             }
+        };
+        let (pattern, query) = match pattern.split_once('?') {
+            Some((path, spec)) => (path, Some(QueryRule::parse(spec)?)),
+            None => (pattern, None),
         };
         if !pattern.starts_with('/') {
             return Err(format!("the path '{pattern}' must start with '/'"));
@@ -142,12 +160,26 @@ impl Rule {
             approve: Approve::No,
             methods,
             segments,
+            query,
             text: text.to_string(),
         })
     }
 
-    /// Does this rule allow `method` on the normalised `path`?
-    pub fn allows(&self, method: &str, path: &str) -> bool {
+    /// Does this rule say anything about the query (was it written with `?`)?
+    pub fn constrains_query(&self) -> bool {
+        self.query.is_some()
+    }
+
+    /// Does this rule allow `method` on the normalised `path` with `query`?
+    pub fn allows(&self, method: &str, path: &str, query: &RequestQuery<'_>) -> bool {
+        self.allows_path(method, path)
+            && self
+                .query
+                .as_ref()
+                .is_none_or(|rule| query.params().is_ok_and(|params| rule.allows(params)))
+    }
+
+    fn allows_path(&self, method: &str, path: &str) -> bool {
         if let Some(methods) = &self.methods {
             if !methods.iter().any(|m| m == method) {
                 return false;
@@ -192,31 +224,31 @@ mod tests {
     #[test]
     fn methods_and_segments_match_exactly() {
         let r = rule("POST /v1/responses");
-        assert!(r.allows("POST", "/v1/responses"));
-        assert!(!r.allows("GET", "/v1/responses"));
-        assert!(!r.allows("post", "/v1/responses"));
-        assert!(!r.allows("POST", "/v1/responses/x"));
-        assert!(!r.allows("POST", "/v1/responses/"));
-        assert!(!r.allows("POST", "/v1/Responses"));
-        assert!(!r.allows("POST", "/v1"));
+        assert!(r.allows_path("POST", "/v1/responses"));
+        assert!(!r.allows_path("GET", "/v1/responses"));
+        assert!(!r.allows_path("post", "/v1/responses"));
+        assert!(!r.allows_path("POST", "/v1/responses/x"));
+        assert!(!r.allows_path("POST", "/v1/responses/"));
+        assert!(!r.allows_path("POST", "/v1/Responses"));
+        assert!(!r.allows_path("POST", "/v1"));
 
         let r = rule("GET|HEAD /v1/files/*");
-        assert!(r.allows("HEAD", "/v1/files/abc"));
-        assert!(!r.allows("GET", "/v1/files/"));
-        assert!(!r.allows("GET", "/v1/files/a/b"));
-        assert!(!r.allows("DELETE", "/v1/files/abc"));
+        assert!(r.allows_path("HEAD", "/v1/files/abc"));
+        assert!(!r.allows_path("GET", "/v1/files/"));
+        assert!(!r.allows_path("GET", "/v1/files/a/b"));
+        assert!(!r.allows_path("DELETE", "/v1/files/abc"));
 
         let r = rule("* /v1/**");
-        assert!(r.allows("DELETE", "/v1"));
-        assert!(r.allows("GET", "/v1/"));
-        assert!(r.allows("GET", "/v1/a/b/c"));
-        assert!(!r.allows("GET", "/v2/a"));
-        assert!(!r.allows("GET", "/v1x"));
+        assert!(r.allows_path("DELETE", "/v1"));
+        assert!(r.allows_path("GET", "/v1/"));
+        assert!(r.allows_path("GET", "/v1/a/b/c"));
+        assert!(!r.allows_path("GET", "/v2/a"));
+        assert!(!r.allows_path("GET", "/v1x"));
 
-        assert!(rule("GET /").allows("GET", "/"));
-        assert!(!rule("GET /").allows("GET", "/x"));
-        assert!(rule("GET /**").allows("GET", "/"));
-        assert!(rule("GET /v1/models/").allows("GET", "/v1/models/"));
+        assert!(rule("GET /").allows_path("GET", "/"));
+        assert!(!rule("GET /").allows_path("GET", "/x"));
+        assert!(rule("GET /**").allows_path("GET", "/"));
+        assert!(rule("GET /v1/models/").allows_path("GET", "/v1/models/"));
     }
 
     #[test]
@@ -239,8 +271,58 @@ mod tests {
         }
         let (provider, r) = Rule::parse_flag("openai:POST:/v1/responses").expect("flag");
         assert_eq!(provider, "openai");
-        assert!(r.allows("POST", "/v1/responses"));
+        assert!(r.allows_path("POST", "/v1/responses"));
         assert!(Rule::parse_flag("openai:POST").is_err());
         assert!(Rule::parse_flag("openai:post:/v1").is_err());
+    }
+
+    #[test]
+    fn flags_may_ask_for_approval_and_constrain_the_query() {
+        let (provider, r) =
+            Rule::parse_flag("openai:DELETE:/v1/files/*:approve=each").expect("flag");
+        assert_eq!((provider.as_str(), r.approve), ("openai", Approve::Each));
+        assert!(r.allows_path("DELETE", "/v1/files/x"));
+        let (_, r) = Rule::parse_flag("openai:POST:/v1/files:approve=once-per-run").expect("flag");
+        assert_eq!(r.approve, Approve::OncePerRun);
+        let (_, r) = Rule::parse_flag("gemini:POST:/v1beta/models/*").expect("flag");
+        assert_eq!(r.approve, Approve::No);
+        let e = Rule::parse_flag("openai:POST:/v1/files:approve=always").expect_err("bad");
+        assert!(e.contains("once-per-run"), "{e}");
+        let (_, r) =
+            Rule::parse_flag("openai:GET:/v1/files?purpose=batch:approve=each").expect("flag");
+        assert_eq!(r.approve, Approve::Each);
+        assert!(r.allows(
+            "GET",
+            "/v1/files",
+            &RequestQuery::new(Some("purpose=batch"))
+        ));
+        assert!(!r.allows("GET", "/v1/files", &RequestQuery::new(Some("purpose=x"))));
+    }
+
+    #[test]
+    fn query_rules_apply_after_the_path() {
+        let q = RequestQuery::new;
+        let none = rule("GET /v1/models?");
+        assert!(none.constrains_query());
+        assert!(none.allows("GET", "/v1/models", &q(None)));
+        assert!(!none.allows("GET", "/v1/models", &q(Some("limit=1"))));
+        let any = rule("GET /v1/models");
+        assert!(!any.constrains_query());
+        assert!(any.allows("GET", "/v1/models", &q(Some("x;y=%zz"))));
+        let files = rule("GET /v1/files/*?purpose=batch|fine-tune&limit=*");
+        assert!(files.allows("GET", "/v1/files/f", &q(Some("limit=2&purpose=batch"))));
+        assert!(!files.allows("GET", "/v1/files/f", &q(Some("purpose=batch;x=1"))));
+        assert!(!files.allows("GET", "/v1/files", &q(Some("purpose=batch"))));
+        assert_eq!(
+            files.to_string(),
+            "GET /v1/files/*?purpose=batch|fine-tune&limit=*"
+        );
+        for bad in [
+            "GET /v1/models?limit",
+            "GET /v1/models?a=1;b=2",
+            "GET /v1/../x?a=*",
+        ] {
+            assert!(Rule::parse(bad).is_err(), "{bad} was taken");
+        }
     }
 }

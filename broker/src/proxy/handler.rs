@@ -430,7 +430,7 @@ async fn authorize(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let verdict = policy
-        .check_rules(provider, method, parts.uri.path())
+        .check_rules(provider, method, parts.uri.path(), parts.uri.query())
         .and_then(|normal| {
             policy
                 .check_placeholder(provider, has_placeholder)
@@ -443,8 +443,13 @@ async fn authorize(
         });
     match verdict {
         Ok(Some(allowed)) => {
-            if let Some(normal) = &allowed.path {
-                parts.uri = with_path(&parts.uri, normal)?;
+            if allowed.path.is_some() || allowed.query.is_some() {
+                let path = allowed.path.as_deref().unwrap_or(parts.uri.path());
+                let query = match &allowed.query {
+                    Some(canonical) => Some(canonical.as_str()).filter(|q| !q.is_empty()),
+                    None => parts.uri.query(),
+                };
+                parts.uri = with_path_and_query(&parts.uri, path, query)?;
             }
             if let Some(approval) = allowed.approval {
                 if policy.mode == crate::policy::Mode::Enforce && policy.needs_asking(&approval) {
@@ -602,13 +607,13 @@ fn over_body_limit(err: &SendError) -> bool {
     false
 }
 
-/// `uri` with its path replaced (the query kept).
-fn with_path(uri: &Uri, path: &str) -> Result<Uri, BrokerError> {
+/// `uri` with its path and query replaced (by their normal forms).
+fn with_path_and_query(uri: &Uri, path: &str, query: Option<&str>) -> Result<Uri, BrokerError> {
     let bad = || BrokerError::BadRequest {
-        reason: "the request target cannot be rebuilt with its normalised path".into(),
+        reason: "the request target cannot be rebuilt with its normalised path and query".into(),
     };
     let mut parts = uri.clone().into_parts();
-    let target = match uri.query() {
+    let target = match query {
         Some(query) => format!("{path}?{query}"),
         None => path.to_string(),
     };

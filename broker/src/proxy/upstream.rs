@@ -183,7 +183,9 @@ impl UpstreamConnector {
             .iter()
             .find(|o| o.port == port && o.host.eq_ignore_ascii_case(host))
         {
-            // Pinned by the operator: explicit, so the guard does not apply.
+            // Pinned by the operator: explicit, so the guard does not apply. Only a process
+            // outside any run can pin (`cli::UpstreamArgs`), and TLS is still verified: the
+            // README ("SSRF guard") says why checking pins would stop no one.
             return Ok(vec![o.addr]);
         }
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
