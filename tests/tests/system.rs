@@ -151,8 +151,26 @@ struct SystemBroker {
 
 impl SystemBroker {
     fn start(root: &SystemRoot, user: &TestUser, extra: &[String]) -> SystemBroker {
+        SystemBroker::start_limited(root, user, extra, None)
+    }
+
+    /// Started at a descriptor limit of `nofile` (hard and soft), which sets its caps.
+    fn start_limited(
+        root: &SystemRoot,
+        user: &TestUser,
+        extra: &[String],
+        nofile: Option<u32>,
+    ) -> SystemBroker {
         let stderr = root.0.join("broker.stderr");
-        let mut cmd = user.command(broker_bin_for_agent_user());
+        let mut cmd = match nofile {
+            None => user.command(broker_bin_for_agent_user()),
+            Some(n) => {
+                let mut cmd = user.command("/bin/bash");
+                cmd.args(["-c", &format!("ulimit -n {n} && exec \"$@\""), "bash"])
+                    .arg(broker_bin_for_agent_user());
+                cmd
+            }
+        };
         cmd.args(["serve", "--system", "--system-root"])
             .arg(&root.0)
             .args(extra)
@@ -182,7 +200,8 @@ impl SystemBroker {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
-    /// The pid of the broker itself (setpriv execs it, so the child's pid is the broker's).
+    /// The pid of the broker itself (setpriv, and bash for a limit, exec it, so the child's
+    /// pid is the broker's).
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -802,4 +821,216 @@ fn the_system_unit_passes_systemd_analyze_verify() {
     // verify warns (exit 0) on some problems; none may concern the unit.
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("broker.service:"), "{stderr}");
+}
+
+/// Allowed uids share the system broker's bare-preload run, but not its connections: each uid
+/// has a share of its own. One agent uid holds open more connections than its share (the
+/// broker at a descriptor limit of 512: a share is 32); it is refused past its share, told
+/// why, audited, and another uid's agent is still served.
+#[test]
+fn one_uid_that_fills_its_connection_share_leaves_the_others_served() {
+    if skip_unless_root("one_uid_that_fills_its_connection_share_leaves_the_others_served") {
+        return;
+    }
+    const SHARE: usize = (512 - 256) / 2 / 4;
+    let ca = TestCa::new();
+    let openai = Origin::bearer(&ca, "api.openai.com", OPENAI_KEY, "ok");
+    let root = SystemRoot::new("caps");
+    let (broker_name, flood_name, calm_name, admin_name) =
+        (tag("cb"), tag("cf"), tag("cc"), tag("cm"));
+    let flooder = TestUser::create(&flood_name);
+    let calm = TestUser::create(&calm_name);
+    let admin = TestUser::create(&admin_name);
+    let _ = Command::new("userdel").arg(&broker_name).output();
+    let _ = Command::new("groupdel").arg(&broker_name).output();
+    let out = run_bounded(
+        Command::new(broker_integration::broker_bin())
+            .args(["system", "install", "--no-unit", "--user", &broker_name])
+            .args([
+                "--allow-user",
+                &flood_name,
+                "--allow-user",
+                &calm_name,
+                "--root",
+            ])
+            .arg(&root.0),
+        Duration::from_secs(30),
+    );
+    let broker_user = TestUser::existing(&broker_name);
+    assert!(out.status.success(), "install: {}", text(&out));
+    write_root_file(
+        &root.etc_dir().join("config.toml"),
+        &format!(
+            "[access]\nusers = [\"{flood_name}\", \"{calm_name}\"]\nadmin_users = [\"{admin_name}\"]\n\
+             [[policy]]\nusers = [\"{flood_name}\", \"{calm_name}\"]\nproviders = [\"openai\"]\n"
+        ),
+        0o644,
+    );
+    let upstream_ca = root.0.join("upstream-ca.pem");
+    std::fs::copy(&ca.pem_path, &upstream_ca).expect("copy ca");
+    std::fs::set_permissions(&upstream_ca, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let broker = SystemBroker::start_limited(
+        &root,
+        &broker_user,
+        &[
+            "--upstream-ca".into(),
+            upstream_ca.display().to_string(),
+            "--resolve".into(),
+            format!("api.openai.com:443:{}", openai.addr),
+            // The flood's connections stay for the whole test.
+            "--request-head-timeout".into(),
+            "600".into(),
+        ],
+        Some(512),
+    );
+    let mut add = admin.command(broker_bin_for_agent_user());
+    add.args(["add", "openai", "--system"])
+        .env(broker_contract::ENV_SYSTEM_RUN, root.run_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = add.spawn().expect("spawn");
+    {
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(OPENAI_KEY.as_bytes())
+            .expect("write");
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "admin add: {}", text(&out));
+
+    // The flooding agent: twice its share of connections that finish TLS and send nothing,
+    // held open until its stdin closes.
+    const FLOOD: &str = r#"
+import socket, ssl, sys
+ctx = ssl.create_default_context()
+held = []
+for i in range(2 * SHARE):
+    try:
+        s = ctx.wrap_socket(socket.create_connection(("api.openai.com", 443), timeout=10), server_hostname="api.openai.com")
+        held.append(s)
+    except Exception:
+        pass
+print("held", len(held), flush=True)
+sys.stdin.read()
+"#;
+    let mut flood = bare_preload(
+        &flooder,
+        &root,
+        &format!(
+            "exec /usr/bin/python3 -c '{}'",
+            FLOOD.replace("SHARE", &SHARE.to_string())
+        ),
+        true,
+    );
+    let mut flood = flood
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("flood");
+    let mut line = String::new();
+    {
+        use std::io::BufRead as _;
+        let stdout = flood.stdout.as_mut().expect("stdout");
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read");
+    }
+    let held: usize = line
+        .trim()
+        .strip_prefix("held ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("flood said {line:?}; broker: {}", broker.stderr()));
+    assert!(held >= SHARE, "the flood holds its share: {line}");
+
+    // The other uid is served meanwhile.
+    let out = run_bounded(
+        &mut bare_preload(&calm, &root, CURL, false),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "{}\nbroker: {}",
+        text(&out),
+        broker.stderr()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok");
+
+    // The flooding uid is told why (retried: while many refusals are being told at once, one
+    // more is closed without a word).
+    let script = "curl -sS -o /dev/null -D - https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"";
+    let told = (0..20)
+        .find_map(|_| {
+            let out = run_bounded(
+                &mut bare_preload(&flooder, &root, script, false),
+                Duration::from_secs(60),
+            );
+            let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+            if shown.contains(" 503") {
+                return Some(shown);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            None
+        })
+        .expect("the flooding uid is told it is over its share");
+    assert!(
+        told.contains(&format!(
+            "uid {} has {SHARE} connections open to the system broker, the most one uid may hold",
+            flooder.uid
+        )),
+        "{told}"
+    );
+    let audit = root.audit_until("connection_limit", 1);
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"connection_limit\"")
+                && l.contains(&format!("uid {}", flooder.uid))),
+        "{audit}"
+    );
+    assert_eq!(
+        openai.requests().len(),
+        1,
+        "only the other uid's request went upstream"
+    );
+    drop(flood.stdin.take());
+    let _ = flood.wait();
+    drop(broker);
+    drop(broker_user);
+}
+
+/// `--from-command` with `--system` is refused before anything is sent, saying why (the
+/// command would run as the broker's user, which holds every user's keys) and what to do.
+/// Needs no root: nothing is started.
+#[test]
+fn from_command_keys_are_refused_for_the_system_broker() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut cmd = Command::new(broker_integration::broker_bin());
+    scrub(&mut cmd);
+    cmd.env(broker_contract::ENV_SYSTEM_RUN, dir.path())
+        .args([
+            "add",
+            "openai",
+            "--system",
+            "--from-command",
+            "pass show openai",
+        ])
+        .stdin(Stdio::null());
+    let out = run_bounded(&mut cmd, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refused with --system")
+            && stderr.contains("holds every user's keys")
+            && stderr.contains("| broker add openai --system"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("pass show"),
+        "the command is not echoed: {stderr}"
+    );
 }

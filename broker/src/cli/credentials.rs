@@ -316,8 +316,12 @@ pub fn remove(args: RemoveArgs) -> anyhow::Result<ExitCode> {
 /// from stdin or a no-echo prompt, like any other), and the broker checks it against its own
 /// catalog, the one that decides where it goes.
 fn add_to_system(args: &AddArgs) -> anyhow::Result<ExitCode> {
+    // Refused for good, not for now: the command would run as the broker's user, which holds
+    // every uid's keys and reads the vault's master key. An admin uid may replace or remove a
+    // key (denial, README), never read one; running a command of its choice as the broker
+    // would be reading them all.
     if args.from_command.is_some() {
-        bail!("--from-command is not available with --system: the command would run as the broker's user; store the key itself");
+        bail!("--from-command is refused with --system: the command would run as the system broker's user, which holds every user's keys, so an admin could read them all through it. Store the key itself: `<command> | broker add {} --system`", args.provider);
     }
     crate::vault::check_name("profile", &args.profile)?;
     let secret = read_secret_for(&args.provider)?;

@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::error::BrokerError;
 use super::limits::{Gauge, Slot, HANDSHAKE_TIMEOUT, REFUSAL_TIMEOUT};
-use super::listen::{check_peer, refuse, terminate_tls, PeerVerdict};
+use super::listen::{check_peer, count_uid, refuse, terminate_tls, PeerVerdict};
 use super::{Proxy, ProxyBody, RunContext};
 use crate::audit::{AuditEvent, EventKind};
 
@@ -38,8 +38,8 @@ pub(super) async fn accept_loop(
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let slot = match proxy.caps.admit(&gauge) {
-            Ok(slot) => Arc::new(slot),
+        let mut slot = match proxy.caps.admit(&gauge) {
+            Ok(slot) => slot,
             Err(full) => {
                 refuse(&proxy, &run, peer, full, |_, _, permit| {
                     let error = BrokerError::TooManyConnections {
@@ -69,6 +69,22 @@ pub(super) async fn accept_loop(
                     return;
                 }
             };
+            if let Err(full) = count_uid(&proxy, &run, &mut slot, &peer_id) {
+                drop(slot);
+                refuse(&proxy, &run, peer, full, |_, _, permit| {
+                    let error = BrokerError::TooManyConnections {
+                        message: full.message(),
+                    };
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let refusal =
+                            serve_http1(stream, move |_req| error.clone().into_response());
+                        let _ = tokio::time::timeout(REFUSAL_TIMEOUT, refusal).await;
+                    });
+                });
+                return;
+            }
+            let slot = Arc::new(slot);
             let _ = stream.set_nodelay(true);
             let head_timeout = proxy.caps.limits.request_head_timeout;
             let service = service_fn(move |req| {

@@ -7,7 +7,14 @@
 //! connections and never uses them (about 950 at the usual `ulimit -n 1024`) made the broker
 //! reset every new connection, for every run. A run may hold a share of the global cap, so
 //! a flood from one run leaves room for the others.
+//!
+//! On a system broker, the run that bare preloads use is shared by every allowed uid; there a
+//! share is per uid instead (each uid counted as a run of its own would be), so one uid's
+//! agent cannot take the room the other uids' agents need. The uid is known once the
+//! connection's owner is looked up (`listen::check_peer`): until then, and for a connection
+//! over its uid's share (refused at once), it counts only against the global cap.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -193,19 +200,52 @@ impl Gauge {
 pub(super) struct Slot {
     run: Arc<Gauge>,
     global: Arc<Gauge>,
+    /// Its uid's share, in a run several uids share (see [`Caps::admit_uid`]).
+    uid: Option<Arc<Gauge>>,
+}
+
+impl Slot {
+    /// Count the connection against its uid's share too (taken by [`Caps::admit_uid`]).
+    pub(super) fn count_uid(&mut self, mut share: UidShare) {
+        self.uid = share.0.take();
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.run.give();
         self.global.give();
+        if let Some(uid) = &self.uid {
+            uid.give();
+        }
     }
+}
+
+/// A place in one uid's share, given back when dropped (unless moved into a [`Slot`]).
+#[derive(Debug)]
+pub(super) struct UidShare(Option<Arc<Gauge>>);
+
+impl Drop for UidShare {
+    fn drop(&mut self) {
+        if let Some(gauge) = self.0.take() {
+            gauge.give();
+        }
+    }
+}
+
+/// Which cap a refused connection hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Scope {
+    Run,
+    /// This uid's share of a run that several uids share.
+    Uid(u32),
+    Global,
 }
 
 /// Which cap a refused connection hit, and whether to audit it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Full {
-    pub global: bool,
+    pub scope: Scope,
     pub cap: usize,
     pub audit: bool,
 }
@@ -213,12 +253,16 @@ pub(super) struct Full {
 impl Full {
     /// What the agent and the audit are told: what happened and what to do.
     pub(super) fn message(&self) -> String {
-        match self.global {
-            false => format!(
+        match self.scope {
+            Scope::Run => format!(
                 "this run has {} connections open to the broker, the most one run may hold: close idle connections (or lower the client's pool size) and retry",
                 self.cap
             ),
-            true => format!(
+            Scope::Uid(uid) => format!(
+                "uid {uid} has {} connections open to the system broker, the most one uid may hold: close idle connections (or lower the client's pool size) and retry",
+                self.cap
+            ),
+            Scope::Global => format!(
                 "the broker holds {} client connections, the most it serves at once: retry later, or raise `ulimit -n` for broker serve",
                 self.cap
             ),
@@ -232,6 +276,9 @@ pub(super) struct Caps {
     pub limits: Limits,
     global: Arc<Gauge>,
     refusing: Arc<Semaphore>,
+    /// Each uid's share of the runs several uids share. One entry per uid ever admitted:
+    /// only uids on the system broker's allow list get this far, so it stays small.
+    uids: Mutex<HashMap<u32, Arc<Gauge>>>,
 }
 
 impl Caps {
@@ -239,6 +286,7 @@ impl Caps {
         Caps {
             global: Gauge::new(limits.max_connections),
             refusing: Arc::new(Semaphore::new(REFUSING_AT_ONCE)),
+            uids: Mutex::new(HashMap::new()),
             limits,
         }
     }
@@ -248,11 +296,37 @@ impl Caps {
         Gauge::new(self.limits.max_run_connections)
     }
 
+    /// A gauge for a run several uids share (a system broker's bare-preload run): no cap of
+    /// its own beyond the global one, since each uid's connections count against the uid's
+    /// own share ([`Caps::admit_uid`]), as large as a run's.
+    pub(super) fn shared_run_gauge(&self) -> Arc<Gauge> {
+        Gauge::new(self.limits.max_connections)
+    }
+
+    /// A place in `uid`'s share of the shared runs, or the refusal if it is full.
+    pub(super) fn admit_uid(&self, uid: u32) -> Result<UidShare, Full> {
+        let gauge = self
+            .uids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(uid)
+            .or_insert_with(|| Gauge::new(self.limits.max_run_connections))
+            .clone();
+        if !gauge.take() {
+            return Err(Full {
+                scope: Scope::Uid(uid),
+                cap: gauge.cap,
+                audit: gauge.starts_burst(Instant::now()),
+            });
+        }
+        Ok(UidShare(Some(gauge)))
+    }
+
     /// A slot for a new connection of the run `run` counts, or which cap is full.
     pub(super) fn admit(&self, run: &Arc<Gauge>) -> Result<Slot, Full> {
         if !run.take() {
             return Err(Full {
-                global: false,
+                scope: Scope::Run,
                 cap: run.cap,
                 audit: run.starts_burst(Instant::now()),
             });
@@ -260,7 +334,7 @@ impl Caps {
         if !self.global.take() {
             run.give();
             return Err(Full {
-                global: true,
+                scope: Scope::Global,
                 cap: self.global.cap,
                 audit: self.global.starts_burst(Instant::now()),
             });
@@ -268,6 +342,7 @@ impl Caps {
         Ok(Slot {
             run: run.clone(),
             global: self.global.clone(),
+            uid: None,
         })
     }
 
@@ -412,7 +487,7 @@ mod tests {
             .map(|_| caps.admit(&flooder).expect("slot"))
             .collect();
         let first = caps.admit(&flooder).expect_err("over the run's cap");
-        assert!(!first.global && first.audit);
+        assert!(first.scope == Scope::Run && first.audit);
         let second = caps.admit(&flooder).expect_err("still over");
         assert!(!second.audit, "one audit line per burst");
         let served = caps.admit(&other).expect("another run still gets in");
@@ -422,6 +497,37 @@ mod tests {
             .expect("slots come back when connections close");
         drop((served, again));
         assert_eq!(caps.global.open.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn each_uid_of_a_shared_run_has_its_own_share() {
+        let caps = Caps::new(Limits::for_descriptors(512 + 256));
+        let share = caps.limits.max_run_connections;
+        let shared = caps.shared_run_gauge();
+        let mut held = Vec::new();
+        for _ in 0..share {
+            let mut slot = caps.admit(&shared).expect("room in the run");
+            slot.count_uid(caps.admit_uid(1001).expect("room in the share"));
+            held.push(slot);
+        }
+        // uid 1001 is full: told so, audited once per burst; its connection is not counted.
+        let full = caps.admit_uid(1001).expect_err("full");
+        assert_eq!(
+            (full.scope, full.cap, full.audit),
+            (Scope::Uid(1001), share, true)
+        );
+        assert!(full.message().contains("uid 1001"), "{}", full.message());
+        assert!(!caps.admit_uid(1001).expect_err("full").audit);
+        // Another uid of the same run is served: the run has no cap of its own below global.
+        let mut other = caps.admit(&shared).expect("room in the run");
+        other.count_uid(caps.admit_uid(1002).expect("its own share"));
+        // A connection given back frees its uid's place.
+        held.pop();
+        drop(caps.admit_uid(1001).expect("room again"));
+        assert!(
+            caps.admit_uid(1001).is_ok(),
+            "a share dropped unused is given back"
+        );
     }
 
     #[test]
@@ -438,7 +544,7 @@ mod tests {
             caps.admit(&b).expect("b1"),
         ];
         let full = caps.admit(&b).expect_err("global cap");
-        assert!(full.global && full.message().contains("ulimit -n"));
+        assert!(full.scope == Scope::Global && full.message().contains("ulimit -n"));
         assert_eq!(
             b.open.load(Ordering::Relaxed),
             1,

@@ -85,8 +85,13 @@ impl rustls::server::ResolvesServerCert for LeafResolver {
 
 pub(super) async fn open_run(proxy: Arc<Proxy>, run: Arc<RunContext>) -> io::Result<RunListeners> {
     let (listeners, port) = bind_fake_addresses(&run)?;
-    // One count for all of the run's listeners, the CONNECT one included.
-    let gauge = proxy.caps.run_gauge();
+    // One count for all of the run's listeners, the CONNECT one included; in a run several
+    // uids share, each uid's own share counts instead (`admit_uid`, once the uid is known).
+    let gauge = if shared_by_uids(&proxy, &run) {
+        proxy.caps.shared_run_gauge()
+    } else {
+        proxy.caps.run_gauge()
+    };
     let mut tasks = JoinSet::new();
     for listener in listeners {
         tasks.spawn(accept_loop(
@@ -288,6 +293,7 @@ async fn serve_connection(
         Ok(local) => local,
         Err(_) => return,
     };
+    let mut slot = slot;
     let peer_id = match check_peer(&proxy, &run, local, peer) {
         PeerVerdict::Admit(peer_id) => peer_id,
         PeerVerdict::Drop => return,
@@ -300,6 +306,20 @@ async fn serve_connection(
             return;
         }
     };
+    if let Err(full) = count_uid(&proxy, &run, &mut slot, &peer_id) {
+        drop(slot);
+        refuse(&proxy, &run, peer, full, |proxy, run, permit| {
+            tokio::spawn(async move {
+                let _permit = permit;
+                let error = BrokerError::TooManyConnections {
+                    message: full.message(),
+                };
+                let deadline = Instant::now() + REFUSAL_TIMEOUT;
+                let _ = timeout_at(deadline, refuse_tls(proxy, run, stream, deadline, error)).await;
+            });
+        });
+        return;
+    }
     // One deadline for the ticket, the first byte and the TLS handshake.
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     // The run's ticket comes first, before anything of the connection is looked at: a
@@ -444,6 +464,26 @@ fn http_builder(limits: &limits::Limits) -> auto::Builder<TokioExecutor> {
         .max_pending_accept_reset_streams(limits::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
         .max_local_error_reset_streams(limits::H2_MAX_LOCAL_ERROR_RESET_STREAMS);
     builder
+}
+
+/// Is `run` one that several uids share: a system broker's run for bare preloads (a run a
+/// uid's shim opened with keys it handed over belongs to that uid alone)?
+fn shared_by_uids(proxy: &Proxy, run: &RunContext) -> bool {
+    proxy.access().is_some() && run.owner.is_none()
+}
+
+/// In a run several uids share, count the connection against its uid's own share (limits);
+/// elsewhere the run's count already did.
+pub(super) fn count_uid(
+    proxy: &Proxy,
+    run: &RunContext,
+    slot: &mut Slot,
+    peer: &PeerId,
+) -> Result<(), Full> {
+    if shared_by_uids(proxy, run) {
+        slot.count_uid(proxy.caps.admit_uid(peer.uid)?);
+    }
+    Ok(())
 }
 
 /// What to do with a connection, by the uid that owns its other end.
