@@ -986,10 +986,9 @@ sys.stdin.read()
     );
     let audit = root.audit_until("connection_limit", 1);
     assert!(
-        audit
-            .lines()
-            .any(|l| l.contains("\"connection_limit\"")
-                && l.contains(&format!("uid {}", flooder.uid))),
+        audit.lines().any(|l| l.contains("\"connection_limit\"")
+            && l.contains(&format!("uid {}", flooder.uid))
+            && l.contains(&format!("\"uid\":{}", flooder.uid))),
         "{audit}"
     );
     assert_eq!(

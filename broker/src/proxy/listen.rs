@@ -242,6 +242,10 @@ pub(super) fn refuse(
             pid: run.pid.get(),
             command: Some(run.command.clone()),
             reason: Some(reason),
+            uid: match full.scope {
+                limits::Scope::Uid(uid) => Some(uid),
+                _ => None,
+            },
             ..AuditEvent::new(EventKind::ConnectionLimit)
         });
     }
