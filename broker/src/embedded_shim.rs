@@ -177,84 +177,98 @@ mod tests {
     const SHIM: &[u8] = b"\x7fELF pretend shim bytes";
 
     fn mode(path: &Path) -> u32 {
-        std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
+        std::fs::symlink_metadata(path)
+            .expect("test fixture")
+            .mode()
+            & 0o7777
     }
 
     #[test]
     fn writes_once_private_and_named_by_hash() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().expect("test fixture");
         let root = tmp.path().join("cache/broker");
-        let path = ensure_at(&root, SHIM).unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), SHIM);
-        assert_eq!(path.file_name().unwrap(), SHIM_FILE);
-        let dir = path.parent().unwrap();
+        let path = ensure_at(&root, SHIM).expect("test fixture");
+        assert_eq!(std::fs::read(&path).expect("test fixture"), SHIM);
+        assert_eq!(path.file_name().expect("test fixture"), SHIM_FILE);
+        let dir = path.parent().expect("test fixture");
         assert!(dir
             .file_name()
-            .unwrap()
+            .expect("test fixture")
             .to_string_lossy()
             .starts_with("shim-"));
         assert_eq!(mode(&path), 0o500);
         assert_eq!(mode(dir), 0o700);
         assert_eq!(mode(&root), 0o700);
-        let inode = std::fs::metadata(&path).unwrap().ino();
+        let inode = std::fs::metadata(&path).expect("test fixture").ino();
         // A second use keeps the verified file.
-        assert_eq!(ensure_at(&root, SHIM).unwrap(), path);
-        assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
+        assert_eq!(ensure_at(&root, SHIM).expect("test fixture"), path);
+        assert_eq!(std::fs::metadata(&path).expect("test fixture").ino(), inode);
         // Other bytes (a new broker) get a directory of their own.
-        let other = ensure_at(&root, b"another build").unwrap();
+        let other = ensure_at(&root, b"another build").expect("test fixture");
         assert_ne!(other.parent(), path.parent());
     }
 
     #[test]
     fn a_tampered_copy_is_replaced_not_used() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().expect("test fixture");
         let root = tmp.path().join("broker");
-        let path = ensure_at(&root, SHIM).unwrap();
-        let dir = path.parent().unwrap().to_path_buf();
+        let path = ensure_at(&root, SHIM).expect("test fixture");
+        let dir = path.parent().expect("test fixture").to_path_buf();
 
         // Same length, other bytes, the mode restored: still caught by the comparison.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+            .expect("test fixture");
         let mut planted = SHIM.to_vec();
         planted[5] ^= 0xff;
-        std::fs::write(&path, &planted).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o500)).unwrap();
-        assert_eq!(ensure_at(&root, SHIM).unwrap(), path);
-        assert_eq!(std::fs::read(&path).unwrap(), SHIM);
+        std::fs::write(&path, &planted).expect("test fixture");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o500))
+            .expect("test fixture");
+        assert_eq!(ensure_at(&root, SHIM).expect("test fixture"), path);
+        assert_eq!(std::fs::read(&path).expect("test fixture"), SHIM);
 
         // A symlink to the attacker's library: replaced by a file, the target left alone.
         let evil = tmp.path().join("evil.so");
-        std::fs::write(&evil, b"evil").unwrap();
-        std::fs::remove_file(&path).unwrap();
-        std::os::unix::fs::symlink(&evil, &path).unwrap();
-        ensure_at(&root, SHIM).unwrap();
-        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
-        assert_eq!(std::fs::read(&path).unwrap(), SHIM);
-        assert_eq!(std::fs::read(&evil).unwrap(), b"evil");
+        std::fs::write(&evil, b"evil").expect("test fixture");
+        std::fs::remove_file(&path).expect("test fixture");
+        std::os::unix::fs::symlink(&evil, &path).expect("test fixture");
+        ensure_at(&root, SHIM).expect("test fixture");
+        assert!(std::fs::symlink_metadata(&path)
+            .expect("test fixture")
+            .is_file());
+        assert_eq!(std::fs::read(&path).expect("test fixture"), SHIM);
+        assert_eq!(std::fs::read(&evil).expect("test fixture"), b"evil");
 
         // A directory in its place, and a loosened mode on the directory.
-        std::fs::remove_file(&path).unwrap();
-        std::fs::create_dir(&path).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        ensure_at(&root, SHIM).unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), SHIM);
+        std::fs::remove_file(&path).expect("test fixture");
+        std::fs::create_dir(&path).expect("test fixture");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
+            .expect("test fixture");
+        ensure_at(&root, SHIM).expect("test fixture");
+        assert_eq!(std::fs::read(&path).expect("test fixture"), SHIM);
         assert_eq!(mode(&dir), 0o700);
 
         // Right bytes but writable: rewritten with mode 0500.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        ensure_at(&root, SHIM).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .expect("test fixture");
+        ensure_at(&root, SHIM).expect("test fixture");
         assert_eq!(mode(&path), 0o500);
     }
 
     #[test]
     fn a_symlinked_directory_is_replaced() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().expect("test fixture");
         let elsewhere = tmp.path().join("elsewhere");
-        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::create_dir(&elsewhere).expect("test fixture");
         let root = tmp.path().join("broker");
-        std::os::unix::fs::symlink(&elsewhere, &root).unwrap();
-        let path = ensure_at(&root, SHIM).unwrap();
-        assert!(std::fs::symlink_metadata(&root).unwrap().is_dir());
+        std::os::unix::fs::symlink(&elsewhere, &root).expect("test fixture");
+        let path = ensure_at(&root, SHIM).expect("test fixture");
+        assert!(std::fs::symlink_metadata(&root)
+            .expect("test fixture")
+            .is_dir());
         assert!(path.starts_with(&root));
-        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(&elsewhere).expect("test fixture").count(),
+            0
+        );
     }
 }
