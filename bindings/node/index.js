@@ -8,8 +8,9 @@
 // - env(opts): an environment for child_process whose child uses the `broker serve` already
 //   running for this user ($BROKER_HOME/run/shim.conf).
 //
-// The native parts (the `broker` binary and libbroker.so) are looked for in this package's
-// native/ directory (filled by `npm run build-native`, or packed after it), then $BROKER_BIN.
+// The native parts (the `broker` binary and libbroker.so) come from the platform package
+// (@broker-shim/linux-x64-gnu, ...), else this package's native/ directory (filled by
+// `npm run build-native`), else $BROKER_BIN, else `broker` on PATH.
 // Like `broker run` itself, the launchers prepend libbroker.so to an existing LD_PRELOAD and
 // never preload it into musl or static programs.
 
@@ -40,27 +41,62 @@ function isExecutable(file) {
   }
 }
 
+// The per-platform packages that carry the native parts (optionalDependencies of this one:
+// npm installs only the one whose os, cpu and libc match).
+const PLATFORM_PACKAGES = {
+  'linux-x64': '@broker-shim/linux-x64-gnu',
+  'linux-arm64': '@broker-shim/linux-arm64-gnu',
+};
+
+/** The installed platform package's directory, or null. */
+function platformPackageDir() {
+  const name = PLATFORM_PACKAGES[`${process.platform}-${process.arch}`];
+  if (!name) return null;
+  try {
+    return path.dirname(require.resolve(`${name}/package.json`));
+  } catch {
+    return null;
+  }
+}
+
+/** `{ broker, lib }` from a directory holding both, or null. */
+function nativeIn(dir) {
+  if (!dir) return null;
+  const broker = path.join(dir, 'broker');
+  const lib = path.join(dir, SHIM_FILE);
+  if (!fs.existsSync(broker) || !fs.existsSync(lib)) return null;
+  if (!isExecutable(broker)) {
+    // An archive tool may have dropped the mode bits; the file is ours to fix.
+    try {
+      fs.chmodSync(broker, 0o755);
+    } catch {
+      // Reported below.
+    }
+  }
+  if (!isExecutable(broker)) {
+    throw new BrokerShimError(`${broker} is not executable`);
+  }
+  return { broker, lib };
+}
+
+/** The first executable `name` on PATH, or null. */
+function onPath(name) {
+  for (const dir of (process.env.PATH || '').split(path.delimiter)) {
+    if (dir && isExecutable(path.join(dir, name))) return path.join(dir, name);
+  }
+  return null;
+}
+
 /**
- * The native parts: `{ broker, lib }`. `lib` is null when $BROKER_BIN names another broker,
- * which then finds its own libbroker.so. Throws a BrokerShimError saying how to get them.
+ * The native parts: `{ broker, lib }`, first found of: the platform package
+ * (@broker-shim/linux-x64-gnu, ...), this package's native/ (`npm run build-native`),
+ * $BROKER_BIN, `broker` on PATH. `lib` is null for the last two: that broker finds its own
+ * libbroker.so (beside it, or the copy it carries). Throws a BrokerShimError saying how to
+ * get them.
  */
 function native() {
-  const broker = path.join(NATIVE_DIR, 'broker');
-  const lib = path.join(NATIVE_DIR, SHIM_FILE);
-  if (fs.existsSync(broker) && fs.existsSync(lib)) {
-    if (!isExecutable(broker)) {
-      // An archive tool may have dropped the mode bits; the file is ours to fix.
-      try {
-        fs.chmodSync(broker, 0o755);
-      } catch {
-        // Reported below.
-      }
-    }
-    if (!isExecutable(broker)) {
-      throw new BrokerShimError(`${broker} is not executable`);
-    }
-    return { broker, lib };
-  }
+  const found = nativeIn(platformPackageDir()) || nativeIn(NATIVE_DIR);
+  if (found) return found;
   const override = process.env.BROKER_BIN;
   if (override) {
     if (!isExecutable(override)) {
@@ -68,11 +104,18 @@ function native() {
     }
     return { broker: override, lib: null };
   }
+  const broker = onPath('broker');
+  if (broker) return { broker, lib: null };
+  const platform = PLATFORM_PACKAGES[`${process.platform}-${process.arch}`];
   throw new BrokerShimError(
-    `the native broker is missing: ${NATIVE_DIR} has no broker and ${SHIM_FILE}. ` +
-      `Build them with 'npm run build-native' in ${__dirname} (needs Rust and the broker ` +
-      `repository), install a broker-shim package packed after such a build, or set BROKER_BIN ` +
-      `to a broker binary`,
+    `the native broker is missing: ${
+      platform
+        ? `the platform package ${platform} is not installed (was the install run with --omit=optional or --no-optional?)`
+        : `no prebuilt broker for ${process.platform}-${process.arch}`
+    }, ${NATIVE_DIR} has no broker and ${SHIM_FILE}, BROKER_BIN is not set and no broker is on PATH. ` +
+      `Reinstall broker-shim with optional dependencies, run 'npm run build-native' in ${__dirname} ` +
+      `(needs Rust and the broker repository), set BROKER_BIN to a broker binary, or put one on PATH ` +
+      `('cargo install --path broker')`,
   );
 }
 
@@ -199,8 +242,15 @@ function externalShim(broker) {
     path.join(dir, '..', 'lib', 'broker', SHIM_FILE),
   ];
   const found = candidates.find((p) => p && fs.existsSync(p));
-  if (!found) throw new BrokerShimError(`${SHIM_FILE} not found: set BROKER_SHIM_LIB`);
-  return path.resolve(found);
+  if (found) return path.resolve(found);
+  // A broker installed alone (`cargo install`) carries its shim: `broker shim` writes it out,
+  // checked against the copy inside, and prints where.
+  const out = childProcess.spawnSync(broker, ['shim'], { encoding: 'utf8' });
+  const printed = out.status === 0 ? out.stdout.trim() : '';
+  if (printed && fs.existsSync(printed)) return printed;
+  throw new BrokerShimError(
+    `${SHIM_FILE} not found beside ${broker} and '${broker} shim' named none: set BROKER_SHIM_LIB`,
+  );
 }
 
 /**

@@ -13,12 +13,46 @@ pub const ENV_SHIM_LIB: &str = "BROKER_SHIM_LIB";
 /// The shim's file name.
 pub const SHIM_FILE: &str = "libbroker.so";
 
-/// `libbroker.so`: `$BROKER_SHIM_LIB`, else next to the `broker` binary, else in
-/// `../lib` or `../lib/broker` relative to it (the layouts of `cargo build` and of packages).
-pub fn find_shim() -> Option<PathBuf> {
+/// Where the shim that `find_shim` returns came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShimOrigin {
+    /// `$BROKER_SHIM_LIB`.
+    Env,
+    /// Installed beside the broker binary.
+    Installed,
+    /// Carried inside the broker binary, written out and verified (`embedded_shim`).
+    Embedded,
+}
+
+/// `libbroker.so`: `$BROKER_SHIM_LIB`, else next to the `broker` binary, else in `../lib` or
+/// `../lib/broker` relative to it (the layouts of `cargo build` and of packages), else the
+/// copy carried inside this binary, written out and verified. An error only from the last.
+pub fn locate_shim() -> anyhow::Result<Option<(PathBuf, ShimOrigin)>> {
     if let Some(path) = std::env::var_os(ENV_SHIM_LIB).filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(path)).filter(|p| p.is_file());
+        return Ok(Some(PathBuf::from(path))
+            .filter(|p| p.is_file())
+            .map(|p| (p, ShimOrigin::Env)));
     }
+    if let Some(path) = installed_shim() {
+        return Ok(Some((path, ShimOrigin::Installed)));
+    }
+    Ok(crate::embedded_shim::extract()?.map(|p| (p, ShimOrigin::Embedded)))
+}
+
+/// `locate_shim`'s path; a failure to write out the embedded shim is said on stderr.
+pub fn find_shim() -> Option<PathBuf> {
+    match locate_shim() {
+        Ok(found) => found.map(|(path, _)| path),
+        Err(err) => {
+            eprintln!(
+                "broker: the libbroker.so inside this binary could not be written out: {err:#}"
+            );
+            None
+        }
+    }
+}
+
+fn installed_shim() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
     [
@@ -258,7 +292,7 @@ pub fn attach(
             Ok(None)
         }
         (Target::Glibc, None) => anyhow::bail!(
-            "libbroker.so not found next to the broker binary (or in $BROKER_SHIM_LIB): build the workspace ('cargo build --workspace') or set BROKER_SHIM_LIB"
+            "libbroker.so not found next to the broker binary (or in $BROKER_SHIM_LIB), and this broker carries none inside (or could not write it out, see above): build the workspace ('cargo build --workspace'), install with 'cargo install --path broker', or set BROKER_SHIM_LIB"
         ),
         (Target::NotPreloadable { why, keep_preload }, _) => {
             // The glibc shim would crash a musl program and do nothing for a static or Go one:

@@ -13,6 +13,7 @@ pub mod credential_command;
 pub mod credentials;
 pub mod denials;
 pub mod dns;
+pub mod embedded_shim;
 pub mod form;
 pub mod hardening;
 pub mod home;

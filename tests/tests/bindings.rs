@@ -602,3 +602,197 @@ fn node_package_from_npm_pack_runs_the_openai_sdk_under_the_broker() {
         .all(|r| r.header("authorization") == Some(format!("Bearer {OPENAI_KEY}").as_str())));
     eprintln!("node package test done in {:?}", started.elapsed());
 }
+
+/// `scripts/package --prebuilt target/<profile> --out target/<profile>/package-test`, once per
+/// test process: the wheel and npm tarballs a release would ship, around the workspace's build.
+fn packaged() -> PathBuf {
+    static DIST: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIST.get_or_init(|| {
+        let _ = shim_lib();
+        let dist = target_dir().join("package-test");
+        let _ = std::fs::remove_dir_all(&dist);
+        let started = Instant::now();
+        let out = run_bounded(
+            Command::new(repo_root().join("scripts/package"))
+                .arg("--prebuilt")
+                .arg(target_dir())
+                .arg("--out")
+                .arg(&dist)
+                .stdin(Stdio::null()),
+            Duration::from_secs(600),
+        );
+        assert!(
+            out.status.success(),
+            "scripts/package failed: {}",
+            text(&out)
+        );
+        eprintln!(
+            "scripts/package in {:?}: {}",
+            started.elapsed(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dist
+    })
+    .clone()
+}
+
+/// `PATH` without any directory that holds cargo or rustc: the installs must not need Rust.
+fn path_without_rust() -> std::ffi::OsString {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
+        .filter(|d| !d.join("cargo").exists() && !d.join("rustc").exists())
+        .collect();
+    std::env::join_paths(dirs).expect("PATH")
+}
+
+#[test]
+fn packaged_wheel_installs_without_rust_and_runs_the_openai_sdk() {
+    let Some((python, sdk_path)) = python_with_openai() else {
+        eprintln!(
+            "skipped: python3 with openai, setuptools and venv not on PATH (run ./scripts/test)"
+        );
+        return;
+    };
+    let dist = packaged();
+    let wheel = only_file_with_suffix(&dist.join("python"), ".whl");
+    let name = wheel
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        name.starts_with("broker_shim-") && name.contains("-py3-none-manylinux_"),
+        "{name}"
+    );
+    only_file_with_suffix(&dist.join("python"), ".tar.gz");
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let t = tmp.path();
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let ca = TestCa::new();
+    let origin = openai_origin(&ca);
+    let resolve = format!("api.openai.com:443:{}", origin.addr);
+    let no_rust = path_without_rust();
+
+    // A fresh venv, the wheel installed offline, then the first brokered call.
+    let started = Instant::now();
+    let venv = t.join("venv");
+    ok(command(&python, &home).args(["-m", "venv"]).arg(&venv));
+    ok(command(venv.join("bin/pip"), &home)
+        .env("PATH", &no_rust)
+        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+        .args(["install", "--quiet", "--no-index", "--no-deps"])
+        .arg(&wheel));
+    let installed = started.elapsed();
+    std::fs::write(t.join("agent.py"), PY_AGENT).expect("agent");
+    let out = run_bounded(
+        command(venv.join("bin/broker-shim"), &home)
+            .current_dir(t)
+            .env("PATH", &no_rust)
+            .env("PYTHONPATH", &sdk_path)
+            .env("AGENT_EXIT", "3")
+            .args(["--allow", "openai", "--upstream-ca"])
+            .arg(&ca.pem_path)
+            .args(["--resolve", &resolve, "--"])
+            .arg(venv.join("bin/python"))
+            .arg("agent.py"),
+        STEP,
+    );
+    assert_agent(&out, 3);
+    eprintln!(
+        "wheel: installed in {installed:?}, first brokered call done {:?} after pip install started",
+        started.elapsed()
+    );
+    // The package's own binaries ran (no broker on PATH here to fall back to).
+    let bin = venv.join(format!(
+        "lib/python3.{}/site-packages/broker_shim/_bin",
+        python_minor(&venv)
+    ));
+    assert!(
+        bin.join("broker").is_file() && bin.join("libbroker.so").is_file(),
+        "{}",
+        bin.display()
+    );
+    assert_eq!(origin.requests().len(), 1);
+}
+
+fn python_minor(venv: &Path) -> String {
+    let out = ok(Command::new(venv.join("bin/python"))
+        .args(["-c", "import sys; print(sys.version_info[1])"]));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+const NODE_FETCH_AGENT: &str = r#"fetch('https://api.openai.com/v1/models', {
+  headers: { Authorization: 'Bearer ' + process.env.OPENAI_API_KEY },
+})
+  .then(async (r) => {
+    const ids = JSON.parse(await r.text()).data.map((m) => m.id);
+    console.log('key=' + process.env.OPENAI_API_KEY);
+    console.log('models=' + ids.join(','));
+    process.exit(Number(process.env.AGENT_EXIT || 3));
+  })
+  .catch((err) => {
+    console.error('agent failed: ' + err);
+    process.exit(1);
+  });
+"#;
+
+#[test]
+fn packaged_npm_tarballs_install_offline_and_run_a_fetch_agent() {
+    if broker_integration::which("npm").is_none() {
+        eprintln!("skipped: npm is not installed");
+        return;
+    }
+    let dist = packaged().join("npm");
+    let main = dist.join("broker-shim-0.1.0.tgz");
+    let platform = only_file_with_suffix(&dist, "-gnu-0.1.0.tgz");
+    assert!(main.is_file(), "{}", main.display());
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let project = tmp.path().join("project");
+    std::fs::create_dir_all(&project).expect("mkdir");
+    std::fs::write(
+        project.join("package.json"),
+        "{\"name\":\"agent\",\"private\":true}\n",
+    )
+    .expect("package.json");
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let ca = TestCa::new();
+    let origin = openai_origin(&ca);
+    let resolve = format!("api.openai.com:443:{}", origin.addr);
+    let npm_env = |cmd: &mut Command| {
+        cmd.current_dir(&project)
+            .env("PATH", path_without_rust())
+            .env("npm_config_cache", tmp.path().join("npm-cache"))
+            .env("npm_config_offline", "true")
+            .env("npm_config_update_notifier", "false")
+            .env("npm_config_audit", "false")
+            .env("npm_config_fund", "false");
+    };
+
+    // Both tarballs, offline, into a fresh project: no build step, no registry.
+    let mut install = command("npm", &home);
+    npm_env(&mut install);
+    ok(install
+        .args(["install", "--silent"])
+        .arg(&main)
+        .arg(&platform));
+    let carried = project.join("node_modules/@broker-shim/linux-x64-gnu");
+    assert!(carried.join("broker").is_file() && carried.join("libbroker.so").is_file());
+    assert!(!project.join("node_modules/broker-shim/native").exists());
+
+    std::fs::write(project.join("agent.js"), NODE_FETCH_AGENT).expect("agent");
+    let mut run = command("npx", &home);
+    npm_env(&mut run);
+    let out = run_bounded(
+        run.env("AGENT_EXIT", "5")
+            .args(["broker-shim", "--allow", "openai", "--upstream-ca"])
+            .arg(&ca.pem_path)
+            .args(["--resolve", &resolve, "--", "node", "agent.js"]),
+        STEP,
+    );
+    assert_agent(&out, 5);
+    assert_eq!(origin.requests().len(), 1);
+}

@@ -115,13 +115,25 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
             Err(err) => check("local CA", Status::Fail, err.to_string()),
         });
     }
-    checks.push(match launch::find_shim() {
-        Some(path) => check("libbroker.so", Status::Ok, path.display().to_string()),
-        None => check(
+    checks.push(match launch::locate_shim() {
+        Ok(Some((path, origin))) => check(
+            "libbroker.so",
+            Status::Ok,
+            match origin {
+                launch::ShimOrigin::Env => format!("{} (from BROKER_SHIM_LIB)", path.display()),
+                launch::ShimOrigin::Installed => path.display().to_string(),
+                launch::ShimOrigin::Embedded => format!(
+                    "{} (carried inside the broker binary; checked against it before every run)",
+                    path.display()
+                ),
+            },
+        ),
+        Ok(None) => check(
             "libbroker.so",
             Status::Fail,
-            "not found next to the broker binary: build the workspace or set BROKER_SHIM_LIB",
+            "not found next to the broker binary nor carried inside it: build the workspace, install with `cargo install --path broker`, or set BROKER_SHIM_LIB",
         ),
+        Err(err) => check("libbroker.so", Status::Fail, format!("{err:#}")),
     });
     checks.push(sandbox_check(&home));
     checks.push(

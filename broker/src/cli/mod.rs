@@ -23,6 +23,7 @@ pub mod providers;
 pub mod rekey;
 pub mod run;
 pub mod serve;
+pub mod shim;
 pub mod system;
 
 /// Keeps API keys out of AI agents: the agent holds placeholders, the broker swaps in the
@@ -77,6 +78,9 @@ pub enum Command {
     Doctor(doctor::DoctorArgs),
     /// The CA of the running `broker serve`.
     Ca(ca::CaArgs),
+    /// Print the path of the libbroker.so that `broker run` preloads (or --install it to a
+    /// file), for a bare LD_PRELOAD and the system broker's users.
+    Shim(shim::ShimArgs),
     /// Show the whole flow offline: a local origin, a stored key, a real client, the swap.
     Demo(demo::DemoArgs),
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
@@ -132,6 +136,7 @@ pub fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Ca(args) => ca::run(args),
+        Command::Shim(args) => shim::run(args),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "broker", &mut std::io::stdout());

@@ -16,6 +16,7 @@ preload it into musl or static programs.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -39,7 +40,7 @@ _BIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bin")
 ACTIVATED_VAR = "BROKER_SHIM_ACTIVATED"
 #: Set to 1 by libbroker.so in a process where it loaded a config (broker_contract).
 SHIM_ACTIVE_VAR = "BROKER_SHIM_ACTIVE"
-#: Overrides the bundled `broker` binary (then `broker` finds its own libbroker.so).
+#: A broker binary to use when this package carries none (it finds its own libbroker.so).
 BROKER_BIN_VAR = "BROKER_BIN"
 #: Where `broker` looks for libbroker.so first.
 SHIM_LIB_VAR = "BROKER_SHIM_LIB"
@@ -59,34 +60,45 @@ class BrokerNotRunning(BrokerShimError):
     """`env()` found no running `broker serve`."""
 
 
+def _bundled():
+    """The bundled (broker, libbroker.so), or None when this install carries no build."""
+    broker = os.path.join(_BIN_DIR, "broker")
+    lib = os.path.join(_BIN_DIR, "libbroker.so")
+    if os.path.isfile(broker) and os.path.isfile(lib):
+        if not os.access(broker, os.X_OK):
+            raise NativeMissing(f"{broker} is not executable: reinstall broker-shim")
+        return broker, lib
+    return None
+
+
 def broker_path():
-    """The `broker` binary: `$BROKER_BIN`, else the one bundled in this package."""
+    """The `broker` binary, first found of: the one bundled in this package (a wheel, or a
+    build from source), `$BROKER_BIN`, `broker` on `PATH`."""
+    bundled = _bundled()
+    if bundled:
+        return bundled[0]
     override = os.environ.get(BROKER_BIN_VAR)
     if override:
         if not os.access(override, os.X_OK):
             raise NativeMissing(f"BROKER_BIN={override} is not an executable file")
         return override
-    path = os.path.join(_BIN_DIR, "broker")
-    if not os.path.isfile(path):
-        raise NativeMissing(
-            f"the broker binary is missing from this broker-shim install ({path}): reinstall "
-            "it from source with Rust present (pip install --force-reinstall broker-shim), or "
-            "set BROKER_BIN to a broker binary"
-        )
-    return path
+    on_path = shutil.which("broker")
+    if on_path:
+        return on_path
+    raise NativeMissing(
+        f"this broker-shim install carries no broker ({_BIN_DIR} lacks broker and "
+        "libbroker.so), BROKER_BIN is not set and no broker is on PATH: install a broker-shim "
+        "wheel for this platform, reinstall from source with Rust present (pip install "
+        "--force-reinstall --no-binary broker-shim broker-shim), set BROKER_BIN to a broker "
+        "binary, or put one on PATH (cargo install --path broker)"
+    )
 
 
 def shim_path():
-    """The bundled `libbroker.so`, or None when `$BROKER_BIN` points at another broker."""
-    if os.environ.get(BROKER_BIN_VAR):
-        return None
-    path = os.path.join(_BIN_DIR, "libbroker.so")
-    if not os.path.isfile(path):
-        raise NativeMissing(
-            f"libbroker.so is missing from this broker-shim install ({path}): reinstall it "
-            "from source with Rust present"
-        )
-    return path
+    """The bundled `libbroker.so`, or None when the broker is not the bundled one (that broker
+    finds its own)."""
+    bundled = _bundled()
+    return bundled[1] if bundled else None
 
 
 def _broker_env(base=None):
@@ -278,7 +290,8 @@ def env(providers=None, *, base=None):
 
 
 def _external_shim():
-    """libbroker.so for a `$BROKER_BIN` broker: `$BROKER_SHIM_LIB` or next to the binary."""
+    """libbroker.so for a broker not bundled here: `$BROKER_SHIM_LIB`, next to the binary, or
+    the copy the broker carries (`broker shim`)."""
     candidates = [os.environ.get(SHIM_LIB_VAR)]
     bindir = os.path.dirname(os.path.realpath(broker_path()))
     candidates += [os.path.join(bindir, p) for p in
@@ -286,7 +299,15 @@ def _external_shim():
     for path in candidates:
         if path and os.path.isfile(path):
             return os.path.abspath(path)
-    raise NativeMissing("libbroker.so not found: set BROKER_SHIM_LIB")
+    # A broker installed alone (`cargo install`) carries its shim: `broker shim` writes it
+    # out, checked against the copy inside, and prints where.
+    out = subprocess.run([broker_path(), "shim"], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    printed = out.stdout.strip() if out.returncode == 0 else ""
+    if printed and os.path.isfile(printed):
+        return printed
+    raise NativeMissing("libbroker.so not found beside the broker and 'broker shim' named "
+                        "none: set BROKER_SHIM_LIB")
 
 
 def _interpreter_argv():
