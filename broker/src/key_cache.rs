@@ -284,6 +284,22 @@ mod tests {
     }
 
     #[test]
+    fn a_key_once_kept_stays_known_as_cacheable_but_is_not_served_after_a_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (vault, cache) = cache_in(dir.path());
+        assert!(!cache.was_kept("openai", "default"));
+        let g = cache.generation();
+        cache.remember(g, "openai", "default", &key("k1"));
+        write(&vault, "v2");
+        // The key is gone, but the proxy still knows the next read of it will be cached (so
+        // connections that miss together wait for one read).
+        assert!(cache.get("openai", "default").is_none());
+        assert!(cache.was_kept("openai", "default"));
+        assert!(!cache.was_kept("openai", "other"));
+        assert!(!cache.was_kept("github", "default"));
+    }
+
+    #[test]
     fn without_a_watch_the_files_stamp_decides() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (vault, cache) = cache_in(dir.path());
