@@ -3,5 +3,6 @@
 
 pub mod client;
 pub mod netem;
+pub mod nginx;
 pub mod origin;
 pub mod procs;

@@ -14,7 +14,7 @@
 //! Everything stays on this machine: loopback, plus (as root, with netem) a network namespace
 //! and veth pair of its own for the 20 ms round-trip leg, removed when the run ends.
 
-use broker_bench::{client, netem, origin, procs};
+use broker_bench::{client, netem, nginx, origin, procs};
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -34,6 +34,8 @@ struct Opts {
     build: bool,
     /// Only these sections (all when empty).
     only: Vec<String>,
+    /// Measure nginx as a reverse proxy doing the broker's job beside it.
+    nginx: bool,
 }
 
 const SECTIONS: &[&str] = &[
@@ -46,14 +48,18 @@ const SECTIONS: &[&str] = &[
     "rtt",
 ];
 
-const USAGE: &str = "usage: bench [--json FILE] [--rounds N] [--secs S] [--no-build]
+const USAGE: &str =
+    "usage: bench [--json FILE] [--rounds N] [--secs S] [--no-build] [--nginx | --no-nginx]
 
   --json FILE   where to write the results (default: target/bench.json)
   --rounds N    interleaved rounds per leg; the median is kept (default 3)
   --secs S      measured seconds per load run (default 2)
   --only LIST   only these sections (comma-separated): keepalive, newconn, sse, run,
                 connect, rss, rtt
-  --no-build    do not build broker, libbroker.so and the shim benchmark first";
+  --no-build    do not build broker, libbroker.so and the shim benchmark first
+  --nginx       only the sections with an nginx column (keepalive, newconn, rss): the
+                broker against nginx doing the same job, broker/nginx as the headline
+  --no-nginx    leave nginx out (it is measured whenever it is installed)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -62,6 +68,15 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("bench origin: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if args.first().map(String::as_str) == Some("nginx-config") {
+        return match nginx::write_config_main(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench nginx-config: {e:#}");
                 ExitCode::FAILURE
             }
         };
@@ -89,6 +104,7 @@ fn parse_opts(args: &[String]) -> anyhow::Result<Opts> {
         window: Duration::from_secs(2),
         build: true,
         only: Vec::new(),
+        nginx: true,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -99,6 +115,13 @@ fn parse_opts(args: &[String]) -> anyhow::Result<Opts> {
                 opts.window = Duration::from_secs_f64(it.next().context("--secs S")?.parse()?)
             }
             "--no-build" => opts.build = false,
+            "--no-nginx" => opts.nginx = false,
+            "--nginx" => {
+                opts.nginx = true;
+                for name in ["keepalive", "newconn", "rss"] {
+                    opts.only.push(name.to_string());
+                }
+            }
             "--only" => {
                 for name in it.next().context("--only LIST")?.split(',') {
                     anyhow::ensure!(SECTIONS.contains(&name), "--only: unknown section {name}");
@@ -116,13 +139,15 @@ fn parse_opts(args: &[String]) -> anyhow::Result<Opts> {
     Ok(opts)
 }
 
-/// One line of the table. `ratio` is (broker or shim) / direct.
+/// One line of the table. `ratio` is (broker or shim) / direct, `vs_nginx` broker (or shim) /
+/// nginx.
 struct Row {
     leg: String,
     unit: &'static str,
     direct: Option<f64>,
     broker: Option<f64>,
     shim: Option<f64>,
+    nginx: Option<f64>,
 }
 
 impl Row {
@@ -133,7 +158,15 @@ impl Row {
             direct: None,
             broker: None,
             shim: None,
+            nginx: None,
         }
+    }
+    fn nginx(mut self, v: Option<f64>) -> Row {
+        self.nginx = v;
+        self
+    }
+    fn vs_nginx(&self) -> Option<f64> {
+        Some(self.broker.or(self.shim)? / self.nginx?)
     }
     fn direct(mut self, v: f64) -> Row {
         self.direct = Some(v);
@@ -154,6 +187,7 @@ impl Row {
         json!({
             "leg": self.leg, "unit": self.unit, "direct": self.direct,
             "broker": self.broker, "shim": self.shim, "ratio": self.ratio(),
+            "nginx": self.nginx, "broker_over_nginx": self.vs_nginx(),
         })
     }
 }
@@ -396,12 +430,48 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         auth: format!("Bearer {}", serve.placeholder()?),
         preamble: serve.config.ticket.as_ref().map(|t| t.preamble()),
     };
+    let mut notes: Vec<String> = Vec::new();
+    // nginx as a reverse proxy doing the broker's job, the reference for what a proxy of two
+    // TLS legs costs on this machine (bench/src/nginx.rs).
+    let nginx = match (opts.nginx, nginx::find()) {
+        (false, _) => None,
+        (true, None) => {
+            notes.push("nginx legs skipped: nginx not found (apt-get install nginx-light)".into());
+            None
+        }
+        (true, Some(binary)) => {
+            let origin_dir = origin.ca_pem_path.parent().context("origin dir")?;
+            let n = nginx::Nginx::start(&binary, &tmp.0.join("nginx"), origin_dir, origin.addr)?;
+            eprintln!("bench: {}, pid {}", nginx::Nginx::version(&binary), n.pid());
+            notes.push(format!(
+                "nginx: {}, one process, TLS + h2 on the listener, proxy_pass https:// with \
+                 proxy_ssl_verify, upstream keepalive, Authorization set (bench/src/nginx.rs)",
+                nginx::Nginx::version(&binary)
+            ));
+            Some(n)
+        }
+    };
+    let nginx_target = nginx.as_ref().map(|n| Target {
+        addr: n.addr,
+        ca_pem: direct.ca_pem.clone(),
+        // What the agent sends the broker; nginx replaces it with the real key.
+        auth: brokered.auth.clone(),
+        preamble: None,
+    });
+    let rss_nginx_fresh = nginx.as_ref().map(|n| n.rss_kib()).transpose()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    // Both paths answer 200 before anything is timed (the origin answers 401 to anything but
+    // Every path answers 200 before anything is timed (the origin answers 401 to anything but
     // the real key, so this also proves the swap).
-    for (name, t) in [("direct", &direct), ("broker", &brokered)] {
+    for (name, t) in [
+        ("direct", Some(&direct)),
+        ("broker", Some(&brokered)),
+        ("nginx", nginx_target.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(name, t)| Some((name, t?)))
+    {
         rt.block_on(client::keep_alive(
             t,
             false,
@@ -414,7 +484,6 @@ fn run(opts: Opts) -> anyhow::Result<()> {
     }
 
     let mut rows: Vec<Row> = Vec::new();
-    let mut notes: Vec<String> = Vec::new();
     let mut raw = serde_json::Map::new();
     let warmup = Duration::from_millis(300);
     let rounds = opts.rounds;
@@ -440,9 +509,19 @@ fn run(opts: Opts) -> anyhow::Result<()> {
     });
     let tool_log = tmp.0.join("h2load.log");
 
-    // Keep-alive requests, and the CPU each process spends on them.
-    let cpu_pids = [std::process::id(), origin.pid(), serve.pid()];
-    let cpu_probe = || -> CpuReading { (Instant::now(), cpu_pids.map(procs::thread_cpu)) };
+    // Keep-alive requests, and the CPU each process spends on them. The third process is the
+    // proxy of the leg: `broker serve` (idle in the direct leg) or nginx.
+    let probe_for = |proxy: u32| {
+        let pids = [std::process::id(), origin.pid(), proxy];
+        move || -> CpuReading {
+            (
+                Instant::now(),
+                pids.map(procs::thread_cpu),
+                procs::user_system_ticks(proxy).ok(),
+            )
+        }
+    };
+    let nginx_pid = nginx.as_ref().map(nginx::Nginx::pid);
     section(
         &opts,
         "keepalive",
@@ -451,23 +530,31 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         |notes| {
             for (h2, conns) in [(false, 1), (false, 8), (true, 1), (true, 8)] {
                 let proto = if h2 { "h2" } else { "h1" };
-                let mut d = Vec::new();
-                let mut b = Vec::new();
-                let (mut dc, mut bc, mut cpu_err) = (Vec::new(), Vec::new(), None);
-                let mut wd = Vec::new();
-                let mut ws = Vec::new();
+                let (mut d, mut b, mut n) = (Vec::new(), Vec::new(), Vec::new());
+                let (mut dc, mut bc, mut nc, mut cpu_err) =
+                    (Vec::new(), Vec::new(), Vec::new(), None);
+                let (mut wd, mut ws, mut wn) = (Vec::new(), Vec::new(), Vec::new());
                 let tool = tools[usize::from(h2)];
                 for _ in 0..rounds {
-                    for (target, runs, cpu) in
-                        [(&direct, &mut d, &mut dc), (&brokered, &mut b, &mut bc)]
-                    {
+                    let legs = [
+                        (Some(&direct), serve.pid(), &mut d, &mut dc),
+                        (Some(&brokered), serve.pid(), &mut b, &mut bc),
+                        (
+                            nginx_target.as_ref(),
+                            nginx_pid.unwrap_or(0),
+                            &mut n,
+                            &mut nc,
+                        ),
+                    ];
+                    for (target, proxy, runs, cpu) in legs {
+                        let Some(target) = target else { continue };
                         let (r, readings) = rt.block_on(client::keep_alive(
                             target,
                             h2,
                             conns,
                             warmup,
                             opts.window,
-                            cpu_probe,
+                            probe_for(proxy),
                         ))?;
                         runs.push(r);
                         cpu.push(
@@ -499,31 +586,49 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                         ws.push(
                             tool.run(&mut serve.run_cmd(&[], &["sh", "-c", &script]), &tool_log)?,
                         );
+                        // nginx: to its address with the placeholder, which it replaces.
+                        if let Some(t) = &nginx_target {
+                            let script =
+                                tool.script(conns, opts.window, &t.auth, Some(t.addr), &tool_log);
+                            let mut cmd = procs::clean("sh");
+                            cmd.args(["-c", &script]);
+                            wn.push(tool.run(&mut cmd, &tool_log)?);
+                        }
                     }
                 }
                 let label = format!("{proto}, {conns} conn{}", if conns > 1 { "s" } else { "" });
+                let med_of = |v: &[client::LoadResult], f: fn(&client::LoadResult) -> f64| {
+                    (!v.is_empty()).then(|| median(v.iter().map(f).collect()))
+                };
+                let tmed_of = |v: &[procs::ToolResult], f: fn(&procs::ToolResult) -> f64| {
+                    (!v.is_empty()).then(|| median(v.iter().map(f).collect()))
+                };
                 rows.push(
                     Row::new(format!("keep-alive {label}"), "req/s")
                         .direct(median(d.iter().map(|r| r.per_sec).collect()))
-                        .broker(median(b.iter().map(|r| r.per_sec).collect())),
+                        .broker(median(b.iter().map(|r| r.per_sec).collect()))
+                        .nginx(med_of(&n, |r| r.per_sec)),
                 );
                 rows.push(
                     Row::new(format!("  p50 latency {label}"), "µs")
                         .direct(median(d.iter().map(|r| r.p50_us).collect()))
-                        .broker(median(b.iter().map(|r| r.p50_us).collect())),
+                        .broker(median(b.iter().map(|r| r.p50_us).collect()))
+                        .nginx(med_of(&n, |r| r.p50_us)),
                 );
                 rows.push(
                     Row::new(format!("  p99 latency {label}"), "µs")
                         .direct(median(d.iter().map(|r| r.p99_us).collect()))
-                        .broker(median(b.iter().map(|r| r.p99_us).collect())),
+                        .broker(median(b.iter().map(|r| r.p99_us).collect()))
+                        .nginx(med_of(&n, |r| r.p99_us)),
                 );
                 match cpu_err {
                     Some(e) => notes.push(format!("CPU per request {label}: left out: {e:#}")),
-                    None => cpu_rows(&label, &dc, &bc, cores, &mut rows, notes),
+                    None => cpu_rows(&label, &dc, &bc, &nc, cores, &mut rows, notes),
                 }
                 let errors: u64 = wd
                     .iter()
                     .chain(&ws)
+                    .chain(&wn)
                     .map(|r| r.non_2xx + r.socket_errors)
                     .sum();
                 if let Some(tool) = tool {
@@ -536,17 +641,20 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                     rows.push(
                         Row::new(format!("keep-alive {label}, {name}"), "req/s")
                             .direct(median(wd.iter().map(|r| r.per_sec).collect()))
-                            .shim(median(ws.iter().map(|r| r.per_sec).collect())),
+                            .shim(median(ws.iter().map(|r| r.per_sec).collect()))
+                            .nginx(tmed_of(&wn, |r| r.per_sec)),
                     );
                     rows.push(
                         Row::new(format!("  p50 latency {label}, {name}"), "µs")
                             .direct(median(wd.iter().map(|r| r.p50_us).collect()))
-                            .shim(median(ws.iter().map(|r| r.p50_us).collect())),
+                            .shim(median(ws.iter().map(|r| r.p50_us).collect()))
+                            .nginx(tmed_of(&wn, |r| r.p50_us)),
                     );
                     rows.push(
                         Row::new(format!("  p99 latency {label}, {name}"), "µs")
                             .direct(median(wd.iter().map(|r| r.p99_us).collect()))
-                            .shim(median(ws.iter().map(|r| r.p99_us).collect())),
+                            .shim(median(ws.iter().map(|r| r.p99_us).collect()))
+                            .nginx(tmed_of(&wn, |r| r.p99_us)),
                     );
                 }
                 let samples = |v: &[client::LoadResult], cpu: &[Option<CpuUse>]| -> Value {
@@ -561,7 +669,7 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                 };
                 raw.insert(
                 format!("keep_alive_{proto}_{conns}"),
-                json!({"direct": samples(&d, &dc), "broker": samples(&b, &bc), "shim_tool": tool.map(procs::LoadTool::name), "tool_direct": wsamples(&wd), "tool_shim": wsamples(&ws)}),
+                json!({"direct": samples(&d, &dc), "broker": samples(&b, &bc), "nginx": samples(&n, &nc), "shim_tool": tool.map(procs::LoadTool::name), "tool_direct": wsamples(&wd), "tool_shim": wsamples(&ws), "tool_nginx": wsamples(&wn)}),
             );
             }
             Ok(())
@@ -571,8 +679,7 @@ fn run(opts: Opts) -> anyhow::Result<()> {
     // New TLS connections.
     section(&opts, "newconn", "new TLS connections", &mut notes, |_| {
         for conc in [1, 8] {
-            let mut d = Vec::new();
-            let mut b = Vec::new();
+            let (mut d, mut b, mut n) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..rounds {
                 d.push(rt.block_on(client::new_connections(&direct, conc, warmup, opts.window))?);
                 b.push(rt.block_on(client::new_connections(
@@ -581,20 +688,28 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                     warmup,
                     opts.window,
                 ))?);
+                if let Some(t) = &nginx_target {
+                    n.push(rt.block_on(client::new_connections(t, conc, warmup, opts.window))?);
+                }
             }
+            let med_of = |v: &[client::LoadResult], f: fn(&client::LoadResult) -> f64| {
+                (!v.is_empty()).then(|| median(v.iter().map(f).collect()))
+            };
             rows.push(
                 Row::new(format!("new TLS connections, {conc} at a time"), "conn/s")
                     .direct(median(d.iter().map(|r| r.per_sec).collect()))
-                    .broker(median(b.iter().map(|r| r.per_sec).collect())),
+                    .broker(median(b.iter().map(|r| r.per_sec).collect()))
+                    .nginx(med_of(&n, |r| r.per_sec)),
             );
             rows.push(
                 Row::new(format!("  p50 connect+request, {conc} at a time"), "µs")
                     .direct(median(d.iter().map(|r| r.p50_us).collect()))
-                    .broker(median(b.iter().map(|r| r.p50_us).collect())),
+                    .broker(median(b.iter().map(|r| r.p50_us).collect()))
+                    .nginx(med_of(&n, |r| r.p50_us)),
             );
             raw.insert(
                 format!("new_connections_{conc}"),
-                json!({"direct": d.iter().map(|r| r.per_sec).collect::<Vec<_>>(), "broker": b.iter().map(|r| r.per_sec).collect::<Vec<_>>()}),
+                json!({"direct": d.iter().map(|r| r.per_sec).collect::<Vec<_>>(), "broker": b.iter().map(|r| r.per_sec).collect::<Vec<_>>(), "nginx": n.iter().map(|r| r.per_sec).collect::<Vec<_>>()}),
             );
         }
         Ok(())
@@ -764,18 +879,31 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         let rss_conns = rt.block_on(client::hold_open(&brokered, n, 50, || serve.rss_kib()))??;
         std::thread::sleep(Duration::from_millis(500));
         let rss_after_close = serve.rss_kib()?;
+        let nginx_idle_after = nginx.as_ref().map(|x| x.rss_kib()).transpose()?;
+        let nginx_conns = match (&nginx, &nginx_target) {
+            (Some(x), Some(t)) => Some(rt.block_on(client::hold_open(t, n, 50, || x.rss_kib()))??),
+            _ => None,
+        };
         let mib = |k: u64| k as f64 / 1024.0;
-        rows.push(Row::new("broker RSS, idle (fresh)", "MiB").broker(mib(rss_idle_fresh)));
         rows.push(
-            Row::new("broker RSS, idle after the load legs", "MiB").broker(mib(rss_idle_after)),
+            Row::new("proxy RSS, idle (fresh)", "MiB")
+                .broker(mib(rss_idle_fresh))
+                .nginx(rss_nginx_fresh.map(mib)),
         );
         rows.push(
-            Row::new(format!("broker RSS, {n} open client connections"), "MiB")
-                .broker(mib(rss_conns)),
+            Row::new("proxy RSS, idle after the load legs", "MiB")
+                .broker(mib(rss_idle_after))
+                .nginx(nginx_idle_after.map(mib)),
+        );
+        rows.push(
+            Row::new(format!("proxy RSS, {n} open client connections"), "MiB")
+                .broker(mib(rss_conns))
+                .nginx(nginx_conns.map(mib)),
         );
         raw.insert(
             "rss_kib".into(),
-            json!({"idle_fresh": rss_idle_fresh, "idle_after_load": rss_idle_after, "open_connections": n, "with_connections": rss_conns, "after_close": rss_after_close}),
+            json!({"idle_fresh": rss_idle_fresh, "idle_after_load": rss_idle_after, "open_connections": n, "with_connections": rss_conns, "after_close": rss_after_close,
+                "nginx": {"idle_fresh": rss_nginx_fresh, "idle_after_load": nginx_idle_after, "with_connections": nginx_conns}}),
         );
         Ok(())
     });
@@ -866,6 +994,7 @@ fn run(opts: Opts) -> anyhow::Result<()> {
     );
 
     let load_end = loadavg();
+    drop(nginx);
     drop(serve);
     drop(origin);
 
@@ -878,25 +1007,41 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         .max(10);
     println!();
     println!(
-        "{:<width$}  {:>12}  {:>12}  {:>12}  {:>7}",
-        "leg", "direct", "broker", "shim", "ratio"
+        "{:<width$}  {:>12}  {:>12}  {:>12}  {:>12}  {:>7}  {:>7}",
+        "leg", "direct", "broker", "shim", "nginx", "ratio", "/nginx"
     );
     for r in &rows {
         let ratio = r.ratio().map_or("-".into(), |x| format!("{x:.2}x"));
+        let vs_nginx = r.vs_nginx().map_or("-".into(), |x| format!("{x:.2}"));
         println!(
-            "{:<width$}  {:>12}  {:>12}  {:>12}  {:>7}",
+            "{:<width$}  {:>12}  {:>12}  {:>12}  {:>12}  {:>7}  {:>7}",
             r.leg,
             fmt(r.direct, r.unit),
             fmt(r.broker, r.unit),
             fmt(r.shim, r.unit),
-            ratio
+            fmt(r.nginx, r.unit),
+            ratio,
+            vs_nginx
         );
     }
     println!();
     println!(
-        "ratio = (broker or shim) / direct; medians of {rounds} interleaved rounds, {} s each",
+        "ratio = (broker or shim) / direct; /nginx = (broker or shim) / nginx; medians of {rounds} \
+         interleaved rounds, {} s each",
         opts.window.as_secs_f64()
     );
+    // The headline: throughput against nginx doing the same job (>= 1.00 is the target).
+    let headline: Vec<String> = rows
+        .iter()
+        .filter(|r| r.unit == "req/s" || r.unit == "conn/s")
+        .filter_map(|r| Some(format!("{} {:.2}", r.leg, r.vs_nginx()?)))
+        .collect();
+    if !headline.is_empty() {
+        println!("broker/nginx throughput (>= 1.00: as fast as nginx):");
+        for h in &headline {
+            println!("  {h}");
+        }
+    }
     let steal = steal_pct(ticks_start, cpu_ticks());
     println!("load average: {load_start} at start, {load_end} at end");
     if let Some(p) = steal {
@@ -933,10 +1078,16 @@ fn run(opts: Opts) -> anyhow::Result<()> {
 /// during a leg. The figures include the kernel's loopback TCP work: softirq processing is
 /// charged to whichever task was on the CPU (on loopback usually the sender, whose write runs
 /// the receiving side's TCP input too), so the kernel's share lands on both ends of each hop.
-const CPU_PROCS: [&str; 3] = ["client", "origin", "broker serve"];
+/// The proxy is `broker serve` in the direct and broker legs, nginx in the nginx leg.
+const CPU_PROCS: [&str; 3] = ["client", "origin", "proxy"];
 
-/// A reading of [`CPU_PROCS`] as a keep-alive window opens or closes.
-type CpuReading = (Instant, [anyhow::Result<procs::ThreadCpu>; 3]);
+/// A reading of [`CPU_PROCS`] as a keep-alive window opens or closes, and the proxy's user
+/// and kernel clock ticks.
+type CpuReading = (
+    Instant,
+    [anyhow::Result<procs::ThreadCpu>; 3],
+    Option<(u64, u64)>,
+);
 
 /// What each of [`CPU_PROCS`] spent on CPU in one keep-alive window.
 #[derive(Debug, Clone, Copy, Default)]
@@ -947,12 +1098,15 @@ struct CpuUse {
     threads: [usize; 3],
     /// Threads gone by the window's end: their CPU in the window is not counted.
     ended: [usize; 3],
+    /// The proxy's user time over its user + kernel time in the window.
+    proxy_user_share: Option<f64>,
 }
 
 impl CpuUse {
     fn json(&self) -> Value {
         json!({"us_per_request": self.us_per_req, "cores": self.cores,
-            "threads": self.threads, "threads_ended": self.ended, "processes": CPU_PROCS})
+            "threads": self.threads, "threads_ended": self.ended, "processes": CPU_PROCS,
+            "proxy_user_share": self.proxy_user_share})
     }
 }
 
@@ -960,6 +1114,10 @@ impl CpuUse {
 fn cpu_use([before, after]: [CpuReading; 2], count: usize) -> anyhow::Result<CpuUse> {
     let secs = (after.0 - before.0).as_secs_f64();
     let mut cpu = CpuUse::default();
+    if let (Some((u0, s0)), Some((u1, s1))) = (before.2, after.2) {
+        let (u, s) = (u1.saturating_sub(u0), s1.saturating_sub(s0));
+        cpu.proxy_user_share = (u + s > 0).then(|| u as f64 / (u + s) as f64);
+    }
     for (i, (b, a)) in before.1.into_iter().zip(after.1).enumerate() {
         let (b, a) = (b?, a?);
         let ns = procs::cpu_between(&b, &a) as f64;
@@ -971,12 +1129,14 @@ fn cpu_use([before, after]: [CpuReading; 2], count: usize) -> anyhow::Result<Cpu
     Ok(cpu)
 }
 
-/// Rows of CPU per request by process (medians over the rounds), and a note of the cores each
-/// kept busy, which shows where the machine's CPU went.
+/// Rows of CPU per request by process (medians over the rounds), the proxy's split into user
+/// and kernel time, and a note of the cores each kept busy, which shows where the machine's
+/// CPU went.
 fn cpu_rows(
     label: &str,
     d: &[Option<CpuUse>],
     b: &[Option<CpuUse>],
+    n: &[Option<CpuUse>],
     cores: usize,
     rows: &mut Vec<Row>,
     notes: &mut Vec<String>,
@@ -984,9 +1144,15 @@ fn cpu_rows(
     let med = |v: &[Option<CpuUse>], f: &dyn Fn(&CpuUse) -> f64| {
         median(v.iter().flatten().map(f).collect())
     };
+    let nginx_med = |f: &dyn Fn(&CpuUse) -> f64| n.iter().any(Option::is_some).then(|| med(n, f));
     for (i, name) in CPU_PROCS.iter().enumerate() {
+        let name = match i {
+            2 => "broker serve | nginx",
+            _ => name,
+        };
         let row = Row::new(format!("  CPU per request {label}: {name}"), "µs CPU")
-            .broker(med(b, &|c| c.us_per_req[i]));
+            .broker(med(b, &|c| c.us_per_req[i]))
+            .nginx(nginx_med(&|c| c.us_per_req[i]));
         // `broker serve` idles in the direct leg: its crumbs count in the total and the JSON,
         // but a ratio against them would mean nothing.
         rows.push(match i {
@@ -994,10 +1160,25 @@ fn cpu_rows(
             _ => row.direct(med(d, &|c| c.us_per_req[i])),
         });
     }
+    // User and kernel time of the proxy (clock ticks of the window, so a share, applied to
+    // the per-request figure above).
+    for (part, user) in [("user", true), ("kernel", false)] {
+        let share = move |c: &CpuUse| {
+            c.proxy_user_share
+                .map_or(f64::NAN, |u| if user { u } else { 1.0 - u })
+                * c.us_per_req[2]
+        };
+        rows.push(
+            Row::new(format!("    of which {part}"), "µs CPU")
+                .broker(med(b, &share))
+                .nginx(nginx_med(&share)),
+        );
+    }
     rows.push(
         Row::new(format!("  CPU per request {label}: all three"), "µs CPU")
             .direct(med(d, &|c| c.us_per_req.iter().sum()))
-            .broker(med(b, &|c| c.us_per_req.iter().sum())),
+            .broker(med(b, &|c| c.us_per_req.iter().sum()))
+            .nginx(nginx_med(&|c| c.us_per_req.iter().sum())),
     );
     let busy = |v: &[Option<CpuUse>]| {
         let each: Vec<String> = (0..3)
@@ -1009,12 +1190,23 @@ fn cpu_rows(
             med(v, &|c| c.cores.iter().sum())
         )
     };
+    let nginx_busy = if n.iter().any(Option::is_some) {
+        format!("; nginx {}", busy(n))
+    } else {
+        String::new()
+    };
     notes.push(format!(
-        "CPU {label}, cores busy of {cores}: direct {}; broker {}",
+        "CPU {label}, cores busy of {cores}: direct {}; broker {}{nginx_busy}",
         busy(d),
         busy(b)
     ));
-    let ended: usize = d.iter().chain(b).flatten().flat_map(|c| c.ended).sum();
+    let ended: usize = d
+        .iter()
+        .chain(b)
+        .chain(n)
+        .flatten()
+        .flat_map(|c| c.ended)
+        .sum();
     if ended > 0 {
         notes.push(format!(
             "CPU {label}: {ended} thread(s) ended inside a window (idle pool threads retire); \

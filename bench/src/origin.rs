@@ -140,6 +140,11 @@ fn tls_config(dir: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     std::fs::write(dir.join("ca.pem"), ca.pem())?;
     let key = KeyPair::generate()?;
     let leaf = CertificateParams::new(vec![HOST.to_string()])?.signed_by(&key, &ca, &ca_key)?;
+    // The same leaf and key for the bench's nginx reverse proxy (bench/src/nginx.rs), so its
+    // listener is trusted by the origin's CA, as the origin is. A throwaway key for a test
+    // hostname, readable by this user only.
+    std::fs::write(dir.join("leaf.pem"), leaf.pem())?;
+    write_private(&dir.join("leaf.key"), key.serialize_pem().as_bytes())?;
     let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -149,6 +154,17 @@ fn tls_config(dir: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     .with_single_cert(vec![leaf.der().clone()], key_der)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(data)
 }
 
 type Body = BoxBody<Bytes, Infallible>;

@@ -310,6 +310,24 @@ pub fn thread_cpu(pid: u32) -> anyhow::Result<ThreadCpu> {
     Ok(threads)
 }
 
+/// A process's user and kernel CPU time so far (all its threads, ended ones included), in
+/// clock ticks, from `/proc/PID/stat`: coarse (10 ms), but the only user/kernel split here
+/// (this VM has no hardware counters for `perf stat -e instructions:u,instructions:k`).
+pub fn user_system_ticks(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces: state is
+    // field 3, utime 14, stime 15.
+    let rest = text.rsplit_once(')').context("/proc/PID/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| -> anyhow::Result<u64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("/proc/{pid}/stat field {}", i + 3))
+    };
+    Ok((field(11)?, field(12)?))
+}
+
 /// CPU nanoseconds a process used between two readings, thread by thread: a thread started in
 /// between counts from zero, and one that ended in between (idle pool threads do) drops out
 /// instead of taking its whole past off the total, as subtracting two sums would.

@@ -77,6 +77,16 @@ fn every_section_runs_and_reports_each_leg() {
             assert!(legs.contains(&leg), "no shim row {leg:?}: {legs:#?}");
         }
     }
+    // nginx doing the same job is measured beside the broker wherever it is installed (CI
+    // does not install it: the bench is not a test): every throughput row then has its figure.
+    if broker_bench::nginx::find().is_some() {
+        for row in rows
+            .iter()
+            .filter(|r| r["unit"] == "req/s" || r["unit"] == "conn/s")
+        {
+            assert!(figure(row, "nginx").is_some(), "no nginx figure: {row}");
+        }
+    }
     for expected in [
         "keep-alive h1, 1 conn",
         "keep-alive h1, 8 conns",

@@ -123,6 +123,10 @@ impl Credentials for VaultCredentials {
         self.keys_seen.get(provider, profile)
     }
 
+    fn cacheable(&self, provider: &str, profile: &str) -> bool {
+        self.keys_seen.was_kept(provider, profile)
+    }
+
     /// Every row, whether or not it passes its integrity check: a row edited outside broker
     /// still gets its placeholder, so the agent's request reaches the broker and gets the
     /// integrity error that tells the user what happened (the row itself is never used).

@@ -31,6 +31,9 @@ struct State {
     changes: Changes,
     /// provider -> profile -> key (nested so a lookup allocates nothing).
     keys: HashMap<String, HashMap<String, Zeroizing<String>>>,
+    /// provider -> profiles whose key was ever kept: no key, kept across changes, so that
+    /// after a change the proxy still knows the next read will be cached.
+    kept_once: HashMap<String, std::collections::HashSet<String>>,
 }
 
 /// How changes to the vault's files are noticed.
@@ -54,6 +57,7 @@ impl KeyCache {
                 generation: 0,
                 changes: Changes::Unwatched,
                 keys: HashMap::new(),
+                kept_once: HashMap::new(),
             }),
         }
     }
@@ -97,6 +101,10 @@ impl KeyCache {
     ) {
         let mut state = self.lock();
         self.catch_up(&mut state);
+        let kept_once = state.kept_once.entry(provider.to_string()).or_default();
+        if !kept_once.contains(profile) {
+            kept_once.insert(profile.to_string());
+        }
         if state.generation == generation {
             state
                 .keys
@@ -104,6 +112,15 @@ impl KeyCache {
                 .or_default()
                 .insert(profile.to_string(), key.clone());
         }
+    }
+
+    /// Was a key for `provider`/`profile` ever passed to [`KeyCache::remember`]? (No system
+    /// call: what the vault holds now is for [`KeyCache::get`] to say.)
+    pub(crate) fn was_kept(&self, provider: &str, profile: &str) -> bool {
+        self.lock()
+            .kept_once
+            .get(provider)
+            .is_some_and(|profiles| profiles.contains(profile))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -264,6 +281,22 @@ mod tests {
         let _ = cache.generation();
         cache.remember(g, "openai", "default", &key("stale"));
         assert!(cache.get("openai", "default").is_none());
+    }
+
+    #[test]
+    fn a_key_once_kept_stays_known_as_cacheable_but_is_not_served_after_a_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (vault, cache) = cache_in(dir.path());
+        assert!(!cache.was_kept("openai", "default"));
+        let g = cache.generation();
+        cache.remember(g, "openai", "default", &key("k1"));
+        write(&vault, "v2");
+        // The key is gone, but the proxy still knows the next read of it will be cached (so
+        // connections that miss together wait for one read).
+        assert!(cache.get("openai", "default").is_none());
+        assert!(cache.was_kept("openai", "default"));
+        assert!(!cache.was_kept("openai", "other"));
+        assert!(!cache.was_kept("github", "default"));
     }
 
     #[test]

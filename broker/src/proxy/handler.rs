@@ -2,6 +2,7 @@
 //! respond -> audit. See the module docs of `proxy` for the order and the reasons; upgrades
 //! are bridged in `upgrade`, the audit record is in `record`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,7 +26,20 @@ use super::{BoxError, ConnInfo, Proxy, ProxyBody};
 use crate::audit::EventKind;
 use crate::providers::{AuthKind, Provider};
 
-pub(super) async fn handle(
+/// A request's whole pipeline, boxed. Its future (classify, swap, forward, SigV4, approvals,
+/// every await point's state) is large, and hyper's h2 server spawns a task per stream that
+/// holds it: unboxed, it was copied several times per request on its way into the task
+/// (`memcpy` was 38 % of `broker serve`'s instructions at h2). Boxed, the task holds a
+/// pointer and the state is written once.
+pub(super) fn handle(
+    proxy: Arc<Proxy>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<ProxyBody>> + Send>> {
+    Box::pin(handle_unboxed(proxy, conn, req))
+}
+
+async fn handle_unboxed(
     proxy: Arc<Proxy>,
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
@@ -639,6 +653,18 @@ pub(super) async fn accepted(
     let accepted = match proxy.credentials.accepted_now(&provider.name, grant) {
         Some(accepted) => accepted,
         None => {
+            // As for keys (`VaultReads`): the grants are read once after a change, not once
+            // per waiting connection.
+            let _gate = proxy.vault_reads.one_at_a_time(&provider.name).await;
+            if let Some(accepted) = proxy.credentials.accepted_now(&provider.name, grant) {
+                return match accepted {
+                    true => Ok(()),
+                    false => Err(BrokerError::NotAccepted {
+                        provider: provider.name.clone(),
+                        host: host.to_string(),
+                    }),
+                };
+            }
             let credentials = proxy.credentials.clone();
             let (name, grant) = (provider.name.clone(), grant.clone());
             tokio::task::spawn_blocking(move || credentials.accepts(&name, &grant))
@@ -668,11 +694,41 @@ pub(super) async fn accepted(
 
 /// The secret, and whether it was read just now (`false`: a cached API key, current and with
 /// nothing to renew).
+/// Per provider, a gate for the vault reads whose answer is cached. Every write to the
+/// vault's files empties the caches, and the audit writer moves the audit head in the vault
+/// once per batch (every few milliseconds under load): without the gate, each connection's
+/// next request read the same row on the blocking pool (a thread hop, a query and a
+/// decryption each); with it the first reads and fills the cache, the others wait for it and
+/// find the key there. Keys that are not cached (OAuth tokens, commands) are not gated.
+#[derive(Default)]
+pub(super) struct VaultReads(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl VaultReads {
+    async fn one_at_a_time(&self, provider: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let gate = {
+            let mut gates = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            match gates.get(provider) {
+                Some(gate) => gate.clone(),
+                None => gates.entry(provider.to_string()).or_default().clone(),
+            }
+        };
+        gate.lock_owned().await
+    }
+}
+
 pub(super) async fn lookup(
     proxy: &Arc<Proxy>,
     provider: &Provider,
     profile: &str,
 ) -> Result<(zeroize::Zeroizing<String>, bool), BrokerError> {
+    if let Some(secret) = proxy.credentials.cached(&provider.name, profile) {
+        return Ok((secret, false));
+    }
+    let _gate = match proxy.credentials.cacheable(&provider.name, profile) {
+        true => Some(proxy.vault_reads.one_at_a_time(&provider.name).await),
+        false => None,
+    };
+    // Read while this request waited at the gate?
     if let Some(secret) = proxy.credentials.cached(&provider.name, profile) {
         return Ok((secret, false));
     }

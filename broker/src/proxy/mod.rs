@@ -134,6 +134,12 @@ pub trait Credentials: Send + Sync + 'static {
         None
     }
 
+    /// Was the key of `provider`/`profile` ever kept by [`Credentials::cached`]'s cache (an
+    /// API key)? Then requests that miss the cache together read the vault one at a time.
+    fn cacheable(&self, _provider: &str, _profile: &str) -> bool {
+        false
+    }
+
     /// Could [`Credentials::refresh_rejected`] produce a different secret for this credential?
     /// When not (a plain API key), the proxy skips keeping a copy of the request for a retry.
     fn may_renew(&self, _provider: &str, _profile: &str) -> bool {
@@ -307,6 +313,9 @@ pub struct Proxy {
     /// its placeholders in step with the vault.
     pub(crate) daemon_shim:
         tokio::sync::Mutex<Option<(broker_contract::ShimConfig, std::path::PathBuf)>>,
+    /// One vault read at a time per provider for what the caches keep (`handler::lookup`,
+    /// `handler::accepted`).
+    vault_reads: handler::VaultReads,
 }
 
 impl Proxy {
@@ -346,6 +355,7 @@ impl Proxy {
             access: settings.access,
             aws_roles: sigv4::assume::RoleCache::default(),
             daemon_shim: tokio::sync::Mutex::new(None),
+            vault_reads: handler::VaultReads::default(),
         }))
     }
 

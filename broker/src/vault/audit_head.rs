@@ -125,20 +125,23 @@ fn write_row(
     let seq = i64::try_from(head.seq).map_err(|_| None)?;
     let line_start = i64::try_from(head.line_start).map_err(|_| None)?;
     let tag = hmac::sign(key, &tag_input(head));
-    conn.execute(
+    // Cached: one update per audit batch.
+    conn.prepare_cached(
         "INSERT INTO audit_head (id, seq, mac, line_start, tag, updated_at)
          VALUES (1, ?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, mac = excluded.mac,
              line_start = excluded.line_start, tag = excluded.tag,
              updated_at = excluded.updated_at",
-        params![
+    )
+    .and_then(|mut statement| {
+        statement.execute(params![
             seq,
             head.mac,
             line_start,
             tag.as_ref(),
             crate::audit::now_rfc3339()
-        ],
-    )
+        ])
+    })
     .map_err(|e| Some(e.into()))?;
     Ok(())
 }

@@ -107,12 +107,14 @@ pub(super) fn read_row(
     provider: &str,
     profile: &str,
 ) -> Result<Option<RawRow>, VaultError> {
+    // Cached: the proxy reads a row again after every change to the vault's files, and the
+    // audit writer's head update is one every batch; parsing the SQL each time was most of
+    // the read.
     Ok(conn
-        .query_row(
-            &format!("SELECT {COLUMNS} FROM credentials WHERE provider = ?1 AND profile = ?2"),
-            params![provider, profile],
-            RawRow::from_sql,
-        )
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM credentials WHERE provider = ?1 AND profile = ?2"
+        ))?
+        .query_row(params![provider, profile], RawRow::from_sql)
         .optional()?)
 }
 

@@ -38,11 +38,10 @@ impl Vault {
     pub fn trusted_grants(&self, provider: &str) -> Result<Option<Vec<String>>, VaultError> {
         let blob: Option<Vec<u8>> = self
             .lock()
-            .query_row(
-                "SELECT grants FROM provider_trust WHERE provider = ?1",
-                params![provider],
-                |r| r.get(0),
-            )
+            // Cached, as credential rows are (`row::read_row`): read again after every change
+            // to the vault's files.
+            .prepare_cached("SELECT grants FROM provider_trust WHERE provider = ?1")?
+            .query_row(params![provider], |r| r.get(0))
             .optional()?;
         let Some(blob) = blob else {
             return Ok(None);

@@ -1,0 +1,212 @@
+//! The reference the broker is measured against: nginx doing the same job as a reverse proxy.
+//! It terminates TLS for [`HOST`] (h2 and HTTP/1.1, with the origin's own leaf, so the bench's
+//! CA trusts it), sets `Authorization` to the real key, and forwards over HTTP/1.1 on pooled
+//! (keepalive) TLS connections to the same origin, verifying the origin's certificate and
+//! sending SNI. One process (`master_process off`: the process is the worker), no access log.
+//! What it does not do that the broker does: classify, swap a placeholder, redact, audit,
+//! check a run's ticket.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+use crate::origin::{HOST, REAL_KEY};
+
+/// Where Debian's packages put it (`/usr/sbin` is not on a non-root user's `PATH`).
+pub fn find() -> Option<PathBuf> {
+    broker_integration::which("nginx").or_else(|| {
+        ["/usr/sbin/nginx", "/usr/local/sbin/nginx"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+    })
+}
+
+/// A running nginx, stopped on drop.
+pub struct Nginx {
+    child: Child,
+    pub addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    /// Start nginx from `binary` in `dir` (config, logs, temp files), proxying to the origin at
+    /// `upstream` whose CA is `origin_dir/ca.pem` and whose leaf is `origin_dir/leaf.pem`.
+    pub fn start(
+        binary: &Path,
+        dir: &Path,
+        origin_dir: &Path,
+        upstream: SocketAddr,
+    ) -> anyhow::Result<Nginx> {
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        // nginx cannot listen on port 0 and say which port it got: take a free port and hand
+        // it over. Another program may take it in between; then nginx fails to bind, and a new
+        // port is tried.
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let conf = dir.join("nginx.conf");
+            std::fs::write(&conf, config(dir, origin_dir, addr, upstream))?;
+            let child = crate::procs::clean(binary)
+                .arg("-p")
+                .arg(dir)
+                .arg("-c")
+                .arg(&conf)
+                .arg("-e")
+                .arg(dir.join("error.log"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("start {}", binary.display()))?;
+            let mut nginx = Nginx {
+                child,
+                addr,
+                dir: dir.to_path_buf(),
+            };
+            match nginx.wait_listening() {
+                Ok(()) => return Ok(nginx),
+                Err(e) => last_error = format!("{e:#}"),
+            }
+        }
+        bail!("nginx did not start: {last_error}")
+    }
+
+    fn wait_listening(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!("nginx exited ({status}): {}", self.error_log());
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "nginx is not listening on {}: {}",
+                    self.addr,
+                    self.error_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        crate::procs::rss_kib(self.pid())
+    }
+
+    /// `nginx -v`, for the report.
+    pub fn version(binary: &Path) -> String {
+        Command::new(binary)
+            .arg("-v")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `bench nginx-config --dir DIR --origin-dir DIR --listen ADDR --upstream ADDR`: write
+/// `DIR/nginx.conf` as the bench runs it (for `scripts/bench-instructions --nginx`, which runs
+/// nginx under callgrind).
+pub fn write_config_main(args: &[String]) -> anyhow::Result<()> {
+    let (mut dir, mut origin_dir, mut listen, mut upstream) = (None, None, None, None);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let value = it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--dir" => dir = Some(PathBuf::from(value?)),
+            "--origin-dir" => origin_dir = Some(PathBuf::from(value?)),
+            "--listen" => listen = Some(value?.parse()?),
+            "--upstream" => upstream = Some(value?.parse()?),
+            other => bail!("nginx-config: unknown argument {other}"),
+        }
+    }
+    let dir = dir.context("nginx-config: --dir DIR")?;
+    let origin_dir = origin_dir.context("nginx-config: --origin-dir DIR")?;
+    std::fs::create_dir_all(dir.join("tmp"))?;
+    let conf = config(
+        &dir,
+        &origin_dir,
+        listen.context("nginx-config: --listen ADDR")?,
+        upstream.context("nginx-config: --upstream ADDR")?,
+    );
+    std::fs::write(dir.join("nginx.conf"), conf)?;
+    Ok(())
+}
+
+/// The configuration: one process, TLS and h2 on the listener, the real key set on every
+/// request, a verified and pooled HTTP/1.1 upstream. Keep-alive limits are raised so that
+/// neither side closes a connection in the middle of a measured window (nginx's defaults
+/// close a client connection after 1,000 requests and an upstream one after 1,000 too).
+fn config(dir: &Path, origin_dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> String {
+    let dir = dir.display();
+    let origin = origin_dir.display();
+    format!(
+        r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{
+    worker_connections 8192;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp/body;
+    proxy_temp_path {dir}/tmp/proxy;
+    fastcgi_temp_path {dir}/tmp/fastcgi;
+    uwsgi_temp_path {dir}/tmp/uwsgi;
+    scgi_temp_path {dir}/tmp/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    upstream origin {{
+        server {upstream};
+        keepalive 64;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }}
+    server {{
+        listen {listen} ssl http2;
+        server_name {HOST};
+        ssl_certificate {origin}/leaf.pem;
+        ssl_certificate_key {origin}/leaf.key;
+        ssl_session_cache shared:tls:1m;
+        location / {{
+            proxy_pass https://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host {HOST};
+            proxy_set_header Authorization "Bearer {REAL_KEY}";
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {origin}/ca.pem;
+            proxy_ssl_server_name on;
+            proxy_ssl_name {HOST};
+            proxy_ssl_session_reuse on;
+            # Streamed as it arrives, as the broker does (SSE answers must not wait).
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#
+    )
+}
