@@ -10,7 +10,8 @@ use crate::credential_command::{self, CommandCache};
 use crate::home::Home;
 use crate::key_cache::KeyCache;
 use crate::oauth::refresh::FreshError;
-use crate::proxy::{Credentials, LookupError, UpstreamSettings};
+use crate::oauth::refresh::TokenEndpoints;
+use crate::proxy::{Credentials, LookupError};
 use crate::vault::{CredentialKind, KeyConfig, Vault, VaultError};
 
 /// Credentials from the vault in `BROKER_HOME`, opened on first use and kept open.
@@ -18,8 +19,9 @@ pub struct VaultCredentials {
     home: Home,
     keys: KeyConfig,
     vault: Mutex<Option<Arc<Vault>>>,
-    /// How OAuth token endpoints are reached for refreshes (the test-only overrides apply).
-    token_endpoints: UpstreamSettings,
+    /// How OAuth token endpoints are reached for refreshes (the test-only overrides apply,
+    /// and the SSRF guard).
+    token_endpoints: TokenEndpoints,
     commands: CommandCache,
     /// API keys already read, valid while the vault files are unchanged.
     keys_seen: KeyCache,
@@ -41,7 +43,7 @@ impl VaultCredentials {
             home,
             keys,
             vault: Mutex::new(None),
-            token_endpoints: UpstreamSettings::default(),
+            token_endpoints: TokenEndpoints::default(),
             commands: CommandCache::default(),
             keys_seen,
             accepted: Mutex::new(Accepted::default()),
@@ -55,8 +57,8 @@ impl VaultCredentials {
     }
 
     /// Reach OAuth token endpoints (refreshes) with these settings.
-    pub fn with_token_endpoints(mut self, upstream: UpstreamSettings) -> VaultCredentials {
-        self.token_endpoints = upstream;
+    pub fn with_token_endpoints(mut self, endpoints: TokenEndpoints) -> VaultCredentials {
+        self.token_endpoints = endpoints;
         self
     }
 

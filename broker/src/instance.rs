@@ -117,13 +117,17 @@ pub async fn start(settings: InstanceSettings) -> anyhow::Result<Instance> {
     let audit = crate::audit_queue::AuditQueue::start(&home, &vault).context(
         "the broker does not use credentials it cannot audit: fix the audit log or BROKER_HOME",
     )?;
+    let private_providers = catalog.private_address_providers();
     let proxy = Proxy::new(ProxySettings {
         catalog,
         upstream: settings.upstream.clone(),
         credentials: Arc::new(
             crate::credentials::VaultCredentials::new(home.clone(), settings.keys)
                 .with_vault(vault)
-                .with_token_endpoints(settings.upstream.clone()),
+                .with_token_endpoints(crate::oauth::refresh::TokenEndpoints {
+                    upstream: settings.upstream.clone(),
+                    private_providers,
+                }),
         ),
         audit: Arc::new(audit),
         label: settings.label,

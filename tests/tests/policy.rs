@@ -1064,3 +1064,65 @@ fn the_ssrf_guard_refuses_loopback_and_metadata_answers_of_the_resolver() {
         "only the provider that allows private addresses reached it"
     );
 }
+
+/// The SSRF guard covers the broker's OAuth endpoints too: `broker login` for a provider whose
+/// device-authorization endpoint resolves (system resolver, nothing pinned) to 127.0.0.1 is
+/// refused before anything is sent, saying why and what to do; with `private_addresses = true`
+/// the same endpoint is reached (it answers an OAuth error, which the login reports).
+#[test]
+fn the_ssrf_guard_covers_oauth_endpoints_unless_the_provider_allows_private_addresses() {
+    let ca = TestCa::new();
+    let idp = Origin::start(&ca, &["localhost"], |_| {
+        Reply::Json(
+            400,
+            r#"{"error":"invalid_client","error_description":"unknown client"}"#.into(),
+        )
+    });
+    let port = idp.addr.port();
+    for private in [false, true] {
+        let home = Home::new();
+        let providers = home.path().join("providers");
+        std::fs::create_dir_all(&providers).expect("mkdir");
+        std::fs::write(
+            providers.join("acme.toml"),
+            format!(
+                "name = \"acme\"\nenv = [\"ACME_TOKEN\"]\nplaceholder = \"acme-broker-placeholder-0000\"\n\
+                 key_pattern = '^[A-Za-z0-9_.~-]{{8,}}$'\nauth = \"oauth2\"\n{}\n[[routes]]\n\
+                 hosts = [\"api.acme.test\"]\ncredential = [{{ header = \"authorization\", scheme = \"bearer\" }}]\n\
+                 [oauth]\nclient_id = \"broker-test\"\nclient_auth = \"none\"\nauthorize_url = \"https://localhost:{port}/auth\"\n\
+                 token_url = \"https://localhost:{port}/token\"\ndevice_url = \"https://localhost:{port}/device/auth\"\n\
+                 device_flow = true\n",
+                if private { "private_addresses = true" } else { "" }
+            ),
+        )
+        .expect("provider");
+        let mut cmd = home.broker();
+        cmd.args([
+            "login",
+            "acme",
+            "--device",
+            "--no-browser",
+            "--timeout",
+            "20",
+        ])
+        .arg("--upstream-ca")
+        .arg(&ca.pem_path)
+        .stdin(std::process::Stdio::null());
+        let out = run_bounded(&mut cmd, Duration::from_secs(60));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        let requests = idp.requests().len();
+        if private {
+            assert_eq!(requests, 1, "{stderr}");
+            assert!(stderr.contains("unknown client"), "{stderr}");
+        } else {
+            assert_eq!(requests, 0, "nothing is sent to a refused address");
+            assert!(
+                stderr.contains("127.0.0.1 (loopback)")
+                    && stderr.contains("SSRF guard")
+                    && stderr.contains("private_addresses = true"),
+                "{stderr}"
+            );
+        }
+    }
+}

@@ -118,7 +118,10 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
         open_browser: !args.no_browser,
         timeout: Duration::from_secs(args.timeout.max(1)),
     };
-    let client = EndpointClient::new(args.upstream.into_settings(Some(&home))?);
+    let client = EndpointClient::new(
+        args.upstream.into_settings(Some(&home))?,
+        provider.private_addresses,
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -220,7 +223,12 @@ pub fn logout(args: LogoutArgs) -> anyhow::Result<ExitCode> {
     let revoke_url = meta.as_ref().and_then(|m| m.revoke_url.clone());
     match (&meta, &revoke_url) {
         (Some(meta), Some(url)) => {
-            let client = EndpointClient::new(args.upstream.into_settings(Some(&home))?);
+            // A provider file that no longer loads leaves the guard on.
+            let private = Catalog::load(&home)
+                .ok()
+                .and_then(|c| c.get(&args.provider).map(|p| p.private_addresses))
+                .unwrap_or(false);
+            let client = EndpointClient::new(args.upstream.into_settings(Some(&home))?, private);
             let creds = ClientCredentials {
                 client_id: &meta.client_id,
                 auth: meta.client_auth,

@@ -86,9 +86,12 @@ pub struct Answer {
 }
 
 impl EndpointClient {
-    pub fn new(upstream: UpstreamSettings) -> EndpointClient {
-        let https =
-            Client::builder(TokioExecutor::new()).build(UpstreamConnector::unguarded(upstream));
+    /// `allow_private`: the provider's `private_addresses = true`, which lets its endpoints
+    /// resolve to internal addresses (the SSRF guard, `UpstreamConnector::for_token_endpoints`).
+    pub fn new(upstream: UpstreamSettings, allow_private: bool) -> EndpointClient {
+        let https = Client::builder(TokioExecutor::new()).build(
+            UpstreamConnector::for_token_endpoints(upstream, allow_private),
+        );
         let http = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
         EndpointClient { https, http }
     }
@@ -268,6 +271,37 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An https endpoint on a loopback address: refused by the guard before any connection,
+    /// unless the provider allows private addresses (then the connection is tried, and fails
+    /// on the closed port: a different error).
+    #[test]
+    fn https_endpoints_are_behind_the_ssrf_guard_unless_allowed() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let creds = ClientCredentials {
+            client_id: "c",
+            auth: ClientAuth::Post,
+            secret: None,
+        };
+        let post = |allow_private: bool| {
+            let client = EndpointClient::new(UpstreamSettings::default(), allow_private);
+            runtime
+                .block_on(client.post_form("https://127.0.0.1:1/token", &[], &creds))
+                .err()
+                .expect("no server there")
+                .to_string()
+        };
+        let guarded = post(false);
+        assert!(
+            guarded.contains("127.0.0.1 (loopback)") && guarded.contains("SSRF guard"),
+            "{guarded}"
+        );
+        let allowed = post(true);
+        assert!(!allowed.contains("SSRF guard"), "{allowed}");
+    }
 
     #[test]
     fn an_error_quoting_what_was_sent_is_redacted() {

@@ -55,12 +55,29 @@ impl From<VaultError> for FreshError {
     }
 }
 
+/// How the broker reaches token endpoints for refreshes.
+#[derive(Debug, Clone, Default)]
+pub struct TokenEndpoints {
+    /// The upstream settings (`--resolve`, `--upstream-ca`, the upstream proxy).
+    pub upstream: UpstreamSettings,
+    /// Providers whose endpoints may resolve to private addresses (`private_addresses =
+    /// true`); every other provider's are behind the SSRF guard.
+    pub private_providers: Vec<String>,
+}
+
+impl TokenEndpoints {
+    fn client_for(&self, provider: &str) -> EndpointClient {
+        let private = self.private_providers.iter().any(|p| p == provider);
+        EndpointClient::new(self.upstream.clone(), private)
+    }
+}
+
 /// The secret to send for `provider`/`profile`: an API key as stored, an OAuth access token
 /// refreshed first when it is about to expire. `Ok(None)` when nothing is stored.
 pub fn current_secret(
     vault: &Vault,
     home: &Home,
-    upstream: &UpstreamSettings,
+    endpoints: &TokenEndpoints,
     provider: &str,
     profile: &str,
 ) -> Result<Option<Zeroizing<String>>, FreshError> {
@@ -76,7 +93,7 @@ pub fn current_secret(
         Plan::Refresh => {}
     }
     drop(cred);
-    refresh_locked(vault, home, upstream, provider, profile, None)
+    refresh_locked(vault, home, endpoints, provider, profile, None)
 }
 
 /// After the upstream answered 401 to `rejected` (the access token the proxy sent): refresh
@@ -87,12 +104,12 @@ pub fn current_secret(
 pub fn refresh_after_rejection(
     vault: &Vault,
     home: &Home,
-    upstream: &UpstreamSettings,
+    endpoints: &TokenEndpoints,
     provider: &str,
     profile: &str,
     rejected: &str,
 ) -> Result<Option<Zeroizing<String>>, FreshError> {
-    refresh_locked(vault, home, upstream, provider, profile, Some(rejected))
+    refresh_locked(vault, home, endpoints, provider, profile, Some(rejected))
 }
 
 /// Under the vault's write lock: re-read, and refresh if still due (or if the stored token is
@@ -100,7 +117,7 @@ pub fn refresh_after_rejection(
 fn refresh_locked(
     vault: &Vault,
     home: &Home,
-    upstream: &UpstreamSettings,
+    endpoints: &TokenEndpoints,
     provider: &str,
     profile: &str,
     rejected: Option<&str>,
@@ -133,7 +150,7 @@ fn refresh_locked(
         let Some(mut meta) = TokenMeta::from_json(&cred.metadata) else {
             return Err(FreshError::LoginExpired);
         };
-        match run_blocking(refresh_tokens(upstream, &meta, &cred)) {
+        match run_blocking(refresh_tokens(endpoints, provider, &meta, &cred)) {
             Ok(tokens) => {
                 meta.login_expired = false;
                 locked.store_tokens(&TokenUpdate {
@@ -235,11 +252,12 @@ fn renewable(cred: &StoredCredential) -> bool {
 
 /// One request to the token endpoint for new tokens.
 async fn refresh_tokens(
-    upstream: &UpstreamSettings,
+    endpoints: &TokenEndpoints,
+    provider: &str,
     meta: &TokenMeta,
     cred: &StoredCredential,
 ) -> Result<super::TokenSet, OAuthError> {
-    let client = EndpointClient::new(upstream.clone());
+    let client = endpoints.client_for(provider);
     let creds = ClientCredentials {
         client_id: &meta.client_id,
         auth: meta.client_auth,

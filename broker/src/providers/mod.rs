@@ -447,6 +447,15 @@ impl Catalog {
             .collect()
     }
 
+    /// The names of providers that allow private addresses, for their OAuth endpoints.
+    pub fn private_address_providers(&self) -> Vec<String> {
+        self.providers
+            .iter()
+            .filter(|p| p.private_addresses)
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
     /// Every route host pattern, deduplicated, in definition order.
     pub fn host_patterns(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();

@@ -106,8 +106,9 @@ pub enum ConnectError {
     Roots(String),
     #[error("bad upstream URI")]
     BadUri,
-    /// Every address the host resolved to is one the guard refuses: which, and why.
-    #[error("{0}")]
+    /// Every address the host resolved to is one the guard refuses: which, and why. (The
+    /// proxy words its own message around the list; this one is for the OAuth client's.)
+    #[error("it resolves to {0}, where the broker does not connect (SSRF guard): for a server on an internal network set private_addresses = true in the provider file, or pin the address with --resolve; nothing was sent")]
     AddressRefused(String),
     /// The upstream proxy could not be reached, refused the credentials or the CONNECT: the
     /// message names the proxy (never its password) and what it said.
@@ -125,7 +126,8 @@ struct Inner {
     settings: UpstreamSettings,
     /// Host patterns whose provider allows private addresses (`private_addresses = true`).
     private_hosts: Vec<String>,
-    /// Whether the SSRF guard applies (not to OAuth token endpoints: see `unguarded`).
+    /// Whether the SSRF guard applies (off for an OAuth endpoint of a provider that allows
+    /// private addresses: see `for_token_endpoints`).
     guard: bool,
     alpn: Vec<Vec<u8>>,
     /// Built on first use: loading the system roots costs milliseconds that `broker run`
@@ -139,28 +141,28 @@ impl UpstreamConnector {
     /// (`scripts/bench`, keep-alive leg: about a quarter more); WebSocket upgrades need
     /// http/1.1 anyway; and the agent still speaks h2 to the broker when it wants to.
     pub fn new(settings: UpstreamSettings, private_hosts: Vec<String>) -> UpstreamConnector {
+        UpstreamConnector::build(settings, private_hosts, true)
+    }
+
+    /// A connector for OAuth endpoints (token, device authorization, revocation). Their URLs
+    /// come from provider definitions and the operator's config, never from an agent, but the
+    /// names are still resolved by the system resolver, so the SSRF guard applies as it does to
+    /// the provider's API hosts: `allow_private` is the provider's `private_addresses = true`
+    /// (an identity server on an internal network), and `--resolve` pins stay explicit.
+    pub fn for_token_endpoints(
+        settings: UpstreamSettings,
+        allow_private: bool,
+    ) -> UpstreamConnector {
+        UpstreamConnector::build(settings, Vec::new(), !allow_private)
+    }
+
+    fn build(settings: UpstreamSettings, private_hosts: Vec<String>, guard: bool) -> Self {
         UpstreamConnector {
             inner: Arc::new(Inner {
                 settings,
                 private_hosts,
-                guard: true,
+                guard,
                 alpn: vec![b"http/1.1".to_vec()],
-                tls: OnceLock::new(),
-            }),
-        }
-    }
-
-    /// A connector without the SSRF guard, for OAuth token endpoints: their URLs come from
-    /// provider definitions and the user's config (a login server on this machine is common
-    /// in development), and no agent request is sent through it.
-    pub fn unguarded(settings: UpstreamSettings) -> UpstreamConnector {
-        let connector = UpstreamConnector::new(settings, Vec::new());
-        UpstreamConnector {
-            inner: Arc::new(Inner {
-                settings: connector.inner.settings.clone(),
-                private_hosts: Vec::new(),
-                guard: false,
-                alpn: connector.inner.alpn.clone(),
                 tls: OnceLock::new(),
             }),
         }
