@@ -214,3 +214,57 @@ fn ca_export_prints_the_running_daemons_ca() {
     assert_eq!(out.stdout, serve.ca_pem());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("-----BEGIN CERTIFICATE-----"));
 }
+
+/// `broker doctor` names the upstream proxy the broker would use, never its password; says
+/// when there is none; and fails on one it cannot use.
+#[test]
+fn doctor_shows_the_upstream_proxy_without_its_password() {
+    const PASSWORD: &str = "pr0xy-pa55word-for-doctor";
+    let home = Home::new();
+    let doctor = |env: Option<&str>| {
+        let mut cmd = home.broker();
+        cmd.args(["doctor", "--json", "--no-self-test"])
+            .env_remove("https_proxy")
+            .env_remove("HTTPS_PROXY");
+        if let Some(url) = env {
+            cmd.env("HTTPS_PROXY", url);
+        }
+        let out = run_bounded(&mut cmd, Duration::from_secs(120));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains(PASSWORD), "{text}");
+        let checks: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let check = checks
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|c| c["check"] == "upstream proxy")
+            .unwrap_or_else(|| panic!("no upstream proxy check: {text}"))
+            .clone();
+        (
+            check["status"].as_str().unwrap_or_default().to_string(),
+            check["detail"].as_str().unwrap_or_default().to_string(),
+        )
+    };
+    let (status, detail) = doctor(Some(&format!("http://corp:{PASSWORD}@127.0.0.1:3128")));
+    assert_eq!(status, "ok", "{detail}");
+    assert!(
+        detail.contains("http://127.0.0.1:3128 (from HTTPS_PROXY)"),
+        "{detail}"
+    );
+    let (status, detail) = doctor(None);
+    assert_eq!(status, "skip", "{detail}");
+    let (status, detail) = doctor(Some("socks5://127.0.0.1:1080"));
+    assert_eq!(status, "fail", "{detail}");
+    assert!(detail.contains("HTTPS_PROXY"), "{detail}");
+    std::fs::write(home.path().join("config.toml"), "upstream_proxy = \"\"\n").expect("config");
+    let (status, _) = doctor(Some(&format!("http://corp:{PASSWORD}@127.0.0.1:3128")));
+    assert_eq!(
+        status, "skip",
+        "upstream_proxy = \"\" overrides the environment"
+    );
+}

@@ -388,3 +388,102 @@ fn a_proxy_url_the_broker_cannot_use_stops_it_at_start_without_showing_the_passw
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A program on the CONNECT fallback (static, Go) lost its own `HTTPS_PROXY` to the broker's:
+/// its tunnels to hosts the broker does not manage go out through the upstream proxy, as the
+/// user's proxy would have taken them, and a host in `NO_PROXY` is reached directly. The
+/// managed host is still swapped and reached through the proxy too.
+#[test]
+fn the_connect_listener_tunnels_unmanaged_hosts_through_the_upstream_proxy() {
+    let ca = TestCa::new();
+    let origin = Origin::bearer(&ca, "api.openai.com", OPENAI_KEY, "{\"data\":[]}");
+    let intranet = Origin::start(&ca, &[INTRANET], |_| {
+        Reply::Text(200, "intranet page".into())
+    });
+    let direct = Origin::start(&ca, &["localhost"], |_| {
+        Reply::Text(200, "a page on this machine".into())
+    });
+    let proxy = ConnectProxy::start(
+        &[
+            ("api.openai.com:443", origin.addr),
+            (&format!("{INTRANET}:443"), intranet.addr),
+        ],
+        None,
+    );
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let placeholder = home.placeholder("openai");
+    let mut cmd = home.broker();
+    cmd.arg("serve")
+        .arg("--upstream-ca")
+        .arg(&ca.pem_path)
+        .env("HTTPS_PROXY", proxy.url(None))
+        .env("NO_PROXY", "localhost")
+        .env_remove("no_proxy");
+    let serve = broker_integration::Serve::spawn(&home, cmd);
+    let bundle = home.path().join("bundle.pem");
+    std::fs::write(
+        &bundle,
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&serve.ca_pem()),
+            std::fs::read_to_string(&ca.pem_path).expect("test ca")
+        ),
+    )
+    .expect("bundle");
+    let proxy_url = {
+        let addr = serve.config.connect_proxy.clone().expect("connect proxy");
+        let ticket = serve.config.ticket.as_ref().expect("the run's ticket");
+        format!("http://broker:{}@{addr}", ticket.expose())
+    };
+    // curl as the static program: the broker's proxy URL in a config file (never argv).
+    let curl = |url: &str, header: Option<String>| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("curlrc");
+        let mut text = format!("proxy = \"{proxy_url}\"\n");
+        if let Some(header) = header {
+            text.push_str(&format!("header = \"{header}\"\n"));
+        }
+        std::fs::write(&config, text).expect("curlrc");
+        let mut cmd = Command::new("curl");
+        broker_integration::scrub(&mut cmd);
+        cmd.args(["-sS", "--max-time", "20", "--noproxy", "", "--cacert"])
+            .arg(&bundle)
+            .arg("-K")
+            .arg(&config)
+            .arg(url);
+        let out = run_bounded(&mut cmd, Duration::from_secs(30));
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let page = curl(&format!("https://{INTRANET}/"), None);
+    assert_eq!(page, "intranet page", "{page}");
+    let local = curl(&format!("https://localhost:{}/", direct.addr.port()), None);
+    assert_eq!(local, "a page on this machine", "{local}");
+    let models = curl(
+        "https://api.openai.com/v1/models",
+        Some(format!("Authorization: Bearer {placeholder}")),
+    );
+    assert_eq!(models, "{\"data\":[]}", "{models}");
+    let targets: Vec<String> = proxy.tunnels().into_iter().map(|t| t.target).collect();
+    assert!(
+        targets.contains(&format!("{INTRANET}:443")),
+        "the unmanaged tunnel went through the proxy: {targets:?}"
+    );
+    assert!(
+        targets.contains(&"api.openai.com:443".to_string()),
+        "{targets:?}"
+    );
+    assert!(
+        !targets.iter().any(|t| t.starts_with("localhost")),
+        "a NO_PROXY host is reached directly: {targets:?}"
+    );
+    assert_eq!(direct.requests().len(), 1);
+    assert_eq!(
+        origin.requests()[0].header("authorization"),
+        Some(format!("Bearer {OPENAI_KEY}").as_str())
+    );
+}

@@ -146,6 +146,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
             ),
         },
     );
+    checks.push(upstream_proxy_check(&home));
     checks.extend(preload_checks(&home));
     if !args.no_self_test {
         checks.extend(self_tests());
@@ -282,6 +283,23 @@ fn preload_checks(home: &Home) -> Vec<Check> {
         )
     };
     vec![system, preload]
+}
+
+/// The proxy this user's broker would reach providers through (never its password).
+fn upstream_proxy_check(home: &Home) -> Check {
+    match crate::proxy::UpstreamProxy::configured(Some(home)) {
+        Ok(Some(proxy)) => check(
+            "upstream proxy",
+            Status::Ok,
+            format!("providers are reached through {proxy}; the agent's managed hosts are added to its NO_PROXY"),
+        ),
+        Ok(None) => check(
+            "upstream proxy",
+            Status::Skip,
+            "none: providers are reached directly (HTTPS_PROXY or upstream_proxy in config.toml sets one)",
+        ),
+        Err(err) => check("upstream proxy", Status::Fail, format!("{err:#}")),
+    }
 }
 
 fn home_check(home: &Home) -> Check {

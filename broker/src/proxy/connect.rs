@@ -4,7 +4,8 @@
 //!
 //! `CONNECT host:port` to a managed host: the broker answers 200 and terminates TLS itself,
 //! exactly as on the fake addresses (the SNI must match the CONNECT host). To any other host:
-//! a byte-for-byte tunnel, never decrypted, or a refusal when the run denies unlisted hosts.
+//! a byte-for-byte tunnel, never decrypted (through the upstream proxy when the broker has one),
+//! or a refusal when the run denies unlisted hosts.
 //! Anything but CONNECT is refused: plain `http://` through the broker would expose requests.
 //! Every request must carry the run's ticket as the password of `Proxy-Authorization: Basic`
 //! (`HTTPS_PROXY=http://broker:<ticket>@127.0.0.1:<port>`), else 407 and a `ticket_refused`
@@ -24,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::error::BrokerError;
 use super::limits::{Gauge, Slot, HANDSHAKE_TIMEOUT, REFUSAL_TIMEOUT};
 use super::listen::{check_peer, count_uid, refuse, terminate_tls, PeerVerdict};
-use super::{Proxy, ProxyBody, RunContext};
+use super::{Proxy, ProxyBody, RunContext, UpstreamProxy};
 use crate::audit::{AuditEvent, EventKind};
 
 pub(super) async fn accept_loop(
@@ -175,7 +176,8 @@ fn handle(
         } else {
             // The tunnel keeps the connection's place under the caps while it lasts.
             let _slot = slot;
-            tunnel(io, &host, port).await;
+            let via = proxy.upstream_proxy.clone().filter(|p| !p.bypasses(&host));
+            tunnel(io, &host, port, via.as_deref()).await;
         }
     });
     let mut ok = Response::new(
@@ -215,10 +217,29 @@ fn proxy_auth_required() -> Response<ProxyBody> {
     response
 }
 
-/// Unmanaged destinations are never decrypted: bytes in, bytes out.
-async fn tunnel(mut client: TokioIo<hyper::upgrade::Upgraded>, host: &str, port: u16) {
-    let Ok(mut upstream) = TcpStream::connect((host, port)).await else {
-        return;
+/// Unmanaged destinations are never decrypted: bytes in, bytes out. Through the upstream
+/// proxy when the network has one (`via`: none for a host in its `NO_PROXY`): a program on
+/// the CONNECT fallback lost its own `HTTPS_PROXY` to the broker's, so the broker takes its
+/// place, as the proxy the user set would have.
+async fn tunnel(
+    mut client: TokioIo<hyper::upgrade::Upgraded>,
+    host: &str,
+    port: u16,
+    via: Option<&UpstreamProxy>,
+) {
+    let upstream = match via {
+        Some(proxy) => proxy.tunnel(host, port).await.map_err(|e| e.to_string()),
+        None => TcpStream::connect((host, port))
+            .await
+            .map_err(|e| format!("cannot connect: {e}")),
+    };
+    let mut upstream = match upstream {
+        Ok(upstream) => upstream,
+        Err(reason) => {
+            // The client sees the tunnel close; the reason (never a proxy password) is here.
+            tracing::info!(%host, port, %reason, "unmanaged tunnel failed");
+            return;
+        }
     };
     let _ = upstream.set_nodelay(true);
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;

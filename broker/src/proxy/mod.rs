@@ -316,6 +316,9 @@ pub struct Proxy {
     /// One vault read at a time per provider for what the caches keep (`handler::lookup`,
     /// `handler::accepted`).
     vault_reads: handler::VaultReads,
+    /// The network's way out, if it needs one: the CONNECT listener's tunnels to unmanaged
+    /// hosts go through it too (the pool's connector has its own handle).
+    upstream_proxy: Option<Arc<UpstreamProxy>>,
 }
 
 impl Proxy {
@@ -332,6 +335,7 @@ impl Proxy {
             );
         }
         let dns_upstream = settings.upstream.dns.clone();
+        let upstream_proxy = settings.upstream.proxy.clone();
         let hosts = settings.catalog.host_patterns();
         let ca = Arc::new(LocalCa::new(&hosts, &settings.label)?);
         let tls_server = listen::server_config(ca.clone())?;
@@ -356,6 +360,7 @@ impl Proxy {
             aws_roles: sigv4::assume::RoleCache::default(),
             daemon_shim: tokio::sync::Mutex::new(None),
             vault_reads: handler::VaultReads::default(),
+            upstream_proxy,
         }))
     }
 
