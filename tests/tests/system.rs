@@ -1348,6 +1348,41 @@ fn an_admin_logs_the_system_broker_in_with_oauth_and_it_refreshes() {
         text(&out)
     );
     assert_eq!(origin.requests().len(), 3, "nothing more reached the API");
+
+    // The browser flow works too: PKCE, with the loopback redirect in the admin's CLI.
+    let (ok, admin_stderr, _) = drive_login(
+        &mut cli(
+            &admin,
+            &[
+                "login",
+                "acme",
+                "--system",
+                "--no-browser",
+                "--timeout",
+                "60",
+            ],
+        ),
+        "/auth?",
+        &[],
+    );
+    assert!(
+        ok && admin_stderr.contains("code_challenge_method=S256"),
+        "broker login --system (PKCE) failed:\n{admin_stderr}\nbroker: {}",
+        broker.stderr()
+    );
+    assert_eq!(idp.token_events("authorization_code"), 1);
+    let out = run_bounded(
+        &mut bare_preload(&agent, &root, ACME_CURL, false),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success() && out.stdout == b"{\"ok\":true}",
+        "after the PKCE login: {}",
+        text(&out)
+    );
+    let last = tokens_seen(&origin).pop().expect("a token");
+    assert!(!tokens.contains(&last) && idp.token_is_live(&last));
+    assert!(!admin_stderr.contains(last.trim_start_matches("Bearer ")));
     drop(broker);
     drop(broker_user);
 }

@@ -88,7 +88,7 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         AdminReply::Error { error } => bail!(
-            "the system broker refused the login: {error}. Nothing was stored (the tokens were discarded)"
+            "the system broker refused the login: {error}. Nothing was stored and the tokens were discarded: run the login again once that is fixed"
         ),
     }
 }
