@@ -230,7 +230,7 @@ fn preload_checks(home: &Home) -> Vec<Check> {
                                 "running as uid {uid} at {}; uid {me} may {}",
                                 run_dir.display(),
                                 if message == "admin" {
-                                    "use and administer it (`broker add --system`)"
+                                    "use and administer it (`broker add|login --system`)"
                                 } else {
                                     "use its credentials"
                                 }
