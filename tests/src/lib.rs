@@ -8,6 +8,7 @@
 
 pub mod connect_proxy;
 pub mod fake_llm;
+pub mod oauth;
 pub mod origin;
 
 use std::io::Write as _;

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use broker_integration::oauth::{api_origin, drive_login, tokens_seen, OAuthServer, API_HOST};
 use broker_integration::{
     broker_bin_for_agent_user, count_events, is_root, preset_ca_vars, run_bounded, scrub, Origin,
     TestCa,
@@ -1031,5 +1032,384 @@ fn from_command_keys_are_refused_for_the_system_broker() {
     assert!(
         !stderr.contains("pass show"),
         "the command is not echoed: {stderr}"
+    );
+}
+
+const ACME_CURL: &str = "curl -sS --fail-with-body https://api.acme.test/v1/me -H \"Authorization: Bearer $ACME_TOKEN\"";
+const ACME_PYTHON: &str = "/usr/bin/python3 -c 'import os, urllib.request; r = urllib.request.Request(\"https://api.acme.test/v1/me\", headers={\"Authorization\": \"Bearer \" + os.environ[\"ACME_TOKEN\"]}); print(urllib.request.urlopen(r).read().decode(), end=\"\")'";
+
+/// An admin logs the system broker in with OAuth (`broker login --system --device` against a
+/// real oidc-provider; the client id from root's config, the endpoints from root's provider
+/// file): an allowed agent uid's bare preload reaches the API with the access token, the
+/// system broker refreshes it before it expires and the API sees the new one, the agent uid
+/// can neither log the broker in nor out (refused, audited), no token shows in anything the
+/// admin's CLI printed, the audit log or the agent's environment, and `logout --system`
+/// revokes the tokens at the server and leaves the agent a clear error.
+#[test]
+fn an_admin_logs_the_system_broker_in_with_oauth_and_it_refreshes() {
+    if skip_unless_root("an_admin_logs_the_system_broker_in_with_oauth_and_it_refreshes") {
+        return;
+    }
+    // Logins get 20 s access tokens (refreshed in their last 10 s); refreshed ones an hour.
+    let Some(idp) = OAuthServer::start(&[("FIRST_TTL", "20"), ("REFRESH_TTL", "3600")]) else {
+        return;
+    };
+    let ca = TestCa::new();
+    let origin = api_origin(&ca, &idp.issuer);
+    let root = SystemRoot::new("oauth");
+    let (broker_name, agent_name, admin_name) = (tag("ob"), tag("oa"), tag("om"));
+    let agent = TestUser::create(&agent_name);
+    let admin = TestUser::create(&admin_name);
+    let _ = Command::new("userdel").arg(&broker_name).output();
+    let _ = Command::new("groupdel").arg(&broker_name).output();
+    let out = run_bounded(
+        Command::new(broker_integration::broker_bin())
+            .args(["system", "install", "--no-unit", "--user", &broker_name])
+            .args(["--allow-user", &agent_name, "--root"])
+            .arg(&root.0),
+        Duration::from_secs(30),
+    );
+    let broker_user = TestUser::existing(&broker_name);
+    assert!(out.status.success(), "install: {}", text(&out));
+    // Root's: the client id in the config, the endpoints in a provider file.
+    write_root_file(
+        &root.etc_dir().join("config.toml"),
+        &format!(
+            "[access]\nusers = [\"{agent_name}\"]\nadmin_users = [\"{admin_name}\"]\n\
+             [[policy]]\nusers = [\"{agent_name}\"]\nproviders = [\"acme\"]\n\
+             [oauth.acme]\nclient_id = \"broker-test\"\n"
+        ),
+        0o644,
+    );
+    let providers = root.etc_dir().join("providers");
+    std::fs::create_dir_all(&providers).expect("providers");
+    std::fs::set_permissions(&providers, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    write_root_file(
+        &providers.join("acme.toml"),
+        &idp.provider_toml("client_auth = \"none\""),
+        0o644,
+    );
+    let upstream_ca = root.0.join("upstream-ca.pem");
+    std::fs::copy(&ca.pem_path, &upstream_ca).expect("copy ca");
+    std::fs::set_permissions(&upstream_ca, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let broker = SystemBroker::start(
+        &root,
+        &broker_user,
+        &[
+            "--upstream-ca".into(),
+            upstream_ca.display().to_string(),
+            "--resolve".into(),
+            format!("{API_HOST}:443:{}", origin.addr),
+        ],
+    );
+    let cli = |user: &TestUser, args: &[&str]| -> Command {
+        let mut cmd = user.command(broker_bin_for_agent_user());
+        cmd.args(args)
+            .env(broker_contract::ENV_SYSTEM_RUN, root.run_dir())
+            .stdin(Stdio::null());
+        cmd
+    };
+    let device_requests = || {
+        idp.entries()
+            .iter()
+            .filter(|e| e["event"] == "request" && e["path"] == "/device/auth")
+            .count()
+    };
+
+    // The agent's uid cannot log the broker in: refused before any OAuth server is asked.
+    let out = run_bounded(
+        &mut cli(
+            &agent,
+            &["login", "acme", "--system", "--device", "--no-browser"],
+        ),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success(), "the agent logged in: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "uid {} is not an administrator of the system broker",
+            agent.uid
+        )),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(device_requests(), 0, "the refused login reached the server");
+    let audit = root.audit_until("admin_refused", 1);
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"admin_refused\"")
+                && l.contains(&format!("\"uid\":{}", agent.uid))),
+        "{audit}"
+    );
+
+    // The admin: the device flow runs in the admin's CLI, the tokens go to the broker.
+    let (ok, admin_stderr, admin_stdout) = drive_login(
+        &mut cli(
+            &admin,
+            &[
+                "login",
+                "acme",
+                "--system",
+                "--device",
+                "--no-browser",
+                "--timeout",
+                "60",
+            ],
+        ),
+        "user_code=",
+        &[],
+    );
+    assert!(
+        ok,
+        "broker login --system failed:\n{admin_stderr}\nbroker: {}",
+        broker.stderr()
+    );
+    let logged_in = Instant::now();
+    assert!(
+        admin_stderr.contains("Logged the system broker in to ACME")
+            && admin_stderr.contains("refresh token"),
+        "{admin_stderr}"
+    );
+    assert_eq!(
+        idp.token_events("urn:ietf:params:oauth:grant-type:device_code"),
+        1
+    );
+
+    // The agent's bare preload: curl and Python get the API with the access token.
+    for script in [ACME_CURL, ACME_PYTHON] {
+        let out = run_bounded(
+            &mut bare_preload(&agent, &root, script, false),
+            Duration::from_secs(30),
+        );
+        assert!(
+            out.status.success() && out.stdout == b"{\"ok\":true}",
+            "{}\nbroker: {}",
+            text(&out),
+            broker.stderr()
+        );
+    }
+    assert!(
+        logged_in.elapsed() < Duration::from_secs(10),
+        "the first calls took past the refresh margin: the test cannot tell the tokens apart"
+    );
+    let first = tokens_seen(&origin);
+    assert_eq!(first.len(), 2);
+    assert_eq!(first[0], first[1], "one access token, not refreshed yet");
+    assert!(idp.token_is_live(&first[0]));
+    assert_eq!(idp.token_events("refresh_token"), 0);
+
+    // Past half the token's life the system broker refreshes it before using it.
+    std::thread::sleep(Duration::from_secs(11).saturating_sub(logged_in.elapsed()));
+    let out = run_bounded(
+        &mut bare_preload(&agent, &root, ACME_CURL, false),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success() && out.stdout == b"{\"ok\":true}",
+        "after the refresh margin: {}\nbroker: {}",
+        text(&out),
+        broker.stderr()
+    );
+    let tokens = tokens_seen(&origin);
+    assert_eq!(tokens.len(), 3);
+    assert_ne!(tokens[2], first[0], "the API got the refreshed token");
+    assert!(idp.token_is_live(&tokens[2]));
+    assert_eq!(idp.token_events("refresh_token"), 1, "{:?}", idp.entries());
+    root.audit_until("refresh", 1);
+
+    // What the admin and `broker doctor` see: the login, never a token.
+    let list = run_bounded(
+        &mut cli(&admin, &["list", "--system", "--json"]),
+        Duration::from_secs(30),
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&list.stdout).expect("list json");
+    assert!(
+        listed
+            .as_array()
+            .is_some_and(|a| a.iter().any(|c| c["provider"] == "acme"
+                && c["kind"] == "oauth2"
+                && c["expires_at"].is_string())),
+        "{listed}"
+    );
+    let doctor = run_bounded(
+        &mut cli(&admin, &["doctor", "--no-self-test", "--json"]),
+        Duration::from_secs(60),
+    );
+    let shown = String::from_utf8_lossy(&doctor.stdout);
+    assert!(
+        shown.contains("system broker logins") && shown.contains("acme (profile default"),
+        "{shown}"
+    );
+
+    // The agent's uid cannot log the broker out either.
+    let out = run_bounded(
+        &mut cli(&agent, &["logout", "acme", "--system"]),
+        Duration::from_secs(30),
+    );
+    assert!(
+        !out.status.success(),
+        "the agent logged out: {}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not an administrator"),
+        "{}",
+        text(&out)
+    );
+    // No token in the agent's environment, the admin's CLI output, the listings, the audit
+    // log, or the broker's log.
+    let env = run_bounded(
+        &mut bare_preload(&agent, &root, "env", false),
+        Duration::from_secs(30),
+    );
+    assert!(
+        String::from_utf8_lossy(&env.stdout).contains("ACME_TOKEN=acme-broker-placeholder"),
+        "{}",
+        text(&env)
+    );
+    for token in &tokens {
+        let raw = token.trim_start_matches("Bearer ");
+        for (what, bytes) in [
+            ("the agent's environment", env.stdout.clone()),
+            (
+                "the admin's login output",
+                admin_stderr.clone().into_bytes(),
+            ),
+            ("the admin's login stdout", admin_stdout.clone()),
+            ("the admin's list", list.stdout.clone()),
+            ("doctor", doctor.stdout.clone()),
+            ("the audit log", root.audit().into_bytes()),
+            ("the broker's log", broker.stderr().into_bytes()),
+        ] {
+            assert!(
+                !broker_integration::contains(&bytes, raw),
+                "a token in {what}"
+            );
+        }
+    }
+
+    // The admin logs the broker out: revoked at the server, removed, audited.
+    let out = run_bounded(
+        &mut cli(&admin, &["logout", "acme", "--system"]),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "logout --system: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Revoked the refresh token"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        idp.revocations(),
+        (2, true),
+        "refresh and access token revoked at the server: {:?}",
+        idp.entries()
+    );
+    assert!(!idp.token_is_live(&tokens[2]));
+    let audit = root.audit_until("logout", 1);
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"logout\"") && l.contains(&format!("\"uid\":{}", admin.uid))),
+        "{audit}"
+    );
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"login\"") && l.contains(&format!("\"uid\":{}", admin.uid))),
+        "{audit}"
+    );
+    // The agent no longer gets the placeholder; one that kept it is told who can log in.
+    let out = run_bounded(
+        &mut bare_preload(&agent, &root, "echo \"acme=${ACME_TOKEN-unset}\"", false),
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "acme=unset",
+        "{}",
+        text(&out)
+    );
+    let out = run_bounded(
+        &mut bare_preload(
+            &agent,
+            &root,
+            "curl -sS -i https://api.acme.test/v1/me -H \"Authorization: Bearer acme-broker-placeholder-0000\"",
+            false,
+        ),
+        Duration::from_secs(30),
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("401")
+            && shown.contains("an administrator runs 'broker login acme --system'"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(origin.requests().len(), 3, "nothing more reached the API");
+
+    // The browser flow works too: PKCE, with the loopback redirect in the admin's CLI.
+    let (ok, admin_stderr, _) = drive_login(
+        &mut cli(
+            &admin,
+            &[
+                "login",
+                "acme",
+                "--system",
+                "--no-browser",
+                "--timeout",
+                "60",
+            ],
+        ),
+        "/auth?",
+        &[],
+    );
+    assert!(
+        ok && admin_stderr.contains("code_challenge_method=S256"),
+        "broker login --system (PKCE) failed:\n{admin_stderr}\nbroker: {}",
+        broker.stderr()
+    );
+    assert_eq!(idp.token_events("authorization_code"), 1);
+    let out = run_bounded(
+        &mut bare_preload(&agent, &root, ACME_CURL, false),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success() && out.stdout == b"{\"ok\":true}",
+        "after the PKCE login: {}",
+        text(&out)
+    );
+    let last = tokens_seen(&origin).pop().expect("a token");
+    assert!(!tokens.contains(&last) && idp.token_is_live(&last));
+    assert!(!admin_stderr.contains(last.trim_start_matches("Bearer ")));
+    drop(broker);
+    drop(broker_user);
+}
+
+/// `--client-id` with `--system` is refused before anything is sent: the system broker's
+/// OAuth client is root's to choose. Needs no root: nothing is started.
+#[test]
+fn a_client_id_is_refused_for_the_system_broker() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut cmd = Command::new(broker_integration::broker_bin());
+    scrub(&mut cmd);
+    cmd.env(broker_contract::ENV_SYSTEM_RUN, dir.path())
+        .args([
+            "login",
+            "github",
+            "--system",
+            "--client-id",
+            "Iv1.someone-else",
+        ])
+        .stdin(Stdio::null());
+    let out = run_bounded(&mut cmd, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--client-id is refused with --system")
+            && stderr.contains("[oauth.github]")
+            && stderr.contains("/etc/broker/config.toml"),
+        "{stderr}"
     );
 }

@@ -341,7 +341,7 @@ fn add_to_system(args: &AddArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn system_request(request: &AdminRequest) -> anyhow::Result<AdminReply> {
+pub(super) fn system_request(request: &AdminRequest) -> anyhow::Result<AdminReply> {
     let socket = crate::system::client_run_dir().join(broker_contract::DAEMON_CONTROL_SOCKET);
     crate::system::admin::request(&socket, request)
 }
@@ -405,7 +405,7 @@ fn find_provider<'a>(catalog: &'a Catalog, name: &str) -> anyhow::Result<&'a Pro
 }
 
 /// A name safe to print: as is when it is short plain text, else a placeholder.
-fn printable_name(name: &str) -> String {
+pub(super) fn printable_name(name: &str) -> String {
     if name.len() <= 32
         && !name.is_empty()
         && name

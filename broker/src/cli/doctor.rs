@@ -6,7 +6,7 @@
 //! failed.
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
@@ -182,6 +182,7 @@ fn preload_checks(home: &Home) -> Vec<Check> {
     let run_dir = crate::system::client_run_dir();
     let config = run_dir.join(broker_contract::DAEMON_SHIM_CONFIG_FILE);
     let me = rustix::process::getuid().as_raw();
+    let mut logins = None;
     let (system, system_usable) = if !config.exists() {
         (
             check(
@@ -218,7 +219,11 @@ fn preload_checks(home: &Home) -> Vec<Check> {
                         ),
                         false,
                     ),
-                    Ok(AdminReply::Ok { message, .. }) => (
+                    Ok(AdminReply::Ok { message, .. }) => {
+                        if message == "admin" {
+                            logins = Some(system_logins(&socket));
+                        }
+                        (
                         check(
                             "system broker",
                             Status::Ok,
@@ -226,14 +231,15 @@ fn preload_checks(home: &Home) -> Vec<Check> {
                                 "running as uid {uid} at {}; uid {me} may {}",
                                 run_dir.display(),
                                 if message == "admin" {
-                                    "use and administer it (`broker add --system`)"
+                                    "use and administer it (`broker add|login --system`)"
                                 } else {
                                     "use its credentials"
                                 }
                             ),
                         ),
                         true,
-                    ),
+                    )
+                    }
                     Ok(AdminReply::Error { error }) => {
                         (check("system broker", Status::Fail, error), false)
                     }
@@ -282,7 +288,61 @@ fn preload_checks(home: &Home) -> Vec<Check> {
             "finds no broker it may use: nothing is rerouted and managed hosts get only placeholders (start `broker serve`, or use `broker run`)",
         )
     };
-    vec![system, preload]
+    [Some(system), logins, Some(preload)]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// For an admin: the system broker's OAuth logins (`broker login --system`), with when the
+/// current access token expires. Metadata only: the broker never answers with a token.
+fn system_logins(socket: &Path) -> Check {
+    use crate::system::admin::{self, AdminReply, AdminRequest};
+    let name = "system broker logins";
+    let credentials = match admin::request(socket, &AdminRequest::List) {
+        Ok(AdminReply::Ok { credentials, .. }) => credentials,
+        Ok(AdminReply::Error { error }) => return check(name, Status::Fail, error),
+        Err(err) => return check(name, Status::Fail, format!("{err:#}")),
+    };
+    let logins: Vec<String> = credentials
+        .iter()
+        .filter(|c| c.kind == crate::vault::CredentialKind::OAuth2)
+        .map(|c| {
+            format!(
+                "{} (profile {}{}{})",
+                c.provider,
+                c.profile,
+                c.expires_at
+                    .as_deref()
+                    .map(|t| format!(
+                        ", current access token expires {} UTC",
+                        super::credentials::short_time(t)
+                    ))
+                    .unwrap_or_default(),
+                if c.integrity_ok {
+                    ""
+                } else {
+                    ", INTEGRITY CHECK FAILED"
+                }
+            )
+        })
+        .collect();
+    if logins.is_empty() {
+        return check(
+            name,
+            Status::Skip,
+            "none (`broker login <provider> --system` logs it in)",
+        );
+    }
+    let status = if credentials
+        .iter()
+        .any(|c| c.kind == crate::vault::CredentialKind::OAuth2 && !c.integrity_ok)
+    {
+        Status::Fail
+    } else {
+        Status::Ok
+    };
+    check(name, status, logins.join("; "))
 }
 
 /// The proxy this user's broker would reach providers through (never its password).

@@ -1,4 +1,5 @@
-//! `broker login | logout`: OAuth logins whose tokens live in the vault (see `crate::oauth`).
+//! `broker login | logout`: OAuth logins whose tokens live in the vault (see `crate::oauth`);
+//! with `--system`, in the system broker's ([`super::login_system`]).
 //!
 //! Nothing secret is taken from argv or printed: tokens go from the token endpoint straight
 //! into the vault, a confidential client's secret is read from stdin or a no-echo prompt.
@@ -16,8 +17,9 @@ use crate::audit::{Audit, AuditEvent, EventKind};
 use crate::home::Home;
 use crate::oauth::client::{ClientCredentials, EndpointClient};
 use crate::oauth::flows::{self, Interaction};
-use crate::oauth::{expiry_from_now, GrantUsed, OAuthSettings, TokenMeta, UserConfig};
-use crate::providers::{Catalog, Grant};
+use crate::oauth::revoke::{revoke_login, Revocation};
+use crate::oauth::{expiry_from_now, GrantUsed, OAuthSettings, TokenMeta, TokenSet, UserConfig};
+use crate::providers::Catalog;
 use crate::vault::{CredentialKind, PutOutcome, TokenUpdate, Vault};
 
 #[derive(Debug, Args)]
@@ -27,7 +29,11 @@ use crate::vault::{CredentialKind, PutOutcome, TokenUpdate, Vault};
 Endpoints can be overridden in the same table, or a whole provider with an [oauth] table \
 can be put in $BROKER_HOME/providers/.\n\
 A confidential client's secret is read from stdin (or a no-echo prompt) and stored sealed \
-in the vault; never pass it as an argument."
+in the vault; never pass it as an argument.\n\
+With --system (root or an admin of the system broker): the client id and endpoints are the \
+system broker's ([oauth.<provider>] in /etc/broker/config.toml, root's provider files); the \
+login runs here and the tokens go to the system broker over its control socket. --client-id \
+is refused with --system."
 )]
 pub struct LoginArgs {
     /// Provider name (see `broker providers`).
@@ -50,6 +56,10 @@ pub struct LoginArgs {
     /// Print the login URL instead of opening a browser.
     #[arg(long)]
     pub no_browser: bool,
+    /// Log the system broker in (`broker serve --system`), with its own OAuth settings: as
+    /// root or an admin uid. The tokens go to it over its control socket.
+    #[arg(long)]
+    pub system: bool,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
 }
@@ -59,11 +69,18 @@ pub struct LogoutArgs {
     pub provider: String,
     #[arg(long, default_value = "default")]
     pub profile: String,
+    /// Log the system broker out (it revokes the tokens and removes them): as root or an
+    /// admin uid.
+    #[arg(long)]
+    pub system: bool,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
 }
 
 pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
+    if args.system {
+        return super::login_system::login(args);
+    }
     let home = home()?;
     let catalog = Catalog::load(&home)?;
     let Some(provider) = catalog.get(&args.provider) else {
@@ -74,12 +91,7 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
         );
     };
     crate::vault::check_name("profile", &args.profile)?;
-    let scopes: Option<Vec<String>> = args.scopes.as_ref().map(|list| {
-        list.iter()
-            .flat_map(|s| s.split_whitespace())
-            .map(str::to_string)
-            .collect()
-    });
+    let scopes = scopes(&args);
     let config = UserConfig::load(&home)?;
     let settings = OAuthSettings::resolve(
         provider,
@@ -87,58 +99,33 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
         args.client_id.as_deref(),
         scopes.as_deref(),
     )?;
-    let grant = if settings.grant == Grant::ClientCredentials {
-        GrantUsed::ClientCredentials
-    } else if args.device || (settings.authorize_url.is_none() && settings.device_url.is_some()) {
-        if settings.device_url.is_none() {
-            bail!(
-                "{} does not support the device flow: run `broker login {}` without --device",
-                settings.display_name,
-                settings.provider
-            );
-        }
-        GrantUsed::DeviceCode
-    } else {
-        GrantUsed::AuthorizationCode
-    };
+    let grant = settings.choose_grant(args.device)?;
 
     // Open the vault first: a locked vault should fail before the user spends time in a browser.
     let vault = Vault::open(&home)?;
     let client_secret = if settings.confidential() {
-        Some(client_secret(&vault, &settings, &args.profile)?)
+        let stored = || -> anyhow::Result<Option<Zeroizing<String>>> {
+            Ok(vault
+                .get_full(&settings.provider, &args.profile)?
+                .and_then(|c| c.client_secret)
+                .map(|s| Zeroizing::new(s.expose().to_string())))
+        };
+        let command = format!("broker login {}", settings.provider);
+        Some(client_secret(&settings, &stored, &command)?)
     } else {
         None
-    };
-    let creds = ClientCredentials {
-        client_id: &settings.client_id,
-        auth: settings.client_auth,
-        secret: client_secret.as_ref().map(|s| s.as_str()),
     };
     let interaction = Interaction {
         open_browser: !args.no_browser,
         timeout: Duration::from_secs(args.timeout.max(1)),
     };
-    let client = EndpointClient::new(
+    let tokens = run_grant(
+        &settings,
+        grant,
+        client_secret.as_ref().map(|s| s.as_str()),
+        &interaction,
         args.upstream.into_settings(Some(&home))?,
-        provider.private_addresses,
-    );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let tokens = runtime.block_on(async {
-        match grant {
-            GrantUsed::AuthorizationCode => {
-                flows::authorization_code(&settings, &client, &creds, &interaction).await
-            }
-            GrantUsed::DeviceCode => {
-                flows::device_code(&settings, &client, &creds, &interaction).await
-            }
-            GrantUsed::ClientCredentials => {
-                flows::client_credentials(&settings, &client, &creds).await
-            }
-        }
-    });
-    let tokens = tokens.with_context(|| format!("login to {} failed", settings.display_name))?;
+    )?;
 
     let meta = TokenMeta {
         token_url: settings.token_url.clone(),
@@ -168,7 +155,7 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
         &settings.provider,
         &args.profile,
         "broker login",
-        Some(grant_name(grant).to_string()),
+        Some(grant.describe().to_string()),
     );
     eprintln!(
         "Logged in to {} (profile {}); {} the tokens in {}: access token{}{}.",
@@ -194,7 +181,54 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The `--scopes` asked for, each comma- or space-separated.
+pub(super) fn scopes(args: &LoginArgs) -> Option<Vec<String>> {
+    args.scopes.as_ref().map(|list| {
+        list.iter()
+            .flat_map(|s| s.split_whitespace())
+            .map(str::to_string)
+            .collect()
+    })
+}
+
+/// Run `grant` here (a browser, a device code, or the client credentials) and return the
+/// tokens the token endpoint answered.
+pub(super) fn run_grant(
+    settings: &OAuthSettings,
+    grant: GrantUsed,
+    client_secret: Option<&str>,
+    interaction: &Interaction,
+    upstream: crate::proxy::UpstreamSettings,
+) -> anyhow::Result<TokenSet> {
+    let creds = ClientCredentials {
+        client_id: &settings.client_id,
+        auth: settings.client_auth,
+        secret: client_secret,
+    };
+    let client = EndpointClient::new(upstream, settings.private_addresses);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let tokens = runtime.block_on(async {
+        match grant {
+            GrantUsed::AuthorizationCode => {
+                flows::authorization_code(settings, &client, &creds, interaction).await
+            }
+            GrantUsed::DeviceCode => {
+                flows::device_code(settings, &client, &creds, interaction).await
+            }
+            GrantUsed::ClientCredentials => {
+                flows::client_credentials(settings, &client, &creds).await
+            }
+        }
+    });
+    tokens.with_context(|| format!("login to {} failed", settings.display_name))
+}
+
 pub fn logout(args: LogoutArgs) -> anyhow::Result<ExitCode> {
+    if args.system {
+        return super::login_system::logout(args);
+    }
     let home = home()?;
     let missing = || {
         format!(
@@ -218,61 +252,23 @@ pub fn logout(args: LogoutArgs) -> anyhow::Result<ExitCode> {
             args.provider
         );
     }
-    let meta = TokenMeta::from_json(&cred.metadata);
-    let mut failures = Vec::new();
-    let revoke_url = meta.as_ref().and_then(|m| m.revoke_url.clone());
-    match (&meta, &revoke_url) {
-        (Some(meta), Some(url)) => {
-            // A provider file that no longer loads leaves the guard on.
-            let private = Catalog::load(&home)
-                .ok()
-                .and_then(|c| c.get(&args.provider).map(|p| p.private_addresses))
-                .unwrap_or(false);
-            let client = EndpointClient::new(args.upstream.into_settings(Some(&home))?, private);
-            let creds = ClientCredentials {
-                client_id: &meta.client_id,
-                auth: meta.client_auth,
-                secret: cred.client_secret.as_ref().map(|s| s.expose()),
-            };
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            // The refresh token first: revoking it usually ends the whole grant.
-            let tokens = [
-                ("refresh token", "refresh_token", cred.refresh.as_ref()),
-                ("access token", "access_token", Some(&cred.secret)),
-            ];
-            for (what, hint, token) in tokens {
-                let Some(token) = token else { continue };
-                let result = runtime.block_on(client.post_form(
-                    url,
-                    &[("token", token.expose()), ("token_type_hint", hint)],
-                    &creds,
-                ));
-                // The server's error text may quote what it was sent: redacted.
-                let secrets = cred.secret_bytes();
-                let redacted = |text: String| crate::proxy::redact_text(text.as_bytes(), &secrets);
-                match result {
-                    // RFC 7009 2.2: 200 whether or not the token was still valid.
-                    Ok(answer) if answer.status == 200 => eprintln!("Revoked the {what}."),
-                    Ok(answer) => failures.push(format!(
-                        "the {what}: {}",
-                        redacted(
-                            crate::oauth::client::oauth_error(&answer)
-                                .map(|e| e.to_string())
-                                .unwrap_or_else(|| format!("{url} answered {}", answer.status))
-                        )
-                    )),
-                    Err(err) => failures.push(format!("the {what}: {}", redacted(err.to_string()))),
-                }
-            }
-        }
-        _ => eprintln!(
-            "{} has no revocation endpoint: the tokens stay valid at the server until they \
-             expire (revoke the app's access in your account settings to end them now).",
-            args.provider
-        ),
+    // A provider file that no longer loads leaves the SSRF guard on.
+    let private = Catalog::load(&home)
+        .ok()
+        .and_then(|c| c.get(&args.provider).map(|p| p.private_addresses))
+        .unwrap_or(false);
+    let client = EndpointClient::new(args.upstream.into_settings(Some(&home))?, private);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let revocation = runtime.block_on(revoke_login(&client, &cred));
+    for what in &revocation.revoked {
+        eprintln!("Revoked the {what}.");
     }
+    if !revocation.endpoint {
+        eprintln!("{}", Revocation::no_endpoint_note(&args.provider));
+    }
+    drop(cred);
     vault.remove(&args.provider, &args.profile)?;
     audit(
         &home,
@@ -281,35 +277,26 @@ pub fn logout(args: LogoutArgs) -> anyhow::Result<ExitCode> {
         &args.provider,
         &args.profile,
         "broker logout",
-        (!failures.is_empty()).then(|| "revocation failed".to_string()),
+        (!revocation.failures.is_empty()).then(|| "revocation failed".to_string()),
     );
     eprintln!(
         "Logged out of {} (profile {}): the tokens were removed from the vault.",
         args.provider, args.profile
     );
-    if !failures.is_empty() {
-        bail!(
-            "revocation failed for {} (removed locally anyway; the tokens may stay valid at the \
-             server until they expire)",
-            failures.join("; ")
-        );
+    if !revocation.failures.is_empty() {
+        bail!("{}", revocation.failure_note());
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// A confidential client's secret: from stdin when it is not a terminal, else the one stored
-/// with an earlier login, else a no-echo prompt.
-fn client_secret(
-    vault: &Vault,
+/// with an earlier login (`stored`), else a no-echo prompt. `command` is the login's, for the
+/// message when none was given.
+pub(super) fn client_secret(
     settings: &OAuthSettings,
-    profile: &str,
+    stored: &dyn Fn() -> anyhow::Result<Option<Zeroizing<String>>>,
+    command: &str,
 ) -> anyhow::Result<Zeroizing<String>> {
-    let stored = || -> anyhow::Result<Option<Zeroizing<String>>> {
-        Ok(vault
-            .get_full(&settings.provider, profile)?
-            .and_then(|c| c.client_secret)
-            .map(|s| Zeroizing::new(s.expose().to_string())))
-    };
     if std::io::stdin().is_terminal() {
         if let Some(s) = stored()? {
             eprintln!("Using the client secret stored with the last login.");
@@ -330,20 +317,12 @@ fn client_secret(
         }
         bail!(
             "{} uses a confidential OAuth client: pipe its client secret on stdin, e.g. \
-             `pass show {p}-oauth | broker login {p}`",
+             `pass show {}-oauth | {command}`",
             settings.display_name,
-            p = settings.provider
+            settings.provider
         );
     }
     Ok(secret)
-}
-
-fn grant_name(grant: GrantUsed) -> &'static str {
-    match grant {
-        GrantUsed::AuthorizationCode => "authorization code with PKCE",
-        GrantUsed::DeviceCode => "device code",
-        GrantUsed::ClientCredentials => "client credentials",
-    }
 }
 
 fn audit(

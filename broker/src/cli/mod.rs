@@ -18,6 +18,7 @@ pub mod demo;
 pub mod doctor;
 pub mod import;
 pub mod login;
+pub mod login_system;
 pub mod policy;
 pub mod providers;
 pub mod rekey;

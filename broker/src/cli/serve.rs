@@ -111,14 +111,19 @@ fn run_system(args: ServeArgs) -> anyhow::Result<ExitCode> {
     raise_descriptor_limit();
     let limits = args.limits.into_limits();
     let runtime = super::serve_runtime()?;
+    // Token endpoints (refreshes, and revocations on `logout --system`) are reached as the
+    // providers are: with root's command-line overrides only.
+    let upstream = args.upstream.into_settings(None)?;
     let admin = std::sync::Arc::new(crate::system::admin::AdminContext {
         home: start.home.clone(),
         keys: start.keys.clone(),
+        oauth: start.oauth,
+        upstream: upstream.clone(),
     });
     runtime.block_on(async {
         let started = instance::start(InstanceSettings {
             home: start.home.clone(),
-            upstream: args.upstream.into_settings(None)?,
+            upstream,
             label: "system".into(),
             limits,
             keys: start.keys,

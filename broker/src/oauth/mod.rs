@@ -8,6 +8,7 @@
 //! - [`flows`]: the grants `broker login` runs.
 //! - [`refresh`]: the credential lookup the proxy uses for OAuth tokens, with a cross-process
 //!   single-flight refresh under the vault's write lock.
+//! - [`revoke`]: revoking a login's tokens (`broker logout`, `broker logout --system`).
 //!
 //! What is stored per login (no secret outside sealed columns): the access token, the refresh
 //! token and a confidential client's secret, sealed; the expiry; and [`TokenMeta`] as the
@@ -16,6 +17,7 @@
 pub mod client;
 pub mod flows;
 pub mod refresh;
+pub mod revoke;
 pub mod settings;
 
 use std::fmt;
@@ -99,6 +101,17 @@ pub enum GrantUsed {
     AuthorizationCode,
     DeviceCode,
     ClientCredentials,
+}
+
+impl GrantUsed {
+    /// The grant's name for people (and the audit's `reason` of a login).
+    pub fn describe(self) -> &'static str {
+        match self {
+            GrantUsed::AuthorizationCode => "authorization code with PKCE",
+            GrantUsed::DeviceCode => "device code",
+            GrantUsed::ClientCredentials => "client credentials",
+        }
+    }
 }
 
 /// Non-secret OAuth state stored with a login (the vault row's `metadata`).

@@ -14,17 +14,22 @@
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::OAuthError;
 use crate::home::Home;
 use crate::providers::{ClientAuth, Grant, Provider};
 
-/// `$BROKER_HOME/config.toml`, the parts OAuth reads. Other sections are ignored here.
-#[derive(Debug, Default, Deserialize)]
+/// `$BROKER_HOME/config.toml`, the parts OAuth reads. Other sections are ignored here. The
+/// system broker builds one from the `[oauth.<provider>]` tables of root's
+/// `/etc/broker/config.toml` instead ([`UserConfig::system`]).
+#[derive(Debug, Default, Clone, Deserialize)]
 pub struct UserConfig {
     #[serde(default)]
     pub oauth: HashMap<String, OAuthOverride>,
+    /// The system broker's (errors then name its config file and no `--client-id`).
+    #[serde(skip)]
+    system: bool,
 }
 
 /// `[oauth.<provider>]` in `config.toml`.
@@ -40,6 +45,24 @@ pub struct OAuthOverride {
     pub scopes: Option<Vec<String>>,
 }
 
+impl OAuthOverride {
+    /// Every endpoint given is https, or plain http to this machine.
+    pub fn check_endpoints(&self) -> Result<(), OAuthError> {
+        for url in [
+            &self.token_url,
+            &self.authorize_url,
+            &self.device_url,
+            &self.revoke_url,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            super::client::endpoint_uri(url)?;
+        }
+        Ok(())
+    }
+}
+
 impl UserConfig {
     /// Read `config.toml`; a missing file is an empty config, a malformed one an error naming
     /// the file.
@@ -52,10 +75,29 @@ impl UserConfig {
             Err(e) => Err(OAuthError::Config(format!("{}: {e}", path.display()))),
         }
     }
+
+    /// The system broker's OAuth tables (from `/etc/broker/config.toml`).
+    pub fn system(oauth: HashMap<String, OAuthOverride>) -> UserConfig {
+        UserConfig {
+            oauth,
+            system: true,
+        }
+    }
+
+    /// Where an admin or user sets a provider's OAuth client and endpoints.
+    fn file_name(&self) -> &'static str {
+        if self.system {
+            "/etc/broker/config.toml (then restart the system broker)"
+        } else {
+            "$BROKER_HOME/config.toml"
+        }
+    }
 }
 
-/// Everything a login needs, resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Everything a login needs, resolved. Holds nothing secret (a confidential client's secret
+/// is never part of the settings): the system broker sends these to its admins' CLIs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OAuthSettings {
     pub provider: String,
     pub display_name: String,
@@ -68,6 +110,10 @@ pub struct OAuthSettings {
     pub client_auth: ClientAuth,
     pub device_flow: bool,
     pub grant: Grant,
+    /// The provider's `private_addresses = true`: its OAuth endpoints may resolve to internal
+    /// addresses too (the SSRF guard, `proxy::upstream`).
+    #[serde(default)]
+    pub private_addresses: bool,
 }
 
 impl OAuthSettings {
@@ -99,12 +145,14 @@ impl OAuthSettings {
             None => {
                 return Err(OAuthError::Config(format!(
                     "provider {p} has no OAuth login (no [oauth] table): store a key with \
-                     'broker add {p}', or give its endpoints in [oauth.{p}] of config.toml",
-                    p = provider.name
+                     'broker add {p}{system}', or give its endpoints in [oauth.{p}] of {file}",
+                    p = provider.name,
+                    system = if config.system { " --system" } else { "" },
+                    file = config.file_name(),
                 )))
             }
         };
-        OAuthSettings::from_parts(provider, &def, over, client_id, scopes)
+        OAuthSettings::from_parts(provider, &def, over, client_id, scopes, config)
     }
 
     fn from_parts(
@@ -113,23 +161,26 @@ impl OAuthSettings {
         over: OAuthOverride,
         client_id: Option<&str>,
         scopes: Option<&[String]>,
+        config: &UserConfig,
     ) -> Result<OAuthSettings, OAuthError> {
         let pick = |o: Option<String>, d: &Option<String>| o.or_else(|| d.clone());
         let token_url = pick(over.token_url, &def.token_url).ok_or_else(|| {
             OAuthError::Config(format!("provider {} has no OAuth token_url", provider.name))
         })?;
-        let client_id = client_id
-            .map(str::to_string)
-            .or(over.client_id)
-            .or_else(|| def.client_id.clone())
-            .ok_or_else(|| {
-                OAuthError::Config(format!(
+        let client_id =
+            client_id
+                .map(str::to_string)
+                .or(over.client_id)
+                .or_else(|| def.client_id.clone())
+                .ok_or_else(|| {
+                    OAuthError::Config(format!(
                     "no OAuth client id for {p}: register an OAuth app with the provider, then \
-                     pass --client-id ID or put it in $BROKER_HOME/config.toml:\n  \
-                     [oauth.{p}]\n  client_id = \"...\"",
-                    p = provider.name
+                     {pass}put it in {file}:\n  [oauth.{p}]\n  client_id = \"...\"",
+                    p = provider.name,
+                    pass = if config.system { "" } else { "pass --client-id ID or " },
+                    file = config.file_name(),
                 ))
-            })?;
+                })?;
         let settings = OAuthSettings {
             provider: provider.name.clone(),
             display_name: provider.display_name.clone(),
@@ -145,19 +196,57 @@ impl OAuthSettings {
             client_auth: over.client_auth.unwrap_or(def.client_auth),
             device_flow: def.device_flow,
             grant: def.grant,
+            private_addresses: provider.private_addresses,
         };
+        settings.check_endpoints()?;
+        Ok(settings)
+    }
+
+    /// Every endpoint is https, or plain http to this machine.
+    pub fn check_endpoints(&self) -> Result<(), OAuthError> {
         for url in [
-            Some(&settings.token_url),
-            settings.authorize_url.as_ref(),
-            settings.device_url.as_ref(),
-            settings.revoke_url.as_ref(),
+            Some(&self.token_url),
+            self.authorize_url.as_ref(),
+            self.device_url.as_ref(),
+            self.revoke_url.as_ref(),
         ]
         .into_iter()
         .flatten()
         {
             super::client::endpoint_uri(url)?;
         }
-        Ok(settings)
+        Ok(())
+    }
+
+    /// The grant a login runs: client credentials for a service account, else the device
+    /// flow when asked (`device`) or when there is no authorize endpoint, else the
+    /// authorization code. An error says what to run instead.
+    pub fn choose_grant(&self, device: bool) -> Result<super::GrantUsed, OAuthError> {
+        use super::GrantUsed;
+        if self.grant == Grant::ClientCredentials {
+            return Ok(GrantUsed::ClientCredentials);
+        }
+        if device || (self.authorize_url.is_none() && self.device_url.is_some()) {
+            if self.device_url.is_none() {
+                return Err(OAuthError::Config(format!(
+                    "{} does not support the device flow: run `broker login {}` without --device",
+                    self.display_name, self.provider
+                )));
+            }
+            return Ok(GrantUsed::DeviceCode);
+        }
+        Ok(GrantUsed::AuthorizationCode)
+    }
+
+    /// Could a login with these settings have used `grant`?
+    pub fn supports(&self, grant: super::GrantUsed) -> bool {
+        use super::GrantUsed;
+        match grant {
+            GrantUsed::ClientCredentials => self.grant == Grant::ClientCredentials,
+            _ if self.grant == Grant::ClientCredentials => false,
+            GrantUsed::DeviceCode => self.device_url.is_some(),
+            GrantUsed::AuthorizationCode => self.authorize_url.is_some(),
+        }
     }
 
     /// Does this login need a client secret?
@@ -212,5 +301,61 @@ client_auth = "none"
         let err = OAuthSettings::resolve(&p, &plain, None, None).expect_err("plain http");
         assert!(err.to_string().contains("https"), "{err}");
         assert!(toml::from_str::<UserConfig>("[oauth.acme]\nclientid = 1\n").is_err());
+    }
+
+    #[test]
+    fn the_system_config_is_named_and_grants_follow_the_endpoints() {
+        let p = Provider::from_toml(ACME, "acme.toml").expect("provider");
+        let system = UserConfig::system(HashMap::new());
+        let err = OAuthSettings::resolve(&p, &system, None, None).expect_err("no client id");
+        let text = err.to_string();
+        assert!(
+            text.contains("/etc/broker/config.toml") && !text.contains("--client-id"),
+            "{text}"
+        );
+        let mut oauth = HashMap::new();
+        oauth.insert(
+            "acme".to_string(),
+            OAuthOverride {
+                client_id: Some("root-app".into()),
+                ..OAuthOverride::default()
+            },
+        );
+        let s =
+            OAuthSettings::resolve(&p, &UserConfig::system(oauth), None, None).expect("settings");
+        assert_eq!(s.client_id, "root-app");
+        use crate::oauth::GrantUsed;
+        // No device endpoint: the browser flow, and --device is refused with what to run.
+        assert_eq!(
+            s.choose_grant(false).expect("grant"),
+            GrantUsed::AuthorizationCode
+        );
+        assert!(s
+            .choose_grant(true)
+            .expect_err("no device flow")
+            .to_string()
+            .contains("without --device"));
+        assert!(s.supports(GrantUsed::AuthorizationCode));
+        assert!(!s.supports(GrantUsed::DeviceCode) && !s.supports(GrantUsed::ClientCredentials));
+        let device = OAuthSettings {
+            authorize_url: None,
+            device_url: Some("https://idp.acme.example/device".into()),
+            ..s.clone()
+        };
+        assert_eq!(
+            device.choose_grant(false).expect("grant"),
+            GrantUsed::DeviceCode
+        );
+        assert!(!device.supports(GrantUsed::AuthorizationCode));
+        let service = OAuthSettings {
+            grant: Grant::ClientCredentials,
+            ..s
+        };
+        assert_eq!(
+            service.choose_grant(true).expect("grant"),
+            GrantUsed::ClientCredentials
+        );
+        assert!(service.supports(GrantUsed::ClientCredentials));
+        assert!(!service.supports(GrantUsed::AuthorizationCode));
     }
 }

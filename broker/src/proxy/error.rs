@@ -38,8 +38,13 @@ pub enum BrokerError {
     NotAllowed { provider: String },
     /// A system broker's policy does not give this uid the provider (`/etc/broker/config.toml`).
     NotAllowedForUid { provider: String, uid: u32 },
-    /// A system broker has no credential for the provider/profile: only an admin can add one.
-    NoSystemCredential { provider: String, profile: String },
+    /// A system broker has no credential for the provider/profile: only an admin can add one
+    /// (`login`: the provider has an OAuth login, which an admin can also run).
+    NoSystemCredential {
+        provider: String,
+        profile: String,
+        login: bool,
+    },
     /// A system broker refused the connection's uid (not on its access list, or not the
     /// uid that opened the run); the message says which and what to do.
     UidRefused { message: String },
@@ -59,6 +64,8 @@ pub enum BrokerError {
     CredentialSource { provider: String, message: String },
     /// A login expired and could not be refreshed.
     LoginExpired { provider: String },
+    /// A system broker's login expired: only an admin can log it in again.
+    SystemLoginExpired { provider: String },
     /// Could not connect to the upstream.
     UpstreamUnreachable { host: String, reason: String },
     /// The upstream proxy (`upstream_proxy`, `HTTPS_PROXY`) could not be reached or refused:
@@ -111,7 +118,8 @@ impl BrokerError {
             BrokerError::UpstreamAddressRefused { .. } => StatusCode::BAD_GATEWAY,
             BrokerError::NoCredential { .. }
             | BrokerError::NoSystemCredential { .. }
-            | BrokerError::LoginExpired { .. } => StatusCode::UNAUTHORIZED,
+            | BrokerError::LoginExpired { .. }
+            | BrokerError::SystemLoginExpired { .. } => StatusCode::UNAUTHORIZED,
             BrokerError::Vault { .. } | BrokerError::Integrity { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -150,6 +158,7 @@ impl BrokerError {
             | BrokerError::Integrity { .. }
             | BrokerError::CredentialSource { .. }
             | BrokerError::LoginExpired { .. }
+            | BrokerError::SystemLoginExpired { .. }
             | BrokerError::AuditUnwritable => Source::Broker,
         }
     }
@@ -167,12 +176,26 @@ impl BrokerError {
             BrokerError::NotAllowedForUid { provider, uid } => format!(
                 "provider '{provider}' is not allowed for uid {uid} by the system broker's policy: an administrator can allow it in [[policy]] in /etc/broker/config.toml"
             ),
-            BrokerError::NoSystemCredential { provider, profile } if profile == "default" => format!(
-                "no credential for {provider} in the system broker: an administrator runs 'broker add {provider} --system'"
-            ),
-            BrokerError::NoSystemCredential { provider, profile } => format!(
-                "no credential for {provider} (profile {profile}) in the system broker: an administrator runs 'broker add {provider} --profile {profile} --system'"
-            ),
+            BrokerError::NoSystemCredential {
+                provider,
+                profile,
+                login,
+            } => {
+                let (which, flag) = if profile == "default" {
+                    (String::new(), String::new())
+                } else {
+                    (format!(" (profile {profile})"), format!(" --profile {profile}"))
+                };
+                if *login {
+                    format!(
+                        "no credential for {provider}{which} in the system broker: an administrator runs 'broker login {provider}{flag} --system' (or 'broker add {provider}{flag} --system' with a key)"
+                    )
+                } else {
+                    format!(
+                        "no credential for {provider}{which} in the system broker: an administrator runs 'broker add {provider}{flag} --system'"
+                    )
+                }
+            }
             BrokerError::UidRefused { message } => message.clone(),
             BrokerError::Unlisted { host } => format!(
                 "connections to {host} are refused: this run only reaches its providers (--deny-unlisted)"
@@ -198,6 +221,9 @@ impl BrokerError {
             BrokerError::LoginExpired { provider } => {
                 format!("login expired: run 'broker login {provider}'")
             }
+            BrokerError::SystemLoginExpired { provider } => format!(
+                "the system broker's login to {provider} expired: an administrator runs 'broker login {provider} --system'"
+            ),
             BrokerError::UpstreamUnreachable { host, reason } => {
                 format!("cannot reach upstream {host}: {reason}")
             }

@@ -50,7 +50,7 @@ async fn handle_unboxed(
     match forward(&proxy, &conn, req, &method, &uri, started).await {
         Ok(response) => response,
         Err((error, provider)) => {
-            let error = for_system_broker(&conn, error);
+            let error = for_system_broker(&proxy, &conn, error);
             if let Some(kind) = audit_kind(&error) {
                 proxy.audit.record(event(
                     &conn,
@@ -71,8 +71,8 @@ async fn handle_unboxed(
 }
 
 /// On a system broker, a refusal names what its users can do: the policy that kept a provider
-/// from this uid, the admin who adds a key.
-fn for_system_broker(conn: &ConnInfo, error: BrokerError) -> BrokerError {
+/// from this uid, the admin who adds a key or logs the broker in.
+fn for_system_broker(proxy: &Proxy, conn: &ConnInfo, error: BrokerError) -> BrokerError {
     let Some(uid) = conn.audit_uid() else {
         return error;
     };
@@ -80,9 +80,15 @@ fn for_system_broker(conn: &ConnInfo, error: BrokerError) -> BrokerError {
         BrokerError::NotAllowed { provider } if conn.run.allows(&provider) => {
             BrokerError::NotAllowedForUid { provider, uid }
         }
-        BrokerError::NoCredential { provider, profile } => {
-            BrokerError::NoSystemCredential { provider, profile }
-        }
+        BrokerError::NoCredential { provider, profile } => BrokerError::NoSystemCredential {
+            login: proxy
+                .catalog()
+                .get(&provider)
+                .is_some_and(|p| p.oauth.is_some()),
+            provider,
+            profile,
+        },
+        BrokerError::LoginExpired { provider } => BrokerError::SystemLoginExpired { provider },
         other => other,
     }
 }

@@ -13,15 +13,21 @@
 //! groups = []
 //! providers = ["openai", "anthropic"]   # omitted: every provider
 //! profile = "alice"                      # omitted: "default"
+//!
+//! [oauth.acme]                  # `broker login acme --system`: the client and endpoints
+//! client_id = "..."             # (any key of a user's [oauth.<provider>]; the provider
+//! token_url = "https://..."     # definition's [oauth] table gives the rest)
 //! ```
 //!
 //! Read once at start (restart the broker after changing it or the group membership it
 //! names). A file root does not own, or that group or others can write, is refused.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use serde::Deserialize;
+
+use crate::oauth::settings::OAuthOverride;
 
 use super::access::{AccessPolicy, UidPolicy};
 use super::users::UserDb;
@@ -33,6 +39,10 @@ pub struct SystemConfig {
     pub access: AccessSection,
     #[serde(default)]
     pub policy: Vec<PolicySection>,
+    /// `[oauth.<provider>]`: the OAuth client and endpoints of `broker login --system`
+    /// (the same keys as in a user's `$BROKER_HOME/config.toml`, see `crate::oauth::settings`).
+    #[serde(default)]
+    pub oauth: HashMap<String, OAuthOverride>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -77,6 +87,11 @@ admin_groups = []
 # users = ["alice"]
 # providers = ["openai"]
 # profile = "alice"
+
+# The OAuth client of `broker login <provider> --system` (an admin runs it), when the provider
+# definition names none or another one is wanted; endpoints can be overridden too.
+# [oauth.github]
+# client_id = "Iv1.0123456789abcdef"
 "#;
 
 /// Why the config cannot be used; the message names the file and the fix.
@@ -138,6 +153,15 @@ impl SystemConfig {
                     profile,
                 },
             ));
+        }
+        for (name, over) in &self.oauth {
+            if !known_provider(name) {
+                return Err(format!(
+                    "[oauth.{name}]: unknown provider '{name}' (see `broker providers`; custom ones go in /etc/broker/providers)"
+                ));
+            }
+            over.check_endpoints()
+                .map_err(|e| format!("[oauth.{name}]: {e}"))?;
         }
         Ok(AccessPolicy::new(users, admins, policies))
     }
@@ -215,5 +239,27 @@ mod tests {
             .resolve(&db(), &|_| false)
             .expect_err("refused")
             .contains("unknown provider 'nope'"));
+    }
+
+    #[test]
+    fn oauth_tables_name_known_providers_and_safe_endpoints() {
+        let cfg = SystemConfig::parse(
+            "[oauth.github]\nclient_id = \"Iv1.root\"\ntoken_url = \"https://ghe.example/token\"\n",
+        )
+        .expect("parses");
+        cfg.resolve(&db(), &|p| p == "github").expect("resolves");
+        assert_eq!(cfg.oauth["github"].client_id.as_deref(), Some("Iv1.root"));
+        assert!(cfg
+            .resolve(&db(), &|_| false)
+            .expect_err("refused")
+            .contains("[oauth.github]: unknown provider"));
+        let plain =
+            SystemConfig::parse("[oauth.github]\ntoken_url = \"http://ghe.example/token\"\n")
+                .expect("parses");
+        assert!(plain
+            .resolve(&db(), &|_| true)
+            .expect_err("refused")
+            .contains("https"));
+        assert!(SystemConfig::parse("[oauth.github]\nclient_secret = \"x\"\n").is_err());
     }
 }

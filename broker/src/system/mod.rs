@@ -18,6 +18,7 @@
 
 pub mod access;
 pub mod admin;
+mod admin_login;
 pub mod config;
 pub mod install;
 pub mod ownership;

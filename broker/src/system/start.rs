@@ -13,6 +13,7 @@ use super::ownership::{root_owned, system_broker_uid};
 use super::users::UserDb;
 use super::SystemPaths;
 use crate::home::Home;
+use crate::oauth::UserConfig;
 use crate::providers::Catalog;
 use crate::vault::KeyConfig;
 
@@ -22,6 +23,8 @@ pub struct SystemStart {
     pub access: Arc<AccessPolicy>,
     pub catalog: Catalog,
     pub keys: KeyConfig,
+    /// The `[oauth.<provider>]` tables of the config: `broker login --system` uses these.
+    pub oauth: UserConfig,
 }
 
 /// Check the process, the config, the providers and the directories; load them.
@@ -63,6 +66,7 @@ pub fn prepare(paths: &SystemPaths) -> anyhow::Result<SystemStart> {
         access: Arc::new(access),
         catalog,
         keys,
+        oauth: UserConfig::system(config.oauth),
     })
 }
 
