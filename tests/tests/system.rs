@@ -1003,26 +1003,32 @@ sys.stdin.read()
     drop(broker_user);
 }
 
+/// `broker ARGS` with no system broker to talk to (a run directory that holds none): the
+/// CLI must refuse on its own, exit 1, and say why; its stderr.
+fn refused_by_the_cli(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut cmd = Command::new(broker_integration::broker_bin());
+    scrub(&mut cmd);
+    cmd.env(broker_contract::ENV_SYSTEM_RUN, dir.path())
+        .args(args)
+        .stdin(Stdio::null());
+    let out = run_bounded(&mut cmd, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// `--from-command` with `--system` is refused before anything is sent, saying why (the
 /// command would run as the broker's user, which holds every user's keys) and what to do.
 /// Needs no root: nothing is started.
 #[test]
 fn from_command_keys_are_refused_for_the_system_broker() {
-    let dir = tempfile::tempdir().expect("dir");
-    let mut cmd = Command::new(broker_integration::broker_bin());
-    scrub(&mut cmd);
-    cmd.env(broker_contract::ENV_SYSTEM_RUN, dir.path())
-        .args([
-            "add",
-            "openai",
-            "--system",
-            "--from-command",
-            "pass show openai",
-        ])
-        .stdin(Stdio::null());
-    let out = run_bounded(&mut cmd, Duration::from_secs(30));
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_by_the_cli(&[
+        "add",
+        "openai",
+        "--system",
+        "--from-command",
+        "pass show openai",
+    ]);
     assert!(
         stderr.contains("refused with --system")
             && stderr.contains("holds every user's keys")
@@ -1391,21 +1397,13 @@ fn an_admin_logs_the_system_broker_in_with_oauth_and_it_refreshes() {
 /// OAuth client is root's to choose. Needs no root: nothing is started.
 #[test]
 fn a_client_id_is_refused_for_the_system_broker() {
-    let dir = tempfile::tempdir().expect("dir");
-    let mut cmd = Command::new(broker_integration::broker_bin());
-    scrub(&mut cmd);
-    cmd.env(broker_contract::ENV_SYSTEM_RUN, dir.path())
-        .args([
-            "login",
-            "github",
-            "--system",
-            "--client-id",
-            "Iv1.someone-else",
-        ])
-        .stdin(Stdio::null());
-    let out = run_bounded(&mut cmd, Duration::from_secs(30));
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_by_the_cli(&[
+        "login",
+        "github",
+        "--system",
+        "--client-id",
+        "Iv1.someone-else",
+    ]);
     assert!(
         stderr.contains("--client-id is refused with --system")
             && stderr.contains("[oauth.github]")

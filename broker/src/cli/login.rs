@@ -127,15 +127,7 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
         args.upstream.into_settings(Some(&home))?,
     )?;
 
-    let meta = TokenMeta {
-        token_url: settings.token_url.clone(),
-        revoke_url: settings.revoke_url.clone(),
-        client_id: settings.client_id.clone(),
-        client_auth: settings.client_auth,
-        scopes: settings.scopes.clone(),
-        grant,
-        login_expired: false,
-    };
+    let meta = TokenMeta::for_login(&settings, grant);
     let outcome = vault.put_oauth(
         &settings.provider,
         &args.profile,

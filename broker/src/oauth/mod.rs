@@ -131,6 +131,20 @@ pub struct TokenMeta {
 }
 
 impl TokenMeta {
+    /// What a new login keeps beside its tokens: where and as which client to refresh and
+    /// revoke them, from the broker's own settings.
+    pub fn for_login(settings: &OAuthSettings, grant: GrantUsed) -> TokenMeta {
+        TokenMeta {
+            token_url: settings.token_url.clone(),
+            revoke_url: settings.revoke_url.clone(),
+            client_id: settings.client_id.clone(),
+            client_auth: settings.client_auth,
+            scopes: settings.scopes.clone(),
+            grant,
+            login_expired: false,
+        }
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
     }

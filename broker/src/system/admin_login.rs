@@ -108,15 +108,7 @@ pub(super) fn store(
             "that is broker's placeholder for {provider}, not an access token"
         ));
     }
-    let meta = TokenMeta {
-        token_url: settings.token_url.clone(),
-        revoke_url: settings.revoke_url.clone(),
-        client_id: settings.client_id.clone(),
-        client_auth: settings.client_auth,
-        scopes: settings.scopes.clone(),
-        grant: *grant,
-        login_expired: false,
-    };
+    let meta = TokenMeta::for_login(&settings, *grant);
     let tokens = TokenUpdate {
         access: access_token,
         refresh: refresh_token.as_deref(),
