@@ -18,6 +18,11 @@
 //! asked for. The CONNECT listener keeps its check that the SNI is the CONNECT target, which
 //! costs nothing there.
 //!
+//! One address for many hosts is where HTTP/2 clients may reuse a connection for another host
+//! (RFC 9113, 9.1.1), but only when its certificate covers that host too: each leaf names one
+//! host, and a request that still arrives for another host gets 421 (`Host` must be the
+//! SNI), which clients answer with a connection of its own.
+//!
 //! Which run a connection belongs to is proven by the run's ticket, which the shim sends
 //! before the agent's first byte (see `ticket`); the listener it arrived on only says which
 //! run it claims.
