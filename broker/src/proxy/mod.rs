@@ -267,8 +267,9 @@ impl RunContext {
             .unwrap_or(&self.default_profile)
     }
 
-    /// Is `host` one of the run's managed names? A linear scan: a few hundred patterns cost
-    /// about a microsecond, once per connection, beside a TLS handshake's hundreds.
+    /// Is `host` one of the run's managed names? A linear scan, once per connection: with
+    /// the 291 patterns of a run with an AWS key, under a microsecond for a name matched late
+    /// or not at all, beside a TLS handshake's hundreds.
     pub fn manages(&self, host: &str) -> bool {
         self.hosts
             .iter()
