@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use broker_contract::{fake_ipv4, ShimConfig};
+use broker_contract::{run_ipv4, ShimConfig};
 
 use crate::origin::{HOST, REAL_KEY};
 
@@ -221,12 +221,9 @@ impl Serve {
 
     /// The fake address the shim hands the agent for [`HOST`], with the broker's port.
     pub fn addr(&self) -> anyhow::Result<SocketAddr> {
-        let index = self
-            .config
-            .host_index(HOST)
-            .context("api.openai.com is not managed")?;
+        anyhow::ensure!(self.config.manages(HOST), "api.openai.com is not managed");
         Ok(SocketAddr::new(
-            IpAddr::V4(fake_ipv4(self.config.slot, index)),
+            IpAddr::V4(run_ipv4(self.config.slot)),
             self.config.port,
         ))
     }

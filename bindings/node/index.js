@@ -212,7 +212,7 @@ function parseShimConfig(text, file) {
   return config;
 }
 
-/** Does something accept connections at host:port (the daemon's first fake address)? */
+/** Does something accept connections at host:port (the fake address of the daemon's run)? */
 function listening(host, port, timeoutMs = 2000) {
   return new Promise((resolve) => {
     const socket = net.connect({ host, port });

@@ -76,7 +76,8 @@ pub enum EventKind {
     Denial,
     /// A placeholder was sent to a host its credential does not belong to (not swapped).
     PlaceholderToForeignHost,
-    /// The TLS SNI or the `Host` header did not match the host the connection was made for.
+    /// The TLS SNI is not a host the run manages (on its fake address or `[::1]`), or not the
+    /// CONNECT target; or the `Host` header is not the SNI.
     SniHostMismatch,
     CredentialAdded,
     CredentialRemoved,

@@ -276,9 +276,8 @@ pub struct OpenRun {
 /// The host patterns a run manages: every provider's, but a signing provider's (AWS) only
 /// when the run has a credential for it. Without one there is nothing to sign with, so AWS
 /// traffic goes on directly as it did before broker managed it (an SDK using its own
-/// `~/.aws/credentials`), and a run that does not use AWS does not pay its patterns: each is a
-/// fake address and a listener (a descriptor) per run. `stored: None` (the vault could not be
-/// read) keeps every host, as `placeholder_env` keeps every placeholder.
+/// `~/.aws/credentials`). `stored: None` (the vault could not be read) keeps every host, as
+/// `placeholder_env` keeps every placeholder.
 fn run_hosts(
     catalog: &Catalog,
     profiles: &HashMap<String, String>,
@@ -461,7 +460,7 @@ mod tests {
     fn aws_hosts_are_managed_only_with_an_aws_credential() {
         let catalog = crate::providers::Catalog::builtin();
         let none = HashMap::new();
-        let is_aws = |h: &String| h.ends_with("amazonaws.com");
+        let is_aws = |h: &String| h.ends_with(".amazonaws.com") || h.ends_with(".amazonaws.com.cn");
         let without = run_hosts(&catalog, &none, "default", &|_| false, Some(&[]));
         assert!(!without.iter().any(is_aws), "no credential, no AWS hosts");
         assert!(

@@ -1,9 +1,9 @@
 //! The contract between `libbroker.so` (the shim, preloaded into the agent) and the broker.
 //!
 //! One source for everything both sides must agree on, like proxychains-ng's `common.h`:
-//! the environment variable names, how a managed hostname is encoded in a fake loopback
-//! address, the host-pattern grammar, the small text file the broker writes for the shim, and
-//! the run ticket the shim presents on every connection to the broker ([`Ticket`]).
+//! the environment variable names, the run's fake loopback address, the host-pattern
+//! grammar, the small text file the broker writes for the shim, and the run ticket the shim
+//! presents on every connection to the broker ([`Ticket`]).
 //!
 //! This crate has no dependencies so the shim stays small and its constructor cheap.
 
@@ -39,21 +39,26 @@ pub const ENV_SYSTEM_RUN: &str = "BROKER_SYSTEM_RUN";
 /// First line of every shim config file; the number is the format version.
 pub const CONFIG_MAGIC: &str = "broker-shim-config 1";
 
-/// The first two octets of every fake address: `127.77.<run slot>.<host index>`.
+/// The first two octets of every fake address: `127.77.<run slot>.<host>`.
 ///
 /// 127.0.0.0/8 is loopback on Linux, so the broker can listen on these addresses without
 /// privileges, and nothing outside the machine can ever be reached through them.
 pub const FAKE_NET: [u8; 2] = [127, 77];
 
-/// The fake address the shim hands the agent for host number `host_index` (1-based) of run `slot`.
-pub fn fake_ipv4(slot: u8, host_index: u8) -> Ipv4Addr {
-    Ipv4Addr::new(FAKE_NET[0], FAKE_NET[1], slot, host_index)
+/// The run's one fake address, `127.77.<slot>.1`: every managed name of run `slot` resolves
+/// to it, whatever the catalog's size, and the broker's one listener there tells the hosts
+/// apart by the TLS server name (SNI), as its `[::1]` and CONNECT listeners do.
+pub fn run_ipv4(slot: u8) -> Ipv4Addr {
+    Ipv4Addr::new(FAKE_NET[0], FAKE_NET[1], slot, 1)
 }
 
-/// Inverse of [`fake_ipv4`]: `Some((slot, host_index))` for an address in the fake range.
-pub fn decode_fake_ipv4(ip: Ipv4Addr) -> Option<(u8, u8)> {
+/// The run slot of an address in the fake range (`127.77.<slot>.<h>`, slot and `h` not 0),
+/// else `None`. Any `h` counts: the shim sends every address of its run's range to the run's
+/// listener (a numeric connect to `127.77.<slot>.9` reaches the broker, not some other local
+/// service), and the SNI decides the host there.
+pub fn fake_slot(ip: Ipv4Addr) -> Option<u8> {
     let [a, b, slot, host] = ip.octets();
-    ([a, b] == FAKE_NET && slot != 0 && host != 0).then_some((slot, host))
+    ([a, b] == FAKE_NET && slot != 0 && host != 0).then_some(slot)
 }
 
 /// The magic that opens the preamble the shim writes on every connection it reroutes to the
@@ -144,9 +149,6 @@ pub fn parse_preamble(bytes: &[u8]) -> Preamble<'_> {
     }
 }
 
-/// The highest host index one run can use (the last octet; 255 is kept free as broadcast-like).
-pub const MAX_HOSTS: usize = 254;
-
 /// Does `host` match `pattern`? Patterns are an exact hostname or `*.` followed by a domain,
 /// which matches exactly one more label (`*.example.com` matches `a.example.com`, not
 /// `example.com` nor `a.b.example.com`). ASCII case-insensitive; a trailing dot is ignored.
@@ -169,9 +171,9 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
 /// policy (see [`Ticket`] for what that does and does not cover).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ShimConfig {
-    /// The run slot: the third octet of every fake address of this run.
+    /// The run slot: the third octet of the run's fake address ([`run_ipv4`]).
     pub slot: u8,
-    /// Port the broker listens on, on every fake address of this run.
+    /// Port the broker listens on, on the run's fake address.
     pub port: u16,
     /// Port of the broker's `[::1]` listener, for IPv6-only sockets (classified by SNI/Host).
     pub port6: u16,
@@ -179,7 +181,8 @@ pub struct ShimConfig {
     pub ca_file: PathBuf,
     /// Refuse every outbound TCP connection that is not to a managed host or loopback.
     pub deny_unlisted: bool,
-    /// Managed host patterns; the host index of `hosts[i]` is `i + 1`.
+    /// Managed host patterns: a name matching one resolves to the run's fake address. As
+    /// many as the catalog has; the address and the listener stay one.
     pub hosts: Vec<String>,
     /// Environment variables the agent reads, with the placeholder to put there.
     pub env: Vec<(String, String)>,
@@ -245,12 +248,10 @@ pub fn connect_proxy_url(proxy_addr: &str, ticket: Option<&Ticket>) -> String {
 pub const DNS_PORT: u16 = 53;
 
 impl ShimConfig {
-    /// The host index (1-based) of the first pattern matching `host`.
-    pub fn host_index(&self, host: &str) -> Option<u8> {
-        self.hosts
-            .iter()
-            .position(|p| host_matches(p, host))
-            .and_then(|i| u8::try_from(i + 1).ok())
+    /// Is `host` one of the run's managed names (does a pattern of [`ShimConfig::hosts`]
+    /// match it)?
+    pub fn manages(&self, host: &str) -> bool {
+        self.hosts.iter().any(|p| host_matches(p, host))
     }
 
     /// Render the config file. Values never contain newlines (checked by the broker).
@@ -335,12 +336,6 @@ impl ShimConfig {
                 what: "slot and port are required",
             });
         }
-        if cfg.hosts.len() > MAX_HOSTS {
-            return Err(ConfigError {
-                line: 1,
-                what: "too many hosts",
-            });
-        }
         Ok(cfg)
     }
 }
@@ -366,12 +361,15 @@ mod tests {
 
     #[test]
     fn fake_address_round_trips_and_rejects_others() {
-        let ip = fake_ipv4(3, 17);
-        assert_eq!(ip, Ipv4Addr::new(127, 77, 3, 17));
-        assert_eq!(decode_fake_ipv4(ip), Some((3, 17)));
-        assert_eq!(decode_fake_ipv4(Ipv4Addr::new(127, 0, 0, 1)), None);
-        assert_eq!(decode_fake_ipv4(Ipv4Addr::new(127, 77, 0, 5)), None);
-        assert_eq!(decode_fake_ipv4(Ipv4Addr::new(10, 77, 3, 17)), None);
+        let ip = run_ipv4(3);
+        assert_eq!(ip, Ipv4Addr::new(127, 77, 3, 1));
+        assert_eq!(fake_slot(ip), Some(3));
+        // Every address of the run's range belongs to the run.
+        assert_eq!(fake_slot(Ipv4Addr::new(127, 77, 3, 17)), Some(3));
+        assert_eq!(fake_slot(Ipv4Addr::new(127, 0, 0, 1)), None);
+        assert_eq!(fake_slot(Ipv4Addr::new(127, 77, 0, 5)), None);
+        assert_eq!(fake_slot(Ipv4Addr::new(127, 77, 3, 0)), None);
+        assert_eq!(fake_slot(Ipv4Addr::new(10, 77, 3, 17)), None);
     }
 
     #[test]
@@ -404,8 +402,22 @@ mod tests {
         };
         let parsed = ShimConfig::parse(&cfg.render()).expect("parses");
         assert_eq!(parsed, cfg);
-        assert_eq!(parsed.host_index("x.example.org"), Some(2));
-        assert_eq!(parsed.host_index("example.org"), None);
+        assert!(parsed.manages("x.example.org"));
+        assert!(!parsed.manages("example.org"));
+    }
+
+    #[test]
+    fn a_config_holds_any_number_of_hosts() {
+        // The run has one fake address whatever the catalog's size: no ceiling of 254.
+        let cfg = ShimConfig {
+            slot: 1,
+            port: 2,
+            hosts: (0..1000).map(|i| format!("*.r{i}.example.org")).collect(),
+            ..Default::default()
+        };
+        let parsed = ShimConfig::parse(&cfg.render()).expect("parses");
+        assert_eq!(parsed.hosts.len(), 1000);
+        assert!(parsed.manages("bucket.r999.example.org"));
     }
 
     #[test]

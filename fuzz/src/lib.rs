@@ -7,7 +7,7 @@
 //! - parsers that render what they parse give it back unchanged (shim config, handover);
 //! - the placeholder swap puts the secret only where the provider's route says it goes;
 //! - the redactors never let the secret out, however the upstream cuts its bytes;
-//! - the DNS responder answers only with the run's fake addresses, under the query's id.
+//! - the DNS responder answers only with the run's fake address, under the query's id.
 
 use broker::providers::{Catalog, Injection, Provider};
 use broker_contract::handover::{Handover, HandoverReply};
@@ -338,7 +338,7 @@ fn messages_of(mut wire: &[u8]) -> Vec<Vec<u8>> {
 
 /// A datagram to a run's DNS responder (any local process can send one): an answer made by
 /// the responder parses, carries the query's id, and holds no address but the run's fake
-/// ones; a forwarded query keeps the id.
+/// one; a forwarded query keeps the id.
 pub fn dns_message(data: &[u8]) {
     use broker::dns::answer::{answer_addresses, decide, Action, RunNames};
     let names = RunNames {
@@ -359,8 +359,8 @@ pub fn dns_message(data: &[u8]) {
                     std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped(),
                 };
                 assert!(
-                    v4.is_some_and(|v4| v4.octets()[..3] == [127, 77, 9]),
-                    "answered {ip}, not a fake address of the run"
+                    v4 == Some(broker_contract::run_ipv4(9)),
+                    "answered {ip}, not the run's fake address"
                 );
             }
         }

@@ -105,7 +105,7 @@ fn parent() {
         .is_ok_and(|o| o.status.success());
     assert!(ok, "openssl req failed (is the openssl CLI installed?)");
     // Plays the broker: accepts the rerouted connections and closes them.
-    let broker = std::net::TcpListener::bind((broker_contract::fake_ipv4(250, 1), 0))
+    let broker = std::net::TcpListener::bind((broker_contract::run_ipv4(250), 0))
         .expect("bind 127.77.250.1");
     let broker_port = broker.local_addr().expect("addr").port();
     std::thread::spawn(move || {
@@ -272,7 +272,7 @@ fn child() {
 /// call returns 0). Closed with RST (linger 0). Median of the calls.
 fn broker_connect_ns() -> f64 {
     let mut sin = loopback(443);
-    sin.sin_addr.s_addr = u32::from(broker_contract::fake_ipv4(250, 1)).to_be();
+    sin.sin_addr.s_addr = u32::from(broker_contract::run_ipv4(250)).to_be();
     let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
     let linger = libc::linger {
         l_onoff: 1,

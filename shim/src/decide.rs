@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
-use broker_contract::{decode_fake_ipv4, fake_ipv4, ShimConfig, DNS_PORT};
+use broker_contract::{fake_slot, run_ipv4, ShimConfig, DNS_PORT};
 
 /// What to do with one `connect()`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,9 +77,9 @@ pub fn is_local(ip: IpAddr) -> bool {
 /// Decide one `connect()` to `dest` (`None`: not an IP family).
 ///
 /// A fake address of this run (`127.77.<slot>.<h>`, any port, or its v4-mapped form) goes to
-/// the broker's listener on the same address and `cfg.port`, so the broker learns the host from
-/// the local address it was reached on. An `IPV6_V6ONLY` socket cannot reach a v4 address: it
-/// goes to `[::1]:cfg.port6`, where the broker classifies by SNI/Host alone.
+/// the broker's one listener of the run, `127.77.<slot>.1:cfg.port`, which tells the hosts
+/// apart by the TLS server name (SNI). An `IPV6_V6ONLY` socket cannot reach a v4 address: it
+/// goes to `[::1]:cfg.port6`, classified the same way.
 pub fn decide_connect(
     cfg: &ShimConfig,
     dest: Option<SocketAddr>,
@@ -88,10 +88,10 @@ pub fn decide_connect(
     let Some(dest) = dest else {
         return Connect::Bypass(Bypass::NotIp);
     };
-    let fake = as_v4(dest.ip()).and_then(|v4| Some(v4).zip(decode_fake_ipv4(v4)));
-    match fake {
-        Some((_, (slot, _))) if slot != cfg.slot => Connect::Bypass(Bypass::OtherRun),
-        Some((v4, _)) => {
+    match as_v4(dest.ip()).and_then(fake_slot) {
+        Some(slot) if slot != cfg.slot => Connect::Bypass(Bypass::OtherRun),
+        Some(slot) => {
+            let v4 = run_ipv4(slot);
             let facts = facts();
             if !facts.stream {
                 return Connect::Bypass(Bypass::NotStream);
@@ -197,14 +197,15 @@ pub enum Family {
 
 /// The fake address to answer for `name`, or `None` to let the real resolver answer.
 ///
-/// Numeric addresses are never rewritten here (`connect` handles fake ones); a managed hostname
-/// gets `127.77.<slot>.<index>` for IPv4 or any family, and `::ffff:127.77.<slot>.<index>` for
-/// IPv6 (the `connect` hook sends that to the broker, or to `[::1]` for `IPV6_V6ONLY` sockets).
+/// Numeric addresses are never rewritten here (`connect` handles fake ones); every managed
+/// hostname gets the run's one address, `127.77.<slot>.1`, for IPv4 or any family, and
+/// `::ffff:127.77.<slot>.1` for IPv6 (the `connect` hook sends that to the broker, or to
+/// `[::1]` for `IPV6_V6ONLY` sockets).
 pub fn decide_resolve(cfg: &ShimConfig, name: &str, family: Family) -> Option<IpAddr> {
-    if name.parse::<IpAddr>().is_ok() {
+    if name.parse::<IpAddr>().is_ok() || !cfg.manages(name) {
         return None;
     }
-    let v4 = fake_ipv4(cfg.slot, cfg.host_index(name)?);
+    let v4 = run_ipv4(cfg.slot);
     match family {
         Family::Any | Family::V4 => Some(IpAddr::V4(v4)),
         Family::V6 => Some(IpAddr::V6(v4.to_ipv6_mapped())),
@@ -252,11 +253,19 @@ mod tests {
     }
 
     #[test]
-    fn fake_v4_goes_to_broker_port_on_same_address() {
-        let d = decide_connect(&cfg(false), addr("127.77.7.2:443"), || TCP);
+    fn fake_v4_goes_to_the_runs_one_listener() {
+        for dest in ["127.77.7.1:443", "127.77.7.2:443", "127.77.7.255:8443"] {
+            let d = decide_connect(&cfg(false), addr(dest), || TCP);
+            assert_eq!(
+                d,
+                Connect::Redirect("127.77.7.1:40000".parse().expect("addr")),
+                "{dest}"
+            );
+        }
+        let d = decide_connect(&cfg(false), addr("[::ffff:127.77.7.9]:443"), || TCP);
         assert_eq!(
             d,
-            Connect::Redirect("127.77.7.2:40000".parse().expect("addr"))
+            Connect::Redirect("[::ffff:127.77.7.1]:40000".parse().expect("addr"))
         );
     }
 
@@ -444,9 +453,11 @@ mod tests {
         let v4: IpAddr = "127.77.7.1".parse().expect("ip");
         assert_eq!(decide_resolve(&c, "api.openai.com", Family::Any), Some(v4));
         assert_eq!(decide_resolve(&c, "API.OPENAI.COM.", Family::V4), Some(v4));
+        // Every managed name gets the run's one address.
+        assert_eq!(decide_resolve(&c, "x.example.org", Family::V4), Some(v4));
         assert_eq!(
             decide_resolve(&c, "x.example.org", Family::V6),
-            Some("::ffff:127.77.7.2".parse().expect("ip"))
+            Some("::ffff:127.77.7.1".parse().expect("ip"))
         );
         assert_eq!(decide_resolve(&c, "api.openai.com", Family::Other), None);
         assert_eq!(decide_resolve(&c, "example.org", Family::Any), None);

@@ -4,16 +4,16 @@
 //!
 //! # What it does
 //!
-//! - **Resolution** (`getaddrinfo`, `gethostbyname*`): a managed hostname resolves to a fake
-//!   loopback address `127.77.<run slot>.<host index>` ([`broker_contract::fake_ipv4`]).
+//! - **Resolution** (`getaddrinfo`, `gethostbyname*`): every managed hostname resolves to the
+//!   run's one fake loopback address `127.77.<run slot>.1` ([`broker_contract::run_ipv4`]).
 //! - **Connect** (`connect`, `__connect`): a TCP connect to a fake address of this run goes to
-//!   the broker's listener on that same address (so the broker learns the host from the local
-//!   address it was reached on); with `deny_unlisted`, TCP to anywhere but loopback is refused.
+//!   the broker's one listener of the run, which learns the host from the TLS server name
+//!   (SNI); with `deny_unlisted`, TCP to anywhere but loopback is refused.
 //!   Everything else passes through untouched. See [`decide`]. `sendto`/`sendmsg` with
 //!   `MSG_FASTOPEN` (TCP Fast Open connects as it sends) are routed the same way.
 //! - **DNS** (`connect`/`sendto`/`sendmsg` to port 53, `recvfrom`/`recvmsg`): resolvers that
 //!   bypass `getaddrinfo` (c-ares in Node and Bun) are steered to the run's DNS responder in the
-//!   broker, which answers managed names with the fake addresses; see [`hooks::dns`].
+//!   broker, which answers managed names with the run's fake address; see [`hooks::dns`].
 //! - **TLS trust**: OpenSSL's `SSL_CTX_new`/`SSL_CTX_new_ex`/`SSL_CTX_set_cert_store` and
 //!   GnuTLS's `gnutls_certificate_allocate_credentials` add the run CA to each new store; Node,
 //!   which links OpenSSL statically, gets `NODE_EXTRA_CA_CERTS` (see [`env`](mod@env)).

@@ -18,7 +18,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use broker_contract::{fake_ipv4, ShimConfig};
+use broker_contract::{run_ipv4, ShimConfig};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 
 pub use origin::{Origin, OriginRequest, Reply};
@@ -424,16 +424,17 @@ impl Serve {
         }
     }
 
-    /// The address the shim would give the agent for `host`, with the broker's port.
+    /// The address the shim would give the agent for `host` (the run's one address, for
+    /// every managed host), with the broker's port.
     pub fn addr_for(&self, host: &str) -> SocketAddr {
-        let index = self
-            .config
-            .host_index(host)
-            .unwrap_or_else(|| panic!("{host} is not managed"));
-        SocketAddr::new(
-            IpAddr::V4(fake_ipv4(self.config.slot, index)),
-            self.config.port,
-        )
+        assert!(self.config.manages(host), "{host} is not managed");
+        self.run_addr()
+    }
+
+    /// The run's fake address and the broker's port: where the shim sends every connection
+    /// to a managed host.
+    pub fn run_addr(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(run_ipv4(self.config.slot)), self.config.port)
     }
 
     /// The run CA (what the shim makes the agent trust).

@@ -223,12 +223,14 @@ fn boto3_and_the_aws_cli_work_through_the_broker_with_only_placeholders() {
     let mut hosts = vec![
         "sts.us-west-2.amazonaws.com".to_string(),
         "s3.us-west-2.amazonaws.com".to_string(),
+        "s3.dualstack.us-west-2.amazonaws.com".to_string(),
     ];
     hosts.extend(
         buckets
             .iter()
             .map(|b| format!("{b}.s3.us-west-2.amazonaws.com")),
     );
+    hosts.push("cli-bucket.s3.dualstack.us-west-2.amazonaws.com".to_string());
     let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
     let moto = Moto::start(
         &bin,
@@ -237,6 +239,8 @@ fn boto3_and_the_aws_cli_work_through_the_broker_with_only_placeholders() {
             "*.s3.us-west-2.amazonaws.com",
             "s3.us-west-2.amazonaws.com",
             "sts.us-west-2.amazonaws.com",
+            "*.s3.dualstack.us-west-2.amazonaws.com",
+            "s3.dualstack.us-west-2.amazonaws.com",
         ],
     );
     let (id, secret) = moto.bootstrap(&bin, &ca);
@@ -290,12 +294,19 @@ aws s3 cp --only-show-errors "$WORK/big.bin" s3://cli-bucket/big.bin
 aws s3 cp --only-show-errors s3://cli-bucket/big.bin "$WORK/back.bin"
 cmp "$WORK/big.bin" "$WORK/back.bin" && echo cli-roundtrip-ok
 aws sts get-caller-identity --query Arn --output text
+AWS_USE_DUALSTACK_ENDPOINT=true aws s3 ls --debug s3://cli-bucket/ 2>"$WORK/debug.txt"
+grep -q 'cli-bucket.s3.dualstack.us-west-2.amazonaws.com' "$WORK/debug.txt" && echo dualstack-host-used
 "#;
     let mut cmd = broker_run(&home, &ca, &bin, moto.port, &hosts);
     cmd.env("WORK", work.path()).args(["--", "sh", "-c", cli]);
     let out = run_bounded(&mut cmd, Duration::from_secs(300));
     let stdout = check_run("aws CLI", &out, &home, &secret);
     assert!(stdout.contains("cli-roundtrip-ok"), "aws CLI: {stdout}");
+    // S3's dual-stack names are managed too (issue 22).
+    assert!(
+        stdout.contains("big.bin") && stdout.contains("dualstack-host-used"),
+        "aws CLI, dual-stack: {stdout}"
+    );
     assert!(
         stdout.contains("arn:aws:iam::123456789012:user/agent"),
         "aws CLI: {stdout}"

@@ -470,3 +470,61 @@ fn git_and_curl_reach_github_unchanged_when_no_github_credential_is_stored() {
         "no credential was used: {audit}"
     );
 }
+
+/// A run has one fake address and one listener whatever the number of host patterns: a
+/// provider of the user's with 400 of its own (beside the built-in catalog's; a run could
+/// hold 254 when each pattern had an address of its own) works through the shim, for its
+/// last exact name and a name under its last wildcard, and the shim's resolver hook gives
+/// every managed name the same address.
+#[test]
+fn a_run_with_hundreds_of_host_patterns_reaches_the_last_ones() {
+    let _ = shim_lib();
+    const KEY: &str = "bulk-real-key-0123456789";
+    const PH: &str = "bulk-broker-placeholder-0000";
+    let ca = TestCa::new();
+    let (exact, wild) = ("api299.bulk.test", "tenant.r99.bulk.test");
+    let expected = format!("Bearer {KEY}");
+    let origin = Origin::start(&ca, &[exact, wild], move |req| {
+        match req.header("authorization") == Some(expected.as_str()) {
+            true => broker_integration::Reply::Text(200, "bulk ok\n".into()),
+            false => broker_integration::Reply::Text(401, "no valid key\n".into()),
+        }
+    });
+    let home = Home::new();
+    let providers = home.path().join("providers");
+    std::fs::create_dir_all(&providers).expect("mkdir");
+    let hosts: Vec<String> = (0..300)
+        .map(|i| format!("\"api{i}.bulk.test\""))
+        .chain((0..100).map(|i| format!("\"*.r{i}.bulk.test\"")))
+        .collect();
+    std::fs::write(
+        providers.join("bulk.toml"),
+        format!(
+            "name = \"bulk\"\nenv = [\"BULK_API_KEY\"]\nplaceholder = \"{PH}\"\n\
+             key_pattern = '^bulk-[A-Za-z0-9-]{{8,}}$'\n[[routes]]\nhosts = [{}]\n\
+             credential = [{{ header = \"authorization\", scheme = \"bearer\" }}]\n",
+            hosts.join(", ")
+        ),
+    )
+    .expect("provider");
+    home.add("bulk", KEY);
+    let script = format!(
+        "curl -sS --fail-with-body https://{exact}/v1/x -H \"Authorization: Bearer $BULK_API_KEY\" && \
+         curl -sS --fail-with-body https://{wild}/v1/x -H \"Authorization: Bearer $BULK_API_KEY\" && \
+         python3 -c 'import socket,sys; print(\"same\" if len({{socket.gethostbyname(h) for h in sys.argv[1:]}}) == 1 else \"differ\")' \
+             {exact} {wild} api.openai.com api0.bulk.test"
+    );
+    let mut cmd = home.broker_run(&ca, exact, origin.addr);
+    cmd.args(["--resolve", &format!("{wild}:443:{}", origin.addr)])
+        .args(["--", "sh", "-c", &script]);
+    let out = run_bounded(&mut cmd, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout, "bulk ok\nbulk ok\nsame\n");
+    assert_eq!(origin.requests().len(), 2);
+    assert!(!contains(&out.stdout, KEY) && !contains(&out.stderr, KEY));
+}

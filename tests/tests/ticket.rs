@@ -257,7 +257,7 @@ fn cross_run_two_embedded_runs_cannot_use_each_others_listeners() {
     let b = run_b.config.clone();
     // Both runs use slot 1 (each embedded broker listens on its own port), so run A's shim
     // would send 127.77.1.1 to A's own port: the attacker goes around its shim.
-    let addr = std::net::SocketAddr::from((broker_contract::fake_ipv4(b.slot, 1), b.port));
+    let addr = std::net::SocketAddr::from((broker_contract::run_ipv4(b.slot), b.port));
     let ok = send(
         addr,
         "api.openai.com",

@@ -2,8 +2,8 @@
 //! sockets. Messages are parsed and built with `hickory-proto`.
 //!
 //! - A query for a managed name (one question, class IN) is answered here: `A` with the run's
-//!   fake address `127.77.<slot>.<index>` (the one the `getaddrinfo` hook gives), `AAAA` with
-//!   its v4-mapped form `::ffff:127.77.<slot>.<index>` (as the hook does for `AF_INET6`: the
+//!   one fake address `127.77.<slot>.1` (the one the `getaddrinfo` hook gives), `AAAA` with
+//!   its v4-mapped form `::ffff:127.77.<slot>.1` (as the hook does for `AF_INET6`: the
 //!   `connect` hook reroutes either), and every other type (HTTPS/SVCB, MX, TXT, ...) with an
 //!   empty NOERROR, so no record carries a real address (an HTTPS record's `ipv4hint`) or a
 //!   CNAME out of the run.
@@ -21,7 +21,7 @@ use hickory_proto::rr::rdata::opt::EdnsCode;
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 
-use broker_contract::{fake_ipv4, host_matches};
+use broker_contract::{host_matches, run_ipv4};
 
 /// TTL of an answer for a managed name. The fake address is fixed for the run's life; a short
 /// TTL keeps a cache in a long-lived process from outliving the run by much.
@@ -44,15 +44,17 @@ pub enum Action {
 #[derive(Debug, Clone)]
 pub struct RunNames {
     pub slot: u8,
-    /// Managed host patterns; host index `i + 1` is `hosts[i]`.
+    /// Managed host patterns: each name they match resolves to the run's one fake address.
     pub hosts: Vec<String>,
 }
 
 impl RunNames {
-    /// The fake IPv4 address of `name`, if it is managed in this run.
+    /// The fake IPv4 address of `name` (the run's one address), if it is managed in this run.
     pub fn fake_address(&self, name: &str) -> Option<Ipv4Addr> {
-        let index = self.hosts.iter().position(|p| host_matches(p, name))?;
-        Some(fake_ipv4(self.slot, u8::try_from(index + 1).ok()?))
+        self.hosts
+            .iter()
+            .any(|p| host_matches(p, name))
+            .then(|| run_ipv4(self.slot))
     }
 }
 
@@ -200,7 +202,7 @@ mod tests {
     }
 
     #[test]
-    fn managed_names_get_the_run_addresses() {
+    fn managed_names_get_the_run_address() {
         let a = answered(decide(
             &names(),
             &query("api.openai.com.", RecordType::A, None),
@@ -216,12 +218,13 @@ mod tests {
             Some(vec!["127.77.3.1".parse().expect("ip")])
         );
         assert_eq!(a.answers()[0].ttl(), MANAGED_TTL);
-        // Case and the wildcard pattern, AAAA as v4-mapped.
+        // Case and the wildcard pattern, AAAA as v4-mapped: every managed name gets the
+        // run's one address.
         let q = query("RES1.openai.AZURE.com", RecordType::AAAA, None);
         let a = answered(decide(&names(), &q));
         assert_eq!(
             answer_addresses(&a.to_vec().expect("encode")),
-            Some(vec!["::ffff:127.77.3.2".parse().expect("ip")])
+            Some(vec!["::ffff:127.77.3.1".parse().expect("ip")])
         );
     }
 

@@ -1,7 +1,7 @@
 //! The run's DNS responder, for resolvers that never call `getaddrinfo`: c-ares (Node's
 //! `dns.resolve*`, Bun's `dns`), and any other library that talks DNS itself over a libc
 //! socket. The shim steers the agent's UDP and TCP traffic to port 53 here (see the shim's
-//! `hooks/dns.rs`); this answers managed names with the run's fake addresses and forwards
+//! `hooks/dns.rs`); this answers managed names with the run's fake address and forwards
 //! everything else to the system's resolver, relaying its answer unchanged ([`answer`]).
 //!
 //! One responder per run (like the run's listeners): the answer depends on the run's slot,
@@ -10,8 +10,8 @@
 //!
 //! Who can reach it: every local process, of any uid, as with any loopback UDP port (the
 //! TCP listeners' peer-uid check has no cheap equivalent for a datagram, and DNS carries no
-//! ticket). What it gives them: the run's fake addresses for the catalog's public host names
-//! (which only say that a run exists, and which only this uid with the run's ticket can use),
+//! ticket). What it gives them: the run's fake address for the catalog's public host names
+//! (which only says that a run exists, and which only this uid with the run's ticket can use),
 //! and the system resolver's answers, which any local process gets by asking that resolver
 //! itself. It is never reachable from another machine, so it cannot be an open resolver or an
 //! amplifier; concurrent forwards and TCP clients are capped so a flood costs bounded memory.

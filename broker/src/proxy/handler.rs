@@ -841,7 +841,7 @@ async fn refresh_rejected(
 }
 
 /// The host the request names: `:authority` (h2, absolute-form) or `Host`, without port.
-fn request_host<B>(req: &Request<B>) -> Option<String> {
+pub(super) fn request_host<B>(req: &Request<B>) -> Option<String> {
     let from_header;
     let authority = match req.uri().authority() {
         Some(authority) => authority,

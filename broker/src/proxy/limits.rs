@@ -73,8 +73,15 @@ pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 /// 190 MiB: beyond that an agent is leaking connections, not using them.
 pub const MAX_CONNECTIONS: usize = 4096;
 
-/// Descriptors kept for everything but client connections: the vault, the audit log,
-/// inotify, the control socket, and each run's listeners (one per managed host, about 40).
+/// Descriptors kept for everything but client connections: the broker's own (the vault,
+/// the audit log, inotify, the control socket, the runtime's), and each run's: its fake
+/// address, `[::1]` and CONNECT listeners, its DNS responder's UDP and TCP sockets, and a
+/// joined run's control connection, the same whatever the catalog's size. `scripts/run-cost`
+/// counts 24 for `broker serve` with its own run open and 6 more per joined run (22 for an
+/// embedded `broker run`); with one listener per host pattern it was 267 and 249 more per
+/// run, past this reserve. 256 leaves room for about 35 runs at once and their DNS forwards
+/// in flight; `broker serve` raises its limit to the hard one, where the caps stop at
+/// [`MAX_CONNECTIONS`] long before the reserve matters.
 const FD_RESERVE: usize = 256;
 
 /// A client connection may hold two descriptors: its own and the upstream connection it is

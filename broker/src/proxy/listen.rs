@@ -1,9 +1,28 @@
 //! Accept: the run's listeners, TLS termination for managed hosts only, and HTTP serving.
 //!
-//! A run listens on `127.77.<slot>.<i>:<port>` for each of its host patterns (one port for
-//! all, so the shim only rewrites the port), and on `[::1]:<port6>` for IPv6-only sockets.
-//! The address a connection arrived on tells which host the agent asked for; the SNI must
-//! agree, so an agent cannot steer a connection for one host to another provider's leaf.
+//! A run listens on one fake address, `127.77.<slot>.1:<port>`, where every managed name of
+//! the run resolves, on `[::1]:<port6>` for IPv6-only sockets, and on its CONNECT listener
+//! (`connect`): three listeners whatever the catalog's size. The TLS server name (SNI) tells
+//! which host a connection is for; it must be one of the run's managed patterns, else the
+//! handshake fails without a certificate (unmanaged hosts are never decrypted), and the
+//! `Host` must then equal it (`handler`).
+//!
+//! Why SNI alone is enough. When each host had an address of its own (and each run one
+//! listener per pattern, 254 at most), the address a connection arrived on named its host
+//! and the SNI had to agree. That check bound nothing an agent could not undo: every managed
+//! name resolves inside the run, so a process that wanted the leaf and route of host B
+//! connected to B's address (or to `[::1]`, which never had an address to check) with SNI B.
+//! With the SNI alone it reaches only what it could resolve and reach anyway, under the same
+//! ticket, run policy and `Host` = SNI check, and a key still goes only to its own provider's
+//! hosts. An honest client sends the SNI of the name it resolved, so it gets the host it
+//! asked for. The CONNECT listener keeps its check that the SNI is the CONNECT target, which
+//! costs nothing there.
+//!
+//! One address for many hosts is where HTTP/2 clients may reuse a connection for another host
+//! (RFC 9113, 9.1.1), but only when its certificate covers that host too: each leaf names one
+//! host, and a request that still arrives for another host gets 421 (`Host` must be the
+//! SNI), which clients answer with a connection of its own.
+//!
 //! Which run a connection belongs to is proven by the run's ticket, which the shim sends
 //! before the agent's first byte (see `ticket`); the listener it arrived on only says which
 //! run it claims.
@@ -21,7 +40,7 @@ use tokio::task::JoinSet;
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 
-use broker_contract::{decode_fake_ipv4, fake_ipv4, host_matches};
+use broker_contract::{host_matches, run_ipv4};
 
 use super::error::BrokerError;
 use super::limits::{self, Full, Gauge, Slot, HANDSHAKE_TIMEOUT, REFUSAL_TIMEOUT};
@@ -29,9 +48,6 @@ use super::{ConnInfo, PeerId, Proxy, RunContext};
 use crate::audit::{AuditEvent, EventKind};
 use crate::ca::LocalCa;
 use crate::system::access::AccessPolicy;
-
-/// Tries at finding one free port on every fake address of a run.
-const BIND_ATTEMPTS: usize = 16;
 
 /// The open listeners of a run. Dropping it stops accepting (open connections finish).
 pub struct RunListeners {
@@ -84,7 +100,8 @@ impl rustls::server::ResolvesServerCert for LeafResolver {
 }
 
 pub(super) async fn open_run(proxy: Arc<Proxy>, run: Arc<RunContext>) -> io::Result<RunListeners> {
-    let (listeners, port) = bind_fake_addresses(&run)?;
+    let listener = bind(SocketAddr::new(IpAddr::V4(run_ipv4(run.slot)), 0))?;
+    let port = listener.local_addr()?.port();
     // One count for all of the run's listeners, the CONNECT one included; in a run several
     // uids share, each uid's own share counts instead (`admit_uid`, once the uid is known).
     let gauge = if shared_by_uids(&proxy, &run) {
@@ -93,15 +110,13 @@ pub(super) async fn open_run(proxy: Arc<Proxy>, run: Arc<RunContext>) -> io::Res
         proxy.caps.run_gauge()
     };
     let mut tasks = JoinSet::new();
-    for listener in listeners {
-        tasks.spawn(accept_loop(
-            proxy.clone(),
-            run.clone(),
-            gauge.clone(),
-            listener,
-        ));
-    }
-    // IPv6-only sockets cannot reach 127.77.x.x; they get [::1], classified by SNI alone.
+    tasks.spawn(accept_loop(
+        proxy.clone(),
+        run.clone(),
+        gauge.clone(),
+        listener,
+    ));
+    // IPv6-only sockets cannot reach 127.77.x.x; they get [::1], classified the same way.
     let port6 = match bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0)) {
         Ok(listener) => {
             let port6 = listener.local_addr()?.port();
@@ -132,32 +147,6 @@ pub(super) async fn open_run(proxy: Arc<Proxy>, run: Arc<RunContext>) -> io::Res
         connect_addr,
         tasks,
     })
-}
-
-/// Bind every fake address of the run on one common port.
-fn bind_fake_addresses(run: &RunContext) -> io::Result<(Vec<TcpListener>, u16)> {
-    let count = run.hosts.len().clamp(1, broker_contract::MAX_HOSTS);
-    let mut last_err = None;
-    'attempt: for _ in 0..BIND_ATTEMPTS {
-        let first = bind(SocketAddr::new(IpAddr::V4(fake_ipv4(run.slot, 1)), 0))?;
-        let port = first.local_addr()?.port();
-        let mut listeners = vec![first];
-        for index in 2..=count {
-            let index = u8::try_from(index).map_err(io::Error::other)?;
-            match bind(SocketAddr::new(
-                IpAddr::V4(fake_ipv4(run.slot, index)),
-                port,
-            )) {
-                Ok(l) => listeners.push(l),
-                Err(e) => {
-                    last_err = Some(e);
-                    continue 'attempt;
-                }
-            }
-        }
-        return Ok((listeners, port));
-    }
-    Err(last_err.unwrap_or_else(|| io::Error::other("cannot bind the run's addresses")))
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -208,18 +197,6 @@ async fn accept_loop(
             }
         }
     }
-}
-
-/// Which host pattern the local address encodes (`None` for the `[::1]` listener).
-fn encoded_host(run: &RunContext, local: SocketAddr) -> Option<&str> {
-    let ip = match local.ip() {
-        IpAddr::V4(ip) => ip,
-        IpAddr::V6(ip) => ip.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
-    };
-    let (slot, index) = decode_fake_ipv4(ip)?;
-    (slot == run.slot)
-        .then(|| run.host_pattern(index))
-        .flatten()
 }
 
 /// A connection over a cap: audited once per burst, and told why (by `tell`, given a permit)
@@ -332,7 +309,7 @@ async fn serve_connection(
     if let Err(refusal) =
         super::ticket::read_preamble(&mut stream, &run.ticket, HANDSHAKE_TIMEOUT).await
     {
-        super::ticket::record(&proxy, &run, peer, encoded_host(&run, local), refusal);
+        super::ticket::record(&proxy, &run, peer, None, refusal);
         return;
     }
     let mut first = [0u8; 1];
@@ -343,25 +320,15 @@ async fn serve_connection(
     if first[0] != 0x16 {
         // Not a TLS handshake: plain http:// to a managed host. The placeholder would have
         // crossed in cleartext and the answer would be cleartext too: refuse, clearly.
-        let host = encoded_host(&run, local)
-            .unwrap_or("a managed host")
-            .to_string();
-        serve_refusal(
-            stream,
-            BrokerError::BadRequest {
-                reason: format!("plain http:// to {host} is refused by broker; use https://"),
-            },
-        )
-        .await;
+        serve_plain_refusal(stream, run).await;
         return;
     }
 
-    let expected = encoded_host(&run, local).map(str::to_string);
     terminate_tls(
         proxy,
         run,
         stream,
-        expected,
+        None,
         (peer, peer_id),
         Arc::new(slot),
         deadline,
@@ -369,9 +336,9 @@ async fn serve_connection(
     .await;
 }
 
-/// TLS for a managed host, then HTTP. `expected` is the host pattern the connection was
-/// made for (from the fake address or the CONNECT target); the SNI must match it. The
-/// handshake must be done by `deadline`; `slot` is the connection's place under the caps.
+/// TLS for a managed host, then HTTP. The SNI must be a host the run manages; `expected`,
+/// from a CONNECT, is the host the connection was made for, and the SNI must be that host.
+/// The handshake must be done by `deadline`; `slot` is the connection's place under the caps.
 pub(super) async fn terminate_tls<IO>(
     proxy: Arc<Proxy>,
     run: Arc<RunContext>,
@@ -392,24 +359,32 @@ pub(super) async fn terminate_tls<IO>(
         .server_name()
         .map(|s| s.to_ascii_lowercase());
     let Some(sni) = sni else {
+        // No certificate without a name (a client that connected by address): nothing to
+        // classify, and nothing is decrypted.
         tracing::debug!(%peer, "TLS without SNI refused");
         return;
     };
-    if let Some(pattern) = expected.as_deref() {
-        if !host_matches(pattern, &sni) {
-            proxy.audit.record(AuditEvent {
-                run_id: Some(run.id.clone()),
-                pid: run.pid.get(),
-                command: Some(run.command.clone()),
-                host: Some(pattern.to_string()),
-                sni: Some(sni.clone()),
-                reason: Some(
-                    "TLS server name does not match the host the connection was made for".into(),
-                ),
-                ..AuditEvent::new(EventKind::SniHostMismatch)
-            });
-            return;
+    let refused = match expected.as_deref() {
+        Some(target) if !host_matches(target, &sni) => {
+            Some("TLS server name does not match the host the connection was made for")
         }
+        Some(_) => None,
+        None if !run.manages(&sni) => {
+            Some("TLS server name is not a host this run manages: no certificate, not decrypted")
+        }
+        None => None,
+    };
+    if let Some(reason) = refused {
+        proxy.audit.record(AuditEvent {
+            run_id: Some(run.id.clone()),
+            pid: run.pid.get(),
+            command: Some(run.command.clone()),
+            host: expected,
+            sni: Some(sni),
+            reason: Some(reason.into()),
+            ..AuditEvent::new(EventKind::SniHostMismatch)
+        });
+        return;
     }
     let Ok(Ok(tls)) = timeout_at(deadline, start.into_stream(proxy.tls_server.clone())).await
     else {
@@ -582,10 +557,17 @@ pub(crate) fn record_uid_refusal(
     }
 }
 
-/// Answer every request on a plain connection with `error`, then close.
-async fn serve_refusal(stream: TcpStream, error: BrokerError) {
-    let service = service_fn(move |_req| {
-        let error = error.clone();
+/// Answer every request on a plain (non-TLS) connection with a 400 that names the host it
+/// asked for when the run manages it (the `Host` header; a plain connection has no SNI),
+/// then close.
+async fn serve_plain_refusal(stream: TcpStream, run: Arc<RunContext>) {
+    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let host = super::handler::request_host(&req)
+            .filter(|host| run.manages(host))
+            .unwrap_or_else(|| "a managed host".into());
+        let error = BrokerError::BadRequest {
+            reason: format!("plain http:// to {host} is refused by broker; use https://"),
+        };
         async move { Ok::<_, std::convert::Infallible>(error.into_response()) }
     });
     let _ = hyper::server::conn::http1::Builder::new()

@@ -1,10 +1,11 @@
 //! The request path. Phases, in order, each in its own place:
 //!
-//! 1. **accept** (`listen`): a connection arrives on a fake address `127.77.<slot>.<host>`
+//! 1. **accept** (`listen`): a connection arrives on the run's fake address `127.77.<slot>.1`
 //!    (rerouted there by the shim) or on the run's `[::1]` listener; it must come from our uid
 //!    and open with the run's ticket (`ticket`), else it is refused; plain HTTP is refused,
-//!    TLS is terminated with a leaf minted for the SNI, only if the SNI is a managed host and
-//!    matches the host the address encodes.
+//!    TLS is terminated with a leaf minted for the SNI, only if the SNI is one of the run's
+//!    managed hosts (the SNI is what tells the hosts apart: see `listen` for why that is
+//!    enough).
 //! 2. **classify** (`handler`): SNI must equal `Host`/`:authority`; the host picks the
 //!    provider and route; the run must allow that provider.
 //! 3. **look up credential** (`handler`, via [`Credentials`]): only when the route's
@@ -189,14 +190,15 @@ pub trait AuditSink: Send + Sync + 'static {
     }
 }
 
-/// One agent run as the proxy sees it: which hosts it reaches through which fake addresses,
+/// One agent run as the proxy sees it: which hosts it reaches through its fake address,
 /// which providers it may use, and under which profile.
 #[derive(Debug, Clone)]
 pub struct RunContext {
     pub id: String,
-    /// Third octet of the run's fake addresses.
+    /// Third octet of the run's fake address.
     pub slot: u8,
-    /// Managed host patterns; host index `i + 1` is `hosts[i]`.
+    /// Managed host patterns: the names the shim and the DNS responder resolve to the run's
+    /// address, and the TLS server names its listeners accept.
     pub hosts: Vec<String>,
     /// `None`: every provider with a stored credential; `Some`: only these.
     pub allow: Option<Vec<String>>,
@@ -211,7 +213,8 @@ pub struct RunContext {
     /// Refuse CONNECT to anything but managed hosts.
     pub deny_unlisted: bool,
     /// The run's secret ticket: every connection to its listeners must present it (the
-    /// preamble on the fake addresses, `Proxy-Authorization` on the CONNECT listener).
+    /// preamble on the fake address and `[::1]`, `Proxy-Authorization` on the CONNECT
+    /// listener).
     pub ticket: broker_contract::Ticket,
     /// The run's policy (`crate::policy`), compiled when the run opened.
     pub policy: Arc<crate::policy::RunPolicy>,
@@ -264,11 +267,13 @@ impl RunContext {
             .unwrap_or(&self.default_profile)
     }
 
-    /// The host pattern encoded by host index `index` (1-based).
-    pub fn host_pattern(&self, index: u8) -> Option<&str> {
+    /// Is `host` one of the run's managed names? A linear scan, once per connection: with
+    /// the 291 patterns of a run with an AWS key, under a microsecond for a name matched late
+    /// or not at all, beside a TLS handshake's hundreds.
+    pub fn manages(&self, host: &str) -> bool {
         self.hosts
-            .get(usize::from(index).checked_sub(1)?)
-            .map(String::as_str)
+            .iter()
+            .any(|p| broker_contract::host_matches(p, host))
     }
 }
 

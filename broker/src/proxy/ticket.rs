@@ -4,7 +4,7 @@
 //! list, profile and handed keys.
 //!
 //! Each run has a random ticket ([`broker_contract::Ticket`], 128 bits) written only into its
-//! shim config. On the fake addresses and `[::1]` the shim writes a 40-byte preamble (magic +
+//! shim config. On the run's fake address and `[::1]` the shim writes a 40-byte preamble (magic +
 //! ticket) right after connecting, before the agent's ClientHello; on the CONNECT listener the
 //! ticket is the password of `Proxy-Authorization: Basic` (from the `HTTPS_PROXY` userinfo).
 //!

@@ -134,10 +134,9 @@ impl SelfTest {
                 probes.push(self.probe("curl", c, "curl -sS https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"", &shim));
             } else {
                 let shim_cfg = &self.instance.shim;
-                let index = shim_cfg.host_index(HOST).unwrap_or(1);
                 let target = format!(
                     "{HOST}:443:{}:{}",
-                    broker_contract::fake_ipv4(shim_cfg.slot, index),
+                    broker_contract::run_ipv4(shim_cfg.slot),
                     shim_cfg.port
                 );
                 c.args([

@@ -2,7 +2,7 @@
 //! `dns.resolve*` and in Bun, other libraries that speak DNS over a libc socket).
 //!
 //! The agent's traffic to port 53 goes to the run's DNS responder in the broker (its address
-//! is `dns` in the shim config), which answers managed names with the run's fake addresses and
+//! is `dns` in the shim config), which answers managed names with the run's fake address and
 //! relays every other answer from the system's resolver:
 //! - `connect` to port 53 (UDP, and TCP for truncated answers) connects to the responder
 //!   instead (see `net.rs`, [`crate::decide::decide_connect`]);

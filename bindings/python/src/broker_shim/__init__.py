@@ -192,7 +192,7 @@ def _home():
 
 
 def _serve_is_listening(config):
-    """Does the daemon accept connections on its first fake address? A connection that sends
+    """Does the daemon accept connections on its run's fake address? A connection that sends
     nothing is closed by the broker without a log line. (Taking `run/serve.lock` to test it
     could make a `broker serve` starting at that moment refuse to start.)"""
     import socket

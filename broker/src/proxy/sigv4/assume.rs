@@ -18,8 +18,20 @@ use super::signer::{self, Scope, ALGORITHM};
 use crate::proxy::error::BrokerError;
 use crate::proxy::Proxy;
 
-/// The global STS endpoint (its scope is us-east-1).
+/// The global STS endpoint (its scope is us-east-1), for roles of the commercial partition.
 pub const STS_HOST: &str = "sts.amazonaws.com";
+
+/// Where a role is assumed, and the region the call is signed for, by the partition its ARN
+/// names: GovCloud and China have no global endpoint, and their credentials are valid only
+/// in their own partition. Other partitions (the isolated regions) get the global endpoint,
+/// which refuses them with an error the user reads.
+pub fn sts_endpoint(role_arn: &str) -> (&'static str, &'static str) {
+    match role_arn.split(':').nth(1) {
+        Some("aws-us-gov") => ("sts.us-gov-west-1.amazonaws.com", "us-gov-west-1"),
+        Some("aws-cn") => ("sts.cn-north-1.amazonaws.com.cn", "cn-north-1"),
+        _ => (STS_HOST, "us-east-1"),
+    }
+}
 /// How long the role's credentials are asked for (STS's default; a role's maximum is at
 /// least this).
 const DURATION_SECS: u64 = 3600;
@@ -82,7 +94,7 @@ pub async fn role_credential(
     proxy.audit.record(crate::audit::AuditEvent {
         provider: Some(provider.into()),
         profile: Some(profile.into()),
-        host: Some(STS_HOST.into()),
+        host: Some(sts_endpoint(role_arn).0.into()),
         reason: Some(format!("AssumeRole {role_arn}")),
         ..crate::audit::AuditEvent::new(crate::audit::EventKind::Refresh)
     });
@@ -116,15 +128,16 @@ async fn assume(
         now.minute(),
         now.second()
     );
+    let (sts_host, region) = sts_endpoint(role_arn);
     let scope = Scope {
         date: amz_date[..8].to_string(),
-        region: "us-east-1".into(),
+        region: region.into(),
         service: "sts".into(),
     };
     let content_type = "application/x-www-form-urlencoded; charset=utf-8";
     let mut headers = vec![
         ("content-type".to_string(), content_type.to_string()),
-        ("host".to_string(), STS_HOST.to_string()),
+        ("host".to_string(), sts_host.to_string()),
         ("x-amz-date".to_string(), amz_date.clone()),
     ];
     if let Some(token) = &base.session_token {
@@ -155,9 +168,9 @@ async fn assume(
         .map_err(|e| failed(e.to_string()))?;
     let response = proxy
         .pool
-        .send(STS_HOST, 443, request)
+        .send(sts_host, 443, request)
         .await
-        .map_err(|e| failed(crate::proxy::handler::upstream_error(STS_HOST, e).message()))?;
+        .map_err(|e| failed(crate::proxy::handler::upstream_error(sts_host, e).message()))?;
     let status = response.status();
     let answer = super::read_bounded(response.into_body(), MAX_ANSWER)
         .await
@@ -222,6 +235,29 @@ mod tests {
         );
         assert_eq!(tag(xml, "SessionToken"), None);
         assert_eq!(tag("<Code>AccessDenied", "Code"), None);
+    }
+
+    #[test]
+    fn roles_are_assumed_in_their_own_partition() {
+        assert_eq!(
+            sts_endpoint("arn:aws:iam::123456789012:role/agent"),
+            ("sts.amazonaws.com", "us-east-1")
+        );
+        assert_eq!(
+            sts_endpoint("arn:aws-us-gov:iam::123456789012:role/a/b"),
+            ("sts.us-gov-west-1.amazonaws.com", "us-gov-west-1")
+        );
+        assert_eq!(
+            sts_endpoint("arn:aws-cn:iam::123456789012:role/agent"),
+            ("sts.cn-north-1.amazonaws.com.cn", "cn-north-1")
+        );
+        // Each endpoint is one the built-in catalog manages.
+        let catalog = crate::providers::Catalog::builtin();
+        for arn in ["arn:aws:", "arn:aws-us-gov:", "arn:aws-cn:"] {
+            let (host, _) = sts_endpoint(&format!("{arn}iam::123456789012:role/x"));
+            let (provider, _) = catalog.route_for_host(host).expect(host);
+            assert_eq!(provider.name, "aws", "{host}");
+        }
     }
 
     #[test]

@@ -110,6 +110,36 @@ fn a_header_signed_request_is_checked_and_resigned_for_the_upstream() {
 }
 
 #[test]
+fn govcloud_and_china_scopes_are_kept_as_the_agent_signed_them() {
+    // The region comes from the credential scope the agent signed with, not from the host,
+    // so the GovCloud and China partitions need nothing of their own.
+    for (region, host) in [
+        ("us-gov-west-1", "sts.us-gov-west-1.amazonaws.com"),
+        ("cn-north-1", "sts.cn-north-1.amazonaws.com.cn"),
+        (
+            "cn-northwest-1",
+            "bucket.s3.dualstack.cn-northwest-1.amazonaws.com.cn",
+        ),
+    ] {
+        let mut p = parts("GET", "/", &[("host", host)]);
+        let auth = format!(
+            "{ALGORITHM} Credential={PH_ID}/{}/{region}/sts/aws4_request, SignedHeaders=host;x-amz-date, Signature={}",
+            &DATE[..8],
+            "0".repeat(64)
+        );
+        p.headers
+            .insert("x-amz-date", HeaderValue::from_static(DATE));
+        p.headers
+            .insert("authorization", auth.parse().expect("header"));
+        let signed = request::find(&p.headers, &p.uri)
+            .expect("parses")
+            .expect("signed");
+        assert_eq!(signed.scope.region, region);
+        assert_eq!(signed.scope.service, "sts");
+    }
+}
+
+#[test]
 fn a_tampered_request_or_another_secret_does_not_verify() {
     let mut p = parts(
         "GET",
