@@ -398,3 +398,41 @@ fn a_go_binary_started_inside_a_run_behind_a_corporate_proxy_still_reaches_the_b
     // api.openai.com is pinned with --resolve, so the broker reaches it directly too.
     assert_eq!(corporate.tunnels(), Vec::new());
 }
+
+/// The CONNECT listener decides by the run's own names, as the run's fake address does: AWS
+/// is in the catalog, but a run without an AWS credential does not manage it, so a static
+/// program's AWS traffic is tunnelled as it was before broker (its own `~/.aws` signs it),
+/// never decrypted with the run's CA and refused.
+#[test]
+fn a_catalog_host_the_run_does_not_manage_is_tunnelled_not_decrypted() {
+    let ca = TestCa::new();
+    let origin = openai_origin(&ca);
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let serve = Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
+    let run_ca = serve.config.ca_file.to_str().expect("utf8").to_string();
+    let out = curl(
+        &serve,
+        &["-i", "--cacert", &run_ca, "https://sts.amazonaws.com/"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Tunnelled: the real host (unreachable here, or with a certificate the run's CA did not
+    // sign) answers or not, but the broker never does.
+    assert!(!out.status.success(), "{stdout}");
+    assert!(!stdout.contains("x-broker-error"), "{stdout}");
+    // A managed call after it, whose audit line marks where the AWS one would be.
+    let out = curl(
+        &serve,
+        &[
+            "--cacert",
+            &run_ca,
+            "https://api.openai.com/v1/models",
+            "-H",
+            &format!("Authorization: Bearer {OPENAI_PH}"),
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "models");
+    let audit = home.audit_until(|a| a.contains("credential_use"));
+    assert!(audit.contains("credential_use"), "{audit}");
+    assert!(!audit.contains("amazonaws"), "{audit}");
+}
