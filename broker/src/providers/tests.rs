@@ -1155,6 +1155,74 @@ const REVIEWED_WILDCARDS: &[(&str, &str)] = &[
         "*.s3.dualstack.cn-northwest-1.amazonaws.com.cn",
         "S3 buckets in China cn-northwest-1, by dual-stack virtual-host name",
     ),
+    (
+        "*.us-east-1.api.aws",
+        "AWS services' dual-stack endpoints in us-east-1: <service>.us-east-1.api.aws",
+    ),
+    (
+        "*.us-east-2.api.aws",
+        "AWS services' dual-stack endpoints in us-east-2: <service>.us-east-2.api.aws",
+    ),
+    (
+        "*.us-west-1.api.aws",
+        "AWS services' dual-stack endpoints in us-west-1: <service>.us-west-1.api.aws",
+    ),
+    (
+        "*.us-west-2.api.aws",
+        "AWS services' dual-stack endpoints in us-west-2: <service>.us-west-2.api.aws",
+    ),
+    (
+        "*.ca-central-1.api.aws",
+        "AWS services' dual-stack endpoints in ca-central-1: <service>.ca-central-1.api.aws",
+    ),
+    (
+        "*.eu-west-1.api.aws",
+        "AWS services' dual-stack endpoints in eu-west-1: <service>.eu-west-1.api.aws",
+    ),
+    (
+        "*.eu-west-2.api.aws",
+        "AWS services' dual-stack endpoints in eu-west-2: <service>.eu-west-2.api.aws",
+    ),
+    (
+        "*.eu-west-3.api.aws",
+        "AWS services' dual-stack endpoints in eu-west-3: <service>.eu-west-3.api.aws",
+    ),
+    (
+        "*.eu-central-1.api.aws",
+        "AWS services' dual-stack endpoints in eu-central-1: <service>.eu-central-1.api.aws",
+    ),
+    (
+        "*.eu-north-1.api.aws",
+        "AWS services' dual-stack endpoints in eu-north-1: <service>.eu-north-1.api.aws",
+    ),
+    (
+        "*.ap-northeast-1.api.aws",
+        "AWS services' dual-stack endpoints in ap-northeast-1: <service>.ap-northeast-1.api.aws",
+    ),
+    (
+        "*.ap-southeast-1.api.aws",
+        "AWS services' dual-stack endpoints in ap-southeast-1: <service>.ap-southeast-1.api.aws",
+    ),
+    (
+        "*.ap-southeast-2.api.aws",
+        "AWS services' dual-stack endpoints in ap-southeast-2: <service>.ap-southeast-2.api.aws",
+    ),
+    (
+        "*.ap-south-1.api.aws",
+        "AWS services' dual-stack endpoints in ap-south-1: <service>.ap-south-1.api.aws",
+    ),
+    (
+        "*.sa-east-1.api.aws",
+        "AWS services' dual-stack endpoints in sa-east-1: <service>.sa-east-1.api.aws",
+    ),
+    (
+        "*.us-gov-west-1.api.aws",
+        "AWS services' dual-stack endpoints in us-gov-west-1: <service>.us-gov-west-1.api.aws",
+    ),
+    (
+        "*.us-gov-east-1.api.aws",
+        "AWS services' dual-stack endpoints in us-gov-east-1: <service>.us-gov-east-1.api.aws",
+    ),
 ];
 
 /// Domains whose labels belong to different owners (public suffixes, and hosting where
@@ -1348,6 +1416,9 @@ fn the_aws_builtin_covers_regional_and_bucket_hosts_one_label_deep() {
         "sts.cn-north-1.amazonaws.com.cn",
         "bucket.s3.cn-northwest-1.amazonaws.com.cn",
         "s3.dualstack.cn-north-1.amazonaws.com.cn",
+        // Other services' dual-stack names.
+        "ec2.us-east-1.api.aws",
+        "lambda.us-gov-west-1.api.aws",
     ] {
         let (p, _) = catalog
             .route_for_host(host)
@@ -1363,6 +1434,8 @@ fn the_aws_builtin_covers_regional_and_bucket_hosts_one_label_deep() {
         "customer-host.amazonaws.com.cn",
         "a.b.dualstack.us-east-1.amazonaws.com",
         "bucket.s3.dualstack.amazonaws.com",
+        "customer.api.aws",
+        "a.b.us-east-1.api.aws",
     ] {
         assert!(catalog.route_for_host(host).is_none(), "{host}");
     }
@@ -1370,10 +1443,12 @@ fn the_aws_builtin_covers_regional_and_bucket_hosts_one_label_deep() {
         let rest = pattern.strip_prefix("*.").unwrap_or(pattern);
         assert!(!rest.contains('*'), "{pattern}");
         assert!(
-            rest.ends_with(".amazonaws.com") || rest.ends_with(".amazonaws.com.cn"),
+            rest.ends_with(".amazonaws.com")
+                || rest.ends_with(".amazonaws.com.cn")
+                || rest.ends_with(".api.aws"),
             "{pattern}"
         );
-        for apex in ["amazonaws.com", "amazonaws.com.cn"] {
+        for apex in ["amazonaws.com", "amazonaws.com.cn", "api.aws"] {
             assert_ne!(rest, apex, "never a wildcard over every AWS host");
         }
     }
