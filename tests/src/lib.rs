@@ -10,6 +10,7 @@ pub mod connect_proxy;
 pub mod fake_llm;
 pub mod oauth;
 pub mod origin;
+pub mod websocket;
 
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};

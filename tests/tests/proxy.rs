@@ -615,8 +615,6 @@ fn another_upgrade_is_bridged_with_the_swap_and_checked_as_bytes() {
 
 #[test]
 fn websocket_upgrade_is_bridged_with_the_swap() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     let ca = TestCa::new();
     let origin = Origin::start(&ca, &["api.openai.com"], |_| Reply::WebSocketEcho);
     let s = setup(
@@ -630,53 +628,13 @@ fn websocket_upgrade_is_bridged_with_the_swap() {
         .expect("rt");
     rt.block_on(async {
         let tls = s.tls_http1("api.openai.com").await;
-        let request = http::Request::builder()
-            .uri("wss://api.openai.com/v1/realtime")
-            .header("host", "api.openai.com")
-            .header("authorization", format!("Bearer {OPENAI_PH}"))
-            .header(
-                "sec-websocket-key",
-                tokio_tungstenite::tungstenite::handshake::client::generate_key(),
-            )
-            .header("sec-websocket-version", "13")
-            .header("connection", "Upgrade")
-            .header("upgrade", "websocket")
-            .body(())
-            .expect("request");
-        let (mut ws, response) = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio_tungstenite::client_async(request, tls),
-        )
-        .await
-        .expect("handshake in time")
-        .expect("handshake");
-        assert_eq!(response.status(), 101);
-        ws.send(Message::text("hello through the broker"))
-            .await
-            .expect("send");
-        let echoed = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("echo in time")
-            .expect("a message")
-            .expect("ok");
+        let mut ws = broker_integration::websocket::open(tls, "/v1/realtime", OPENAI_PH).await;
         assert_eq!(
-            echoed.into_text().expect("text").as_str(),
+            broker_integration::websocket::round_trip(&mut ws, "hello through the broker").await,
             "hello through the broker"
         );
-        // Ask the origin something and read its text answer.
-        let mut ask = async |question: &str| -> String {
-            ws.send(Message::text(question)).await.expect("send");
-            tokio::time::timeout(Duration::from_secs(10), ws.next())
-                .await
-                .expect("answer in time")
-                .expect("a message")
-                .expect("ok")
-                .into_text()
-                .expect("text")
-                .to_string()
-        };
         // An upstream quoting the key in a frame: overwritten before the agent gets it.
-        let quoted = ask("whoami").await;
+        let quoted = broker_integration::websocket::round_trip(&mut ws, "whoami").await;
         assert!(
             !quoted.contains(OPENAI_KEY),
             "the key reached the agent in a frame"
@@ -686,7 +644,7 @@ fn websocket_upgrade_is_bridged_with_the_swap() {
             "{quoted}"
         );
         // The same quote in a fragmented message cut inside the key.
-        let pieces = ask("whoami in pieces").await;
+        let pieces = broker_integration::websocket::round_trip(&mut ws, "whoami in pieces").await;
         assert!(
             !pieces.contains(OPENAI_KEY),
             "the key reached the agent across fragments"

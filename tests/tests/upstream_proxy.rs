@@ -269,8 +269,6 @@ fn a_proxy_that_cannot_be_reached_or_refuses_connect_is_a_clear_502() {
 
 #[test]
 fn broker_serve_takes_https_proxy_for_websocket_upgrades_too() {
-    use futures_util::{SinkExt as _, StreamExt as _};
-    use tokio_tungstenite::tungstenite::Message;
     let ca = TestCa::new();
     let origin = Origin::start(&ca, &["api.openai.com"], |_| Reply::WebSocketEcho);
     let proxy = ConnectProxy::start(&[("api.openai.com:443", origin.addr)], None);
@@ -302,37 +300,9 @@ fn broker_serve_takes_https_proxy_for_websocket_upgrades_too() {
         )
         .await
         .expect("tls");
-        let request = http::Request::builder()
-            .uri("wss://api.openai.com/v1/realtime")
-            .header("host", "api.openai.com")
-            .header("authorization", format!("Bearer {placeholder}"))
-            .header(
-                "sec-websocket-key",
-                tokio_tungstenite::tungstenite::handshake::client::generate_key(),
-            )
-            .header("sec-websocket-version", "13")
-            .header("connection", "Upgrade")
-            .header("upgrade", "websocket")
-            .body(())
-            .expect("request");
-        let (mut ws, response) = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio_tungstenite::client_async(request, tls),
-        )
-        .await
-        .expect("handshake in time")
-        .expect("handshake");
-        assert_eq!(response.status(), 101);
-        ws.send(Message::text("through two tunnels"))
-            .await
-            .expect("send");
-        let echoed = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("echo in time")
-            .expect("a message")
-            .expect("ok");
+        let mut ws = broker_integration::websocket::open(tls, "/v1/realtime", &placeholder).await;
         assert_eq!(
-            echoed.into_text().expect("text").as_str(),
+            broker_integration::websocket::round_trip(&mut ws, "through two tunnels").await,
             "through two tunnels"
         );
     });

@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::error::BrokerError;
-use super::limits::{Gauge, Slot, HANDSHAKE_TIMEOUT, REFUSAL_TIMEOUT};
+use super::limits::{self, Gauge, Slot, HANDSHAKE_TIMEOUT, REFUSAL_TIMEOUT};
 use super::listen::{check_peer, count_uid, refuse, terminate_tls, PeerVerdict};
 use super::{Proxy, ProxyBody, RunContext, UpstreamProxy};
 use crate::audit::{AuditEvent, EventKind};
@@ -42,17 +42,7 @@ pub(super) async fn accept_loop(
         let mut slot = match proxy.caps.admit(&gauge) {
             Ok(slot) => slot,
             Err(full) => {
-                refuse(&proxy, &run, peer, full, |_, _, permit| {
-                    let error = BrokerError::TooManyConnections {
-                        message: full.message(),
-                    };
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        let refusal =
-                            serve_http1(stream, move |_req| error.clone().into_response());
-                        let _ = tokio::time::timeout(REFUSAL_TIMEOUT, refusal).await;
-                    });
-                });
+                refuse_over_cap(&proxy, &run, peer, stream, full);
                 continue;
             }
         };
@@ -72,17 +62,7 @@ pub(super) async fn accept_loop(
             };
             if let Err(full) = count_uid(&proxy, &run, &mut slot, &peer_id) {
                 drop(slot);
-                refuse(&proxy, &run, peer, full, |_, _, permit| {
-                    let error = BrokerError::TooManyConnections {
-                        message: full.message(),
-                    };
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        let refusal =
-                            serve_http1(stream, move |_req| error.clone().into_response());
-                        let _ = tokio::time::timeout(REFUSAL_TIMEOUT, refusal).await;
-                    });
-                });
+                refuse_over_cap(&proxy, &run, peer, stream, full);
                 return;
             }
             let slot = Arc::new(slot);
@@ -106,6 +86,27 @@ pub(super) async fn accept_loop(
 }
 
 /// Answer every request on a plain connection with `answer`, then close.
+/// A connection over a cap: audited once per burst (`listen::refuse`), answered with a 503
+/// that says which cap while refusal permits last.
+fn refuse_over_cap(
+    proxy: &Arc<Proxy>,
+    run: &Arc<RunContext>,
+    peer: SocketAddr,
+    stream: TcpStream,
+    full: limits::Full,
+) {
+    refuse(proxy, run, peer, full, |_, _, permit| {
+        let error = BrokerError::TooManyConnections {
+            message: full.message(),
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            let refusal = serve_http1(stream, move |_req| error.clone().into_response());
+            let _ = tokio::time::timeout(REFUSAL_TIMEOUT, refusal).await;
+        });
+    });
+}
+
 async fn serve_http1(
     stream: TcpStream,
     answer: impl Fn(Request<Incoming>) -> Response<ProxyBody> + Send + Sync + 'static,
