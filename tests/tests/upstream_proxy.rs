@@ -149,19 +149,22 @@ fn the_broker_uses_upstream_proxy_from_config_toml_with_basic_auth_and_the_agent
     let home = Home::new();
     home.add("openai", OPENAI_KEY);
 
-    write_config(
-        &home,
-        &format!(
-            "upstream_proxy = \"{}\"\n",
-            proxy.url(Some(&format!("{PROXY_USER}:{PROXY_PASSWORD}")))
-        ),
-    );
-    let out = run_bounded(
-        broker_run(&home, &ca).args(["--", "sh", "-c", CURL_MANAGED]),
-        Duration::from_secs(60),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The agent's curl with `userinfo` in config.toml's proxy URL: its stdout and stderr.
+    let run_with = |userinfo: &str| {
+        write_config(
+            &home,
+            &format!("upstream_proxy = \"{}\"\n", proxy.url(Some(userinfo))),
+        );
+        let out = run_bounded(
+            broker_run(&home, &ca).args(["--", "sh", "-c", CURL_MANAGED]),
+            Duration::from_secs(60),
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (stdout, stderr) = run_with(&format!("{PROXY_USER}:{PROXY_PASSWORD}"));
     assert!(stdout.contains("status=200\n"), "{stdout}\n{stderr}");
     let tunnels = proxy.tunnels();
     assert!(!tunnels.is_empty(), "the broker did not use the proxy");
@@ -181,19 +184,7 @@ fn the_broker_uses_upstream_proxy_from_config_toml_with_basic_auth_and_the_agent
 
     // Wrong credentials: a clear 502 naming the proxy problem, audited, and the password
     // nowhere but the file the user wrote it in.
-    write_config(
-        &home,
-        &format!(
-            "upstream_proxy = \"{}\"\n",
-            proxy.url(Some(&format!("{PROXY_USER}:wrong-{PROXY_PASSWORD}")))
-        ),
-    );
-    let out = run_bounded(
-        broker_run(&home, &ca).args(["--", "sh", "-c", CURL_MANAGED]),
-        Duration::from_secs(60),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (stdout, stderr) = run_with(&format!("{PROXY_USER}:wrong-{PROXY_PASSWORD}"));
     assert!(stdout.contains("status=502\n"), "{stdout}\n{stderr}");
     let error = stdout
         .lines()
@@ -208,8 +199,8 @@ fn the_broker_uses_upstream_proxy_from_config_toml_with_basic_auth_and_the_agent
     assert_eq!(count_events(&audit, "upstream_proxy_failed"), 1, "{audit}");
     assert!(proxy.tunnels().iter().any(|t| t.status == 407));
     for (what, bytes) in [
-        ("the agent's output", out.stdout.as_slice()),
-        ("the broker's stderr", out.stderr.as_slice()),
+        ("the agent's output", stdout.as_bytes()),
+        ("the broker's stderr", stderr.as_bytes()),
         ("the audit log", audit.as_bytes()),
     ] {
         assert!(
