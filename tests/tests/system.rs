@@ -8,6 +8,7 @@
 //! SKIP line and passes. The paths hang off a root-made directory (`--system-root`), since the
 //! real /etc, /var/lib and /run belong to the machine.
 
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -121,6 +122,23 @@ impl SystemRoot {
     }
     fn etc_dir(&self) -> PathBuf {
         self.0.join("etc/broker")
+    }
+    /// The test-only upstream flags of a system broker: the test CA (copied where the
+    /// broker's user can read it) and `--resolve` for each (host, origin).
+    fn upstream_args(&self, ca: &TestCa, hosts: &[(&str, SocketAddr)]) -> Vec<String> {
+        let upstream_ca = self.0.join("upstream-ca.pem");
+        std::fs::copy(&ca.pem_path, &upstream_ca).expect("copy ca");
+        std::fs::set_permissions(&upstream_ca, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        let mut args = vec![
+            "--upstream-ca".to_string(),
+            upstream_ca.display().to_string(),
+        ];
+        for (host, addr) in hosts {
+            args.push("--resolve".into());
+            args.push(format!("{host}:443:{addr}"));
+        }
+        args
     }
     fn audit(&self) -> String {
         std::fs::read_to_string(self.state_dir().join("audit.jsonl")).unwrap_or_default()
@@ -318,21 +336,13 @@ fn a_system_broker_serves_its_allowed_uids_and_nothing_of_it_is_theirs() {
         ),
         0o644,
     );
-    // The test CA, where the broker's user can read it.
-    let upstream_ca = root.0.join("upstream-ca.pem");
-    std::fs::copy(&ca.pem_path, &upstream_ca).expect("copy ca");
-    std::fs::set_permissions(&upstream_ca, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let broker = SystemBroker::start(
         &root,
         &broker_user,
-        &[
-            "--upstream-ca".into(),
-            upstream_ca.display().to_string(),
-            "--resolve".into(),
-            format!("api.openai.com:443:{}", openai.addr),
-            "--resolve".into(),
-            format!("api.groq.com:443:{}", groq.addr),
-        ],
+        &root.upstream_args(
+            &ca,
+            &[("api.openai.com", openai.addr), ("api.groq.com", groq.addr)],
+        ),
     );
 
     // The admin adds the key over the control socket, from stdin.
@@ -867,23 +877,10 @@ fn one_uid_that_fills_its_connection_share_leaves_the_others_served() {
         ),
         0o644,
     );
-    let upstream_ca = root.0.join("upstream-ca.pem");
-    std::fs::copy(&ca.pem_path, &upstream_ca).expect("copy ca");
-    std::fs::set_permissions(&upstream_ca, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let broker = SystemBroker::start_limited(
-        &root,
-        &broker_user,
-        &[
-            "--upstream-ca".into(),
-            upstream_ca.display().to_string(),
-            "--resolve".into(),
-            format!("api.openai.com:443:{}", openai.addr),
-            // The flood's connections stay for the whole test.
-            "--request-head-timeout".into(),
-            "600".into(),
-        ],
-        Some(512),
-    );
+    let mut args = root.upstream_args(&ca, &[("api.openai.com", openai.addr)]);
+    // The flood's connections stay for the whole test.
+    args.extend(["--request-head-timeout".into(), "600".into()]);
+    let broker = SystemBroker::start_limited(&root, &broker_user, &args, Some(512));
     let mut add = admin.command(broker_bin_for_agent_user());
     add.args(["add", "openai", "--system"])
         .env(broker_contract::ENV_SYSTEM_RUN, root.run_dir())
@@ -1095,18 +1092,10 @@ fn an_admin_logs_the_system_broker_in_with_oauth_and_it_refreshes() {
         &idp.provider_toml("client_auth = \"none\""),
         0o644,
     );
-    let upstream_ca = root.0.join("upstream-ca.pem");
-    std::fs::copy(&ca.pem_path, &upstream_ca).expect("copy ca");
-    std::fs::set_permissions(&upstream_ca, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let broker = SystemBroker::start(
         &root,
         &broker_user,
-        &[
-            "--upstream-ca".into(),
-            upstream_ca.display().to_string(),
-            "--resolve".into(),
-            format!("{API_HOST}:443:{}", origin.addr),
-        ],
+        &root.upstream_args(&ca, &[(API_HOST, origin.addr)]),
     );
     let cli = |user: &TestUser, args: &[&str]| -> Command {
         let mut cmd = user.command(broker_bin_for_agent_user());
