@@ -82,29 +82,31 @@ fn write(dir: &Path, path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         std::fs::remove_dir_all(path)
             .with_context(|| format!("cannot remove the directory at {}", path.display()))?;
     }
+    write_atomically(dir, path, bytes, FILE_MODE)
+}
+
+/// `bytes` written to a fresh temporary file in `dir` (mode `mode`, synced) and renamed over
+/// `path`: a program starting meanwhile loads the old or the new library, never half of one.
+pub(crate) fn write_atomically(
+    dir: &Path,
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+) -> anyhow::Result<()> {
+    let failed = || format!("cannot write libbroker.so into {}", dir.display());
     let mut tmp = tempfile::Builder::new()
         .prefix(".libbroker-")
         .tempfile_in(dir)
-        .with_context(|| {
-            format!(
-                "cannot write the embedded libbroker.so into {}",
-                dir.display()
-            )
-        })?;
+        .with_context(failed)?;
     tmp.write_all(bytes)
         .and_then(|()| {
             tmp.as_file()
-                .set_permissions(std::fs::Permissions::from_mode(FILE_MODE))
+                .set_permissions(std::fs::Permissions::from_mode(mode))
         })
         .and_then(|()| tmp.as_file().sync_all())
-        .with_context(|| {
-            format!(
-                "cannot write the embedded libbroker.so into {}",
-                dir.display()
-            )
-        })?;
+        .with_context(failed)?;
     tmp.persist(path)
-        .with_context(|| format!("cannot put the embedded libbroker.so at {}", path.display()))?;
+        .with_context(|| format!("cannot put libbroker.so at {}", path.display()))?;
     Ok(())
 }
 

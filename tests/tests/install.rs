@@ -166,6 +166,10 @@ fn a_lone_broker_binary_runs_agents_with_the_shim_it_carries() {
     );
 
     // `broker shim --install FILE`: the library for a bare LD_PRELOAD (a system broker's users).
+    // It writes the bytes the binary carries, not a file an agent planted beside the binary
+    // (this is the command run with sudo for every user of a system broker).
+    let planted = t.root.path().join("bin/libbroker.so");
+    std::fs::write(&planted, b"\x7fELF planted by the agent").expect("plant");
     let installed = t.root.path().join("user/libbroker.so");
     let out = run_bounded(
         &mut t.broker(&["shim", "--install", installed.to_str().expect("utf-8")]),
@@ -180,6 +184,7 @@ fn a_lone_broker_binary_runs_agents_with_the_shim_it_carries() {
         std::fs::metadata(&installed).expect("installed").mode() & 0o777,
         0o755
     );
+    std::fs::remove_file(&planted).expect("unplant");
 }
 
 #[test]
