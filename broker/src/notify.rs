@@ -45,6 +45,17 @@ pub fn approval_waiting(waiting: &Waiting) {
     }
 }
 
+/// The variables notify-send gets from the broker: where it is, and how it reaches the bus.
+const NOTIFIER_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "LANG",
+    "DBUS_SESSION_BUS_ADDRESS",
+    "XDG_RUNTIME_DIR",
+    "DISPLAY",
+    "WAYLAND_DISPLAY",
+];
+
 /// Is there a session bus a notification could go to?
 fn session_bus() -> bool {
     if std::env::var_os("DBUS_SESSION_BUS_ADDRESS").is_some_and(|v| !v.is_empty()) {
@@ -58,7 +69,17 @@ fn session_bus() -> bool {
 }
 
 fn send(summary: &str, body: &str) {
-    let child = Command::new("notify-send")
+    let mut cmd = Command::new("notify-send");
+    // Only what reaching the desktop needs: the broker's environment may hold what the user's
+    // shell exported (keys a `broker serve` was started with), and notify-send, unlike the
+    // broker, is a process the agent's user can read (/proc/<pid>/environ).
+    cmd.env_clear();
+    for name in NOTIFIER_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
+    let child = cmd
         .args(["--app-name=broker", "--urgency=critical", "--"])
         .arg(summary)
         .arg(body)
@@ -113,7 +134,10 @@ fn shown(text: &str) -> String {
     let mut out: String = text
         .chars()
         .map(|c| {
-            if c.is_control() || matches!(c, '<' | '>' | '&') {
+            // ASCII only: beyond the control characters, Unicode has line separators
+            // (U+2028), direction overrides (U+202E) and zero-width characters with which a
+            // path could fake a line of the notice or reorder it.
+            if !(c.is_ascii_graphic() || c == ' ') || matches!(c, '<' | '>' | '&') {
                 '_'
             } else {
                 c
@@ -162,5 +186,15 @@ mod tests {
             body.lines().all(|l| l.chars().count() < 2 * SHOWN),
             "{body}"
         );
+    }
+
+    #[test]
+    fn unicode_that_could_fake_or_reorder_a_line_is_not_shown() {
+        let faked = shown("/v1/x\u{2028}rule GET /v1/models\u{202E}\u{200B}end");
+        assert!(
+            faked.is_ascii() && !faked.contains('\u{2028}') && !faked.contains('\u{202E}'),
+            "{faked}"
+        );
+        assert_eq!(faked, "/v1/x_rule GET /v1/models__end");
     }
 }

@@ -898,8 +898,8 @@ fn a_waiting_request_is_announced_on_the_desktop_where_there_is_one() {
     std::fs::write(
         &fake,
         format!(
-            "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done >> '{}'\n",
-            log.display()
+            "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done >> '{log}'\nenv >> '{log}'\n",
+            log = log.display()
         ),
     )
     .expect("fake notify-send");
@@ -911,13 +911,21 @@ fn a_waiting_request_is_announced_on_the_desktop_where_there_is_one() {
     );
     for (tag, bus) in [("bus", true), ("nobus", false)] {
         let mut cmd = home.broker_run(&ca, "api.openai.com", origin.addr);
-        cmd.env("PATH", &path).env_remove("XDG_RUNTIME_DIR");
+        // A secret the user's shell exported: the broker has it, notify-send must not.
+        cmd.env("PATH", &path)
+            .env("DEPLOY_TOKEN", "deploy-secret-from-the-shell-0123")
+            .env_remove("XDG_RUNTIME_DIR");
         if bus {
             cmd.env("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent/bus");
         } else {
             cmd.env_remove("DBUS_SESSION_BUS_ADDRESS");
         }
-        cmd.args(["--", "sh", "-c", &curl(tag, "DELETE", "/v1/files/f", "")]);
+        cmd.args([
+            "--",
+            "sh",
+            "-c",
+            &curl(tag, "DELETE", "/v1/files/f?purpose=batch", ""),
+        ]);
         let stdout = stdout_of(&run_bounded(&mut cmd, Duration::from_secs(120)));
         let (status, body) = result(&stdout, tag);
         assert_eq!(status, 403, "{stdout}");
@@ -943,12 +951,17 @@ fn a_waiting_request_is_announced_on_the_desktop_where_there_is_one() {
         "{notified}"
     );
     assert!(
-        notified.contains("DELETE /v1/files/f")
+        notified.contains("DELETE /v1/files/f?purpose=...")
+            && !notified.contains("purpose=batch")
             && notified.contains("broker approve ")
             && notified.contains("DELETE /v1/files/*"),
         "{notified}"
     );
     assert!(!notified.contains(OPENAI_KEY), "{notified}");
+    assert!(
+        notified.contains("PATH=") && !notified.contains("deploy-secret-from-the-shell"),
+        "notify-send gets only what reaching the desktop needs: {notified}"
+    );
 }
 
 /// The SSRF guard on the system resolver's answers: `broker serve` runs in a mount namespace of

@@ -512,7 +512,7 @@ async fn approve(
             command: conn.run.command.clone(),
             method: parts.method.to_string(),
             host: conn.sni.clone(),
-            path: parts.uri.path().to_string(),
+            path: shown_target(&parts.uri),
             rule: approval.rule.clone(),
             agent: conn.run.pid.get(),
             timeout: approval.timeout,
@@ -966,6 +966,24 @@ pub(super) fn upstream_error(host: &str, err: SendError) -> BrokerError {
     }
 }
 
+/// What a person approving a request is shown of its target: the path, and the query's
+/// parameter names with their values elided. The names are what change an API's action (S3's
+/// `?policy`, `?delete`); a value may be the real key the broker put there (Gemini's `key`),
+/// and the notification's argv is readable by the agent's user.
+fn shown_target(uri: &http::Uri) -> String {
+    let Some(query) = uri.query().filter(|q| !q.is_empty()) else {
+        return uri.path().to_string();
+    };
+    let names: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) => format!("{name}=..."),
+            None => pair.to_string(),
+        })
+        .collect();
+    format!("{}?{}", uri.path(), names.join("&"))
+}
+
 pub(super) fn connect_error(host: &str, err: &ConnectError) -> BrokerError {
     match err {
         ConnectError::Certificate(reason) => BrokerError::UpstreamCertificate {
@@ -990,6 +1008,17 @@ pub(super) fn connect_error(host: &str, err: &ConnectError) -> BrokerError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_approval_shows_the_query_names_never_their_values() {
+        let shown = |u: &str| shown_target(&u.parse::<http::Uri>().expect("uri"));
+        assert_eq!(shown("/bucket"), "/bucket");
+        assert_eq!(shown("/bucket?policy"), "/bucket?policy");
+        assert_eq!(
+            shown("/v1/models?key=AIzaRealKey0123&alt=json"),
+            "/v1/models?key=...&alt=..."
+        );
+    }
 
     #[test]
     fn path_prefixes_hold_only_their_own_paths() {
