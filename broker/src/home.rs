@@ -70,6 +70,27 @@ impl Home {
     pub fn config_path(&self) -> PathBuf {
         self.root.join("config.toml")
     }
+    /// `config.toml` read as `T` (the keys one module reads; it ignores the others); a missing
+    /// file is `T::default()`. A malformed file's error names the file, the line and what is
+    /// wrong, but never quotes the line: it may hold the upstream proxy's password.
+    pub fn read_config<T: serde::de::DeserializeOwned + Default>(&self) -> Result<T, String> {
+        let path = self.config_path();
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => zeroize::Zeroizing::new(text),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(T::default()),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map_or(0, |s| crate::providers::line_col(&text, s.start).0);
+            format!(
+                "{}: not valid near line {line}: {} (the line is not shown: it may hold a password)",
+                path.display(),
+                e.message().trim().replace('\n', "; ")
+            )
+        })
+    }
     /// Runtime files of `broker serve` (its shim config, control socket, CA certificate).
     pub fn daemon_dir(&self) -> PathBuf {
         self.root.join("run")

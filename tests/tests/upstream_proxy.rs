@@ -348,6 +348,32 @@ fn a_proxy_url_the_broker_cannot_use_stops_it_at_start_without_showing_the_passw
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A typo in config.toml (the URL unquoted): every command that reads the file says which
+    // line is wrong, and none prints it.
+    write_config(
+        &home,
+        &format!("upstream_proxy = http://{PROXY_USER}:{PROXY_PASSWORD}@proxy.corp:3128\n"),
+    );
+    for args in [
+        &["run", "--", "true"][..],
+        &["login", "openai", "--no-browser", "--timeout", "1"],
+        &["doctor", "--no-self-test"],
+    ] {
+        let out = run_bounded(
+            home.broker().args(args).stdin(Stdio::null()),
+            Duration::from_secs(60),
+        );
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            all.contains("config.toml: not valid near line 1"),
+            "{args:?}: {all}"
+        );
+        assert!(!all.contains(PROXY_PASSWORD), "{args:?}: {all}");
+    }
 }
 
 /// A program on the CONNECT fallback (static, Go) lost its own `HTTPS_PROXY` to the broker's:
@@ -382,44 +408,8 @@ fn the_connect_listener_tunnels_unmanaged_hosts_through_the_upstream_proxy() {
         .env("NO_PROXY", "localhost")
         .env_remove("no_proxy");
     let serve = broker_integration::Serve::spawn(&home, cmd);
-    let bundle = home.path().join("bundle.pem");
-    std::fs::write(
-        &bundle,
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&serve.ca_pem()),
-            std::fs::read_to_string(&ca.pem_path).expect("test ca")
-        ),
-    )
-    .expect("bundle");
-    let proxy_url = {
-        let addr = serve.config.connect_proxy.clone().expect("connect proxy");
-        let ticket = serve.config.ticket.as_ref().expect("the run's ticket");
-        format!("http://broker:{}@{addr}", ticket.expose())
-    };
-    // curl as the static program: the broker's proxy URL in a config file (never argv).
-    let curl = |url: &str, header: Option<String>| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("curlrc");
-        let mut text = format!("proxy = \"{proxy_url}\"\n");
-        if let Some(header) = header {
-            text.push_str(&format!("header = \"{header}\"\n"));
-        }
-        std::fs::write(&config, text).expect("curlrc");
-        let mut cmd = Command::new("curl");
-        broker_integration::scrub(&mut cmd);
-        cmd.args(["-sS", "--max-time", "20", "--noproxy", "", "--cacert"])
-            .arg(&bundle)
-            .arg("-K")
-            .arg(&config)
-            .arg(url);
-        let out = run_bounded(&mut cmd, Duration::from_secs(30));
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    };
+    let curl =
+        |url: &str, header: Option<String>| curl_as_static_program(&home, &ca, &serve, url, header);
     let page = curl(&format!("https://{INTRANET}/"), None);
     assert_eq!(page, "intranet page", "{page}");
     let local = curl(&format!("https://localhost:{}/", direct.addr.port()), None);
@@ -447,4 +437,101 @@ fn the_connect_listener_tunnels_unmanaged_hosts_through_the_upstream_proxy() {
         origin.requests()[0].header("authorization"),
         Some(format!("Bearer {OPENAI_KEY}").as_str())
     );
+}
+
+/// curl as a static program on the CONNECT fallback: the broker's proxy URL with the run's
+/// ticket in a config file (never argv), trusting the run's CA and the test CA. Its stdout
+/// and stderr.
+fn curl_as_static_program(
+    home: &Home,
+    ca: &TestCa,
+    serve: &broker_integration::Serve,
+    url: &str,
+    header: Option<String>,
+) -> String {
+    let bundle = home.path().join("bundle.pem");
+    std::fs::write(
+        &bundle,
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&serve.ca_pem()),
+            std::fs::read_to_string(&ca.pem_path).expect("test ca")
+        ),
+    )
+    .expect("bundle");
+    let addr = serve.config.connect_proxy.clone().expect("connect proxy");
+    let ticket = serve.config.ticket.as_ref().expect("the run's ticket");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("curlrc");
+    let mut text = format!("proxy = \"http://broker:{}@{addr}\"\n", ticket.expose());
+    if let Some(header) = header {
+        text.push_str(&format!("header = \"{header}\"\n"));
+    }
+    std::fs::write(&config, text).expect("curlrc");
+    let mut cmd = Command::new("curl");
+    broker_integration::scrub(&mut cmd);
+    cmd.args(["-sS", "--max-time", "20", "--noproxy", "", "--cacert"])
+        .arg(&bundle)
+        .arg("-K")
+        .arg(&config)
+        .arg(url);
+    let out = run_bounded(&mut cmd, Duration::from_secs(30));
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A proxy set in config.toml, with its login, is the broker's: the CONNECT listener does not
+/// lend it to the agent's tunnels to hosts the broker does not manage (they go directly), while
+/// the broker's own calls to the provider still go through it.
+#[test]
+fn a_proxy_from_config_toml_is_not_lent_to_the_agents_unmanaged_tunnels() {
+    let ca = TestCa::new();
+    let origin = Origin::bearer(&ca, "api.openai.com", OPENAI_KEY, "{\"data\":[]}");
+    let intranet = Origin::start(&ca, &[INTRANET], |_| {
+        Reply::Text(200, "intranet page".into())
+    });
+    let proxy = ConnectProxy::start(
+        &[
+            ("api.openai.com:443", origin.addr),
+            (&format!("{INTRANET}:443"), intranet.addr),
+        ],
+        Some((PROXY_USER, PROXY_PASSWORD)),
+    );
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let placeholder = home.placeholder("openai");
+    write_config(
+        &home,
+        &format!(
+            "upstream_proxy = \"{}\"\n",
+            proxy.url(Some(&format!("{PROXY_USER}:{PROXY_PASSWORD}")))
+        ),
+    );
+    let mut cmd = home.broker();
+    cmd.arg("serve")
+        .arg("--upstream-ca")
+        .arg(&ca.pem_path)
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy");
+    let serve = broker_integration::Serve::spawn(&home, cmd);
+    let page = curl_as_static_program(&home, &ca, &serve, &format!("https://{INTRANET}/"), None);
+    assert_ne!(page, "intranet page", "{page}");
+    let models = curl_as_static_program(
+        &home,
+        &ca,
+        &serve,
+        "https://api.openai.com/v1/models",
+        Some(format!("Authorization: Bearer {placeholder}")),
+    );
+    assert_eq!(models, "{\"data\":[]}", "{models}");
+    let targets: Vec<String> = proxy.tunnels().into_iter().map(|t| t.target).collect();
+    assert!(
+        targets.contains(&"api.openai.com:443".to_string())
+            && !targets.iter().any(|t| t.starts_with(INTRANET)),
+        "{targets:?}"
+    );
+    assert_eq!(intranet.requests().len(), 0);
 }

@@ -67,13 +67,7 @@ impl UserConfig {
     /// Read `config.toml`; a missing file is an empty config, a malformed one an error naming
     /// the file.
     pub fn load(home: &Home) -> Result<UserConfig, OAuthError> {
-        let path = home.config_path();
-        match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text)
-                .map_err(|e| OAuthError::Config(format!("{}: {e}", path.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(UserConfig::default()),
-            Err(e) => Err(OAuthError::Config(format!("{}: {e}", path.display()))),
-        }
+        home.read_config().map_err(OAuthError::Config)
     }
 
     /// The system broker's OAuth tables (from `/etc/broker/config.toml`).

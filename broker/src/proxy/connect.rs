@@ -179,7 +179,13 @@ fn handle(
         } else {
             // The tunnel keeps the connection's place under the caps while it lasts.
             let _slot = slot;
-            let via = proxy.upstream_proxy.clone().filter(|p| !p.bypasses(&host));
+            // Through the proxy only when the agent's environment names it too: a proxy
+            // (and its login) in config.toml is the broker's, and a CONNECT listener that
+            // lent it out would hand the agent what the user kept from it.
+            let via = proxy
+                .upstream_proxy
+                .clone()
+                .filter(|p| p.from_environment() && !p.bypasses(&host));
             tunnel(io, &host, port, via.as_deref()).await;
         }
     });

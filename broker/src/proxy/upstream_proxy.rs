@@ -81,21 +81,7 @@ impl UpstreamProxy {
         let env_no_proxy = || env("no_proxy").or_else(|| env("NO_PROXY"));
         if let Some(home) = home {
             let path = home.config_path();
-            let config = match std::fs::read_to_string(&path) {
-                Ok(text) => {
-                    let text = Zeroizing::new(text);
-                    toml::from_str::<ProxyConfig>(&text).map_err(|e| {
-                        // toml's message quotes the offending line, which may hold the password.
-                        anyhow::anyhow!(
-                            "{}: not valid TOML near line {}: fix the file (its upstream_proxy is not shown here)",
-                            path.display(),
-                            e.span().map_or(0, |s| line_of(&text, s.start))
-                        )
-                    })?
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => ProxyConfig::default(),
-                Err(e) => anyhow::bail!("{}: {e}", path.display()),
-            };
+            let config: ProxyConfig = home.read_config().map_err(anyhow::Error::msg)?;
             if let Some(url) = config.upstream_proxy.map(Zeroizing::new) {
                 let origin = format!("upstream_proxy in {}", path.display());
                 if url.trim().is_empty() {
@@ -195,7 +181,27 @@ impl UpstreamProxy {
 
     /// A TCP connection to the proxy, tunnelled to `host:port`: ready for the TLS handshake
     /// with the provider.
+    /// Bounded by [`super::upstream::CONNECT_TIMEOUT`]: a proxy that accepts and never
+    /// answers holds no connection (nor its place under the caps) for longer.
     pub async fn tunnel(&self, host: &str, port: u16) -> Result<TcpStream, ConnectError> {
+        let limit = super::upstream::CONNECT_TIMEOUT;
+        tokio::time::timeout(limit, self.tunnel_unbounded(host, port))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ConnectError::Proxy(format!(
+                    "the upstream proxy {self} did not answer CONNECT within {} s",
+                    limit.as_secs()
+                )))
+            })
+    }
+
+    /// Whether the setting came from the environment (`HTTPS_PROXY`), which the agent
+    /// inherits too, rather than from `config.toml`, which it does not see.
+    pub fn from_environment(&self) -> bool {
+        self.origin.eq_ignore_ascii_case("https_proxy")
+    }
+
+    async fn tunnel_unbounded(&self, host: &str, port: u16) -> Result<TcpStream, ConnectError> {
         let fail =
             |reason: String| ConnectError::Proxy(format!("the upstream proxy {self} {reason}"));
         let mut tcp = TcpStream::connect((self.host.as_str(), self.port))
@@ -314,14 +320,6 @@ fn printable(bytes: &[u8]) -> String {
         .collect::<String>()
         .trim()
         .to_string()
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
 }
 
 #[cfg(test)]
