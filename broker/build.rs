@@ -1,6 +1,6 @@
 //! With the `embedded-shim` feature (on by default, so `cargo install --path broker` has it),
 //! builds `libbroker.so` from `../shim` and hands its path to the crate as
-//! `BROKER_EMBEDDED_SHIM`, which `src/launch/embedded.rs` includes. Stable cargo installs no
+//! `BROKER_EMBEDDED_SHIM`, which `src/embedded_shim.rs` includes. Stable cargo installs no
 //! cdylib, so a broker installed on its own carries its shim inside and writes it out at run
 //! time.
 //!

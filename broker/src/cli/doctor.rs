@@ -351,7 +351,7 @@ fn upstream_proxy_check(home: &Home) -> Check {
         Ok(Some(proxy)) => check(
             "upstream proxy",
             Status::Ok,
-            format!("providers are reached through {proxy}; the agent's managed hosts are added to its NO_PROXY"),
+            format!("providers are reached through {proxy}; where an agent's environment names a proxy, broker run adds its managed hosts to the agent's NO_PROXY"),
         ),
         Ok(None) => check(
             "upstream proxy",

@@ -88,7 +88,7 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         AdminReply::Error { error } => bail!(
-            "the system broker refused the login: {error}. Nothing was stored and the tokens were discarded: run the login again once that is fixed"
+            "the system broker refused the login: {error}. This command kept no token: run the login again once that is fixed (`broker list --system` shows what the system broker holds)"
         ),
     }
 }

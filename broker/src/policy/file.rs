@@ -273,7 +273,6 @@ fn limits(
     })
 }
 
-/// 1-based line and column (in characters) of byte `offset`.
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,7 +85,6 @@ pub(super) async fn accept_loop(
     }
 }
 
-/// Answer every request on a plain connection with `answer`, then close.
 /// A connection over a cap: audited once per burst (`listen::refuse`), answered with a 503
 /// that says which cap while refusal permits last.
 fn refuse_over_cap(
@@ -107,6 +106,7 @@ fn refuse_over_cap(
     });
 }
 
+/// Answer every request on a plain connection with `answer`, then close.
 async fn serve_http1(
     stream: TcpStream,
     answer: impl Fn(Request<Incoming>) -> Response<ProxyBody> + Send + Sync + 'static,

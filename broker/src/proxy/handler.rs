@@ -698,8 +698,6 @@ pub(super) async fn accepted(
     }
 }
 
-/// The secret, and whether it was read just now (`false`: a cached API key, current and with
-/// nothing to renew).
 /// Per provider, a gate for the vault reads whose answer is cached. Every write to the
 /// vault's files empties the caches, and the audit writer moves the audit head in the vault
 /// once per batch (every few milliseconds under load): without the gate, each connection's
@@ -722,6 +720,8 @@ impl VaultReads {
     }
 }
 
+/// The secret, and whether it was read just now (`false`: a cached API key, current and with
+/// nothing to renew).
 pub(super) async fn lookup(
     proxy: &Arc<Proxy>,
     provider: &Provider,

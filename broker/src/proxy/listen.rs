@@ -177,18 +177,7 @@ async fn accept_loop(
                         slot,
                     ));
                 }
-                Err(full) => refuse(&proxy, &run, peer, full, |proxy, run, permit| {
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        let error = BrokerError::TooManyConnections {
-                            message: full.message(),
-                        };
-                        let deadline = Instant::now() + REFUSAL_TIMEOUT;
-                        let _ =
-                            timeout_at(deadline, refuse_tls(proxy, run, stream, deadline, error))
-                                .await;
-                    });
-                }),
+                Err(full) => refuse_over_cap(&proxy, &run, peer, stream, full),
             },
             Err(err) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -197,6 +186,27 @@ async fn accept_loop(
             }
         }
     }
+}
+
+/// A connection over a cap on the run's TLS listeners: audited once per burst (`refuse`), and
+/// told so in TLS while refusal permits last.
+fn refuse_over_cap(
+    proxy: &Arc<Proxy>,
+    run: &Arc<RunContext>,
+    peer: SocketAddr,
+    stream: TcpStream,
+    full: Full,
+) {
+    refuse(proxy, run, peer, full, |proxy, run, permit| {
+        tokio::spawn(async move {
+            let _permit = permit;
+            let error = BrokerError::TooManyConnections {
+                message: full.message(),
+            };
+            let deadline = Instant::now() + REFUSAL_TIMEOUT;
+            let _ = timeout_at(deadline, refuse_tls(proxy, run, stream, deadline, error)).await;
+        });
+    });
 }
 
 /// A connection over a cap: audited once per burst, and told why (by `tell`, given a permit)
@@ -289,16 +299,7 @@ async fn serve_connection(
     };
     if let Err(full) = count_uid(&proxy, &run, &mut slot, &peer_id) {
         drop(slot);
-        refuse(&proxy, &run, peer, full, |proxy, run, permit| {
-            tokio::spawn(async move {
-                let _permit = permit;
-                let error = BrokerError::TooManyConnections {
-                    message: full.message(),
-                };
-                let deadline = Instant::now() + REFUSAL_TIMEOUT;
-                let _ = timeout_at(deadline, refuse_tls(proxy, run, stream, deadline, error)).await;
-            });
-        });
+        refuse_over_cap(&proxy, &run, peer, stream, full);
         return;
     }
     // One deadline for the ticket, the first byte and the TLS handshake.

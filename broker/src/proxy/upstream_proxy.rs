@@ -207,7 +207,6 @@ impl UpstreamProxy {
         let mut tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|e| fail(format!("cannot be reached: {e}")))?;
-        let _ = tcp.set_nodelay(true);
         let target = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
