@@ -944,6 +944,43 @@ sys.stdin.read()
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("flood said {line:?}; broker: {}", broker.stderr()));
     assert!(held >= SHARE, "the flood holds its share: {line}");
+    // More runs of its own (a shim that hands over a key opens one per process tree) give
+    // the flooding uid no more: its share counts across all its runs. Without that, these
+    // three would fill the global cap (four runs' worth) and the other uid would be refused.
+    let mut more: Vec<std::process::Child> = (0..3)
+        .map(|i| {
+            let mut cmd = bare_preload(
+                &flooder,
+                &root,
+                &format!(
+                    "exec /usr/bin/python3 -c '{}'",
+                    FLOOD.replace("SHARE", &SHARE.to_string())
+                ),
+                true,
+            );
+            cmd.env(
+                "OPENAI_API_KEY",
+                format!("sk-flood-handover-{i}-0123456789abcdef0123"),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("flood in a run of its own")
+        })
+        .collect();
+    for child in &mut more {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read");
+        assert!(
+            line.starts_with("held "),
+            "{line:?}; broker: {}",
+            broker.stderr()
+        );
+    }
 
     // The other uid is served meanwhile.
     let out = run_bounded(
@@ -996,6 +1033,10 @@ sys.stdin.read()
     );
     drop(flood.stdin.take());
     let _ = flood.wait();
+    for mut child in more {
+        drop(child.stdin.take());
+        let _ = child.wait();
+    }
     drop(broker);
     drop(broker_user);
 }

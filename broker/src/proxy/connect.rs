@@ -60,7 +60,7 @@ pub(super) async fn accept_loop(
                     return;
                 }
             };
-            if let Err(full) = count_uid(&proxy, &run, &mut slot, &peer_id) {
+            if let Err(full) = count_uid(&proxy, &mut slot, &peer_id) {
                 drop(slot);
                 refuse_over_cap(&proxy, &run, peer, stream, full);
                 return;

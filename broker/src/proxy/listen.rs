@@ -297,7 +297,7 @@ async fn serve_connection(
             return;
         }
     };
-    if let Err(full) = count_uid(&proxy, &run, &mut slot, &peer_id) {
+    if let Err(full) = count_uid(&proxy, &mut slot, &peer_id) {
         drop(slot);
         refuse_over_cap(&proxy, &run, peer, stream, full);
         return;
@@ -452,15 +452,12 @@ fn shared_by_uids(proxy: &Proxy, run: &RunContext) -> bool {
     proxy.access().is_some() && run.owner.is_none()
 }
 
-/// In a run several uids share, count the connection against its uid's own share (limits);
-/// elsewhere the run's count already did.
-pub(super) fn count_uid(
-    proxy: &Proxy,
-    run: &RunContext,
-    slot: &mut Slot,
-    peer: &PeerId,
-) -> Result<(), Full> {
-    if shared_by_uids(proxy, run) {
+/// On a system broker, count the connection against its uid's own share (limits), in every
+/// run: the shared run for bare preloads and the runs a uid's shims opened with handed-over
+/// keys alike, or one uid could fill the broker by opening more runs. A broker of one user
+/// has the run's count only.
+pub(super) fn count_uid(proxy: &Proxy, slot: &mut Slot, peer: &PeerId) -> Result<(), Full> {
+    if proxy.access().is_some() {
         slot.count_uid(proxy.caps.admit_uid(peer.uid)?);
     }
     Ok(())
