@@ -464,9 +464,16 @@ fn the_sni_picks_the_host_on_the_runs_one_address() {
         |r| r.header("x-api-key") == Some(ANTHROPIC_KEY) && r.header("authorization").is_none()
     ));
 
-    // An unmanaged name, and no name at all (a client that connects by address sends no
-    // SNI): the handshake fails, no certificate is sent, nothing is forwarded.
-    for sni in ["example.com", "evil.openai.com.example", "127.77.1.1"] {
+    // An unmanaged name, a name the catalog knows but this run does not manage (AWS, in a
+    // run without an AWS credential: the broker's CA could sign it, the run must not), and no
+    // name at all (a client that connects by address sends no SNI): the handshake fails, no
+    // certificate is sent, nothing is forwarded.
+    for sni in [
+        "example.com",
+        "evil.openai.com.example",
+        "sts.amazonaws.com",
+        "127.77.1.1",
+    ] {
         let err = send(addr, sni, &s.ca_pem, false, get("example.com", "/", &[]));
         assert!(err.is_err(), "{sni}: {err:?}");
         let message = err.err().unwrap_or_default();
@@ -476,18 +483,20 @@ fn the_sni_picks_the_host_on_the_runs_one_address() {
     // The unmanaged names are audited; the nameless one has nothing to record.
     let audit = s
         .home
-        .audit_until(|a| broker_integration::count_events(a, "sni_host_mismatch") >= 2);
+        .audit_until(|a| broker_integration::count_events(a, "sni_host_mismatch") >= 3);
     let mismatches: Vec<&str> = audit
         .lines()
         .filter(|l| l.contains("sni_host_mismatch"))
         .collect();
-    assert_eq!(mismatches.len(), 2, "{audit:?}");
-    assert!(
-        mismatches
-            .iter()
-            .any(|l| l.contains("\"sni\":\"example.com\"")),
-        "{mismatches:?}"
-    );
+    assert_eq!(mismatches.len(), 3, "{audit:?}");
+    for sni in ["example.com", "sts.amazonaws.com"] {
+        assert!(
+            mismatches
+                .iter()
+                .any(|l| l.contains(&format!("\"sni\":\"{sni}\""))),
+            "{sni}: {mismatches:?}"
+        );
+    }
     s.assert_no_leak(OPENAI_KEY);
     s.assert_no_leak(ANTHROPIC_KEY);
 }
