@@ -190,7 +190,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .and_then(|k| k.source)
             .or_else(|| crate::vault::recorded_key_source(&home))
             == Some(crate::vault::KeySource::Keyring);
-        let plan = crate::sandbox::Plan::for_run(&home, run_dir, keyring);
+        let plan = crate::sandbox::Plan::for_run(&home, run_dir, keyring, shim.as_deref());
         let status_dir = crate::home::runtime_base().unwrap_or_else(|| home.daemon_dir());
         ensure_private_dir(&status_dir)?;
         crate::sandbox::spawn(&mut command, &plan, &status_dir)?

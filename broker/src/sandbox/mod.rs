@@ -67,7 +67,14 @@ pub struct Plan {
 
 impl Plan {
     /// The plan for a run of `home` whose own files are in `run_dir`.
-    pub fn for_run(home: &crate::home::Home, run_dir: &Path, hide_session_bus: bool) -> Plan {
+    /// `shim`: the libbroker.so the run preloads (found and checked once, by the caller),
+    /// kept read-only like the broker binary.
+    pub fn for_run(
+        home: &crate::home::Home,
+        run_dir: &Path,
+        hide_session_bus: bool,
+        shim: Option<&Path>,
+    ) -> Plan {
         let mut plan = Plan::default();
         plan.hide_dirs.push(home.root().to_path_buf());
         if let Some(runtime) = crate::home::runtime_base() {
@@ -82,8 +89,8 @@ impl Plan {
         if let Ok(exe) = std::env::current_exe() {
             plan.read_only.push(exe);
         }
-        if let Some(shim) = crate::launch::find_shim() {
-            plan.read_only.push(shim);
+        if let Some(shim) = shim {
+            plan.read_only.push(shim.to_path_buf());
         }
         plan
     }
