@@ -4,14 +4,27 @@
 /// `application/x-www-form-urlencoded` encoding of one value.
 pub fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
+    encode_into(s.as_bytes(), false, &mut out);
+    out
+}
+
+/// `bytes` percent-encoded onto `out`: RFC 3986's unreserved characters as they are (and `/`
+/// when `keep_slash`), every other byte as `%XX` in upper case. The one encoder of the
+/// crate: forms, the policy's canonical query, SigV4's canonical request.
+pub fn encode_into(bytes: &[u8], keep_slash: bool, out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in bytes {
+        if b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'.' | b'_' | b'~')
+            || (keep_slash && b == b'/')
+        {
+            out.push(char::from(b));
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
         }
     }
-    out
 }
 
 /// Decode one `application/x-www-form-urlencoded` value (`+` is a space).

@@ -230,26 +230,13 @@ pub fn canonical(params: &[Param<'_>]) -> String {
         if i > 0 {
             out.push('&');
         }
-        encode(&p.name, &mut out);
+        crate::form::encode_into(&p.name, false, &mut out);
         if p.has_eq {
             out.push('=');
-            encode(&p.value, &mut out);
+            crate::form::encode_into(&p.value, false, &mut out);
         }
     }
     out
-}
-
-fn encode(bytes: &[u8], out: &mut String) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for &b in bytes {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push('%');
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 15)]));
-        }
-    }
 }
 
 #[cfg(test)]

@@ -117,14 +117,7 @@ pub fn same_signature(a: &str, b: &str) -> bool {
 /// `keep_slash` (paths).
 pub fn uri_encode(bytes: &[u8], keep_slash: bool) -> String {
     let mut out = String::with_capacity(bytes.len());
-    for &b in bytes {
-        let plain = b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~');
-        if plain || (keep_slash && b == b'/') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
+    crate::form::encode_into(bytes, keep_slash, &mut out);
     out
 }
 
