@@ -115,7 +115,9 @@ impl Approvals {
             waited: 0,
             timeout: timeout.as_secs(),
         };
-        let notice = view.clone();
+        // Announced before it is listed: the notice starts on a thread of its own, so the
+        // order makes no difference to the person, and the view needs no copy.
+        crate::notify::approval_waiting(&view);
         self.lock().push(Entry {
             n,
             view,
@@ -124,7 +126,6 @@ impl Approvals {
             answer: Some(tx),
         });
         let _gone = Remove { approvals: self, n };
-        crate::notify::approval_waiting(&notice);
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(true)) => Outcome::Granted,
             Ok(_) => Outcome::Denied,

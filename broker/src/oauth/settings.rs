@@ -48,19 +48,21 @@ pub struct OAuthOverride {
 impl OAuthOverride {
     /// Every endpoint given is https, or plain http to this machine.
     pub fn check_endpoints(&self) -> Result<(), OAuthError> {
-        for url in [
-            &self.token_url,
-            &self.authorize_url,
-            &self.device_url,
-            &self.revoke_url,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            super::client::endpoint_uri(url)?;
-        }
-        Ok(())
+        check_urls([
+            self.token_url.as_ref(),
+            self.authorize_url.as_ref(),
+            self.device_url.as_ref(),
+            self.revoke_url.as_ref(),
+        ])
     }
+}
+
+/// Every URL given is https, or plain http to this machine.
+fn check_urls<'a>(urls: impl IntoIterator<Item = Option<&'a String>>) -> Result<(), OAuthError> {
+    for url in urls.into_iter().flatten() {
+        super::client::endpoint_uri(url)?;
+    }
+    Ok(())
 }
 
 impl UserConfig {
@@ -198,18 +200,12 @@ impl OAuthSettings {
 
     /// Every endpoint is https, or plain http to this machine.
     pub fn check_endpoints(&self) -> Result<(), OAuthError> {
-        for url in [
+        check_urls([
             Some(&self.token_url),
             self.authorize_url.as_ref(),
             self.device_url.as_ref(),
             self.revoke_url.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            super::client::endpoint_uri(url)?;
-        }
-        Ok(())
+        ])
     }
 
     /// The grant a login runs: client credentials for a service account, else the device

@@ -77,7 +77,14 @@ impl UpstreamProxy {
     /// environment is not read: there `HTTPS_PROXY` may be the run's own CONNECT listener,
     /// and the broker that matters is the enclosing one.
     pub fn configured(home: Option<&Home>) -> anyhow::Result<Option<UpstreamProxy>> {
-        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        // Inside a run the environment is the run's (its HTTPS_PROXY may be the run's own
+        // CONNECT listener, its NO_PROXY lists the managed hosts): none of it is read.
+        let inside_run = crate::hardening::inside_run().is_some();
+        let env = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .filter(|v| !inside_run && !v.trim().is_empty())
+        };
         let env_no_proxy = || env("no_proxy").or_else(|| env("NO_PROXY"));
         if let Some(home) = home {
             let path = home.config_path();
@@ -92,9 +99,6 @@ impl UpstreamProxy {
                     .map(Some)
                     .map_err(|e| anyhow::anyhow!("{origin}: {e}"));
             }
-        }
-        if crate::hardening::inside_run().is_some() {
-            return Ok(None);
         }
         for name in ["https_proxy", "HTTPS_PROXY"] {
             if let Some(url) = env(name).map(Zeroizing::new) {

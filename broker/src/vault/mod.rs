@@ -431,11 +431,7 @@ impl Vault {
     /// integrity check made): which providers have a credential, for the placeholders a run's
     /// agent gets. A row edited outside broker is listed like the others; using it fails.
     pub fn stored_names(&self) -> Result<Vec<(String, String)>, VaultError> {
-        let conn = self.lock();
-        Ok(row::read_all(&conn)?
-            .into_iter()
-            .map(|row| (row.provider, row.profile))
-            .collect())
+        row::read_names(&self.lock())
     }
 
     /// Every stored credential, sorted by provider then profile, each with whether it passes

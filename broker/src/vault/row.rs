@@ -127,6 +127,14 @@ pub(super) fn read_all(conn: &Connection) -> Result<Vec<RawRow>, VaultError> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// The (provider, profile) of every row, sorted: names only, no sealed column read.
+pub(super) fn read_names(conn: &Connection) -> Result<Vec<(String, String)>, VaultError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT provider, profile FROM credentials ORDER BY provider, profile")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// A row to write, secrets in the clear (sealed by [`Vault::write_row`]).
 pub(super) struct NewRow<'a> {
     pub kind: CredentialKind,
