@@ -456,7 +456,8 @@ impl Audit {
             }
         }
         let (len, mut seq, mut prev) = (end.len, end.seq, end.prev);
-        let mut out = String::new();
+        // About 560 bytes a line for a proxied request.
+        let mut out: Vec<u8> = Vec::with_capacity(events.len().saturating_add(1) * 640);
         let mut records = Vec::with_capacity(events.len() + 1);
         // The anchor of a format-1 log is not one of the caller's events: never given back.
         let synthetic = usize::from(end.needs_anchor);
@@ -487,8 +488,9 @@ impl Audit {
                 hash: String::new(),
                 mac: String::new(),
             };
-            let (line, mac) = match encode_line(&record, &self.key) {
-                Ok(encoded) => encoded,
+            let line_start = out.len();
+            let mac = match encode_line_into(&record, &self.key, &mut out) {
+                Ok(mac) => mac,
                 Err(error) => {
                     records.push(record);
                     return Err(AppendFailed {
@@ -497,9 +499,8 @@ impl Audit {
                     });
                 }
             };
-            last_start = len + out.len() as u64;
-            out.push_str(&line);
-            out.push('\n');
+            last_start = len + line_start as u64;
+            out.push(b'\n');
             prev = mac.clone();
             records.push(AuditRecord { mac, ..record });
             seq += 1;
@@ -515,7 +516,7 @@ impl Audit {
             return Ok(records);
         }
         // One write(2) of all the lines: with O_APPEND they land at the end as a unit.
-        if let Err(error) = (&state.file).write_all(out.as_bytes()) {
+        if let Err(error) = (&state.file).write_all(&out) {
             return Err(AppendFailed {
                 error: io_err(error),
                 events: give_back(records, Vec::new()),
@@ -700,21 +701,34 @@ fn open_no_follow(path: &Path, create: bool) -> Result<fs::File, AuditError> {
     Ok(file)
 }
 
-/// Serialize `record` (its `mac` still empty) as one line (no newline) with its MAC computed
-/// and placed last. Returns the line and the MAC.
-fn encode_line(
+/// Append `record` (its `mac` still empty) to `out` as one line (no newline) with its MAC
+/// computed and placed last. Returns the MAC. Written straight into the batch's buffer: the
+/// audit writer encodes one line per proxied request, and a `String` per line plus a
+/// `format!` copy of it were most of its allocations.
+fn encode_line_into(
     record: &AuditRecord,
     key: &hmac::Key,
-) -> Result<(String, String), serde_json::Error> {
+    out: &mut Vec<u8>,
+) -> Result<String, serde_json::Error> {
     debug_assert!(
         record.mac.is_empty() && record.hash.is_empty(),
         "the mac is computed here"
     );
+    let start = out.len();
     // Struct order (seq, time, event, fields, prev); the empty `hash` and `mac` are skipped.
-    let unmaced = serde_json::to_string(record)?;
-    let mac = to_hex(hmac::sign(key, unmaced.as_bytes()).as_ref());
-    let body = unmaced.strip_suffix('}').unwrap_or(&unmaced);
-    Ok((format!("{body},\"mac\":\"{mac}\"}}"), mac))
+    if let Err(error) = serde_json::to_writer(&mut *out, record) {
+        out.truncate(start);
+        return Err(error);
+    }
+    let mac = to_hex(hmac::sign(key, &out[start..]).as_ref());
+    // The MAC covers the line up to `,"mac"` with the closing `}` appended: the `}` that
+    // serde_json wrote moves after the MAC.
+    debug_assert_eq!(out.last(), Some(&b'}'));
+    out.pop();
+    out.extend_from_slice(b",\"mac\":\"");
+    out.extend_from_slice(mac.as_bytes());
+    out.extend_from_slice(b"\"}");
+    Ok(mac)
 }
 
 /// Check the whole log at `path`: format-1 lines by their hashes, keyed lines by their MACs
@@ -1208,10 +1222,10 @@ pub fn reset(home: &Home, vault: &Vault, event: AuditEvent) -> Result<ResetOutco
         hash: String::new(),
         mac: String::new(),
     };
-    let (line, mac) = encode_line(&record, &key)?;
-    (&file)
-        .write_all(format!("{line}\n").as_bytes())
-        .map_err(io_err)?;
+    let mut line = Vec::new();
+    let mac = encode_line_into(&record, &key, &mut line)?;
+    line.push(b'\n');
+    (&file).write_all(&line).map_err(io_err)?;
     file.sync_all().map_err(io_err)?;
     if let Some(dir) = path.parent() {
         let _ = fs::File::open(dir).and_then(|d| d.sync_all());

@@ -13,7 +13,7 @@ use crate::vault::Vault;
 
 /// How long the writer waits after the first event of a batch for more to arrive: the delay
 /// before an event reaches the file (and before a broker with unwritten events exits).
-const GATHER: Duration = Duration::from_millis(5);
+const GATHER: Duration = Duration::from_millis(20);
 /// How often a write that failed (a full disk) is tried again.
 const RETRY: Duration = Duration::from_secs(1);
 /// Most events kept while the log cannot be written (about 30 MB). No credential is used then,
