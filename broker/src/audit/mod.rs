@@ -45,6 +45,8 @@ use ring::hmac;
 use rustix::fs::{flock, FlockOperation};
 use serde::{Deserialize, Serialize};
 
+mod line;
+
 use crate::home::Home;
 use crate::vault::{AuditHead, AuditHeadStore, Vault, VaultError};
 
@@ -291,8 +293,6 @@ pub struct AuditRecord {
 pub enum AuditError {
     #[error("audit log {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("audit log: cannot encode an event: {0}")]
-    Encode(#[from] serde_json::Error),
     /// The log is not what the broker wrote: cut, replaced, a symlink, edited.
     #[error("the audit log {path} cannot be trusted: {reason}. No credential is used until this is resolved: {RECOVERY}")]
     Untrusted { path: PathBuf, reason: String },
@@ -478,8 +478,7 @@ impl Audit {
             ..AuditEvent::new(EventKind::AuditKeyed)
         });
         let mut last_start = len;
-        let mut events = anchor.into_iter().chain(events);
-        while let Some(event) = events.next() {
+        for event in anchor.into_iter().chain(events) {
             let record = AuditRecord {
                 seq,
                 time: time.clone(),
@@ -489,16 +488,7 @@ impl Audit {
                 mac: String::new(),
             };
             let line_start = out.len();
-            let mac = match encode_line_into(&record, &self.key, &mut out) {
-                Ok(mac) => mac,
-                Err(error) => {
-                    records.push(record);
-                    return Err(AppendFailed {
-                        error: error.into(),
-                        events: give_back(records, events.collect::<Vec<_>>()),
-                    });
-                }
-            };
+            let mac = encode_line_into(&record, &self.key, &mut out);
             last_start = len + line_start as u64;
             out.push(b'\n');
             prev = mac.clone();
@@ -704,31 +694,24 @@ fn open_no_follow(path: &Path, create: bool) -> Result<fs::File, AuditError> {
 /// Append `record` (its `mac` still empty) to `out` as one line (no newline) with its MAC
 /// computed and placed last. Returns the MAC. Written straight into the batch's buffer: the
 /// audit writer encodes one line per proxied request, and a `String` per line plus a
-/// `format!` copy of it were most of its allocations.
-fn encode_line_into(
-    record: &AuditRecord,
-    key: &hmac::Key,
-    out: &mut Vec<u8>,
-) -> Result<String, serde_json::Error> {
+/// `format!` copy of it were most of its allocations (see `line` for the JSON itself).
+fn encode_line_into(record: &AuditRecord, key: &hmac::Key, out: &mut Vec<u8>) -> String {
     debug_assert!(
         record.mac.is_empty() && record.hash.is_empty(),
         "the mac is computed here"
     );
     let start = out.len();
     // Struct order (seq, time, event, fields, prev); the empty `hash` and `mac` are skipped.
-    if let Err(error) = serde_json::to_writer(&mut *out, record) {
-        out.truncate(start);
-        return Err(error);
-    }
+    line::write_record(record, out);
     let mac = to_hex(hmac::sign(key, &out[start..]).as_ref());
     // The MAC covers the line up to `,"mac"` with the closing `}` appended: the `}` that
-    // serde_json wrote moves after the MAC.
+    // `write_record` wrote moves after the MAC.
     debug_assert_eq!(out.last(), Some(&b'}'));
     out.pop();
     out.extend_from_slice(b",\"mac\":\"");
     out.extend_from_slice(mac.as_bytes());
     out.extend_from_slice(b"\"}");
-    Ok(mac)
+    mac
 }
 
 /// Check the whole log at `path`: format-1 lines by their hashes, keyed lines by their MACs
@@ -1223,7 +1206,7 @@ pub fn reset(home: &Home, vault: &Vault, event: AuditEvent) -> Result<ResetOutco
         mac: String::new(),
     };
     let mut line = Vec::new();
-    let mac = encode_line_into(&record, &key, &mut line)?;
+    let mac = encode_line_into(&record, &key, &mut line);
     line.push(b'\n');
     (&file).write_all(&line).map_err(io_err)?;
     file.sync_all().map_err(io_err)?;
