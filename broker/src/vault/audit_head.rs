@@ -9,7 +9,7 @@
 //!
 //! A vault made by this broker has a head from its first transaction on: `seq` 0, "no line
 //! yet". So a missing row means a vault made before the head existed (its log is format 1, or
-//! none), or a row deleted; the audit tells the two apart as far as it can (see `audit.rs`).
+//! none), or a row deleted; the audit tells the two apart as far as it can (see `audit/mod.rs`).
 //!
 //! The table is created here (`CREATE TABLE IF NOT EXISTS`), by a new vault or on first use,
 //! and written through a connection of its own, so the audit writer never waits for the
