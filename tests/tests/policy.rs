@@ -571,14 +571,37 @@ approve_timeout = 60
             );
             let path = w["path"].as_str().expect("path");
             let deny = path == "/v1/files/b";
-            let mut args = vec!["approve", id.as_str()];
-            if deny {
-                args.push("--deny");
+            if !deny && answered.is_empty() {
+                // Approving asks first; with no terminal to ask on, it shows the request as
+                // the broker holds it, refuses, and the request keeps waiting.
+                let out = home
+                    .broker()
+                    .args(["approve", id.as_str()])
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .expect("broker approve");
+                assert!(!out.status.success());
+                let said = String::from_utf8_lossy(&out.stdout);
+                let method = w["method"].as_str().expect("method");
+                assert!(
+                    said.contains(&format!("{id}  {method} api.openai.com{path}")),
+                    "{said}"
+                );
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(stderr.contains("add --yes"), "{stderr}");
+                let still = home.broker_ok(&["approve", "--json"]);
+                assert!(
+                    String::from_utf8_lossy(&still.stdout).contains(&id),
+                    "still waiting"
+                );
             }
+            let mut args = vec!["approve", id.as_str()];
+            args.push(if deny { "--deny" } else { "--yes" });
             let out = home.broker_ok(&args);
             let said = String::from_utf8_lossy(&out.stdout);
+            let last = said.lines().last().unwrap_or_default();
             assert!(
-                said.starts_with(if deny { "denied" } else { "approved" }),
+                last.starts_with(if deny { "denied" } else { "approved" }),
                 "{said}"
             );
             answered.push(id);
@@ -853,9 +876,7 @@ fn allow_flags_ask_for_approval_in_a_run_joined_to_serve() {
             );
             let deny = w["path"] == "/v1/files/b";
             let mut args = vec!["approve", id.as_str()];
-            if deny {
-                args.push("--deny");
-            }
+            args.push(if deny { "--deny" } else { "--yes" });
             home.broker_ok(&args);
             answered.push(id);
         }

@@ -1,13 +1,17 @@
-//! `broker approve [ID] [--deny]`: list the requests waiting for an approval (run, command,
-//! method, host, path, the rule that asks), or answer one. Talks to every broker of this
-//! `BROKER_HOME` (`approvals::sockets`); see `crate::approvals` for who may answer.
+//! `broker approve [ID] [--deny] [--yes]`: list the requests waiting for an approval (run,
+//! command, method, host, path, the rule that asks), or answer one. Talks to every broker of
+//! this `BROKER_HOME` (`approvals::sockets`); see `crate::approvals` for who may answer.
+//!
+//! Approving shows the request as the broker holds it and asks first (`--yes` skips the
+//! question, and is needed without a terminal): the id a user types may come from a desktop
+//! notice an agent faked, naming its own waiting request under another description.
 
 use std::process::ExitCode;
 
 use anyhow::bail;
 use clap::Args;
 
-use crate::approvals::{self, Reply};
+use crate::approvals::{self, Reply, Waiting};
 use crate::home::Home;
 
 #[derive(Debug, Args)]
@@ -20,6 +24,10 @@ pub struct ApproveArgs {
     /// Print the list as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Approve without asking (the request is still shown). Needed when standard input is
+    /// not a terminal.
+    #[arg(long, short = 'y', requires = "id", conflicts_with = "deny")]
+    pub yes: bool,
 }
 
 pub fn run(args: ApproveArgs) -> anyhow::Result<ExitCode> {
@@ -32,7 +40,7 @@ pub fn run(args: ApproveArgs) -> anyhow::Result<ExitCode> {
     let sockets = approvals::sockets(&home);
     match args.id {
         None => list(&sockets, args.json),
-        Some(id) => answer(&sockets, &id, !args.deny),
+        Some(id) => answer(&sockets, &id, !args.deny, args.yes),
     }
 }
 
@@ -52,10 +60,7 @@ fn list(sockets: &[(u32, std::path::PathBuf)], json: bool) -> anyhow::Result<Exi
         println!("no request is waiting for approval");
     }
     for w in &waiting {
-        println!(
-            "{}  {} {}{}  run {} ({}), waiting {}s of {}s\n    rule: {}",
-            w.id, w.method, w.host, w.path, w.run, w.command, w.waited, w.timeout, w.rule
-        );
+        println!("{}", describe(w));
     }
     if !waiting.is_empty() {
         println!("answer with 'broker approve ID' or 'broker approve ID --deny'");
@@ -63,10 +68,18 @@ fn list(sockets: &[(u32, std::path::PathBuf)], json: bool) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
+fn describe(w: &Waiting) -> String {
+    format!(
+        "{}  {} {}{}  run {} ({}), waiting {}s of {}s\n    rule: {}",
+        w.id, w.method, w.host, w.path, w.run, w.command, w.waited, w.timeout, w.rule
+    )
+}
+
 fn answer(
     sockets: &[(u32, std::path::PathBuf)],
     id: &str,
     approve: bool,
+    yes: bool,
 ) -> anyhow::Result<ExitCode> {
     let Some(pid) = id
         .split_once('.')
@@ -77,6 +90,24 @@ fn answer(
     let Some((_, path)) = sockets.iter().find(|(p, _)| *p == pid) else {
         bail!("no broker with process id {pid} is running for this BROKER_HOME (see 'broker approve')");
     };
+    if approve {
+        // What the broker holds under this id, not what a notice said it was.
+        let waiting = match approvals::request(path, "list")? {
+            Reply::Waiting { waiting } => waiting,
+            Reply::Error { error } => bail!("{error}"),
+            Reply::Answered { .. } => bail!("the broker answered something else"),
+        };
+        let Some(request) = waiting.iter().find(|w| w.id == id) else {
+            bail!("no request {id} is waiting (answered, timed out, or never asked; see 'broker approve')");
+        };
+        println!("{}", describe(request));
+        if !yes && !confirmed()? {
+            println!(
+                "not approved; the request still waits (deny it with 'broker approve {id} --deny')"
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+    }
     let line = format!("{} {id}", if approve { "approve" } else { "deny" });
     match approvals::request(path, &line)? {
         Reply::Answered { request } => {
@@ -94,4 +125,17 @@ fn answer(
         Reply::Error { error } => bail!("{error}"),
         Reply::Waiting { .. } => bail!("the broker answered something else"),
     }
+}
+
+/// Ask on the terminal. Without one there is no one to ask: say how to approve anyway.
+fn confirmed() -> anyhow::Result<bool> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    if !std::io::stdin().is_terminal() {
+        bail!("broker approve asks before approving, and standard input is not a terminal: add --yes to approve the request shown above");
+    }
+    print!("approve this request? [y/N] ");
+    std::io::stdout().flush()?;
+    let mut reply = String::new();
+    std::io::stdin().lock().read_line(&mut reply)?;
+    Ok(matches!(reply.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
 }
