@@ -90,14 +90,9 @@ fn drive(agent: Agent) {
     let clients = match agent_clients() {
         Ok(dir) => dir,
         Err(reason) => {
-            println!(
-                "SKIP {}: the agent CLIs are not installed: {reason}",
-                agent.name
-            );
-            eprintln!(
-                "SKIP {}: the agent CLIs are not installed: {reason}",
-                agent.name
-            );
+            let why = format!("{}: the agent CLIs are not installed: {reason}", agent.name);
+            println!("SKIP {why}");
+            broker_integration::skip(&why);
             return;
         }
     };

@@ -37,9 +37,8 @@ fn aws_bin() -> Option<PathBuf> {
         .iter()
         .all(|tool| bin.join(tool).exists());
     if !ok {
-        eprintln!(
-            "skipped: {} lacks python3, aws or moto_server (run ./scripts/test, which makes it from tests/aws/requirements.txt)",
-            bin.display()
+        broker_integration::skip(&format!("{} lacks python3, aws or moto_server (run ./scripts/test, which makes it from tests/aws/requirements.txt)",
+            bin.display())
         );
     }
     ok.then_some(bin)

@@ -171,8 +171,8 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent.py")).
 #[test]
 fn python_package_from_sdist_runs_the_openai_sdk_under_the_broker() {
     let Some((python, sdk_path)) = python_with_openai() else {
-        eprintln!(
-            "skipped: python3 with openai, setuptools and venv not on PATH (run ./scripts/test)"
+        broker_integration::skip(
+            "python3 with openai, setuptools and venv not on PATH (run ./scripts/test)",
         );
         return;
     };
@@ -431,8 +431,8 @@ fn node_package_from_npm_pack_runs_the_openai_sdk_under_the_broker() {
         .map(PathBuf::from)
         .filter(|p| p.join("openai").is_dir())
     else {
-        eprintln!(
-            "skipped: BROKER_TEST_NODE_MODULES with the openai SDK is not set (run ./scripts/test)"
+        broker_integration::skip(
+            "BROKER_TEST_NODE_MODULES with the openai SDK is not set (run ./scripts/test)",
         );
         return;
     };
@@ -648,8 +648,8 @@ fn path_without_rust() -> std::ffi::OsString {
 #[test]
 fn packaged_wheel_installs_without_rust_and_runs_the_openai_sdk() {
     let Some((python, sdk_path)) = python_with_openai() else {
-        eprintln!(
-            "skipped: python3 with openai, setuptools and venv not on PATH (run ./scripts/test)"
+        broker_integration::skip(
+            "python3 with openai, setuptools and venv not on PATH (run ./scripts/test)",
         );
         return;
     };
@@ -741,7 +741,7 @@ const NODE_FETCH_AGENT: &str = r#"fetch('https://api.openai.com/v1/models', {
 #[test]
 fn packaged_npm_tarballs_install_offline_and_run_a_fetch_agent() {
     if broker_integration::which("npm").is_none() {
-        eprintln!("skipped: npm is not installed");
+        broker_integration::skip("npm is not installed");
         return;
     }
     let dist = packaged().join("npm");
@@ -779,7 +779,13 @@ fn packaged_npm_tarballs_install_offline_and_run_a_fetch_agent() {
         .args(["install", "--silent"])
         .arg(&main)
         .arg(&platform));
-    let carried = project.join("node_modules/@broker-shim/linux-x64-gnu");
+    // npm's names for the CPU (`process.arch`), as in the platform package's name.
+    let cpu = match std::env::consts::ARCH {
+        "x86_64" => "x64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let carried = project.join(format!("node_modules/@broker-shim/linux-{cpu}-gnu"));
     assert!(carried.join("broker").is_file() && carried.join("libbroker.so").is_file());
     assert!(!project.join("node_modules/broker-shim/native").exists());
 

@@ -153,9 +153,9 @@ fn node_dns_resolver_reaches_a_managed_host_through_the_broker() {
 #[test]
 fn bun_dns_resolver_reaches_a_managed_host_through_the_broker() {
     let Some(bun) = bun() else {
-        eprintln!(
-            "skipped: no Bun at $BROKER_TEST_NODE_MODULES/@oven/bun-linux-x64/bin/bun \
-             (run ./scripts/test with the npm registry reachable, on linux-x64)"
+        broker_integration::skip(
+            "no Bun at $BROKER_TEST_NODE_MODULES/@oven/bun-linux-x64/bin/bun \
+             (run ./scripts/test with the npm registry reachable, on linux-x64)",
         );
         return;
     };

@@ -237,7 +237,7 @@ fn a_shim_planted_in_the_cache_is_replaced_not_loaded() {
 #[test]
 fn another_users_cache_directory_is_refused_with_what_to_do() {
     if !broker_integration::is_root() {
-        eprintln!("skipped: needs root to make a directory of another uid");
+        broker_integration::skip("needs root to make a directory of another uid");
         return;
     }
     let t = Installed::new();

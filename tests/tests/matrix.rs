@@ -141,10 +141,10 @@ url = "https://api.openai.com/v1/models"
 
 fn run_python(name: &str, modules: &str, script: &str, check: impl Fn(&str, &str)) {
     let Some(python) = python_with(modules) else {
-        eprintln!(
-            "skipped: python3 on PATH cannot import {modules} (run ./scripts/test, which puts \
+        broker_integration::skip(&format!(
+            "python3 on PATH cannot import {modules} (run ./scripts/test, which puts \
              target/clients/venv/bin first on PATH)"
-        );
+        ));
         return;
     };
     let code = format!("{PY_PRELUDE}{script}");
@@ -222,7 +222,7 @@ print("body=" + body.decode(errors="replace"))
 #[test]
 fn node_tls_connect() {
     let Some(node) = which("node") else {
-        eprintln!("skipped: node is not on PATH");
+        broker_integration::skip("node is not on PATH");
         return;
     };
     // No ALPN offered, a hand-written request, read to the end (Connection: close).
@@ -269,7 +269,7 @@ socket.on('end', () => {
 /// curl with `flag`, printing the HTTP version it spoke to the broker.
 fn run_curl(name: &str, flag: &str, version: &str) {
     let Some(curl) = which("curl") else {
-        eprintln!("skipped: curl is not on PATH");
+        broker_integration::skip("curl is not on PATH");
         return;
     };
     let script = format!(

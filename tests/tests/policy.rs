@@ -994,7 +994,7 @@ fn a_waiting_request_is_announced_on_the_desktop_where_there_is_one() {
 fn the_ssrf_guard_refuses_loopback_and_metadata_answers_of_the_resolver() {
     const KEY: &str = "acme-real-key-0123456789";
     if !broker_integration::is_root() {
-        eprintln!("skipped: a mount namespace for /etc/hosts needs root (CI runs as root)");
+        broker_integration::skip("a mount namespace for /etc/hosts needs root (CI runs as root)");
         return;
     }
     let ca = TestCa::new();

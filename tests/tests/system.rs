@@ -237,7 +237,9 @@ fn skip_unless_root(test: &str) -> bool {
     if is_root() {
         return false;
     }
-    eprintln!("SKIP {test}: needs root (useradd, setpriv); CI runs as root");
+    broker_integration::skip(&format!(
+        "{test}: needs root (useradd, setpriv); CI runs as root"
+    ));
     true
 }
 
