@@ -76,7 +76,7 @@ def find_cargo():
         cargo = candidate if os.access(candidate, os.X_OK) else None
     if not cargo:
         raise SystemExit(
-            "broker-shim: building from source needs Rust (cargo 1.85 or newer), which was not "
+            "broker-shim: building from source needs Rust (cargo 1.89 or newer), which was not "
             "found on PATH nor in ~/.cargo/bin: install it (https://rustup.rs or your "
             "distribution's cargo package) and retry"
         )

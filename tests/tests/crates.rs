@@ -309,6 +309,33 @@ fn cargo_install_broker_cli_from_its_packaged_crates_runs_the_demo() {
         "cargo package + cargo install broker-cli (debug): {:.0?}",
         started.elapsed()
     );
+    // The registry's sources are left as they were: the nested build of the shim ran on a copy.
+    for crate_file in &crates {
+        let dir = registry.path().join(crate_file.file_stem().expect("name"));
+        let sums: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.join(".cargo-checksum.json")).expect("checksums"),
+        )
+        .expect("json");
+        let mut now = Vec::new();
+        files_under(&dir, Path::new(""), &mut now);
+        for file in &now {
+            let name = file.display().to_string();
+            if name == ".cargo-checksum.json" {
+                continue;
+            }
+            let bytes = std::fs::read(dir.join(file)).expect("read");
+            assert_eq!(
+                sums["files"][&name].as_str(),
+                Some(sha256_hex(&bytes).as_str()),
+                "{} was written by the build",
+                dir.join(file).display()
+            );
+        }
+        assert_eq!(
+            now.len(),
+            sums["files"].as_object().expect("files").len() + 1
+        );
+    }
     let log = String::from_utf8_lossy(&installed.stderr);
     for name in PUBLISHED {
         assert!(

@@ -56,7 +56,7 @@ function cargoBuild(workspace) {
     maxBuffer: 256 * 1024 * 1024,
   });
   if (out.error && out.error.code === 'ENOENT') {
-    fail('cargo not found: building the native parts needs Rust (cargo 1.85 or newer)');
+    fail('cargo not found: building the native parts needs Rust (cargo 1.89 or newer)');
   }
   if (out.status !== 0) fail(`cargo build failed (exit ${out.status})`);
   const found = {};
