@@ -11,6 +11,12 @@
 //! (nothing names the crate; tests/tests/crates.rs checks the binary's exported symbols), and it
 //! makes cargo download the shim's dependencies before this script runs.
 //!
+//! Rejected: artifact dependencies (`-Z bindeps`, which would hand over the built `.so`) are
+//! nightly-only; carrying the shim's sources inside this crate's package fails because
+//! `cargo package` leaves out any subdirectory with a `Cargo.toml`, and the shim would need
+//! the contract's sources too; `cargo metadata` from this script would resolve the whole graph
+//! a second time, against the index.
+//!
 //! The shim is built by a nested `cargo build` with a target directory of its own under
 //! `OUT_DIR`: the outer cargo holds the lock of its own target directory for the whole build,
 //! so sharing it would deadlock. The nested build is the shim and its three small dependencies
