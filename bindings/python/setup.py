@@ -76,7 +76,7 @@ def find_cargo():
         cargo = candidate if os.access(candidate, os.X_OK) else None
     if not cargo:
         raise SystemExit(
-            "broker-shim: building from source needs Rust (cargo 1.85 or newer), which was not "
+            "broker-shim: building from source needs Rust (cargo 1.89 or newer), which was not "
             "found on PATH nor in ~/.cargo/bin: install it (https://rustup.rs or your "
             "distribution's cargo package) and retry"
         )
@@ -88,7 +88,7 @@ def cargo_build(workspace):
     profile = os.environ.get("BROKER_SHIM_CARGO_PROFILE", "release")
     cmd = [
         find_cargo(), "build", "--profile", profile,
-        "-p", "broker", "-p", "broker-shim",
+        "-p", "broker-cli", "-p", "broker-shim",
         "--message-format=json-render-diagnostics",
     ]
     print("broker-shim: " + " ".join(cmd) + f"  (in {workspace})", flush=True)
@@ -158,14 +158,14 @@ class BuildPy(build_py):
 
 
 def needed_crates(workspace):
-    """Directories (relative to the workspace) of `broker`, `broker-shim` and every workspace
+    """Directories (relative to the workspace) of `broker-cli`, `broker-shim` and every workspace
     crate they depend on by path, of any kind, as cargo sees them."""
     out = subprocess.run(
         [find_cargo(), "metadata", "--no-deps", "--offline", "--format-version", "1"],
         cwd=workspace, stdout=subprocess.PIPE, text=True, check=True,
     )
     packages = {p["name"]: p for p in json.loads(out.stdout)["packages"]}
-    needed, todo = set(), ["broker", "broker-shim"]
+    needed, todo = set(), ["broker-cli", "broker-shim"]
     while todo:
         name = todo.pop()
         if name in needed or name not in packages:

@@ -2,7 +2,7 @@
 //! (path normalised, rules matched, budgets charged) the way the handler does per request.
 //!
 //! ```text
-//! cargo run --release -p broker --example policy_cost
+//! cargo run --release -p broker-cli --example policy_cost
 //! ```
 //!
 //! Reports nanoseconds per request (wall clock, and CPU time, which a loaded machine does not
@@ -13,8 +13,8 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use broker::policy::{file, RunPolicy};
-use broker::providers::Catalog;
+use broker_cli::policy::{file, RunPolicy};
+use broker_cli::providers::Catalog;
 
 const POLICY: &str = r#"
 [run]

@@ -276,7 +276,7 @@ fn malformed_or_placeholder_secrets_are_refused() {
     assert!(text(&out.stderr).contains("unknown provider \"nosuchprovider\""));
     assert!(b.list_json().is_empty());
     // The placeholder agents hold is not a key, even with --force.
-    let catalog = broker::providers::Catalog::builtin();
+    let catalog = broker_cli::providers::Catalog::builtin();
     let placeholder = &catalog.get("openai").unwrap().placeholder;
     let out = b.add_cmd(&["add", "openai", "--force"], &format!("{placeholder}\n"));
     assert_eq!(out.status.code(), Some(1));

@@ -9,7 +9,7 @@
 //! - the redactors never let the secret out, however the upstream cuts its bytes;
 //! - the DNS responder answers only with the run's fake address, under the query's id.
 
-use broker::providers::{Catalog, Injection, Provider};
+use broker_cli::providers::{Catalog, Injection, Provider};
 use broker_contract::handover::{Handover, HandoverReply};
 use broker_contract::ShimConfig;
 
@@ -69,7 +69,7 @@ pub fn control_request(data: &[u8]) {
         return;
     };
     for line in text.lines() {
-        let _ = broker::control::parse_open_run(line);
+        let _ = broker_cli::control::parse_open_run(line);
         if let Some(reply) = HandoverReply::parse(line) {
             let again = HandoverReply::parse(reply.render().trim_end_matches('\n'));
             assert_eq!(again.as_ref(), Some(&reply), "handover reply round trip");
@@ -88,7 +88,7 @@ pub fn control_request(data: &[u8]) {
 /// whole lines, and it counts them.
 pub fn audit_log(data: &[u8]) {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"broker fuzz audit key");
-    match broker::audit::verify_reader(std::io::Cursor::new(data), Some(&key), None) {
+    match broker_cli::audit::verify_reader(std::io::Cursor::new(data), Some(&key), None) {
         Ok(report) => {
             let lines = data.iter().filter(|&&b| b == b'\n').count();
             assert!(
@@ -143,9 +143,10 @@ pub fn swap(data: &[u8]) {
     let Ok(mut uri) = format!("/v1/x?{query}").parse::<http::Uri>() else {
         return;
     };
-    let findings = broker::proxy::swap::inspect(&catalog, provider, route, &headers, &uri);
+    let findings = broker_cli::proxy::swap::inspect(&catalog, provider, route, &headers, &uri);
     let (before_headers, before_uri) = (headers.clone(), uri.clone());
-    let Ok(swapped) = broker::proxy::swap::apply(provider, route, &mut headers, &mut uri, SECRET)
+    let Ok(swapped) =
+        broker_cli::proxy::swap::apply(provider, route, &mut headers, &mut uri, SECRET)
     else {
         return;
     };
@@ -249,7 +250,7 @@ pub fn redact_stream(data: &[u8]) {
         body = body.replace(token, &String::from_utf8_lossy(form));
     }
     let body = body.into_bytes();
-    let out = broker::proxy::fuzzing::redact_stream(SECRET.as_bytes(), &chunked(&body, cuts));
+    let out = broker_cli::proxy::fuzzing::redact_stream(SECRET.as_bytes(), &chunked(&body, cuts));
     assert_eq!(out.len(), body.len(), "the body changed length");
     for (token, form) in &forms {
         assert!(
@@ -288,7 +289,7 @@ pub fn redact_ws(data: &[u8]) {
         }
         wire.extend_from_slice(&payload);
     }
-    let out = broker::proxy::fuzzing::redact_ws(SECRET.as_bytes(), &chunked(&wire, cuts));
+    let out = broker_cli::proxy::fuzzing::redact_ws(SECRET.as_bytes(), &chunked(&wire, cuts));
     for message in messages_of(&out) {
         assert!(
             !message
@@ -340,7 +341,7 @@ fn messages_of(mut wire: &[u8]) -> Vec<Vec<u8>> {
 /// the responder parses, carries the query's id, and holds no address but the run's fake
 /// one; a forwarded query keeps the id.
 pub fn dns_message(data: &[u8]) {
-    use broker::dns::answer::{answer_addresses, decide, Action, RunNames};
+    use broker_cli::dns::answer::{answer_addresses, decide, Action, RunNames};
     let names = RunNames {
         slot: 9,
         hosts: vec!["api.openai.com".into(), "*.openai.azure.com".into()],

@@ -7,7 +7,7 @@
 //! A client that is not installed is skipped with a printed reason.
 //!
 //! Needs `target/debug/libbroker.so`: the first test to need it runs `cargo build -p
-//! broker-shim` (cargo does not build a cdylib-only library for integration tests); if that
+//! broker-shim`, so the `.so` is the current one whatever cargo built for the test; if that
 //! fails, run it by hand.
 
 use std::io::Write as _;
@@ -64,9 +64,9 @@ enum CaEnv {
 }
 const BOTH: [CaEnv; 2] = [CaEnv::Scrubbed, CaEnv::Preset];
 
-/// `target/<profile>/libbroker.so`, (re)built once per test binary: `cargo test` does not
-/// build a cdylib-only library for integration tests, so without this a stale `.so` would be
-/// tested. The nested `cargo build` is quick when nothing changed.
+/// `target/<profile>/libbroker.so`, (re)built once per test binary: the test must not load a
+/// stale `.so` left by an earlier build (`cargo test --test preload` of another profile or
+/// target directory, say). The nested `cargo build` is quick when nothing changed.
 fn shim_path() -> PathBuf {
     static SO: OnceLock<PathBuf> = OnceLock::new();
     SO.get_or_init(|| {

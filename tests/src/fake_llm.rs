@@ -1,13 +1,13 @@
 //! A fake model provider for the agent CLI tests (`tests/tests/agents.rs`): one TLS origin per
 //! provider, on the provider's real hostname, that records every request (the credential
 //! headers included) for the test to check and answers it as the broker's own fake provider
-//! does (`broker::selftest::fake_llm`, which `broker doctor` serves to the agent CLIs it
+//! does (`broker_cli::selftest::fake_llm`, which `broker doctor` serves to the agent CLIs it
 //! finds): enough of each API for a real agent CLI to complete one model call, answered with
 //! a text the test can recognise ([`Provider::answer`]), and the provider's own 401 to
 //! anything without the real key.
 
-pub use broker::selftest::fake_llm::Provider;
-use broker::selftest::fake_llm::{self, Answer, ProviderRequest};
+pub use broker_cli::selftest::fake_llm::Provider;
+use broker_cli::selftest::fake_llm::{self, Answer, ProviderRequest};
 
 use crate::origin::{Origin, OriginRequest, Reply};
 use crate::TestCa;

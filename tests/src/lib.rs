@@ -300,7 +300,7 @@ pub fn scrub(cmd: &mut Command) {
         "http_proxy",
         "ALL_PROXY",
         "NO_PROXY",
-        // A desktop's session bus: approvals would pop real notifications (`broker::notify`).
+        // A desktop's session bus: approvals would pop real notifications (`broker_cli::notify`).
         "DBUS_SESSION_BUS_ADDRESS",
     ] {
         cmd.env_remove(var);

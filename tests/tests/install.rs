@@ -4,10 +4,10 @@
 //! user can write there (it is the same user), so a shim it planted for the next run is
 //! replaced, never loaded.
 //!
-//! `cargo install` itself would rebuild the whole broker in release mode (minutes on CI) and
-//! needs the registry, so the test copies the workspace's `broker` binary, which carries the
-//! shim the same way (the `embedded-shim` feature is on by default), into a directory of its
-//! own. Everything runs as an ordinary uid (`setpriv`), the attacker included.
+//! `cargo install` itself rebuilds the whole broker (tests/tests/crates.rs does that once,
+//! from the packaged crates), so these tests copy the workspace's `broker` binary, which
+//! carries the shim the same way (the `embedded-shim` feature is on by default), into a
+//! directory of its own. Everything runs as an ordinary uid (`setpriv`), the attacker included.
 
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};

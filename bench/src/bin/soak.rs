@@ -743,7 +743,7 @@ fn run(opts: Opts) -> anyhow::Result<bool> {
     };
     anyhow::ensure!(
         broker.exists(),
-        "{} missing: cargo build -p broker",
+        "{} missing: cargo build -p broker-cli",
         broker.display()
     );
     // The broker inherits this; `broker serve` raises its own limit anyway.

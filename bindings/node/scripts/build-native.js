@@ -4,7 +4,7 @@
 //
 // - BROKER_SHIM_PREBUILT=DIR: copy DIR/broker and DIR/libbroker.so (e.g. target/debug after
 //   `cargo build --workspace`) instead of running cargo.
-// - Otherwise `cargo build --profile $BROKER_SHIM_CARGO_PROFILE (default release) -p broker
+// - Otherwise `cargo build --profile $BROKER_SHIM_CARGO_PROFILE (default release) -p broker-cli
 //   -p broker-shim` in the Rust workspace: $BROKER_SHIM_WORKSPACE, else the nearest parent
 //   directory of this package whose Cargo.toml is the broker workspace (bindings/node in a
 //   checkout). Cargo reports where it put each artifact.
@@ -46,7 +46,7 @@ function findWorkspace() {
 function cargoBuild(workspace) {
   const cargo = process.env.CARGO || 'cargo';
   const profile = process.env.BROKER_SHIM_CARGO_PROFILE || 'release';
-  const args = ['build', '--profile', profile, '-p', 'broker', '-p', 'broker-shim',
+  const args = ['build', '--profile', profile, '-p', 'broker-cli', '-p', 'broker-shim',
     '--message-format=json-render-diagnostics'];
   process.stderr.write(`broker-shim: ${cargo} ${args.join(' ')}  (in ${workspace})\n`);
   const out = childProcess.spawnSync(cargo, args, {
@@ -56,7 +56,7 @@ function cargoBuild(workspace) {
     maxBuffer: 256 * 1024 * 1024,
   });
   if (out.error && out.error.code === 'ENOENT') {
-    fail('cargo not found: building the native parts needs Rust (cargo 1.85 or newer)');
+    fail('cargo not found: building the native parts needs Rust (cargo 1.89 or newer)');
   }
   if (out.status !== 0) fail(`cargo build failed (exit ${out.status})`);
   const found = {};

@@ -169,7 +169,7 @@ impl fmt::Display for EventKind {
 /// One event. Fill the fields that apply and leave the others `None`:
 ///
 /// ```
-/// # use broker::audit::{AuditEvent, EventKind};
+/// # use broker_cli::audit::{AuditEvent, EventKind};
 /// let ev = AuditEvent {
 ///     provider: Some("openai".into()),
 ///     host: Some("api.openai.com".into()),
