@@ -379,10 +379,12 @@ impl Catalog {
         }
     }
 
-    /// Set `found[i]` for every provider `i` (an index into [`Catalog::providers`]) whose
-    /// placeholder occurs in `haystack`. Overlapping occurrences count: one placeholder may
-    /// contain another.
-    pub fn mark_placeholders(&self, haystack: &[u8], found: &mut [bool]) {
+    /// Push onto `owners` the index (into [`Catalog::providers`]) of every provider whose
+    /// placeholder occurs in `haystack`, once per occurrence. Overlapping occurrences count:
+    /// one placeholder may contain another. Indices, not a flag per provider: a request
+    /// carries one placeholder or none, and a walk over a flag per provider of the catalog
+    /// cost half as much as the scan (1.4k instructions per request).
+    pub fn placeholders_in(&self, haystack: &[u8], owners: &mut Vec<usize>) {
         let index = &self.placeholders;
         let Some(last_start) = haystack.len().checked_sub(index.shortest) else {
             return;
@@ -393,18 +395,10 @@ impl Catalog {
                 .get(at + 1)
                 .is_none_or(|&next| index.may_start_with(haystack[at], next));
             if may_start {
-                self.mark_at(haystack, at, found);
-            }
-        }
-    }
-
-    /// Mark the placeholders that start at `haystack[at]`.
-    fn mark_at(&self, haystack: &[u8], at: usize, found: &mut [bool]) {
-        for &owner in &self.placeholders.by_first_byte[usize::from(haystack[at])] {
-            let placeholder = self.providers[owner].placeholder.as_bytes();
-            if haystack[at..].starts_with(placeholder) {
-                if let Some(slot) = found.get_mut(owner) {
-                    *slot = true;
+                for &owner in &index.by_first_byte[usize::from(haystack[at])] {
+                    if haystack[at..].starts_with(self.providers[owner].placeholder.as_bytes()) {
+                        owners.push(owner);
+                    }
                 }
             }
         }

@@ -830,17 +830,16 @@ fn placeholder_index_marks_every_provider_whose_placeholder_occurs() {
     none.name = "acme-none".into();
     none.placeholder = String::new();
     // Shorter than the parser allows, but the index must not depend on that: a one-byte
-    // placeholder has no second byte to filter by, and may be the haystack's last byte.
+    // placeholder may be the haystack's last byte.
     let mut one = parse(ACME).expect("acme");
     one.name = "acme-one".into();
     one.placeholder = "z".into();
-    // Without the one-byte placeholder, only starts where the shortest one fits are scanned:
-    // a placeholder that is the whole value or ends it is still found.
+    // A placeholder that is the whole value or ends it is found.
     let two = Catalog::new(vec![short.clone(), long.clone()]);
     let marks_two = |haystack: &str| {
-        let mut found = vec![false; 2];
-        two.mark_placeholders(haystack.as_bytes(), &mut found);
-        found
+        let mut owners = Vec::new();
+        two.placeholders_in(haystack.as_bytes(), &mut owners);
+        [0, 1].map(|i| owners.contains(&i))
     };
     assert_eq!(marks_two("acme_broker_placeholder_0000"), [true, false]);
     assert_eq!(
@@ -854,9 +853,9 @@ fn placeholder_index_marks_every_provider_whose_placeholder_occurs() {
     assert_eq!(marks_two("acme_broker_placeholder_000"), [false, false]);
     let catalog = Catalog::new(vec![short, long, none, one]);
     let marks = |haystack: &str| {
-        let mut found = vec![false; 4];
-        catalog.mark_placeholders(haystack.as_bytes(), &mut found);
-        found
+        let mut owners = Vec::new();
+        catalog.placeholders_in(haystack.as_bytes(), &mut owners);
+        [0, 1, 2, 3].map(|i| owners.contains(&i))
     };
     assert_eq!(
         marks("Bearer acme_broker_placeholder_0000"),

@@ -52,22 +52,23 @@ pub fn inspect(
     };
     // Everything a placeholder could hide in: header values, the user:password of Basic
     // credentials, the query. Each is searched once for every provider's placeholder.
-    let mut found = vec![false; catalog.providers().len()];
+    let mut found = Vec::new();
     for value in headers.values() {
         if let Some(HeaderCredential::Basic { user, pass }) =
             header_credential(value, Some(&Scheme::Basic { username: None }))
         {
-            catalog.mark_placeholders(format!("{user}:{pass}").as_bytes(), &mut found);
+            catalog.placeholders_in(format!("{user}:{pass}").as_bytes(), &mut found);
         }
-        catalog.mark_placeholders(value.as_bytes(), &mut found);
+        catalog.placeholders_in(value.as_bytes(), &mut found);
     }
-    catalog.mark_placeholders(uri.query().unwrap_or("").as_bytes(), &mut found);
-    findings.foreign = catalog
-        .providers()
-        .iter()
-        .zip(found)
-        .filter(|(other, found)| *found && other.name != provider.name)
-        .map(|(other, _)| other.name.clone())
+    catalog.placeholders_in(uri.query().unwrap_or("").as_bytes(), &mut found);
+    found.sort_unstable();
+    found.dedup();
+    findings.foreign = found
+        .into_iter()
+        .map(|i| &catalog.providers()[i])
+        .filter(|other| other.name != provider.name)
+        .map(|other| other.name.clone())
         .collect();
     findings
 }
