@@ -121,15 +121,17 @@ async fn forward(
     started: Instant,
 ) -> Result<Response<ProxyBody>, Failure> {
     // Classify.
-    let host = request_host(&req).ok_or((BrokerError::NoHost, None))?;
-    if !host.eq_ignore_ascii_case(&conn.sni) {
-        return Err((
-            BrokerError::Misdirected {
-                sni: conn.sni.clone(),
-                host,
-            },
-            None,
-        ));
+    if !names_host(&req, &conn.sni) {
+        let host = request_host(&req).ok_or((BrokerError::NoHost, None))?;
+        if !host.eq_ignore_ascii_case(&conn.sni) {
+            return Err((
+                BrokerError::Misdirected {
+                    sni: conn.sni.clone(),
+                    host,
+                },
+                None,
+            ));
+        }
     }
     let (provider, route) = proxy.catalog.route_for_host(&conn.sni).ok_or_else(|| {
         (
@@ -840,6 +842,29 @@ async fn refresh_rejected(
     }
 }
 
+/// Whether the request names `sni` (a DNS name) as its host, exactly as [`request_host`]
+/// would find it, without parsing the authority or allocating: `name`, `name.` or `name:port`,
+/// in any case. `false` sends the caller to [`request_host`], which tells the other cases
+/// apart (another host, a malformed one, none).
+fn names_host<B>(req: &Request<B>, sni: &str) -> bool {
+    let text = match req.uri().authority() {
+        Some(authority) => authority.as_str(),
+        None => match req.headers().get(header::HOST).map(|v| v.to_str()) {
+            Some(Ok(value)) => value,
+            _ => return false,
+        },
+    };
+    let (host, port) = match text.split_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (text, None),
+    };
+    port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
+        && host
+            .strip_suffix('.')
+            .unwrap_or(host)
+            .eq_ignore_ascii_case(sni)
+}
+
 /// The host the request names: `:authority` (h2, absolute-form) or `Host`, without port.
 pub(super) fn request_host<B>(req: &Request<B>) -> Option<String> {
     let from_header;
@@ -1084,6 +1109,47 @@ mod tests {
         assert_eq!(request_host(&req).as_deref(), Some("api.openai.com"));
         let req = Request::builder().uri("/v1").body(()).expect("req");
         assert_eq!(request_host(&req), None);
+    }
+
+    #[test]
+    fn the_quick_host_check_agrees_with_the_parsed_host() {
+        let sni = "api.openai.com";
+        for (host, names) in [
+            ("api.openai.com", true),
+            ("API.OpenAI.com", true),
+            ("api.openai.com.", true),
+            ("api.openai.com:443", true),
+            ("api.openai.com.:8443", true),
+            ("api.openai.com:", false),
+            ("api.openai.com:443:1", false),
+            ("api.openai.com:x", false),
+            ("api.openai.com@evil.example", false),
+            ("user@api.openai.com", false),
+            ("evil.example", false),
+            ("api.openai.com.evil.example", false),
+            ("", false),
+        ] {
+            let req = Request::builder()
+                .uri("/v1")
+                .header("host", host)
+                .body(())
+                .expect("req");
+            assert_eq!(names_host(&req, sni), names, "{host}");
+            // Never more lenient than the parse: a quick yes is the parse's yes.
+            if names {
+                assert!(
+                    request_host(&req).is_some_and(|h| h.eq_ignore_ascii_case(sni)),
+                    "{host}"
+                );
+            }
+        }
+        let req = Request::builder()
+            .uri("https://API.openai.com:443/v1")
+            .body(())
+            .expect("req");
+        assert!(names_host(&req, sni));
+        let req = Request::builder().uri("/v1").body(()).expect("req");
+        assert!(!names_host(&req, sni));
     }
 
     #[test]
