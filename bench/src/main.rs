@@ -304,7 +304,7 @@ fn build() -> anyhow::Result<()> {
             "--release",
             "--quiet",
             "-p",
-            "broker",
+            "broker-cli",
             "-p",
             "broker-shim",
         ])
