@@ -21,8 +21,11 @@
 //! `OUT_DIR`: the outer cargo holds the lock of its own target directory for the whole build,
 //! so sharing it would deadlock. The nested build is the shim and its three small dependencies
 //! (about 9 CPU-seconds), shares the outer build's jobserver (`CARGO_MAKEFLAGS` is passed on),
-//! is incremental after the first time, and is always `--offline`: everything it needs was
-//! downloaded for the outer build, and a build the user started offline must stay so.
+//! is incremental after the first time, and is `--offline` first: everything it needs was
+//! downloaded for the outer build, and a build the user started offline must stay so. In a
+//! checkout it builds with Cargo.lock's versions (`--locked`); `cargo install --path broker`
+//! without `--locked` downloads the newest versions instead, so when the offline build fails
+//! there it is tried once more online (not with `CARGO_NET_OFFLINE=true`).
 //!
 //! - Checkout: `cargo build -p broker-shim --locked` in its workspace (its `Cargo.lock`).
 //! - Packaged (`cargo package` left a `Cargo.toml.orig` beside the manifest): registry sources
@@ -45,11 +48,13 @@ fn main() {
     let release = env("PROFILE") == "release";
 
     let packaged = shim_dir.join("Cargo.toml.orig").is_file();
-    let (mut cmd, manifest) = if packaged {
+    let (dir, manifest, locked) = if packaged {
         let manifest = standalone_copy(&shim_dir, &out_dir.join("shim-src"));
-        let mut cmd = cargo(manifest.parent().expect("a manifest has a directory"));
-        cmd.args(["build", "--lib"]);
-        (cmd, manifest)
+        let dir = manifest
+            .parent()
+            .expect("a manifest has a directory")
+            .to_path_buf();
+        (dir, manifest, false)
     } else {
         let workspace = shim_dir.parent().expect("shim/ sits in the workspace");
         for input in [
@@ -63,24 +68,41 @@ fn main() {
         ] {
             println!("cargo:rerun-if-changed={}", workspace.join(input).display());
         }
-        let mut cmd = cargo(workspace);
-        cmd.args(["build", "--lib", "--locked", "-p", "broker-shim"]);
-        (cmd, shim_dir.join("Cargo.toml"))
+        (workspace.to_path_buf(), shim_dir.join("Cargo.toml"), true)
     };
 
     let target_dir = out_dir.join("shim-target");
-    cmd.arg("--offline")
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .args(["--target", &target]);
-    if release {
-        cmd.arg("--release");
+    let nested = |offline: bool| {
+        let mut cmd = cargo(&dir);
+        cmd.args(["build", "--lib"]);
+        if locked {
+            cmd.args(["--locked", "-p", "broker-shim"]);
+        }
+        if offline {
+            cmd.arg("--offline");
+        }
+        cmd.arg("--manifest-path")
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .args(["--target", &target]);
+        if release {
+            cmd.arg("--release");
+        }
+        cmd
+    };
+    let run = |mut cmd: Command| {
+        cmd.status()
+            .unwrap_or_else(|e| panic!("cannot start cargo to build the embedded shim: {e}"))
+    };
+    let mut status = run(nested(true));
+    // A checkout built by `cargo install --path broker` without `--locked` resolved the newest
+    // versions, not Cargo.lock's, so the shim's pinned ones may not be downloaded: fetch them,
+    // unless the user asked for no network.
+    let offline_asked = std::env::var_os("CARGO_NET_OFFLINE").is_some_and(|v| v == "true");
+    if !status.success() && locked && !offline_asked {
+        status = run(nested(false));
     }
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot start cargo to build the embedded shim: {e}"));
     if !status.success() {
         panic!("building the embedded libbroker.so failed ({status}); see cargo's output above");
     }
