@@ -131,24 +131,31 @@ fn text(w: &Waiting) -> (String, String) {
 /// `text` cut to [`SHOWN`] characters, without control characters or markup (notification
 /// servers may read `<b>`, `<a href>`, `&amp;`).
 fn shown(text: &str) -> String {
-    let mut out: String = text
+    let mut out: String = printable(text)
         .chars()
-        .map(|c| {
-            // ASCII only: beyond the control characters, Unicode has line separators
-            // (U+2028), direction overrides (U+202E) and zero-width characters with which a
-            // path could fake a line of the notice or reorder it.
-            if !(c.is_ascii_graphic() || c == ' ') || matches!(c, '<' | '>' | '&') {
-                '_'
-            } else {
-                c
-            }
-        })
+        .map(|c| if matches!(c, '<' | '>' | '&') { '_' } else { c })
         .take(SHOWN)
         .collect();
     if text.chars().count() > SHOWN {
         out.push('…');
     }
     out
+}
+
+/// `text` with every character but printable ASCII and the space replaced by `_`: beyond the
+/// control characters (a terminal's escapes, `\r`), Unicode has line separators (U+2028),
+/// direction overrides (U+202E) and zero-width characters with which a path or a command
+/// could fake a line of a notice or of `broker approve`'s listing, or reorder it.
+pub(crate) fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

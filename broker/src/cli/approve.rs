@@ -68,10 +68,21 @@ fn list(sockets: &[(u32, std::path::PathBuf)], json: bool) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
+/// One waiting request as the terminal shows it. Approving trusts this text, and the path and
+/// command are the agent's: nothing in them may move the cursor or rewrite the line.
 fn describe(w: &Waiting) -> String {
+    use crate::notify::printable as p;
     format!(
         "{}  {} {}{}  run {} ({}), waiting {}s of {}s\n    rule: {}",
-        w.id, w.method, w.host, w.path, w.run, w.command, w.waited, w.timeout, w.rule
+        p(&w.id),
+        p(&w.method),
+        p(&w.host),
+        p(&w.path),
+        p(&w.run),
+        p(&w.command),
+        w.waited,
+        w.timeout,
+        p(&w.rule)
     )
 }
 
@@ -138,4 +149,30 @@ fn confirmed() -> anyhow::Result<bool> {
     let mut reply = String::new();
     std::io::stdin().lock().read_line(&mut reply)?;
     Ok(matches!(reply.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_request_cannot_rewrite_its_own_line() {
+        let w = Waiting {
+            id: "4242.1".into(),
+            run: "run-1".into(),
+            command: "sh -c x\r\u{1b}[2K4242.1  GET api.openai.com/v1/models".into(),
+            method: "DELETE".into(),
+            host: "api.openai.com".into(),
+            path: "/v1/files/a\u{202e}".into(),
+            rule: "DELETE /v1/files/*".into(),
+            waited: 1,
+            timeout: 60,
+        };
+        let shown = describe(&w);
+        assert!(!shown.contains(['\r', '\u{1b}', '\u{202e}']), "{shown:?}");
+        assert!(
+            shown.starts_with("4242.1  DELETE api.openai.com/v1/files/a_  run run-1"),
+            "{shown}"
+        );
+    }
 }
