@@ -179,13 +179,13 @@ fn handle(
         } else {
             // The tunnel keeps the connection's place under the caps while it lasts.
             let _slot = slot;
-            // Through the proxy only when the agent's environment names it too: a proxy
-            // (and its login) in config.toml is the broker's, and a CONNECT listener that
-            // lent it out would hand the agent what the user kept from it.
+            // Through the proxy only when the agent's environment names it too (see
+            // `UpstreamProxy::lent_to_agents`): a proxy and its login from config.toml, or a
+            // system broker's, are not the agent's to use.
             let via = proxy
                 .upstream_proxy
                 .clone()
-                .filter(|p| p.from_environment() && !p.bypasses(&host));
+                .filter(|p| p.lent_to_agents() && !p.bypasses(&host));
             tunnel(io, &host, port, via.as_deref()).await;
         }
     });
@@ -236,12 +236,20 @@ async fn tunnel(
     port: u16,
     via: Option<&UpstreamProxy>,
 ) {
-    let upstream = match via {
-        Some(proxy) => proxy.tunnel(host, port).await.map_err(|e| e.to_string()),
-        None => TcpStream::connect((host, port))
-            .await
-            .map_err(|e| format!("cannot connect: {e}")),
+    // Bounded, through the proxy or not: a destination or proxy that never answers holds no
+    // connection, nor its place under the caps, for longer.
+    let limit = super::upstream::CONNECT_TIMEOUT;
+    let connect = async {
+        match via {
+            Some(proxy) => proxy.tunnel(host, port).await.map_err(|e| e.to_string()),
+            None => TcpStream::connect((host, port))
+                .await
+                .map_err(|e| format!("cannot connect: {e}")),
+        }
     };
+    let upstream = tokio::time::timeout(limit, connect)
+        .await
+        .unwrap_or_else(|_| Err(format!("no connection within {} s", limit.as_secs())));
     let mut upstream = match upstream {
         Ok(upstream) => upstream,
         Err(reason) => {

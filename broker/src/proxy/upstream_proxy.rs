@@ -39,6 +39,11 @@ pub struct UpstreamProxy {
     no_proxy: Vec<String>,
     /// Where the setting came from, for messages: `HTTPS_PROXY`, `/home/u/.../config.toml`.
     origin: String,
+    /// May the CONNECT listener tunnel an agent's unmanaged hosts through it? Only a user's
+    /// broker's proxy from `HTTPS_PROXY`, which that user's agents inherit anyway: never one
+    /// from `config.toml` (the agent does not see it, nor its login), and never a system
+    /// broker's (its environment is root's, not the users' whose agents it serves).
+    lent_to_agents: bool,
 }
 
 impl fmt::Display for UpstreamProxy {
@@ -103,7 +108,12 @@ impl UpstreamProxy {
         for name in ["https_proxy", "HTTPS_PROXY"] {
             if let Some(url) = env(name).map(Zeroizing::new) {
                 return UpstreamProxy::parse(&url, env_no_proxy().as_deref(), name)
-                    .map(Some)
+                    .map(|proxy| {
+                        Some(UpstreamProxy {
+                            lent_to_agents: home.is_some(),
+                            ..proxy
+                        })
+                    })
                     .map_err(|e| {
                         anyhow::anyhow!(
                             "{name}: {e} (the broker reaches providers through it; set upstream_proxy in $BROKER_HOME/config.toml to override it, \"\" for none)"
@@ -167,6 +177,7 @@ impl UpstreamProxy {
             authorization,
             no_proxy,
             origin: origin.to_string(),
+            lent_to_agents: false,
         })
     }
 
@@ -183,29 +194,16 @@ impl UpstreamProxy {
         })
     }
 
+    /// Whether the CONNECT listener may tunnel an agent's unmanaged hosts through this proxy
+    /// (see the field).
+    pub fn lent_to_agents(&self) -> bool {
+        self.lent_to_agents
+    }
+
     /// A TCP connection to the proxy, tunnelled to `host:port`: ready for the TLS handshake
-    /// with the provider.
-    /// Bounded by [`super::upstream::CONNECT_TIMEOUT`]: a proxy that accepts and never
-    /// answers holds no connection (nor its place under the caps) for longer.
+    /// with the provider. Unbounded: callers bound the whole connection
+    /// ([`super::upstream::CONNECT_TIMEOUT`]).
     pub async fn tunnel(&self, host: &str, port: u16) -> Result<TcpStream, ConnectError> {
-        let limit = super::upstream::CONNECT_TIMEOUT;
-        tokio::time::timeout(limit, self.tunnel_unbounded(host, port))
-            .await
-            .unwrap_or_else(|_| {
-                Err(ConnectError::Proxy(format!(
-                    "the upstream proxy {self} did not answer CONNECT within {} s",
-                    limit.as_secs()
-                )))
-            })
-    }
-
-    /// Whether the setting came from the environment (`HTTPS_PROXY`), which the agent
-    /// inherits too, rather than from `config.toml`, which it does not see.
-    pub fn from_environment(&self) -> bool {
-        self.origin.eq_ignore_ascii_case("https_proxy")
-    }
-
-    async fn tunnel_unbounded(&self, host: &str, port: u16) -> Result<TcpStream, ConnectError> {
         let fail =
             |reason: String| ConnectError::Proxy(format!("the upstream proxy {self} {reason}"));
         let mut tcp = TcpStream::connect((self.host.as_str(), self.port))
@@ -328,6 +326,49 @@ fn printable(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a user's broker lends its `HTTPS_PROXY` (and the login in it) to its agents'
+    /// unmanaged tunnels: a system broker's environment is root's, and a config.toml proxy is
+    /// the user's own secret. (The integration test `upstream_proxy.rs` shows the config.toml
+    /// case end to end.)
+    #[test]
+    fn only_a_user_brokers_environment_proxy_is_lent_to_agents() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::at(dir.path().to_path_buf());
+        // The one test here that sets these; restored below.
+        let saved: Vec<_> = ["https_proxy", "HTTPS_PROXY"]
+            .iter()
+            .map(|n| (*n, std::env::var_os(n)))
+            .collect();
+        std::env::remove_var("HTTPS_PROXY");
+        std::env::set_var("https_proxy", "http://admin:pw@proxy.corp:3128");
+        let lent = |home: Option<&Home>| {
+            UpstreamProxy::configured(home)
+                .expect("configured")
+                .expect("a proxy")
+                .lent_to_agents()
+        };
+        let user = lent(Some(&home));
+        let system = lent(None);
+        std::fs::write(
+            home.config_path(),
+            "upstream_proxy = \"http://bob:pw@proxy.corp:3128\"\n",
+        )
+        .expect("config.toml");
+        let from_config = lent(Some(&home));
+        for (name, value) in saved {
+            match value {
+                Some(v) => std::env::set_var(name, v),
+                None => std::env::remove_var(name),
+            }
+        }
+        assert!(
+            user,
+            "a user's broker: its agents inherit HTTPS_PROXY anyway"
+        );
+        assert!(!system, "a system broker's proxy is not its users'");
+        assert!(!from_config, "a config.toml proxy is not the agent's");
+    }
 
     #[test]
     fn parses_the_url_and_never_shows_the_password() {
