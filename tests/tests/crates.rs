@@ -15,6 +15,7 @@
 //! broker-shim only so that its build script learns where the shim's sources are; were the
 //! shim's rlib linked in, the broker itself would export `connect` and `getaddrinfo`.
 
+use broker_cli::import::files::sha256_hex;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -63,10 +64,15 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// The dynamic symbols `file` defines, by `nm -D --defined-only`.
+/// The dynamic symbols `file` defines, by `nm -D --defined-only` (`which`), or imports
+/// (`--undefined-only`).
 fn exported(file: &Path) -> Vec<String> {
+    dynamic_symbols(file, "--defined-only")
+}
+
+fn dynamic_symbols(file: &Path, which: &str) -> Vec<String> {
     let out = Command::new("nm")
-        .args(["-D", "--defined-only"])
+        .args(["-D", which])
         .arg(file)
         .output()
         .expect("nm (binutils)");
@@ -78,7 +84,7 @@ fn exported(file: &Path) -> Vec<String> {
     );
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| l.split_whitespace().nth(2))
+        .filter_map(|l| l.split_whitespace().last())
         .map(|s| s.split('@').next().unwrap_or(s).to_string())
         .collect()
 }
@@ -104,6 +110,13 @@ fn the_broker_binary_exports_none_of_the_shims_hooks() {
         assert!(shim.iter().any(|s| s == hook), "libbroker.so lacks {hook}");
     }
     assert_exports_no_hook(&broker_bin());
+    // An executable exports nothing unless asked, so the hooks could hide inside it: its own
+    // `connect` must still be libc's, imported, not one linked in from the shim.
+    let imported = dynamic_symbols(&broker_bin(), "--undefined-only");
+    assert!(
+        imported.iter().any(|s| s == "connect"),
+        "broker does not import connect from libc: {imported:?}"
+    );
 }
 
 /// The workspace checkout (`tests/..`).
@@ -169,14 +182,6 @@ fn package(out: &Path) -> Vec<PathBuf> {
             out.join("crates")
                 .join(format!("{name}-{}.crate", env!("CARGO_PKG_VERSION")))
         })
-        .collect()
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
         .collect()
 }
 

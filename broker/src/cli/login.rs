@@ -99,7 +99,8 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
         args.client_id.as_deref(),
         scopes.as_deref(),
     )?;
-    let grant = settings.choose_grant(args.device)?;
+    let command = format!("broker login {}", settings.provider);
+    let grant = settings.choose_grant(args.device, &command)?;
 
     // Open the vault first: a locked vault should fail before the user spends time in a browser.
     let vault = Vault::open(&home)?;
@@ -110,7 +111,6 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
                 .and_then(|c| c.client_secret)
                 .map(|s| Zeroizing::new(s.expose().to_string())))
         };
-        let command = format!("broker login {}", settings.provider);
         Some(client_secret(&settings, &stored, &command)?)
     } else {
         None

@@ -44,10 +44,10 @@ pub fn login(args: LoginArgs) -> anyhow::Result<ExitCode> {
         AdminReply::Error { error } => bail!("the system broker refused: {error}"),
     };
     settings.check_endpoints()?;
-    let grant = settings.choose_grant(args.device)?;
+    let command = format!("broker login {provider} --system");
+    let grant = settings.choose_grant(args.device, &command)?;
     // Never the stored one: the broker returns no secret, not even to an admin.
     let mut secret = if settings.confidential() {
-        let command = format!("broker login {provider} --system");
         Some(client_secret(&settings, &|| Ok(None), &command)?)
     } else {
         None

@@ -210,8 +210,13 @@ impl OAuthSettings {
 
     /// The grant a login runs: client credentials for a service account, else the device
     /// flow when asked (`device`) or when there is no authorize endpoint, else the
-    /// authorization code. An error says what to run instead.
-    pub fn choose_grant(&self, device: bool) -> Result<super::GrantUsed, OAuthError> {
+    /// authorization code. An error says what to run instead: `command` is the login as the
+    /// user typed it (`broker login P`, or with `--system`).
+    pub fn choose_grant(
+        &self,
+        device: bool,
+        command: &str,
+    ) -> Result<super::GrantUsed, OAuthError> {
         use super::GrantUsed;
         if self.grant == Grant::ClientCredentials {
             return Ok(GrantUsed::ClientCredentials);
@@ -219,8 +224,8 @@ impl OAuthSettings {
         if device || (self.authorize_url.is_none() && self.device_url.is_some()) {
             if self.device_url.is_none() {
                 return Err(OAuthError::Config(format!(
-                    "{} does not support the device flow: run `broker login {}` without --device",
-                    self.display_name, self.provider
+                    "{} does not support the device flow: run `{command}` without --device",
+                    self.display_name
                 )));
             }
             return Ok(GrantUsed::DeviceCode);
@@ -317,11 +322,11 @@ client_auth = "none"
         use crate::oauth::GrantUsed;
         // No device endpoint: the browser flow, and --device is refused with what to run.
         assert_eq!(
-            s.choose_grant(false).expect("grant"),
+            s.choose_grant(false, "broker login acme").expect("grant"),
             GrantUsed::AuthorizationCode
         );
         assert!(s
-            .choose_grant(true)
+            .choose_grant(true, "broker login acme")
             .expect_err("no device flow")
             .to_string()
             .contains("without --device"));
@@ -333,7 +338,9 @@ client_auth = "none"
             ..s.clone()
         };
         assert_eq!(
-            device.choose_grant(false).expect("grant"),
+            device
+                .choose_grant(false, "broker login acme")
+                .expect("grant"),
             GrantUsed::DeviceCode
         );
         assert!(!device.supports(GrantUsed::AuthorizationCode));
@@ -342,7 +349,9 @@ client_auth = "none"
             ..s
         };
         assert_eq!(
-            service.choose_grant(true).expect("grant"),
+            service
+                .choose_grant(true, "broker login acme")
+                .expect("grant"),
             GrantUsed::ClientCredentials
         );
         assert!(service.supports(GrantUsed::ClientCredentials));

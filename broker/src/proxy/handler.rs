@@ -993,8 +993,10 @@ pub(super) fn upstream_error(host: &str, err: SendError) -> BrokerError {
 
 /// What a person approving a request is shown of its target: the path, and the query's
 /// parameter names with their values elided. The names are what change an API's action (S3's
-/// `?policy`, `?delete`); a value may be the real key the broker put there (Gemini's `key`),
-/// and the notification's argv is readable by the agent's user.
+/// `?policy`, `?delete`). Values are left out although the approval is asked before the swap
+/// (so a value is at most a placeholder; a real key from the agent was refused before): they
+/// are the agent's text, kept out of what a person reads and of the notification's argv,
+/// which the agent's user can read.
 fn shown_target(uri: &http::Uri) -> String {
     let Some(query) = uri.query().filter(|q| !q.is_empty()) else {
         return uri.path().to_string();

@@ -485,6 +485,11 @@ mod tests {
         let again: AdminRequest =
             serde_json::from_slice(&serde_json::to_vec(&request).expect("json")).expect("again");
         assert_eq!(format!("{again:?}"), format!("{request:?}"));
+        // Debug hides the tokens: the values themselves must survive the trip too.
+        assert_eq!(
+            serde_json::to_value(&again).expect("json"),
+            serde_json::to_value(&request).expect("json")
+        );
 
         // An admin cannot hand the broker endpoints or a client id: unknown fields are refused.
         for extra in [
