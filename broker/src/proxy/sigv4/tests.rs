@@ -26,6 +26,11 @@ fn scope(service: &str) -> Scope {
 /// Sign `parts` in its `Authorization` header the way an SDK does: every header present
 /// (lower-cased, sorted), `payload_hash` as given.
 fn sign_header(parts: &mut Parts, id: &str, secret: &str, service: &str, payload_hash: &str) {
+    sign_header_in(parts, id, secret, scope(service), payload_hash);
+}
+
+/// [`sign_header`] under any scope (another region or partition).
+fn sign_header_in(parts: &mut Parts, id: &str, secret: &str, scope: Scope, payload_hash: &str) {
     parts
         .headers
         .insert("x-amz-date", HeaderValue::from_static(DATE));
@@ -39,7 +44,7 @@ fn sign_header(parts: &mut Parts, id: &str, secret: &str, service: &str, payload
     let sig = request::Signed {
         location: Location::Header,
         access_key: id.into(),
-        scope: scope(service),
+        scope,
         signed_headers: names.clone(),
         signature: String::new(),
         amz_date: DATE.into(),
@@ -110,9 +115,11 @@ fn a_header_signed_request_is_checked_and_resigned_for_the_upstream() {
 }
 
 #[test]
-fn govcloud_and_china_scopes_are_kept_as_the_agent_signed_them() {
+fn govcloud_and_china_requests_are_checked_and_resigned_in_their_own_region() {
     // The region comes from the credential scope the agent signed with, not from the host,
-    // so the GovCloud and China partitions need nothing of their own.
+    // so the GovCloud and China partitions need nothing of their own: the placeholder
+    // signature checks, and the new one carries the same region and checks with the real key.
+    let body_hash = signer::sha256_hex(b"Action=GetCallerIdentity&Version=2011-06-15");
     for (region, host) in [
         ("us-gov-west-1", "sts.us-gov-west-1.amazonaws.com"),
         ("cn-north-1", "sts.cn-north-1.amazonaws.com.cn"),
@@ -121,21 +128,24 @@ fn govcloud_and_china_scopes_are_kept_as_the_agent_signed_them() {
             "bucket.s3.dualstack.cn-northwest-1.amazonaws.com.cn",
         ),
     ] {
-        let mut p = parts("GET", "/", &[("host", host)]);
-        let auth = format!(
-            "{ALGORITHM} Credential={PH_ID}/{}/{region}/sts/aws4_request, SignedHeaders=host;x-amz-date, Signature={}",
-            &DATE[..8],
-            "0".repeat(64)
-        );
-        p.headers
-            .insert("x-amz-date", HeaderValue::from_static(DATE));
-        p.headers
-            .insert("authorization", auth.parse().expect("header"));
+        let mut p = parts("POST", "/", &[("host", host)]);
+        let in_region = Scope {
+            region: region.into(),
+            ..scope("sts")
+        };
+        sign_header_in(&mut p, PH_ID, PH_SECRET, in_region.clone(), &body_hash);
         let signed = request::find(&p.headers, &p.uri)
             .expect("parses")
             .expect("signed");
-        assert_eq!(signed.scope.region, region);
-        assert_eq!(signed.scope.service, "sts");
+        assert_eq!(signed.scope, in_region);
+        request::verify(&p, &signed, PH_SECRET, &body_hash).expect("placeholder signature");
+        request::resign(&mut p, &signed, PH_TOKEN, &real(None), &body_hash).expect("resign");
+        let auth = p.headers["authorization"].to_str().expect("text");
+        assert!(
+            auth.contains(&format!("/{region}/sts/aws4_request")),
+            "{auth}"
+        );
+        verifies(&p, REAL_SECRET, &body_hash).expect("the upstream accepts it");
     }
 }
 
