@@ -415,20 +415,32 @@ impl Catalog {
     /// The provider and route serving `host` (no port; a trailing dot is ignored). An exact
     /// pattern wins over a `*.` pattern, whatever the order of definition.
     pub fn route_for_host(&self, host: &str) -> Option<(&Provider, &Route)> {
+        self.route_index_for_host(host).map(|at| self.route_at(at))
+    }
+
+    /// [`Catalog::route_for_host`] as indices (provider, route), to be kept: the proxy finds
+    /// a connection's route once, by its SNI, not on every request.
+    pub fn route_index_for_host(&self, host: &str) -> Option<(usize, usize)> {
         let mut wildcard = None;
-        for p in &self.providers {
-            for route in &p.routes {
+        for (i, p) in self.providers.iter().enumerate() {
+            for (j, route) in p.routes.iter().enumerate() {
                 for spec in &route.hosts {
                     if broker_contract::host_matches(&spec.pattern, host) {
                         if !spec.is_wildcard() {
-                            return Some((p, route));
+                            return Some((i, j));
                         }
-                        wildcard.get_or_insert((p, route));
+                        wildcard.get_or_insert((i, j));
                     }
                 }
             }
         }
         wildcard
+    }
+
+    /// The provider and route at indices from [`Catalog::route_index_for_host`].
+    pub fn route_at(&self, (provider, route): (usize, usize)) -> (&Provider, &Route) {
+        let p = &self.providers[provider];
+        (p, &p.routes[route])
     }
 
     /// The host patterns of providers whose hosts may resolve to private addresses

@@ -13,8 +13,6 @@ use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use broker_contract::host_matches;
-
 use super::decode::{self, Encoded};
 use super::error::BrokerError;
 use super::pool::SendError;
@@ -133,7 +131,7 @@ async fn forward(
             ));
         }
     }
-    let (provider, route) = proxy.catalog.route_for_host(&conn.sni).ok_or_else(|| {
+    let (at, spec_index) = conn.route.ok_or_else(|| {
         (
             BrokerError::BadRequest {
                 reason: format!("{} is not managed", conn.sni),
@@ -141,6 +139,7 @@ async fn forward(
             None,
         )
     })?;
+    let (provider, route) = proxy.catalog.route_at(at);
     let provider_name = Some(provider.name.clone());
     if !conn.allows(&provider.name) {
         return Err((
@@ -150,10 +149,6 @@ async fn forward(
             provider_name,
         ));
     }
-    let spec_index = route
-        .hosts
-        .iter()
-        .position(|h| host_matches(&h.pattern, &conn.sni));
     let spec = spec_index.map(|i| &route.hosts[i]);
     let port = spec.map(|h| h.port).unwrap_or(443);
 
