@@ -148,6 +148,9 @@ struct Row {
     broker: Option<f64>,
     shim: Option<f64>,
     nginx: Option<f64>,
+    /// The lowest and highest broker/nginx of a single round (each round runs both, one after
+    /// the other): how far the median could move from run to run on a shared machine.
+    vs_nginx_rounds: Option<(f64, f64)>,
 }
 
 impl Row {
@@ -159,7 +162,21 @@ impl Row {
             broker: None,
             shim: None,
             nginx: None,
+            vs_nginx_rounds: None,
         }
+    }
+    /// Record the spread of broker/nginx over the rounds, from each round's figures.
+    fn rounds(mut self, proxy: &[f64], nginx: &[f64]) -> Row {
+        let ratios: Vec<f64> = proxy
+            .iter()
+            .zip(nginx)
+            .filter(|(_, n)| **n > 0.0)
+            .map(|(p, n)| p / n)
+            .collect();
+        let lowest = ratios.iter().copied().reduce(f64::min);
+        let highest = ratios.iter().copied().reduce(f64::max);
+        self.vs_nginx_rounds = lowest.zip(highest);
+        self
     }
     fn nginx(mut self, v: Option<f64>) -> Row {
         self.nginx = v;
@@ -188,6 +205,7 @@ impl Row {
             "leg": self.leg, "unit": self.unit, "direct": self.direct,
             "broker": self.broker, "shim": self.shim, "ratio": self.ratio(),
             "nginx": self.nginx, "broker_over_nginx": self.vs_nginx(),
+            "broker_over_nginx_rounds": self.vs_nginx_rounds.map(|(lo, hi)| [lo, hi]),
         })
     }
 }
@@ -207,6 +225,11 @@ fn fmt(v: Option<f64>, unit: &str) -> String {
         "s" => format!("{v:.2} s"),
         _ => format!("{v:.2} {unit}"),
     }
+}
+
+/// Each round's throughput, in the order the rounds ran.
+fn per_sec(v: &[client::LoadResult]) -> Vec<f64> {
+    v.iter().map(|r| r.per_sec).collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -607,7 +630,8 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                     Row::new(format!("keep-alive {label}"), "req/s")
                         .direct(median(d.iter().map(|r| r.per_sec).collect()))
                         .broker(median(b.iter().map(|r| r.per_sec).collect()))
-                        .nginx(med_of(&n, |r| r.per_sec)),
+                        .nginx(med_of(&n, |r| r.per_sec))
+                        .rounds(&per_sec(&b), &per_sec(&n)),
                 );
                 rows.push(
                     Row::new(format!("  p50 latency {label}"), "µs")
@@ -642,7 +666,11 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                         Row::new(format!("keep-alive {label}, {name}"), "req/s")
                             .direct(median(wd.iter().map(|r| r.per_sec).collect()))
                             .shim(median(ws.iter().map(|r| r.per_sec).collect()))
-                            .nginx(tmed_of(&wn, |r| r.per_sec)),
+                            .nginx(tmed_of(&wn, |r| r.per_sec))
+                            .rounds(
+                                &ws.iter().map(|r| r.per_sec).collect::<Vec<_>>(),
+                                &wn.iter().map(|r| r.per_sec).collect::<Vec<_>>(),
+                            ),
                     );
                     rows.push(
                         Row::new(format!("  p50 latency {label}, {name}"), "µs")
@@ -699,7 +727,8 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                 Row::new(format!("new TLS connections, {conc} at a time"), "conn/s")
                     .direct(median(d.iter().map(|r| r.per_sec).collect()))
                     .broker(median(b.iter().map(|r| r.per_sec).collect()))
-                    .nginx(med_of(&n, |r| r.per_sec)),
+                    .nginx(med_of(&n, |r| r.per_sec))
+                    .rounds(&per_sec(&b), &per_sec(&n)),
             );
             rows.push(
                 Row::new(format!("  p50 connect+request, {conc} at a time"), "µs")
@@ -1034,10 +1063,19 @@ fn run(opts: Opts) -> anyhow::Result<()> {
     let headline: Vec<String> = rows
         .iter()
         .filter(|r| r.unit == "req/s" || r.unit == "conn/s")
-        .filter_map(|r| Some(format!("{} {:.2}", r.leg, r.vs_nginx()?)))
+        .filter_map(|r| {
+            let spread = r
+                .vs_nginx_rounds
+                .map(|(lo, hi)| format!(" (single rounds {lo:.2}-{hi:.2})"))
+                .unwrap_or_default();
+            Some(format!("{} {:.2}{spread}", r.leg, r.vs_nginx()?))
+        })
         .collect();
     if !headline.is_empty() {
-        println!("broker/nginx throughput (>= 1.00: as fast as nginx):");
+        println!(
+            "broker/nginx throughput (>= 1.00: as fast as nginx; the median of the rounds, and \
+             the lowest and highest of a single round):"
+        );
         for h in &headline {
             println!("  {h}");
         }

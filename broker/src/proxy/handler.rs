@@ -224,10 +224,12 @@ async fn forward(
     }
 
     // AWS: the swap is a check of the agent's SigV4 signature and a new one (`sigv4`).
+    // Boxed, like the other rare branches below: an `.await` inline would make every
+    // request's future as large as this branch's (5.5 KB), allocated and copied per request.
     if provider.auth == AuthKind::AwsSigv4 {
-        return super::sigv4::forward(
+        return Box::pin(super::sigv4::forward(
             proxy, conn, provider, route, spec_index, port, parts, body, method, uri, started,
-        )
+        ))
         .await;
     }
 
@@ -299,9 +301,16 @@ async fn forward(
     }
     if upgrade {
         let req = Request::from_parts(parts, body);
-        return bridge_upgrade(proxy, &conn.sni, port, req, pending, conn.clone())
-            .await
-            .map_err(|e| (e, provider_name));
+        return Box::pin(bridge_upgrade(
+            proxy,
+            &conn.sni,
+            port,
+            req,
+            pending,
+            conn.clone(),
+        ))
+        .await
+        .map_err(|e| (e, provider_name));
     }
     // hyper picks HTTP/1.1 or h2 for the upstream from ALPN; the agent's version is its own.
     parts.version = http::Version::HTTP_11;
@@ -470,7 +479,7 @@ async fn authorize(
             }
             if let Some(approval) = allowed.approval {
                 if policy.mode == crate::policy::Mode::Enforce && policy.needs_asking(&approval) {
-                    approve(proxy, conn, provider, parts, started, &approval).await?;
+                    Box::pin(approve(proxy, conn, provider, parts, started, &approval)).await?;
                 }
             }
         }

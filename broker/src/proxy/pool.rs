@@ -123,7 +123,9 @@ impl UpstreamPool {
                     }
                     (upstream, true)
                 }
-                None => (self.connect(host, port).await?, false),
+                // Boxed: a new connection is rare, and its future (2.4 KB) inline would be
+                // part of every request's.
+                None => (Box::pin(self.connect(host, port)).await?, false),
             };
             req.headers_mut()
                 .insert(header::HOST, upstream.host_header.clone());
