@@ -3,7 +3,10 @@
 //
 // Prints one line `listening http://127.0.0.1:PORT` on stdout once it accepts connections.
 // Every request it receives, and every token endpoint outcome, is appended as one JSON line to
-// $OAUTH_LOG, so a test can count what reached the server (token values are never logged).
+// $OAUTH_LOG, so a test can count what reached the server. Token values are never logged: a
+// refresh token the server issues, and the token of each revocation request, are logged as a
+// fingerprint (the first 16 hex digits of its SHA-256), so a test can tell which refresh
+// token a revocation named without learning any.
 //
 // Environment:
 //   OAUTH_LOG          the request log (required)
@@ -13,9 +16,13 @@
 //
 // Test-only controls (not OAuth):
 //   GET /test/fail-token?on=1|0  answer every token request with invalid_grant while on
+//   GET /test/hold-revocation?on=1|0
+//                                while on, revocation requests are logged and then held (not
+//                                answered) until it is turned off
 //   GET /api/check               the resource server: 200 if `Authorization: Bearer <at>` is a
 //                                live access (or client credentials) token, else 401
 
+import { createHash } from 'node:crypto';
 import { appendFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { createRequire } from 'node:module';
@@ -33,6 +40,7 @@ async function loadProvider() {
   return (await import('oidc-provider')).default;
 }
 
+const fingerprint = (token) => createHash('sha256').update(String(token)).digest('hex').slice(0, 16);
 const log = (entry) => appendFileSync(process.env.OAUTH_LOG, `${JSON.stringify({ t: Date.now(), ...entry })}\n`);
 const firstTtl = Number(process.env.FIRST_TTL || 3600);
 const refreshTtl = Number(process.env.REFRESH_TTL || 3600);
@@ -95,9 +103,20 @@ provider.on('revocation.error', (ctx, err) => log({ event: 'revocation_error', e
 provider.on('access_token.destroyed', () => log({ event: 'destroyed', kind: 'access_token' }));
 provider.on('refresh_token.destroyed', () => log({ event: 'destroyed', kind: 'refresh_token' }));
 provider.on('grant.revoked', () => log({ event: 'grant_revoked' }));
+// An opaque token's value is its jti.
+provider.on('refresh_token.saved', (token) => log({ event: 'refresh_token_issued', fp: fingerprint(token.jti) }));
 provider.on('server_error', (ctx, err) => log({ event: 'server_error', message: String(err && err.stack) }));
 
 let failToken = false;
+let holdRevocation = false;
+let heldRevocations = [];
+
+// The whole body of a request; oidc-provider then parses `req.body` (a string) instead.
+async function readBody(req) {
+  const chunks = [];
+  for await (const chunk of req) chunks.push(chunk);
+  return Buffer.concat(chunks).toString();
+}
 const callback = provider.callback();
 
 async function liveAccessToken(header) {
@@ -114,6 +133,26 @@ server.on('request', async (req, res) => {
     failToken = url.searchParams.get('on') === '1';
     res.end('ok');
     return;
+  }
+  if (url.pathname === '/test/hold-revocation') {
+    holdRevocation = url.searchParams.get('on') === '1';
+    if (!holdRevocation) {
+      for (const release of heldRevocations) release();
+      heldRevocations = [];
+    }
+    res.end('ok');
+    return;
+  }
+  if (url.pathname === '/token/revocation' && req.method === 'POST') {
+    req.body = await readBody(req);
+    const form = new URLSearchParams(req.body);
+    log({
+      event: 'revocation_request',
+      hint: form.get('token_type_hint'),
+      fp: fingerprint(form.get('token')),
+      held: holdRevocation,
+    });
+    if (holdRevocation) await new Promise((resolve) => heldRevocations.push(resolve));
   }
   if (url.pathname === '/api/check') {
     const ok = await liveAccessToken(req.headers.authorization);

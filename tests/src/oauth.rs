@@ -137,6 +137,38 @@ impl OAuthServer {
         (requests, revoked && !errors)
     }
 
+    /// The fingerprints of the refresh tokens the server issued, oldest first (see
+    /// server.mjs: the first 16 hex digits of each token's SHA-256).
+    pub fn issued_refresh_tokens(&self) -> Vec<String> {
+        self.entries()
+            .iter()
+            .filter(|e| e["event"] == "refresh_token_issued")
+            .filter_map(|e| e["fp"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// The revocation requests that reached the server, in order: (`token_type_hint`, the
+    /// token's fingerprint).
+    pub fn revocation_requests(&self) -> Vec<(String, String)> {
+        self.entries()
+            .iter()
+            .filter(|e| e["event"] == "revocation_request")
+            .map(|e| {
+                let field = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+                (field("hint"), field("fp"))
+            })
+            .collect()
+    }
+
+    /// Hold revocation requests (logged, not answered) until called again with `false`.
+    pub fn hold_revocations(&self, hold: bool) {
+        let on = if hold { 1 } else { 0 };
+        assert_eq!(
+            self.get(&format!("/test/hold-revocation?on={on}"), None),
+            200
+        );
+    }
+
     /// A plain-HTTP GET to the server; the status.
     pub fn get(&self, path: &str, authorization: Option<&str>) -> u16 {
         let addr = self.issuer.trim_start_matches("http://");

@@ -397,3 +397,116 @@ fn a_401_from_the_upstream_refreshes_once_and_retries() {
     assert_eq!(audit_events(&home, "refresh"), 1);
     assert_no_token_leaks(&home, &tokens, &[&out.stdout, &out.stderr]);
 }
+
+/// Regression: `broker logout` read the tokens, revoked them, then deleted the row. A refresh
+/// that rotated the tokens in between (a running broker refreshing before expiry) had its new
+/// refresh token deleted unrevoked: still valid at the server, and nowhere the user could
+/// revoke it from. Here the server holds logout's first revocation request while a `broker
+/// run` refreshes the expired token; logout must revoke the rotated refresh token too, and
+/// remove the row.
+#[test]
+fn logout_also_revokes_the_tokens_a_refresh_rotated_during_it() {
+    // Logins get 2-second access tokens, so the run after the sleep refreshes.
+    let Some(idp) = OAuthServer::start(&[("FIRST_TTL", "2"), ("REFRESH_TTL", "3600")]) else {
+        return;
+    };
+    let _ = shim_lib();
+    let ca = TestCa::new();
+    let origin = api_origin(&ca, &idp.issuer);
+    let home = Home::new();
+    idp.install_provider(&home, "client_id = \"broker-test\"\nclient_auth = \"none\"");
+    let (ok, stderr) = login(&home, &[], "/auth?", &[]);
+    assert!(ok, "broker login failed:\n{stderr}");
+    assert_eq!(idp.issued_refresh_tokens().len(), 1, "{:?}", idp.entries());
+    std::thread::sleep(Duration::from_millis(2500));
+
+    idp.hold_revocations(true);
+    let logout = home
+        .broker()
+        .args(["logout", "acme"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn broker logout");
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(logout.wait_with_output());
+    });
+    // Its first revocation request reaching the server means logout has read the tokens.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while idp.revocation_requests().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "logout sent no revocation: {:?}",
+            done.try_recv()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Meanwhile a run uses the expired token: its broker refreshes, rotating the refresh token.
+    let run = run_bounded(
+        &mut agent_call(&home, &ca, &origin),
+        Duration::from_secs(60),
+    );
+    assert!(
+        String::from_utf8_lossy(&run.stdout).contains("\"ok\":true"),
+        "{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(idp.token_events("refresh_token"), 1, "{:?}", idp.entries());
+    let issued = idp.issued_refresh_tokens();
+    assert_eq!(issued.len(), 2, "the refresh rotated: {:?}", idp.entries());
+
+    idp.hold_revocations(false);
+    let out = done
+        .recv_timeout(Duration::from_secs(60))
+        .expect("broker logout did not finish")
+        .expect("broker logout");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "broker logout failed: {stderr}");
+    let revoked: Vec<String> = idp
+        .revocation_requests()
+        .into_iter()
+        .filter(|(hint, _)| hint == "refresh_token")
+        .map(|(_, fp)| fp)
+        .collect();
+    assert!(
+        revoked.contains(&issued[0]),
+        "the refresh token logout read was not revoked: {:?}",
+        idp.entries()
+    );
+    assert!(
+        revoked.contains(&issued[1]),
+        "the refresh token rotated during the logout was not revoked (deleted from the vault, \
+         still valid at the server): {:?}",
+        idp.entries()
+    );
+    assert!(
+        stderr.contains(
+            "A refresh stored new tokens during the logout: revoked the new refresh token"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("the tokens were removed from the vault"),
+        "{stderr}"
+    );
+    let list = run_bounded(
+        home.broker().args(["list", "--json"]),
+        Duration::from_secs(20),
+    );
+    assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "[]");
+    assert_eq!(audit_events(&home, "logout"), 1);
+    let tokens = tokens_seen(&origin);
+    assert!(
+        tokens.iter().all(|t| !idp.token_is_live(t)),
+        "an access token still works after logout"
+    );
+    assert_no_token_leaks(
+        &home,
+        &tokens,
+        &[&run.stdout, &run.stderr, &out.stdout, &out.stderr],
+    );
+}

@@ -17,10 +17,11 @@ use crate::audit::{Audit, AuditEvent, EventKind};
 use crate::home::Home;
 use crate::oauth::client::{ClientCredentials, EndpointClient};
 use crate::oauth::flows::{self, Interaction};
-use crate::oauth::revoke::{revoke_login, Revocation};
+use crate::oauth::logout::{self, LogoutError};
+use crate::oauth::revoke::revoke_login;
 use crate::oauth::{expiry_from_now, GrantUsed, OAuthSettings, TokenMeta, TokenSet, UserConfig};
 use crate::providers::Catalog;
-use crate::vault::{CredentialKind, PutOutcome, TokenUpdate, Vault};
+use crate::vault::{PutOutcome, TokenUpdate, Vault};
 
 #[derive(Debug, Args)]
 #[command(
@@ -233,17 +234,6 @@ pub fn logout(args: LogoutArgs) -> anyhow::Result<ExitCode> {
         bail!("{}", missing());
     }
     let vault = Vault::open(&home)?;
-    let Some(cred) = vault.get_full(&args.provider, &args.profile)? else {
-        bail!("{}", missing());
-    };
-    if cred.kind != CredentialKind::OAuth2 {
-        bail!(
-            "{} (profile {}) holds an API key, not a login: remove it with `broker remove {}`",
-            args.provider,
-            args.profile,
-            args.provider
-        );
-    }
     // A provider file that no longer loads leaves the SSRF guard on.
     let private = Catalog::load(&home)
         .ok()
@@ -253,15 +243,22 @@ pub fn logout(args: LogoutArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let revocation = runtime.block_on(revoke_login(&client, &cred));
-    for what in &revocation.revoked {
-        eprintln!("Revoked the {what}.");
+    let report = match logout::logout(&vault, &args.provider, &args.profile, |cred| {
+        runtime.block_on(revoke_login(&client, cred))
+    }) {
+        Ok(report) => report,
+        Err(LogoutError::NotLoggedIn) => bail!("{}", missing()),
+        Err(LogoutError::NotALogin) => bail!(
+            "{} (profile {}) holds an API key, not a login: remove it with `broker remove {}`",
+            args.provider,
+            args.profile,
+            args.provider
+        ),
+        Err(LogoutError::Vault(err)) => return Err(err.into()),
+    };
+    for line in report.revoked_lines(&args.provider) {
+        eprintln!("{line}");
     }
-    if !revocation.endpoint {
-        eprintln!("{}", Revocation::no_endpoint_note(&args.provider));
-    }
-    drop(cred);
-    vault.remove(&args.provider, &args.profile)?;
     audit(
         &home,
         &vault,
@@ -269,14 +266,14 @@ pub fn logout(args: LogoutArgs) -> anyhow::Result<ExitCode> {
         &args.provider,
         &args.profile,
         "broker logout",
-        (!revocation.failures.is_empty()).then(|| "revocation failed".to_string()),
+        report.audit_reason(),
     );
     eprintln!(
-        "Logged out of {} (profile {}): the tokens were removed from the vault.",
-        args.provider, args.profile
+        "{}",
+        report.ending_line(&args.provider, &args.profile, false)
     );
-    if !revocation.failures.is_empty() {
-        bail!("{}", revocation.failure_note());
+    if let Some(note) = report.failure_note() {
+        bail!("{note}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -8,7 +8,9 @@
 //! - [`flows`]: the grants `broker login` runs.
 //! - [`refresh`]: the credential lookup the proxy uses for OAuth tokens, with a cross-process
 //!   single-flight refresh under the vault's write lock.
-//! - [`revoke`]: revoking a login's tokens (`broker logout`, `broker logout --system`).
+//! - [`revoke`]: revoking a login's tokens at the authorization server.
+//! - [`logout`]: `broker logout` and `broker logout --system`: revoke, then remove the row
+//!   unless a refresh rotated the tokens meanwhile (then revoke those too).
 //!
 //! What is stored per login (no secret outside sealed columns): the access token, the refresh
 //! token and a confidential client's secret, sealed; the expiry; and [`TokenMeta`] as the
@@ -16,6 +18,7 @@
 
 pub mod client;
 pub mod flows;
+pub mod logout;
 pub mod refresh;
 pub mod revoke;
 pub mod settings;

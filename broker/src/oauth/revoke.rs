@@ -1,6 +1,6 @@
-//! Revoking a login's tokens at the authorization server (RFC 7009): `broker logout`, and the
-//! system broker itself on `broker logout --system` (its tokens never leave it). The refresh
-//! token goes first: revoking it usually ends the whole grant.
+//! Revoking a login's tokens at the authorization server (RFC 7009), for [`super::logout`]:
+//! `broker logout`, and the system broker itself on `broker logout --system` (its tokens never
+//! leave it). The refresh token goes first: revoking it usually ends the whole grant.
 
 use super::client::{oauth_error, ClientCredentials, EndpointClient};
 use super::TokenMeta;
@@ -15,8 +15,8 @@ pub struct Revocation {
     pub endpoint: bool,
     /// The tokens the server confirmed (`"refresh token"`, `"access token"`).
     pub revoked: Vec<&'static str>,
-    /// One line per token the server did not confirm.
-    pub failures: Vec<String>,
+    /// The tokens the server did not confirm (`"refresh token"`, ...), each with why.
+    pub failures: Vec<(&'static str, String)>,
 }
 
 impl Revocation {
@@ -25,15 +25,6 @@ impl Revocation {
         format!(
             "{provider} has no revocation endpoint: the tokens stay valid at the server until they \
              expire (revoke the app's access in your account settings to end them now)."
-        )
-    }
-
-    /// The sentence for people when some revocation failed.
-    pub fn failure_note(&self) -> String {
-        format!(
-            "revocation failed for {} (removed locally anyway; the tokens may stay valid at the \
-             server until they expire)",
-            self.failures.join("; ")
         )
     }
 }
@@ -74,17 +65,15 @@ pub async fn revoke_login(client: &EndpointClient, cred: &StoredCredential) -> R
         match result {
             // RFC 7009 2.2: 200 whether or not the token was still valid.
             Ok(answer) if answer.status == 200 => out.revoked.push(what),
-            Ok(answer) => out.failures.push(format!(
-                "the {what}: {}",
+            Ok(answer) => out.failures.push((
+                what,
                 redacted(
                     oauth_error(&answer)
                         .map(|e| e.to_string())
-                        .unwrap_or_else(|| format!("{url} answered {}", answer.status))
-                )
+                        .unwrap_or_else(|| format!("{url} answered {}", answer.status)),
+                ),
             )),
-            Err(err) => out
-                .failures
-                .push(format!("the {what}: {}", redacted(err.to_string()))),
+            Err(err) => out.failures.push((what, redacted(err.to_string()))),
         }
     }
     out

@@ -13,10 +13,11 @@
 use crate::audit::EventKind;
 use crate::control::ControlPeer;
 use crate::oauth::client::EndpointClient;
-use crate::oauth::revoke::{revoke_login, Revocation};
+use crate::oauth::logout::{self, LogoutError};
+use crate::oauth::revoke::revoke_login;
 use crate::oauth::{expiry_from_now, OAuthSettings, TokenMeta};
 use crate::proxy::Proxy;
-use crate::vault::{CredentialKind, PutOutcome, TokenUpdate, Vault};
+use crate::vault::{PutOutcome, TokenUpdate, Vault};
 
 use super::admin::{audit_change, known_provider, AdminContext, AdminReply, AdminRequest};
 
@@ -153,7 +154,8 @@ pub(super) fn store(
 }
 
 /// Revoke a login's tokens at the provider (from the broker: they never leave it) and remove
-/// the row. A failed revocation still removes it, and says so.
+/// the row, with the tokens of a refresh that ran meanwhile revoked too (see
+/// [`crate::oauth::logout`]). A failed revocation still removes it, and says so.
 pub(super) fn logout(
     proxy: &Proxy,
     admin: &AdminContext,
@@ -162,58 +164,45 @@ pub(super) fn logout(
     provider: &str,
     profile: &str,
 ) -> AdminReply {
-    let missing = || {
-        AdminReply::error(format!(
-            "the system broker is not logged in to {} (profile {profile}): see `broker list --system`",
-            if provider.len() > 32 { "(not shown)" } else { provider }
-        ))
-    };
-    let cred = match vault.get_full(provider, profile) {
-        Ok(Some(cred)) => cred,
-        Ok(None) => return missing(),
-        Err(err) => return AdminReply::error(err.to_string()),
-    };
-    if cred.kind != CredentialKind::OAuth2 {
-        return AdminReply::error(format!(
-            "{provider} (profile {profile}) holds an API key in the system broker, not a login: remove it with `broker remove {provider} --system`"
-        ));
-    }
-    let upstream = admin.upstream.clone();
+    let upstream = &admin.upstream;
     let private = proxy
         .catalog()
         .get(provider)
         .is_some_and(|p| p.private_addresses);
-    let revocation = crate::oauth::refresh::run_blocking(async {
-        let client = EndpointClient::new(upstream, private);
-        revoke_login(&client, &cred).await
-    });
-    drop(cred);
-    match vault.remove(provider, profile) {
-        Ok(true) => {}
-        Ok(false) => return missing(),
-        Err(err) => return AdminReply::error(err.to_string()),
-    }
+    let report = match logout::logout(vault, provider, profile, |cred| {
+        crate::oauth::refresh::run_blocking(async {
+            let client = EndpointClient::new(upstream.clone(), private);
+            revoke_login(&client, cred).await
+        })
+    }) {
+        Ok(report) => report,
+        Err(LogoutError::NotLoggedIn) => {
+            return AdminReply::error(format!(
+                "the system broker is not logged in to {} (profile {profile}): see `broker list --system`",
+                if provider.len() > 32 { "(not shown)" } else { provider }
+            ))
+        }
+        Err(LogoutError::NotALogin) => {
+            return AdminReply::error(format!(
+                "{provider} (profile {profile}) holds an API key in the system broker, not a login: remove it with `broker remove {provider} --system`"
+            ))
+        }
+        Err(LogoutError::Vault(err)) => return AdminReply::error(err.to_string()),
+    };
     audit_change(
         proxy,
         peer,
         EventKind::Logout,
         (provider, profile),
         "broker logout --system",
-        (!revocation.failures.is_empty()).then(|| "revocation failed".to_string()),
+        report.audit_reason(),
     );
-    let revoked = if !revocation.endpoint {
-        Revocation::no_endpoint_note(provider)
-    } else if revocation.revoked.is_empty() {
-        String::new()
-    } else {
-        format!("Revoked the {}.", revocation.revoked.join(" and the "))
-    };
-    let removed = format!(
-        "Logged the system broker out of {provider} (profile {profile}): the tokens were removed from its vault."
-    );
-    if revocation.failures.is_empty() {
-        AdminReply::ok(format!("{revoked} {removed}").trim().to_string())
-    } else {
-        AdminReply::error(format!("{removed} But {}", revocation.failure_note()))
+    let revoked = report.revoked_lines(provider).join(" ");
+    let ending = report.ending_line(provider, profile, true);
+    match report.failure_note() {
+        None => AdminReply::ok(format!("{revoked} {ending}").trim().to_string()),
+        Some(note) => {
+            AdminReply::error(format!("{revoked} {ending} But {note}").trim().to_string())
+        }
     }
 }

@@ -46,7 +46,7 @@ pub use keysource::{
     new_key_file_text, read_system_key_file, KeyConfig, KeySource, ENV_KEY_SOURCE, ENV_PASSPHRASE,
     KEYRING_TIMEOUT,
 };
-pub use oauth::{LockedCredential, StoredCredential, TokenUpdate};
+pub use oauth::{LockedCredential, Removal, StoredCredential, TokenUpdate};
 
 /// How long a write waits for another process's transaction before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -200,6 +200,13 @@ impl Secret {
     /// The secret itself, for the one place that needs it (the header swap).
     pub fn expose(&self) -> &str {
         &self.0
+    }
+    /// Is `other` the same secret? In constant time for secrets of equal length (a length
+    /// difference shows): a caller compares a token it holds with the one stored.
+    pub fn same_as(&self, other: &Secret) -> bool {
+        use subtle::ConstantTimeEq as _;
+        let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
+        a.len() == b.len() && bool::from(a.ct_eq(b))
     }
     /// Length in characters.
     pub fn char_len(&self) -> usize {

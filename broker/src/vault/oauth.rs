@@ -8,6 +8,10 @@
 //! SQLite's write lock (`BEGIN IMMEDIATE`) across read -> refresh -> store, so of several
 //! processes (two `broker run`s, a `broker serve`) that find a token expiring at once, one
 //! refreshes and the others, blocked on the lock, re-read and find the new token.
+//!
+//! [`Vault::remove_if_unchanged`] is logout's side of the same lock: it removes a login only
+//! if its tokens are still the ones logout revoked, so a refresh that rotated them meanwhile
+//! cannot have its new tokens deleted unrevoked (`crate::oauth::logout`).
 
 use rusqlite::{params, OptionalExtension as _, Transaction, TransactionBehavior};
 
@@ -46,6 +50,31 @@ impl StoredCredential {
         .map(|s| s.expose().as_bytes())
         .collect()
     }
+
+    /// Are `other`'s tokens (access token or key, refresh token) the same as these? Compared
+    /// in constant time; the kind must match too. The client secret and metadata are not
+    /// compared: they say how to use the tokens, not which tokens a revocation ended.
+    pub fn same_tokens(&self, other: &StoredCredential) -> bool {
+        let refresh_same = match (&self.refresh, &other.refresh) {
+            (Some(a), Some(b)) => a.same_as(b),
+            (None, None) => true,
+            _ => false,
+        };
+        // Both compared whatever the first gives, so the time does not say which differed.
+        let secret_same = self.secret.same_as(&other.secret);
+        self.kind == other.kind && secret_same && refresh_same
+    }
+}
+
+/// What [`Vault::remove_if`] found under the lock.
+#[derive(Debug)]
+pub enum Removal {
+    /// The row was removed; this is what it held.
+    Removed(StoredCredential),
+    /// The row was left in place; this is what it holds now.
+    Kept(StoredCredential),
+    /// There was no row (removed already).
+    Missing,
 }
 
 /// New tokens from a login or a refresh.
@@ -157,6 +186,38 @@ impl Vault {
         tx.commit().map_err(VaultError::from)?;
         result
     }
+
+    /// Remove `provider`/`profile` if `remove` says so of the row as it is now, read under the
+    /// vault's write lock (the lock a refresh holds from its read to its store): no refresh
+    /// can rotate the tokens between that read and the removal.
+    pub fn remove_if(
+        &self,
+        provider: &str,
+        profile: &str,
+        remove: impl FnOnce(&StoredCredential) -> bool,
+    ) -> Result<Removal, VaultError> {
+        self.with_credential_lock(provider, profile, |locked| {
+            let Some(current) = locked.read()? else {
+                return Ok(Removal::Missing);
+            };
+            if !remove(&current) {
+                return Ok(Removal::Kept(current));
+            }
+            locked.remove()?;
+            Ok(Removal::Removed(current))
+        })
+    }
+
+    /// Remove `provider`/`profile` only if its tokens are still `expected`'s (see
+    /// [`StoredCredential::same_tokens`]); else keep it and return what it holds now.
+    pub fn remove_if_unchanged(
+        &self,
+        provider: &str,
+        profile: &str,
+        expected: &StoredCredential,
+    ) -> Result<Removal, VaultError> {
+        self.remove_if(provider, profile, |current| current.same_tokens(expected))
+    }
 }
 
 impl LockedCredential<'_> {
@@ -216,6 +277,15 @@ impl LockedCredential<'_> {
                 updated_at: &current.updated_at,
             },
         )
+    }
+
+    /// Delete the row (for [`Vault::remove_if`]).
+    fn remove(&self) -> Result<(), VaultError> {
+        self.tx.execute(
+            "DELETE FROM credentials WHERE provider = ?1 AND profile = ?2",
+            params![self.provider, self.profile],
+        )?;
+        Ok(())
     }
 }
 
@@ -322,6 +392,118 @@ mod tests {
         assert_eq!(got.secret.expose(), "at-3");
         assert_eq!(got.refresh.as_ref().map(Secret::expose), Some("rt-2"));
         assert!(got.metadata.contains("login_expired"));
+        assert!(vault.verify().expect("verify").is_ok());
+    }
+
+    fn login(vault: &Vault, access: &str, refresh: Option<&str>) {
+        vault
+            .put_oauth(
+                "acme",
+                "default",
+                &TokenUpdate {
+                    access,
+                    refresh,
+                    expires_at: None,
+                    metadata: "{}",
+                },
+                None,
+            )
+            .expect("put");
+    }
+
+    fn rotate(vault: &Vault, access: &str, refresh: Option<&str>) {
+        vault
+            .with_credential_lock::<_, VaultError>("acme", "default", |c| {
+                c.store_tokens(&TokenUpdate {
+                    access,
+                    refresh,
+                    expires_at: None,
+                    metadata: "{}",
+                })
+            })
+            .expect("rotate");
+    }
+
+    fn stored(vault: &Vault) -> StoredCredential {
+        vault
+            .get_full("acme", "default")
+            .expect("get")
+            .expect("row")
+    }
+
+    #[test]
+    fn remove_if_unchanged_removes_only_the_tokens_it_was_given() {
+        let (_dir, vault) = vault();
+        login(&vault, "at-1", Some("rt-1"));
+        let read = stored(&vault);
+
+        // Unchanged: removed, and what it held comes back.
+        match vault
+            .remove_if_unchanged("acme", "default", &read)
+            .expect("remove")
+        {
+            Removal::Removed(held) => assert!(held.same_tokens(&read)),
+            other => panic!("not removed: {other:?}"),
+        }
+        assert!(vault.get_full("acme", "default").expect("get").is_none());
+        assert!(matches!(
+            vault.remove_if_unchanged("acme", "default", &read),
+            Ok(Removal::Missing)
+        ));
+
+        // A refresh rotated both tokens after the read: kept, and the new tokens reported.
+        login(&vault, "at-1", Some("rt-1"));
+        let read = stored(&vault);
+        rotate(&vault, "at-2", Some("rt-2"));
+        match vault
+            .remove_if_unchanged("acme", "default", &read)
+            .expect("remove")
+        {
+            Removal::Kept(now) => {
+                assert_eq!(now.secret.expose(), "at-2");
+                assert_eq!(now.refresh.as_ref().map(Secret::expose), Some("rt-2"));
+            }
+            other => panic!("removed a row whose tokens changed: {other:?}"),
+        }
+        assert_eq!(stored(&vault).secret.expose(), "at-2");
+
+        // Only the access token changed (a refresh that does not rotate the refresh token):
+        // still changed.
+        let read = stored(&vault);
+        rotate(&vault, "at-3", None);
+        assert!(matches!(
+            vault.remove_if_unchanged("acme", "default", &read),
+            Ok(Removal::Kept(_))
+        ));
+        // Only the metadata changed (a refused refresh marks the login expired): the tokens
+        // are the ones read, so it is removed.
+        let read = stored(&vault);
+        vault
+            .with_credential_lock::<_, VaultError>("acme", "default", |c| {
+                c.set_metadata(r#"{"login_expired":true}"#)
+            })
+            .expect("mark");
+        assert!(matches!(
+            vault.remove_if_unchanged("acme", "default", &read),
+            Ok(Removal::Removed(_))
+        ));
+
+        // A refresh token that appeared or went away is a change; so is the kind.
+        login(&vault, "at-1", None);
+        let without = stored(&vault);
+        login(&vault, "at-1", Some("rt-1"));
+        assert!(!stored(&vault).same_tokens(&without));
+        assert!(matches!(
+            vault.remove_if_unchanged("acme", "default", &without),
+            Ok(Removal::Kept(_))
+        ));
+        vault
+            .put("acme", "default", "at-1", CredentialKind::ApiKey)
+            .expect("put key");
+        assert!(matches!(
+            vault.remove_if_unchanged("acme", "default", &without),
+            Ok(Removal::Kept(ref now)) if now.kind == CredentialKind::ApiKey
+        ));
         assert!(vault.verify().expect("verify").is_ok());
     }
 }
