@@ -531,3 +531,94 @@ fn a_key_in_base64_wrapped_at_64_columns_is_redacted() {
 fn a_key_in_base64_wrapped_at_76_columns_is_redacted() {
     base64_wrapped_test(76, "\r\n");
 }
+
+/// The descriptors `broker serve` keeps beside its client connections
+/// (`limits::FD_RESERVE`): its own, and each joined run's (listeners, DNS responder, control
+/// connection). The README's counts and the reserve's size rest on these: a change that gave a
+/// run a listener per host pattern again (267 descriptors per run, once) would leave room for
+/// no run at all, and fails here. With an AWS key stored too, a run manages every host pattern
+/// of the catalog.
+#[test]
+fn joined_runs_cost_few_descriptors_and_fit_the_reserve() {
+    use std::io::BufRead as _;
+    if !broker_integration::is_root() {
+        broker_integration::skip(
+            "counting broker serve's descriptors needs root (the process is not dumpable)",
+        );
+        return;
+    }
+    const RUNS: usize = 4;
+    let ca = TestCa::new();
+    let origin = Origin::bearer(&ca, HOST, OPENAI_KEY, "x");
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let out = home.run_with_stdin(
+        &["add", "aws"],
+        "AKIADESCRIPTORTEST01\ndescriptorTestSecretAccessKey00000000000\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let serve = serve(&home, &ca, &origin, &[]);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", serve.pid()))
+            .expect("read broker serve's descriptors")
+            .count()
+    };
+    // The fewest of ten readings over a second: a descriptor open for a moment (a vault read
+    // on the blocking pool, a DNS forward) is not what a run costs.
+    let settled = || {
+        (0..10)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(100));
+                fds()
+            })
+            .min()
+            .expect("ten readings")
+    };
+    let base = settled();
+
+    // Runs joined to serve, each held open (its agent waits on stdin) while counted.
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        let mut cmd = home.broker();
+        cmd.args(["run", "--", "sh", "-c", "echo started; read _ || true"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn broker run");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read the agent's first line");
+        assert_eq!(line.trim(), "started", "the run did not start its agent");
+        runs.push(child);
+    }
+    let with_runs = settled();
+    for mut child in runs {
+        drop(child.stdin.take());
+        let out = child.wait_with_output().expect("wait for broker run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let per_run = (with_runs.saturating_sub(base)).div_ceil(RUNS);
+    eprintln!("broker serve: {base} descriptors, {per_run} more per joined run");
+    // README (Performance, descriptors): 24 for serve with its own run, 6 per joined run.
+    assert!(base <= 40, "broker serve holds {base} descriptors");
+    assert!(
+        (1..=10).contains(&per_run),
+        "a joined run costs {per_run} descriptors ({base} -> {with_runs} with {RUNS} runs)"
+    );
+    // The reserve's promise (limits.rs): room for about 35 runs at once beside the broker's own.
+    let reserve = broker_cli::proxy::limits::FD_RESERVE;
+    assert!(
+        base + 35 * per_run <= reserve,
+        "{base} + 35 runs x {per_run} descriptors exceed the reserve of {reserve}"
+    );
+}

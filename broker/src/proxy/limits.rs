@@ -79,10 +79,13 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// joined run's control connection, the same whatever the catalog's size. `scripts/run-cost`
 /// counts 24 for `broker serve` with its own run open and 6 more per joined run (22 for an
 /// embedded `broker run`); with one listener per host pattern it was 267 and 249 more per
-/// run, past this reserve. 256 leaves room for about 35 runs at once and their DNS forwards
-/// in flight; `broker serve` raises its limit to the hard one, where the caps stop at
-/// [`MAX_CONNECTIONS`] long before the reserve matters.
-const FD_RESERVE: usize = 256;
+/// run, past this reserve. 256 leaves room for about 35 runs at once (held by
+/// `tests/tests/resilience.rs::joined_runs_cost_few_descriptors_and_fit_the_reserve`). A DNS
+/// responder's forwards in flight (up to 256 a run, for a moment each) are not counted here:
+/// `broker serve` raises its limit to the hard one, where the caps stop at
+/// [`MAX_CONNECTIONS`] long before the reserve matters; an embedded `broker run` keeps the
+/// soft limit its agent inherits.
+pub const FD_RESERVE: usize = 256;
 
 /// A client connection may hold two descriptors: its own and the upstream connection it is
 /// using.
