@@ -25,7 +25,8 @@
 //! downloaded for the outer build, and a build the user started offline must stay so. In a
 //! checkout it builds with Cargo.lock's versions (`--locked`); `cargo install --path broker`
 //! without `--locked` downloads the newest versions instead, so when the offline build fails
-//! there it is tried once more online (not with `CARGO_NET_OFFLINE=true`).
+//! there for want of a pinned version, it is tried once more online (not with
+//! `CARGO_NET_OFFLINE=true`).
 //!
 //! - Checkout: `cargo build -p broker-shim --locked` in its workspace (its `Cargo.lock`).
 //! - Packaged (`cargo package` left a `Cargo.toml.orig` beside the manifest): registry sources
@@ -95,12 +96,21 @@ fn main() {
         cmd.status()
             .unwrap_or_else(|e| panic!("cannot start cargo to build the embedded shim: {e}"))
     };
-    let mut status = run(nested(true));
+    // Offline first, its errors kept to tell why it failed (and shown as they are).
+    let first = nested(true)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start cargo to build the embedded shim: {e}"));
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), &first.stderr);
+    let mut status = first.status;
     // A checkout built by `cargo install --path broker` without `--locked` resolved the newest
-    // versions, not Cargo.lock's, so the shim's pinned ones may not be downloaded: fetch them,
-    // unless the user asked for no network.
+    // versions, not Cargo.lock's, so the shim's pinned ones may not be downloaded: build once
+    // more online, unless the user asked for no network. Only for that: cargo names offline
+    // mode when a crate is missing, and a failure of the code itself built a second time would
+    // only print the same errors twice.
     let offline_asked = std::env::var_os("CARGO_NET_OFFLINE").is_some_and(|v| v == "true");
-    if !status.success() && locked && !offline_asked {
+    let for_want_of_a_crate = String::from_utf8_lossy(&first.stderr).contains("offline");
+    if !status.success() && locked && !offline_asked && for_want_of_a_crate {
         status = run(nested(false));
     }
     if !status.success() {
