@@ -818,6 +818,62 @@ fn builtin_sources_are_the_compiled_files() {
     }
 }
 
+/// Every occurrence of every placeholder, by looking at every byte: what the index must find.
+fn placeholders_at_every_byte(catalog: &Catalog, haystack: &[u8]) -> Vec<usize> {
+    let mut found = Vec::new();
+    for at in 0..haystack.len() {
+        for (i, p) in catalog.providers().iter().enumerate() {
+            if !p.placeholder.is_empty() && haystack[at..].starts_with(p.placeholder.as_bytes()) {
+                found.push(i);
+            }
+        }
+    }
+    found.sort_unstable();
+    found
+}
+
+proptest::proptest! {
+    /// The built-in catalog's placeholders (and prefixes of them, and one-byte and overlapping
+    /// ones in a catalog of its own), mixed with noise: the index finds each occurrence.
+    #[test]
+    fn the_index_finds_what_a_look_at_every_byte_finds(
+        pieces in proptest::collection::vec(
+            (0usize..200, 0usize..64, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..6)),
+            0..8,
+        ),
+        small in proptest::prelude::any::<bool>(),
+    ) {
+        let builtin = Catalog::builtin();
+        let catalog = if small {
+            let mut a = parse(ACME).expect("acme");
+            a.placeholder = "ab".into();
+            let mut b = parse(ACME).expect("acme");
+            b.name = "acme-b".into();
+            b.placeholder = "a".into();
+            let mut c = parse(ACME).expect("acme");
+            c.name = "acme-c".into();
+            c.placeholder = "abab".into();
+            Catalog::new(vec![a, b, c])
+        } else {
+            builtin.clone()
+        };
+        let placeholders: Vec<&str> =
+            catalog.providers().iter().map(|p| p.placeholder.as_str()).collect();
+        let mut haystack = Vec::new();
+        for (which, cut, noise) in pieces {
+            let p = placeholders[which % placeholders.len()].as_bytes();
+            // Whole, or cut short (a prefix must not be found).
+            let keep = if cut % 3 == 0 { p.len().saturating_sub(cut % 5) } else { p.len() };
+            haystack.extend_from_slice(&p[..keep]);
+            haystack.extend_from_slice(&noise);
+        }
+        let mut owners = Vec::new();
+        catalog.placeholders_in(&haystack, &mut owners);
+        owners.sort_unstable();
+        proptest::prop_assert_eq!(owners, placeholders_at_every_byte(&catalog, &haystack));
+    }
+}
+
 #[test]
 fn placeholder_index_marks_every_provider_whose_placeholder_occurs() {
     let mut short = parse(ACME).expect("acme");
