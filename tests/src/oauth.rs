@@ -48,9 +48,7 @@ impl OAuthServer {
             .output()
             .map_or(true, |o| !o.status.success())
         {
-            eprintln!(
-                "SKIPPED: node is not installed; the OAuth tests need node and npm oidc-provider"
-            );
+            crate::skip("node is not installed; the OAuth tests need node and npm oidc-provider");
             return None;
         }
         let modules = node_modules();

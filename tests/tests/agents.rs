@@ -111,7 +111,7 @@ fn drive(agent: Agent) {
             program.display()
         );
         println!("{why}");
-        eprintln!("{why}");
+        broker_integration::skip(&why);
         return;
     }
     let _ = shim_lib();

@@ -498,7 +498,7 @@ fn a_static_go_agent_signing_by_hand_goes_through_the_connect_fallback() {
     // listener) instead, and the re-signing must work there too. moto checks the signature.
     let Some(bin) = aws_bin() else { return };
     let Some(go) = broker_integration::which("go") else {
-        eprintln!("SKIP: no Go toolchain (apt-get install golang-go)");
+        broker_integration::skip("no Go toolchain (apt-get install golang-go)");
         return;
     };
     let _ = shim_lib();

@@ -208,8 +208,8 @@ func main() {
 /// `None` (and a SKIP line) without a Go toolchain.
 fn build_go_agent(dir: &std::path::Path, cgo: bool) -> Option<std::path::PathBuf> {
     let Some(go) = broker_integration::which("go") else {
-        eprintln!(
-            "SKIP: no Go toolchain (apt-get install golang-go); the Go cases are not tested here"
+        broker_integration::skip(
+            "no Go toolchain (apt-get install golang-go); the Go cases are not tested here",
         );
         return None;
     };
@@ -297,7 +297,7 @@ fn go_agent_started_inside_a_run(bin: &std::path::Path, ca_vars: &dyn Fn(&mut Co
     let unmanaged_url = format!("https://localhost:{}/", unmanaged.addr.port());
     for (name, starter) in STARTERS {
         if broker_integration::which(starter[0]).is_none() {
-            eprintln!("SKIP: {name}: no {} on PATH", starter[0]);
+            broker_integration::skip(&format!("{name}: no {} on PATH", starter[0]));
             continue;
         }
         let mut cmd = home.broker();

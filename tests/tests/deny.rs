@@ -13,7 +13,7 @@ use broker_integration::{broker_bin, run_bounded, shim_lib, Home};
 fn deny_unlisted_refuses_http_and_https_to_other_hosts() {
     let _ = shim_lib();
     if !rustix::process::geteuid().is_root() || broker_integration::which("unshare").is_none() {
-        eprintln!("SKIP: needs root and unshare(1) to make a private network namespace");
+        broker_integration::skip("needs root and unshare(1) to make a private network namespace");
         return;
     }
     let home = Home::new();

@@ -82,7 +82,7 @@ fn doctor_self_tests_each_agent_cli_on_path() {
         Ok(dir) => dir,
         Err(reason) => {
             println!("SKIP: the agent CLIs are not installed: {reason}");
-            eprintln!("SKIP: the agent CLIs are not installed: {reason}");
+            broker_integration::skip(&format!("the agent CLIs are not installed: {reason}"));
             return;
         }
     };
@@ -103,7 +103,7 @@ fn doctor_self_tests_each_agent_cli_on_path() {
             missing.display()
         );
         println!("{why}");
-        eprintln!("{why}");
+        broker_integration::skip(&why);
         return;
     }
     // After the machine's own directories: the venvs' python3 must not stand in for the

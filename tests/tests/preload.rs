@@ -90,7 +90,9 @@ fn a_library_the_agent_wrote_is_gone_before_main_even_named_like_valgrinds() {
 #[test]
 fn the_broker_runs_under_valgrind_for_the_instruction_counts() {
     if which("valgrind").is_none() {
-        eprintln!("SKIP: valgrind is not installed (apt-get install valgrind; .ci/run does)");
+        broker_integration::skip(
+            "valgrind is not installed (apt-get install valgrind; .ci/run does)",
+        );
         return;
     }
     let home = Home::new();

@@ -619,7 +619,7 @@ fn a_sandbox_that_cannot_be_made_stops_the_run() {
 #[test]
 fn an_interactive_agent_keeps_its_terminal_and_ctrl_c() {
     if Command::new("tmux").arg("-V").output().is_err() {
-        eprintln!("SKIP: tmux is not installed (apt-get install tmux)");
+        broker_integration::skip("tmux is not installed (apt-get install tmux)");
         return;
     }
     let home = Home::new();

@@ -132,7 +132,7 @@ fn sdk_clients(test: &str) -> Option<PathBuf> {
                 "SKIP {test}: BROKER_TEST_SDK_CLIENTS is not set (./scripts/test installs the SDKs)"
             );
             println!("{why}");
-            eprintln!("{why}");
+            broker_integration::skip(&why);
             None
         }
     }

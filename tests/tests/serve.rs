@@ -16,7 +16,7 @@ fn is_root() -> bool {
 fn other_user() -> Option<&'static str> {
     const NAME: &str = "broker-peer-test";
     if !is_root() {
-        eprintln!("SKIP: creating another user needs root");
+        broker_integration::skip("creating another user needs root");
         return None;
     }
     let exists = Command::new("id")
@@ -34,7 +34,7 @@ fn other_user() -> Option<&'static str> {
             ])
             .status();
         if !made.is_ok_and(|s| s.success()) {
-            eprintln!("SKIP: useradd failed");
+            broker_integration::skip("useradd failed");
             return None;
         }
     }
