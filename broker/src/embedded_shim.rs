@@ -53,10 +53,7 @@ pub fn extract() -> anyhow::Result<Option<PathBuf>> {
 /// does (a file of this user's, mode 0500, same bytes), else written anew.
 pub fn ensure_at(root: &Path, bytes: &[u8]) -> anyhow::Result<PathBuf> {
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    let hex: String = digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex = crate::hex::lower(&digest.as_ref()[..8]);
     private_dir(root)?;
     let dir = root.join(format!("shim-{hex}"));
     private_dir(&dir)?;

@@ -16,6 +16,7 @@ pub mod dns;
 pub mod embedded_shim;
 pub mod form;
 pub mod hardening;
+pub mod hex;
 pub mod home;
 pub mod import;
 pub mod instance;

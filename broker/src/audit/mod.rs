@@ -40,13 +40,13 @@ use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use ring::digest::{digest, SHA256};
 use ring::hmac;
 use rustix::fs::{flock, FlockOperation};
 use serde::{Deserialize, Serialize};
 
 mod line;
 
+use crate::hex::{lower as to_hex, sha256 as sha256_hex};
 use crate::home::Home;
 use crate::vault::{AuditHead, AuditHeadStore, Vault, VaultError};
 
@@ -1246,21 +1246,6 @@ impl Drop for FileLock {
     fn drop(&mut self) {
         let _ = flock(&self.0, FlockOperation::Unlock);
     }
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    to_hex(digest(&SHA256, data).as_ref())
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    // By table, not `format!` per byte: one MAC per audit line, one line per request.
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0xf)]));
-    }
-    out
 }
 
 fn from_hex(text: &str) -> Option<Vec<u8>> {

@@ -248,7 +248,4 @@ fn save_manifest(home: &Home, records: &[Record]) -> anyhow::Result<()> {
     write_private_file(&path, &text).with_context(|| format!("cannot write {}", path.display()))
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::hex::sha256 as sha256_hex;

@@ -7,7 +7,7 @@
 //! Written here rather than taken from `aws-sigv4`: that crate pulls in the smithy runtime
 //! (and, by default, aws-lc-rs), a large tree for four HMACs and a sort.
 
-use ring::{digest, hmac};
+use ring::hmac;
 
 pub const ALGORITHM: &str = "AWS4-HMAC-SHA256";
 /// The payload hash of an empty body.
@@ -30,19 +30,7 @@ impl Scope {
     }
 }
 
-pub fn sha256_hex(data: &[u8]) -> String {
-    hex(digest::digest(&digest::SHA256, data).as_ref())
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 15)]));
-    }
-    out
-}
+pub use crate::hex::{lower as hex, sha256 as sha256_hex};
 
 /// The key that signs every request (and chunk) of one scope: four chained HMACs from the
 /// secret access key.
