@@ -227,6 +227,15 @@ struct PlaceholderIndex {
     shortest: usize,
 }
 
+/// Where a catalog serves a host ([`Catalog::serving`]): indices of the provider and route,
+/// and of the first of the route's host specs that matches the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Serving {
+    provider: usize,
+    route: usize,
+    pub spec: usize,
+}
+
 fn pair(a: u8, b: u8) -> u16 {
     u16::from(a) << 8 | u16::from(b)
 }
@@ -499,12 +508,29 @@ impl Catalog {
     /// The provider and route serving `host` (no port; a trailing dot is ignored). An exact
     /// pattern wins over a `*.` pattern, whatever the order of definition.
     pub fn route_for_host(&self, host: &str) -> Option<(&Provider, &Route)> {
-        self.route_index_for_host(host).map(|at| self.route_at(at))
+        self.route_index_for_host(host)
+            .map(|at| self.route_index_at(at))
     }
 
-    /// [`Catalog::route_for_host`] as indices (provider, route), to be kept: the proxy finds
-    /// a connection's route once, by its SNI, not on every request.
-    pub fn route_index_for_host(&self, host: &str) -> Option<(usize, usize)> {
+    /// Where `host` is served, as indices to keep: the proxy finds a connection's route once,
+    /// by its SNI, not on every request (the walk covers the whole catalog, and the AWS
+    /// patterns come before most providers').
+    pub fn serving(&self, host: &str) -> Option<Serving> {
+        let (provider, route) = self.route_index_for_host(host)?;
+        // The route was found by one of its specs matching: the first that does.
+        let spec = self.providers[provider].routes[route]
+            .hosts
+            .iter()
+            .position(|h| broker_contract::host_matches(&h.pattern, host))?;
+        Some(Serving {
+            provider,
+            route,
+            spec,
+        })
+    }
+
+    /// [`Catalog::route_for_host`] as indices (provider, route).
+    fn route_index_for_host(&self, host: &str) -> Option<(usize, usize)> {
         let mut wildcard = None;
         for (i, p) in self.providers.iter().enumerate() {
             for (j, route) in p.routes.iter().enumerate() {
@@ -521,8 +547,13 @@ impl Catalog {
         wildcard
     }
 
-    /// The provider and route at indices from [`Catalog::route_index_for_host`].
-    pub fn route_at(&self, (provider, route): (usize, usize)) -> (&Provider, &Route) {
+    /// The provider and route of a [`Catalog::serving`] of this catalog.
+    pub fn route_at(&self, at: Serving) -> (&Provider, &Route) {
+        let p = &self.providers[at.provider];
+        (p, &p.routes[at.route])
+    }
+
+    fn route_index_at(&self, (provider, route): (usize, usize)) -> (&Provider, &Route) {
         let p = &self.providers[provider];
         (p, &p.routes[route])
     }

@@ -131,7 +131,7 @@ async fn forward(
             ));
         }
     }
-    let (at, spec_index) = conn.route.ok_or_else(|| {
+    let at = conn.route.ok_or_else(|| {
         (
             BrokerError::BadRequest {
                 reason: format!("{} is not managed", conn.sni),
@@ -140,6 +140,9 @@ async fn forward(
         )
     })?;
     let (provider, route) = proxy.catalog.route_at(at);
+    let spec_index = at.spec;
+    let spec = &route.hosts[spec_index];
+    let port = spec.port;
     let provider_name = Some(provider.name.clone());
     if !conn.allows(&provider.name) {
         return Err((
@@ -149,14 +152,12 @@ async fn forward(
             provider_name,
         ));
     }
-    let spec = spec_index.map(|i| &route.hosts[i]);
-    let port = spec.map(|h| h.port).unwrap_or(443);
 
     let (mut parts, body) = req.into_parts();
     let path = uri.path();
     let mut findings = swap::inspect(&proxy.catalog, provider, route, &parts.headers, &parts.uri);
     // A host spec with a path prefix (`example.com/api`) limits the credential to that path.
-    if let Some(prefix) = spec.and_then(|h| h.path_prefix.as_deref()) {
+    if let Some(prefix) = spec.path_prefix.as_deref() {
         if !path_in_prefix(path, prefix) && findings.own_placeholder {
             findings.own_placeholder = false;
             findings.foreign.push(provider.name.clone());
@@ -653,10 +654,10 @@ pub(super) async fn accepted(
     proxy: &Arc<Proxy>,
     provider: &Provider,
     route: &crate::providers::Route,
-    spec_index: Option<usize>,
+    spec_index: usize,
     host: &str,
 ) -> Result<(), BrokerError> {
-    let Some(grant) = spec_index.and_then(|i| route.grants.get(i)) else {
+    let Some(grant) = route.grants.get(spec_index) else {
         return Err(BrokerError::NotAccepted {
             provider: provider.name.clone(),
             host: host.to_string(),

@@ -393,14 +393,7 @@ pub(super) async fn terminate_tls<IO>(
     };
 
     let limits = proxy.caps.limits.clone();
-    let route = proxy.catalog.route_index_for_host(&sni).map(|at| {
-        let (_, route) = proxy.catalog.route_at(at);
-        let spec = route
-            .hosts
-            .iter()
-            .position(|h| host_matches(&h.pattern, &sni));
-        (at, spec)
-    });
+    let route = proxy.catalog.serving(&sni);
     let conn = Arc::new(ConnInfo {
         run,
         route,

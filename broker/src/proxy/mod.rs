@@ -425,11 +425,9 @@ impl Proxy {
 struct ConnInfo {
     run: Arc<RunContext>,
     sni: String,
-    /// Where the SNI is served in `Proxy::catalog` (fixed for the proxy's life): provider and
-    /// route indices, and the first of the route's host specs that matches. Found once per
-    /// connection; the route lookup walks the whole catalog (the AWS patterns come before
-    /// most providers'). `None`: the catalog does not serve the SNI.
-    route: Option<((usize, usize), Option<usize>)>,
+    /// Where the SNI is served in `Proxy::catalog` (fixed for the proxy's life), found once
+    /// per connection. `None`: the catalog does not serve the SNI.
+    route: Option<crate::providers::Serving>,
     #[allow(dead_code)]
     peer: SocketAddr,
     /// Who is at the other end, as the kernel says.

@@ -80,7 +80,7 @@ pub(super) async fn forward(
     conn: &Arc<ConnInfo>,
     provider: &Provider,
     route: &Route,
-    spec_index: Option<usize>,
+    spec_index: usize,
     port: u16,
     mut parts: Parts,
     body: Incoming,
