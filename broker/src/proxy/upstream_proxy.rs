@@ -85,11 +85,17 @@ impl UpstreamProxy {
         // Inside a run the environment is the run's (its HTTPS_PROXY may be the run's own
         // CONNECT listener, its NO_PROXY lists the managed hosts): none of it is read.
         let inside_run = crate::hardening::inside_run().is_some();
-        let env = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .filter(|v| !inside_run && !v.trim().is_empty())
-        };
+        UpstreamProxy::configured_from(home, &|name| {
+            std::env::var(name).ok().filter(|_| !inside_run)
+        })
+    }
+
+    /// [`UpstreamProxy::configured`] with the environment read through `var`.
+    fn configured_from(
+        home: Option<&Home>,
+        var: &dyn Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Option<UpstreamProxy>> {
+        let env = |name: &str| var(name).filter(|v| !v.trim().is_empty());
         let env_no_proxy = || env("no_proxy").or_else(|| env("NO_PROXY"));
         if let Some(home) = home {
             let path = home.config_path();
@@ -335,39 +341,27 @@ mod tests {
     fn only_a_user_brokers_environment_proxy_is_lent_to_agents() {
         let dir = tempfile::tempdir().expect("tempdir");
         let home = Home::at(dir.path().to_path_buf());
-        // The one test here that sets these; restored below.
-        let saved: Vec<_> = ["https_proxy", "HTTPS_PROXY"]
-            .iter()
-            .map(|n| (*n, std::env::var_os(n)))
-            .collect();
-        std::env::remove_var("HTTPS_PROXY");
-        std::env::set_var("https_proxy", "http://admin:pw@proxy.corp:3128");
+        // An environment of its own: the process's is shared with the other tests.
+        let env = |name: &str| {
+            (name == "https_proxy").then(|| "http://admin:pw@proxy.corp:3128".to_string())
+        };
         let lent = |home: Option<&Home>| {
-            UpstreamProxy::configured(home)
+            UpstreamProxy::configured_from(home, &env)
                 .expect("configured")
                 .expect("a proxy")
                 .lent_to_agents()
         };
-        let user = lent(Some(&home));
-        let system = lent(None);
+        assert!(
+            lent(Some(&home)),
+            "a user's broker: its agents inherit HTTPS_PROXY anyway"
+        );
+        assert!(!lent(None), "a system broker's proxy is not its users'");
         std::fs::write(
             home.config_path(),
             "upstream_proxy = \"http://bob:pw@proxy.corp:3128\"\n",
         )
         .expect("config.toml");
-        let from_config = lent(Some(&home));
-        for (name, value) in saved {
-            match value {
-                Some(v) => std::env::set_var(name, v),
-                None => std::env::remove_var(name),
-            }
-        }
-        assert!(
-            user,
-            "a user's broker: its agents inherit HTTPS_PROXY anyway"
-        );
-        assert!(!system, "a system broker's proxy is not its users'");
-        assert!(!from_config, "a config.toml proxy is not the agent's");
+        assert!(!lent(Some(&home)), "a config.toml proxy is not the agent's");
     }
 
     #[test]
