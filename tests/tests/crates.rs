@@ -15,7 +15,7 @@
 //! broker-shim only so that its build script learns where the shim's sources are; were the
 //! shim's rlib linked in, the broker itself would export `connect` and `getaddrinfo`.
 
-use broker_cli::import::files::sha256_hex;
+use broker_cli::hex::sha256 as sha256_hex;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
