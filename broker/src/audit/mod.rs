@@ -359,6 +359,20 @@ struct State {
     id: (u64, u64),
     head: AuditHeadStore,
     written: Option<Written>,
+    /// Lines this process wrote with [`Settle::Later`] and has not yet synced and named in the
+    /// head, and how long the file was after them.
+    unsettled: Option<(AuditHead, u64)>,
+}
+
+/// Whether an append syncs its lines to the disk and moves the vault's head to the last of
+/// them before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    Now,
+    /// Not yet: a later append with [`Settle::Now`] (with or without events) does it. The
+    /// proxy's writer writes small batches often and settles them less often, since every head
+    /// move is a write to `vault.db` and a sync a journal commit.
+    Later,
 }
 
 /// What this process last appended: while the file still ends there (no other process wrote
@@ -400,6 +414,7 @@ impl Audit {
                 id,
                 head,
                 written: None,
+                unsettled: None,
             }),
         })
     }
@@ -434,6 +449,17 @@ impl Audit {
     pub fn try_append_all(
         &self,
         events: Vec<AuditEvent>,
+    ) -> Result<Vec<AuditRecord>, AppendFailed> {
+        self.try_append(events, Settle::Now)
+    }
+
+    /// [`Audit::try_append_all`], settling now or later. With [`Settle::Now`] and no events,
+    /// settles what an earlier [`Settle::Later`] left, if the log still ends with it (if
+    /// another process appended since, its append moved the head past those lines, or will).
+    pub fn try_append(
+        &self,
+        events: Vec<AuditEvent>,
+        settle: Settle,
     ) -> Result<Vec<AuditRecord>, AppendFailed> {
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let state = &mut *guard;
@@ -496,6 +522,11 @@ impl Audit {
             seq += 1;
         }
         if records.is_empty() {
+            if let (Settle::Now, Some((head, end))) = (settle, state.unsettled.take()) {
+                if end == len {
+                    settle_to(state, &head);
+                }
+            }
             // Nothing to write; where the chain ends is known now, so the next write need not
             // read it again.
             state.written = Some(Written {
@@ -517,19 +548,16 @@ impl Audit {
             mac: prev.clone(),
             line_start: last_start,
         };
-        // The head only ever names lines that are on the disk: synced first.
-        match state.file.sync_data() {
-            Ok(()) => {
-                if let Err(error) = state.head.write(&head) {
-                    tracing::warn!(%error, "cannot move the audit head in the vault; the lines are written, and the head is moved by the next write");
-                }
+        let end = len + out.len() as u64;
+        match settle {
+            Settle::Now => {
+                state.unsettled = None;
+                settle_to(state, &head);
             }
-            Err(error) => {
-                tracing::warn!(%error, "cannot sync the audit log; the vault's head stays where it was")
-            }
+            Settle::Later => state.unsettled = Some((head, end)),
         }
         state.written = Some(Written {
-            len: len + out.len() as u64,
+            len: end,
             seq: seq - 1,
             mac: prev,
         });
@@ -567,6 +595,8 @@ impl Audit {
                 state.file = file;
                 state.id = id;
                 state.written = None;
+                // Those lines are in the file that was replaced: the head must not name them.
+                state.unsettled = None;
             }
             let lock = FileLock::exclusive(&state.file).map_err(io_err)?;
             let now = fs::symlink_metadata(&self.path)
@@ -1045,6 +1075,21 @@ pub fn read_records(path: &Path) -> io::Result<Vec<(usize, AuditRecord)>> {
 /// Where the chain stands, read under the lock: the length of its complete lines, an
 /// incomplete last line, the next line's `seq` and `prev`, and whether the next line must
 /// anchor a format-1 log.
+/// Sync the log and move the vault's head to `head`, under the caller's file lock. The head only
+/// ever names lines that are on the disk: synced first.
+fn settle_to(state: &State, head: &AuditHead) {
+    match state.file.sync_data() {
+        Ok(()) => {
+            if let Err(error) = state.head.write(head) {
+                tracing::warn!(%error, "cannot move the audit head in the vault; the lines are written, and the head is moved by the next write");
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot sync the audit log; the vault's head stays where it was")
+        }
+    }
+}
+
 struct ChainEnd {
     len: u64,
     torn: Option<u64>,
@@ -1774,6 +1819,73 @@ mod tests {
             .unwrap();
         audit.append(use_event(9)).unwrap();
         assert_eq!(f.verify().unwrap().head, Some(9));
+    }
+
+    #[test]
+    fn lines_written_to_settle_later_move_the_head_only_when_settled() {
+        let f = Fixture::with(1);
+        let audit = f.open().unwrap();
+        let seq = |h: Option<AuditHead>| h.map(|h| h.seq);
+        audit
+            .try_append(vec![use_event(1), use_event(2)], Settle::Later)
+            .map_err(|f| f.error)
+            .unwrap();
+        assert_eq!(f.lines().len(), 3, "the lines are written at once");
+        assert_eq!(seq(f.head()), Some(1), "the head has not moved yet");
+        assert_eq!(f.verify().unwrap().lines, 3, "lines past the head verify");
+        audit
+            .try_append(Vec::new(), Settle::Now)
+            .map_err(|f| f.error)
+            .unwrap();
+        assert_eq!(
+            seq(f.head()),
+            Some(3),
+            "settled: the head names the last line"
+        );
+
+        // Another writer appends (and settles) after lines left to settle later: settling them
+        // afterwards must not move the head back.
+        audit
+            .try_append(vec![use_event(4)], Settle::Later)
+            .map_err(|f| f.error)
+            .unwrap();
+        f.open().unwrap().append(use_event(5)).unwrap();
+        assert_eq!(seq(f.head()), Some(5));
+        audit
+            .try_append(Vec::new(), Settle::Now)
+            .map_err(|f| f.error)
+            .unwrap();
+        assert_eq!(seq(f.head()), Some(5), "the head did not go back to line 4");
+        audit.append(use_event(6)).unwrap();
+        assert_eq!(f.verify().unwrap().head, Some(6));
+    }
+
+    #[test]
+    fn settling_after_a_reset_names_no_line_of_the_replaced_log() {
+        let f = Fixture::with(2);
+        let audit = f.open().unwrap();
+        let saved = fs::read(&f.path).unwrap();
+        audit
+            .try_append(vec![use_event(2)], Settle::Later)
+            .map_err(|f| f.error)
+            .unwrap();
+        // A reset puts back a log that matches the head (here: the copy from before the line
+        // left to settle), under a new inode.
+        let copy = f.path.with_extension("copy");
+        fs::write(&copy, &saved).unwrap();
+        fs::rename(&copy, &f.path).unwrap();
+        audit
+            .try_append(Vec::new(), Settle::Now)
+            .map_err(|f| f.error)
+            .unwrap();
+        assert_eq!(
+            f.head().map(|h| h.seq),
+            Some(2),
+            "the head still names line 2"
+        );
+        assert_eq!(f.verify().unwrap().head, Some(2));
+        audit.append(use_event(3)).unwrap();
+        assert_eq!(f.verify().unwrap().head, Some(3));
     }
 
     #[test]
