@@ -3,7 +3,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use broker_integration::{get, run_bounded, send, Home, Origin, Reply, Serve, TestCa};
+use broker_integration::{
+    count_events, get, run_bounded, send, Home, Origin, Reply, Serve, TestCa,
+};
 
 const OPENAI_KEY: &str = "sk-test-real-openai-key-for-serve-0123456789";
 const OPENAI_PH: &str = "sk-broker-placeholder-openai-0000000000000000";
@@ -760,4 +762,64 @@ fn upstream_trust_ignores_ssl_cert_file_and_dir() {
         .to_string();
     assert!(why.contains("certificate"), "{why}");
     assert!(origin.requests().is_empty(), "a request reached the origin");
+}
+
+/// A `broker serve` killed with SIGKILL (a crash): after a quiet moment the log holds every
+/// event, and the vault's head names its last line (the writer writes within 5 ms and syncs and
+/// moves the head within 20 ms, also when no further event comes). Killed right after a burst,
+/// the last events may be lost and the head may trail the log; the log still verifies, and the
+/// next start accepts it.
+#[test]
+fn a_killed_serve_leaves_a_log_that_verifies_and_holds_what_it_had_time_to_write() {
+    let ca = TestCa::new();
+    let origin = Origin::start(&ca, &["api.openai.com"], |_| Reply::Text(200, "ok".into()));
+    let home = Home::new();
+    home.add("openai", OPENAI_KEY);
+    let log = home.path().join("audit.jsonl");
+    let audit = || std::fs::read_to_string(&log).expect("audit log");
+    let verify = || {
+        let out = run_bounded(
+            home.broker()
+                .args(["audit", "verify"])
+                .stdin(std::process::Stdio::null()),
+            Duration::from_secs(30),
+        );
+        let said = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{said}");
+        said
+    };
+    let start = || Serve::start(&home, &ca, &[("api.openai.com", origin.addr)]);
+
+    let serve = start();
+    for _ in 0..5 {
+        assert_eq!(ask_openai(&serve, false).status, 200);
+    }
+    // Quiet for a hundred times the writer's settle interval, then killed.
+    std::thread::sleep(Duration::from_secs(2));
+    drop(serve);
+    let text = audit();
+    assert_eq!(count_events(&text, "credential_use"), 5, "{text}");
+    let lines = text.lines().count();
+    let said = verify();
+    assert!(
+        said.contains(&format!("{lines} lines")) && said.contains(&format!("head (line {lines})")),
+        "the head names the last line: {said}"
+    );
+
+    let serve = start();
+    for _ in 0..20 {
+        assert_eq!(ask_openai(&serve, false).status, 200);
+    }
+    drop(serve);
+    let uses = count_events(&audit(), "credential_use");
+    assert!((5..=25).contains(&uses), "{uses}");
+    verify();
+
+    let serve = start();
+    assert_eq!(ask_openai(&serve, false).status, 200);
+    std::thread::sleep(Duration::from_secs(2));
+    drop(serve);
+    assert_eq!(count_events(&audit(), "credential_use"), uses + 1);
+    verify();
 }
