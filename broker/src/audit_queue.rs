@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::audit::{AppendFailed, Audit, AuditError, AuditEvent, AuditRecord, EventKind, Settle};
 use crate::home::Home;
-use crate::proxy::AuditSink;
+use crate::proxy::{AuditSink, RequestEvent};
 use crate::vault::Vault;
 
 /// How long the writer waits after the first event of a batch for more to arrive: the delay
@@ -32,8 +32,23 @@ const RETRY: Duration = Duration::from_secs(1);
 /// the count is written as an `events_lost` line once the log takes writes again.
 const MAX_UNWRITTEN: usize = 100_000;
 
+/// What the proxy queues: an event, or a request's event that the writer turns into one.
+enum Queued {
+    Event(AuditEvent),
+    Request(RequestEvent),
+}
+
+impl Queued {
+    fn into_event(self) -> AuditEvent {
+        match self {
+            Queued::Event(event) => event,
+            Queued::Request(request) => request.into_event(),
+        }
+    }
+}
+
 pub struct AuditQueue {
-    tx: Option<mpsc::Sender<AuditEvent>>,
+    tx: Option<mpsc::Sender<Queued>>,
     writer: Option<thread::JoinHandle<()>>,
     /// Set while the writer holds events it could not write.
     failing: Arc<AtomicBool>,
@@ -48,7 +63,7 @@ impl AuditQueue {
         // A format-1 (unkeyed) log is pinned now, by its first keyed line, not at the first
         // event: from here on cutting it is detected, and starts need not read all of it.
         audit.append_all(Vec::new())?;
-        let (tx, rx) = mpsc::channel::<AuditEvent>();
+        let (tx, rx) = mpsc::channel::<Queued>();
         let failing = Arc::new(AtomicBool::new(false));
         let flag = failing.clone();
         let writer = thread::Builder::new()
@@ -82,7 +97,7 @@ impl AuditQueue {
 /// are counted instead, and the count goes to the log as one `events_lost` line. When the
 /// channel closes, the writer tries once more and then gives up, saying how many are lost.
 fn write_until_closed(
-    rx: &mpsc::Receiver<AuditEvent>,
+    rx: &mpsc::Receiver<Queued>,
     failing: &AtomicBool,
     cap: usize,
     settle_every: Duration,
@@ -90,11 +105,14 @@ fn write_until_closed(
 ) {
     let mut unwritten: Vec<AuditEvent> = Vec::new();
     let mut dropped: u64 = 0;
-    let keep =
-        |unwritten: &mut Vec<AuditEvent>, dropped: &mut u64, event| match unwritten.len() < cap {
-            true => unwritten.push(event),
-            false => *dropped += 1,
-        };
+    // Requests' events become lines' events here, on this thread.
+    let keep = |unwritten: &mut Vec<AuditEvent>, dropped: &mut u64, queued: Queued| {
+        if unwritten.len() < cap {
+            unwritten.push(queued.into_event());
+        } else {
+            *dropped += 1;
+        }
+    };
     let mut open = true;
     // When lines were last settled (`None`: not yet), and whether some written since are not.
     let mut last_settle: Option<Instant> = None;
@@ -206,7 +224,13 @@ impl Drop for AuditQueue {
 impl AuditSink for AuditQueue {
     fn record(&self, event: AuditEvent) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(event);
+            let _ = tx.send(Queued::Event(event));
+        }
+    }
+
+    fn record_request(&self, event: RequestEvent) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Queued::Request(event));
         }
     }
 
@@ -261,7 +285,7 @@ mod tests {
     fn with_flaky_log(
         failures: usize,
         cap: usize,
-        drive: impl FnOnce(&mpsc::Sender<AuditEvent>, &AtomicBool),
+        drive: impl FnOnce(&mpsc::Sender<Queued>, &AtomicBool),
     ) -> Vec<AuditEvent> {
         let (tx, rx) = mpsc::channel();
         let failing = Arc::new(AtomicBool::new(false));
@@ -291,8 +315,9 @@ mod tests {
         }
     }
 
-    fn send(tx: &mpsc::Sender<AuditEvent>, i: u64) {
-        tx.send(numbered(i)).unwrap_or_else(|_| panic!("send"));
+    fn send(tx: &mpsc::Sender<Queued>, i: u64) {
+        tx.send(Queued::Event(numbered(i)))
+            .unwrap_or_else(|_| panic!("send"));
     }
 
     #[test]
@@ -337,7 +362,7 @@ mod tests {
     /// sends the events and sees the calls so far.
     fn settles(
         settle_every: Duration,
-        drive: impl FnOnce(&mpsc::Sender<AuditEvent>, &Mutex<Vec<(usize, Settle)>>),
+        drive: impl FnOnce(&mpsc::Sender<Queued>, &Mutex<Vec<(usize, Settle)>>),
     ) -> Vec<(usize, Settle)> {
         let (tx, rx) = mpsc::channel();
         let calls = Arc::new(Mutex::new(Vec::new()));

@@ -55,8 +55,8 @@ async fn handle_unboxed(
                     kind,
                     provider,
                     None,
-                    method.as_str(),
-                    uri.path(),
+                    &method,
+                    &uri,
                     error.status().as_u16(),
                     0,
                     started,
@@ -179,8 +179,8 @@ async fn forward(
                 EventKind::RealKeyFromAgent,
                 provider_name.clone(),
                 None,
-                method.as_str(),
-                path,
+                method,
+                uri,
                 error.status().as_u16(),
                 0,
                 started,
@@ -212,8 +212,8 @@ async fn forward(
             EventKind::PlaceholderToForeignHost,
             Some(foreign.clone()),
             None,
-            method.as_str(),
-            path,
+            method,
+            uri,
             0,
             0,
             started,
@@ -547,8 +547,8 @@ async fn approve(
         kind,
         Some(provider.to_string()),
         None,
-        parts.method.as_str(),
-        parts.uri.path(),
+        &parts.method,
+        &parts.uri,
         if refusal.is_some() { 403 } else { 0 },
         0,
         started,
@@ -596,8 +596,8 @@ fn refused(
             kind,
             Some(provider.to_string()),
             None,
-            method.as_str(),
-            uri.path(),
+            method,
+            uri,
             error.status().as_u16(),
             0,
             started,
@@ -973,7 +973,7 @@ pub(super) fn unanswered(
         let status = error.status().as_u16();
         proxy
             .audit
-            .record(p.event(conn, status, 0, Some(error.message())));
+            .record_request(p.into_request_event(conn, status, 0, Some(error.message())));
     }
     error
 }

@@ -84,6 +84,7 @@ use crate::system::access::{AccessPolicy, UidPolicy};
 pub use limits::Limits;
 pub(crate) use listen::record_uid_refusal;
 pub use listen::RunListeners;
+pub use record::RequestEvent;
 pub use redact::redact_text;
 pub use upstream::{ResolveOverride, UpstreamSettings};
 pub use upstream_proxy::UpstreamProxy;
@@ -182,6 +183,12 @@ impl From<String> for LookupError {
 /// Where the proxy reports what happened. Must not block: implementations queue.
 pub trait AuditSink: Send + Sync + 'static {
     fn record(&self, event: AuditEvent);
+
+    /// A request's event, turned into its line by the sink: the audit writer does that on its
+    /// own thread, off the request path.
+    fn record_request(&self, event: RequestEvent) {
+        self.record(event.into_event());
+    }
 
     /// Whether events reach the log. While they do not, the proxy uses no credential: an
     /// unaudited use is what the audit exists to rule out.

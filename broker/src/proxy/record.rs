@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt as _;
 
-use super::{BoxError, ConnInfo, Proxy, ProxyBody};
+use super::{BoxError, ConnInfo, Proxy, ProxyBody, RunContext};
 use crate::audit::{AuditEvent, EventKind};
 
 /// What the audit needs to know about a request once its response is done.
@@ -27,21 +27,22 @@ pub(super) struct Pending {
 }
 
 impl Pending {
-    /// The audit line for this credential use, once the response status and size are known.
-    pub(super) fn event(
+    /// The audit record of this credential use, once the response status and size are known.
+    /// The credential stays here, and is zeroized when `self` drops.
+    pub(super) fn into_request_event(
         self,
         conn: &ConnInfo,
         status: u16,
         bytes: u64,
         reason: Option<String>,
-    ) -> AuditEvent {
-        event(
+    ) -> RequestEvent {
+        RequestEvent::new(
             conn,
             self.kind,
             Some(self.provider),
             Some(self.profile),
-            self.method.as_str(),
-            self.uri.path(),
+            self.method,
+            self.uri,
             status,
             bytes,
             self.started,
@@ -50,36 +51,110 @@ impl Pending {
     }
 }
 
+/// What the audit line of one request holds, as the proxy has it when the request ends. Making
+/// one copies no string but the SNI: the strings of the line are made by
+/// [`RequestEvent::into_event`], which the audit writer calls on its own thread, so that a
+/// request does not pay for the allocations (each a likely cache miss on two cores the agent
+/// and the upstream share) or for the writer's frees of them.
+///
+/// It holds the run until then (a few milliseconds, or up to a second while the log fails
+/// writes), not the connection: a connection's place under the caps is freed when it closes.
+pub struct RequestEvent {
+    run: Arc<RunContext>,
+    pid: Option<u32>,
+    uid: Option<u32>,
+    sni: String,
+    kind: EventKind,
+    provider: Option<String>,
+    profile: Option<String>,
+    method: http::Method,
+    uri: http::Uri,
+    status: u16,
+    bytes: u64,
+    latency_ms: u64,
+    reason: Option<String>,
+}
+
+impl RequestEvent {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        conn: &ConnInfo,
+        kind: EventKind,
+        provider: Option<String>,
+        profile: Option<String>,
+        method: http::Method,
+        uri: http::Uri,
+        status: u16,
+        bytes: u64,
+        started: Instant,
+        reason: Option<String>,
+    ) -> RequestEvent {
+        RequestEvent {
+            run: conn.run.clone(),
+            pid: conn.run.pid.get(),
+            uid: conn.audit_uid(),
+            sni: conn.sni.clone(),
+            kind,
+            provider,
+            profile,
+            method,
+            uri,
+            status,
+            bytes,
+            latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            reason,
+        }
+    }
+
+    /// The audit line.
+    pub fn into_event(self) -> AuditEvent {
+        AuditEvent {
+            run_id: Some(self.run.id.clone()),
+            pid: self.pid,
+            command: Some(self.run.command.clone()),
+            uid: self.uid,
+            provider: self.provider,
+            profile: self.profile,
+            host: Some(self.sni.clone()),
+            sni: Some(self.sni),
+            method: Some(self.method.as_str().to_string()),
+            path: Some(self.uri.path().to_string()),
+            status: (self.status != 0).then_some(self.status),
+            bytes: Some(self.bytes),
+            latency_ms: Some(self.latency_ms),
+            reason: self.reason,
+            ..AuditEvent::new(self.kind)
+        }
+    }
+}
+
+/// The audit line of a request the proxy answers itself (a refusal, an error), made at once.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn event(
     conn: &ConnInfo,
     kind: EventKind,
     provider: Option<String>,
     profile: Option<String>,
-    method: &str,
-    path: &str,
+    method: &http::Method,
+    uri: &http::Uri,
     status: u16,
     bytes: u64,
     started: Instant,
     reason: Option<String>,
 ) -> AuditEvent {
-    AuditEvent {
-        run_id: Some(conn.run.id.clone()),
-        pid: conn.run.pid.get(),
-        command: Some(conn.run.command.clone()),
-        uid: conn.audit_uid(),
+    RequestEvent::new(
+        conn,
+        kind,
         provider,
         profile,
-        host: Some(conn.sni.clone()),
-        sni: Some(conn.sni.clone()),
-        method: Some(method.to_string()),
-        path: Some(path.to_string()),
-        status: (status != 0).then_some(status),
-        bytes: Some(bytes),
-        latency_ms: Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
+        method.clone(),
+        uri.clone(),
+        status,
+        bytes,
+        started,
         reason,
-        ..AuditEvent::new(kind)
-    }
+    )
+    .into_event()
 }
 
 /// A response body that counts bytes as they stream and writes the audit line when the
@@ -108,7 +183,8 @@ impl AuditedBody {
 
     fn finish(&mut self) {
         if let Some((proxy, conn, p, status)) = self.record.take() {
-            proxy.audit.record(p.event(&conn, status, self.bytes, None));
+            let event = p.into_request_event(&conn, status, self.bytes, None);
+            proxy.audit.record_request(event);
         }
     }
 }

@@ -57,7 +57,7 @@ pub(super) async fn bridge_upgrade(
     if let Some(p) = pending {
         proxy
             .audit
-            .record(p.event(&conn, status, 0, Some("upgrade".into())));
+            .record_request(p.into_request_event(&conn, status, 0, Some("upgrade".into())));
     }
     let switched = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     if switched {
