@@ -241,18 +241,11 @@ fn vault_error(e: VaultError) -> LookupError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vault::KeySource;
 
     #[test]
     fn a_cached_key_is_dropped_as_soon_as_the_vault_changes() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let home = Home::at(dir.path().join("home"));
-        let keys = KeyConfig {
-            source: Some(KeySource::File),
-            passphrase: None,
-            system_key_file: None,
-        };
-        let vault = Vault::open_with(&home, &keys).expect("vault");
+        let (_dir, home, vault) = crate::vault::test_vault();
+        let keys = crate::vault::test_key_file();
         vault
             .put(
                 "openai",

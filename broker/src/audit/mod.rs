@@ -1332,7 +1332,6 @@ pub fn format_rfc3339(t: time::OffsetDateTime) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::vault::{KeyConfig, KeySource};
 
     fn use_event(i: u64) -> AuditEvent {
         AuditEvent {
@@ -1361,14 +1360,7 @@ mod tests {
 
     impl Fixture {
         fn new() -> Fixture {
-            let dir = tempfile::tempdir().unwrap();
-            let home = Home::at(dir.path().join("home"));
-            let keys = KeyConfig {
-                source: Some(KeySource::File),
-                passphrase: None,
-                system_key_file: None,
-            };
-            let vault = Vault::open_with(&home, &keys).unwrap();
+            let (dir, home, vault) = crate::vault::test_vault();
             let path = home.audit_path();
             Fixture {
                 _dir: dir,

@@ -217,17 +217,10 @@ impl LogoutReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::home::Home;
-    use crate::vault::{KeyConfig, KeySource, TokenUpdate};
+    use crate::vault::TokenUpdate;
 
     fn vault() -> (tempfile::TempDir, Vault) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let keys = KeyConfig {
-            source: Some(KeySource::File),
-            passphrase: None,
-            system_key_file: None,
-        };
-        let vault = Vault::open_with(&Home::at(dir.path().to_path_buf()), &keys).expect("open");
+        let (dir, _, vault) = crate::vault::test_vault();
         vault
             .put_oauth(
                 "acme",

@@ -220,19 +220,10 @@ fn tag_input(head: &AuditHead) -> Vec<u8> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::super::{KeyConfig, KeySource};
     use super::*;
-    use crate::home::Home;
 
     fn vault() -> (tempfile::TempDir, Vault) {
-        let dir = tempfile::tempdir().unwrap();
-        let home = Home::at(dir.path().join("home"));
-        let keys = KeyConfig {
-            source: Some(KeySource::File),
-            passphrase: None,
-            system_key_file: None,
-        };
-        let vault = Vault::open_with(&home, &keys).unwrap();
+        let (dir, _, vault) = crate::vault::test_vault();
         (dir, vault)
     }
 

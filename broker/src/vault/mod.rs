@@ -1022,5 +1022,26 @@ fn keyring_master(home: &Home) -> Result<Zeroizing<[u8; KEY_LEN]>, String> {
     }
 }
 
+/// For tests: a vault in a fresh temporary home (`<dir>/home`), its master key in a key file
+/// there (no keyring, no passphrase).
+#[cfg(test)]
+pub(crate) fn test_vault() -> (tempfile::TempDir, Home, Vault) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let home = Home::at(dir.path().join("home"));
+    let vault = Vault::open_with(&home, &test_key_file())
+        .unwrap_or_else(|e| panic!("open a test vault: {e}"));
+    (dir, home, vault)
+}
+
+/// For tests: the key settings of [`test_vault`].
+#[cfg(test)]
+pub(crate) fn test_key_file() -> KeyConfig {
+    KeyConfig {
+        source: Some(KeySource::File),
+        passphrase: None,
+        system_key_file: None,
+    }
+}
+
 #[cfg(test)]
 mod tests;

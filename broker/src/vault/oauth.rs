@@ -303,18 +303,9 @@ fn read_full(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::home::Home;
-    use crate::vault::{KeyConfig, KeySource};
 
     fn vault() -> (tempfile::TempDir, Vault) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let home = Home::at(dir.path().to_path_buf());
-        let keys = KeyConfig {
-            source: Some(KeySource::File),
-            passphrase: None,
-            system_key_file: None,
-        };
-        let vault = Vault::open_with(&home, &keys).expect("open");
+        let (dir, _, vault) = crate::vault::test_vault();
         (dir, vault)
     }
 

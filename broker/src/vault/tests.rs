@@ -5,11 +5,7 @@ use super::*;
 const SECRET: &str = "sk-test-vault-unit-0000-not-real";
 
 fn file_keys() -> KeyConfig {
-    KeyConfig {
-        source: Some(KeySource::File),
-        passphrase: None,
-        system_key_file: None,
-    }
+    test_key_file()
 }
 
 fn pass_keys(p: &str) -> KeyConfig {
