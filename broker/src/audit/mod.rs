@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 
 mod line;
 
-use crate::hex::{lower as to_hex, sha256 as sha256_hex};
+use crate::hex;
 use crate::home::Home;
 use crate::vault::{AuditHead, AuditHeadStore, Vault, VaultError};
 
@@ -733,7 +733,7 @@ fn encode_line_into(record: &AuditRecord, key: &hmac::Key, out: &mut Vec<u8>) ->
     let start = out.len();
     // Struct order (seq, time, event, fields, prev); the empty `hash` and `mac` are skipped.
     line::write_record(record, out);
-    let mac = to_hex(hmac::sign(key, &out[start..]).as_ref());
+    let mac = hex::lower(hmac::sign(key, &out[start..]).as_ref());
     // The MAC covers the line up to `,"mac"` with the closing `}` appended: the `}` that
     // `write_record` wrote moves after the MAC.
     debug_assert_eq!(out.last(), Some(&b'}'));
@@ -969,7 +969,7 @@ impl<'k> Walker<'k> {
             }
             check_hash(text, &record.hash)?;
             self.unkeyed += 1;
-            sha256_hex(line)
+            hex::sha256(line)
         } else {
             return Err("the line has neither a mac nor a hash field".into());
         };
@@ -1047,7 +1047,7 @@ fn check_hash(text: &str, hash: &str) -> Result<(), String> {
     if tail != format!("{hash}\"}}") || hash.len() != 64 {
         return Err("the hash field is malformed".into());
     }
-    if sha256_hex(format!("{body}}}").as_bytes()) != hash {
+    if hex::sha256(format!("{body}}}").as_bytes()) != hash {
         return Err("the line's content does not match its hash (the line was edited)".into());
     }
     Ok(())
@@ -1433,7 +1433,7 @@ mod tests {
             mac: String::new(),
         };
         let unhashed = serde_json::to_string(&record).unwrap();
-        let hash = sha256_hex(unhashed.as_bytes());
+        let hash = hex::sha256(unhashed.as_bytes());
         format!(
             "{},\"hash\":\"{hash}\"}}",
             unhashed.strip_suffix('}').unwrap()
@@ -1457,7 +1457,7 @@ mod tests {
             record.prev = prev.clone();
             record.mac.clear();
             let body = serde_json::to_string(&record).unwrap();
-            let forged = sha256_hex(body.as_bytes());
+            let forged = hex::sha256(body.as_bytes());
             out.push(format!(
                 "{},\"mac\":\"{forged}\"}}",
                 body.strip_suffix('}').unwrap()
@@ -1485,7 +1485,7 @@ mod tests {
         assert!(lines[2].contains(&format!("\"prev\":\"{}\"", second.mac)));
         // The mac is not a plain hash of the line: it needs the key.
         let body = lines[2].rsplit_once(",\"mac\":\"").unwrap().0;
-        assert!(!lines[2].contains(&sha256_hex(format!("{body}}}").as_bytes())));
+        assert!(!lines[2].contains(&hex::sha256(format!("{body}}}").as_bytes())));
         let head = f.head().unwrap();
         let third: AuditRecord = serde_json::from_str(&lines[2]).unwrap();
         assert_eq!((head.seq, head.mac.as_str()), (3, third.mac.as_str()));
@@ -1727,7 +1727,7 @@ mod tests {
     fn audit_format_1_log_is_kept_and_anchored_by_the_first_keyed_line() {
         let f = Fixture::new();
         let first = v1_line(1, GENESIS, use_event(1));
-        let second = v1_line(2, &sha256_hex(first.as_bytes()), use_event(2));
+        let second = v1_line(2, &hex::sha256(first.as_bytes()), use_event(2));
         f.write_lines(&[first.clone(), second.clone()]);
         assert_eq!(f.verify().unwrap().unkeyed, 2);
         // What `broker serve` and `broker run` do at start: the anchor alone.
@@ -1742,12 +1742,12 @@ mod tests {
         let anchor: AuditRecord = serde_json::from_str(&lines[2]).unwrap();
         assert_eq!(anchor.event.event, EventKind::AuditKeyed);
         assert_eq!(anchor.seq, 3);
-        assert_eq!(anchor.prev, sha256_hex(second.as_bytes()));
+        assert_eq!(anchor.prev, hex::sha256(second.as_bytes()));
         let report = f.verify().unwrap();
         assert_eq!((report.unkeyed, report.keyed), (2, 2));
         // A format-1 line edited and its hashes recomputed: the anchor no longer matches.
         let edited = v1_line(1, GENESIS, use_event(99));
-        let rehashed = v1_line(2, &sha256_hex(edited.as_bytes()), use_event(2));
+        let rehashed = v1_line(2, &hex::sha256(edited.as_bytes()), use_event(2));
         let mut l = lines.clone();
         l[0] = edited;
         l[1] = rehashed;

@@ -78,7 +78,7 @@ pub fn commit(home: &Home, kind: &str, rewrites: &[Rewrite]) -> anyhow::Result<V
             kind: kind.to_string(),
             path: rewrite.target.clone(),
             backup,
-            written_sha256: sha256_hex(&rewrite.new),
+            written_sha256: crate::hex::sha256(&rewrite.new),
             at: crate::audit::now_rfc3339(),
         };
         let mut manifest = load_manifest(home)?;
@@ -138,7 +138,7 @@ pub fn undo(
         let r = &manifest[i];
         let current =
             fs::read(&r.path).with_context(|| format!("cannot read {}", r.path.display()))?;
-        if !force && sha256_hex(&current) != r.written_sha256 {
+        if !force && crate::hex::sha256(&current) != r.written_sha256 {
             bail!(
                 "{} changed since the import of {} (its backup is {}): nothing was restored. Pass --force to restore the backup over the changes",
                 r.path.display(),
@@ -247,5 +247,3 @@ fn save_manifest(home: &Home, records: &[Record]) -> anyhow::Result<()> {
     text.push(b'\n');
     write_private_file(&path, &text).with_context(|| format!("cannot write {}", path.display()))
 }
-
-pub use crate::hex::sha256 as sha256_hex;

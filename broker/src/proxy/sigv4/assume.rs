@@ -143,7 +143,7 @@ async fn assume(
     if let Some(token) = &base.session_token {
         headers.push(("x-amz-security-token".to_string(), token.clone()));
     }
-    let payload = signer::sha256_hex(body.as_bytes());
+    let payload = crate::hex::sha256(body.as_bytes());
     let canonical = signer::canonical_request("POST", "/", "", &headers, &payload);
     let key = signer::signing_key(&base.secret_access_key, &scope);
     let signature = signer::signature(&key, &signer::string_to_sign(&amz_date, &scope, &canonical));

@@ -258,7 +258,7 @@ async fn payload(
                         ReadError::Body(e) => format!("reading the request body failed: {e}"),
                     },
                 })?;
-            let actual = signer::sha256_hex(&bytes);
+            let actual = crate::hex::sha256(&bytes);
             if claimed.is_some_and(|c| !c.eq_ignore_ascii_case(&actual)) {
                 return Err(BrokerError::BadRequest {
                     reason: "x-amz-content-sha256 is not the SHA-256 of the body".into(),

@@ -30,7 +30,7 @@ impl Scope {
     }
 }
 
-pub use crate::hex::{lower as hex, sha256 as sha256_hex};
+use crate::hex;
 
 /// The key that signs every request (and chunk) of one scope: four chained HMACs from the
 /// secret access key.
@@ -53,12 +53,12 @@ pub fn string_to_sign(amz_date: &str, scope: &Scope, canonical_request: &str) ->
     format!(
         "{ALGORITHM}\n{amz_date}\n{}\n{}",
         scope.render(),
-        sha256_hex(canonical_request.as_bytes())
+        hex::sha256(canonical_request.as_bytes())
     )
 }
 
 pub fn signature(key: &hmac::Key, string_to_sign: &str) -> String {
-    hex(hmac::sign(key, string_to_sign.as_bytes()).as_ref())
+    hex::lower(hmac::sign(key, string_to_sign.as_bytes()).as_ref())
 }
 
 /// The signature of one chunk of a `STREAMING-AWS4-HMAC-SHA256-PAYLOAD` body, chained on the
@@ -73,7 +73,7 @@ pub fn chunk_signature(
     let to_sign = format!(
         "AWS4-HMAC-SHA256-PAYLOAD\n{amz_date}\n{}\n{previous}\n{EMPTY_SHA256}\n{}",
         scope.render(),
-        sha256_hex(chunk)
+        hex::sha256(chunk)
     );
     signature(key, &to_sign)
 }
@@ -90,7 +90,7 @@ pub fn trailer_signature(
     let to_sign = format!(
         "AWS4-HMAC-SHA256-TRAILER\n{amz_date}\n{}\n{previous}\n{}",
         scope.render(),
-        sha256_hex(canonical.as_bytes())
+        hex::sha256(canonical.as_bytes())
     );
     signature(key, &to_sign)
 }

@@ -82,7 +82,7 @@ fn verifies(parts: &Parts, secret: &str, payload_hash: &str) -> Result<(), SignE
 
 #[test]
 fn a_header_signed_request_is_checked_and_resigned_for_the_upstream() {
-    let body_hash = signer::sha256_hex(b"Action=GetCallerIdentity&Version=2011-06-15");
+    let body_hash = crate::hex::sha256(b"Action=GetCallerIdentity&Version=2011-06-15");
     let mut p = parts(
         "POST",
         "/",
@@ -119,7 +119,7 @@ fn govcloud_and_china_requests_are_checked_and_resigned_in_their_own_region() {
     // The region comes from the credential scope the agent signed with, not from the host,
     // so the GovCloud and China partitions need nothing of their own: the placeholder
     // signature checks, and the new one carries the same region and checks with the real key.
-    let body_hash = signer::sha256_hex(b"Action=GetCallerIdentity&Version=2011-06-15");
+    let body_hash = crate::hex::sha256(b"Action=GetCallerIdentity&Version=2011-06-15");
     for (region, host) in [
         ("us-gov-west-1", "sts.us-gov-west-1.amazonaws.com"),
         ("cn-north-1", "sts.cn-north-1.amazonaws.com.cn"),
@@ -178,7 +178,7 @@ fn a_tampered_request_or_another_secret_does_not_verify() {
         Err(SignError::BadSignature)
     );
     assert_eq!(
-        verifies(&p, PH_SECRET, &signer::sha256_hex(b"other body")),
+        verifies(&p, PH_SECRET, &crate::hex::sha256(b"other body")),
         Err(SignError::BadSignature)
     );
 }
@@ -464,7 +464,7 @@ fn canonical_from_raw(raw: &str, context: &serde_json::Value, amz_date: &str) ->
     }
     headers.push(("x-amz-date".into(), amz_date.into()));
     let sign_body = context["sign_body"].as_bool().unwrap_or(false);
-    let payload = signer::sha256_hex(body.as_bytes());
+    let payload = crate::hex::sha256(body.as_bytes());
     if sign_body {
         headers.push(("x-amz-content-sha256".into(), payload.clone()));
     }
