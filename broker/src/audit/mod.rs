@@ -1072,9 +1072,6 @@ pub fn read_records(path: &Path) -> io::Result<Vec<(usize, AuditRecord)>> {
     Ok(out)
 }
 
-/// Where the chain stands, read under the lock: the length of its complete lines, an
-/// incomplete last line, the next line's `seq` and `prev`, and whether the next line must
-/// anchor a format-1 log.
 /// Sync the log and move the vault's head to `head`, under the caller's file lock. The head only
 /// ever names lines that are on the disk: synced first.
 fn settle_to(state: &State, head: &AuditHead) {
@@ -1090,6 +1087,9 @@ fn settle_to(state: &State, head: &AuditHead) {
     }
 }
 
+/// Where the chain stands, read under the lock: the length of its complete lines, an
+/// incomplete last line, the next line's `seq` and `prev`, and whether the next line must
+/// anchor a format-1 log.
 struct ChainEnd {
     len: u64,
     torn: Option<u64>,
@@ -1813,22 +1813,24 @@ mod tests {
         assert_eq!(f.verify().unwrap().head, Some(9));
     }
 
+    /// `audit.try_append`, which must succeed.
+    fn append(audit: &Audit, events: Vec<AuditEvent>, settle: Settle) {
+        audit
+            .try_append(events, settle)
+            .map_err(|f| f.error)
+            .unwrap();
+    }
+
     #[test]
     fn lines_written_to_settle_later_move_the_head_only_when_settled() {
         let f = Fixture::with(1);
         let audit = f.open().unwrap();
         let seq = |h: Option<AuditHead>| h.map(|h| h.seq);
-        audit
-            .try_append(vec![use_event(1), use_event(2)], Settle::Later)
-            .map_err(|f| f.error)
-            .unwrap();
+        append(&audit, vec![use_event(1), use_event(2)], Settle::Later);
         assert_eq!(f.lines().len(), 3, "the lines are written at once");
         assert_eq!(seq(f.head()), Some(1), "the head has not moved yet");
         assert_eq!(f.verify().unwrap().lines, 3, "lines past the head verify");
-        audit
-            .try_append(Vec::new(), Settle::Now)
-            .map_err(|f| f.error)
-            .unwrap();
+        append(&audit, Vec::new(), Settle::Now);
         assert_eq!(
             seq(f.head()),
             Some(3),
@@ -1837,16 +1839,10 @@ mod tests {
 
         // Another writer appends (and settles) after lines left to settle later: settling them
         // afterwards must not move the head back.
-        audit
-            .try_append(vec![use_event(4)], Settle::Later)
-            .map_err(|f| f.error)
-            .unwrap();
+        append(&audit, vec![use_event(4)], Settle::Later);
         f.open().unwrap().append(use_event(5)).unwrap();
         assert_eq!(seq(f.head()), Some(5));
-        audit
-            .try_append(Vec::new(), Settle::Now)
-            .map_err(|f| f.error)
-            .unwrap();
+        append(&audit, Vec::new(), Settle::Now);
         assert_eq!(seq(f.head()), Some(5), "the head did not go back to line 4");
         audit.append(use_event(6)).unwrap();
         assert_eq!(f.verify().unwrap().head, Some(6));
@@ -1857,27 +1853,30 @@ mod tests {
         let f = Fixture::with(2);
         let audit = f.open().unwrap();
         let saved = fs::read(&f.path).unwrap();
-        audit
-            .try_append(vec![use_event(2)], Settle::Later)
-            .map_err(|f| f.error)
-            .unwrap();
+        append(&audit, vec![use_event(2)], Settle::Later);
+        let ours = f.lines()[2].clone();
         // A reset puts back a log that matches the head (here: the copy from before the line
-        // left to settle), under a new inode.
+        // left to settle), under a new inode; another writer then appends a line of the same
+        // length, so the new log ends where the one left to settle ended.
         let copy = f.path.with_extension("copy");
         fs::write(&copy, &saved).unwrap();
         fs::rename(&copy, &f.path).unwrap();
-        audit
-            .try_append(Vec::new(), Settle::Now)
-            .map_err(|f| f.error)
-            .unwrap();
+        f.open().unwrap().append(use_event(7)).unwrap();
+        let theirs = f.lines()[2].clone();
         assert_eq!(
-            f.head().map(|h| h.seq),
-            Some(2),
-            "the head still names line 2"
+            theirs.len(),
+            ours.len(),
+            "the two lines have the same length"
         );
-        assert_eq!(f.verify().unwrap().head, Some(2));
+        assert_ne!(theirs, ours);
+        append(&audit, Vec::new(), Settle::Now);
+        assert_eq!(
+            f.verify().unwrap().head,
+            Some(3),
+            "the head names the other writer's line 3, not the replaced log's"
+        );
         audit.append(use_event(3)).unwrap();
-        assert_eq!(f.verify().unwrap().head, Some(3));
+        assert_eq!(f.verify().unwrap().head, Some(4));
     }
 
     #[test]
