@@ -124,30 +124,24 @@ fn write_until_closed(
     };
     while open {
         if unwritten.is_empty() {
-            let first = match unsettled {
-                true => match rx.recv_timeout(due(last_settle)) {
-                    Ok(first) => Some(first),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        // If this fails the head stays behind lines that are written, which
-                        // the next start and `verify` accept.
-                        if let Err(failed) = append(Vec::new(), Settle::Now) {
-                            tracing::warn!(error = %failed.error, "cannot sync the audit log before stopping; its last lines are written, the vault's head stays before them");
-                        }
-                        return;
+            let first = if unsettled {
+                match rx.recv_timeout(due(last_settle)) {
+                    Ok(first) => first,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        // Quiet for a while: settle what was written, then wait without a
+                        // deadline. A failure (the log replaced, say) is reported by the next
+                        // batch's append.
+                        let _ = append(Vec::new(), Settle::Now);
+                        (last_settle, unsettled) = (Some(Instant::now()), false);
+                        continue;
                     }
-                },
-                false => match rx.recv() {
-                    Ok(first) => Some(first),
-                    Err(_) => return,
-                },
-            };
-            let Some(first) = first else {
-                // Quiet for a while: settle what was written, then wait without a deadline.
-                // A failure (the log replaced, say) is reported by the next batch's append.
-                let _ = append(Vec::new(), Settle::Now);
-                (last_settle, unsettled) = (Some(Instant::now()), false);
-                continue;
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(first) => first,
+                    Err(_) => break,
+                }
             };
             keep(&mut unwritten, &mut dropped, first);
             thread::sleep(GATHER);
@@ -202,9 +196,12 @@ fn write_until_closed(
         }
     }
     if unsettled {
-        // The last batch failed after others were written unsettled: settle those (a failure
-        // here is the one the last batch just logged).
-        let _ = append(Vec::new(), Settle::Now);
+        // Lines written but not settled when the queue closed (or before a last batch that
+        // failed). If this fails the head stays behind them, which the next start and
+        // `verify` accept.
+        if let Err(failed) = append(Vec::new(), Settle::Now) {
+            tracing::warn!(error = %failed.error, "cannot sync the audit log before stopping; its last lines are written, the vault's head stays before them");
+        }
     }
     if !unwritten.is_empty() || dropped > 0 {
         tracing::error!(
