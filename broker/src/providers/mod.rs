@@ -310,11 +310,9 @@ impl PlaceholderIndex {
             .map(|i| from + i)
     }
 
-    /// The placeholders starting with the bytes of `key`, if some do.
+    /// The placeholders starting with the bytes of `key`, if some do. Asked only for a pair
+    /// that [`PlaceholderIndex::next_pair_start`] found, so its bit is not checked again.
     fn starting_with(&self, key: u16) -> Option<&[usize]> {
-        if !self.has_pair(key) {
-            return None;
-        }
         let at = self
             .by_first_two
             .binary_search_by_key(&key, |(k, _)| *k)
@@ -549,8 +547,7 @@ impl Catalog {
 
     /// The provider and route of a [`Catalog::serving`] of this catalog.
     pub fn route_at(&self, at: Serving) -> (&Provider, &Route) {
-        let p = &self.providers[at.provider];
-        (p, &p.routes[at.route])
+        self.route_index_at((at.provider, at.route))
     }
 
     fn route_index_at(&self, (provider, route): (usize, usize)) -> (&Provider, &Route) {
