@@ -36,6 +36,8 @@ struct Opts {
     only: Vec<String>,
     /// Measure nginx as a reverse proxy doing the broker's job beside it.
     nginx: bool,
+    /// Load generators on CPU 0, origin and proxy on CPU 1 (`--pin`).
+    pin: bool,
 }
 
 const SECTIONS: &[&str] = &[
@@ -49,7 +51,7 @@ const SECTIONS: &[&str] = &[
 ];
 
 const USAGE: &str =
-    "usage: bench [--json FILE] [--rounds N] [--secs S] [--no-build] [--nginx | --no-nginx]
+    "usage: bench [--json FILE] [--rounds N] [--secs S] [--no-build] [--nginx | --no-nginx] [--pin]
 
   --json FILE   where to write the results (default: target/bench.json)
   --rounds N    interleaved rounds per leg; the median is kept (default 3)
@@ -59,7 +61,11 @@ const USAGE: &str =
   --no-build    do not build broker, libbroker.so and the shim benchmark first
   --nginx       only the sections with an nginx column (keepalive, newconn, rss): the
                 broker against nginx doing the same job, broker/nginx as the headline
-  --no-nginx    leave nginx out (it is measured whenever it is installed)";
+  --no-nginx    leave nginx out (it is measured whenever it is installed)
+  --pin         load generators (this process, wrk, h2load, broker run) on CPU 0, the origin
+                and the proxy (broker serve, nginx) on CPU 1: req/s then measure the proxy's
+                CPU per request, without the kernel's run-to-run placement of three
+                processes on two cores (README, \"Sixth round\"); needs two cores";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -105,6 +111,7 @@ fn parse_opts(args: &[String]) -> anyhow::Result<Opts> {
         build: true,
         only: Vec::new(),
         nginx: true,
+        pin: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -116,6 +123,7 @@ fn parse_opts(args: &[String]) -> anyhow::Result<Opts> {
             }
             "--no-build" => opts.build = false,
             "--no-nginx" => opts.nginx = false,
+            "--pin" => opts.pin = true,
             "--nginx" => {
                 opts.nginx = true;
                 for name in ["keepalive", "newconn", "rss"] {
@@ -282,7 +290,11 @@ fn machine() -> Value {
         .find_map(|l| l.strip_prefix("model name"))
         .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // Not available_parallelism(): under --pin this process may use one core of them.
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
         .trim()
@@ -417,6 +429,19 @@ fn run(opts: Opts) -> anyhow::Result<()> {
             );
         }
     }
+    if opts.pin {
+        anyhow::ensure!(
+            cores >= 2,
+            "--pin needs two cores, this machine has {cores}"
+        );
+        // Everything started from here runs on CPU 0, but for the origin and the proxies,
+        // moved to CPU 1 as they start.
+        procs::pin(std::process::id(), 0)?;
+    }
+    let pin_to_proxy_core = |pid: u32| match opts.pin {
+        true => procs::pin(pid, 1),
+        false => Ok(()),
+    };
     let nofile = raise_nofile();
     let tmp = TempDir(std::env::temp_dir().join(format!("broker-bench-{}", std::process::id())));
     std::fs::create_dir_all(&tmp.0)?;
@@ -428,11 +453,13 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         .map(|d| d.as_secs());
 
     let origin = OriginProc::start(&tmp.0.join("origin"), "127.0.0.1:0", &[])?;
+    pin_to_proxy_core(origin.pid())?;
     let serve = Serve::start(
         &tmp.0.join("home"),
         &origin.ca_pem_path,
         &origin.addr.to_string(),
     )?;
+    pin_to_proxy_core(serve.pid())?;
     std::thread::sleep(Duration::from_millis(500));
     let rss_idle_fresh = serve.rss_kib()?;
     eprintln!(
@@ -454,6 +481,13 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         preamble: serve.config.ticket.as_ref().map(|t| t.preamble()),
     };
     let mut notes: Vec<String> = Vec::new();
+    if opts.pin {
+        notes.push(
+            "pinned (--pin): this process, wrk, h2load and broker run on CPU 0; the origin, \
+             broker serve and nginx on CPU 1"
+                .into(),
+        );
+    }
     // nginx as a reverse proxy doing the broker's job, the reference for what a proxy of two
     // TLS legs costs on this machine (bench/src/nginx.rs).
     let nginx = match (opts.nginx, nginx::find()) {
@@ -465,6 +499,7 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         (true, Some(binary)) => {
             let origin_dir = origin.ca_pem_path.parent().context("origin dir")?;
             let n = nginx::Nginx::start(&binary, &tmp.0.join("nginx"), origin_dir, origin.addr)?;
+            pin_to_proxy_core(n.pid())?;
             eprintln!("bench: {}, pid {}", nginx::Nginx::version(&binary), n.pid());
             notes.push(format!(
                 "nginx: {}, one process, TLS + h2 on the listener, proxy_pass https:// with \
@@ -1096,6 +1131,7 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         "steal_pct": steal,
         "rounds": rounds,
         "window_s": opts.window.as_secs_f64(),
+        "pinned": opts.pin,
         "elapsed_s": started.elapsed().as_secs_f64(),
         "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
         "raw": raw,

@@ -50,7 +50,7 @@ impl Nginx {
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let conf = dir.join("nginx.conf");
-            std::fs::write(&conf, config(dir, origin_dir, addr, upstream))?;
+            std::fs::write(&conf, config(dir, origin_dir, addr, upstream, false))?;
             let child = crate::procs::clean(binary)
                 .arg("-p")
                 .arg(dir)
@@ -125,13 +125,19 @@ impl Drop for Nginx {
     }
 }
 
-/// `bench nginx-config --dir DIR --origin-dir DIR --listen ADDR --upstream ADDR`: write
-/// `DIR/nginx.conf` as the bench runs it (for `scripts/bench-instructions --nginx`, which runs
-/// nginx under callgrind).
+/// `bench nginx-config --dir DIR --origin-dir DIR --listen ADDR --upstream ADDR
+/// [--access-log]`: write `DIR/nginx.conf` as the bench runs it (for
+/// `scripts/bench-instructions --nginx`, which runs nginx under callgrind). `--access-log`:
+/// with a log line per request the size of the broker's audit line ([`ACCESS_LOG`]).
 pub fn write_config_main(args: &[String]) -> anyhow::Result<()> {
     let (mut dir, mut origin_dir, mut listen, mut upstream) = (None, None, None, None);
+    let mut access_log = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
+        if a == "--access-log" {
+            access_log = true;
+            continue;
+        }
         let value = it.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
             "--dir" => dir = Some(PathBuf::from(value?)),
@@ -149,18 +155,48 @@ pub fn write_config_main(args: &[String]) -> anyhow::Result<()> {
         &origin_dir,
         listen.context("nginx-config: --listen ADDR")?,
         upstream.context("nginx-config: --upstream ADDR")?,
+        access_log,
     );
     std::fs::write(dir.join("nginx.conf"), conf)?;
     Ok(())
 }
 
+/// An access log line as long as the broker's audit line for the same request (about 550
+/// bytes, the fields in its order), written the way nginx writes logs: into a 64 KB buffer,
+/// flushed at least every 5 ms (the broker's audit writer writes every 5 ms). The run, command,
+/// `prev` and `mac` are constants of the audit's lengths: nginx neither knows the agent nor
+/// chains or MACs its lines. Only for `scripts/bench-instructions --nginx-log`: how much of the
+/// broker's distance to nginx is writing one line per request.
+const ACCESS_LOG: &str = concat!(
+    r#"log_format broker_audit escape=json '{"seq":$connection_requests,"time":"$time_iso8601","#,
+    r#""event":"credential_use","run_id":"serve-run-2-1642","pid":$pid,"#,
+    r#""command":"sh -c exec h2load --h1 -t1 -c 8 -m1 -n 100000 -H authorization: Bearer OPENAI_API_KEY https://api.openai.com/v1/models","#,
+    r#""provider":"openai","profile":"default","host":"$host","sni":"$ssl_server_name","#,
+    r#""method":"$request_method","path":"$uri","status":$status,"bytes":$body_bytes_sent,"#,
+    r#""latency_ms":$request_time,"#,
+    r#""prev":"2e42562ae1cc961a04449b6df27c9d29b4cb901854bcc7f5becf1dd34fa9dd70","#,
+    r#""mac":"3029411a49f0ff0fc97a4b64321d8a60c03df41ca6a3d5d7f2c97f7e719ec9b8"}';"#,
+);
+
 /// The configuration: one process, TLS and h2 on the listener, the real key set on every
 /// request, a verified and pooled HTTP/1.1 upstream. Keep-alive limits are raised so that
 /// neither side closes a connection in the middle of a measured window (nginx's defaults
 /// close a client connection after 1,000 requests and an upstream one after 1,000 too).
-fn config(dir: &Path, origin_dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> String {
+fn config(
+    dir: &Path,
+    origin_dir: &Path,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    access_log: bool,
+) -> String {
     let dir = dir.display();
     let origin = origin_dir.display();
+    let access_log = match access_log {
+        true => format!(
+            "{ACCESS_LOG}\n    access_log {dir}/access.log broker_audit buffer=64k flush=5ms;"
+        ),
+        false => "access_log off;".to_string(),
+    };
     format!(
         r#"daemon off;
 master_process off;
@@ -171,7 +207,7 @@ events {{
     worker_connections 8192;
 }}
 http {{
-    access_log off;
+    {access_log}
     client_body_temp_path {dir}/tmp/body;
     proxy_temp_path {dir}/tmp/proxy;
     fastcgi_temp_path {dir}/tmp/fastcgi;

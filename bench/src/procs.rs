@@ -112,6 +112,28 @@ impl OriginProc {
     }
 }
 
+/// Pin every thread of process `pid` to CPU `cpu` (threads they start later inherit it):
+/// `bench --pin`.
+pub fn pin(pid: u32, cpu: usize) -> anyhow::Result<()> {
+    use rustix::thread::{sched_setaffinity, CpuSet};
+    let mut set = CpuSet::new();
+    set.set(cpu);
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let name = entry?.file_name();
+        let tid = name
+            .to_str()
+            .and_then(|s| s.parse().ok())
+            .and_then(rustix::process::Pid::from_raw)
+            .with_context(|| format!("/proc/{pid}/task/{name:?} is not a thread id"))?;
+        match sched_setaffinity(Some(tid), &set) {
+            // A thread that ended meanwhile.
+            Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+            Err(e) => anyhow::bail!("cannot pin thread {name:?} of {pid} to CPU {cpu}: {e}"),
+        }
+    }
+    Ok(())
+}
+
 impl OriginProc {
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -589,5 +611,55 @@ status codes: 37 2xx, 0 3xx, 1 4xx, 0 5xx
         assert_eq!((r.non_2xx, r.socket_errors), (1, 3));
         assert_eq!((r.p50_us, r.p99_us), (51.0, 99.0));
         assert!(parse_h2load(text, "").is_none(), "no log, no percentiles");
+    }
+
+    /// `pin` moves every thread of a running process, and the threads it starts afterwards.
+    #[test]
+    fn pin_moves_every_thread_of_a_process_to_the_core() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // The last core: on a machine of two or more, not where a child starts by default.
+        let cpu = cores - 1;
+        // A shell that starts a second thread of work (a background sleep, a process of its
+        // own) only after it was pinned: it must inherit the core.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read _; sleep 30 & echo $!; wait"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let pid = child.id();
+        pin(pid, cpu).expect("pin");
+        let allowed = |pid: &str| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .expect("status")
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string())
+                .expect("Cpus_allowed_list")
+        };
+        assert_eq!(allowed(&pid.to_string()), cpu.to_string());
+        use std::io::{BufRead as _, Write as _};
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"go\n")
+            .expect("write");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("the sleep's pid");
+        assert_eq!(
+            allowed(line.trim()),
+            cpu.to_string(),
+            "started after the pin"
+        );
+        let _ = child.kill();
+        let _ = std::process::Command::new("kill").arg(line.trim()).status();
+        let _ = child.wait();
+        assert!(
+            pin(u32::MAX, 0).is_err(),
+            "no such process: an error, not a silent no-op"
+        );
     }
 }

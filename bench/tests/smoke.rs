@@ -126,3 +126,55 @@ fn every_section_runs_and_reports_each_leg() {
         );
     }
 }
+
+/// `--pin`: the load on one core, the origin and the proxies on another, and the report says so.
+#[test]
+fn pinned_run_reports_the_keep_alive_rows() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        // --pin refuses one core, by design; that refusal is what there is to check here.
+        let out = Command::new(env!("CARGO_BIN_EXE_bench"))
+            .args(["--no-build", "--pin", "--only", "keepalive"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the bench");
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--pin needs two cores"));
+        return;
+    }
+    let json = std::env::temp_dir().join(format!("broker-bench-pin-{}.json", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args([
+            "--no-build",
+            "--pin",
+            "--no-nginx",
+            "--rounds",
+            "1",
+            "--secs",
+            "0.2",
+            "--only",
+            "keepalive",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "bench --pin failed:\n{stdout}\n{stderr}"
+    );
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON report")).expect("JSON");
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(report["pinned"], true);
+    assert!(stdout.contains("note: pinned (--pin)"), "{stdout}");
+    let legs: Vec<&str> = report["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter_map(|r| r["leg"].as_str())
+        .collect();
+    assert!(legs.contains(&"keep-alive h1, 8 conns"), "{legs:#?}");
+}
