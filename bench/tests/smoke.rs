@@ -12,30 +12,39 @@ use serde_json::Value;
 /// that take minutes unoptimized; the shim's tests cover the hook itself).
 const SECTIONS: &str = "keepalive,newconn,sse,run,rss";
 
-#[test]
-fn every_section_runs_and_reports_each_leg() {
-    let json = std::env::temp_dir().join(format!("broker-bench-smoke-{}.json", std::process::id()));
+/// Run the bench built for the tests (one round of 0.2 s per leg) with `args`; its JSON report
+/// its stdout and its stderr. Fails the test if it fails.
+fn run_short(args: &[&str]) -> (Value, String, String) {
+    // The tests run at once: a report file each.
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let json = std::env::temp_dir().join(format!(
+        "broker-bench-smoke-{}-{run}.json",
+        std::process::id()
+    ));
     let out = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args([
-            "--no-build",
-            "--rounds",
-            "1",
-            "--secs",
-            "0.2",
-            "--only",
-            SECTIONS,
-        ])
+        .args(["--no-build", "--rounds", "1", "--secs", "0.2"])
+        .args(args)
         .arg("--json")
         .arg(&json)
         .stdin(Stdio::null())
         .output()
         .expect("run the bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "bench {args:?} failed:\n{stdout}\n{stderr}"
+    );
     let report: Value =
         serde_json::from_slice(&std::fs::read(&json).expect("the JSON report")).expect("JSON");
     let _ = std::fs::remove_file(&json);
+    (report, stdout, stderr)
+}
+
+#[test]
+fn every_section_runs_and_reports_each_leg() {
+    let (report, _, stderr) = run_short(&["--only", SECTIONS]);
 
     let notes: Vec<&str> = report["notes"]
         .as_array()
@@ -141,33 +150,7 @@ fn pinned_run_reports_the_keep_alive_rows() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("--pin needs two cores"));
         return;
     }
-    let json = std::env::temp_dir().join(format!("broker-bench-pin-{}.json", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args([
-            "--no-build",
-            "--pin",
-            "--no-nginx",
-            "--rounds",
-            "1",
-            "--secs",
-            "0.2",
-            "--only",
-            "keepalive",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run the bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "bench --pin failed:\n{stdout}\n{stderr}"
-    );
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("the JSON report")).expect("JSON");
-    let _ = std::fs::remove_file(&json);
+    let (report, stdout, _) = run_short(&["--pin", "--no-nginx", "--only", "keepalive"]);
     assert_eq!(report["pinned"], true);
     assert!(stdout.contains("note: pinned (--pin)"), "{stdout}");
     let legs: Vec<&str> = report["rows"]
