@@ -62,10 +62,11 @@ const USAGE: &str =
   --nginx       only the sections with an nginx column (keepalive, newconn, rss): the
                 broker against nginx doing the same job, broker/nginx as the headline
   --no-nginx    leave nginx out (it is measured whenever it is installed)
-  --pin         load generators (this process, wrk, h2load, broker run) on CPU 0, the origin
-                and the proxy (broker serve, nginx) on CPU 1: req/s then measure the proxy's
-                CPU per request, without the kernel's run-to-run placement of three
-                processes on two cores (README, \"Sixth round\"); needs two cores";
+  --pin         load generators (this process, wrk, h2load, broker run) on the first core this
+                process may use, the origin and the proxy (broker serve, nginx) on the
+                second: req/s then measure the proxy's CPU per request, without the kernel's
+                run-to-run placement of three processes on two cores (README, \"Sixth
+                round\"); needs two cores";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -429,18 +430,19 @@ fn run(opts: Opts) -> anyhow::Result<()> {
             );
         }
     }
-    if opts.pin {
-        anyhow::ensure!(
-            cores >= 2,
-            "--pin needs two cores, this machine has {cores}"
-        );
-        // Everything started from here runs on CPU 0, but for the origin and the proxies,
-        // moved to CPU 1 as they start.
-        procs::pin(std::process::id(), 0)?;
+    // The first two cores this process may use: the load's, then the proxy's.
+    let pinned = match opts.pin {
+        true => Some(procs::two_cores()?),
+        false => None,
+    };
+    if let Some((load_core, _)) = pinned {
+        // Everything started from here runs on the load's core, but for the origin and the
+        // proxies, moved to the other as they start.
+        procs::pin(std::process::id(), load_core)?;
     }
-    let pin_to_proxy_core = |pid: u32| match opts.pin {
-        true => procs::pin(pid, 1),
-        false => Ok(()),
+    let pin_to_proxy_core = |pid: u32| match pinned {
+        Some((_, proxy_core)) => procs::pin(pid, proxy_core),
+        None => Ok(()),
     };
     let nofile = raise_nofile();
     let tmp = TempDir(std::env::temp_dir().join(format!("broker-bench-{}", std::process::id())));
@@ -481,12 +483,11 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         preamble: serve.config.ticket.as_ref().map(|t| t.preamble()),
     };
     let mut notes: Vec<String> = Vec::new();
-    if opts.pin {
-        notes.push(
-            "pinned (--pin): this process, wrk, h2load and broker run on CPU 0; the origin, \
-             broker serve and nginx on CPU 1"
-                .into(),
-        );
+    if let Some((load_core, proxy_core)) = pinned {
+        notes.push(format!(
+            "pinned (--pin): this process, wrk, h2load and broker run on CPU {load_core}; the \
+             origin, broker serve and nginx on CPU {proxy_core}"
+        ));
     }
     // nginx as a reverse proxy doing the broker's job, the reference for what a proxy of two
     // TLS legs costs on this machine (bench/src/nginx.rs).

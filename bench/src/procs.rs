@@ -112,6 +112,20 @@ impl OriginProc {
     }
 }
 
+/// The first two cores this process may run on (`bench --pin`: the load's, the proxy's).
+pub fn two_cores() -> anyhow::Result<(usize, usize)> {
+    use rustix::thread::{sched_getaffinity, CpuSet};
+    let allowed = sched_getaffinity(None).context("the cores this process may use")?;
+    let mut cores = (0..CpuSet::MAX_CPU).filter(|&cpu| allowed.is_set(cpu));
+    match (cores.next(), cores.next()) {
+        (Some(load), Some(proxy)) => Ok((load, proxy)),
+        _ => anyhow::bail!(
+            "--pin needs two cores, this process may use {}",
+            allowed.count()
+        ),
+    }
+}
+
 /// Pin every thread of process `pid` to CPU `cpu` (threads they start later inherit it):
 /// `bench --pin`.
 pub fn pin(pid: u32, cpu: usize) -> anyhow::Result<()> {
