@@ -36,7 +36,7 @@ struct Opts {
     only: Vec<String>,
     /// Measure nginx as a reverse proxy doing the broker's job beside it.
     nginx: bool,
-    /// Load generators on CPU 0, origin and proxy on CPU 1 (`--pin`).
+    /// Load generators on one core, origin and proxy on another (`--pin`).
     pin: bool,
 }
 
