@@ -634,8 +634,8 @@ status codes: 37 2xx, 0 3xx, 1 4xx, 0 5xx
         // may use by default, so the pin shows.
         let allowed = rustix::thread::sched_getaffinity(None).expect("affinity");
         let cpu = (0..rustix::thread::CpuSet::MAX_CPU)
-            .filter(|&c| allowed.is_set(c))
-            .last()
+            .rev()
+            .find(|&c| allowed.is_set(c))
             .expect("a core");
         // A shell that starts a second thread of work (a background sleep, a process of its
         // own) only after it was pinned: it must inherit the core.
