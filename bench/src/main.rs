@@ -1132,7 +1132,8 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         "steal_pct": steal,
         "rounds": rounds,
         "window_s": opts.window.as_secs_f64(),
-        "pinned": opts.pin,
+        // The cores --pin put the load and the proxy on (null unpinned).
+        "pinned": pinned.map(|(load, proxy)| json!({ "load": load, "proxy": proxy })),
         "elapsed_s": started.elapsed().as_secs_f64(),
         "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
         "raw": raw,

@@ -45,6 +45,7 @@ fn run_short(args: &[&str]) -> (Value, String, String) {
 #[test]
 fn every_section_runs_and_reports_each_leg() {
     let (report, _, stderr) = run_short(&["--only", SECTIONS]);
+    assert!(report["pinned"].is_null(), "not pinned unless asked");
 
     let notes: Vec<&str> = report["notes"]
         .as_array()
@@ -151,7 +152,12 @@ fn pinned_run_reports_the_keep_alive_rows() {
         return;
     }
     let (report, stdout, _) = run_short(&["--pin", "--no-nginx", "--only", "keepalive"]);
-    assert_eq!(report["pinned"], true);
+    let core = |side: &str| report["pinned"][side].as_u64();
+    assert!(
+        matches!((core("load"), core("proxy")), (Some(l), Some(p)) if l != p),
+        "two different cores: {}",
+        report["pinned"]
+    );
     assert!(stdout.contains("note: pinned (--pin)"), "{stdout}");
     let legs: Vec<&str> = report["rows"]
         .as_array()

@@ -4,10 +4,6 @@ use super::*;
 
 const SECRET: &str = "sk-test-vault-unit-0000-not-real";
 
-fn file_keys() -> KeyConfig {
-    test_key_file()
-}
-
 fn pass_keys(p: &str) -> KeyConfig {
     KeyConfig {
         source: None,
@@ -36,7 +32,7 @@ fn dump(home: &Home) -> Vec<u8> {
 #[test]
 fn put_get_list_remove_round_trip() {
     let (_d, home) = temp_home();
-    let vault = Vault::open_with(&home, &file_keys()).unwrap();
+    let vault = Vault::open_with(&home, &test_key_file()).unwrap();
     assert_eq!(vault.key_source(), KeySource::File);
     assert_eq!(
         vault
@@ -62,7 +58,7 @@ fn put_get_list_remove_round_trip() {
     );
     drop(vault);
 
-    let vault = Vault::open_with(&home, &file_keys()).unwrap();
+    let vault = Vault::open_with(&home, &test_key_file()).unwrap();
     assert_eq!(
         vault.get("openai", "default").unwrap().unwrap().expose(),
         "sk-test-replaced-key"
@@ -83,7 +79,7 @@ fn put_get_list_remove_round_trip() {
 #[test]
 fn files_are_private_and_hold_no_plaintext() {
     let (_d, home) = temp_home();
-    let vault = Vault::open_with(&home, &file_keys()).unwrap();
+    let vault = Vault::open_with(&home, &test_key_file()).unwrap();
     vault
         .put("openai", "default", SECRET, CredentialKind::ApiKey)
         .unwrap();
@@ -119,7 +115,7 @@ fn secret_debug_and_mask_hide_the_value() {
 #[test]
 fn blob_swapped_between_rows_does_not_open() {
     let (_d, home) = temp_home();
-    let vault = Vault::open_with(&home, &file_keys()).unwrap();
+    let vault = Vault::open_with(&home, &test_key_file()).unwrap();
     vault
         .put("openai", "default", SECRET, CredentialKind::ApiKey)
         .unwrap();
@@ -150,13 +146,13 @@ fn blob_swapped_between_rows_does_not_open() {
 #[test]
 fn missing_key_file_never_rekeys() {
     let (_d, home) = temp_home();
-    Vault::open_with(&home, &file_keys())
+    Vault::open_with(&home, &test_key_file())
         .unwrap()
         .put("openai", "default", SECRET, CredentialKind::ApiKey)
         .unwrap();
     let before = fs::read(home.vault_path()).unwrap();
     fs::remove_file(home.key_file_path()).unwrap();
-    for keys in [file_keys(), KeyConfig::default()] {
+    for keys in [test_key_file(), KeyConfig::default()] {
         let err = Vault::open_with(&home, &keys).unwrap_err();
         assert!(matches!(err, VaultError::KeyFileMissing { .. }), "{err}");
         assert!(err.to_string().contains("Restore master.key"), "{err}");
@@ -168,22 +164,22 @@ fn missing_key_file_never_rekeys() {
 #[test]
 fn foreign_key_file_is_refused_and_changes_nothing() {
     let (_d, home) = temp_home();
-    Vault::open_with(&home, &file_keys())
+    Vault::open_with(&home, &test_key_file())
         .unwrap()
         .put("openai", "default", SECRET, CredentialKind::ApiKey)
         .unwrap();
     fs::remove_file(home.key_file_path()).unwrap();
     keysource::create_key_file(&home.key_file_path(), &[9u8; KEY_LEN]).unwrap();
-    let err = Vault::open_with(&home, &file_keys()).unwrap_err();
+    let err = Vault::open_with(&home, &test_key_file()).unwrap_err();
     assert!(matches!(err, VaultError::WrongKey { .. }), "{err}");
 }
 
 #[test]
 fn insecure_key_file_is_refused() {
     let (_d, home) = temp_home();
-    Vault::open_with(&home, &file_keys()).unwrap();
+    Vault::open_with(&home, &test_key_file()).unwrap();
     fs::set_permissions(home.key_file_path(), fs::Permissions::from_mode(0o644)).unwrap();
-    let err = Vault::open_with(&home, &file_keys()).unwrap_err();
+    let err = Vault::open_with(&home, &test_key_file()).unwrap_err();
     assert!(matches!(err, VaultError::KeyFileInsecure { .. }), "{err}");
 }
 
@@ -208,7 +204,7 @@ fn passphrase_vault_wrong_or_missing_passphrase_changes_nothing() {
         "{err}"
     );
     // Asking for another source is refused, not honoured by re-keying.
-    let err = Vault::open_with(&home, &file_keys()).unwrap_err();
+    let err = Vault::open_with(&home, &test_key_file()).unwrap_err();
     assert!(matches!(err, VaultError::SourceMismatch { .. }), "{err}");
     assert!(!home.key_file_path().exists());
     assert_eq!(fs::read(home.vault_path()).unwrap(), before);
@@ -237,7 +233,7 @@ fn forced_passphrase_source_needs_a_passphrase() {
 #[test]
 fn names_and_secrets_are_checked() {
     let (_d, home) = temp_home();
-    let vault = Vault::open_with(&home, &file_keys()).unwrap();
+    let vault = Vault::open_with(&home, &test_key_file()).unwrap();
     for (provider, profile) in [
         ("", "default"),
         ("open ai", "default"),
@@ -263,13 +259,13 @@ fn names_and_secrets_are_checked() {
 #[test]
 fn threads_sharing_one_vault_and_separate_opens_lose_nothing() {
     let (_d, home) = temp_home();
-    let shared = std::sync::Arc::new(Vault::open_with(&home, &file_keys()).unwrap());
+    let shared = std::sync::Arc::new(Vault::open_with(&home, &test_key_file()).unwrap());
     let handles: Vec<_> = (0..6)
         .map(|t| {
             let shared = shared.clone();
             let home = home.clone();
             std::thread::spawn(move || {
-                let own = Vault::open_with(&home, &file_keys()).unwrap();
+                let own = Vault::open_with(&home, &test_key_file()).unwrap();
                 for i in 0..10 {
                     let v = if t % 2 == 0 { &*shared } else { &own };
                     let profile = format!("p{t}-{i}");
@@ -301,7 +297,7 @@ fn concurrent_first_open_makes_one_data_key() {
         .map(|t| {
             let home = home.clone();
             std::thread::spawn(move || {
-                let v = Vault::open_with(&home, &file_keys()).unwrap();
+                let v = Vault::open_with(&home, &test_key_file()).unwrap();
                 v.put("p", &format!("t{t}"), SECRET, CredentialKind::ApiKey)
                     .unwrap();
             })
@@ -310,7 +306,7 @@ fn concurrent_first_open_makes_one_data_key() {
     for h in handles {
         h.join().unwrap();
     }
-    let v = Vault::open_with(&home, &file_keys()).unwrap();
+    let v = Vault::open_with(&home, &test_key_file()).unwrap();
     let report = v.verify().unwrap();
     assert_eq!(
         report,
@@ -324,13 +320,13 @@ fn concurrent_first_open_makes_one_data_key() {
 #[test]
 fn newer_schema_is_refused() {
     let (_d, home) = temp_home();
-    drop(Vault::open_with(&home, &file_keys()).unwrap());
+    drop(Vault::open_with(&home, &test_key_file()).unwrap());
     Connection::open(home.vault_path())
         .unwrap()
         .pragma_update(None, "user_version", 99)
         .unwrap();
     assert!(matches!(
-        Vault::open_with(&home, &file_keys()),
+        Vault::open_with(&home, &test_key_file()),
         Err(VaultError::TooNew { found: 99, .. })
     ));
 }
@@ -363,7 +359,7 @@ fn reopen_get(home: &Home, keys: &KeyConfig) -> Result<String, VaultError> {
 #[test]
 fn rekey_moves_the_key_between_sources_and_the_secrets_stay() {
     let (_d, home) = temp_home();
-    let vault = vault_with_secret(&home, &file_keys());
+    let vault = vault_with_secret(&home, &test_key_file());
     let first_key = fs::read(home.key_file_path()).unwrap();
 
     // Key file -> passphrase: the key file goes, the passphrase opens it.
@@ -380,7 +376,7 @@ fn rekey_moves_the_key_between_sources_and_the_secrets_stay() {
         "the old key file was removed"
     );
     assert_eq!(reopen_get(&home, &pass_keys("first pass")).unwrap(), SECRET);
-    let mismatch = reopen_get(&home, &file_keys()).unwrap_err();
+    let mismatch = reopen_get(&home, &test_key_file()).unwrap_err();
     assert!(
         mismatch.to_string().contains("broker rekey --to file`"),
         "{mismatch}"
@@ -412,14 +408,14 @@ fn rekey_moves_the_key_between_sources_and_the_secrets_stay() {
         .unwrap();
     let second_key = fs::read(home.key_file_path()).unwrap();
     assert_ne!(first_key, second_key, "a new key, not the old file's");
-    assert_eq!(reopen_get(&home, &file_keys()).unwrap(), SECRET);
-    let vault = Vault::open_with(&home, &file_keys()).unwrap();
+    assert_eq!(reopen_get(&home, &test_key_file()).unwrap(), SECRET);
+    let vault = Vault::open_with(&home, &test_key_file()).unwrap();
     vault
-        .rekey(&home, &file_keys(), KeySource::File, None)
+        .rekey(&home, &test_key_file(), KeySource::File, None)
         .unwrap();
     assert_ne!(fs::read(home.key_file_path()).unwrap(), second_key);
     assert!(!pending_key_file(&home).exists());
-    assert_eq!(reopen_get(&home, &file_keys()).unwrap(), SECRET);
+    assert_eq!(reopen_get(&home, &test_key_file()).unwrap(), SECRET);
     assert!(!contains(&dump(&home), SECRET.as_bytes()));
 }
 
@@ -449,13 +445,13 @@ fn rekey_without_a_new_passphrase_or_with_the_wrong_old_one_changes_nothing() {
 #[test]
 fn a_rekey_stopped_before_its_rename_is_finished_by_the_next_open() {
     let (_d, home) = temp_home();
-    let vault = vault_with_secret(&home, &file_keys());
+    let vault = vault_with_secret(&home, &test_key_file());
     drop(vault);
     let old_key = fs::read(home.key_file_path()).unwrap();
     // What `rekey` does up to its commit.
     let conn = Connection::open(home.vault_path()).unwrap();
     let meta = read_meta(&conn, &home.vault_path()).unwrap().unwrap();
-    let data_key = unlock_raw(&home, &home.vault_path(), &meta, &file_keys())
+    let data_key = unlock_raw(&home, &home.vault_path(), &meta, &test_key_file())
         .unwrap()
         .data_key;
     let new_key = crypto::random_key().unwrap();
@@ -470,17 +466,17 @@ fn a_rekey_stopped_before_its_rename_is_finished_by_the_next_open() {
     .unwrap();
     drop(conn);
 
-    assert_eq!(reopen_get(&home, &file_keys()).unwrap(), SECRET);
+    assert_eq!(reopen_get(&home, &test_key_file()).unwrap(), SECRET);
     assert!(!pending_key_file(&home).exists(), "renamed into place");
     assert_ne!(fs::read(home.key_file_path()).unwrap(), old_key);
-    assert_eq!(reopen_get(&home, &file_keys()).unwrap(), SECRET);
+    assert_eq!(reopen_get(&home, &test_key_file()).unwrap(), SECRET);
 }
 
 #[test]
 fn rekey_to_a_keyring_that_cannot_take_the_key_changes_nothing() {
     let (_d, home) = temp_home();
-    let vault = vault_with_secret(&home, &file_keys());
-    match vault.rekey(&home, &file_keys(), KeySource::Keyring, None) {
+    let vault = vault_with_secret(&home, &test_key_file());
+    match vault.rekey(&home, &test_key_file(), KeySource::Keyring, None) {
         // A machine with a working keyring (a desktop session).
         Ok(()) => {
             let keys = KeyConfig::default();
@@ -494,7 +490,7 @@ fn rekey_to_a_keyring_that_cannot_take_the_key_changes_nothing() {
                 "{err}"
             );
             assert!(err.to_string().contains("nothing was changed"), "{err}");
-            assert_eq!(reopen_get(&home, &file_keys()).unwrap(), SECRET);
+            assert_eq!(reopen_get(&home, &test_key_file()).unwrap(), SECRET);
         }
     }
 }
@@ -503,7 +499,7 @@ const OAUTH_META: &str = r#"{"token_url":"https://idp.example/token","client_id"
 
 /// A vault with an API key, a command and an OAuth login (refresh token and client secret).
 fn vault_with_every_kind(home: &Home) -> Vault {
-    let vault = Vault::open_with(home, &file_keys()).unwrap();
+    let vault = Vault::open_with(home, &test_key_file()).unwrap();
     vault
         .put("openai", "default", SECRET, CredentialKind::ApiKey)
         .unwrap();
@@ -717,7 +713,7 @@ fn fixture_home() -> (tempfile::TempDir, Home) {
 fn row_format(home: &Home) -> RowFormat {
     let conn = Connection::open(home.vault_path()).unwrap();
     let meta = read_meta(&conn, &home.vault_path()).unwrap().unwrap();
-    unlock_raw(home, &home.vault_path(), &meta, &file_keys())
+    unlock_raw(home, &home.vault_path(), &meta, &test_key_file())
         .unwrap()
         .format
 }
@@ -726,7 +722,7 @@ fn row_format(home: &Home) -> RowFormat {
 fn a_vault_of_the_previous_release_is_migrated_and_keeps_every_credential() {
     let (_d, home) = fixture_home();
     assert_eq!(row_format(&home), RowFormat::V1);
-    let vault = Vault::open_with(&home, &file_keys()).unwrap();
+    let vault = Vault::open_with(&home, &test_key_file()).unwrap();
     assert_eq!(row_format(&home), RowFormat::V2);
     let user_version: i64 = vault
         .lock()
@@ -791,7 +787,7 @@ fn a_vault_of_the_previous_release_is_migrated_and_keeps_every_credential() {
         conn.pragma_update(None, "user_version", 3).unwrap();
     }
     drop(vault);
-    let vault = Vault::open_with(&home, &file_keys()).unwrap();
+    let vault = Vault::open_with(&home, &test_key_file()).unwrap();
     assert_integrity_error(
         &vault,
         "openai",
@@ -818,7 +814,7 @@ fn the_migration_leaves_a_row_that_does_not_open_failing() {
             [],
         )
         .unwrap();
-    let vault = Vault::open_with(&home, &file_keys()).unwrap();
+    let vault = Vault::open_with(&home, &test_key_file()).unwrap();
     assert_eq!(row_format(&home), RowFormat::V2);
     assert_integrity_error(&vault, "anthropic", "work", "moved before the migration");
     assert_eq!(
@@ -835,7 +831,7 @@ fn concurrent_opens_of_a_previous_release_vault_migrate_once() {
         .map(|_| {
             let home = home.clone();
             std::thread::spawn(move || {
-                let vault = Vault::open_with(&home, &file_keys()).unwrap();
+                let vault = Vault::open_with(&home, &test_key_file()).unwrap();
                 assert!(vault.verify().unwrap().is_ok());
                 vault
                     .get("openai", "default")
@@ -897,7 +893,7 @@ fn a_migration_that_fails_midway_changes_nothing() {
     )
     .unwrap();
     drop(conn);
-    let err = Vault::open_with(&home, &file_keys()).expect_err("the migration fails");
+    let err = Vault::open_with(&home, &test_key_file()).expect_err("the migration fails");
     assert!(err.to_string().contains("injected failure"), "{err}");
     let conn = Connection::open(home.vault_path()).unwrap();
     assert_eq!(blobs(&conn), before, "no row was re-sealed");
@@ -908,7 +904,7 @@ fn a_migration_that_fails_midway_changes_nothing() {
     assert_eq!(row_format(&home), RowFormat::V1);
     conn.execute_batch("DROP TRIGGER fail_midway").unwrap();
     drop(conn);
-    let vault = Vault::open_with(&home, &file_keys()).unwrap();
+    let vault = Vault::open_with(&home, &test_key_file()).unwrap();
     assert_eq!(row_format(&home), RowFormat::V2);
     let report = vault.verify().unwrap();
     assert_eq!((report.credentials, report.is_ok()), (4, true));
@@ -923,8 +919,8 @@ fn a_migration_that_fails_midway_changes_nothing() {
 fn a_control_proof_checks_only_for_its_vault_and_challenge() {
     let (_d1, home1) = temp_home();
     let (_d2, home2) = temp_home();
-    let vault = Vault::open_with(&home1, &file_keys()).unwrap();
-    let other = Vault::open_with(&home2, &file_keys()).unwrap();
+    let vault = Vault::open_with(&home1, &test_key_file()).unwrap();
+    let other = Vault::open_with(&home2, &test_key_file()).unwrap();
     let proof = vault.prove(b"challenge-1").unwrap();
     assert!(vault.check_proof(b"challenge-1", &proof));
     assert!(!vault.check_proof(b"challenge-2", &proof));
