@@ -6,7 +6,9 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::audit::{AppendFailed, Audit, AuditError, AuditEvent, AuditRecord, EventKind, Settle};
+use crate::audit::{
+    AppendFailed, Audit, AuditError, AuditEvent, EventKind, EventView, LineEvent, Settle,
+};
 use crate::home::Home;
 use crate::proxy::{AuditSink, RequestEvent};
 use crate::vault::Vault;
@@ -32,17 +34,28 @@ const RETRY: Duration = Duration::from_secs(1);
 /// the count is written as an `events_lost` line once the log takes writes again.
 const MAX_UNWRITTEN: usize = 100_000;
 
-/// What the proxy queues: an event, or a request's event that the writer turns into one.
+/// What the proxy queues: an event, or a request's event, which the writer encodes from what
+/// the request holds.
 enum Queued {
     Event(AuditEvent),
     Request(RequestEvent),
 }
 
 impl Queued {
-    fn into_event(self) -> AuditEvent {
+    /// The same line, holding nothing of the proxy's (its request's run).
+    fn detached(self) -> Queued {
         match self {
-            Queued::Event(event) => event,
-            Queued::Request(request) => request.into_event(),
+            Queued::Request(request) => Queued::Event(request.into_event()),
+            event => event,
+        }
+    }
+}
+
+impl LineEvent for Queued {
+    fn view(&self) -> EventView<'_> {
+        match self {
+            Queued::Event(event) => event.view(),
+            Queued::Request(request) => request.view(),
         }
     }
 }
@@ -70,7 +83,7 @@ impl AuditQueue {
             .name("broker-audit".into())
             .spawn(move || {
                 write_until_closed(&rx, &flag, MAX_UNWRITTEN, SETTLE, |events, settle| {
-                    audit.try_append(events, settle)
+                    audit.try_append(events, settle).map(drop)
                 })
             })
             .map_err(|source| AuditError::Io {
@@ -101,14 +114,13 @@ fn write_until_closed(
     failing: &AtomicBool,
     cap: usize,
     settle_every: Duration,
-    mut append: impl FnMut(Vec<AuditEvent>, Settle) -> Result<Vec<AuditRecord>, AppendFailed>,
+    mut append: impl FnMut(Vec<Queued>, Settle) -> Result<(), AppendFailed<Queued>>,
 ) {
-    let mut unwritten: Vec<AuditEvent> = Vec::new();
+    let mut unwritten: Vec<Queued> = Vec::new();
     let mut dropped: u64 = 0;
-    // Requests' events become lines' events here, on this thread.
-    let keep = |unwritten: &mut Vec<AuditEvent>, dropped: &mut u64, queued: Queued| {
+    let keep = |unwritten: &mut Vec<Queued>, dropped: &mut u64, queued: Queued| {
         if unwritten.len() < cap {
-            unwritten.push(queued.into_event());
+            unwritten.push(queued);
         } else {
             *dropped += 1;
         }
@@ -161,12 +173,12 @@ fn write_until_closed(
         let mut batch = std::mem::take(&mut unwritten);
         let gap = dropped > 0;
         if gap {
-            batch.push(AuditEvent {
+            batch.push(Queued::Event(AuditEvent {
                 reason: Some(format!(
                     "{dropped} events were not kept while the audit log could not be written"
                 )),
                 ..AuditEvent::new(EventKind::EventsLost)
-            });
+            }));
         }
         let settle = match open && due(last_settle) > Duration::ZERO {
             true => Settle::Later,
@@ -191,7 +203,9 @@ fn write_until_closed(
                     // Written afresh, with the count at that time, by the next attempt.
                     events.pop();
                 }
-                unwritten = events;
+                // Kept until the log takes writes again, which may be long: as events of their
+                // own, so that they do not keep their runs (and what a run holds) alive.
+                unwritten = events.into_iter().map(Queued::detached).collect();
             }
         }
     }
@@ -260,11 +274,7 @@ mod tests {
     }
 
     impl FlakyLog {
-        fn append(
-            &mut self,
-            events: Vec<AuditEvent>,
-            _: Settle,
-        ) -> Result<Vec<AuditRecord>, AppendFailed> {
+        fn append(&mut self, events: Vec<Queued>, _: Settle) -> Result<(), AppendFailed<Queued>> {
             if self.failures > 0 {
                 self.failures -= 1;
                 return Err(AppendFailed {
@@ -276,8 +286,8 @@ mod tests {
                 });
             }
             let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
-            written.extend(events);
-            Ok(Vec::new())
+            written.extend(events.iter().map(|queued| queued.view().to_event()));
+            Ok(())
         }
     }
 
@@ -373,7 +383,7 @@ mod tests {
             write_until_closed(&rx, &failing, 100, settle_every, |events, settle| {
                 let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
                 seen.push((events.len(), settle));
-                Ok(Vec::new())
+                Ok(())
             });
         });
         drive(&tx, &calls);

@@ -6,13 +6,20 @@ use ring::digest::{digest, SHA256};
 /// `bytes` as lowercase hex. By table, not `format!` per byte: the audit writer encodes a MAC
 /// per line, one line per proxied request.
 pub fn lower(bytes: &[u8]) -> String {
+    let mut out = vec![0; bytes.len() * 2];
+    lower_into(bytes, &mut out);
+    // Hex digits only, so always UTF-8.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// `bytes` as lowercase hex into `out`, two digits a byte, as far as `out` goes (it is
+/// meant to be twice as long as `bytes`): for a MAC kept in an array, not a `String`.
+pub fn lower_into(bytes: &[u8], out: &mut [u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 15)];
     }
-    out
 }
 
 /// The SHA-256 of `data`, as lowercase hex.

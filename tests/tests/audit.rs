@@ -229,7 +229,7 @@ fn audit_normal_use_across_restarts_keeps_verifying() {
                 "--",
                 "sh",
                 "-c",
-                "curl -sS --fail-with-body https://api.openai.com/v1/models -H \"Authorization: Bearer $OPENAI_API_KEY\"",
+                "curl -sS --fail-with-body 'https://api.openai.com/v1/models?after=query-not-kept' -H \"Authorization: Bearer $OPENAI_API_KEY\"",
             ]),
             Duration::from_secs(60),
         );
@@ -237,6 +237,35 @@ fn audit_normal_use_across_restarts_keeps_verifying() {
     }
     let audit = std::fs::read_to_string(audit_path(&home)).expect("log");
     assert_eq!(count_events(&audit, "credential_use"), 2, "{audit}");
+    // What a request's line says (the writer encodes it from the request, not from an event).
+    for line in audit.lines().filter(|l| l.contains("credential_use")) {
+        let v: serde_json::Value = serde_json::from_str(line).expect("json");
+        for (field, want) in [
+            ("provider", "openai"),
+            ("profile", "default"),
+            ("host", "api.openai.com"),
+            ("sni", "api.openai.com"),
+            ("method", "GET"),
+            // Without the query (the agent's command line, which has it, is its own field).
+            ("path", "/v1/models"),
+        ] {
+            assert_eq!(v[field], want, "{field}: {line}");
+        }
+        assert_eq!(v["status"], 200, "{line}");
+        assert_eq!(v["bytes"], "{\"data\":[]}".len(), "{line}");
+        assert!(
+            v["run_id"].as_str().is_some_and(|r| !r.is_empty()),
+            "{line}"
+        );
+        assert!(v["pid"].as_u64().is_some(), "{line}");
+        assert!(v["latency_ms"].as_u64().is_some(), "{line}");
+        assert!(
+            v["command"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("sh -c curl")),
+            "{line}"
+        );
+    }
     assert!(
         audit
             .lines()

@@ -1,18 +1,29 @@
 //! The JSON of one audit line, written by hand into the batch's buffer. The audit writer
 //! encodes one line per proxied request; serde_json's derive (with the `flatten`ed event, a
 //! map serializer) spent about 7,000 instructions on each, this about a fifth of that. The
-//! bytes are the same as `serde_json::to_writer(record)`'s (a test holds it to that), so a
-//! log written either way reads and verifies the same.
+//! bytes are the same as `serde_json::to_writer(record)`'s for the record with its event
+//! `AuditEvent::sanitized` (a test holds it to that), so a log written either way reads and
+//! verifies the same.
+//!
+//! The event comes as an [`EventView`], borrowed: the proxy's request events are written
+//! from what the request holds, without making an `AuditEvent`'s strings for each line.
 
-use super::{AuditEvent, AuditRecord};
+#[cfg(test)]
+use super::{AuditRecord, LineEvent as _};
+use super::{EventView, MAX_FIELD_LEN};
 
-/// Append `record` as serde_json would write it: fields in struct order, `None` fields and
-/// the empty `hash`/`mac` left out.
-pub(super) fn write_record(record: &AuditRecord, out: &mut Vec<u8>) {
-    out.extend_from_slice(b"{\"seq\":");
-    number(out, record.seq);
-    string_field(out, "time", &record.time);
-    let AuditEvent {
+/// Append a line's JSON up to and including its `prev`, without the closing `}`: fields in
+/// `AuditRecord`'s order, `None` fields left out, each string field cut as
+/// `AuditEvent::sanitized` cuts it (the path at a query or fragment, long values to
+/// [`MAX_FIELD_LEN`] characters and `…`). The caller adds `hash` or `mac`, and the `}`.
+pub(super) fn write_open_line(
+    seq: u64,
+    time: &str,
+    event: &EventView<'_>,
+    prev: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let EventView {
         event,
         run_id,
         pid,
@@ -28,8 +39,13 @@ pub(super) fn write_record(record: &AuditRecord, out: &mut Vec<u8>) {
         bytes,
         latency_ms,
         reason,
-    } = &record.event;
-    string_field(out, "event", event.as_str());
+    } = *event;
+    out.extend_from_slice(b"{\"seq\":");
+    number(out, seq);
+    key(out, "time");
+    string(out, time.as_bytes(), "");
+    key(out, "event");
+    string(out, event.as_str().as_bytes(), "");
     optional_string(out, "run_id", run_id);
     optional_number(out, "pid", pid.map(u64::from));
     optional_string(out, "command", command);
@@ -39,19 +55,50 @@ pub(super) fn write_record(record: &AuditRecord, out: &mut Vec<u8>) {
     optional_string(out, "host", host);
     optional_string(out, "sni", sni);
     optional_string(out, "method", method);
-    optional_string(out, "path", path);
+    optional_string(out, "path", path.map(without_query));
     optional_number(out, "status", status.map(u64::from));
-    optional_number(out, "bytes", *bytes);
-    optional_number(out, "latency_ms", *latency_ms);
+    optional_number(out, "bytes", bytes);
+    optional_number(out, "latency_ms", latency_ms);
     optional_string(out, "reason", reason);
-    string_field(out, "prev", &record.prev);
+    key(out, "prev");
+    string(out, prev, "");
+}
+
+/// Append `record` as serde_json would write it with its event sanitized: the empty
+/// `hash`/`mac` left out.
+#[cfg(test)]
+pub(super) fn write_record(record: &AuditRecord, out: &mut Vec<u8>) {
+    write_open_line(
+        record.seq,
+        &record.time,
+        &record.event.view(),
+        record.prev.as_bytes(),
+        out,
+    );
     if !record.hash.is_empty() {
-        string_field(out, "hash", &record.hash);
+        key(out, "hash");
+        string(out, record.hash.as_bytes(), "");
     }
     if !record.mac.is_empty() {
-        string_field(out, "mac", &record.mac);
+        key(out, "mac");
+        string(out, record.mac.as_bytes(), "");
     }
     out.push(b'}');
+}
+
+/// A path without its query string or fragment (the audit keeps neither).
+pub(super) fn without_query(path: &str) -> &str {
+    path.find(['?', '#']).map_or(path, |i| &path[..i])
+}
+
+/// Where a free-text value is cut: the byte index after its first [`MAX_FIELD_LEN`]
+/// characters, or `None` when it has no more than that.
+pub(super) fn cut_at(value: &str) -> Option<usize> {
+    // A string has at least as many bytes as chars: most values need no count.
+    if value.len() <= MAX_FIELD_LEN {
+        return None;
+    }
+    value.char_indices().nth(MAX_FIELD_LEN).map(|(i, _)| i)
 }
 
 fn key(out: &mut Vec<u8>, name: &str) {
@@ -75,14 +122,14 @@ fn number(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(&digits[at..]);
 }
 
-fn string_field(out: &mut Vec<u8>, name: &str, value: &str) {
-    key(out, name);
-    string(out, value);
-}
-
-fn optional_string(out: &mut Vec<u8>, name: &str, value: &Option<String>) {
+/// A free-text field, cut as [`cut_at`] says.
+fn optional_string(out: &mut Vec<u8>, name: &str, value: Option<&str>) {
     if let Some(value) = value {
-        string_field(out, name, value);
+        key(out, name);
+        match cut_at(value) {
+            None => string(out, value.as_bytes(), ""),
+            Some(i) => string(out, &value.as_bytes()[..i], "…"),
+        }
     }
 }
 
@@ -95,10 +142,12 @@ fn optional_number(out: &mut Vec<u8>, name: &str, value: Option<u64>) {
 
 /// A JSON string with serde_json's escapes: `\"`, `\\`, the five short control escapes, and
 /// `\u00XX` (lowercase hex) for the other control characters; everything else as it is.
-fn string(out: &mut Vec<u8>, value: &str) {
+/// `value` is UTF-8 (a `str`'s bytes, or a prefix of them cut at a character's start);
+/// `tail`, which needs no escape, follows it inside the quotes.
+fn string(out: &mut Vec<u8>, value: &[u8], tail: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
-    let bytes = value.as_bytes();
+    let bytes = value;
     // Most values need no escape, and those that do (a command line with quotes) need few:
     // the clean runs between escapes are found eight bytes at a time and copied whole.
     let mut clean_from = 0;
@@ -125,6 +174,7 @@ fn string(out: &mut Vec<u8>, value: &str) {
         clean_from = i + 1;
     }
     out.extend_from_slice(&bytes[clean_from..]);
+    out.extend_from_slice(tail.as_bytes());
     out.push(b'"');
 }
 
@@ -170,13 +220,17 @@ fn next_escape(bytes: &[u8], from: usize) -> Option<usize> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::audit::EventKind;
+    use crate::audit::{AuditEvent, EventKind};
     use proptest::prelude::*;
 
     fn same_as_serde(record: &AuditRecord) {
         let mut ours = Vec::new();
         write_record(record, &mut ours);
-        let theirs = serde_json::to_vec(record).unwrap();
+        let sanitized = AuditRecord {
+            event: record.event.clone().sanitized(),
+            ..record.clone()
+        };
+        let theirs = serde_json::to_vec(&sanitized).unwrap();
         assert_eq!(
             String::from_utf8_lossy(&ours),
             String::from_utf8_lossy(&theirs)
@@ -222,6 +276,44 @@ mod tests {
             same_as_serde(&full);
         }
         same_as_serde(&record(AuditEvent::new(EventKind::AuditReset)));
+    }
+
+    #[test]
+    fn long_values_and_queries_are_cut_as_the_sanitized_event_has_them() {
+        // Around the limit, in one-byte and multi-byte characters (cut at a character, never
+        // inside one), with escapes before the cut.
+        for n in [
+            MAX_FIELD_LEN - 1,
+            MAX_FIELD_LEN,
+            MAX_FIELD_LEN + 1,
+            3 * MAX_FIELD_LEN,
+        ] {
+            for unit in ["a", "é", "€", "😀", "\"q"] {
+                let long = unit.repeat(n);
+                let event = AuditEvent {
+                    run_id: Some(long.clone()),
+                    command: Some(long.clone()),
+                    provider: Some(long.clone()),
+                    profile: Some(long.clone()),
+                    host: Some(long.clone()),
+                    sni: Some(long.clone()),
+                    method: Some(long.clone()),
+                    path: Some(format!("/v1/{long}?key=sk-secret#frag")),
+                    reason: Some(long.clone()),
+                    ..AuditEvent::new(EventKind::Denial)
+                };
+                same_as_serde(&record(event));
+            }
+        }
+        let mut ours = Vec::new();
+        let query = record(AuditEvent {
+            path: Some("/v1/models?api_key=sk-secret".into()),
+            ..AuditEvent::new(EventKind::CredentialUse)
+        });
+        write_record(&query, &mut ours);
+        let line = String::from_utf8(ours).unwrap();
+        assert!(line.contains(r#""path":"/v1/models","#), "{line}");
+        assert!(!line.contains("sk-secret"), "{line}");
     }
 
     proptest! {

@@ -241,12 +241,11 @@ impl AuditEvent {
         }
     }
 
-    /// Cut long fields and drop a query string or fragment from `path`.
+    /// Cut long fields and drop a query string or fragment from `path`: the event as its line
+    /// says it (`line` writes any event so).
     fn sanitized(mut self) -> AuditEvent {
         if let Some(path) = &mut self.path {
-            if let Some(i) = path.find(['?', '#']) {
-                path.truncate(i);
-            }
+            path.truncate(line::without_query(path).len());
         }
         for field in [
             &mut self.run_id,
@@ -262,12 +261,86 @@ impl AuditEvent {
         .into_iter()
         .flatten()
         {
-            // A string has at least as many bytes as chars: most fields need no count.
-            if field.len() > MAX_FIELD_LEN && field.chars().count() > MAX_FIELD_LEN {
-                *field = field.chars().take(MAX_FIELD_LEN).chain(['…']).collect();
+            if let Some(i) = line::cut_at(field) {
+                field.truncate(i);
+                field.push('…');
             }
         }
         self
+    }
+}
+
+/// An event as its audit line says it, borrowed: what the line's JSON is written from. An
+/// [`AuditEvent`] gives one; so does the proxy's event of a request, from what the request
+/// holds, so that the audit writer makes no strings for a request's line. Strings are given
+/// as they are: the line drops the path's query and cuts long values.
+#[derive(Debug, Clone, Copy)]
+pub struct EventView<'a> {
+    pub event: EventKind,
+    pub run_id: Option<&'a str>,
+    pub pid: Option<u32>,
+    pub command: Option<&'a str>,
+    pub uid: Option<u32>,
+    pub provider: Option<&'a str>,
+    pub profile: Option<&'a str>,
+    pub host: Option<&'a str>,
+    pub sni: Option<&'a str>,
+    pub method: Option<&'a str>,
+    pub path: Option<&'a str>,
+    pub status: Option<u16>,
+    pub bytes: Option<u64>,
+    pub latency_ms: Option<u64>,
+    pub reason: Option<&'a str>,
+}
+
+impl EventView<'_> {
+    /// The event, owning its strings (as given: not sanitized).
+    pub fn to_event(&self) -> AuditEvent {
+        let owned = |s: Option<&str>| s.map(str::to_owned);
+        AuditEvent {
+            event: self.event,
+            run_id: owned(self.run_id),
+            pid: self.pid,
+            command: owned(self.command),
+            uid: self.uid,
+            provider: owned(self.provider),
+            profile: owned(self.profile),
+            host: owned(self.host),
+            sni: owned(self.sni),
+            method: owned(self.method),
+            path: owned(self.path),
+            status: self.status,
+            bytes: self.bytes,
+            latency_ms: self.latency_ms,
+            reason: owned(self.reason),
+        }
+    }
+}
+
+/// What can be appended as an audit line.
+pub trait LineEvent {
+    fn view(&self) -> EventView<'_>;
+}
+
+impl LineEvent for AuditEvent {
+    fn view(&self) -> EventView<'_> {
+        EventView {
+            event: self.event,
+            run_id: self.run_id.as_deref(),
+            pid: self.pid,
+            command: self.command.as_deref(),
+            uid: self.uid,
+            provider: self.provider.as_deref(),
+            profile: self.profile.as_deref(),
+            host: self.host.as_deref(),
+            sni: self.sni.as_deref(),
+            method: self.method.as_deref(),
+            path: self.path.as_deref(),
+            status: self.status,
+            bytes: self.bytes,
+            latency_ms: self.latency_ms,
+            reason: self.reason.as_deref(),
+        }
     }
 }
 
@@ -450,17 +523,20 @@ impl Audit {
         &self,
         events: Vec<AuditEvent>,
     ) -> Result<Vec<AuditRecord>, AppendFailed> {
+        let events = events.into_iter().map(AuditEvent::sanitized).collect();
         self.try_append(events, Settle::Now)
+            .map(Appended::into_records)
     }
 
-    /// [`Audit::try_append_all`], settling now or later. With [`Settle::Now`] and no events,
-    /// settles what an earlier [`Settle::Later`] left, if the log still ends with it (if
-    /// another process appended since, its append moved the head past those lines, or will).
-    pub fn try_append(
+    /// [`Audit::try_append_all`] for any [`LineEvent`], settling now or later. With
+    /// [`Settle::Now`] and no events, settles what an earlier [`Settle::Later`] left, if the
+    /// log still ends with it (if another process appended since, its append moved the head
+    /// past those lines, or will).
+    pub fn try_append<E: LineEvent>(
         &self,
-        events: Vec<AuditEvent>,
+        events: Vec<E>,
         settle: Settle,
-    ) -> Result<Vec<AuditRecord>, AppendFailed> {
+    ) -> Result<Appended<E>, AppendFailed<E>> {
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let state = &mut *guard;
         let (_lock, end) = match self.lock_end(state) {
@@ -481,47 +557,38 @@ impl Audit {
                 });
             }
         }
-        let (len, mut seq, mut prev) = (end.len, end.seq, end.prev);
-        // About 560 bytes a line for a proxied request.
-        let mut out: Vec<u8> = Vec::with_capacity(events.len().saturating_add(1) * 640);
-        let mut records = Vec::with_capacity(events.len() + 1);
-        // The anchor of a format-1 log is not one of the caller's events: never given back.
-        let synthetic = usize::from(end.needs_anchor);
-        let give_back = |records: Vec<AuditRecord>, rest| {
-            records
-                .into_iter()
-                .skip(synthetic)
-                .map(|r| r.event)
-                .chain(rest)
-                .collect()
-        };
+        let (len, mut seq) = (end.len, end.seq);
         // The lines are written together, so they carry the same time.
         let time = now_rfc3339();
-        let anchor = end.needs_anchor.then(|| AuditEvent {
-            reason: Some(
-                "the keyed chain (format 2) starts here; the lines before are format 1 (unkeyed), pinned by this line's prev".into(),
-            ),
-            ..AuditEvent::new(EventKind::AuditKeyed)
-        });
+        // About 560 bytes a line for a proxied request.
+        let mut out: Vec<u8> = Vec::with_capacity(events.len().saturating_add(1) * 640);
+        // Each line's `prev` is the MAC of the line before, as hex.
+        let mut prev = Mac::from_hex(&end.prev);
         let mut last_start = len;
-        for event in anchor.into_iter().chain(events) {
-            let record = AuditRecord {
-                seq,
-                time: time.clone(),
-                event: event.sanitized(),
-                prev: std::mem::take(&mut prev),
-                hash: String::new(),
-                mac: String::new(),
+        if end.needs_anchor {
+            // The anchor of a format-1 log: not one of the caller's events, never given back.
+            let anchor = AuditEvent {
+                reason: Some(
+                    "the keyed chain (format 2) starts here; the lines before are format 1 (unkeyed), pinned by this line's prev".into(),
+                ),
+                ..AuditEvent::new(EventKind::AuditKeyed)
             };
-            let line_start = out.len();
-            let mac = encode_line_into(&record, &self.key, &mut out);
-            last_start = len + line_start as u64;
+            prev = encode_line_into(seq, &time, &anchor.view(), &prev, &self.key, &mut out);
             out.push(b'\n');
-            prev = mac.clone();
-            records.push(AuditRecord { mac, ..record });
             seq += 1;
         }
-        if records.is_empty() {
+        let first_seq = seq;
+        let first_prev = prev;
+        let mut macs = Vec::with_capacity(events.len());
+        for event in &events {
+            let line_start = out.len();
+            prev = encode_line_into(seq, &time, &event.view(), &prev, &self.key, &mut out);
+            last_start = len + line_start as u64;
+            out.push(b'\n');
+            macs.push(prev);
+            seq += 1;
+        }
+        if out.is_empty() {
             if let (Settle::Now, Some((head, end))) = (settle, state.unsettled.take()) {
                 if end == len {
                     settle_to(state, &head);
@@ -532,20 +599,20 @@ impl Audit {
             state.written = Some(Written {
                 len,
                 seq: seq - 1,
-                mac: prev,
+                mac: prev.as_str().to_owned(),
             });
-            return Ok(records);
+            return Ok(Appended::none(events));
         }
         // One write(2) of all the lines: with O_APPEND they land at the end as a unit.
         if let Err(error) = (&state.file).write_all(&out) {
             return Err(AppendFailed {
                 error: io_err(error),
-                events: give_back(records, Vec::new()),
+                events,
             });
         }
         let head = AuditHead {
             seq: seq - 1,
-            mac: prev.clone(),
+            mac: prev.as_str().to_owned(),
             line_start: last_start,
         };
         let end = len + out.len() as u64;
@@ -559,9 +626,15 @@ impl Audit {
         state.written = Some(Written {
             len: end,
             seq: seq - 1,
-            mac: prev,
+            mac: prev.as_str().to_owned(),
         });
-        Ok(records)
+        Ok(Appended {
+            events,
+            first_seq,
+            time,
+            first_prev,
+            macs,
+        })
     }
 
     /// Lock the file the path names (reopening and checking it if it changed) and find the
@@ -633,9 +706,87 @@ impl Audit {
 }
 
 /// An append that did not happen, with the events it was given.
-pub struct AppendFailed {
+pub struct AppendFailed<E = AuditEvent> {
     pub error: AuditError,
-    pub events: Vec<AuditEvent>,
+    pub events: Vec<E>,
+}
+
+/// The lines an append wrote: its events, in order, with what chains them.
+#[derive(Debug)]
+pub struct Appended<E> {
+    pub events: Vec<E>,
+    first_seq: u64,
+    time: String,
+    /// The `prev` of the first event's line.
+    first_prev: Mac,
+    /// Each event's line's MAC.
+    macs: Vec<Mac>,
+}
+
+impl<E> Appended<E> {
+    fn none(events: Vec<E>) -> Appended<E> {
+        debug_assert!(events.is_empty());
+        Appended {
+            events,
+            first_seq: 0,
+            time: String::new(),
+            first_prev: Mac::from_hex(GENESIS),
+            macs: Vec::new(),
+        }
+    }
+}
+
+impl Appended<AuditEvent> {
+    /// The lines as records (the events were sanitized before they were written, so each
+    /// record says what its line says).
+    fn into_records(self) -> Vec<AuditRecord> {
+        let prevs = std::iter::once(self.first_prev).chain(self.macs.iter().copied());
+        self.events
+            .into_iter()
+            .zip(prevs.zip(&self.macs))
+            .zip(self.first_seq..)
+            .map(|((event, (prev, mac)), seq)| AuditRecord {
+                seq,
+                time: self.time.clone(),
+                event,
+                prev: prev.as_str().to_owned(),
+                hash: String::new(),
+                mac: mac.as_str().to_owned(),
+            })
+            .collect()
+    }
+}
+
+/// A line's HMAC-SHA256 as lowercase hex, kept without an allocation: the audit writer makes
+/// one per proxied request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mac([u8; 64]);
+
+impl Mac {
+    fn of(tag: &hmac::Tag) -> Mac {
+        let mut hex = [b'0'; 64];
+        hex::lower_into(tag.as_ref(), &mut hex);
+        Mac(hex)
+    }
+
+    /// `text` as a `prev`: the chain's end as read back (64 hex digits, or a format-1 line's
+    /// SHA-256, also 64). Anything else (never read back so: the walker checks lengths)
+    /// is kept as far as it goes.
+    fn from_hex(text: &str) -> Mac {
+        let mut hex = [b'0'; 64];
+        let n = text.len().min(64);
+        hex[..n].copy_from_slice(&text.as_bytes()[..n]);
+        Mac(hex)
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn as_str(&self) -> &str {
+        // Hex digits only, so always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 /// Open the log at `path` for appending, `O_NOFOLLOW`, as a regular file, and check it against
@@ -721,22 +872,24 @@ fn open_no_follow(path: &Path, create: bool) -> Result<fs::File, AuditError> {
     Ok(file)
 }
 
-/// Append `record` (its `mac` still empty) to `out` as one line (no newline) with its MAC
-/// computed and placed last. Returns the MAC. Written straight into the batch's buffer: the
-/// audit writer encodes one line per proxied request, and a `String` per line plus a
-/// `format!` copy of it were most of its allocations (see `line` for the JSON itself).
-fn encode_line_into(record: &AuditRecord, key: &hmac::Key, out: &mut Vec<u8>) -> String {
-    debug_assert!(
-        record.mac.is_empty() && record.hash.is_empty(),
-        "the mac is computed here"
-    );
+/// Append the line of `event` (`seq`, `time`, chained to `prev`) to `out`, without its
+/// newline, with its MAC computed and placed last; return the MAC. Written straight into the
+/// batch's buffer: the audit writer encodes one line per proxied request (see `line` for the
+/// JSON itself).
+fn encode_line_into(
+    seq: u64,
+    time: &str,
+    event: &EventView<'_>,
+    prev: &Mac,
+    key: &hmac::Key,
+    out: &mut Vec<u8>,
+) -> Mac {
     let start = out.len();
-    // Struct order (seq, time, event, fields, prev); the empty `hash` and `mac` are skipped.
-    line::write_record(record, out);
-    let mac = hex::lower(hmac::sign(key, &out[start..]).as_ref());
-    // The MAC covers the line up to `,"mac"` with the closing `}` appended: the `}` that
-    // `write_record` wrote moves after the MAC.
-    debug_assert_eq!(out.last(), Some(&b'}'));
+    // The MAC covers the line up to `,"mac"` with the closing `}` appended; the `}` then moves
+    // after the MAC.
+    line::write_open_line(seq, time, event, prev.as_bytes(), out);
+    out.push(b'}');
+    let mac = Mac::of(&hmac::sign(key, &out[start..]));
     out.pop();
     out.extend_from_slice(b",\"mac\":\"");
     out.extend_from_slice(mac.as_bytes());
@@ -1251,7 +1404,16 @@ pub fn reset(home: &Home, vault: &Vault, event: AuditEvent) -> Result<ResetOutco
         mac: String::new(),
     };
     let mut line = Vec::new();
-    let mac = encode_line_into(&record, &key, &mut line);
+    let mac = encode_line_into(
+        record.seq,
+        &record.time,
+        &record.event.view(),
+        &Mac::from_hex(&record.prev),
+        &key,
+        &mut line,
+    )
+    .as_str()
+    .to_owned();
     line.push(b'\n');
     (&file).write_all(&line).map_err(io_err)?;
     file.sync_all().map_err(io_err)?;
@@ -1732,8 +1894,11 @@ mod tests {
         assert_eq!(f.verify().unwrap().unkeyed, 2);
         // What `broker serve` and `broker run` do at start: the anchor alone.
         let anchored = f.open().unwrap().append_all(Vec::new()).unwrap();
-        assert_eq!(anchored.len(), 1);
-        assert_eq!(f.head().unwrap().seq, 3);
+        assert!(
+            anchored.is_empty(),
+            "the anchor is not one of the caller's events"
+        );
+        assert_eq!(f.head().unwrap().seq, 3, "the anchor is written");
         // Nothing more to anchor: an empty append writes nothing.
         assert!(f.open().unwrap().append_all(Vec::new()).unwrap().is_empty());
         let rec = f.open().unwrap().append(use_event(3)).unwrap();

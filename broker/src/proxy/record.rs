@@ -11,7 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt as _;
 
 use super::{BoxError, ConnInfo, Proxy, ProxyBody, RunContext};
-use crate::audit::{AuditEvent, EventKind};
+use crate::audit::{AuditEvent, EventKind, EventView, LineEvent};
 
 /// What the audit needs to know about a request once its response is done.
 pub(super) struct Pending {
@@ -52,10 +52,10 @@ impl Pending {
 }
 
 /// What the audit line of one request holds, as the proxy has it when the request ends. Making
-/// one copies no string but the SNI: the strings of the line are made by
-/// [`RequestEvent::into_event`], which the audit writer calls on its own thread, so that a
-/// request does not pay for the allocations (each a likely cache miss on two cores the agent
-/// and the upstream share) or for the writer's frees of them.
+/// one copies no string but the SNI, and the audit writer encodes the line from it
+/// ([`LineEvent::view`]) without making the line's strings: a request does not pay for those
+/// allocations (each a likely cache miss on two cores the agent and the upstream share), and
+/// the writer neither for them nor for their frees.
 ///
 /// It holds the run until then (a few milliseconds, or up to a second while the log fails
 /// writes), not the connection: a connection's place under the caps is freed when it closes.
@@ -106,24 +106,30 @@ impl RequestEvent {
         }
     }
 
-    /// The audit line.
+    /// The audit line as an event of its own (for a line written at once).
     pub fn into_event(self) -> AuditEvent {
-        AuditEvent {
-            run_id: Some(self.run.id.clone()),
+        self.view().to_event()
+    }
+}
+
+impl LineEvent for RequestEvent {
+    fn view(&self) -> EventView<'_> {
+        EventView {
+            event: self.kind,
+            run_id: Some(&self.run.id),
             pid: self.pid,
-            command: Some(self.run.command.clone()),
+            command: Some(&self.run.command),
             uid: self.uid,
-            provider: self.provider,
-            profile: self.profile,
-            host: Some(self.sni.clone()),
-            sni: Some(self.sni),
-            method: Some(self.method.as_str().to_string()),
-            path: Some(self.uri.path().to_string()),
+            provider: self.provider.as_deref(),
+            profile: self.profile.as_deref(),
+            host: Some(&self.sni),
+            sni: Some(&self.sni),
+            method: Some(self.method.as_str()),
+            path: Some(self.uri.path()),
             status: (self.status != 0).then_some(self.status),
             bytes: Some(self.bytes),
             latency_ms: Some(self.latency_ms),
-            reason: self.reason,
-            ..AuditEvent::new(self.kind)
+            reason: self.reason.as_deref(),
         }
     }
 }
