@@ -773,6 +773,7 @@ impl Mac {
     /// SHA-256, also 64). Anything else (never read back so: the walker checks lengths)
     /// is kept as far as it goes.
     fn from_hex(text: &str) -> Mac {
+        debug_assert_eq!(text.len(), 64, "a prev of another length: {text:?}");
         let mut hex = [b'0'; 64];
         let n = text.len().min(64);
         hex[..n].copy_from_slice(&text.as_bytes()[..n]);
