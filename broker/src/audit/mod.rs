@@ -44,6 +44,8 @@ use ring::hmac;
 use rustix::fs::{flock, FlockOperation};
 use serde::{Deserialize, Serialize};
 
+#[cfg(test)]
+mod cost;
 mod line;
 
 use crate::hex;
