@@ -2,23 +2,52 @@
 //! request needs no thread hop, SQLite query or decryption.
 //!
 //! Any write by any process (`broker add`, `remove`, a refresh) to `vault.db` or its WAL is
-//! seen before the next lookup trusts the cache. Normally through inotify on the vault's
-//! directory: the kernel queues the event inside the writer's `write()`, so once `broker remove`
-//! has returned, the next lookup's one non-blocking `read()` of the queue sees it. Where inotify
-//! cannot be used (no instances left, the directory moved), each lookup compares the files' size
-//! and mtime instead: two `stat` calls.
+//! seen by the first lookup that looks at the vault's files after it. Normally through inotify
+//! on the vault's directory: the kernel queues the event inside the writer's `write()`, and a
+//! look is one non-blocking `read()` of the queue. Where inotify cannot be used (no instances
+//! left, the directory moved), a look compares the files' size and mtime instead: two `stat`
+//! calls.
+//!
+//! A lookup looks when the last look started [`LOOK_EVERY`] or longer ago: a look is a system
+//! call, which per request was 3-6 % of the proxy's throughput (README, "Seventh round"). What
+//! makes a removed or replaced key unusable once `broker remove` or `add` has returned is the
+//! writer's half: a write that changes a key or a grant waits [`wait_for_lookups`] before it
+//! returns, so the last look before any later lookup started before the write, more than
+//! [`LOOK_EVERY`] ago, and that lookup looks. A process that writes the vault without waiting
+//! (`sqlite3`, an older broker) is seen within [`LOOK_EVERY`].
 
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use rustix::fs::inotify::{self, ReadFlags, WatchFlags};
 use zeroize::Zeroizing;
 
 /// The vault's files all start with this name (`vault.db`, `-wal`, `-shm`, `-journal`).
 const VAULT_FILE: &[u8] = b"vault.db";
+
+/// A lookup trusts a look at the vault's files that started less than this long ago.
+pub(crate) const LOOK_EVERY: Duration = Duration::from_millis(1);
+
+/// After a write to the vault that changes what a key cache may hold (a key added, replaced or
+/// removed, a provider's grants), wait until every lookup that starts after this returns will
+/// look at the vault's files again: more than [`LOOK_EVERY`] from the end of the write, on the
+/// monotonic clock that every process on the machine shares. Call it when the write has
+/// committed, without holding the vault's connection (`Vault::put`, `remove`, `put_oauth`,
+/// `remove_if`, `set_trusted_grants` do).
+pub(crate) fn wait_for_lookups() {
+    let until = Instant::now() + 2 * LOOK_EVERY;
+    // `sleep` may wake early on some systems: the clock decides.
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if left.is_zero() {
+            break;
+        }
+        std::thread::sleep(left);
+    }
+}
 
 pub(crate) struct KeyCache {
     vault: PathBuf,
@@ -29,6 +58,8 @@ struct State {
     /// Counts the vault changes seen; a read that straddles a change is not kept.
     generation: u64,
     changes: Changes,
+    /// When the last look at the vault's files started (`None`: never).
+    looked_at: Option<Instant>,
     /// provider -> profile -> key (nested so a lookup allocates nothing).
     keys: HashMap<String, HashMap<String, Zeroizing<String>>>,
     /// provider -> profiles whose key was ever kept: no key, kept across changes, so that
@@ -56,19 +87,23 @@ impl KeyCache {
             state: Mutex::new(State {
                 generation: 0,
                 changes: Changes::Unwatched,
+                looked_at: None,
                 keys: HashMap::new(),
                 kept_once: HashMap::new(),
             }),
         }
     }
 
-    /// The key cached for `provider`/`profile`, if the vault has not changed since it was read.
+    /// The key cached for `provider`/`profile`, if the vault has not changed since it was read
+    /// (as far as a look that started less than [`LOOK_EVERY`] ago saw; see the module's doc).
     pub(crate) fn get(&self, provider: &str, profile: &str) -> Option<Zeroizing<String>> {
         let mut state = self.lock();
         if state.keys.is_empty() {
             return None;
         }
-        self.catch_up(&mut state);
+        if state.looked_at.is_none_or(|at| at.elapsed() >= LOOK_EVERY) {
+            self.catch_up(&mut state);
+        }
         state.keys.get(provider)?.get(profile).cloned()
     }
 
@@ -127,8 +162,11 @@ impl KeyCache {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Forget every key if the vault changed since the last look.
+    /// Look at the vault's files: forget every key if the vault changed since the last look.
     fn catch_up(&self, state: &mut State) {
+        // Stamped before the look: a write that lands during it may be missed by it, and is
+        // then after the stamp, so it is waited out by its writer ([`wait_for_lookups`]).
+        state.looked_at = Some(Instant::now());
         let changed = match &mut state.changes {
             Changes::Unwatched => false,
             Changes::Watched(fd) => match drain(fd) {
@@ -241,8 +279,10 @@ mod tests {
         (vault.clone(), KeyCache::new(vault))
     }
 
+    /// Write as the vault's writers do: then wait until every later lookup looks.
     fn write(path: &Path, text: &str) {
         std::fs::write(path, text).expect("write");
+        wait_for_lookups();
     }
 
     #[test]
@@ -268,6 +308,35 @@ mod tests {
         cache.remember(g, "openai", "default", &key("k2"));
         write(&dir.path().join("vault.db-wal"), "frame");
         assert!(cache.get("openai", "default").is_none());
+    }
+
+    #[test]
+    fn a_lookup_looks_at_most_once_a_millisecond_and_a_writer_waits_that_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (vault, cache) = cache_in(dir.path());
+        let g = cache.generation();
+        cache.remember(g, "openai", "default", &key("k1"));
+        // As if a look had just started: a write that does not wait is not seen yet.
+        cache.lock().looked_at = Some(Instant::now() + Duration::from_secs(3600));
+        std::fs::write(&vault, "v2").expect("write");
+        assert_eq!(held(&cache), Some("k1".to_string()), "looked again at once");
+        // A real look (it sees that write), then a write that waits as the vault's writers
+        // do: the next lookup looks and drops the key.
+        let g = cache.generation();
+        cache.remember(g, "openai", "default", &key("k2"));
+        assert_eq!(held(&cache), Some("k2".to_string()));
+        std::fs::write(&vault, "v3").expect("write");
+        let before = Instant::now();
+        wait_for_lookups();
+        assert!(
+            before.elapsed() > LOOK_EVERY,
+            "the writer waited {:?}",
+            before.elapsed()
+        );
+        assert!(
+            cache.get("openai", "default").is_none(),
+            "the write was not seen"
+        );
     }
 
     #[test]
@@ -320,6 +389,8 @@ mod tests {
         let g = cache.generation();
         cache.remember(g, "openai", "default", &key("k1"));
         std::fs::rename(&home, dir.path().join("elsewhere")).expect("rename");
+        // Seen by the next look, at most a millisecond later.
+        std::thread::sleep(2 * LOOK_EVERY);
         assert!(cache.get("openai", "default").is_none());
         assert!(matches!(cache.lock().changes, Changes::Stat(_)));
     }

@@ -410,6 +410,8 @@ impl Vault {
             },
         )?;
         tx.commit()?;
+        drop(conn);
+        crate::key_cache::wait_for_lookups();
         Ok(if created.is_some() {
             PutOutcome::Replaced
         } else {
@@ -477,6 +479,8 @@ impl Vault {
             params![provider, profile],
         )?;
         tx.commit()?;
+        drop(conn);
+        crate::key_cache::wait_for_lookups();
         Ok(n > 0)
     }
 

@@ -140,6 +140,9 @@ impl Vault {
             },
         )?;
         tx.commit()?;
+        drop(conn);
+        // It may replace an API key that a running broker keeps in memory.
+        crate::key_cache::wait_for_lookups();
         Ok(if existed {
             PutOutcome::Replaced
         } else {
@@ -196,16 +199,21 @@ impl Vault {
         profile: &str,
         remove: impl FnOnce(&StoredCredential) -> bool,
     ) -> Result<Removal, VaultError> {
-        self.with_credential_lock(provider, profile, |locked| {
-            let Some(current) = locked.read()? else {
-                return Ok(Removal::Missing);
-            };
-            if !remove(&current) {
-                return Ok(Removal::Kept(current));
-            }
-            locked.remove()?;
-            Ok(Removal::Removed(current))
-        })
+        let removal =
+            self.with_credential_lock(provider, profile, |locked| -> Result<_, VaultError> {
+                let Some(current) = locked.read()? else {
+                    return Ok(Removal::Missing);
+                };
+                if !remove(&current) {
+                    return Ok(Removal::Kept(current));
+                }
+                locked.remove()?;
+                Ok(Removal::Removed(current))
+            })?;
+        if matches!(removal, Removal::Removed(_)) {
+            crate::key_cache::wait_for_lookups();
+        }
+        Ok(removal)
     }
 
     /// Remove `provider`/`profile` only if its tokens are still `expected`'s (see

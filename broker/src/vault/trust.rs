@@ -71,6 +71,8 @@ impl Vault {
              ON CONFLICT (provider) DO UPDATE SET grants = excluded.grants, updated_at = excluded.updated_at",
             params![provider, blob, crate::audit::now_rfc3339()],
         )?;
+        // A running broker answers accepted grants from memory until it next looks.
+        crate::key_cache::wait_for_lookups();
         Ok(())
     }
 }
