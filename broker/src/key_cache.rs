@@ -340,6 +340,67 @@ mod tests {
         );
     }
 
+    /// The writers' half, through the vault itself: a running broker's cache, which looked
+    /// just before the write, must look again (and drop the key) on the first lookup after
+    /// any write that changes a key or a grant returns. Without the wait in that write, the
+    /// lookup comes well within `LOOK_EVERY` of the look and serves the old key.
+    #[test]
+    fn every_vault_write_that_changes_a_key_or_a_grant_is_waited_out() {
+        use crate::vault::{CredentialKind, TokenUpdate, Vault, VaultError};
+        type Write = dyn Fn(&Vault) -> Result<(), VaultError>;
+        let (_dir, home, vault) = crate::vault::test_vault();
+        let cache = KeyCache::new(home.vault_path());
+        let oauth = |vault: &Vault| {
+            let tokens = TokenUpdate {
+                access: "oauth-access-token-0123456789",
+                refresh: None,
+                expires_at: None,
+                metadata: "{}",
+            };
+            vault
+                .put_oauth("openai", "default", &tokens, None)
+                .map(drop)
+        };
+        let writes: [(&str, &Write); 5] = [
+            ("put", &|v| {
+                v.put(
+                    "openai",
+                    "default",
+                    "sk-replaced-0123456789abcdef",
+                    CredentialKind::ApiKey,
+                )
+                .map(drop)
+            }),
+            ("put_oauth", &oauth),
+            ("remove_if", &|v| {
+                v.remove_if("openai", "default", |_| true).map(drop)
+            }),
+            ("remove", &|v| v.remove("openai", "default").map(drop)),
+            ("set_trusted_grants", &|v| {
+                v.set_trusted_grants("openai", &[]).map(drop)
+            }),
+        ];
+        for (what, write) in writes {
+            // Whatever the write before left, the vault holds a key again.
+            vault
+                .put(
+                    "openai",
+                    "default",
+                    "sk-kept-0123456789abcdefgh",
+                    CredentialKind::ApiKey,
+                )
+                .expect("put");
+            // A lookup that read it, as the proxy's does; the look is now.
+            let g = cache.generation();
+            cache.remember(g, "openai", "default", &key("sk-kept-0123456789abcdefgh"));
+            write(&vault).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(
+                cache.get("openai", "default").is_none(),
+                "{what}: the cached key was served after the write returned"
+            );
+        }
+    }
+
     #[test]
     fn a_key_read_across_a_change_is_not_kept() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -42,10 +42,8 @@ pub(super) fn write_open_line(
     } = *event;
     out.extend_from_slice(b"{\"seq\":");
     number(out, seq);
-    key(out, "time");
-    string(out, time.as_bytes(), "");
-    key(out, "event");
-    string(out, event.as_str().as_bytes(), "");
+    string_field(out, "time", time.as_bytes());
+    string_field(out, "event", event.as_str().as_bytes());
     optional_string(out, "run_id", run_id);
     optional_number(out, "pid", pid.map(u64::from));
     optional_string(out, "command", command);
@@ -60,8 +58,7 @@ pub(super) fn write_open_line(
     optional_number(out, "bytes", bytes);
     optional_number(out, "latency_ms", latency_ms);
     optional_string(out, "reason", reason);
-    key(out, "prev");
-    string(out, prev, "");
+    string_field(out, "prev", prev);
 }
 
 /// Append `record` as serde_json would write it with its event sanitized: the empty
@@ -76,12 +73,10 @@ pub(super) fn write_record(record: &AuditRecord, out: &mut Vec<u8>) {
         out,
     );
     if !record.hash.is_empty() {
-        key(out, "hash");
-        string(out, record.hash.as_bytes(), "");
+        string_field(out, "hash", record.hash.as_bytes());
     }
     if !record.mac.is_empty() {
-        key(out, "mac");
-        string(out, record.mac.as_bytes(), "");
+        string_field(out, "mac", record.mac.as_bytes());
     }
     out.push(b'}');
 }
@@ -122,6 +117,12 @@ fn number(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(&digits[at..]);
 }
 
+/// A field whose value is never cut (the time, the kind, the chain's hex).
+fn string_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    key(out, name);
+    string(out, value, "");
+}
+
 /// A free-text field, cut as [`cut_at`] says.
 fn optional_string(out: &mut Vec<u8>, name: &str, value: Option<&str>) {
     if let Some(value) = value {
@@ -142,12 +143,11 @@ fn optional_number(out: &mut Vec<u8>, name: &str, value: Option<u64>) {
 
 /// A JSON string with serde_json's escapes: `\"`, `\\`, the five short control escapes, and
 /// `\u00XX` (lowercase hex) for the other control characters; everything else as it is.
-/// `value` is UTF-8 (a `str`'s bytes, or a prefix of them cut at a character's start);
+/// `bytes` are UTF-8 (a `str`'s bytes, or a prefix of them cut at a character's start);
 /// `tail`, which needs no escape, follows it inside the quotes.
-fn string(out: &mut Vec<u8>, value: &[u8], tail: &str) {
+fn string(out: &mut Vec<u8>, bytes: &[u8], tail: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
-    let bytes = value;
     // Most values need no escape, and those that do (a command line with quotes) need few:
     // the clean runs between escapes are found eight bytes at a time and copied whole.
     let mut clean_from = 0;

@@ -603,7 +603,13 @@ impl Audit {
                 seq: seq - 1,
                 mac: prev.as_str().to_owned(),
             });
-            return Ok(Appended::none(events));
+            return Ok(Appended {
+                events,
+                first_seq,
+                time,
+                first_prev,
+                macs,
+            });
         }
         // One write(2) of all the lines: with O_APPEND they land at the end as a unit.
         if let Err(error) = (&state.file).write_all(&out) {
@@ -723,19 +729,6 @@ pub struct Appended<E> {
     first_prev: Mac,
     /// Each event's line's MAC.
     macs: Vec<Mac>,
-}
-
-impl<E> Appended<E> {
-    fn none(events: Vec<E>) -> Appended<E> {
-        debug_assert!(events.is_empty());
-        Appended {
-            events,
-            first_seq: 0,
-            time: String::new(),
-            first_prev: Mac::from_hex(GENESIS),
-            macs: Vec::new(),
-        }
-    }
 }
 
 impl Appended<AuditEvent> {

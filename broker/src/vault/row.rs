@@ -185,7 +185,10 @@ impl Vault {
 
     /// Seal `new` against its whole row and store it as `provider`/`profile`, replacing any row
     /// there. Every write of a credential goes through here, so no column of a row changes
-    /// without its blobs being sealed again.
+    /// without its blobs being sealed again. A caller whose write can change an API key that a
+    /// running broker caches calls `key_cache::wait_for_lookups` once it has committed and let
+    /// go of the connection (`put`, `put_oauth`; a token refresh, which only OAuth rows see,
+    /// does not need to).
     pub(super) fn write_row(
         &self,
         conn: &Connection,
