@@ -200,7 +200,7 @@ pub(super) async fn forward(
         provider: provider.name.clone(),
         profile,
         method: method.clone(),
-        uri: uri.clone(),
+        path: uri.path().to_owned(),
         started,
         secret: zeroize::Zeroizing::new(real.secret_access_key.clone()),
     };
