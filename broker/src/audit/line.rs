@@ -96,6 +96,7 @@ pub(super) fn cut_at(value: &str) -> Option<usize> {
     value.char_indices().nth(MAX_FIELD_LEN).map(|(i, _)| i)
 }
 
+#[inline(always)]
 fn key(out: &mut Vec<u8>, name: &str) {
     out.extend_from_slice(b",\"");
     out.extend_from_slice(name.as_bytes());
@@ -118,12 +119,14 @@ fn number(out: &mut Vec<u8>, n: u64) {
 }
 
 /// A field whose value is never cut (the time, the kind, the chain's hex).
+#[inline(always)]
 fn string_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     key(out, name);
     string(out, value, "");
 }
 
 /// A free-text field, cut as [`cut_at`] says.
+#[inline(always)]
 fn optional_string(out: &mut Vec<u8>, name: &str, value: Option<&str>) {
     if let Some(value) = value {
         key(out, name);
@@ -134,6 +137,7 @@ fn optional_string(out: &mut Vec<u8>, name: &str, value: Option<&str>) {
     }
 }
 
+#[inline(always)]
 fn optional_number(out: &mut Vec<u8>, name: &str, value: Option<u64>) {
     if let Some(n) = value {
         key(out, name);
