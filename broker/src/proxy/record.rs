@@ -20,8 +20,8 @@ pub(super) struct Pending {
     pub(super) profile: String,
     pub(super) method: http::Method,
     /// The request's path, copied (the audit line keeps only the path). Not the `Uri`: that
-    /// shares the agent connection's read buffer, and while any part of it is held hyper cannot
-    /// reuse the buffer for the next request and allocates a new one (8 KiB) instead.
+    /// shares the agent connection's 8 KiB read buffer, which the queued audit event would
+    /// keep alive until the writer's next batch (up to 5 ms of requests' buffers).
     pub(super) path: String,
     pub(super) started: Instant,
     /// The credential put on the request, to redact from the response.
