@@ -10,26 +10,17 @@ const BATCH: usize = 175;
 const BATCHES: usize = 2000;
 
 /// This thread's CPU time so far, in nanoseconds (`/proc/thread-self/schedstat`), and its
-/// user and kernel clock ticks (`/proc/thread-self/stat`).
+/// user and kernel clock ticks (fields 14 and 15 of `/proc/thread-self/stat`).
 fn cpu() -> (u64, u64, u64) {
-    let read = |file: &str| {
-        fs::read_to_string(format!("/proc/thread-self/{file}"))
-            .unwrap_or_else(|e| panic!("/proc/thread-self/{file}: {e}"))
-    };
-    let number = |s: &str| {
-        s.parse::<u64>()
-            .unwrap_or_else(|e| panic!("not a number: {s:?}: {e}"))
-    };
-    let schedstat = read("schedstat");
-    let stat = read("stat");
-    // The fields after the command's closing parenthesis, the state first (field 3).
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
+    let schedstat = fs::read_to_string("/proc/thread-self/schedstat")
+        .unwrap_or_else(|e| panic!("/proc/thread-self/schedstat: {e}"));
     let on_cpu = schedstat.split_whitespace().next().unwrap_or("");
-    (number(on_cpu), number(fields[11]), number(fields[12]))
+    let on_cpu = on_cpu
+        .parse::<u64>()
+        .unwrap_or_else(|e| panic!("schedstat: {on_cpu:?}: {e}"));
+    let [user, sys] = crate::procfs::stat_fields("thread-self", [14, 15])
+        .unwrap_or_else(|| panic!("/proc/thread-self/stat: no user and system times"));
+    (on_cpu, user, sys)
 }
 
 /// Nanoseconds per line of CPU time spent by `work`, split into user and kernel time in the

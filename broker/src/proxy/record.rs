@@ -54,7 +54,8 @@ impl Pending {
 }
 
 /// What the audit line of one request holds, as the proxy has it when the request ends. Making
-/// one copies no string but the SNI, and the audit writer encodes the line from it
+/// one copies no string but the SNI (the path was copied when the request was swapped, see
+/// `Pending::path`), and the audit writer encodes the line from it
 /// ([`LineEvent::view`]) without making the line's strings: a request does not pay for those
 /// allocations (each a likely cache miss on two cores the agent and the upstream share), and
 /// the writer neither for them nor for their frees.
