@@ -36,6 +36,8 @@ struct Opts {
     only: Vec<String>,
     /// Measure nginx as a reverse proxy doing the broker's job beside it.
     nginx: bool,
+    /// nginx writes an access line per request, as long as the broker's audit line.
+    nginx_log: bool,
     /// Load generators on one core, origin and proxy on another (`--pin`).
     pin: bool,
 }
@@ -51,7 +53,7 @@ const SECTIONS: &[&str] = &[
 ];
 
 const USAGE: &str =
-    "usage: bench [--json FILE] [--rounds N] [--secs S] [--no-build] [--nginx | --no-nginx] [--pin]
+    "usage: bench [--json FILE] [--rounds N] [--secs S] [--no-build] [--nginx | --no-nginx] [--nginx-log] [--pin]
 
   --json FILE   where to write the results (default: target/bench.json)
   --rounds N    interleaved rounds per leg; the median is kept (default 3)
@@ -62,6 +64,9 @@ const USAGE: &str =
   --nginx       only the sections with an nginx column (keepalive, newconn, rss): the
                 broker against nginx doing the same job, broker/nginx as the headline
   --no-nginx    leave nginx out (it is measured whenever it is installed)
+  --nginx-log   nginx writes an access line per request as long as the broker's audit line
+                (buffered 64 KB, flushed every 5 ms): the reference with a log of its own,
+                as nginx runs by default, against the broker's audit
   --pin         load generators (this process, wrk, h2load, broker run) on the first core this
                 process may use, the origin and the proxy (broker serve, nginx) on the
                 second: req/s then measure the proxy's CPU per request, without the kernel's
@@ -112,6 +117,7 @@ fn parse_opts(args: &[String]) -> anyhow::Result<Opts> {
         build: true,
         only: Vec::new(),
         nginx: true,
+        nginx_log: false,
         pin: false,
     };
     let mut it = args.iter();
@@ -125,6 +131,7 @@ fn parse_opts(args: &[String]) -> anyhow::Result<Opts> {
             "--no-build" => opts.build = false,
             "--no-nginx" => opts.nginx = false,
             "--pin" => opts.pin = true,
+            "--nginx-log" => opts.nginx_log = true,
             "--nginx" => {
                 opts.nginx = true;
                 for name in ["keepalive", "newconn", "rss"] {
@@ -499,13 +506,23 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         }
         (true, Some(binary)) => {
             let origin_dir = origin.ca_pem_path.parent().context("origin dir")?;
-            let n = nginx::Nginx::start(&binary, &tmp.0.join("nginx"), origin_dir, origin.addr)?;
+            let n = nginx::Nginx::start(
+                &binary,
+                &tmp.0.join("nginx"),
+                origin_dir,
+                origin.addr,
+                opts.nginx_log,
+            )?;
             pin_to_proxy_core(n.pid())?;
             eprintln!("bench: {}, pid {}", nginx::Nginx::version(&binary), n.pid());
             notes.push(format!(
                 "nginx: {}, one process, TLS + h2 on the listener, proxy_pass https:// with \
-                 proxy_ssl_verify, upstream keepalive, Authorization set (bench/src/nginx.rs)",
-                nginx::Nginx::version(&binary)
+                 proxy_ssl_verify, upstream keepalive, Authorization set, {} (bench/src/nginx.rs)",
+                nginx::Nginx::version(&binary),
+                match opts.nginx_log {
+                    true => "an access line per request as long as the broker's audit line (--nginx-log)",
+                    false => "no access log",
+                }
             ));
             Some(n)
         }
@@ -1134,6 +1151,8 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         "window_s": opts.window.as_secs_f64(),
         // The cores --pin put the load and the proxy on (null unpinned).
         "pinned": pinned.map(|(load, proxy)| json!({ "load": load, "proxy": proxy })),
+        // Whether nginx wrote an access line per request (--nginx-log).
+        "nginx_access_log": opts.nginx_log,
         "elapsed_s": started.elapsed().as_secs_f64(),
         "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
         "raw": raw,

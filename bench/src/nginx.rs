@@ -2,7 +2,8 @@
 //! It terminates TLS for [`HOST`] (h2 and HTTP/1.1, with the origin's own leaf, so the bench's
 //! CA trusts it), sets `Authorization` to the real key, and forwards over HTTP/1.1 on pooled
 //! (keepalive) TLS connections to the same origin, verifying the origin's certificate and
-//! sending SNI. One process (`master_process off`: the process is the worker), no access log.
+//! sending SNI. One process (`master_process off`: the process is the worker), no access log
+//! (`--nginx-log`: one like the broker's audit line).
 //! What it does not do that the broker does: classify, swap a placeholder, redact, audit,
 //! check a run's ticket.
 
@@ -34,12 +35,14 @@ pub struct Nginx {
 
 impl Nginx {
     /// Start nginx from `binary` in `dir` (config, logs, temp files), proxying to the origin at
-    /// `upstream` whose CA is `origin_dir/ca.pem` and whose leaf is `origin_dir/leaf.pem`.
+    /// `upstream` whose CA is `origin_dir/ca.pem` and whose leaf is `origin_dir/leaf.pem`;
+    /// with `access_log`, writing [`ACCESS_LOG`]'s line per request.
     pub fn start(
         binary: &Path,
         dir: &Path,
         origin_dir: &Path,
         upstream: SocketAddr,
+        access_log: bool,
     ) -> anyhow::Result<Nginx> {
         std::fs::create_dir_all(dir.join("tmp"))?;
         // nginx cannot listen on port 0 and say which port it got: take a free port and hand
@@ -50,7 +53,7 @@ impl Nginx {
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let conf = dir.join("nginx.conf");
-            std::fs::write(&conf, config(dir, origin_dir, addr, upstream, false))?;
+            std::fs::write(&conf, config(dir, origin_dir, addr, upstream, access_log))?;
             let child = crate::procs::clean(binary)
                 .arg("-p")
                 .arg(dir)
@@ -165,8 +168,8 @@ pub fn write_config_main(args: &[String]) -> anyhow::Result<()> {
 /// bytes, the fields in its order), written the way nginx writes logs: into a 64 KB buffer,
 /// flushed at least every 5 ms (the broker's audit writer writes every 5 ms). The run, command,
 /// `prev` and `mac` are constants of the audit's lengths: nginx neither knows the agent nor
-/// chains or MACs its lines. Only for `scripts/bench-instructions --nginx-log`: how much of the
-/// broker's distance to nginx is writing one line per request.
+/// chains or MACs its lines. For `scripts/bench-instructions --nginx-log` and `bench
+/// --nginx-log`: how much of the broker's distance to nginx is writing one line per request.
 const ACCESS_LOG: &str = concat!(
     r#"log_format broker_audit escape=json '{"seq":$connection_requests,"time":"$time_iso8601","#,
     r#""event":"credential_use","run_id":"serve-run-2-1642","pid":$pid,"#,
@@ -245,4 +248,28 @@ http {{
 }}
 "#
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--nginx-log` is the only difference: the audit-sized access line, buffered and flushed
+    /// every 5 ms as the broker's writer writes; without it no access log at all.
+    #[test]
+    fn the_access_log_is_written_only_when_asked_for() {
+        let (dir, origin) = (Path::new("/tmp/n"), Path::new("/tmp/o"));
+        let listen: SocketAddr = "127.0.0.1:8443".parse().expect("addr");
+        let upstream: SocketAddr = "127.0.0.1:9443".parse().expect("addr");
+        let with = config(dir, origin, listen, upstream, true);
+        let without = config(dir, origin, listen, upstream, false);
+        assert!(with.contains("log_format broker_audit escape=json"));
+        assert!(with.contains("access_log /tmp/n/access.log broker_audit buffer=64k flush=5ms;"));
+        assert!(!with.contains("access_log off;"));
+        assert!(without.contains("access_log off;"));
+        assert!(!without.contains("broker_audit"));
+        // Everything else is the same configuration.
+        let rest = |c: &str| c[c.find("client_body_temp_path").expect("temp paths")..].to_string();
+        assert_eq!(rest(&with), rest(&without));
+    }
 }
