@@ -67,12 +67,13 @@ impl RunListeners {
 }
 
 /// TLS server config: leaves minted by the CA per SNI, ALPN h2 and http/1.1, and the cipher
-/// suite chosen by the broker's order ([`agent_leg_suites`]), not the client's.
+/// suite chosen by the broker's order ([`agent_leg_rank`]), not the client's.
 pub(super) fn server_config(ca: Arc<LocalCa>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let mut provider = rustls::crypto::ring::default_provider();
+    let aes_in_hardware = cpu_has_aes();
     provider
         .cipher_suites
-        .sort_by_key(|suite| agent_leg_rank(suite.suite(), cpu_has_aes()));
+        .sort_by_key(|suite| agent_leg_rank(suite.suite(), aes_in_hardware));
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -663,13 +664,19 @@ mod tests {
             while client.wants_write() {
                 client.write_tls(&mut wire).expect("client write");
             }
-            server.read_tls(&mut wire.as_slice()).expect("server read");
+            let mut to_server = wire.as_slice();
+            while !to_server.is_empty() {
+                server.read_tls(&mut to_server).expect("server read");
+            }
             server.process_new_packets().expect("server");
             wire.clear();
             while server.wants_write() {
                 server.write_tls(&mut wire).expect("server write");
             }
-            client.read_tls(&mut wire.as_slice()).expect("client read");
+            let mut to_client = wire.as_slice();
+            while !to_client.is_empty() {
+                client.read_tls(&mut to_client).expect("client read");
+            }
             client.process_new_packets().expect("client");
         }
         assert!(!server.is_handshaking(), "the handshake did not finish");
