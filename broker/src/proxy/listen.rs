@@ -651,36 +651,35 @@ mod tests {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let name = rustls_pki_types::ServerName::try_from("api.openai.com").expect("name");
-        let mut client =
-            rustls::ClientConnection::new(Arc::new(client_config), name).expect("client");
-        let mut server = rustls::ServerConnection::new(server_config(ca).expect("server config"))
-            .expect("server");
-        let mut wire = Vec::new();
+        let mut client = rustls::Connection::from(
+            rustls::ClientConnection::new(Arc::new(client_config), name).expect("client"),
+        );
+        let mut server = rustls::Connection::from(
+            rustls::ServerConnection::new(server_config(ca).expect("server config"))
+                .expect("server"),
+        );
         for _ in 0..10 {
             if !client.is_handshaking() && !server.is_handshaking() {
                 break;
             }
-            wire.clear();
-            while client.wants_write() {
-                client.write_tls(&mut wire).expect("client write");
-            }
-            let mut to_server = wire.as_slice();
-            while !to_server.is_empty() {
-                server.read_tls(&mut to_server).expect("server read");
-            }
-            server.process_new_packets().expect("server");
-            wire.clear();
-            while server.wants_write() {
-                server.write_tls(&mut wire).expect("server write");
-            }
-            let mut to_client = wire.as_slice();
-            while !to_client.is_empty() {
-                client.read_tls(&mut to_client).expect("client read");
-            }
-            client.process_new_packets().expect("client");
+            deliver_flight(&mut client, &mut server);
+            deliver_flight(&mut server, &mut client);
         }
         assert!(!server.is_handshaking(), "the handshake did not finish");
         server.negotiated_cipher_suite().expect("a suite").suite()
+    }
+
+    /// Move everything `from` has to send into `to`, and let `to` process it.
+    fn deliver_flight(from: &mut rustls::Connection, to: &mut rustls::Connection) {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).expect("write");
+        }
+        let mut unread = wire.as_slice();
+        while !unread.is_empty() {
+            to.read_tls(&mut unread).expect("read");
+        }
+        to.process_new_packets().expect("handshake");
     }
 
     #[test]
