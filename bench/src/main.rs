@@ -151,6 +151,10 @@ fn parse_opts(args: &[String]) -> anyhow::Result<Opts> {
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
+    anyhow::ensure!(
+        opts.nginx || !opts.nginx_log,
+        "--nginx-log measures nginx, which --no-nginx leaves out"
+    );
     opts.rounds = opts.rounds.clamp(1, 50);
     Ok(opts)
 }
@@ -1345,4 +1349,23 @@ fn time_curl_loop(cmd: &mut Command, runs: usize) -> anyhow::Result<(f64, f64, f
         String::from_utf8_lossy(&out.stderr)
     );
     Ok((wall, median(totals), median(tls_done), median(first_byte)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn nginx_log_is_refused_where_nginx_is_left_out() {
+        let Err(err) = parse_opts(&args(&["--no-nginx", "--nginx-log"])) else {
+            panic!("--no-nginx --nginx-log was accepted");
+        };
+        assert!(err.to_string().contains("--no-nginx"), "{err}");
+        let opts = parse_opts(&args(&["--nginx", "--nginx-log"])).expect("accepted");
+        assert!(opts.nginx && opts.nginx_log);
+    }
 }
